@@ -1,0 +1,5 @@
+import sys
+
+from pacsd.cli import main
+
+sys.exit(main())

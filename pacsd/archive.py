@@ -1,0 +1,142 @@
+"""The archive: store (files) + index (rows), and the one protocol that makes an image durable.
+
+    parse the header -> validate -> write the file durably -> commit its index row -> return
+
+Every way in (C-STORE, import, later STOW-RS) goes through `Archive.put`, so "Success only once
+the file and its row are durable" is written once. Also here: recovery of files a crash left
+unindexed, and rebuilding the index from the files.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from pydicom.errors import InvalidDicomError
+from pynetdicom.dsutils import split_dataset
+
+from pacsd.errors import IndexUnavailable, InvalidDataset, PacsError
+from pacsd.header import check_and_extract, file_meta_bytes, is_valid_uid, read_header
+from pacsd.index import Index
+from pacsd.store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Stored:
+    sop_instance_uid: str
+    path: str
+    duplicate: bool = False
+
+
+class Archive:
+    def __init__(self, store: Store, index: Index, overwrite: bool = False) -> None:
+        self.store = store
+        self.index = index
+        self.overwrite = overwrite
+
+    def put(self, dataset: bytes, *, transfer_syntax: str, sop_class: str | None = None,
+            sop_instance: str | None = None, calling_aet: str = "") -> Stored:
+        """Durably keep an encoded data set (the bytes after the File Meta group, exactly as
+        received). Raises a PacsError subclass; on any error nothing is left behind."""
+        for label, uid in (("SOP Class", sop_class), ("SOP Instance", sop_instance),
+                           ("Transfer Syntax", transfer_syntax)):
+            if uid is not None and not is_valid_uid(uid):
+                raise InvalidDataset(f"{label} UID {uid[:80]!r} is not a valid UID (PS3.5 9.1)")
+        # The File Meta group takes its SOP UIDs from the request; they are checked against the
+        # data set before anything is written. Without a request (import), from the data set.
+        data = file_meta_bytes(sop_class or "1.2", sop_instance or "1.2", transfer_syntax,
+                               calling_aet) + dataset
+        record = check_and_extract(read_header(io.BytesIO(data)), sop_class=sop_class,
+                                   sop_instance=sop_instance)
+        if sop_class is None or sop_instance is None:
+            data = file_meta_bytes(record.values["sop_class_uid"], record.sop_instance_uid,
+                                   transfer_syntax, calling_aet) + dataset
+        rel, size = self.store.write(data)
+        try:
+            added = self.index.add(record, path=rel, size=size, transfer_syntax=transfer_syntax,
+                                   calling_aet=calling_aet, overwrite=self.overwrite)
+        except TimeoutError:
+            # The row may still commit: keep the file (a later reindex or duplicate check
+            # settles it) rather than risk a row that points at nothing.
+            raise IndexUnavailable("the index did not commit within the time limit") from None
+        except PacsError:
+            self.store.delete(rel)
+            raise
+        except Exception as e:
+            self.store.delete(rel)
+            raise IndexUnavailable(f"index write failed: {e}") from None
+        if added.duplicate:
+            self.store.delete(rel)
+            log.info("duplicate SOP Instance %s from %s: kept the first copy",
+                     record.sop_instance_uid, calling_aet or "import")
+            return Stored(record.sop_instance_uid, "", duplicate=True)
+        if added.replaced_path:
+            self.store.delete(added.replaced_path)
+            log.info("SOP Instance %s from %s replaced the stored copy",
+                     record.sop_instance_uid, calling_aet or "import")
+        return Stored(record.sop_instance_uid, rel)
+
+    def put_file(self, path: Path) -> Stored:
+        """Import a DICOM Part 10 file from anywhere (the bytes after its meta group are kept)."""
+        try:
+            meta, offset = split_dataset(path)
+            ts = str(meta.TransferSyntaxUID)
+        except (InvalidDicomError, AttributeError, ValueError, EOFError, KeyError) as e:
+            raise InvalidDataset(f"{path}: not a DICOM Part 10 file ({e})") from None
+        with open(path, "rb") as f:
+            f.seek(offset)
+            body = f.read()
+        return self.put(body, transfer_syntax=ts,
+                        sop_class=str(meta.get("MediaStorageSOPClassUID", "")) or None,
+                        sop_instance=str(meta.get("MediaStorageSOPInstanceUID", "")) or None)
+
+    # --- reconciling files and rows ---------------------------------------------------------
+
+    def _records(self, rels: Iterable[str]) -> Iterator[tuple]:
+        for rel in rels:
+            full = self.store.path(rel)
+            try:
+                with open(full, "rb") as f:
+                    ds = read_header(f)
+                record = check_and_extract(ds)
+                ts = str(ds.file_meta.TransferSyntaxUID)
+                yield record, rel, os.path.getsize(full), ts
+            except (PacsError, OSError, AttributeError) as e:
+                log.warning("stored file %s cannot be indexed: %s", rel, e)
+
+    def recover(self, since: float) -> int:
+        """Index files written after `since` that have no row: a crash came between the rename
+        and the commit. Those files are complete (fsync'd before the rename); keeping them is
+        harmless, and the sender, never acknowledged, may send them again (a duplicate)."""
+        candidates = list(self.store.walk(since=since))
+        by_day: dict[str, list[str]] = {}
+        for rel in candidates:
+            by_day.setdefault(rel[:11], []).append(rel)
+        orphans = []
+        for prefix, rels in by_day.items():
+            known = self.index.indexed_paths(prefix)
+            orphans += [r for r in rels if r not in known]
+        if not orphans:
+            return 0
+        n = self.index.add_many(list(self._records(orphans)))
+        log.warning("recovered %d stored file(s) that an interrupted run had not indexed", n)
+        return n
+
+    def reindex(self, progress: Callable[[int, int], None] | None = None) -> int:
+        """Rebuild the index from the files on disk."""
+        rels = list(self.store.walk())
+        self.index.clear()
+        done = added = 0
+        for start in range(0, len(rels), 500):
+            chunk = rels[start:start + 500]
+            added += self.index.add_many(list(self._records(chunk)))
+            done += len(chunk)
+            if progress:
+                progress(done, len(rels))
+        return added

@@ -1,0 +1,297 @@
+"""`pacsd` command line: subcommands, exit codes, and the only place that configures logging."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import logging.handlers
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+from pacsd import __version__
+from pacsd import config as config_mod
+from pacsd.config import Config
+from pacsd.errors import EXIT_FAILURE, EXIT_OK, PacsError
+
+log = logging.getLogger("pacsd")
+
+EXIT_NOT_RUNNING = 3   # `pacsd status`: no server answers (LSB convention)
+
+
+def setup_logging(cfg: Config, to_file: bool = True) -> None:
+    fmt = logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+                            "%Y-%m-%d %H:%M:%S")
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(cfg.log_level)
+    err = logging.StreamHandler(sys.stderr)
+    err.setFormatter(fmt)
+    root.addHandler(err)
+    if to_file and cfg.log_file != "-":
+        path = Path(cfg.log_file).expanduser() if cfg.log_file else cfg.data / "pacsd.log"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fh = logging.handlers.RotatingFileHandler(path, maxBytes=10 << 20, backupCount=5,
+                                                      encoding="utf-8")
+            fh.setFormatter(fmt)
+            root.addHandler(fh)
+        except OSError as e:
+            log.warning("cannot write the log file %s (%s); logging to standard error only",
+                        path, e.strerror)
+    # pynetdicom narrates every PDU at INFO; keep its warnings and errors only.
+    logging.getLogger("pynetdicom").setLevel(logging.DEBUG if cfg.log_level == "DEBUG"
+                                             else logging.WARNING)
+
+
+def _load(args: argparse.Namespace) -> Config:
+    overrides = {f"{s.section}.{s.key}": getattr(args, s.cli.lstrip("-").replace("-", "_"), None)
+                 for s in config_mod.SETTINGS if s.cli}
+    return config_mod.load(getattr(args, "config", None), overrides=overrides)
+
+
+# --- subcommands ------------------------------------------------------------------------------
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from pacsd.daemon import Server
+    cfg = _load(args)
+    setup_logging(cfg)
+    server = Server(cfg).start()
+    server.serve_forever()
+    return EXIT_OK
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.list:
+        print(config_mod.describe())
+        return EXIT_OK
+    cfg = _load(args)
+    if args.check:
+        print(f"configuration OK ({cfg.source}): AE {cfg.dicom_aet} on "
+              f"{cfg.dicom_bind}:{cfg.dicom_port}, data {cfg.data}, storage {cfg.storage_path}, "
+              f"{len(cfg.nodes)} node(s)")
+        return EXIT_OK
+    for key, value in sorted(vars(cfg).items()):
+        print(f"{key} = {value!r}")
+    return EXIT_OK
+
+
+def _echo(aet: str, host: str, port: int, calling: str, timeout: float = 5.0) -> tuple[bool, str]:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.add_requested_context(Verification)
+    t0 = time.monotonic()
+    assoc = ae.associate(host, port, ae_title=aet)
+    if not assoc.is_established:
+        return False, "association refused or no answer"
+    try:
+        status = assoc.send_c_echo()
+        ok = bool(status) and status.Status == 0
+    finally:
+        assoc.release()
+    return ok, f"{(time.monotonic() - t0) * 1000:.0f} ms"
+
+
+def cmd_nodes(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    if not cfg.nodes:
+        print("no [[nodes]] configured")
+        return EXIT_OK
+    failed = 0
+    for n in cfg.nodes:
+        line = f"{n.name:<20} {n.aet:<16} {n.host}:{n.port}"
+        if args.echo:
+            ok, detail = _echo(n.aet, n.host, n.port, cfg.dicom_aet)
+            failed += not ok
+            line += f"  C-ECHO {'ok' if ok else 'FAILED'} ({detail})"
+        print(line)
+    return EXIT_FAILURE if failed else EXIT_OK
+
+
+def _files(paths: list[str]) -> Iterator[Path]:
+    for p in map(Path, paths):
+        if p.is_dir():
+            for dirpath, dirnames, filenames in os.walk(p):
+                dirnames.sort()
+                for f in sorted(filenames):
+                    if not f.startswith("."):
+                        yield Path(dirpath) / f
+        else:
+            yield p
+
+
+class Progress:
+    """A one-line progress bar on a terminal; periodic log lines otherwise."""
+
+    def __init__(self, total: int, label: str) -> None:
+        self.total, self.label = total, label
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+
+    def __call__(self, done: int, extra: str = "") -> None:
+        now = time.monotonic()
+        if done < self.total and now - self.last < (0.1 if self.tty else 5.0):
+            return
+        self.last = now
+        pct = 100 * done / self.total if self.total else 100
+        if self.tty:
+            bar = "#" * int(pct / 4)
+            sys.stderr.write(f"\r{self.label} [{bar:<25}] {done}/{self.total} {extra}")
+            if done >= self.total:
+                sys.stderr.write("\n")
+            sys.stderr.flush()
+        else:
+            print(f"{self.label}: {done}/{self.total} ({pct:.0f}%) {extra}", file=sys.stderr)
+
+
+def _archive(cfg: Config):
+    from pacsd.archive import Archive
+    from pacsd.index import Index
+    from pacsd.store import Store
+    store = Store(cfg.storage_path)
+    store.open(clean=False)   # a running server may have temporary files in flight
+    return Archive(store, Index(cfg.index_url).open(writer=False),
+                   overwrite=cfg.storage_overwrite)
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    setup_logging(cfg, to_file=False)
+    files = list(_files(args.paths))
+    archive = _archive(cfg)
+    stored = dup = bad = 0
+    progress = Progress(len(files), "import")
+    try:
+        for i, path in enumerate(files, 1):
+            try:
+                if archive.put_file(path).duplicate:
+                    dup += 1
+                else:
+                    stored += 1
+            except PacsError as e:
+                bad += 1
+                log.warning("%s: not imported: %s", path, e)
+            progress(i, f"{dup} duplicate(s), {bad} refused")
+    finally:
+        archive.index.close()
+    print(f"imported {stored} file(s), {dup} duplicate(s), {bad} refused")
+    return EXIT_FAILURE if bad and not stored else EXIT_OK
+
+
+def cmd_reindex(args: argparse.Namespace) -> int:
+    from pacsd.daemon import lock_data_folder
+    cfg = _load(args)
+    setup_logging(cfg, to_file=False)
+    fd = lock_data_folder(cfg.data)   # the server must be stopped
+    try:
+        archive = _archive(cfg)
+        try:
+            bar = Progress(0, "reindex")
+
+            def progress(done: int, total: int) -> None:
+                bar.total = total
+                bar(done)
+            n = archive.reindex(progress)
+        finally:
+            archive.index.close()
+    finally:
+        os.close(fd)
+    print(f"reindexed {n} instance(s) from {cfg.storage_path}")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import psutil
+    cfg = _load(args)
+    try:
+        run = json.loads(cfg.runfile.read_text())
+    except (OSError, ValueError):
+        run = None
+    report: dict = {"version": __version__, "data": str(cfg.data),
+                    "storage": str(cfg.storage_path)}
+    running = bool(run) and psutil.pid_exists(int(run["pid"]))
+    report["running"] = running
+    if running:
+        host = "127.0.0.1" if run["dicom_bind"] in ("", "0.0.0.0") else run["dicom_bind"]
+        ok, detail = _echo(run["aet"], host, int(run["dicom_port"]), "PACSD-STATUS")
+        report.update(pid=run["pid"], aet=run["aet"], dicom_port=run["dicom_port"],
+                      uptime_s=round(time.time() - run["started"]),
+                      echo=("ok " if ok else "FAILED ") + detail)
+        running = ok
+    if cfg.index_path.exists():
+        from pacsd.index import Index
+        idx = Index(cfg.index_url).open(writer=False)
+        try:
+            report["index"] = idx.counts()
+        finally:
+            idx.close()
+    if cfg.storage_path.exists():
+        report["disk_free_gb"] = round(shutil.disk_usage(cfg.storage_path).free / 1e9, 1)
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        for k, v in report.items():
+            print(f"{k:>12}: {v}")
+    return EXIT_OK if running else EXIT_NOT_RUNNING
+
+
+# --- parser -----------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pacsd", description="A lean, set-and-forget PACS server.")
+    p.add_argument("--version", action="version", version=f"pacsd {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument("--config", metavar="FILE", help="TOML configuration file")
+        sp.add_argument("--data", metavar="DIR", help="the server's data folder")
+        return sp
+
+    s = common(sub.add_parser("serve", help="run the server in the foreground"))
+    s.add_argument("--aet", help="AE title")
+    s.add_argument("--dicom-port", type=int, metavar="N")
+    s.add_argument("--http-port", type=int, metavar="N")
+    s.add_argument("--bind", metavar="ADDR", help="address for the DICOM listener")
+    s.set_defaults(func=cmd_serve)
+
+    c = common(sub.add_parser("config", help="show or check the configuration"))
+    c.add_argument("--check", action="store_true", help="validate and exit 0, or exit 78")
+    c.add_argument("--list", action="store_true", help="list every setting")
+    c.set_defaults(func=cmd_config)
+
+    n = common(sub.add_parser("nodes", help="list the configured remote DICOM nodes"))
+    n.add_argument("--echo", action="store_true", help="C-ECHO each node")
+    n.set_defaults(func=cmd_nodes)
+
+    i = common(sub.add_parser("import", help="import DICOM files and folders"))
+    i.add_argument("paths", nargs="+", metavar="PATH")
+    i.set_defaults(func=cmd_import)
+
+    r = common(sub.add_parser("reindex", help="rebuild the index from the stored files "
+                                              "(server stopped)"))
+    r.set_defaults(func=cmd_reindex)
+
+    st = common(sub.add_parser("status", help="is the server up; what does it hold"))
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    for name in ("aet", "dicom_port", "http_port", "bind"):
+        args.__dict__.setdefault(name, None)
+    try:
+        return int(args.func(args) or 0)
+    except PacsError as e:
+        print(f"pacsd: {e}", file=sys.stderr)
+        logging.getLogger("pacsd").debug("exit %d", e.exit_code)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return EXIT_OK

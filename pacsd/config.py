@@ -1,0 +1,332 @@
+"""One typed, frozen Config: defaults -> TOML file -> PACSD_* environment -> command line.
+
+Every setting is declared once in SETTINGS (section, key, type, default, help); the TOML reader,
+the environment reader, `pacsd config --check` and the README table all come from that list.
+A bad value raises ConfigError with one line that names the setting and where it came from.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from pacsd.errors import ConfigError
+
+CONFIG_FILE_NAME = "pacsd.toml"
+DEFAULT_DATA = "~/pacsd-data"
+
+
+# --- validators -------------------------------------------------------------------------------
+
+def valid_aet(value: str) -> str:
+    """PS3.5 6.2 (AE VR): 1-16 characters of the default repertoire, no backslash or control
+    characters, not only spaces."""
+    v = value.strip()
+    if not v or len(v) > 16 or "\\" in v or any(ord(c) < 0x20 or ord(c) > 0x7E for c in v):
+        raise ValueError(f"{value!r} is not a valid AE title (1-16 printable ASCII, no backslash)")
+    return v
+
+
+def _port(value: int) -> int:
+    if not 0 <= value <= 65535:
+        raise ValueError(f"{value} is not a TCP port (0-65535; 0 picks a free one)")
+    return value
+
+
+def _bind(value: str) -> str:
+    if value in ("", "localhost"):
+        return value
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address (use 0.0.0.0 for all interfaces)") from None
+    return value
+
+
+def _positive(value: float) -> float:
+    if value <= 0:
+        raise ValueError(f"{value} must be greater than zero")
+    return value
+
+
+def _range(lo: int, hi: int) -> Callable[[int], int]:
+    def check(value: int) -> int:
+        if not lo <= value <= hi:
+            raise ValueError(f"{value} is outside {lo}..{hi}")
+        return value
+    return check
+
+
+def _aet_list(value: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(valid_aet(v) for v in value)
+
+
+def _index_url(value: str) -> str:
+    if value and not value.startswith("sqlite:///"):
+        # PostgreSQL arrives with the scale-out work; refuse clearly rather than half-work.
+        raise ValueError(f"{value!r}: only sqlite:///PATH index URLs are supported in this version")
+    return value
+
+
+def _log_level(value: str) -> str:
+    v = value.upper()
+    if v not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError(f"{value!r} is not one of DEBUG, INFO, WARNING, ERROR")
+    return v
+
+
+# --- the settings, declared once --------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Setting:
+    section: str
+    key: str
+    type: type
+    default: Any
+    help: str
+    validate: Callable[[Any], Any] | None = None
+    cli: str | None = None   # the `pacsd serve` flag that overrides it, if any
+
+    @property
+    def env(self) -> str:
+        return f"PACSD_{self.section}_{self.key}".upper()
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("server", "data", str, DEFAULT_DATA,
+            "The server's own folder: pidfile, logs, lock, the SQLite index by default, and the "
+            "images unless [storage] path is set.", None, "--data"),
+    Setting("dicom", "aet", str, "PACSD", "This server's AE title.", valid_aet, "--aet"),
+    Setting("dicom", "port", int, 11112, "DICOM listening port (0: any free port).", _port,
+            "--dicom-port"),
+    Setting("dicom", "bind", str, "0.0.0.0",
+            "Address the DICOM listener binds to. All interfaces by default, since modalities "
+            "must reach it; use 127.0.0.1 for a local-only server.", _bind, "--bind"),
+    Setting("dicom", "max_associations", int, 64, "Associations served at once.", _range(1, 1000)),
+    Setting("dicom", "allowed_calling_aets", tuple, (),
+            "Calling AE titles allowed to associate; empty allows any.", _aet_list),
+    Setting("dicom", "acse_timeout", float, 30.0,
+            "Seconds to wait for association negotiation messages.", _positive),
+    Setting("dicom", "dimse_timeout", float, 120.0,
+            "Seconds to wait for a DIMSE message (e.g. a C-STORE response during C-MOVE).",
+            _positive),
+    Setting("dicom", "network_timeout", float, 120.0,
+            "Seconds of silence after which an association is dropped.", _positive),
+    Setting("dicom", "max_pdu", int, 262144, "Largest PDU we accept, in bytes (0: no limit).",
+            _range(0, 2**32 - 1)),
+    Setting("http", "port", int, 8080, "HTTP port of the web side.", _port, "--http-port"),
+    Setting("http", "bind", str, "127.0.0.1", "Address the HTTP listener binds to.", _bind),
+    Setting("storage", "path", str, "",
+            "Where images are kept; empty means DATA/storage. May be a shared volume.", None),
+    Setting("storage", "overwrite", bool, False,
+            "A second copy of a stored SOP Instance UID replaces the first (default: keep the "
+            "first, answer Success, log it)."),
+    Setting("index", "url", str, "",
+            "Index database URL; empty means sqlite:///DATA/index.sqlite3.", _index_url),
+    Setting("log", "level", str, "INFO", "DEBUG, INFO, WARNING or ERROR.", _log_level),
+    Setting("log", "file", str, "",
+            "Log file; empty means DATA/pacsd.log. '-' logs to standard error only.", None),
+)
+
+_BY_NAME = {(s.section, s.key): s for s in SETTINGS}
+
+
+# --- the Config object ------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Node:
+    """A remote DICOM node: a C-MOVE destination or a send target."""
+
+    name: str
+    aet: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Config:
+    data: Path
+    dicom_aet: str
+    dicom_port: int
+    dicom_bind: str
+    dicom_max_associations: int
+    dicom_allowed_calling_aets: tuple[str, ...]
+    dicom_acse_timeout: float
+    dicom_dimse_timeout: float
+    dicom_network_timeout: float
+    dicom_max_pdu: int
+    http_port: int
+    http_bind: str
+    storage_path: Path
+    storage_overwrite: bool
+    index_url: str
+    log_level: str
+    log_file: str
+    nodes: tuple[Node, ...] = ()
+    source: str = "defaults"   # the config file it came from, for messages
+
+    def node_by_aet(self, aet: str) -> Node | None:
+        aet = aet.strip()
+        return next((n for n in self.nodes if n.aet == aet), None)
+
+    @property
+    def pidfile(self) -> Path:
+        return self.data / "pacsd.pid"
+
+    @property
+    def runfile(self) -> Path:
+        """JSON written once the listeners are open: pid, AE title, bound ports."""
+        return self.data / "pacsd.json"
+
+    @property
+    def index_path(self) -> Path:
+        return Path(self.index_url[len("sqlite:///"):])
+
+
+# --- loading ----------------------------------------------------------------------------------
+
+def _coerce(s: Setting, value: Any, origin: str) -> Any:
+    try:
+        if s.type is bool:
+            if isinstance(value, str):
+                low = value.strip().lower()
+                if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError(f"{value!r} is not a boolean")
+                value = low in ("1", "true", "yes", "on")
+            elif not isinstance(value, bool):
+                raise ValueError(f"{value!r} is not a boolean")
+        elif s.type is int:
+            if isinstance(value, bool) or not isinstance(value, (int, str)):
+                raise ValueError(f"{value!r} is not an integer")
+            value = int(value)
+        elif s.type is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                raise ValueError(f"{value!r} is not a number")
+            value = float(value)
+        elif s.type is tuple:
+            if isinstance(value, str):
+                value = [v for v in re.split(r"[,\s]+", value) if v]
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"{value!r} is not a list of strings")
+            value = tuple(value)
+        elif not isinstance(value, str):
+            raise ValueError(f"{value!r} is not a string")
+        return s.validate(value) if s.validate else value
+    except ValueError as e:
+        raise ConfigError(f"[{s.section}] {s.key} from {origin}: {e}") from None
+
+
+def _nodes(raw: Any, origin: str) -> tuple[Node, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError(f"[[nodes]] in {origin} must be an array of tables")
+    nodes: list[Node] = []
+    for i, item in enumerate(raw, 1):
+        where = f"[[nodes]] #{i} in {origin}"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where}: not a table")
+        unknown = set(item) - {"name", "aet", "host", "port"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+        try:
+            aet = valid_aet(str(item["aet"]))
+            host = str(item["host"]).strip()
+            port = item["port"]
+            if not host:
+                raise ValueError("host is empty")
+            if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+                raise ValueError(f"port {port!r} is not 1-65535")
+        except KeyError as e:
+            raise ConfigError(f"{where}: missing {e.args[0]!r}") from None
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        name = str(item.get("name") or aet)
+        if any(n.name == name or n.aet == aet for n in nodes):
+            raise ConfigError(f"{where}: name {name!r} or AE title {aet!r} appears twice")
+        nodes.append(Node(name=name, aet=aet, host=host, port=port))
+    return tuple(nodes)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror}") from None
+
+
+def load(path: Path | str | None = None, env: Mapping[str, str] | None = None,
+         overrides: Mapping[str, Any] | None = None) -> Config:
+    """Build the Config. `overrides` maps "section.key" to values from the command line.
+
+    The file is `path`, else $PACSD_CONFIG, else DATA/pacsd.toml when it exists.
+    """
+    env = os.environ if env is None else env
+    overrides = dict(overrides or {})
+    values: dict[tuple[str, str], Any] = {(s.section, s.key): s.default for s in SETTINGS}
+    origins: dict[tuple[str, str], str] = {}
+
+    def data_hint() -> str:
+        return str(overrides.get("server.data") or env.get("PACSD_SERVER_DATA")
+                   or env.get("PACSD_DATA") or DEFAULT_DATA)
+
+    file = path or env.get("PACSD_CONFIG")
+    if not file:
+        candidate = Path(data_hint()).expanduser() / CONFIG_FILE_NAME
+        file = candidate if candidate.is_file() else None
+    raw: dict[str, Any] = read_toml(Path(file)) if file else {}
+    source = str(file) if file else "defaults"
+
+    nodes: tuple[Node, ...] = ()
+    for section, table in raw.items():
+        if section == "nodes":
+            nodes = _nodes(table, source)
+            continue
+        if section == "watchdog":   # read by pacsd-watchdog, not by the server
+            continue
+        if not isinstance(table, dict):
+            raise ConfigError(f"{source}: {section!r} must be a [section]")
+        for key, value in table.items():
+            s = _BY_NAME.get((section, key))
+            if s is None:
+                raise ConfigError(f"{source}: unknown setting [{section}] {key}")
+            values[(section, key)] = _coerce(s, value, source)
+            origins[(section, key)] = source
+
+    for s in SETTINGS:
+        names = [s.env] + (["PACSD_DATA"] if s.env == "PACSD_SERVER_DATA" else [])
+        for name in names:
+            if name in env:
+                values[(s.section, s.key)] = _coerce(s, env[name], f"${name}")
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        section, key = dotted.split(".", 1)
+        s = _BY_NAME[(section, key)]
+        values[(section, key)] = _coerce(s, value, f"the command line ({s.cli or dotted})")
+
+    data = Path(values[("server", "data")]).expanduser().absolute()
+    storage = values[("storage", "path")]
+    index_url = values[("index", "url")] or f"sqlite:///{data / 'index.sqlite3'}"
+    flat = {f"{sec}_{key}": v for (sec, key), v in values.items() if sec != "server"}
+    flat["storage_path"] = Path(storage).expanduser().absolute() if storage else data / "storage"
+    flat["index_url"] = index_url
+    return Config(data=data, nodes=nodes, source=source, **flat)
+
+
+def describe() -> str:
+    """The settings as a Markdown table (used by `pacsd config --list` and the README)."""
+    rows = ["| setting | env | flag | default | meaning |", "|---|---|---|---|---|"]
+    for s in SETTINGS:
+        default = list(s.default) if isinstance(s.default, tuple) else s.default
+        rows.append(f"| `[{s.section}] {s.key}` | `{s.env}` | {('`' + s.cli + '`') if s.cli else ''}"
+                    f" | `{default!r}` | {s.help} |")
+    return "\n".join(rows)

@@ -1,0 +1,150 @@
+"""Start and stop the server: lock, store, index, recovery, listeners, pidfile, signals.
+
+Start: take an exclusive lock on the data folder (two servers on one SQLite index must never
+run) -> open the store (drop temporary files) and the index -> if the previous run did not stop
+cleanly, index the files it wrote but did not commit -> open the listeners -> write the pidfile
+and pacsd.json. Stop (SIGTERM/SIGINT): stop accepting, let associations finish within a bound,
+flush the index writer, remove pidfile and pacsd.json. SIGUSR1 dumps every thread's stack.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import fcntl
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pacsd import __version__
+from pacsd.archive import Archive
+from pacsd.config import Config
+from pacsd.dimse import DicomServer
+from pacsd.errors import AlreadyRunning, FolderNotWritable
+from pacsd.index import Index
+from pacsd.store import Store, fsync_fd
+
+log = logging.getLogger(__name__)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        fsync_fd(f.fileno())
+    os.replace(tmp, path)
+
+
+def lock_data_folder(data: Path) -> int:
+    """Exclusive lock held for the life of the process (released by the kernel on any exit)."""
+    try:
+        data.mkdir(parents=True, exist_ok=True)
+        fd = os.open(data / "pacsd.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise FolderNotWritable(f"data folder {data} is not writable: {e.strerror or e}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        pid = ""
+        try:
+            pid = (data / "pacsd.pid").read_text().strip()
+        except OSError:
+            pass
+        raise AlreadyRunning(f"another pacsd{' (pid ' + pid + ')' if pid else ''} is using "
+                             f"data folder {data}") from None
+    return fd
+
+
+class Server:
+    """The whole server in one object, for `pacsd serve` and for tests (in-process)."""
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.started = 0.0
+        self._lock_fd: int | None = None
+        self.index: Index | None = None
+        self.dicom: DicomServer | None = None
+        self._stop = threading.Event()
+
+    @property
+    def dicom_port(self) -> int:
+        assert self.dicom is not None
+        return self.dicom.port
+
+    def start(self) -> "Server":
+        cfg = self.cfg
+        self._lock_fd = lock_data_folder(cfg.data)
+        try:
+            previous = self._previous_run()
+            store = Store(cfg.storage_path)
+            store.open()
+            self.index = Index(cfg.index_url).open()
+            archive = Archive(store, self.index, overwrite=cfg.storage_overwrite)
+            if previous is not None:
+                log.warning("the previous run (pid %s) did not stop cleanly; checking the files "
+                            "it wrote", previous.get("pid"))
+                archive.recover(since=float(previous.get("started", 0)) - 60)
+            self.dicom = DicomServer(cfg, archive)
+            self.dicom.start()
+            self.started = time.time()
+            write_atomic(cfg.pidfile, f"{os.getpid()}\n")
+            write_atomic(cfg.runfile, json.dumps({
+                "pid": os.getpid(), "version": __version__, "started": self.started,
+                "aet": cfg.dicom_aet, "dicom_bind": cfg.dicom_bind, "dicom_port": self.dicom_port,
+                "storage": str(cfg.storage_path), "index": cfg.index_url}, indent=1))
+        except BaseException:
+            self.stop()
+            raise
+        log.info("pacsd %s ready: %s on port %d, storage %s", __version__, cfg.dicom_aet,
+                 self.dicom_port, cfg.storage_path)
+        return self
+
+    def _previous_run(self) -> dict[str, Any] | None:
+        """pacsd.json survives only an unclean stop; it tells when that run began."""
+        try:
+            return json.loads(self.cfg.runfile.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def stop(self) -> None:
+        if self.dicom is not None:
+            self.dicom.stop()
+            self.dicom = None
+        if self.index is not None:
+            self.index.close()   # flushes the writer queue first
+            self.index = None
+        if self._lock_fd is not None:
+            # pacsd.json of a crashed run is the sign that recovery is needed: only a run that
+            # got as far as writing its own removes it.
+            for p in (self.cfg.runfile, self.cfg.pidfile) if self.started else ():
+                try:
+                    p.unlink()
+                except OSError:
+                    pass
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    # --- `pacsd serve` ----------------------------------------------------------------------
+
+    def request_stop(self, *_: Any) -> None:
+        self._stop.set()   # only a flag: the main loop does the work (signal-safe)
+
+    def serve_forever(self) -> None:
+        signal.signal(signal.SIGTERM, self.request_stop)
+        signal.signal(signal.SIGINT, self.request_stop)
+        if hasattr(signal, "SIGUSR1"):
+            faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+        try:
+            while not self._stop.wait(1.0):
+                pass
+            log.info("stopping on request")
+        finally:
+            self.stop()
+            log.info("pacsd stopped")

@@ -1,0 +1,135 @@
+"""The DICOM front end: one pynetdicom AE, one thread per association, one module per service.
+
+build_ae() declares what we accept; DicomServer binds the handlers to the archive and runs the
+listener. Handlers are thin adapters over archive / query / index / store.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import threading
+from functools import partial
+from typing import Any
+
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom.events import Event
+from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelFind,
+                                  PatientRootQueryRetrieveInformationModelGet,
+                                  PatientRootQueryRetrieveInformationModelMove,
+                                  StudyRootQueryRetrieveInformationModelFind,
+                                  StudyRootQueryRetrieveInformationModelGet,
+                                  StudyRootQueryRetrieveInformationModelMove, Verification)
+from pynetdicom.transport import ThreadedAssociationServer
+
+from pacsd.archive import Archive
+from pacsd.config import Config
+from pacsd.dimse.echo import handle_echo
+from pacsd.dimse.find import handle_find
+from pacsd.dimse.retrieve import _nodelay, handle_get, handle_move
+from pacsd.dimse.store import handle_store
+from pacsd.errors import PortInUse
+
+log = logging.getLogger(__name__)
+
+QR_MODELS = (PatientRootQueryRetrieveInformationModelFind,
+             StudyRootQueryRetrieveInformationModelFind,
+             PatientRootQueryRetrieveInformationModelMove,
+             StudyRootQueryRetrieveInformationModelMove,
+             PatientRootQueryRetrieveInformationModelGet,
+             StudyRootQueryRetrieveInformationModelGet)
+
+
+def build_ae(cfg: Config) -> AE:
+    # Retrieve sends stored files by path, raw and in chunks, without decoding them.
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    ae = AE(ae_title=cfg.dicom_aet)
+    ae.maximum_associations = cfg.dicom_max_associations
+    ae.acse_timeout = cfg.dicom_acse_timeout
+    ae.dimse_timeout = cfg.dicom_dimse_timeout
+    ae.network_timeout = cfg.dicom_network_timeout
+    ae.maximum_pdu_size = cfg.dicom_max_pdu
+    ae.require_calling_aet = list(cfg.dicom_allowed_calling_aets)
+    ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES[:4])
+    for model in QR_MODELS:
+        ae.add_supported_context(model, ALL_TRANSFER_SYNTAXES[:4])
+    # Every storage class with every transfer syntax, as SCP (a modality stores to us) and, via
+    # SCP/SCU role selection, as SCU (we store back to a C-GET requestor, PS3.4 C.4.3.1).
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES,
+                                 scu_role=True, scp_role=True)
+    return ae
+
+
+class DicomServer:
+    def __init__(self, cfg: Config, archive: Archive) -> None:
+        self.cfg = cfg
+        self.archive = archive
+        self.ae = build_ae(cfg)
+        self.server: ThreadedAssociationServer | None = None
+        self._stats: dict[int, dict[str, int]] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return int(self.server.server_address[1])
+
+    @property
+    def active_associations(self) -> int:
+        return len(self.ae.active_associations)
+
+    def _assoc_stats(self, event: Event) -> dict[str, int]:
+        with self._lock:
+            return self._stats.setdefault(id(event.assoc), {})
+
+    def _on_end(self, event: Event) -> None:
+        with self._lock:
+            stats = self._stats.pop(id(event.assoc), None)
+        if stats:
+            log.info("association from %s (%s) ended: %d stored, %d duplicate, %d refused",
+                     event.assoc.requestor.ae_title, event.assoc.requestor.address,
+                     stats.get("stored", 0), stats.get("duplicates", 0), stats.get("failed", 0))
+
+    def _on_store(self, event: Event) -> int:
+        return handle_store(event, self.archive, self._assoc_stats(event))
+
+    def _on_rejected(self, event: Event) -> None:
+        log.warning("association from %s refused: calling AE title %r is not allowed",
+                    event.assoc.requestor.address, event.assoc.requestor.ae_title)
+
+    def start(self) -> None:
+        archive = self.archive
+        handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, _nodelay),
+            (evt.EVT_C_ECHO, handle_echo),
+            (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_C_FIND, partial(handle_find, index=archive.index, aet=self.cfg.dicom_aet)),
+            (evt.EVT_C_GET, partial(handle_get, index=archive.index, store=archive.store)),
+            (evt.EVT_C_MOVE, partial(handle_move, cfg=self.cfg, index=archive.index,
+                                     store=archive.store)),
+            (evt.EVT_RELEASED, self._on_end),
+            (evt.EVT_ABORTED, self._on_end),
+            (evt.EVT_REJECTED, self._on_rejected),
+        ]
+        address = (self.cfg.dicom_bind or "0.0.0.0", self.cfg.dicom_port)
+        try:
+            self.server = self.ae.start_server(address, block=False, evt_handlers=handlers)
+        except OSError as e:
+            if e.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+                raise PortInUse(f"cannot listen for DICOM on {address[0]}:{address[1]}: "
+                                f"{e.strerror}") from None
+            raise
+        log.info("DICOM listener %s on %s:%d", self.cfg.dicom_aet, address[0], self.port)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.server is None:
+            return
+        self.server.shutdown()   # stop accepting
+        for assoc in list(self.ae.active_associations):
+            assoc.join(timeout) if hasattr(assoc, "join") else None
+        for assoc in list(self.ae.active_associations):
+            assoc.abort()
+        self.server = None
+        log.info("DICOM listener stopped")

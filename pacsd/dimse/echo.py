@@ -1,0 +1,14 @@
+"""Verification SOP Class (PS3.4 Annex A): C-ECHO."""
+
+from __future__ import annotations
+
+import logging
+
+from pynetdicom.events import Event
+
+log = logging.getLogger(__name__)
+
+
+def handle_echo(event: Event) -> int:
+    log.debug("C-ECHO from %s", event.assoc.requestor.ae_title)
+    return 0x0000

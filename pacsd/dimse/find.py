@@ -1,0 +1,123 @@
+"""Query/Retrieve FIND as SCP (PS3.4 C.4.1), Patient Root and Study Root.
+
+Turns the identifier into a query.Request, and each match into a response identifier that
+carries every requested key (unknown ones empty, C.2.2.1.2), the Query/Retrieve Level,
+Specific Character Set and Retrieve AE Title.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterator
+
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
+from pynetdicom.events import Event
+from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelFind,
+                                  StudyRootQueryRetrieveInformationModelFind)
+
+from pacsd import query
+from pacsd.index import Index
+
+log = logging.getLogger(__name__)
+
+STUDY_ROOT_MODELS = {str(StudyRootQueryRetrieveInformationModelFind),
+                     "1.2.840.10008.5.1.4.1.2.2.2", "1.2.840.10008.5.1.4.1.2.2.3"}
+PATIENT_ROOT_MODELS = {str(PatientRootQueryRetrieveInformationModelFind),
+                       "1.2.840.10008.5.1.4.1.2.1.2", "1.2.840.10008.5.1.4.1.2.1.3"}
+_NOT_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle",
+             "TimezoneOffsetFromUTC", "QueryRetrieveView"}
+_INT_VRS = {"US", "UL", "SS", "SL", "UV", "SV"}
+
+
+def _value(elem: DataElement) -> str:
+    value = elem.value
+    if value is None or isinstance(value, Sequence) or elem.VR == "SQ":
+        return ""
+    if isinstance(value, (MultiValue, list, tuple)):
+        return "\\".join(str(v) for v in value)
+    if isinstance(value, bytes):
+        return ""
+    return str(value)
+
+
+def parse_identifier(identifier: Dataset, sop_class: str) -> tuple[query.Request, list[DataElement]]:
+    """The Request and the requested elements (in order) from a C-FIND/MOVE/GET identifier."""
+    level = str(identifier.get("QueryRetrieveLevel", "") or "")
+    req = query.Request(level)
+    if str(sop_class) in STUDY_ROOT_MODELS and req.level == "PATIENT":
+        raise query.QueryError("PATIENT level is not part of the Study Root model")
+    requested = []
+    for elem in identifier:
+        if elem.tag.is_private or elem.tag.group == 0x0002:
+            continue
+        requested.append(elem)
+        if elem.keyword and elem.keyword not in _NOT_KEYS and elem.keyword in query.KEYS:
+            req.keys[elem.keyword] = _value(elem)
+    return req, requested
+
+
+def _needs_unicode(values: dict[str, Any]) -> bool:
+    return any(isinstance(v, str) and not v.isascii() for v in values.values())
+
+
+def response(requested: list[DataElement], match: dict[str, Any], level: str,
+             aet: str) -> Dataset:
+    ds = Dataset()
+    charset = match.pop("SpecificCharacterSet", "") or ""
+    if not charset and _needs_unicode(match):
+        charset = "ISO_IR 192"
+    # Set first: pydicom encodes text with it (PS3.5 6.1.2.5.3).
+    ds.SpecificCharacterSet = charset.split("\\") if "\\" in charset else charset
+    ds.QueryRetrieveLevel = level
+    ds.RetrieveAETitle = aet
+    for elem in requested:
+        if elem.keyword in ("QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle"):
+            continue
+        vr = elem.VR
+        value = match.get(elem.keyword)
+        if value is None or value == "" or vr == "SQ":
+            ds[elem.tag] = DataElement(elem.tag, vr, [] if vr == "SQ" else None)
+        elif vr in _INT_VRS:
+            ds[elem.tag] = DataElement(elem.tag, vr, int(value))
+        elif isinstance(value, str) and "\\" in value and vr not in ("LO", "LT", "ST", "UT", "PN"):
+            ds[elem.tag] = DataElement(elem.tag, vr, value.split("\\"))
+        else:
+            ds[elem.tag] = DataElement(elem.tag, vr, str(value))
+    return ds
+
+
+def handle_find(event: Event, index: Index, aet: str) -> Iterator[tuple[int, Dataset | None]]:
+    peer = event.assoc.requestor.ae_title
+    try:
+        req, requested = parse_identifier(event.identifier, event.request.AffectedSOPClassUID)
+    except query.QueryError as e:
+        log.warning("C-FIND from %s refused: %s", peer, e)
+        yield 0xA900, None   # Identifier does not match SOP Class
+        return
+    except Exception as e:
+        log.warning("C-FIND from %s: unreadable identifier: %s", peer, e)
+        yield 0xC000, None
+        return
+    # The study's own character set comes back with each match (not at PATIENT level, where
+    # a patient's studies may differ): response() encodes the values with it.
+    keys = [e.keyword for e in requested if e.keyword] + ["SpecificCharacterSet"]
+    n = 0
+    try:
+        with index.reading():
+            for match in query.find(req, keys, lambda: event.is_cancelled):
+                if event.is_cancelled:
+                    break
+                n += 1
+                yield 0xFF00, response(requested, match, req.level, aet)
+    except query.QueryError as e:
+        log.warning("C-FIND from %s refused: %s", peer, e)
+        yield 0xA900, None
+        return
+    if event.is_cancelled:
+        log.info("C-FIND from %s cancelled after %d match(es)", peer, n)
+        yield 0xFE00, None
+        return
+    log.info("C-FIND %s level from %s: %d match(es)", req.level, peer, n)

@@ -1,0 +1,42 @@
+"""Storage SOP Classes as SCP (PS3.4 Annex B): C-STORE into the archive.
+
+A thin adapter: the encoded data set goes to `Archive.put` untouched; its errors carry their
+DICOM status. Success is returned only after `put` has made the file and its row durable.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pynetdicom.events import Event
+
+from pacsd.archive import Archive
+from pacsd.errors import PacsError, SOPClassMismatch
+
+log = logging.getLogger(__name__)
+
+
+def handle_store(event: Event, archive: Archive, stats: dict) -> int:
+    req = event.request
+    cx = event.context
+    aet = event.assoc.requestor.ae_title
+    try:
+        if req.AffectedSOPClassUID != cx.abstract_syntax:
+            raise SOPClassMismatch(f"request SOP Class {req.AffectedSOPClassUID} differs from "
+                                   f"its presentation context's {cx.abstract_syntax}")
+        stored = archive.put(event.encoded_dataset(include_meta=False),
+                             transfer_syntax=cx.transfer_syntax,
+                             sop_class=str(req.AffectedSOPClassUID),
+                             sop_instance=str(req.AffectedSOPInstanceUID), calling_aet=aet)
+    except PacsError as e:
+        stats["failed"] = stats.get("failed", 0) + 1
+        log.warning("C-STORE from %s refused with 0x%04X: %s", aet, e.dicom_status, e)
+        return e.dicom_status
+    except Exception:  # a bug must cost one image, not the association or the server
+        stats["failed"] = stats.get("failed", 0) + 1
+        log.exception("C-STORE from %s failed", aet)
+        return 0x0110
+    key = "duplicates" if stored.duplicate else "stored"
+    stats[key] = stats.get(key, 0) + 1
+    log.debug("stored %s from %s as %s", stored.sop_instance_uid, aet, stored.path or "-")
+    return 0x0000

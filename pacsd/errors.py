@@ -1,0 +1,89 @@
+"""Errors that carry the answer they deserve: a DICOM status, an HTTP status, an exit code.
+
+Front ends turn these into responses in one place each; nothing else maps errors to codes.
+DICOM statuses are from PS3.4 Annex B (Storage) and C (Query/Retrieve) and PS3.7 Annex C.
+"""
+
+from __future__ import annotations
+
+# Exit codes of `pacsd` (sysexits.h values, so that launchd/systemd units can stop a restart loop
+# on a configuration error: RestartPreventExitStatus=78 73).
+EXIT_OK = 0
+EXIT_FAILURE = 1          # unexpected error (a bug): restarting may help
+EXIT_USAGE = 2            # bad command line (argparse)
+EXIT_UNAVAILABLE = 69     # a port is in use or cannot be bound
+EXIT_SOFTWARE = 70        # internal error at start-up (index cannot be opened or migrated)
+EXIT_CANTCREAT = 73       # a folder is missing or not writable
+EXIT_TEMPFAIL = 75        # another pacsd holds this data folder
+EXIT_CONFIG = 78          # the configuration is invalid
+
+
+class PacsError(Exception):
+    """Base class. `dicom_status`, `http_status` and `exit_code` say how each front end answers."""
+
+    dicom_status = 0x0110  # PS3.7 C.4: Processing failure
+    http_status = 500
+    exit_code = EXIT_FAILURE
+
+
+# --- start-up ---------------------------------------------------------------------------------
+
+class ConfigError(PacsError):
+    exit_code = EXIT_CONFIG
+
+
+class PortInUse(PacsError):
+    exit_code = EXIT_UNAVAILABLE
+
+
+class FolderNotWritable(PacsError):
+    exit_code = EXIT_CANTCREAT
+
+
+class AlreadyRunning(PacsError):
+    exit_code = EXIT_TEMPFAIL
+
+
+class IndexUnavailable(PacsError):
+    """The index cannot be opened, or a write to it failed."""
+
+    exit_code = EXIT_SOFTWARE
+    dicom_status = 0x0110
+    http_status = 503
+
+
+# --- storing ----------------------------------------------------------------------------------
+
+class InvalidDataset(PacsError):
+    """Unparseable data set, missing or malformed UIDs (PS3.4 B.2.3: Cannot understand)."""
+
+    dicom_status = 0xC000
+    http_status = 400
+
+
+class SOPClassMismatch(InvalidDataset):
+    """The data set's SOP Class differs from the request's (PS3.4 B.2.3: 0xA900)."""
+
+    dicom_status = 0xA900
+    http_status = 409
+
+
+class OutOfResources(PacsError):
+    """Disk full or similar (PS3.4 B.2.3: Refused, Out of Resources)."""
+
+    dicom_status = 0xA700
+    http_status = 507
+
+
+# --- retrieving -------------------------------------------------------------------------------
+
+class UnknownDestination(PacsError):
+    """C-MOVE to an AE title not configured in [[nodes]] (PS3.4 C.4.2.1.4: 0xA801)."""
+
+    dicom_status = 0xA801
+    http_status = 404
+
+
+class NotFound(PacsError):
+    dicom_status = 0xC000
+    http_status = 404

@@ -1,0 +1,382 @@
+"""The index: peewee models Patient / Study / Series / Instance and the one serialized writer.
+
+Everything C-FIND and QIDO-RS match or return lives here, so no query opens a file. The models
+sit behind a DatabaseProxy; `Index.open` binds it to SQLite (WAL, synchronous=FULL, a busy
+timeout). One process has one open Index.
+
+Writes go through a single writer thread that commits whatever is queued in one transaction
+(group commit): many associations share one fsync of the database, and SQLite never sees two
+writers from this process. `Index.add` returns only once the row is committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import queue
+import sqlite3
+import sys
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from peewee import (SQL, AutoField, CharField, DatabaseProxy, DateTimeField, ForeignKeyField,
+                    IntegerField, Model, SqliteDatabase, fn)
+
+from pacsd.errors import IndexUnavailable
+from pacsd.header import Record
+
+log = logging.getLogger(__name__)
+
+database = DatabaseProxy()
+SCHEMA_VERSION = 1
+
+
+class BaseModel(Model):
+    class Meta:
+        database = database
+        legacy_table_names = False
+
+
+class Patient(BaseModel):
+    id = AutoField()
+    patient_id = CharField(max_length=64, index=True)
+    issuer_of_patient_id = CharField(max_length=64, default="")
+    patient_name = CharField(max_length=324, default="")
+    # Upper-cased copy for case-insensitive person name matching (PS3.4 C.2.2.2.1).
+    patient_name_key = CharField(max_length=324, default="", index=True)
+    patient_birth_date = CharField(max_length=18, default="", index=True)
+    patient_sex = CharField(max_length=16, default="", index=True)
+    number_of_studies = IntegerField(default=0)
+    number_of_series = IntegerField(default=0)
+    number_of_instances = IntegerField(default=0)
+
+    class Meta:
+        indexes = ((("patient_id", "issuer_of_patient_id"), True),)
+
+
+class Study(BaseModel):
+    id = AutoField()
+    patient = ForeignKeyField(Patient, backref="studies", index=True)
+    study_instance_uid = CharField(max_length=64, unique=True)
+    study_date = CharField(max_length=18, default="", index=True)
+    study_time = CharField(max_length=28, default="", index=True)
+    accession_number = CharField(max_length=64, default="", index=True)
+    study_id = CharField(max_length=16, default="", index=True)
+    study_description = CharField(max_length=64, default="", index=True)
+    referring_physician_name = CharField(max_length=324, default="")
+    referring_physician_name_key = CharField(max_length=324, default="", index=True)
+    institution_name = CharField(max_length=64, default="", index=True)
+    patient_age = CharField(max_length=4, default="")
+    specific_character_set = CharField(max_length=200, default="")
+    modalities_in_study = CharField(max_length=200, default="")
+    number_of_series = IntegerField(default=0)
+    number_of_instances = IntegerField(default=0)
+    created = DateTimeField(default=lambda: time.strftime("%Y-%m-%d %H:%M:%S"), index=True)
+
+
+class Series(BaseModel):
+    id = AutoField()
+    study = ForeignKeyField(Study, backref="series", index=True)
+    series_instance_uid = CharField(max_length=64, unique=True)
+    modality = CharField(max_length=16, default="", index=True)
+    series_number = IntegerField(null=True, index=True)
+    series_description = CharField(max_length=64, default="", index=True)
+    series_date = CharField(max_length=18, default="", index=True)
+    series_time = CharField(max_length=28, default="")
+    body_part_examined = CharField(max_length=16, default="", index=True)
+    protocol_name = CharField(max_length=64, default="")
+    station_name = CharField(max_length=16, default="", index=True)
+    number_of_instances = IntegerField(default=0)
+
+    class Meta:
+        indexes = ((("study", "modality"), False),)
+
+
+class Instance(BaseModel):
+    id = AutoField()
+    series = ForeignKeyField(Series, backref="instances", index=True)
+    sop_instance_uid = CharField(max_length=64, unique=True)
+    sop_class_uid = CharField(max_length=64, index=True)
+    instance_number = IntegerField(null=True, index=True)
+    content_date = CharField(max_length=18, default="", index=True)
+    content_time = CharField(max_length=28, default="")
+    acquisition_number = IntegerField(null=True)
+    number_of_frames = IntegerField(null=True)
+    rows = IntegerField(null=True)
+    columns = IntegerField(null=True)
+    transfer_syntax_uid = CharField(max_length=64)
+    path = CharField(max_length=255, unique=True)   # relative to the storage root
+    size = IntegerField()
+    calling_aet = CharField(max_length=16, default="")
+    received = DateTimeField(default=lambda: time.strftime("%Y-%m-%d %H:%M:%S"), index=True)
+
+
+class Meta_(BaseModel):
+    """Key/value facts about the index itself (schema version)."""
+
+    key = CharField(primary_key=True, max_length=64)
+    value = CharField(max_length=255)
+
+    class Meta:
+        table_name = "pacsd_meta"
+
+
+MODELS = (Patient, Study, Series, Instance, Meta_)
+
+_PATIENT = ("patient_name", "patient_birth_date", "patient_sex")
+_STUDY = ("study_date", "study_time", "accession_number", "study_id", "study_description",
+          "referring_physician_name", "institution_name", "patient_age",
+          "specific_character_set")
+_SERIES = ("modality", "series_number", "series_description", "series_date", "series_time",
+           "body_part_examined", "protocol_name", "station_name")
+_INSTANCE = ("sop_class_uid", "instance_number", "content_date", "content_time",
+             "acquisition_number", "number_of_frames", "rows", "columns")
+
+
+def name_key(name: str) -> str:
+    """Upper case, without the empty trailing components that some modalities send
+    ("DOE^JOHN^^^" matches "Doe^John")."""
+    return re.sub(r"[\^ ]+(?=(=|$))", "", name.upper())
+
+
+@dataclass
+class Added:
+    """What `Index.add` did: `duplicate` is True when the instance was already indexed (and the
+    new file should be dropped); `replaced_path` names an old file to delete after overwrite."""
+
+    duplicate: bool = False
+    replaced_path: str | None = None
+
+
+def _sqlite(path: Path) -> SqliteDatabase:
+    pragmas: dict[str, Any] = {
+        "journal_mode": "wal",
+        "synchronous": 2,          # FULL: a commit is on disk before it returns
+        "busy_timeout": 30000,
+        "foreign_keys": 1,
+        "cache_size": -32768,      # 32 MiB
+        "temp_store": "memory",
+    }
+    if sys.platform == "darwin":
+        pragmas["fullfsync"] = 1
+        pragmas["checkpoint_fullfsync"] = 1
+    # check_same_thread=False: the writer hands rows around; each thread still gets its own
+    # connection from peewee.
+    return SqliteDatabase(str(path), pragmas=pragmas, check_same_thread=False, timeout=30)
+
+
+class Index:
+    def __init__(self, url: str) -> None:
+        if not url.startswith("sqlite:///"):
+            raise IndexUnavailable(f"unsupported index URL {url!r}")
+        self.url = url
+        self.path = Path(url[len("sqlite:///"):])
+        self._queue: queue.Queue[tuple[Callable[[], Any], Future] | None] = queue.Queue()
+        self._writer: threading.Thread | None = None
+
+    # --- life cycle -------------------------------------------------------------------------
+
+    def open(self, writer: bool = True) -> "Index":
+        if database.obj is not None:
+            raise IndexUnavailable("an index is already open in this process")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = _sqlite(self.path)
+            database.initialize(db)
+            with database.connection_context():
+                database.create_tables(MODELS, safe=True)
+                version = Meta_.get_or_none(Meta_.key == "schema_version")
+                if version is None:
+                    Meta_.create(key="schema_version", value=str(SCHEMA_VERSION))
+                elif int(version.value) > SCHEMA_VERSION:
+                    raise IndexUnavailable(
+                        f"index {self.path} has schema {version.value}, newer than this pacsd "
+                        f"({SCHEMA_VERSION}); upgrade pacsd")
+        except IndexUnavailable:
+            database.initialize(None)
+            raise
+        except (sqlite3.Error, OSError, Exception) as e:
+            database.initialize(None)
+            raise IndexUnavailable(f"cannot open index {self.path}: {e}") from None
+        if writer:
+            self._writer = threading.Thread(target=self._write_loop, name="index-writer",
+                                            daemon=True)
+            self._writer.start()
+        return self
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._queue.put(None)
+            self._writer.join(timeout=30)
+            self._writer = None
+        if database.obj is not None:
+            if not database.is_closed():
+                database.close()
+            database.initialize(None)
+
+    def reading(self):
+        """Context manager giving this thread a connection for the duration of a request."""
+        return database.connection_context()
+
+    # --- the writer thread ------------------------------------------------------------------
+
+    def submit(self, work: Callable[[], Any], timeout: float = 120.0) -> Any:
+        """Run `work` inside the writer's next transaction; return its result once committed."""
+        if self._writer is None:
+            # No writer thread (one-shot CLI commands): run it in a transaction of our own.
+            with database.connection_context():
+                with database.atomic():
+                    return work()
+        fut: Future = Future()
+        self._queue.put((work, fut))
+        return fut.result(timeout=timeout)
+
+    def _write_loop(self) -> None:
+        database.connect(reuse_if_open=True)
+        try:
+            while True:
+                item = self._queue.get()
+                if item is None:
+                    return
+                batch = [item]
+                stop = False
+                while len(batch) < 500:
+                    try:
+                        nxt = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is None:
+                        stop = True
+                        break
+                    batch.append(nxt)
+                self._commit(batch)
+                if stop:
+                    return
+        finally:
+            database.close()
+
+    def _commit(self, batch: list[tuple[Callable[[], Any], Future]]) -> None:
+        results: list[tuple[Future, Any, BaseException | None]] = []
+        try:
+            with database.atomic():
+                for work, fut in batch:
+                    try:
+                        with database.atomic():   # a savepoint: one bad item spoils no other
+                            results.append((fut, work(), None))
+                    except Exception as e:  # noqa: BLE001 - handed back to the caller
+                        results.append((fut, None, e))
+        except Exception as e:  # the commit itself failed: nothing in the batch is durable
+            log.error("index commit of %d item(s) failed: %s", len(batch), e)
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(IndexUnavailable(f"index commit failed: {e}"))
+            return
+        for fut, value, error in results:
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result(value)
+
+    # --- writes -----------------------------------------------------------------------------
+
+    def add(self, record: Record, *, path: str, size: int, transfer_syntax: str,
+            calling_aet: str = "", overwrite: bool = False) -> Added:
+        """Index one stored instance; returns once committed."""
+        return self.submit(lambda: self._add(record.values, path, size, transfer_syntax,
+                                             calling_aet, overwrite))
+
+    def add_many(self, items: Iterable[tuple[Record, str, int, str]]) -> int:
+        """Index several instances in one transaction (reindex, recovery). Duplicates skipped."""
+        def work() -> int:
+            n = 0
+            for record, path, size, ts in items:
+                if not self._add(record.values, path, size, ts, "", False).duplicate:
+                    n += 1
+            return n
+        return self.submit(work)
+
+    @staticmethod
+    def _add(v: dict[str, Any], path: str, size: int, ts: str, calling_aet: str,
+             overwrite: bool) -> Added:
+        existing = Instance.get_or_none(Instance.sop_instance_uid == v["sop_instance_uid"])
+        if existing is not None:
+            if not overwrite:
+                return Added(duplicate=True)
+            old = existing.path
+            Instance.update(path=path, size=size, transfer_syntax_uid=ts,
+                            calling_aet=calling_aet,
+                            **{k: v[k] for k in _INSTANCE}).where(
+                Instance.id == existing.id).execute()
+            return Added(replaced_path=old)
+
+        patient, new_patient = Patient.get_or_create(
+            patient_id=v["patient_id"], issuer_of_patient_id=v["issuer_of_patient_id"],
+            defaults={**{k: v[k] for k in _PATIENT},
+                      "patient_name_key": name_key(v["patient_name"])})
+        study = Study.get_or_none(Study.study_instance_uid == v["study_instance_uid"])
+        new_study = study is None
+        if new_study:
+            study = Study.create(
+                patient=patient, study_instance_uid=v["study_instance_uid"],
+                referring_physician_name_key=name_key(v["referring_physician_name"]),
+                **{k: v[k] for k in _STUDY})
+        series = Series.get_or_none(Series.series_instance_uid == v["series_instance_uid"])
+        new_series = series is None
+        if new_series:
+            series = Series.create(study=study, series_instance_uid=v["series_instance_uid"],
+                                   **{k: v[k] for k in _SERIES})
+        Instance.create(series=series, sop_instance_uid=v["sop_instance_uid"],
+                        transfer_syntax_uid=ts, path=path, size=size, calling_aet=calling_aet,
+                        **{k: v[k] for k in _INSTANCE})
+
+        # Counters kept on write, so that C-FIND never counts rows (PS3.4 C.3.4: Number of
+        # Patient/Study/Series Related ...). Increments are safe under concurrent writers.
+        Series.update(number_of_instances=Series.number_of_instances + 1).where(
+            Series.id == series.id).execute()
+        study_changes: dict[Any, Any] = {Study.number_of_instances: Study.number_of_instances + 1}
+        if new_series:
+            study_changes[Study.number_of_series] = Study.number_of_series + 1
+            modalities = [m for m in study.modalities_in_study.split("\\") if m]
+            if series.modality and series.modality not in modalities:
+                modalities.append(series.modality)
+                study_changes[Study.modalities_in_study] = "\\".join(modalities)
+        Study.update(study_changes).where(Study.id == study.id).execute()
+        Patient.update({
+            Patient.number_of_instances: Patient.number_of_instances + 1,
+            Patient.number_of_series: Patient.number_of_series + int(new_series),
+            Patient.number_of_studies: Patient.number_of_studies + int(new_study),
+        }).where(Patient.id == patient.id).execute()
+        return Added()
+
+    def clear(self) -> None:
+        def work() -> None:
+            for model in (Instance, Series, Study, Patient):
+                model.delete().execute()
+        self.submit(work)
+
+    # --- reads ------------------------------------------------------------------------------
+
+    def has_instance(self, sop_instance_uid: str) -> bool:
+        with database.connection_context():
+            return Instance.select(SQL("1")).where(
+                Instance.sop_instance_uid == sop_instance_uid).exists()
+
+    def indexed_paths(self, prefix: str) -> set[str]:
+        with database.connection_context():
+            return {p for (p,) in Instance.select(Instance.path)
+                    .where(Instance.path.startswith(prefix)).tuples()}
+
+    def counts(self) -> dict[str, int]:
+        with database.connection_context():
+            return {"patients": Patient.select().count(), "studies": Study.select().count(),
+                    "series": Series.select().count(),
+                    "instances": Instance.select().count(),
+                    "bytes": Instance.select(fn.COALESCE(fn.SUM(Instance.size), 0)).scalar()}
+
+    def integrity_check(self) -> str:
+        with database.connection_context():
+            return database.execute_sql("PRAGMA integrity_check").fetchone()[0]

@@ -1,0 +1,265 @@
+"""DICOM matching (PS3.4 C.2.2.2) turned into SQL on indexed columns.
+
+One module serves C-FIND, C-MOVE/C-GET (which instances a request names) and, later, QIDO-RS.
+A `Request` is a level plus keys (keyword -> raw DICOM string, "" for universal matching);
+`find` yields one dict per match, keyword -> value, for every requested key.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from peewee import Expression, Field, ModelSelect, SqliteDatabase, fn
+
+from pacsd.index import Instance, Patient, Series, Study, database, name_key
+
+LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+MODELS = {"PATIENT": Patient, "STUDY": Study, "SERIES": Series, "IMAGE": Instance}
+
+# How a key matches: UID (single or list), DA / TM (single or range), PN (case-insensitive,
+# wildcards), ST (single, wildcards or list for code strings), IS (single or list), MODALITIES
+# (see below); RETURN keys are returned, never matched (counters, the character set).
+UID, DA, TM, PN, ST, IS, RETURN, MODALITIES = "UI", "DA", "TM", "PN", "ST", "IS", "RET", "MOD"
+
+
+@dataclass(frozen=True)
+class Key:
+    level: str
+    field: Field
+    kind: str
+    match_field: Field | None = None   # e.g. the upper-cased copy of a person name
+
+
+KEYS: dict[str, Key] = {
+    # Patient level (PS3.4 C.6.1.1.2 / C.6.2.1.2)
+    "PatientName": Key("PATIENT", Patient.patient_name, PN, Patient.patient_name_key),
+    "PatientID": Key("PATIENT", Patient.patient_id, ST),
+    "IssuerOfPatientID": Key("PATIENT", Patient.issuer_of_patient_id, ST),
+    "PatientBirthDate": Key("PATIENT", Patient.patient_birth_date, DA),
+    "PatientSex": Key("PATIENT", Patient.patient_sex, ST),
+    "NumberOfPatientRelatedStudies": Key("PATIENT", Patient.number_of_studies, RETURN),
+    "NumberOfPatientRelatedSeries": Key("PATIENT", Patient.number_of_series, RETURN),
+    "NumberOfPatientRelatedInstances": Key("PATIENT", Patient.number_of_instances, RETURN),
+    # Study level (C.6.1.1.3 / C.6.2.1.2)
+    "StudyInstanceUID": Key("STUDY", Study.study_instance_uid, UID),
+    "StudyDate": Key("STUDY", Study.study_date, DA),
+    "StudyTime": Key("STUDY", Study.study_time, TM),
+    "AccessionNumber": Key("STUDY", Study.accession_number, ST),
+    "StudyID": Key("STUDY", Study.study_id, ST),
+    "StudyDescription": Key("STUDY", Study.study_description, ST),
+    "ReferringPhysicianName": Key("STUDY", Study.referring_physician_name, PN,
+                                  Study.referring_physician_name_key),
+    "InstitutionName": Key("STUDY", Study.institution_name, ST),
+    "PatientAge": Key("STUDY", Study.patient_age, ST),
+    "SpecificCharacterSet": Key("STUDY", Study.specific_character_set, RETURN),
+    "ModalitiesInStudy": Key("STUDY", Study.modalities_in_study, MODALITIES),
+    "NumberOfStudyRelatedSeries": Key("STUDY", Study.number_of_series, RETURN),
+    "NumberOfStudyRelatedInstances": Key("STUDY", Study.number_of_instances, RETURN),
+    # Series level (C.6.1.1.4)
+    "SeriesInstanceUID": Key("SERIES", Series.series_instance_uid, UID),
+    "Modality": Key("SERIES", Series.modality, ST),
+    "SeriesNumber": Key("SERIES", Series.series_number, IS),
+    "SeriesDescription": Key("SERIES", Series.series_description, ST),
+    "SeriesDate": Key("SERIES", Series.series_date, DA),
+    "SeriesTime": Key("SERIES", Series.series_time, TM),
+    "BodyPartExamined": Key("SERIES", Series.body_part_examined, ST),
+    "ProtocolName": Key("SERIES", Series.protocol_name, ST),
+    "StationName": Key("SERIES", Series.station_name, ST),
+    "NumberOfSeriesRelatedInstances": Key("SERIES", Series.number_of_instances, RETURN),
+    # Composite object instance level (C.6.1.1.5)
+    "SOPInstanceUID": Key("IMAGE", Instance.sop_instance_uid, UID),
+    "SOPClassUID": Key("IMAGE", Instance.sop_class_uid, UID),
+    "InstanceNumber": Key("IMAGE", Instance.instance_number, IS),
+    "ContentDate": Key("IMAGE", Instance.content_date, DA),
+    "ContentTime": Key("IMAGE", Instance.content_time, TM),
+    "AcquisitionNumber": Key("IMAGE", Instance.acquisition_number, IS),
+    "NumberOfFrames": Key("IMAGE", Instance.number_of_frames, IS),
+    "Rows": Key("IMAGE", Instance.rows, IS),
+    "Columns": Key("IMAGE", Instance.columns, IS),
+    "AvailableTransferSyntaxUID": Key("IMAGE", Instance.transfer_syntax_uid, UID),
+}
+
+UNIQUE_KEYS = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID",
+               "SERIES": "SeriesInstanceUID", "IMAGE": "SOPInstanceUID"}
+
+
+class QueryError(ValueError):
+    """The request cannot be answered as asked (bad level, malformed range)."""
+
+
+@dataclass
+class Request:
+    level: str
+    keys: dict[str, str] = field(default_factory=dict)   # keyword -> value ("" = universal)
+    limit: int | None = None
+    offset: int = 0
+
+    def __post_init__(self) -> None:
+        self.level = (self.level or "").strip().upper()
+        if self.level not in LEVELS:
+            raise QueryError(f"Query/Retrieve Level {self.level!r} is not one of "
+                             f"{', '.join(LEVELS)}")
+
+
+# --- matching ---------------------------------------------------------------------------------
+
+def _is_universal(value: str) -> bool:
+    return value == "" or set(value) == {"*"}
+
+
+def _glob(field_: Field, pattern: str) -> Expression:
+    """Wildcard matching ('*' any run, '?' one character; C.2.2.2.4) on an indexed column."""
+    if isinstance(database.obj, SqliteDatabase):
+        # GLOB is case-sensitive and uses the column's index for a literal prefix. '[' is the
+        # only other GLOB metacharacter; it is escaped as a one-character class.
+        return Expression(field_, "GLOB", pattern.replace("[", "[[]"))
+    like = re.sub(r"([\\%_])", r"\\\1", pattern).replace("*", "%").replace("?", "_")
+    return Expression(field_, "LIKE", like)
+
+
+def _has_wildcard(value: str) -> bool:
+    return "*" in value or "?" in value
+
+
+def _range(field_: Field, value: str, normalize) -> Expression:
+    lo, _, hi = value.partition("-")
+    lo, hi = normalize(lo), normalize(hi)
+    if not lo and not hi:
+        raise QueryError(f"empty range {value!r}")
+    if lo and hi:
+        # hi is inclusive: a bound like 1200 must include 1200xx, so extend it.
+        return (field_ >= lo) & (field_ <= hi + "\uffff")
+    if lo:
+        return field_ >= lo
+    return (field_ <= hi + "\uffff") & (field_ != "")
+
+
+def _norm_date(v: str) -> str:
+    v = v.strip().replace(".", "")   # ACR-NEMA style 1993.08.22 (PS3.5 6.2 DA note)
+    if v and not re.fullmatch(r"\d{4,8}", v):
+        raise QueryError(f"{v!r} is not a date")
+    return v
+
+
+def _norm_time(v: str) -> str:
+    v = v.strip().replace(":", "")
+    if v and not re.fullmatch(r"\d{2,6}(\.\d{0,6})?", v):
+        raise QueryError(f"{v!r} is not a time")
+    return v
+
+
+def condition(keyword: str, value: str) -> Expression | None:
+    """The SQL condition for one key, or None for universal matching."""
+    key = KEYS[keyword]
+    value = value.strip()
+    if _is_universal(value) or key.kind == RETURN:
+        return None
+    f = key.field
+    if key.kind == UID:
+        uids = [u.strip() for u in value.split("\\") if u.strip()]
+        return f == uids[0] if len(uids) == 1 else f.in_(uids)
+    if key.kind == DA:
+        return _range(f, value, _norm_date) if "-" in value else f == _norm_date(value)
+    if key.kind == TM:
+        if "-" in value:
+            return _range(f, value, _norm_time)
+        return f.startswith(_norm_time(value))
+    if key.kind == PN:
+        pattern = name_key(value)
+        mf = key.match_field or f
+        return _glob(mf, pattern) if _has_wildcard(pattern) else mf == pattern
+    if key.kind == IS:
+        try:
+            numbers = [int(v) for v in value.split("\\") if v.strip()]
+        except ValueError:
+            raise QueryError(f"{keyword} {value!r} is not an integer") from None
+        return f == numbers[0] if len(numbers) == 1 else f.in_(numbers)
+    if key.kind == MODALITIES:
+        # C.2.2.2.8: matches a study with at least one series of any listed modality.
+        mods = [m.strip() for m in value.split("\\") if m.strip()]
+        sub = Series.select(Series.id).where((Series.study == Study.id) & (
+            Series.modality.in_(mods) if not any(map(_has_wildcard, mods))
+            else _glob(Series.modality, mods[0])))
+        return fn.EXISTS(sub)
+    # ST: single value (with wildcards) or, for a backslash list, any of them.
+    values = [v for v in value.split("\\")]
+    if len(values) > 1:
+        return f.in_([v.strip() for v in values])
+    return _glob(f, value) if _has_wildcard(value) else f == value
+
+
+# --- the query --------------------------------------------------------------------------------
+
+def _joined(level: str, needed: set[str]) -> ModelSelect:
+    """SELECT over the level's table joined up to the highest level a key needs."""
+    base = MODELS[level]
+    top = min((LEVELS.index(KEYS[k].level) for k in needed), default=LEVELS.index(level))
+    q = base.select()
+    chain = [Instance, Series, Study, Patient]
+    start = chain.index(base)
+    for lower, upper in zip(chain[start:], chain[start + 1:]):
+        if LEVELS.index(_LEVEL_OF[upper]) < top:
+            break
+        q = q.join(upper)
+    return q
+
+
+_LEVEL_OF = {Patient: "PATIENT", Study: "STUDY", Series: "SERIES", Instance: "IMAGE"}
+
+
+def find(req: Request, return_keys: list[str], is_cancelled=lambda: False
+         ) -> Iterator[dict[str, Any]]:
+    """Yield, for each entity at `req.level` matching every key, {keyword: value} for the
+    `return_keys` this index knows (keys of the level and above). Caller holds a connection."""
+    depth = LEVELS.index(req.level)
+    # A key below the query level is not a matching key (C.2.2.1.1); it is returned empty.
+    usable = {k for k in set(req.keys) | set(return_keys)
+              if k in KEYS and LEVELS.index(KEYS[k].level) <= depth}
+    q = _joined(req.level, usable)
+    wanted = [k for k in return_keys if k in usable]
+    fields = [KEYS[k].field for k in wanted]
+    q = q.select(*fields) if fields else q.select(MODELS[req.level].id)
+    for k, v in req.keys.items():
+        if k in usable:
+            cond = condition(k, v)
+            if cond is not None:
+                q = q.where(cond)
+    q = q.order_by(MODELS[req.level].id)
+    if req.limit is not None:
+        q = q.limit(req.limit)
+    if req.offset:
+        q = q.offset(req.offset)
+    for row in q.tuples().iterator():
+        if is_cancelled():
+            return
+        yield dict(zip(wanted, row))
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    path: str
+
+
+def instances(req: Request) -> list[StoredInstance]:
+    """The stored instances a retrieve request names (C.4.2.2 / C.4.3.2: unique keys at and
+    above the level; any other keys given are matched as in C-FIND)."""
+    depth = LEVELS.index(req.level)
+    given = {k: v for k, v in req.keys.items()
+             if k in KEYS and LEVELS.index(KEYS[k].level) <= depth and not _is_universal(v)}
+    unique = UNIQUE_KEYS[req.level]
+    if unique not in given:
+        raise QueryError(f"a {req.level} level retrieve needs {unique}")
+    q = _joined("IMAGE", set(given) | {"SOPInstanceUID"}).select(
+        Instance.sop_instance_uid, Instance.sop_class_uid, Instance.transfer_syntax_uid,
+        Instance.path)
+    for k, v in given.items():
+        cond = condition(k, v)
+        if cond is not None:
+            q = q.where(cond)
+    q = q.order_by(Instance.series, Instance.instance_number, Instance.id)
+    return [StoredInstance(*row) for row in q.tuples()]

@@ -1,0 +1,165 @@
+"""Files on disk: layout, durable atomic writes, reads. Knows nothing of DICOM or the index.
+
+Layout: STORAGE/YYYY/MM/DD/xx/<32 hex>.dcm, dated by reception, xx the first two hex digits of
+the random name, so a day of a million images spreads over 256 folders. Names never come from
+a UID or anything else a peer sends.
+
+A write is: temporary file in STORAGE/.tmp -> write -> fsync -> rename into place -> fsync the
+folder (F_FULLFSYNC on macOS, where fsync does not flush the drive's cache).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import secrets
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+from pacsd.errors import FolderNotWritable, OutOfResources
+
+log = logging.getLogger(__name__)
+
+TMP_DIR = ".tmp"
+SUFFIX = ".dcm"
+
+
+def fsync_fd(fd: int) -> None:
+    if sys.platform == "darwin":
+        import fcntl
+        fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
+    else:
+        os.fsync(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fsync_fd(fd)
+    finally:
+        os.close(fd)
+
+
+class Store:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.tmp = root / TMP_DIR
+        self._known_dirs: set[str] = set()
+        self._dirs_lock = threading.Lock()
+
+    # --- set-up -----------------------------------------------------------------------------
+
+    def open(self, clean: bool = True) -> None:
+        """Create the folders, prove they are writable, and (`clean`, for the server that owns
+        them) drop temporary files left by a crash."""
+        try:
+            self.tmp.mkdir(parents=True, exist_ok=True)
+            probe = self.tmp / f"probe-{os.getpid()}-{secrets.token_hex(4)}"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as e:
+            raise FolderNotWritable(f"storage folder {self.root} is not writable: "
+                                    f"{e.strerror or e}") from None
+        if not clean:
+            return
+        removed = 0
+        for entry in os.scandir(self.tmp):
+            try:
+                os.unlink(entry.path)
+                removed += 1
+            except OSError:
+                pass
+        if removed:
+            log.warning("removed %d unfinished temporary file(s) left by an interrupted run",
+                        removed)
+
+    # --- writing ----------------------------------------------------------------------------
+
+    def _new_relpath(self) -> str:
+        name = secrets.token_hex(16)
+        return time.strftime("%Y/%m/%d/") + f"{name[:2]}/{name}{SUFFIX}"
+
+    def _ensure_dir(self, rel_dir: str) -> None:
+        if rel_dir in self._known_dirs:
+            return
+        with self._dirs_lock:
+            # Create each missing level and fsync its parent, so that the new folder itself
+            # survives a power cut along with the file we are about to put in it.
+            current = self.root
+            for part in rel_dir.split("/"):
+                nxt = current / part
+                if not nxt.is_dir():
+                    try:
+                        nxt.mkdir()
+                    except FileExistsError:
+                        pass
+                    fsync_dir(current)
+                current = nxt
+            self._known_dirs.add(rel_dir)
+
+    def write(self, *chunks: bytes) -> tuple[str, int]:
+        """Durably write a new file made of `chunks`; return (relative path, size)."""
+        rel = self._new_relpath()
+        rel_dir = rel.rsplit("/", 1)[0]
+        tmp = self.tmp / (rel.rsplit("/", 1)[1] + ".part")
+        size = 0
+        try:
+            self._ensure_dir(rel_dir)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                for chunk in chunks:
+                    view = memoryview(chunk)
+                    while view:
+                        n = os.write(fd, view)
+                        view = view[n:]
+                        size += n
+                fsync_fd(fd)
+            finally:
+                os.close(fd)
+            os.rename(tmp, self.root / rel)
+            fsync_dir(self.root / rel_dir)
+        except OSError as e:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise OutOfResources(f"storage is full ({self.root}): {e.strerror}") from None
+            raise OutOfResources(f"cannot write to storage {self.root}: {e.strerror or e}") from None
+        return rel, size
+
+    def delete(self, rel: str) -> None:
+        try:
+            os.unlink(self.path(rel))
+        except FileNotFoundError:
+            pass
+
+    # --- reading ----------------------------------------------------------------------------
+
+    def path(self, rel: str) -> Path:
+        # Relative paths come only from our own index, but refuse anything that could escape.
+        if rel.startswith("/") or ".." in rel.split("/"):
+            raise ValueError(f"refusing storage path {rel!r}")
+        return self.root / rel
+
+    def walk(self, since: float | None = None) -> Iterator[str]:
+        """Relative paths of stored files; with `since`, only in folders changed after it."""
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            if dirpath == str(self.root):
+                dirnames[:] = sorted(d for d in dirnames if d != TMP_DIR)
+            else:
+                dirnames.sort()
+            if since is not None and not dirnames:
+                try:
+                    if os.stat(dirpath).st_mtime < since:
+                        continue
+                except OSError:
+                    continue
+            rel_dir = os.path.relpath(dirpath, self.root).replace(os.sep, "/")
+            for f in sorted(filenames):
+                if f.endswith(SUFFIX):
+                    yield f"{rel_dir}/{f}" if rel_dir != "." else f
