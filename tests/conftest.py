@@ -1,0 +1,197 @@
+"""Fixtures: real pacsd servers on port 0 / 127.0.0.1, real peers, readiness polled.
+
+PACSD_REQUIRE_PEERS=1 (set by .ci/run) turns "DCMTK is not installed" from a skip into a
+failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from pacsd import config as config_mod  # noqa: E402
+from pacsd.daemon import Server  # noqa: E402
+
+REQUIRE_PEERS = os.environ.get("PACSD_REQUIRE_PEERS") == "1"
+LOCAL = "127.0.0.1"
+
+
+def dcmtk(tool: str) -> str:
+    """Absolute path of a DCMTK tool (pynetdicom installs look-alikes into the venv's bin/)."""
+    for folder in ("/usr/bin", "/usr/local/bin", "/opt/homebrew/bin"):
+        path = Path(folder) / tool
+        if path.exists():
+            return str(path)
+    message = f"DCMTK's {tool} is not installed (apt-get install dcmtk)"
+    if REQUIRE_PEERS:
+        pytest.fail(message + " and PACSD_REQUIRE_PEERS=1")
+    pytest.skip(message)
+
+
+def peer_env() -> dict[str, str]:
+    # Debian's DCMTK leaves Nagle's algorithm on unless told otherwise.
+    return {**os.environ, "TCP_NODELAY": "1"}
+
+
+def run_peer(args: list[str], timeout: float = 120, check: bool = True
+             ) -> subprocess.CompletedProcess:
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=peer_env())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(args[:1])} exited {proc.returncode}\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def write_config(path: Path, data: Path, nodes: list[dict] | None = None, **sections) -> Path:
+    """A TOML config: sections as {"dicom": {"port": 0}} etc., plus [[nodes]]."""
+    lines = ["[server]", f'data = "{data}"']
+    sections.setdefault("dicom", {})
+    sections["dicom"] = {"port": 0, "bind": LOCAL, **sections["dicom"]}
+    sections.setdefault("log", {"file": "-"})
+    for name, table in sections.items():
+        lines.append(f"[{name}]")
+        for k, v in table.items():
+            lines.append(f"{k} = {json.dumps(v)}")
+    for n in nodes or []:
+        lines.append("[[nodes]]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in n.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture
+def make_server(tmp_path: Path):
+    """Start an in-process pacsd (one at a time per process): make_server(nodes=[...], dicom={...})."""
+    servers: list[Server] = []
+
+    def start(data: Path | None = None, **kw) -> Server:
+        data = data or tmp_path / "pacsd"
+        cfg_file = write_config(tmp_path / f"pacsd{len(servers)}.toml", data, **kw)
+        server = Server(config_mod.load(cfg_file, env={})).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+@pytest.fixture
+def server(make_server) -> Server:
+    return make_server()
+
+
+# --- pacsd serve as a real subprocess ---------------------------------------------------------
+
+class Process:
+    def __init__(self, proc: subprocess.Popen, data: Path, log: Path) -> None:
+        self.proc, self.data, self.log = proc, data, log
+        self.port = 0
+
+    def wait_ready(self, timeout: float = 30) -> "Process":
+        deadline = time.monotonic() + timeout
+        runfile = self.data / "pacsd.json"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"pacsd exited {self.proc.returncode}:\n{self.output()}")
+            try:
+                info = json.loads(runfile.read_text())
+                if info["pid"] == self.proc.pid:
+                    self.port = int(info["dicom_port"])
+                    return self
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"pacsd not ready after {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        try:
+            return self.log.read_text()[-5000:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return self.proc.returncode
+
+
+def pacsd_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pacsd", *args]
+
+
+@contextmanager
+def serve(config: Path, data: Path, *extra: str, log_name: str = "serve.log") -> Iterator[Process]:
+    log = data.parent / log_name
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(pacsd_cmd("serve", "--config", str(config), *extra),
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    p = Process(proc, data, log)
+    try:
+        yield p.wait_ready()
+    finally:
+        p.stop()
+
+
+# --- pynetdicom as SCU ------------------------------------------------------------------------
+
+@contextmanager
+def associate(port: int, contexts, aet: str = "PYNETDICOM", called: str = "PACSD",
+              ext_neg=None, evt_handlers=None):
+    from pynetdicom import AE
+    ae = AE(ae_title=aet)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    for cx in contexts:
+        ae.add_requested_context(*cx) if isinstance(cx, tuple) else ae.requested_contexts.append(cx)
+    assoc = ae.associate(LOCAL, port, ae_title=called, ext_neg=ext_neg, evt_handlers=evt_handlers)
+    assert assoc.is_established, "association was not accepted"
+    try:
+        yield assoc
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        ae.shutdown()
+
+
+def store_files(port: int, paths: list[Path], aet: str = "PYNETDICOM") -> list[int]:
+    """C-STORE each file's bytes unchanged (sent by path, raw) over one association, proposing
+    each file's own (SOP class, transfer syntax); return the statuses."""
+    from pydicom import dcmread
+    from pynetdicom import _config, build_context
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    metas = [dcmread(p, stop_before_pixels=True) for p in paths]
+    pairs = sorted({(str(m.SOPClassUID), str(m.file_meta.TransferSyntaxUID)) for m in metas})
+    contexts = [build_context(c, [ts]) for c, ts in pairs]
+    statuses = []
+    with associate(port, contexts, aet=aet) as assoc:
+        for p in paths:
+            rsp = assoc.send_c_store(p)
+            statuses.append(int(rsp.Status) if rsp else -1)
+    return statuses
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind((LOCAL, 0))
+        return s.getsockname()[1]
+
+
+def which(name: str) -> str | None:
+    return shutil.which(name)
