@@ -159,7 +159,11 @@ def associate(port: int, contexts, aet: str = "PYNETDICOM", called: str = "PACSD
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
     for cx in contexts:
         ae.add_requested_context(*cx) if isinstance(cx, tuple) else ae.requested_contexts.append(cx)
-    assoc = ae.associate(LOCAL, port, ae_title=called, ext_neg=ext_neg, evt_handlers=evt_handlers)
+    # Like every real client should: without TCP_NODELAY each small PDU waits for a delayed ACK.
+    from pacsd.dimse.retrieve import _nodelay
+    from pynetdicom import evt
+    handlers = [(evt.EVT_CONN_OPEN, _nodelay)] + list(evt_handlers or [])
+    assoc = ae.associate(LOCAL, port, ae_title=called, ext_neg=ext_neg, evt_handlers=handlers)
     assert assoc.is_established, "association was not accepted"
     try:
         yield assoc
@@ -176,7 +180,9 @@ def store_files(port: int, paths: list[Path], aet: str = "PYNETDICOM") -> list[i
     from pynetdicom import _config, build_context
     _config.STORE_SEND_CHUNKED_DATASET = True
     metas = [dcmread(p, stop_before_pixels=True) for p in paths]
-    pairs = sorted({(str(m.SOPClassUID), str(m.file_meta.TransferSyntaxUID)) for m in metas})
+    # Sent raw, the request's SOP Class comes from the File Meta group.
+    pairs = sorted({(str(m.file_meta.MediaStorageSOPClassUID), str(m.file_meta.TransferSyntaxUID))
+                    for m in metas})
     contexts = [build_context(c, [ts]) for c, ts in pairs]
     statuses = []
     with associate(port, contexts, aet=aet) as assoc:

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import errno
 import logging
-import socket
 import threading
+import time
 from functools import partial
 from typing import Any
 
@@ -127,9 +127,14 @@ class DicomServer:
         if self.server is None:
             return
         self.server.shutdown()   # stop accepting
+        # Let running associations finish within one overall bound, then abort the rest: an
+        # aborted C-STORE was never acknowledged, so nothing acknowledged is lost.
+        deadline = time.monotonic() + timeout
         for assoc in list(self.ae.active_associations):
-            assoc.join(timeout) if hasattr(assoc, "join") else None
+            assoc.join(max(0.0, deadline - time.monotonic()))
         for assoc in list(self.ae.active_associations):
+            log.warning("aborting association from %s at shutdown", assoc.requestor.ae_title)
             assoc.abort()
+        self.ae.shutdown()
         self.server = None
         log.info("DICOM listener stopped")

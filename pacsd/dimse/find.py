@@ -43,6 +43,18 @@ def _value(elem: DataElement) -> str:
     return str(value)
 
 
+class Cancelled:
+    """Latches C-CANCEL: pynetdicom's `event.is_cancelled` is True only the first time it is read."""
+
+    def __init__(self, event: Event) -> None:
+        self.event = event
+        self.seen = False
+
+    def __call__(self) -> bool:
+        self.seen = self.seen or bool(self.event.is_cancelled)
+        return self.seen
+
+
 def parse_identifier(identifier: Dataset, sop_class: str) -> tuple[query.Request, list[DataElement]]:
     """The Request and the requested elements (in order) from a C-FIND/MOVE/GET identifier."""
     level = str(identifier.get("QueryRetrieveLevel", "") or "")
@@ -105,18 +117,17 @@ def handle_find(event: Event, index: Index, aet: str) -> Iterator[tuple[int, Dat
     # a patient's studies may differ): response() encodes the values with it.
     keys = [e.keyword for e in requested if e.keyword] + ["SpecificCharacterSet"]
     n = 0
+    cancelled = Cancelled(event)
     try:
         with index.reading():
-            for match in query.find(req, keys, lambda: event.is_cancelled):
-                if event.is_cancelled:
-                    break
+            for match in query.find(req, keys, cancelled):
                 n += 1
                 yield 0xFF00, response(requested, match, req.level, aet)
     except query.QueryError as e:
         log.warning("C-FIND from %s refused: %s", peer, e)
         yield 0xA900, None
         return
-    if event.is_cancelled:
+    if cancelled():
         log.info("C-FIND from %s cancelled after %d match(es)", peer, n)
         yield 0xFE00, None
         return

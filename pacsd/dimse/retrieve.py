@@ -23,7 +23,7 @@ from pynetdicom.presentation import PresentationContext
 
 from pacsd import query
 from pacsd.config import Config
-from pacsd.dimse.find import parse_identifier
+from pacsd.dimse.find import Cancelled, parse_identifier
 from pacsd.index import Index
 from pacsd.store import Store
 
@@ -65,6 +65,10 @@ def send_stored(assoc: Association) -> None:
                 log.debug("%s: peer did not accept %s, converting", dataset.SOPInstanceUID,
                           dataset.file_meta.TransferSyntaxUID)
                 dataset = dcmread(path)
+                if dataset.file_meta.TransferSyntaxUID.is_compressed:
+                    # pynetdicom converts only between uncompressed syntaxes: decode the pixel
+                    # data first (same SOP Instance UID); no decoder means this one fails.
+                    dataset.decompress(generate_instance_uid=False)
         return original(dataset, msg_id, priority, originator_aet, originator_id)
 
     send_c_store.pacsd_wrapped = True  # type: ignore[attr-defined]
@@ -107,8 +111,9 @@ def _lookup(event: Event, index: Index, verb: str) -> list[query.StoredInstance]
 
 def _send(event: Event, insts: list[query.StoredInstance], store: Store, verb: str
           ) -> Iterator[tuple[int, Dataset | None]]:
+    cancelled = Cancelled(event)
     for n, inst in enumerate(insts):
-        if event.is_cancelled:
+        if cancelled():
             log.info("%s from %s cancelled after %d of %d", verb,
                      event.assoc.requestor.ae_title, n, len(insts))
             yield 0xFE00, None
