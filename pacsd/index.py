@@ -179,6 +179,7 @@ class Index:
         self._writer: threading.Thread | None = None
         # series UID -> (series, study, patient) ids; touched only by the thread that writes.
         self._cache: dict[str, tuple[int, int, int]] = {}
+        self.commits = 0   # transactions committed by the writer (group commit shows here)
 
     # --- life cycle -------------------------------------------------------------------------
 
@@ -279,6 +280,7 @@ class Index:
                 if not fut.done():
                     fut.set_exception(IndexUnavailable(f"index commit failed: {e}"))
             return
+        self.commits += 1
         for fut, value, error in results:
             if error is not None:
                 fut.set_exception(error)
