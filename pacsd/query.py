@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from peewee import Expression, Field, ModelSelect, SqliteDatabase, fn
+from peewee import Expression, Field, ModelSelect, SqliteDatabase
 
 from pacsd.index import Instance, Patient, Series, Study, database, name_key
 
@@ -20,7 +20,8 @@ MODELS = {"PATIENT": Patient, "STUDY": Study, "SERIES": Series, "IMAGE": Instanc
 
 # How a key matches: UID (single or list), DA / TM (single or range), PN (case-insensitive,
 # wildcards), ST (single, wildcards or list for code strings), IS (single or list), MODALITIES
-# (see below); RETURN keys are returned, never matched (counters, the character set).
+# (see below); RETURN keys are returned, never matched (counters, the character set, image
+# geometry): every key that is matched has an index.
 UID, DA, TM, PN, ST, IS, RETURN, MODALITIES = "UI", "DA", "TM", "PN", "ST", "IS", "RET", "MOD"
 
 
@@ -75,10 +76,10 @@ KEYS: dict[str, Key] = {
     "ContentDate": Key("IMAGE", Instance.content_date, DA),
     "ContentTime": Key("IMAGE", Instance.content_time, TM),
     "AcquisitionNumber": Key("IMAGE", Instance.acquisition_number, IS),
-    "NumberOfFrames": Key("IMAGE", Instance.number_of_frames, IS),
-    "Rows": Key("IMAGE", Instance.rows, IS),
-    "Columns": Key("IMAGE", Instance.columns, IS),
-    "AvailableTransferSyntaxUID": Key("IMAGE", Instance.transfer_syntax_uid, UID),
+    "NumberOfFrames": Key("IMAGE", Instance.number_of_frames, RETURN),
+    "Rows": Key("IMAGE", Instance.rows, RETURN),
+    "Columns": Key("IMAGE", Instance.columns, RETURN),
+    "AvailableTransferSyntaxUID": Key("IMAGE", Instance.transfer_syntax_uid, RETURN),
 }
 
 UNIQUE_KEYS = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID",
@@ -179,10 +180,9 @@ def condition(keyword: str, value: str) -> Expression | None:
     if key.kind == MODALITIES:
         # C.2.2.2.8: matches a study with at least one series of any listed modality.
         mods = [m.strip() for m in value.split("\\") if m.strip()]
-        sub = Series.select(Series.id).where((Series.study == Study.id) & (
-            Series.modality.in_(mods) if not any(map(_has_wildcard, mods))
-            else _glob(Series.modality, mods[0])))
-        return fn.EXISTS(sub)
+        cond = (_glob(Series.modality, mods[0]) if len(mods) == 1 and _has_wildcard(mods[0])
+                else Series.modality.in_(mods))
+        return Study.id.in_(Series.select(Series.study).where(cond))
     # ST: single value (with wildcards) or, for a backslash list, any of them.
     values = [v for v in value.split("\\")]
     if len(values) > 1:
@@ -209,16 +209,14 @@ def _joined(level: str, needed: set[str]) -> ModelSelect:
 _LEVEL_OF = {Patient: "PATIENT", Study: "STUDY", Series: "SERIES", Instance: "IMAGE"}
 
 
-def find(req: Request, return_keys: list[str], is_cancelled=lambda: False
-         ) -> Iterator[dict[str, Any]]:
-    """Yield, for each entity at `req.level` matching every key, {keyword: value} for the
-    `return_keys` this index knows (keys of the level and above). Caller holds a connection."""
+def select(req: Request, return_keys: list[str]) -> tuple[ModelSelect, list[str]]:
+    """The SELECT for a request, and the keys (in order) its rows hold."""
     depth = LEVELS.index(req.level)
     # A key below the query level is not a matching key (C.2.2.1.1); it is returned empty.
     usable = {k for k in set(req.keys) | set(return_keys)
               if k in KEYS and LEVELS.index(KEYS[k].level) <= depth}
     q = _joined(req.level, usable)
-    wanted = [k for k in return_keys if k in usable]
+    wanted = [k for k in dict.fromkeys(return_keys) if k in usable]
     fields = [KEYS[k].field for k in wanted]
     q = q.select(*fields) if fields else q.select(MODELS[req.level].id)
     for k, v in req.keys.items():
@@ -231,6 +229,14 @@ def find(req: Request, return_keys: list[str], is_cancelled=lambda: False
         q = q.limit(req.limit)
     if req.offset:
         q = q.offset(req.offset)
+    return q, wanted
+
+
+def find(req: Request, return_keys: list[str], is_cancelled=lambda: False
+         ) -> Iterator[dict[str, Any]]:
+    """Yield, for each entity at `req.level` matching every key, {keyword: value} for the
+    `return_keys` this index knows (keys of the level and above). Caller holds a connection."""
+    q, wanted = select(req, return_keys)
     for row in q.tuples().iterator():
         if is_cancelled():
             return
