@@ -124,8 +124,19 @@ class Archive:
             orphans += [r for r in rels if r not in known]
         if not orphans:
             return 0
-        n = self.index.add_many(list(self._records(orphans)))
+        records = list(self._records(orphans))
+        n = self.index.add_many(records)
         log.warning("recovered %d stored file(s) that an interrupted run had not indexed", n)
+        # Still without a row: a second copy of an instance indexed under another path, which
+        # put() was about to delete (a duplicate, or the original that an overwrite replaced).
+        stray = {rel for _, rel, _, _ in records}
+        for prefix in {rel[:11] for rel in stray}:
+            stray -= self.index.indexed_paths(prefix)
+        for rel in sorted(stray):
+            self.store.delete(rel)
+        if stray:
+            log.warning("removed %d second copy(ies) of already indexed instance(s) left by an "
+                        "interrupted run", len(stray))
         return n
 
     def reindex(self, progress: Callable[[int, int], None] | None = None) -> int:
