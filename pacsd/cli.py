@@ -181,7 +181,9 @@ def cmd_import(args: argparse.Namespace) -> int:
     finally:
         archive.index.close()
     print(f"imported {stored} file(s), {dup} duplicate(s), {bad} refused")
-    return EXIT_FAILURE if bad and not stored else EXIT_OK
+    # Failure only when nothing was importable; images already archived (duplicates) count as
+    # success, so that running the same import again gives the same answer.
+    return EXIT_FAILURE if bad and not (stored or dup) else EXIT_OK
 
 
 def cmd_reindex(args: argparse.Namespace) -> int:
