@@ -234,12 +234,18 @@ class Index:
             with database.connection_context():
                 with database.atomic():
                     return work()
+        if not self._writer.is_alive():
+            raise IndexUnavailable("the index writer has stopped; see the log")
         fut: Future = Future()
         self._queue.put((work, fut))
         return fut.result(timeout=timeout)
 
     def _write_loop(self) -> None:
-        database.connect(reuse_if_open=True)
+        try:
+            database.connect(reuse_if_open=True)
+        except Exception as e:
+            log.critical("the index writer cannot connect to %s: %s", self.path, e)
+            return
         try:
             while True:
                 item = self._queue.get()

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian
 
 from conftest import dcmtk, free_port, peer_env, run_peer, serve, write_config
 from data import CHARSET_FILES, TEST_FILES, dataset_bytes, sample, write_series
@@ -473,11 +473,10 @@ def getscu(port: int, folder: Path, keys: list[str], *options: str) -> dict[str,
 def test_getscu_study_is_byte_identical(server, tmp_path):
     files = write_series(tmp_path / "gen", studies=2, series=2, images=5, size=64)
     # getscu proposes one context per storage class, [Explicit LE, Explicit BE, Implicit LE],
-    # and pacsd accepts the first of its own list that is offered: Implicit VR Little Endian.
-    # (getscu 3.6.7's +xi proposes Explicit LE only, despite its name.) Sent in it (storescu
-    # -xi), the files can go back out exactly as they came in.
-    sent = record_sent(files, tmp_path, "-xi")
-    storescu(server.dicom_port, files, "-xi")
+    # and pacsd accepts the first of its own list that is offered: Explicit VR Little Endian.
+    # Sent in it (storescu -xe), the files go back out exactly as they came in.
+    sent = record_sent(files, tmp_path, "-xe")
+    storescu(server.dicom_port, files, "-xe")
     study, members = next(iter(by_study(files).items()))
     counts = getscu(server.dicom_port, tmp_path / "got",
                     ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study}"])
@@ -485,24 +484,24 @@ def test_getscu_study_is_byte_identical(server, tmp_path):
     got = received(tmp_path / "got")
     assert set(got) == {uid_of(f) for f in members}
     for uid, (ts, body) in got.items():
-        assert ts == ImplicitVRLittleEndian
+        assert ts == ExplicitVRLittleEndian
         assert (ts, body) == sent[uid], uid
 
 
 def test_getscu_converts_to_a_syntax_it_accepts(server, tmp_path):
     files = write_series(tmp_path / "gen", images=3, size=64)
-    store_as_sent(server.dicom_port, files, tmp_path)   # kept in Explicit VR Little Endian
+    storescu(server.dicom_port, files, "-xi")   # kept in Implicit VR Little Endian
     study = uid_of(files[0], "StudyInstanceUID")
-    # accepted for the getscu association: Implicit VR Little Endian (see above)
+    # getscu +xi proposes Explicit VR Little Endian only (despite its name, in DCMTK 3.6.7)
     counts = getscu(server.dicom_port, tmp_path / "got",
-                    ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study}"])
+                    ["QueryRetrieveLevel=STUDY", f"StudyInstanceUID={study}"], "+xi")
     assert counts == {"remaining": 0, "completed": 3, "failed": 0, "warning": 0}
     got = {str(d.SOPInstanceUID): d for d in map(dcmread, (tmp_path / "got").iterdir())}
     assert set(got) == {uid_of(f) for f in files}
     for f in files:
         original = dcmread(f)
         copy = got[str(original.SOPInstanceUID)]
-        assert copy.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+        assert copy.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
         assert Dataset(copy) == Dataset(original)   # same elements and values
 
 
@@ -510,7 +509,7 @@ def test_getscu_converts_to_a_syntax_it_accepts(server, tmp_path):
 def test_getscu_of_compressed_file_it_does_not_accept(make_server, tmp_path, name):
     """getscu (DCMTK 3.6.7) has no -xf profile: it proposes one context per storage class, its
     preferred syntax first (+xr: RLE) and the uncompressed ones after it, and pacsd (pynetdicom)
-    picks the first of its own list that is offered, Implicit VR Little Endian. So an RLE file
+    picks the first of its own list that is offered, Explicit VR Little Endian. So an RLE file
     comes back decoded (here: getscu proposes only uncompressed syntaxes), as the same
     instance with the same pixels."""
     server = make_server()

@@ -22,6 +22,10 @@ from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelFind,
                                   StudyRootQueryRetrieveInformationModelGet,
                                   StudyRootQueryRetrieveInformationModelMove, Verification)
 from pynetdicom.transport import ThreadedAssociationServer
+from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
+                         ExplicitVRLittleEndian, HTJ2KLossless, HTJ2KLosslessRPCL,
+                         ImplicitVRLittleEndian, JPEG2000Lossless, JPEGLosslessSV1, JPEGLossless,
+                         JPEGLSLossless, RLELossless)
 
 from pacsd.archive import Archive
 from pacsd.config import Config
@@ -41,6 +45,18 @@ QR_MODELS = (PatientRootQueryRetrieveInformationModelFind,
              StudyRootQueryRetrieveInformationModelGet)
 
 
+# When a peer offers several transfer syntaxes in one presentation context, pynetdicom accepts the
+# first of *ours* that is offered. Explicit VR Little Endian first (keeps every VR, every viewer
+# reads it), then the lossless compressions, then implicit VR and big endian; lossy syntaxes
+# last, so that an image offered both lossy and lossless is stored lossless.
+_PREFERRED = (ExplicitVRLittleEndian, JPEGLSLossless, JPEGLosslessSV1, JPEGLossless,
+              JPEG2000Lossless, RLELossless, HTJ2KLossless, HTJ2KLosslessRPCL,
+              DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian)
+STORAGE_SYNTAXES = list(_PREFERRED) + [ts for ts in ALL_TRANSFER_SYNTAXES if ts not in _PREFERRED]
+PLAIN_SYNTAXES = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian,
+                  DeflatedExplicitVRLittleEndian]
+
+
 def build_ae(cfg: Config) -> AE:
     # Retrieve sends stored files by path, raw and in chunks, without decoding them.
     _config.STORE_SEND_CHUNKED_DATASET = True
@@ -51,13 +67,13 @@ def build_ae(cfg: Config) -> AE:
     ae.network_timeout = cfg.dicom_network_timeout
     ae.maximum_pdu_size = cfg.dicom_max_pdu
     ae.require_calling_aet = list(cfg.dicom_allowed_calling_aets)
-    ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES[:4])
+    ae.add_supported_context(Verification, PLAIN_SYNTAXES)
     for model in QR_MODELS:
-        ae.add_supported_context(model, ALL_TRANSFER_SYNTAXES[:4])
+        ae.add_supported_context(model, PLAIN_SYNTAXES)
     # Every storage class with every transfer syntax, as SCP (a modality stores to us) and, via
     # SCP/SCU role selection, as SCU (we store back to a C-GET requestor, PS3.4 C.4.3.1).
     for cx in AllStoragePresentationContexts:
-        ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES,
+        ae.add_supported_context(cx.abstract_syntax, STORAGE_SYNTAXES,
                                  scu_role=True, scp_role=True)
     return ae
 

@@ -57,18 +57,18 @@ def send_stored(assoc: Association) -> None:
                      originator_id: int | None = None) -> Dataset:
         path = getattr(dataset, "pacsd_path", None)
         if path is not None:
-            try:
-                # A path is sent raw (pynetdicom _config.STORE_SEND_CHUNKED_DATASET) and needs a
-                # context with exactly the stored transfer syntax; ValueError means there is none.
+            sop_class = dataset.SOPClassUID
+            ts = dataset.file_meta.TransferSyntaxUID
+            if any(cx.abstract_syntax == sop_class and cx.transfer_syntax[0] == ts and cx.as_scu
+                   for cx in assoc.accepted_contexts):
+                # Sent raw from the file (_config.STORE_SEND_CHUNKED_DATASET): unchanged bytes.
                 return original(path, msg_id, priority, originator_aet, originator_id)
-            except ValueError:
-                log.debug("%s: peer did not accept %s, converting", dataset.SOPInstanceUID,
-                          dataset.file_meta.TransferSyntaxUID)
-                dataset = dcmread(path)
-                if dataset.file_meta.TransferSyntaxUID.is_compressed:
-                    # pynetdicom converts only between uncompressed syntaxes: decode the pixel
-                    # data first (same SOP Instance UID); no decoder means this one fails.
-                    dataset.decompress(generate_instance_uid=False)
+            log.debug("%s: peer did not accept %s, converting", dataset.SOPInstanceUID, ts)
+            dataset = dcmread(path)
+            if ts.is_compressed:
+                # pynetdicom converts only between uncompressed syntaxes: decode the pixel data
+                # first (same SOP Instance UID); without a decoder this sub-operation fails.
+                dataset.decompress(generate_instance_uid=False)
         return original(dataset, msg_id, priority, originator_aet, originator_id)
 
     send_c_store.pacsd_wrapped = True  # type: ignore[attr-defined]
