@@ -203,11 +203,17 @@ def _coerce(s: Setting, value: Any, origin: str) -> Any:
         elif s.type is int:
             if isinstance(value, bool) or not isinstance(value, (int, str)):
                 raise ValueError(f"{value!r} is not an integer")
-            value = int(value)
+            try:
+                value = int(value)
+            except ValueError:
+                raise ValueError(f"{value!r} is not an integer") from None
         elif s.type is float:
             if isinstance(value, bool) or not isinstance(value, (int, float, str)):
                 raise ValueError(f"{value!r} is not a number")
-            value = float(value)
+            try:
+                value = float(value)
+            except ValueError:
+                raise ValueError(f"{value!r} is not a number") from None
         elif s.type is tuple:
             if isinstance(value, str):
                 value = [v for v in re.split(r"[,\s]+", value) if v]

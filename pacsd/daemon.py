@@ -1,10 +1,11 @@
 """Start and stop the server: lock, store, index, recovery, listeners, pidfile, signals.
 
 Start: take an exclusive lock on the data folder (two servers on one SQLite index must never
-run) -> open the store (drop temporary files) and the index -> if the previous run did not stop
-cleanly, index the files it wrote but did not commit -> open the listeners -> write the pidfile
-and pacsd.json. Stop (SIGTERM/SIGINT): stop accepting, let associations finish within a bound,
-flush the index writer, remove pidfile and pacsd.json. SIGUSR1 dumps every thread's stack.
+run) -> if a pidfile is there, the previous run did not stop cleanly: note when it began ->
+write our pidfile -> open the store (drop temporary files) and the index -> index the files an
+unclean run wrote but did not commit -> open the listeners -> write pacsd.json (pid, ports).
+Stop (SIGTERM/SIGINT): stop accepting, let associations finish within a bound, flush the index
+writer, and only then remove the pidfile and pacsd.json. SIGUSR1 dumps every thread's stack.
 """
 
 from __future__ import annotations
@@ -82,19 +83,20 @@ class Server:
         cfg = self.cfg
         self._lock_fd = lock_data_folder(cfg.data)
         try:
-            previous = self._previous_run()
+            # The pidfile is written before anything can be stored and removed only after a
+            # clean stop, so finding one means: recover what that run may have left half done.
+            unclean_since = self._previous_run()
+            self.started = time.time()
+            write_atomic(cfg.pidfile, f"{os.getpid()}\n")
             store = Store(cfg.storage_path)
             store.open()
             self.index = Index(cfg.index_url).open()
             archive = Archive(store, self.index, overwrite=cfg.storage_overwrite)
-            if previous is not None:
-                log.warning("the previous run (pid %s) did not stop cleanly; checking the files "
-                            "it wrote", previous.get("pid"))
-                archive.recover(since=float(previous.get("started", 0)) - 60)
+            if unclean_since is not None:
+                log.warning("the previous run did not stop cleanly; checking the files it wrote")
+                archive.recover(since=unclean_since - 60)
             self.dicom = DicomServer(cfg, archive)
             self.dicom.start()
-            self.started = time.time()
-            write_atomic(cfg.pidfile, f"{os.getpid()}\n")
             write_atomic(cfg.runfile, json.dumps({
                 "pid": os.getpid(), "version": __version__, "started": self.started,
                 "aet": cfg.dicom_aet, "dicom_bind": cfg.dicom_bind, "dicom_port": self.dicom_port,
@@ -106,28 +108,30 @@ class Server:
                  self.dicom_port, cfg.storage_path)
         return self
 
-    def _previous_run(self) -> dict[str, Any] | None:
-        """pacsd.json survives only an unclean stop; it tells when that run began."""
+    def _previous_run(self) -> float | None:
+        """When the previous run began, if it did not stop cleanly (its pidfile is still here)."""
         try:
-            return json.loads(self.cfg.runfile.read_text())
-        except (OSError, ValueError):
+            return self.cfg.pidfile.stat().st_mtime
+        except OSError:
             return None
 
     def stop(self) -> None:
+        flushed = True
         if self.dicom is not None:
             self.dicom.stop()
             self.dicom = None
         if self.index is not None:
-            self.index.close()   # flushes the writer queue first
+            flushed = self.index.close()   # flushes the writer queue first
             self.index = None
         if self._lock_fd is not None:
-            # pacsd.json of a crashed run is the sign that recovery is needed: only a run that
-            # got as far as writing its own removes it.
-            for p in (self.cfg.runfile, self.cfg.pidfile) if self.started else ():
-                try:
-                    p.unlink()
-                except OSError:
-                    pass
+            # The pidfile of a run that did not finish its work is the sign that the next start
+            # must recover: only a run that started and flushed everything removes it.
+            if self.started and flushed:
+                for p in (self.cfg.runfile, self.cfg.pidfile):
+                    try:
+                        p.unlink()
+                    except OSError:
+                        pass
             os.close(self._lock_fd)
             self._lock_fd = None
 

@@ -211,15 +211,21 @@ class Index:
             self._writer.start()
         return self
 
-    def close(self) -> None:
+    def close(self) -> bool:
+        """Flush the writer and close; False if the writer did not finish in time."""
+        flushed = True
         if self._writer is not None:
             self._queue.put(None)
             self._writer.join(timeout=30)
+            flushed = not self._writer.is_alive()
+            if not flushed:
+                log.error("the index writer did not finish within 30 s")
             self._writer = None
         if database.obj is not None:
             if not database.is_closed():
                 database.close()
             database.initialize(None)
+        return flushed
 
     def reading(self):
         """Context manager giving this thread a connection for the duration of a request."""
