@@ -29,4 +29,4 @@ def test_c_cancel_stops_a_long_find(make_server, tmp_path):
             if len(statuses) == 1:
                 assoc.send_c_cancel(7, assoc.accepted_contexts[0].context_id)
     assert statuses[-1] == 0xFE00
-    assert len(statuses) - 1 < 300
+    assert len(statuses) - 1 <= 64   # noticed within a few dozen responses, not after all 300

@@ -8,6 +8,7 @@ Specific Character Set and Retrieve AE Title.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Iterator
 
 from pydicom.dataelem import DataElement
@@ -53,6 +54,19 @@ class Cancelled:
     def __call__(self) -> bool:
         self.seen = self.seen or bool(self.event.is_cancelled)
         return self.seen
+
+
+def drain(assoc: Any, timeout: float = 30.0) -> None:
+    """Wait until the responses already queued for `assoc` are sent.
+
+    pynetdicom queues every response and its reactor reads nothing, not even a C-CANCEL, while
+    that queue is not empty; a fast query over a slow link would also pile up memory. Waiting
+    now and then bounds both."""
+    queue = getattr(getattr(assoc, "dul", None), "to_provider_queue", None)
+    deadline = time.monotonic() + timeout
+    while (queue is not None and queue.qsize() and assoc.is_established
+           and time.monotonic() < deadline):
+        time.sleep(0.0005)
 
 
 def parse_identifier(identifier: Dataset, sop_class: str) -> tuple[query.Request, list[DataElement]]:
@@ -122,6 +136,8 @@ def handle_find(event: Event, index: Index, aet: str) -> Iterator[tuple[int, Dat
         with index.reading():
             for match in query.find(req, keys, cancelled):
                 n += 1
+                if n % 16 == 0:
+                    drain(event.assoc)
                 yield 0xFF00, response(requested, match, req.level, aet)
     except query.QueryError as e:
         log.warning("C-FIND from %s refused: %s", peer, e)
