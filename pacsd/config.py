@@ -11,7 +11,7 @@ import ipaddress
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -44,7 +44,7 @@ def _bind(value: str) -> str:
     try:
         ipaddress.ip_address(value)
     except ValueError:
-        raise ValueError(f"{value!r} is not an IP address (use 0.0.0.0 for all interfaces)") from None
+        raise ValueError(f"{value!r} is not an IP address (0.0.0.0: all interfaces)") from None
     return value
 
 
@@ -333,6 +333,6 @@ def describe() -> str:
     rows = ["| setting | env | flag | default | meaning |", "|---|---|---|---|---|"]
     for s in SETTINGS:
         default = list(s.default) if isinstance(s.default, tuple) else s.default
-        rows.append(f"| `[{s.section}] {s.key}` | `{s.env}` | {('`' + s.cli + '`') if s.cli else ''}"
-                    f" | `{default!r}` | {s.help} |")
+        flag = f"`{s.cli}`" if s.cli else ""
+        rows.append(f"| `[{s.section}] {s.key}` | `{s.env}` | {flag} | `{default!r}` | {s.help} |")
     return "\n".join(rows)

@@ -194,19 +194,12 @@ def condition(keyword: str, value: str) -> Expression | None:
 
 def _joined(level: str, needed: set[str]) -> ModelSelect:
     """SELECT over the level's table joined up to the highest level a key needs."""
-    base = MODELS[level]
-    top = min((LEVELS.index(KEYS[k].level) for k in needed), default=LEVELS.index(level))
-    q = base.select()
-    chain = [Instance, Series, Study, Patient]
-    start = chain.index(base)
-    for lower, upper in zip(chain[start:], chain[start + 1:]):
-        if LEVELS.index(_LEVEL_OF[upper]) < top:
-            break
-        q = q.join(upper)
+    depth = LEVELS.index(level)
+    top = min((LEVELS.index(KEYS[k].level) for k in needed), default=depth)
+    q = MODELS[level].select()
+    for upper in range(depth - 1, top - 1, -1):   # e.g. IMAGE -> SERIES -> STUDY
+        q = q.join(MODELS[LEVELS[upper]])
     return q
-
-
-_LEVEL_OF = {Patient: "PATIENT", Study: "STUDY", Series: "SERIES", Instance: "IMAGE"}
 
 
 def select(req: Request, return_keys: list[str]) -> tuple[ModelSelect, list[str]]:
@@ -240,7 +233,7 @@ def find(req: Request, return_keys: list[str], is_cancelled=lambda: False
     for row in q.tuples().iterator():
         if is_cancelled():
             return
-        yield dict(zip(wanted, row))
+        yield dict(zip(wanted, row, strict=True))
 
 
 @dataclass(frozen=True)

@@ -129,7 +129,8 @@ class Store:
                 pass
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise OutOfResources(f"storage is full ({self.root}): {e.strerror}") from None
-            raise OutOfResources(f"cannot write to storage {self.root}: {e.strerror or e}") from None
+            raise OutOfResources(f"cannot write to storage {self.root}: {e.strerror or e}"
+                                 ) from None
         return rel, size
 
     def delete(self, rel: str) -> None:

@@ -51,8 +51,7 @@ def test_an_instance_of_a_known_series_costs_few_statements(tmp_path):
             database.connection().set_trace_callback(statements.append)
             index.add(record(2), path="b", size=1, transfer_syntax="1.2.840.10008.1.2.1")
             database.connection().set_trace_callback(None)
-        work = [s for s in statements if not s.split()[0].upper() in
-                ("BEGIN", "SAVEPOINT", "RELEASE", "COMMIT")]
+        work = [s for s in statements if s.split()[0].upper() not in ("BEGIN", "SAVEPOINT", "RELEASE", "COMMIT")]
         # duplicate check, insert, three counter updates
         assert len(work) <= 5, work
         with database.connection_context():

@@ -45,7 +45,7 @@ def _value(elem: DataElement) -> str:
 
 
 class Cancelled:
-    """Latches C-CANCEL: pynetdicom's `event.is_cancelled` is True only the first time it is read."""
+    """Latches C-CANCEL: pynetdicom's `event.is_cancelled` is True only when first read."""
 
     def __init__(self, event: Event) -> None:
         self.event = event
@@ -69,7 +69,8 @@ def drain(assoc: Any, timeout: float = 30.0) -> None:
         time.sleep(0.0005)
 
 
-def parse_identifier(identifier: Dataset, sop_class: str) -> tuple[query.Request, list[DataElement]]:
+def parse_identifier(identifier: Dataset, sop_class: str
+                     ) -> tuple[query.Request, list[DataElement]]:
     """The Request and the requested elements (in order) from a C-FIND/MOVE/GET identifier."""
     level = str(identifier.get("QueryRetrieveLevel", "") or "")
     req = query.Request(level)
