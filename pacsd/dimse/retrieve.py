@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
+import time
 from typing import Any, Iterator
 
 from pydicom import dcmread
@@ -46,6 +48,24 @@ def _ref(inst: query.StoredInstance, store: Store) -> StoredRef:
     return ds
 
 
+def _park_reactor(assoc: Association, timeout: float = 5.0) -> None:
+    """Return once the association's own reactor thread is blocked at its checkpoint.
+
+    pynetdicom (3.0.4, its issues #435 and #875) pauses that thread before sending a C-STORE by
+    clearing the checkpoint and waiting for `_is_paused`, which is also True for an instant
+    after the thread has passed the checkpoint; it may then take the C-STORE response for
+    itself ("unexpected C-STORE service message") and the C-MOVE stalls until the DIMSE
+    timeout. Waiting until the thread really waits on the checkpoint closes that window."""
+    if threading.current_thread() is assoc:   # C-GET: we are the reactor thread
+        return
+    gate = assoc._reactor_checkpoint
+    gate.clear()
+    deadline = time.monotonic() + timeout
+    while (not (assoc._is_paused and gate._cond._waiters)  # type: ignore[attr-defined]
+           and assoc.is_alive() and time.monotonic() < deadline):
+        time.sleep(0.0001)
+
+
 def send_stored(assoc: Association) -> None:
     """Make `assoc.send_c_store` send a StoredRef's file unchanged when it can."""
     original = assoc.send_c_store
@@ -59,6 +79,7 @@ def send_stored(assoc: Association) -> None:
         if path is not None:
             sop_class = dataset.SOPClassUID
             ts = dataset.file_meta.TransferSyntaxUID
+            _park_reactor(assoc)
             if any(cx.abstract_syntax == sop_class and cx.transfer_syntax[0] == ts and cx.as_scu
                    for cx in assoc.accepted_contexts):
                 # Sent raw from the file (_config.STORE_SEND_CHUNKED_DATASET): unchanged bytes.
