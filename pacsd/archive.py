@@ -9,7 +9,6 @@ unindexed, and rebuilding the index from the files.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from dataclasses import dataclass
@@ -20,7 +19,8 @@ from pydicom.errors import InvalidDicomError
 from pynetdicom.dsutils import split_dataset
 
 from pacsd.errors import IndexUnavailable, InvalidDataset, PacsError
-from pacsd.header import check_and_extract, file_meta_bytes, is_valid_uid, read_header
+from pacsd.header import (check_and_extract, file_meta_bytes, is_valid_uid, read_dataset_header,
+                          read_header)
 from pacsd.index import Index
 from pacsd.store import Store
 
@@ -48,16 +48,13 @@ class Archive:
                            ("Transfer Syntax", transfer_syntax)):
             if uid is not None and not is_valid_uid(uid):
                 raise InvalidDataset(f"{label} UID {uid[:80]!r} is not a valid UID (PS3.5 9.1)")
-        # The File Meta group takes its SOP UIDs from the request; they are checked against the
-        # data set before anything is written. Without a request (import), from the data set.
-        data = file_meta_bytes(sop_class or "1.2", sop_instance or "1.2", transfer_syntax,
-                               calling_aet) + dataset
-        record = check_and_extract(read_header(io.BytesIO(data)), sop_class=sop_class,
-                                   sop_instance=sop_instance)
-        if sop_class is None or sop_instance is None:
-            data = file_meta_bytes(record.values["sop_class_uid"], record.sop_instance_uid,
-                                   transfer_syntax, calling_aet) + dataset
-        rel, size = self.store.write(data)
+        record = check_and_extract(read_dataset_header(dataset, transfer_syntax),
+                                   sop_class=sop_class, sop_instance=sop_instance)
+        # The File Meta group takes the UIDs checked above: the request's, which the data set
+        # agrees with, or (import without them) the data set's own.
+        meta = file_meta_bytes(record.values["sop_class_uid"], record.sop_instance_uid,
+                               transfer_syntax, calling_aet)
+        rel, size = self.store.write(meta, dataset)
         try:
             added = self.index.add(record, path=rel, size=size, transfer_syntax=transfer_syntax,
                                    calling_aet=calling_aet, overwrite=self.overwrite)

@@ -6,15 +6,19 @@ Pixel Data element to fill the index.
 
 from __future__ import annotations
 
+import functools
 import io
 import re
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
 
 from pacsd import __version__
 from pacsd.errors import InvalidDataset, SOPClassMismatch
@@ -24,6 +28,7 @@ from pacsd.errors import InvalidDataset, SOPClassMismatch
 IMPLEMENTATION_UID = "2.25.181125364826283573498157214712146718209"
 IMPLEMENTATION_VERSION = f"PACSD_{__version__}"[:16]
 PREAMBLE = b"\x00" * 128 + b"DICM"
+PIXEL_DATA = 0x7FE00010
 
 # PS3.5 9.1: components of digits without leading zeros, separated by periods, at most 64 chars.
 _UID_RE = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*\Z")
@@ -33,12 +38,16 @@ def is_valid_uid(value: object) -> bool:
     return isinstance(value, str) and 0 < len(value) <= 64 and bool(_UID_RE.match(value))
 
 
-def file_meta_bytes(sop_class: str, sop_instance: str, transfer_syntax: str,
-                    source_aet: str = "") -> bytes:
-    """Preamble, 'DICM' and an encoded File Meta group (PS3.10 7.1) for stored bytes."""
+@functools.lru_cache(maxsize=256)
+def _meta_template(sop_class: str, uid_length: int, transfer_syntax: str,
+                   source_aet: str) -> tuple[bytes, bytes]:
+    """The File Meta group around a SOP Instance UID of a given length, split at that UID: the
+    group is the same for every instance of a (class, syntax, sender) but for those bytes, and
+    pydicom's encoder costs more per image than the rest of the header handling."""
+    placeholder = "9" * uid_length
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = sop_instance
+    meta.MediaStorageSOPInstanceUID = placeholder
     meta.TransferSyntaxUID = transfer_syntax
     meta.ImplementationClassUID = IMPLEMENTATION_UID
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION
@@ -47,21 +56,47 @@ def file_meta_bytes(sop_class: str, sop_instance: str, transfer_syntax: str,
     buf = io.BytesIO()
     buf.write(PREAMBLE)
     write_file_meta_info(buf, meta, enforce_standard=True)
-    return buf.getvalue()
+    head, _, tail = buf.getvalue().partition(placeholder.encode())
+    return head, tail
+
+
+def file_meta_bytes(sop_class: str, sop_instance: str, transfer_syntax: str,
+                    source_aet: str = "") -> bytes:
+    """Preamble, 'DICM' and an encoded File Meta group (PS3.10 7.1) for stored bytes."""
+    head, tail = _meta_template(sop_class, len(sop_instance), transfer_syntax, source_aet)
+    return head + sop_instance.encode() + tail
+
+
+_ERRORS = (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OverflowError,
+           NotImplementedError, LookupError, AttributeError, zlib.error)
+
+
+def _touch(ds: Dataset) -> Dataset:
+    # Touch the elements we index now, so a truncated or garbled header fails here, not later.
+    for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+        ds.get(kw)
+    return ds
 
 
 def read_header(fileobj: Any) -> Dataset:
     """Parse a Part 10 file up to Pixel Data. Raises InvalidDataset."""
     try:
-        ds = dcmread(fileobj, stop_before_pixels=True, defer_size=4096)
-        # Touch the elements we index now, so a truncated or garbled header fails here, not later.
-        for kw in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
-            ds.get(kw)
-        return ds
-    except InvalidDataset:
-        raise
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OverflowError,
-            NotImplementedError, LookupError, AttributeError) as e:
+        return _touch(dcmread(fileobj, stop_before_pixels=True, defer_size=4096))
+    except _ERRORS as e:
+        raise InvalidDataset(f"cannot parse the data set: {type(e).__name__}: {e}") from None
+
+
+def read_dataset_header(dataset: bytes, transfer_syntax: str) -> Dataset:
+    """Parse an encoded data set (no File Meta group) up to Pixel Data. Raises InvalidDataset."""
+    ts = UID(transfer_syntax)
+    try:
+        if ts.is_deflated:
+            # PS3.5 A.5: raw deflate, without zlib header
+            dataset = zlib.decompressobj(-zlib.MAX_WBITS).decompress(dataset)
+        ds = read_dataset(io.BytesIO(dataset), ts.is_implicit_VR, ts.is_little_endian,
+                          stop_when=lambda tag, vr, length: tag == PIXEL_DATA, defer_size=4096)
+        return _touch(ds)
+    except _ERRORS as e:
         raise InvalidDataset(f"cannot parse the data set: {type(e).__name__}: {e}") from None
 
 
