@@ -44,7 +44,7 @@ def _meta_template(sop_class: str, uid_length: int, transfer_syntax: str,
     """The File Meta group around a SOP Instance UID of a given length, split at that UID: the
     group is the same for every instance of a (class, syntax, sender) but for those bytes, and
     pydicom's encoder costs more per image than the rest of the header handling."""
-    placeholder = "9" * uid_length
+    placeholder = "9" * uid_length   # same length: the group length and padding hold
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class
     meta.MediaStorageSOPInstanceUID = placeholder
@@ -56,8 +56,10 @@ def _meta_template(sop_class: str, uid_length: int, transfer_syntax: str,
     buf = io.BytesIO()
     buf.write(PREAMBLE)
     write_file_meta_info(buf, meta, enforce_standard=True)
-    head, _, tail = buf.getvalue().partition(placeholder.encode())
-    return head, tail
+    data = buf.getvalue()
+    # Split at the value of (0002,0003) UI, found by its tag and VR (explicit VR LE, PS3.10 7.1)
+    start = data.index(b"\x02\x00\x03\x00UI") + 8
+    return data[:start], data[start + uid_length:]
 
 
 def file_meta_bytes(sop_class: str, sop_instance: str, transfer_syntax: str,

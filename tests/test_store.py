@@ -141,3 +141,26 @@ def test_many_instances_spread_over_folders_and_index_agrees(server, tmp_path):
     assert server.index.counts() == {"patients": 1, "studies": 1, "series": 2, "instances": 20,
                                      "bytes": sum(p.stat().st_size for p in stored_files(server))}
     assert uid(8, 1, 1, "study")   # (deterministic UIDs: the generator is seeded)
+
+
+@pytest.mark.parametrize("sop", ["1", "1.2", "1.2.3.99", "9" * 63, "1." + "9" * 62])
+def test_file_meta_matches_pydicom_for_every_uid_length(sop):
+    from io import BytesIO
+
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filewriter import write_file_meta_info
+
+    from pacsd.header import (IMPLEMENTATION_UID, IMPLEMENTATION_VERSION, PREAMBLE,
+                              file_meta_bytes)
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.99"
+    meta.MediaStorageSOPInstanceUID = sop
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = IMPLEMENTATION_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+    meta.SourceApplicationEntityTitle = "CT99"
+    buf = BytesIO()
+    buf.write(PREAMBLE)
+    write_file_meta_info(buf, meta, enforce_standard=True)
+    assert file_meta_bytes("1.2.840.10008.5.1.4.1.1.99", sop, ExplicitVRLittleEndian,
+                           "CT99") == buf.getvalue()
