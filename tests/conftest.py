@@ -192,6 +192,32 @@ def store_files(port: int, paths: list[Path], aet: str = "PYNETDICOM") -> list[i
     return statuses
 
 
+def c_get(port: int, keys: dict[str, str], sop_class: str, ts: str
+          ) -> tuple[int, dict[str, tuple[str, bytes]]]:
+    """Study Root C-GET proposing one (class, syntax) with SCP role selection; returns the final
+    status and what was received: {SOP Instance UID: (transfer syntax, data set bytes)}."""
+    from pydicom.dataset import Dataset
+    from pynetdicom import build_context, evt
+    from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET
+    received: dict[str, tuple[str, bytes]] = {}
+
+    def on_store(event):
+        received[str(event.request.AffectedSOPInstanceUID)] = (
+            str(event.context.transfer_syntax), event.encoded_dataset(include_meta=False))
+        return 0x0000
+
+    role = SCP_SCU_RoleSelectionNegotiation()
+    role.sop_class_uid, role.scu_role, role.scp_role = sop_class, False, True
+    with associate(port, [build_context(GET), build_context(sop_class, [ts])], ext_neg=[role],
+                   evt_handlers=[(evt.EVT_C_STORE, on_store)]) as assoc:
+        q = Dataset()
+        for k, v in keys.items():
+            setattr(q, k, v)
+        final = list(assoc.send_c_get(q, GET))[-1][0]
+    return int(final.Status), received
+
+
 def free_port() -> int:
     import socket
     with socket.socket() as s:

@@ -25,13 +25,10 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
-from pynetdicom import AE, _config, build_context, evt
-from pynetdicom.pdu_primitives import SCP_SCU_RoleSelectionNegotiation
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
+from pynetdicom import AE, _config
 
-from conftest import LOCAL, Process, associate, pacsd_cmd, write_config
+from conftest import LOCAL, Process, c_get, pacsd_cmd, write_config
 from data import dataset_bytes, write_series
 
 ROUNDS = 5            # SIGKILLs
@@ -143,24 +140,8 @@ def assert_indexed(data: Path, sops: set[str]) -> None:
 
 
 def c_get_study(port: int, study_uid: str) -> tuple[int, dict[str, tuple[str, bytes]]]:
-    received: dict[str, tuple[str, bytes]] = {}
-
-    def on_store(event):
-        received[str(event.request.AffectedSOPInstanceUID)] = (
-            str(event.context.transfer_syntax), event.encoded_dataset(include_meta=False))
-        return 0x0000
-
-    role = SCP_SCU_RoleSelectionNegotiation()
-    role.sop_class_uid, role.scu_role, role.scp_role = CTImageStorage, False, True
-    contexts = [build_context(StudyRootQueryRetrieveInformationModelGet),
-                build_context(CTImageStorage, [ExplicitVRLittleEndian])]
-    with associate(port, contexts, ext_neg=[role],
-                   evt_handlers=[(evt.EVT_C_STORE, on_store)]) as assoc:
-        q = Dataset()
-        q.QueryRetrieveLevel = "STUDY"
-        q.StudyInstanceUID = study_uid
-        final = list(assoc.send_c_get(q, StudyRootQueryRetrieveInformationModelGet))[-1][0]
-    return int(final.Status), received
+    return c_get(port, {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": study_uid},
+                 CTImageStorage, ExplicitVRLittleEndian)
 
 
 @pytest.mark.timeout(120)
