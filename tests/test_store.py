@@ -164,3 +164,11 @@ def test_file_meta_matches_pydicom_for_every_uid_length(sop):
     write_file_meta_info(buf, meta, enforce_standard=True)
     assert file_meta_bytes("1.2.840.10008.5.1.4.1.1.99", sop, ExplicitVRLittleEndian,
                            "CT99") == buf.getvalue()
+
+
+def test_server_sockets_have_tcp_nodelay(server):
+    import socket
+    with associate(server.dicom_port, [build_context(Verification)]):
+        [assoc] = server.dicom.ae.active_associations
+        sock = assoc.dul.socket.socket
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
