@@ -221,7 +221,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     report["running"] = running
     if running:
         host = "127.0.0.1" if run["dicom_bind"] in ("", "0.0.0.0") else run["dicom_bind"]
-        ok, detail = _echo(run["aet"], host, int(run["dicom_port"]), "PACSD-STATUS")
+        ok, detail = _echo(run["aet"], host, int(run["dicom_port"]), run["aet"])
         report.update(pid=run["pid"], aet=run["aet"], dicom_port=run["dicom_port"],
                       uptime_s=round(time.time() - run["started"]),
                       echo=("ok " if ok else "FAILED ") + detail)

@@ -65,6 +65,8 @@ def _meta_template(sop_class: str, uid_length: int, transfer_syntax: str,
 def file_meta_bytes(sop_class: str, sop_instance: str, transfer_syntax: str,
                     source_aet: str = "") -> bytes:
     """Preamble, 'DICM' and an encoded File Meta group (PS3.10 7.1) for stored bytes."""
+    # The peer's AE title, as far as it is a valid AE value (PS3.5 6.2): it is only a record.
+    source_aet = "".join(c for c in source_aet if " " <= c <= "~" and c != "\\").strip()[:16]
     head, tail = _meta_template(sop_class, len(sop_instance), transfer_syntax, source_aet)
     return head + sop_instance.encode() + tail
 

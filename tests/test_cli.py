@@ -360,3 +360,19 @@ def test_bad_node_is_a_config_error(tmp_path: Path):
     r = pacsd("nodes", "--config", str(cfg))
     assert r.returncode == EXIT_CONFIG
     assert "[[nodes]] #1" in one_line(r.stderr)
+
+
+def test_status_echo_passes_an_allow_list(tmp_path: Path):
+    # The server's own AE title may always call it, so the self-check works with an allow-list
+    # that shuts everyone else out.
+    data = tmp_path / "data"
+    cfg = write_config(tmp_path / "allow.toml", data, dicom={"allowed_calling_aets": ["CT1"]})
+    with serve(cfg, data):
+        code, report = status_json(cfg)
+        assert code == 0 and report["echo"].startswith("ok"), report
+        r = subprocess.run(pacsd_cmd("nodes", "--config", str(write_config(
+            tmp_path / "n.toml", tmp_path / "o", nodes=[{"aet": "PACSD", "host": LOCAL,
+                                                         "port": json.loads(
+                (data / "pacsd.json").read_text())["dicom_port"]}],
+            dicom={"aet": "OTHER"})), "--echo"), capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and "FAILED" in r.stdout   # OTHER is not on the list

@@ -90,7 +90,10 @@ def build_ae(cfg: Config) -> AE:
     ae.dimse_timeout = cfg.dicom_dimse_timeout
     ae.network_timeout = cfg.dicom_network_timeout
     ae.maximum_pdu_size = cfg.dicom_max_pdu
-    ae.require_calling_aet = list(cfg.dicom_allowed_calling_aets)
+    # With an allow-list, our own AE title may still call us: `pacsd status` and the watchdog
+    # check the listener with a C-ECHO from it.
+    allowed = list(cfg.dicom_allowed_calling_aets)
+    ae.require_calling_aet = allowed + [cfg.dicom_aet] if allowed else []
     ae.add_supported_context(Verification, PLAIN_SYNTAXES)
     for model in QR_MODELS:
         ae.add_supported_context(model, PLAIN_SYNTAXES)
