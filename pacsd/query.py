@@ -170,7 +170,12 @@ def condition(keyword: str, value: str) -> Expression | None:
     if key.kind == PN:
         pattern = name_key(value)
         mf = key.match_field or f
-        return _glob(mf, pattern) if _has_wildcard(pattern) else mf == pattern
+        cond = _glob(mf, pattern) if _has_wildcard(pattern) else mf == pattern
+        if "=" not in pattern:
+            # A name given without component groups also matches the alphabetic group of one
+            # stored with them (PS3.5 6.2.1: "Yamada^Tarou=山田^太郎=やまだ^たろう").
+            cond = cond | _glob(mf, pattern + "=*")
+        return cond
     if key.kind == IS:
         try:
             numbers = [int(v) for v in value.split("\\") if v.strip()]

@@ -144,7 +144,10 @@ def test_unknown_keys_come_back_empty(archive):
     assert ms[0].StudyDescription == "CT CHEST 1"
 
 
-@pytest.mark.parametrize("name,pattern", [("chrH31.dcm", "Yamada*"), ("chrX1.dcm", "wang*")])
+@pytest.mark.parametrize("name,pattern", [
+    ("chrH31.dcm", "Yamada*"), ("chrX1.dcm", "wang*"),
+    ("chrH31.dcm", "YAMADA^TAROU"),        # the alphabetic group alone, exactly
+    ("chrX1.dcm", "*^xiaodong")])
 def test_non_ascii_names_come_back_intact(archive, name, pattern):
     from pydicom import dcmread
     original = dcmread(sample(name))
