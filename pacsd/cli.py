@@ -82,7 +82,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def _echo(aet: str, host: str, port: int, calling: str, timeout: float = 5.0) -> tuple[bool, str]:
     from pynetdicom import AE
-    from pynetdicom.sop_class import Verification
+    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
     ae = AE(ae_title=calling)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.add_requested_context(Verification)

@@ -16,6 +16,7 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
@@ -46,14 +47,14 @@ def _meta_template(sop_class: str, uid_length: int, transfer_syntax: str,
     pydicom's encoder costs more per image than the rest of the header handling."""
     placeholder = "9" * uid_length   # same length: the group length and padding hold
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = sop_class
-    meta.MediaStorageSOPInstanceUID = placeholder
-    meta.TransferSyntaxUID = transfer_syntax
-    meta.ImplementationClassUID = IMPLEMENTATION_UID
+    meta.MediaStorageSOPClassUID = UID(sop_class)
+    meta.MediaStorageSOPInstanceUID = UID(placeholder)
+    meta.TransferSyntaxUID = UID(transfer_syntax)
+    meta.ImplementationClassUID = UID(IMPLEMENTATION_UID)
     meta.ImplementationVersionName = IMPLEMENTATION_VERSION
     if source_aet:
         meta.SourceApplicationEntityTitle = source_aet
-    buf = io.BytesIO()
+    buf = DicomBytesIO()
     buf.write(PREAMBLE)
     write_file_meta_info(buf, meta, enforce_standard=True)
     data = buf.getvalue()

@@ -335,9 +335,10 @@ class Index:
                 patient=patient, study_instance_uid=v["study_instance_uid"],
                 referring_physician_name_key=name_key(v["referring_physician_name"]),
                 **{k: v[k] for k in _STUDY})
+        assert study is not None
         series = Series.get_or_none(Series.series_instance_uid == uid)
         new_series = series is None
-        if new_series:
+        if series is None:
             series = Series.create(study=study, series_instance_uid=uid,
                                    **{k: v[k] for k in _SERIES})
             modalities = [m for m in study.modalities_in_study.split("\\") if m]
@@ -345,7 +346,7 @@ class Index:
                 modalities.append(series.modality)
                 Study.update(modalities_in_study="\\".join(modalities)).where(
                     Study.id == study.id).execute()
-        ids = (series.id, series.study_id, study.patient_id)
+        ids = (series.id, series.study_id, study.patient_id)  # type: ignore[attr-defined]
         if len(self._cache) > 100_000:
             self._cache.clear()
         self._cache[uid] = ids
@@ -403,8 +404,8 @@ class Index:
 
     def indexed_paths(self, prefix: str) -> set[str]:
         with database.connection_context():
-            return {p for (p,) in Instance.select(Instance.path)
-                    .where(Instance.path.startswith(prefix)).tuples()}
+            rows = Instance.select(Instance.path).where(Instance.path.startswith(prefix))
+            return {str(row[0]) for row in rows.tuples()}  # type: ignore[index]
 
     def counts(self) -> dict[str, int]:
         with database.connection_context():

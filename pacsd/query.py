@@ -11,12 +11,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from peewee import Expression, Field, ModelSelect, SqliteDatabase
+from peewee import Expression, Field, SqliteDatabase
 
 from pacsd.index import Instance, Patient, Series, Study, database, name_key
 
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
-MODELS = {"PATIENT": Patient, "STUDY": Study, "SERIES": Series, "IMAGE": Instance}
+MODELS: dict[str, Any] = {"PATIENT": Patient, "STUDY": Study, "SERIES": Series,
+                          "IMAGE": Instance}
 
 # How a key matches: UID (single or list), DA / TM (single or range), PN (case-insensitive,
 # wildcards), ST (single, wildcards or list for code strings), IS (single or list), MODALITIES
@@ -197,7 +198,7 @@ def condition(keyword: str, value: str) -> Expression | None:
 
 # --- the query --------------------------------------------------------------------------------
 
-def _joined(level: str, needed: set[str]) -> ModelSelect:
+def _joined(level: str, needed: set[str]) -> Any:
     """SELECT over the level's table joined up to the highest level a key needs."""
     depth = LEVELS.index(level)
     top = min((LEVELS.index(KEYS[k].level) for k in needed), default=depth)
@@ -207,7 +208,7 @@ def _joined(level: str, needed: set[str]) -> ModelSelect:
     return q
 
 
-def select(req: Request, return_keys: list[str]) -> tuple[ModelSelect, list[str]]:
+def select(req: Request, return_keys: list[str]) -> tuple[Any, list[str]]:
     """The SELECT for a request, and the keys (in order) its rows hold."""
     depth = LEVELS.index(req.level)
     # A key below the query level is not a matching key (C.2.2.1.1); it is returned empty.
@@ -266,4 +267,4 @@ def instances(req: Request) -> list[StoredInstance]:
         if cond is not None:
             q = q.where(cond)
     q = q.order_by(Instance.series, Instance.instance_number, Instance.id)
-    return [StoredInstance(*row) for row in q.tuples()]
+    return [StoredInstance(*row) for row in q.tuples()]  # type: ignore[misc]

@@ -17,12 +17,11 @@ from typing import Any
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext
-from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelFind,
-                                  PatientRootQueryRetrieveInformationModelGet,
-                                  PatientRootQueryRetrieveInformationModelMove,
-                                  StudyRootQueryRetrieveInformationModelFind,
-                                  StudyRootQueryRetrieveInformationModelGet,
-                                  StudyRootQueryRetrieveInformationModelMove, Verification)
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # names made at import
+    PatientRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelMove,
+    Verification)
 from pynetdicom.transport import ThreadedAssociationServer
 from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
                          ExplicitVRLittleEndian, HTJ2KLossless, HTJ2KLosslessRPCL,
@@ -73,7 +72,7 @@ class _Context(PresentationContext):
 
 
 def _cheap_copies(contexts: list[PresentationContext]) -> list[PresentationContext]:
-    out = []
+    out: list[PresentationContext] = []
     for cx in contexts:
         new = _Context()
         new.__dict__.update(copy.deepcopy(cx.__dict__))
@@ -100,7 +99,7 @@ def build_ae(cfg: Config) -> AE:
     # Every storage class with every transfer syntax, as SCP (a modality stores to us) and, via
     # SCP/SCU role selection, as SCU (we store back to a C-GET requestor, PS3.4 C.4.3.1).
     for cx in AllStoragePresentationContexts:
-        ae.add_supported_context(cx.abstract_syntax, STORAGE_SYNTAXES,
+        ae.add_supported_context(cx.abstract_syntax or "", STORAGE_SYNTAXES,
                                  scu_role=True, scp_role=True)
     return ae
 

@@ -16,8 +16,8 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pynetdicom.events import Event
-from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelFind,
-                                  StudyRootQueryRetrieveInformationModelFind)
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # names made at import
+    PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind)
 
 from pacsd import query
 from pacsd.index import Index
@@ -119,7 +119,8 @@ def response(requested: list[DataElement], match: dict[str, Any], level: str,
 def handle_find(event: Event, index: Index, aet: str) -> Iterator[tuple[int, Dataset | None]]:
     peer = event.assoc.requestor.ae_title
     try:
-        req, requested = parse_identifier(event.identifier, event.request.AffectedSOPClassUID)
+        req, requested = parse_identifier(event.identifier,
+                                          str(event.request.AffectedSOPClassUID))
     except query.QueryError as e:
         log.warning("C-FIND from %s refused: %s", peer, e)
         yield 0xA900, None   # Identifier does not match SOP Class

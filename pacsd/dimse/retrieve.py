@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
@@ -40,10 +40,10 @@ class StoredRef(Dataset):
 
 def _ref(inst: query.StoredInstance, store: Store) -> StoredRef:
     ds = StoredRef()
-    ds.SOPClassUID = inst.sop_class_uid
-    ds.SOPInstanceUID = inst.sop_instance_uid
+    ds.SOPClassUID = UID(inst.sop_class_uid)
+    ds.SOPInstanceUID = UID(inst.sop_instance_uid)
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = inst.transfer_syntax_uid
+    ds.file_meta.TransferSyntaxUID = UID(inst.transfer_syntax_uid)
     ds.pacsd_path = store.path(inst.path)
     return ds
 
@@ -98,7 +98,8 @@ def send_stored(assoc: Association) -> None:
 
 def _nodelay(event: Event) -> None:
     try:
-        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = event.assoc.dul.socket.socket  # type: ignore[union-attr]
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[union-attr]
     except (AttributeError, OSError):
         pass
 
@@ -120,7 +121,7 @@ def move_contexts(insts: list[query.StoredInstance]) -> list[PresentationContext
 def _lookup(event: Event, index: Index, verb: str) -> list[query.StoredInstance] | None:
     peer = event.assoc.requestor.ae_title
     try:
-        req, _ = parse_identifier(event.identifier, event.request.AffectedSOPClassUID)
+        req, _ = parse_identifier(event.identifier, str(event.request.AffectedSOPClassUID))
         with index.reading():
             return query.instances(req)
     except query.QueryError as e:

@@ -7,7 +7,9 @@ DICOM status. Success is returned only after `put` has made the file and its row
 from __future__ import annotations
 
 import logging
+from typing import cast
 
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 
 from pacsd.archive import Archive
@@ -17,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def handle_store(event: Event, archive: Archive, stats: dict) -> int:
-    req = event.request
+    req = cast(C_STORE, event.request)
     cx = event.context
     aet = event.assoc.requestor.ae_title
     try:
