@@ -85,7 +85,7 @@ class Archive:
             meta, offset = split_dataset(path)
             ts = str(meta.TransferSyntaxUID)
         except (InvalidDicomError, AttributeError, ValueError, EOFError, KeyError) as e:
-            raise InvalidDataset(f"{path}: not a DICOM Part 10 file ({e})") from None
+            raise InvalidDataset(f"not a DICOM Part 10 file ({e})") from None
         with open(path, "rb") as f:
             f.seek(offset)
             body = f.read()

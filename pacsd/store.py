@@ -61,6 +61,9 @@ class Store:
             probe = self.tmp / f"probe-{os.getpid()}-{secrets.token_hex(4)}"
             probe.write_bytes(b"ok")
             probe.unlink()
+        except (FileExistsError, NotADirectoryError):
+            raise FolderNotWritable(f"storage folder {self.root} is not writable: it, or a "
+                                    "folder above it, is a file") from None
         except OSError as e:
             raise FolderNotWritable(f"storage folder {self.root} is not writable: "
                                     f"{e.strerror or e}") from None
