@@ -48,8 +48,8 @@ def lock_data_folder(data: Path) -> int:
         data.mkdir(parents=True, exist_ok=True)
         fd = os.open(data / "pacsd.lock", os.O_RDWR | os.O_CREAT, 0o644)
     except (FileExistsError, NotADirectoryError):
-        raise FolderNotWritable(f"data folder {data} is not writable: it, or a folder above it, is a file"
-                                ) from None
+        raise FolderNotWritable(f"data folder {data} is not writable: it, or a folder above "
+                                "it, is a file") from None
     except OSError as e:
         raise FolderNotWritable(f"data folder {data} is not writable: {e.strerror or e}") from None
     try:
