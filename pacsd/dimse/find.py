@@ -11,6 +11,7 @@ import logging
 import time
 from typing import Any, Iterator
 
+from pydicom.charset import python_encoding
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
@@ -86,16 +87,32 @@ def parse_identifier(identifier: Dataset, sop_class: str
     return req, requested
 
 
-def _needs_unicode(values: dict[str, Any]) -> bool:
-    return any(isinstance(v, str) and not v.isascii() for v in values.values())
+def _charset_for(values: dict[str, Any], charset: str) -> str:
+    """The study's character set when it can carry every value, else UTF-8 (ISO_IR 192).
+
+    Values of one match may come from instances sent with different character sets (the
+    patient's name from an earlier study, say)."""
+    texts = [v for v in values.values() if isinstance(v, str) and not v.isascii()]
+    if not texts:
+        return charset
+    if not charset:
+        return "ISO_IR 192"   # the default repertoire is ASCII only
+    codec = python_encoding.get(charset) if "\\" not in charset else None
+    if codec is None:
+        return charset   # ISO 2022 code extensions: pydicom switches sets as needed
+    try:
+        for text in texts:
+            text.encode(codec)
+        return charset
+    except (UnicodeEncodeError, LookupError):
+        return "ISO_IR 192"
 
 
 def response(requested: list[DataElement], match: dict[str, Any], level: str,
              aet: str) -> Dataset:
     ds = Dataset()
     charset = match.pop("SpecificCharacterSet", "") or ""
-    if not charset and _needs_unicode(match):
-        charset = "ISO_IR 192"
+    charset = _charset_for(match, charset)
     # Set first: pydicom encodes text with it (PS3.5 6.1.2.5.3).
     ds.SpecificCharacterSet = charset.split("\\") if "\\" in charset else charset
     ds.QueryRetrieveLevel = level
