@@ -172,3 +172,11 @@ def test_server_sockets_have_tcp_nodelay(server):
         [assoc] = server.dicom.ae.active_associations
         sock = assoc.dul.socket.socket
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+
+
+def test_every_storage_class_with_every_syntax_is_accepted(server):
+    from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
+    supported = {cx.abstract_syntax: set(cx.transfer_syntax)
+                 for cx in server.dicom.ae.supported_contexts}
+    for cx in AllStoragePresentationContexts:
+        assert supported[cx.abstract_syntax] == set(ALL_TRANSFER_SYNTAXES), cx.abstract_syntax
