@@ -73,17 +73,3 @@ class OutOfResources(PacsError):
 
     dicom_status = 0xA700
     http_status = 507
-
-
-# --- retrieving -------------------------------------------------------------------------------
-
-class UnknownDestination(PacsError):
-    """C-MOVE to an AE title not configured in [[nodes]] (PS3.4 C.4.2.1.4: 0xA801)."""
-
-    dicom_status = 0xA801
-    http_status = 404
-
-
-class NotFound(PacsError):
-    dicom_status = 0xC000
-    http_status = 404

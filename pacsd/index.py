@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from peewee import (SQL, AutoField, CharField, DatabaseProxy, DateTimeField, ForeignKeyField,
+from peewee import (AutoField, CharField, DatabaseProxy, DateTimeField, ForeignKeyField,
                     IntegerField, Model, SqliteDatabase, fn)
 
 from pacsd.errors import IndexUnavailable
@@ -396,11 +396,6 @@ class Index:
         self.submit(work)
 
     # --- reads ------------------------------------------------------------------------------
-
-    def has_instance(self, sop_instance_uid: str) -> bool:
-        with database.connection_context():
-            return Instance.select(SQL("1")).where(
-                Instance.sop_instance_uid == sop_instance_uid).exists()
 
     def indexed_paths(self, prefix: str) -> set[str]:
         with database.connection_context():
