@@ -243,6 +243,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK if running else EXIT_NOT_RUNNING
 
 
+def cmd_passwd(args: argparse.Namespace) -> int:
+    import getpass
+    from pacsd.web.auth import hash_password
+    if args.stdin or not sys.stdin.isatty():
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = getpass.getpass(f"password for {args.name}: ")
+        if getpass.getpass("again: ") != password:
+            print("pacsd: the passwords differ", file=sys.stderr)
+            return EXIT_FAILURE
+    if len(password) < 8:
+        print("pacsd: use at least 8 characters", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f'[[users]]\nname = "{args.name}"\npassword_hash = "{hash_password(password)}"\n'
+          f'admin = {"true" if args.admin else "false"}')
+    return EXIT_OK
+
+
 # --- parser -----------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -278,6 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     r = common(sub.add_parser("reindex", help="rebuild the index from the stored files "
                                               "(server stopped)"))
     r.set_defaults(func=cmd_reindex)
+
+    pw = sub.add_parser("passwd", help="print a [[users]] entry with a hashed password")
+    pw.add_argument("name")
+    pw.add_argument("--admin", action="store_true", help="may delete and send to nodes")
+    pw.add_argument("--stdin", action="store_true", help="read the password from stdin")
+    pw.set_defaults(func=cmd_passwd)
 
     st = common(sub.add_parser("status", help="is the server up; what does it hold"))
     st.add_argument("--json", action="store_true")

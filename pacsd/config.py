@@ -120,7 +120,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("dicom", "max_pdu", int, 262144, "Largest PDU we accept, in bytes (0: no limit).",
             _range(0, 2**32 - 1)),
     Setting("http", "port", int, 8080, "HTTP port of the web side.", _port, "--http-port"),
-    Setting("http", "bind", str, "127.0.0.1", "Address the HTTP listener binds to.", _bind),
+    Setting("http", "bind", str, "127.0.0.1",
+            "Address the HTTP listener binds to. Beyond loopback, [[users]] are required.",
+            _bind),
+    Setting("http", "cert", str, "", "TLS certificate (PEM) file: set it and `key` for HTTPS."),
+    Setting("http", "key", str, "", "TLS private key (PEM) file."),
+    Setting("http", "threads", int, 16, "HTTP worker threads.", _range(2, 512)),
+    Setting("http", "timeout", float, 30.0,
+            "Seconds a silent HTTP connection is kept before it is closed.", _positive),
+    Setting("http", "max_body_mb", int, 1024,
+            "Largest request body (e.g. a STOW-RS upload), in MiB.", _range(1, 65536)),
+    Setting("http", "cors_origins", tuple, (),
+            "Origins allowed to call the web side from a browser (e.g. an OHIF viewer); "
+            "'*' for any. Empty: no CORS headers."),
     Setting("storage", "path", str, "",
             "Where images are kept; empty means DATA/storage. May be a shared volume.", None),
     Setting("storage", "overwrite", bool, False,
@@ -149,6 +161,15 @@ class Node:
 
 
 @dataclass(frozen=True)
+class User:
+    """A web / XML-RPC user; `password_hash` as made by `pacsd passwd`."""
+
+    name: str
+    password_hash: str
+    admin: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     data: Path
     dicom_aet: str
@@ -167,7 +188,14 @@ class Config:
     index_url: str
     log_level: str
     log_file: str
+    http_cert: str = ""
+    http_key: str = ""
+    http_threads: int = 16
+    http_timeout: float = 30.0
+    http_max_body_mb: int = 1024
+    http_cors_origins: tuple[str, ...] = ()
     nodes: tuple[Node, ...] = ()
+    users: tuple[User, ...] = ()
     source: str = "defaults"   # the config file it came from, for messages
 
     def node_by_aet(self, aet: str) -> Node | None:
@@ -257,6 +285,28 @@ def _nodes(raw: Any, origin: str) -> tuple[Node, ...]:
     return tuple(nodes)
 
 
+def _users(raw: Any, origin: str) -> tuple[User, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError(f"[[users]] in {origin} must be an array of tables")
+    users: list[User] = []
+    for i, item in enumerate(raw, 1):
+        where = f"[[users]] #{i} in {origin}"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where}: not a table")
+        unknown = set(item) - {"name", "password_hash", "admin"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+        name, hashed = item.get("name"), item.get("password_hash")
+        if not isinstance(name, str) or not name.strip() or ":" in name:
+            raise ConfigError(f"{where}: name must be a non-empty string without ':'")
+        if not isinstance(hashed, str) or not hashed.startswith("pbkdf2_sha256$"):
+            raise ConfigError(f"{where}: password_hash must come from `pacsd passwd`")
+        if any(u.name == name for u in users):
+            raise ConfigError(f"{where}: user {name!r} appears twice")
+        users.append(User(name=name, password_hash=hashed, admin=bool(item.get("admin"))))
+    return tuple(users)
+
+
 def read_toml(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as f:
@@ -292,9 +342,13 @@ def load(path: Path | str | None = None, env: Mapping[str, str] | None = None,
     source = str(file) if file else "defaults"
 
     nodes: tuple[Node, ...] = ()
+    users: tuple[User, ...] = ()
     for section, table in raw.items():
         if section == "nodes":
             nodes = _nodes(table, source)
+            continue
+        if section == "users":
+            users = _users(table, source)
             continue
         if section == "watchdog":   # read by pacsd-watchdog, not by the server
             continue
@@ -325,7 +379,12 @@ def load(path: Path | str | None = None, env: Mapping[str, str] | None = None,
     flat = {f"{sec}_{key}": v for (sec, key), v in values.items() if sec != "server"}
     flat["storage_path"] = Path(storage).expanduser().absolute() if storage else data / "storage"
     flat["index_url"] = index_url
-    return Config(data=data, nodes=nodes, source=source, **flat)
+    if (flat["http_cert"] == "") != (flat["http_key"] == ""):
+        raise ConfigError("[http] cert and key: set both for HTTPS, or neither")
+    if not users and flat["http_bind"] not in ("127.0.0.1", "::1", "localhost"):
+        raise ConfigError(f"[http] bind = {flat['http_bind']!r} reaches beyond this machine: "
+                          "add [[users]] (see `pacsd passwd`) or bind to 127.0.0.1")
+    return Config(data=data, nodes=nodes, users=users, source=source, **flat)
 
 
 def describe() -> str:

@@ -29,6 +29,7 @@ from pacsd.dimse import DicomServer
 from pacsd.errors import AlreadyRunning, FolderNotWritable
 from pacsd.index import Index
 from pacsd.store import Store, fsync_fd
+from pacsd.web import HttpServer, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -75,12 +76,20 @@ class Server:
         self._lock_fd: int | None = None
         self.index: Index | None = None
         self.dicom: DicomServer | None = None
+        self.http: HttpServer | None = None
         self._stop = threading.Event()
 
     @property
     def dicom_port(self) -> int:
         assert self.dicom is not None
         return self.dicom.port
+
+    @property
+    def http_url(self) -> str:
+        assert self.http is not None
+        host = self.cfg.http_bind if self.cfg.http_bind not in ("", "0.0.0.0", "::") \
+            else "127.0.0.1"
+        return f"{self.http.scheme}://{host}:{self.http.port}"
 
     def start(self) -> "Server":
         cfg = self.cfg
@@ -100,15 +109,22 @@ class Server:
                 archive.recover(since=unclean_since - 60)
             self.dicom = DicomServer(cfg, archive)
             self.dicom.start()
+            dicom = self.dicom
+            self.http = HttpServer(Runtime(cfg, archive, self.started,
+                                           lambda: dicom.active_associations))
+            self.http.start()
             write_atomic(cfg.runfile, json.dumps({
                 "pid": os.getpid(), "version": __version__, "started": self.started,
                 "aet": cfg.dicom_aet, "dicom_bind": cfg.dicom_bind, "dicom_port": self.dicom_port,
+                "http_bind": cfg.http_bind, "http_port": self.http.port,
+                "http_scheme": self.http.scheme,
                 "storage": str(cfg.storage_path), "index": cfg.index_url}, indent=1))
         except BaseException:
             self.stop()
             raise
-        log.info("pacsd %s ready: %s on port %d, storage %s", __version__, cfg.dicom_aet,
-                 self.dicom_port, cfg.storage_path)
+        log.info("pacsd %s ready: %s on DICOM port %d, HTTP port %d, storage %s", __version__,
+                 cfg.dicom_aet, self.dicom_port, self.http.port if self.http else 0,
+                 cfg.storage_path)
         return self
 
     def _previous_run(self) -> float | None:
@@ -120,6 +136,9 @@ class Server:
 
     def stop(self) -> None:
         flushed = True
+        if self.http is not None:
+            self.http.stop()
+            self.http = None
         if self.dicom is not None:
             self.dicom.stop()
             self.dicom = None

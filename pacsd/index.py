@@ -397,6 +397,14 @@ class Index:
 
     # --- reads ------------------------------------------------------------------------------
 
+    def probe(self, timeout: float = 1.0) -> None:
+        """A read, and a small write through the writer (the last probe's time), within
+        `timeout`; raises IndexUnavailable or TimeoutError."""
+        with database.connection_context():
+            Meta_.get_or_none(Meta_.key == "schema_version")
+        now = time.strftime("%Y-%m-%d %H:%M:%S")
+        self.submit(lambda: Meta_.replace(key="alive", value=now).execute(), timeout=timeout)
+
     def indexed_paths(self, prefix: str) -> set[str]:
         with database.connection_context():
             rows = Instance.select(Instance.path).where(Instance.path.startswith(prefix))

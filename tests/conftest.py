@@ -53,19 +53,22 @@ def run_peer(args: list[str], timeout: float = 120, check: bool = True
     return proc
 
 
-def write_config(path: Path, data: Path, nodes: list[dict] | None = None, **sections) -> Path:
-    """A TOML config: sections as {"dicom": {"port": 0}} etc., plus [[nodes]]."""
+def write_config(path: Path, data: Path, nodes: list[dict] | None = None,
+                 users: list[dict] | None = None, **sections) -> Path:
+    """A TOML config: sections as {"dicom": {"port": 0}} etc., plus [[nodes]] and [[users]]."""
     lines = ["[server]", f'data = "{data}"']
     sections.setdefault("dicom", {})
     sections["dicom"] = {"port": 0, "bind": LOCAL, **sections["dicom"]}
+    sections["http"] = {"port": 0, **sections.get("http", {})}
     sections.setdefault("log", {"file": "-"})
     for name, table in sections.items():
         lines.append(f"[{name}]")
         for k, v in table.items():
             lines.append(f"{k} = {json.dumps(v)}")
-    for n in nodes or []:
-        lines.append("[[nodes]]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in n.items()]
+    for table, items in (("nodes", nodes), ("users", users)):
+        for item in items or []:
+            lines.append(f"[[{table}]]")
+            lines += [f"{k} = {json.dumps(v)}" for k, v in item.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 
@@ -98,6 +101,7 @@ class Process:
     def __init__(self, proc: subprocess.Popen, data: Path, log: Path) -> None:
         self.proc, self.data, self.log = proc, data, log
         self.port = 0
+        self.http_url = ""
 
     def wait_ready(self, timeout: float = 30) -> "Process":
         deadline = time.monotonic() + timeout
@@ -109,6 +113,7 @@ class Process:
                 info = json.loads(runfile.read_text())
                 if info["pid"] == self.proc.pid:
                     self.port = int(info["dicom_port"])
+                    self.http_url = f"{info['http_scheme']}://{LOCAL}:{info['http_port']}"
                     return self
             except (OSError, ValueError, KeyError):
                 pass

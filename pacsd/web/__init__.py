@@ -1,0 +1,145 @@
+"""The web side: bottle apps built by factories, composed under one root, served by cheroot.
+
+Each concern is an app of its own (health, wado, dicomweb, xmlrpc), built by `make_app` from a
+`Runtime` (configuration, the archive, a few live figures) and merged or mounted into the root.
+Front ends call archive / query / index / store, never each other and never the daemon.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import bottle
+from cheroot import wsgi
+
+from pacsd.archive import Archive
+from pacsd.config import Config
+from pacsd.errors import PacsError, PortInUse
+from pacsd.web.auth import Auth
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """What the web side may know of the running server."""
+
+    cfg: Config
+    archive: Archive
+    started: float
+    associations: Callable[[], int] = lambda: 0
+
+
+def errors_plugin(callback: Callable) -> Callable:
+    """Turn our errors into HTTP answers, in one place: each carries its status."""
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return callback(*args, **kwargs)
+        except PacsError as e:
+            log.warning("HTTP %s %s: %s", bottle.request.method, bottle.request.path, e)
+            raise bottle.HTTPError(e.http_status, str(e)) from None
+    return wrapper
+
+
+def new_app() -> bottle.Bottle:
+    app = bottle.Bottle(catchall=True)
+    app.install(errors_plugin)
+
+    def plain_error(err: bottle.HTTPError) -> str:
+        bottle.response.content_type = "text/plain; charset=utf-8"
+        return f"{err.status_line}: {err.body}\n"
+    for code in (400, 401, 403, 404, 405, 406, 409, 413, 415, 500, 503, 507):
+        app.error_handler[code] = plain_error
+    return app
+
+
+class Cors:
+    """WSGI middleware answering CORS preflights and tagging responses for allowed origins."""
+
+    def __init__(self, app: Callable, origins: tuple[str, ...]) -> None:
+        self.app, self.origins = app, set(origins)
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+        origin = environ.get("HTTP_ORIGIN")
+        if not origin or not ("*" in self.origins or origin in self.origins):
+            return self.app(environ, start_response)
+        headers = [("Access-Control-Allow-Origin", origin), ("Vary", "Origin"),
+                   ("Access-Control-Allow-Credentials", "true"),
+                   ("Access-Control-Expose-Headers", "Content-Type, Content-Length, Warning")]
+        if environ.get("REQUEST_METHOD") == "OPTIONS":
+            asked = environ.get("HTTP_ACCESS_CONTROL_REQUEST_HEADERS", "")
+            start_response("204 No Content", headers + [
+                ("Access-Control-Allow-Methods", "GET, POST, PUT, DELETE, OPTIONS"),
+                ("Access-Control-Allow-Headers", asked or "Authorization, Content-Type, Accept"),
+                ("Access-Control-Max-Age", "600")])
+            return [b""]
+
+        def start(status: str, response_headers: list, exc_info: Any = None) -> Any:
+            return start_response(status, response_headers + headers, exc_info)
+        return self.app(environ, start)
+
+
+def make_app(rt: Runtime) -> Callable:
+    """The whole web side as one WSGI application."""
+    from pacsd.web import health
+    root = new_app()
+    root.merge(health.make_app(rt))
+    for name in ("wado", "dicomweb", "xmlrpc"):   # built as each lands
+        try:
+            module = __import__(f"pacsd.web.{name}", fromlist=["make_app"])
+        except ImportError:
+            continue
+        sub = module.make_app(rt)
+        prefix = getattr(module, "MOUNT", "")
+        root.mount(prefix, sub) if prefix else root.merge(sub)
+    app: Callable = Auth(root, rt.cfg)
+    if rt.cfg.http_cors_origins:
+        app = Cors(app, rt.cfg.http_cors_origins)
+    return app
+
+
+class HttpServer:
+    """cheroot: a pool of worker threads, socket timeouts, a cap on request bodies, TLS."""
+
+    def __init__(self, rt: Runtime) -> None:
+        cfg = rt.cfg
+        self.cfg = cfg
+        self.server = wsgi.Server(
+            (cfg.http_bind or "127.0.0.1", cfg.http_port), make_app(rt),
+            numthreads=cfg.http_threads, timeout=int(cfg.http_timeout), server_name="pacsd",
+            shutdown_timeout=2)
+        self.server.max_request_body_size = cfg.http_max_body_mb << 20   # 413 beyond it
+        self.server.max_request_header_size = 64 << 10
+        if cfg.http_cert:
+            from cheroot.ssl.builtin import BuiltinSSLAdapter
+            self.server.ssl_adapter = BuiltinSSLAdapter(cfg.http_cert, cfg.http_key)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        return int(self.server.bind_addr[1])
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.cfg.http_cert else "http"
+
+    def start(self) -> None:
+        try:
+            self.server.prepare()   # binds; port 0 is resolved here
+        except OSError as e:   # cheroot folds the errno into its message
+            reason = e.strerror or str(e).rsplit("]", 1)[-1].strip(" )") or str(e)
+            raise PortInUse(f"cannot listen for HTTP on {self.cfg.http_bind}:"
+                            f"{self.cfg.http_port}: {reason}") from None
+        self._thread = threading.Thread(target=self.server.serve, name="http", daemon=True)
+        self._thread.start()
+        log.info("HTTP listener on %s://%s:%d", self.scheme, self.cfg.http_bind, self.port)
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self.server.stop()
+            self._thread.join(10)
+            self._thread = None
+            log.info("HTTP listener stopped")

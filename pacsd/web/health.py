@@ -1,0 +1,47 @@
+"""Liveness and status: `/testdbalive` (what the watchdog probes, as in OsiriX) and `/status`."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from typing import Any
+
+import bottle
+
+from pacsd import __version__
+from pacsd.errors import IndexUnavailable
+
+ALIVE_TEXT = "Test DB Alive succeeded"
+
+
+def make_app(rt: Any) -> bottle.Bottle:
+    from pacsd.web import new_app
+    app = new_app()
+
+    @app.get("/testdbalive")
+    def testdbalive() -> str:
+        # A real read and a real write through the one index writer: a wedged index or a
+        # dead writer fails here within a second, and the watchdog acts on it.
+        try:
+            rt.archive.index.probe(timeout=1.0)
+        except (IndexUnavailable, TimeoutError) as e:
+            raise bottle.HTTPError(503, f"Test DB Alive failed: {e}") from None
+        bottle.response.content_type = "text/plain; charset=utf-8"
+        return ALIVE_TEXT
+
+    @app.get("/status")
+    def status() -> dict[str, Any]:
+        cfg = rt.cfg
+        disk = shutil.disk_usage(cfg.storage_path)
+        return {
+            "version": __version__,
+            "uptime_s": round(time.time() - rt.started, 1),
+            "aet": cfg.dicom_aet,
+            "associations": rt.associations(),
+            "index": rt.archive.index.counts(),
+            "storage": str(cfg.storage_path),
+            "disk_free_bytes": disk.free,
+            "disk_total_bytes": disk.total,
+        }
+
+    return app
