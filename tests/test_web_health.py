@@ -83,3 +83,31 @@ def test_http_port_in_use_exits_69(tmp_path):
         r = subprocess.run([sys.executable, "-m", "pacsd", "serve", "--config", str(f)],
                            capture_output=True, text=True, timeout=60)
     assert r.returncode == 69 and "HTTP" in r.stderr.strip().splitlines()[-1]
+
+
+def test_https_when_a_certificate_is_configured(make_server, tmp_path):
+    import subprocess
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+                   check=True, capture_output=True, timeout=60)
+    server = make_server(http={"cert": str(cert), "key": str(key)})
+    assert server.http_url.startswith("https://")
+    r = requests.get(server.http_url + "/testdbalive", verify=str(cert), timeout=5)
+    assert (r.status_code, r.text) == (200, "Test DB Alive succeeded")
+    with pytest.raises(requests.exceptions.ConnectionError):
+        requests.get(server.http_url.replace("https", "http") + "/testdbalive", timeout=5)
+
+
+def test_request_bodies_over_the_cap_are_refused(make_server):
+    server = make_server(http={"max_body_mb": 1})
+    r = requests.post(server.http_url + "/status", data=b"x" * (2 << 20), timeout=10)
+    assert r.status_code == 413
+    assert requests.get(server.http_url + "/testdbalive", timeout=5).status_code == 200
+
+
+def test_cert_without_key_is_a_config_error(tmp_path):
+    f = write_config(tmp_path / "c.toml", tmp_path / "d", http={"cert": "/x.pem"})
+    with pytest.raises(ConfigError, match="cert and key"):
+        config.load(f, env={})
