@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 from pydicom import dcmread
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian,
                          MRImageStorage)
 from pynetdicom import AE, build_context, evt
@@ -87,13 +87,25 @@ def test_move_converts_only_when_the_destination_refuses_the_stored_syntax(make_
         from io import BytesIO
         got = read_dataset(BytesIO(body), is_implicit_VR=False, is_little_endian=True)
         assert got.PixelData == mr.PixelData and got.PatientName == mr.PatientName
-        # JPEG 2000 cannot be sent to it without decoding pixels: a failed sub-operation,
-        # reported as such, never as a success.
-        j2k = dcmread(jpeg2000, stop_before_pixels=True)
+        # JPEG 2000 is decoded for it (GDCM is installed) and sent uncompressed, same pixels.
+        j2k = dcmread(jpeg2000)
         final = move(server.dicom_port, "DEST", "STUDY", StudyInstanceUID=j2k.StudyInstanceUID)[-1]
+        assert (final.Status, final.NumberOfCompletedSuboperations) == (0, 1)
+        ts, body = dest.received[str(j2k.SOPInstanceUID)]
+        assert ts == ExplicitVRLittleEndian
+        got = read_dataset(BytesIO(body), is_implicit_VR=False, is_little_endian=True)
+        got.file_meta = FileMetaDataset()
+        got.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        assert (got.pixel_array == j2k.pixel_array).all()
+        # A class the destination does not accept at all (it refuses the association): a
+        # failure, reported as such, never as a success.
+        sr = sample("test-SR.dcm")
+        assert store_files(server.dicom_port, [sr]) == [0]
+        sr_ds = dcmread(sr, stop_before_pixels=True)
+        final = move(server.dicom_port, "DEST", "STUDY", StudyInstanceUID=sr_ds.StudyInstanceUID)[-1]
         assert final.Status != 0x0000
-        assert (final.NumberOfFailedSuboperations, final.NumberOfCompletedSuboperations) == (1, 0)
-        assert str(j2k.SOPInstanceUID) not in dest.received
+        assert getattr(final, "NumberOfCompletedSuboperations", 0) == 0
+        assert str(sr_ds.SOPInstanceUID) not in dest.received
     finally:
         dest.close()
 
