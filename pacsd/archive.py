@@ -148,3 +148,25 @@ class Archive:
             if progress:
                 progress(done, len(rels))
         return added
+
+    # --- deleting ---------------------------------------------------------------------------
+
+    def delete(self, level: str, uids: Iterable[str]) -> int:
+        """Delete the studies, series or instances (level STUDY, SERIES or IMAGE) with these
+        UIDs: their rows first (one transaction, counters fixed), then, once that has committed,
+        their files. A crash in between leaves files without rows, never rows without files
+        (`pacsd reindex` would bring such files back). Returns the number of instances."""
+        level = level.upper()
+        if level not in ("STUDY", "SERIES", "IMAGE"):
+            raise ValueError(f"cannot delete at level {level!r}")
+        try:
+            paths = self.index.delete(level, uids)
+        except TimeoutError:
+            raise IndexUnavailable("the index did not commit the deletion in time") from None
+        for rel in paths:
+            try:
+                self.store.delete(rel)
+            except (OSError, ValueError) as e:
+                log.warning("stored file %s could not be removed: %s", rel, e)
+        log.info("deleted %d instance(s) at %s level", len(paths), level)
+        return len(paths)

@@ -420,3 +420,71 @@ class Index:
     def integrity_check(self) -> str:
         with database.connection_context():
             return database.execute_sql("PRAGMA integrity_check").fetchone()[0]
+
+    # --- deleting ---------------------------------------------------------------------------
+
+    def delete(self, level: str, uids: Iterable[str]) -> list[str]:
+        """Remove the studies, series or instances (level STUDY, SERIES or IMAGE) with these
+        UIDs, and what becomes empty above them; fix the counters. Returns the paths of the
+        removed instances' files, for the caller to delete once this has committed."""
+        column = {"STUDY": Study.study_instance_uid, "SERIES": Series.series_instance_uid,
+                  "IMAGE": Instance.sop_instance_uid}[level]
+        wanted = list(dict.fromkeys(uids))
+
+        def work() -> list[str]:
+            # Rows are no longer only ever added: the series cache could name a deleted row.
+            self._cache.clear()
+            rows: list[Any] = []   # (id, path, series id)
+            for start in range(0, len(wanted), 500):   # stay below SQLite's variable limit
+                q = (Instance.select(Instance.id, Instance.path, Instance.series)
+                     .join(Series).join(Study).where(column.in_(wanted[start:start + 500])))
+                rows += list(q.tuples())
+            series_ids = sorted({r[2] for r in rows})
+            for start in range(0, len(rows), 500):
+                Instance.delete().where(
+                    Instance.id.in_([r[0] for r in rows[start:start + 500]])).execute()
+            if level != "IMAGE":   # a study or series without instances goes too
+                empty = Series.select(Series.id).join(Study).where(column.in_(wanted)) \
+                    if level == "STUDY" else Series.select(Series.id).where(column.in_(wanted))
+                series_ids = sorted(set(series_ids) | {s.id for s in empty})
+            self._recount(series_ids)
+            return [r[1] for r in rows]
+        return self.submit(work)
+
+    def _recount(self, series_ids: list[int]) -> None:
+        """Recompute the counters of these series and of their study and patient from the rows
+        that remain, and drop the series, studies and patients left empty."""
+        study_ids: set[int] = set()
+        for start in range(0, len(series_ids), 500):
+            chunk = series_ids[start:start + 500]
+            study_ids |= {s.study_id for s in Series.select(Series.study).where(  # type: ignore
+                Series.id.in_(chunk))}
+            Series.update(number_of_instances=Instance.select(fn.COUNT(Instance.id)).where(
+                Instance.series == Series.id)).where(Series.id.in_(chunk)).execute()
+            Series.delete().where(Series.id.in_(chunk) & (Series.number_of_instances == 0)
+                                  ).execute()
+        patient_ids: set[int] = set()
+        for study in Study.select().where(Study.id.in_(sorted(study_ids))):
+            patient_ids.add(study.patient_id)  # type: ignore[attr-defined]
+            series: list[Any] = list(
+                Series.select(Series.modality, Series.number_of_instances)
+                .where(Series.study == study.id).order_by(Series.id).tuples())
+            if not series:
+                study.delete_instance()
+                continue
+            modalities = list(dict.fromkeys(m for m, _ in series if m))
+            Study.update(number_of_series=len(series),
+                         number_of_instances=sum(n for _, n in series),
+                         modalities_in_study="\\".join(modalities)).where(
+                Study.id == study.id).execute()
+        for patient in Patient.select().where(Patient.id.in_(sorted(patient_ids))):
+            studies: list[Any] = list(
+                Study.select(Study.number_of_series, Study.number_of_instances)
+                .where(Study.patient == patient.id).tuples())
+            if not studies:
+                patient.delete_instance()
+                continue
+            Patient.update(number_of_studies=len(studies),
+                           number_of_series=sum(s for s, _ in studies),
+                           number_of_instances=sum(n for _, n in studies)).where(
+                Patient.id == patient.id).execute()

@@ -1,0 +1,287 @@
+"""Remote DICOM nodes as seen from here: we are the SCU (C-STORE, C-FIND, C-MOVE).
+
+A service module, like archive: the DICOM front end (dimse/retrieve.py, the C-MOVE/C-GET SCP)
+and the XML-RPC front end both send stored files through it. Stored files go out as `StoredRef`s:
+a data set holding only the UIDs plus the file's path, so that `send_stored` can hand pynetdicom
+the file's bytes unchanged when the peer accepted the stored transfer syntax.
+
+Every association uses our AE title as calling AE and the configured timeouts, bounded by
+`MAX_WAIT` so that a web request never hangs for the two minutes a DIMSE timeout allows.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, _config, build_context, evt
+from pynetdicom.association import Association
+from pynetdicom.events import Event
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # names made at import
+    StudyRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelMove)
+
+from pacsd import query
+from pacsd.config import Config, Node
+from pacsd.errors import PacsError
+from pacsd.store import Store
+
+log = logging.getLogger(__name__)
+
+MAX_CONTEXTS = 128   # PS3.8 9.3.2.2: at most 128 presentation contexts per association
+MAX_WAIT = 30.0      # seconds, at most, for association set-up and for each DIMSE message
+MAX_MATCHES = 10_000  # C-FIND responses kept from one query
+# PS3.4 B.2.3 / C.4.2.1.5: success, and the warnings after which the data set was kept.
+_STORED = {0x0000, 0xB000, 0xB006, 0xB007}
+
+
+class RemoteError(PacsError):
+    """A remote node could not be reached, refused the association, or failed the request."""
+
+    http_status = 502
+
+
+# --- sending stored files (shared with the C-MOVE / C-GET SCP) ---------------------------------
+
+class StoredRef(Dataset):
+    """A stored instance, by reference: UIDs decoded, the bytes left on disk."""
+
+
+def stored_ref(inst: query.StoredInstance, store: Store) -> StoredRef:
+    ds = StoredRef()
+    ds.SOPClassUID = UID(inst.sop_class_uid)
+    ds.SOPInstanceUID = UID(inst.sop_instance_uid)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = UID(inst.transfer_syntax_uid)
+    ds.pacsd_path = store.path(inst.path)
+    return ds
+
+
+def _park_reactor(assoc: Association, timeout: float = 5.0) -> None:
+    """Return once the association's own reactor thread is blocked at its checkpoint.
+
+    pynetdicom (3.0.4, its issues #435 and #875) pauses that thread before sending a C-STORE by
+    clearing the checkpoint and waiting for `_is_paused`, which is also True for an instant
+    after the thread has passed the checkpoint; it may then take the C-STORE response for
+    itself ("unexpected C-STORE service message") and the C-MOVE stalls until the DIMSE
+    timeout. Waiting until the thread really waits on the checkpoint closes that window."""
+    if threading.current_thread() is assoc:   # C-GET: we are the reactor thread
+        return
+    gate = assoc._reactor_checkpoint
+    gate.clear()
+    deadline = time.monotonic() + timeout
+    while (not (assoc._is_paused and gate._cond._waiters)  # type: ignore[attr-defined]
+           and assoc.is_alive() and time.monotonic() < deadline):
+        time.sleep(0.0001)
+
+
+def send_stored(assoc: Association) -> None:
+    """Make `assoc.send_c_store` send a StoredRef's file unchanged when it can."""
+    original = assoc.send_c_store
+    if getattr(original, "pacsd_wrapped", False):
+        return
+
+    def send_c_store(dataset: Any, msg_id: int = 1, priority: int = 2,
+                     originator_aet: str | None = None,
+                     originator_id: int | None = None) -> Dataset:
+        path = getattr(dataset, "pacsd_path", None)
+        if path is not None:
+            sop_class = dataset.SOPClassUID
+            ts = dataset.file_meta.TransferSyntaxUID
+            _park_reactor(assoc)
+            if any(cx.abstract_syntax == sop_class and cx.transfer_syntax[0] == ts and cx.as_scu
+                   for cx in assoc.accepted_contexts):
+                # Sent raw from the file (_config.STORE_SEND_CHUNKED_DATASET): unchanged bytes.
+                return original(path, msg_id, priority, originator_aet, originator_id)
+            log.debug("%s: peer did not accept %s, converting", dataset.SOPInstanceUID, ts)
+            dataset = dcmread(path)
+            if ts.is_compressed:
+                # pynetdicom converts only between uncompressed syntaxes: decode the pixel data
+                # first (same SOP Instance UID); without a decoder this sub-operation fails.
+                dataset.decompress(generate_instance_uid=False)
+        return original(dataset, msg_id, priority, originator_aet, originator_id)
+
+    send_c_store.pacsd_wrapped = True  # type: ignore[attr-defined]
+    assoc.send_c_store = send_c_store  # type: ignore[method-assign]
+
+
+def nodelay(event: Event) -> None:
+    """EVT_CONN_OPEN handler: TCP_NODELAY, or every small PDU waits for a delayed ACK."""
+    try:
+        sock = event.assoc.dul.socket.socket  # type: ignore[union-attr]
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[union-attr]
+    except (AttributeError, OSError):
+        pass
+
+
+def move_contexts(insts: list[query.StoredInstance]) -> list[PresentationContext]:
+    """Contexts to propose to a C-MOVE destination: each stored (class, syntax) as it is, and for
+    each class the uncompressed syntaxes pynetdicom can convert to."""
+    exact = sorted({(i.sop_class_uid, i.transfer_syntax_uid) for i in insts})
+    classes = sorted({i.sop_class_uid for i in insts})
+    plain = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
+    cxs = [build_context(c, [ts]) for c, ts in exact if ts not in plain]
+    cxs += [build_context(c, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]) for c in classes]
+    if len(cxs) > MAX_CONTEXTS:
+        log.warning("C-MOVE needs %d presentation contexts; proposing the first %d",
+                    len(cxs), MAX_CONTEXTS)
+    return cxs[:MAX_CONTEXTS]
+
+
+# --- associations as SCU ----------------------------------------------------------------------
+
+def _ae(cfg: Config) -> AE:
+    ae = AE(ae_title=cfg.dicom_aet)
+    ae.acse_timeout = min(cfg.dicom_acse_timeout, MAX_WAIT)
+    ae.dimse_timeout = min(cfg.dicom_dimse_timeout, MAX_WAIT)
+    ae.network_timeout = min(cfg.dicom_network_timeout, MAX_WAIT)
+    ae.connection_timeout = min(cfg.dicom_acse_timeout, MAX_WAIT)
+    return ae
+
+
+def _associate(ae: AE, node: Node, contexts: list[PresentationContext],
+               handlers: list[Any] | None = None) -> Association:
+    ae.requested_contexts = contexts
+    assoc = ae.associate(node.host, node.port, ae_title=node.aet,
+                         evt_handlers=[(evt.EVT_CONN_OPEN, nodelay)] + list(handlers or []))
+    if not assoc.is_established:
+        ae.shutdown()
+        raise RemoteError(f"{node.name or node.aet} ({node.aet}@{node.host}:{node.port}) did "
+                          "not accept the association")
+    return assoc
+
+
+def _close(ae: AE, assoc: Association) -> None:
+    if assoc.is_established:
+        assoc.release()
+    ae.shutdown()
+
+
+def send(cfg: Config, node: Node, instances: list[query.StoredInstance], store: Store
+         ) -> tuple[int, int]:
+    """C-STORE stored instances to `node` over one association; (completed, failed)."""
+    if not instances:
+        return 0, 0
+    _config.STORE_SEND_CHUNKED_DATASET = True   # as build_ae: stored files are sent by path
+    ae = _ae(cfg)
+    assoc = _associate(ae, node, move_contexts(instances))
+    send_stored(assoc)
+    completed = failed = 0
+    try:
+        for inst in instances:
+            if not assoc.is_established:
+                failed += 1
+                continue
+            try:
+                rsp = assoc.send_c_store(stored_ref(inst, store))
+            except (ValueError, RuntimeError, OSError, AttributeError) as e:
+                # No accepted context for this class, or a file that cannot be converted.
+                log.warning("C-STORE of %s to %s failed: %s", inst.sop_instance_uid, node.aet, e)
+                failed += 1
+                continue
+            status = int(getattr(rsp, "Status", -1)) if rsp else -1
+            if status in _STORED:
+                completed += 1
+            else:
+                log.warning("C-STORE of %s to %s: status 0x%04X", inst.sop_instance_uid,
+                            node.aet, status & 0xFFFF)
+                failed += 1
+    finally:
+        _close(ae, assoc)
+    log.info("sent %d instance(s) to %s (%d failed)", completed, node.aet, failed)
+    return completed, failed
+
+
+def _values(ds: Dataset) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for elem in ds:
+        if not elem.keyword or elem.VR == "SQ" or isinstance(elem.value, (Sequence, bytes)):
+            continue
+        value = elem.value
+        if value is None:
+            out[elem.keyword] = ""
+        elif isinstance(value, (MultiValue, list, tuple)):
+            out[elem.keyword] = "\\".join(str(v) for v in value)
+        else:
+            out[elem.keyword] = str(value)
+    return out
+
+
+def _identifier(level: str, keys: dict[str, str]) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level.upper()
+    for k, v in keys.items():
+        if tag_for_keyword(k) is None:
+            raise ValueError(f"{k!r} is not a DICOM keyword")
+        setattr(ds, k, v)
+    return ds
+
+
+def find(cfg: Config, node: Node, level: str, keys: dict[str, str]) -> list[dict[str, str]]:
+    """Study Root C-FIND on `node`: one dict (keyword -> value) per match. `keys` are matching
+    keys ("" for return keys); unknown keywords raise ValueError."""
+    ae = _ae(cfg)
+    model = StudyRootQueryRetrieveInformationModelFind
+    assoc = _associate(ae, node, [build_context(model)])
+    matches: list[dict[str, str]] = []
+    final = None
+    try:
+        for status, identifier in assoc.send_c_find(_identifier(level, keys), model):
+            if not status:   # no answer within the DIMSE timeout, or aborted
+                break
+            final = int(status.Status)
+            if final in (0xFF00, 0xFF01) and identifier is not None:
+                if len(matches) < MAX_MATCHES:
+                    matches.append(_values(identifier))
+    finally:
+        _close(ae, assoc)
+    if final != 0x0000:
+        raise RemoteError(f"C-FIND on {node.aet} failed (status "
+                          f"{'none' if final is None else hex(final)})")
+    return matches
+
+
+def move_here(cfg: Config, node: Node, keys: dict[str, str], level: str = "STUDY"
+              ) -> dict[str, int]:
+    """Ask `node` to C-MOVE what `keys` name to our own AE title (the remote must list us as a
+    destination). Returns the final sub-operation counts and status."""
+    ae = _ae(cfg)
+    model = StudyRootQueryRetrieveInformationModelMove
+    assoc = _associate(ae, node, [build_context(model)])
+    final: Dataset | None = None
+    try:
+        for status, _ in assoc.send_c_move(_identifier(level, keys), cfg.dicom_aet, model):
+            if not status:
+                break
+            final = status
+    finally:
+        _close(ae, assoc)
+    if final is None:
+        raise RemoteError(f"C-MOVE from {node.aet}: no response within the time limit")
+    counts = {"status": int(final.Status)}
+    for name, key in (("completed", "NumberOfCompletedSuboperations"),
+                      ("failed", "NumberOfFailedSuboperations"),
+                      ("warning", "NumberOfWarningSuboperations")):
+        counts[name] = int(final.get(key, 0) or 0)
+    if counts["status"] not in (0x0000, 0xB000, 0xFE00):
+        raise RemoteError(f"C-MOVE from {node.aet} to {cfg.dicom_aet} failed (status "
+                          f"0x{counts['status']:04X}); does {node.aet} list {cfg.dicom_aet} "
+                          "as a destination?")
+    log.info("C-MOVE from %s: %d completed, %d failed", node.aet, counts["completed"],
+             counts["failed"])
+    return counts
+
+
+def node_named(cfg: Config, name: str) -> Node | None:
+    """A configured node by its name or, failing that, its AE title."""
+    name = (name or "").strip()
+    return next((n for n in cfg.nodes if n.name == name), None) or cfg.node_by_aet(name)
