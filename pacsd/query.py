@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from peewee import Expression, Field, SqliteDatabase
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
 
 from pacsd.index import Instance, Patient, Series, Study, database, name_key
 
@@ -268,3 +270,28 @@ def instances(req: Request) -> list[StoredInstance]:
             q = q.where(cond)
     q = q.order_by(Instance.series, Instance.instance_number, Instance.id)
     return [StoredInstance(*row) for row in q.tuples()]  # type: ignore[misc]
+
+
+# --- matches as data sets (C-FIND responses, QIDO-RS results) ---------------------------------
+
+_INT_VRS = {"US", "UL", "SS", "SL", "UV", "SV"}
+_SKIP = ("QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle")
+
+
+def fill_dataset(ds: Dataset, requested: list[DataElement], match: dict[str, Any]) -> Dataset:
+    """Put each requested element into `ds` with its value from `match` (empty if unknown,
+    C.2.2.1.2), typed by the element's VR."""
+    for elem in requested:
+        if elem.keyword in _SKIP:
+            continue
+        vr = elem.VR
+        value = match.get(elem.keyword)
+        if value is None or value == "" or vr == "SQ":
+            ds[elem.tag] = DataElement(elem.tag, vr, [] if vr == "SQ" else None)
+        elif vr in _INT_VRS:
+            ds[elem.tag] = DataElement(elem.tag, vr, int(value))
+        elif isinstance(value, str) and "\\" in value and vr not in ("LO", "LT", "ST", "UT", "PN"):
+            ds[elem.tag] = DataElement(elem.tag, vr, value.split("\\"))
+        else:
+            ds[elem.tag] = DataElement(elem.tag, vr, str(value))
+    return ds

@@ -31,7 +31,6 @@ PATIENT_ROOT_MODELS = {str(PatientRootQueryRetrieveInformationModelFind),
                        "1.2.840.10008.5.1.4.1.2.1.2", "1.2.840.10008.5.1.4.1.2.1.3"}
 _NOT_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle",
              "TimezoneOffsetFromUTC", "QueryRetrieveView"}
-_INT_VRS = {"US", "UL", "SS", "SL", "UV", "SV"}
 
 
 def _value(elem: DataElement) -> str:
@@ -117,20 +116,7 @@ def response(requested: list[DataElement], match: dict[str, Any], level: str,
     ds.SpecificCharacterSet = charset.split("\\") if "\\" in charset else charset
     ds.QueryRetrieveLevel = level
     ds.RetrieveAETitle = aet
-    for elem in requested:
-        if elem.keyword in ("QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle"):
-            continue
-        vr = elem.VR
-        value = match.get(elem.keyword)
-        if value is None or value == "" or vr == "SQ":
-            ds[elem.tag] = DataElement(elem.tag, vr, [] if vr == "SQ" else None)
-        elif vr in _INT_VRS:
-            ds[elem.tag] = DataElement(elem.tag, vr, int(value))
-        elif isinstance(value, str) and "\\" in value and vr not in ("LO", "LT", "ST", "UT", "PN"):
-            ds[elem.tag] = DataElement(elem.tag, vr, value.split("\\"))
-        else:
-            ds[elem.tag] = DataElement(elem.tag, vr, str(value))
-    return ds
+    return query.fill_dataset(ds, requested, match)
 
 
 def handle_find(event: Event, index: Index, aet: str) -> Iterator[tuple[int, Dataset | None]]:

@@ -1,7 +1,7 @@
 """The web side: bottle apps built by factories, composed under one root, served by cheroot.
 
-Each concern is an app of its own (health, wado, dicomweb, xmlrpc), built by `make_app` from a
-`Runtime` (configuration, the archive, a few live figures) and merged or mounted into the root.
+Each concern is an app of its own (health, wado, dicomweb, xmlrpc), built by its `make_app` from
+a `Runtime` (configuration, the archive, a few live figures) and merged or mounted into the root.
 Front ends call archive / query / index / store, never each other and never the daemon.
 """
 
@@ -84,17 +84,14 @@ class Cors:
 
 def make_app(rt: Runtime) -> Callable:
     """The whole web side as one WSGI application."""
-    from pacsd.web import health
+    from pacsd.web import dicomweb, health, wado, xmlrpc
     root = new_app()
-    root.merge(health.make_app(rt))
-    for name in ("wado", "dicomweb", "xmlrpc"):   # built as each lands
-        try:
-            module = __import__(f"pacsd.web.{name}", fromlist=["make_app"])
-        except ImportError:
-            continue
-        sub = module.make_app(rt)
-        prefix = getattr(module, "MOUNT", "")
-        root.mount(prefix, sub) if prefix else root.merge(sub)
+    for module in (health, wado, xmlrpc):
+        root.merge(module.make_app(rt))
+    # Mounted as a plain WSGI app: SCRIPT_NAME then carries the prefix, from which DICOMweb
+    # builds its RetrieveURLs.
+    sub = dicomweb.make_app(rt)
+    root.mount(dicomweb.MOUNT + "/", lambda environ, start_response: sub(environ, start_response))
     app: Callable = Auth(root, rt.cfg)
     if rt.cfg.http_cors_origins:
         app = Cors(app, rt.cfg.http_cors_origins)

@@ -1,0 +1,427 @@
+"""DICOMweb (QIDO-RS, WADO-RS, STOW-RS) over real HTTP, with dicomweb-client and requests."""
+
+from __future__ import annotations
+
+import io
+import re
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import requests
+from dicomweb_client import DICOMwebClient
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pynetdicom import build_context
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from conftest import associate, c_get, store_files, write_config  # noqa: E402
+from data import ct_slice, dataset_bytes, sample, uid  # noqa: E402
+
+VIEWER = "http://viewer.example"
+SAMPLES = ["SC_rgb_rle_2frame.dcm", "MR_small_bigendian.dcm", "JPEG2000.dcm",
+           "CT_small.dcm"]
+
+
+def write(folder: Path, **kw) -> Path:
+    ds = ct_slice(**kw)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{kw['seed']}-{kw['patient']}-{kw['study']}-{kw['series']}-{kw['number']}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory):
+    """A server (CORS allowed for VIEWER) holding: seed 5, patient 1 with a CT+MR study in
+    January 2024 and a CT study in 2023, patient 2 a CT study in February; pydicom samples."""
+    from pacsd import config
+    from pacsd.daemon import Server
+    tmp = tmp_path_factory.mktemp("dicomweb")
+    cfg = config.load(write_config(tmp / "c.toml", tmp / "data",
+                                   http={"cors_origins": [VIEWER]}), env={})
+    server = Server(cfg).start()
+    files = []
+    for p, st, se, n, mod, date in [(1, 1, 1, 4, "CT", "20240115"), (1, 1, 2, 2, "MR", "20240115"),
+                                    (1, 2, 1, 3, "CT", "20230610"), (2, 1, 1, 2, "CT", "20240203")]:
+        files += [write(tmp / "in", seed=5, patient=p, study=st, series=se, number=i, size=32,
+                        modality=mod, study_date=date) for i in range(1, n + 1)]
+    files += [sample(name) for name in SAMPLES]
+    assert store_files(server.dicom_port, files) == [0] * len(files)
+    server.files = files
+    server.dw = server.http_url + "/dicom-web"
+    yield server
+    server.stop()
+
+
+def client(pacs) -> DICOMwebClient:
+    return DICOMwebClient(url=pacs.dw)
+
+
+def c_find(port: int, level: str, **keys) -> list[Dataset]:
+    q = Dataset()
+    q.QueryRetrieveLevel = level
+    for k, v in keys.items():
+        setattr(q, k, v)
+    with associate(port, [build_context(FIND)]) as assoc:
+        out = list(assoc.send_c_find(q, FIND))
+    return [ds for status, ds in out if status and status.Status in (0xFF00, 0xFF01)]
+
+
+def parts(resp: requests.Response) -> list[tuple[dict[str, str], bytes]]:
+    """Our own reading of a multipart/related body (independent of the server's code)."""
+    boundary = re.search(r'boundary="?([^";]+)', resp.headers["Content-Type"]).group(1)
+    delim = b"--" + boundary.encode()
+    body = resp.content
+    assert body.startswith(delim) and body.endswith(delim + b"--\r\n")
+    out = []
+    for chunk in body[len(delim):].split(b"\r\n" + delim):
+        if chunk.startswith(b"--"):
+            break
+        head, _, content = chunk[2:].partition(b"\r\n\r\n")
+        headers = dict(line.split(": ", 1) for line in head.decode().split("\r\n"))
+        out.append((headers, content))
+    return out
+
+
+def split10(data: bytes) -> tuple[str, str, bytes]:
+    """(SOP Instance UID, transfer syntax, data set bytes) of a Part 10 file."""
+    fp = io.BytesIO(data)
+    read_preamble(fp, False)
+    meta = _read_file_meta_info(fp)
+    return str(meta.MediaStorageSOPInstanceUID), str(meta.TransferSyntaxUID), data[fp.tell():]
+
+
+def multipart_body(files: list[bytes], boundary: str = "xyzzy-1234") -> tuple[bytes, str]:
+    body = b"".join(b"\r\n--" + boundary.encode() + b"\r\nContent-Type: application/dicom\r\n\r\n"
+                    + f for f in files) + b"\r\n--" + boundary.encode() + b"--\r\n"
+    return body, f'multipart/related; type="application/dicom"; boundary="{boundary}"'
+
+
+STUDY_A, STUDY_B = uid(5, 1, 1, "study"), uid(5, 1, 2, "study")
+
+
+# --- QIDO-RS ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("params,cfind", [
+    ({"PatientName": "test^patient00*"}, {"PatientName": "test^patient00*"}),
+    ({"00100020": "PID5-001"}, {"PatientID": "PID5-001"}),
+    ({"StudyDate": "20240101-20240131"}, {"StudyDate": "20240101-20240131"}),
+    ({"ModalitiesInStudy": "MR"}, {"ModalitiesInStudy": "MR"}),
+    ({"StudyInstanceUID": f"{STUDY_A},{STUDY_B}"}, {"StudyInstanceUID": [STUDY_A, STUDY_B]}),
+])
+def test_qido_studies_match_c_find(pacs, params, cfind):
+    keys = ["StudyInstanceUID", "PatientID", "PatientName", "StudyDate", "AccessionNumber",
+            "NumberOfStudyRelatedInstances", "NumberOfStudyRelatedSeries", "ModalitiesInStudy"]
+    expected = c_find(pacs.dicom_port, "STUDY", **{**{k: "" for k in keys}, **cfind})
+    got = [Dataset.from_json(d) for d in client(pacs).search_for_studies(search_filters=params)]
+    assert expected and len(got) == len(expected)
+    by_uid = {d.StudyInstanceUID: d for d in got}
+    assert set(by_uid) == {e.StudyInstanceUID for e in expected}
+    for e in expected:
+        d = by_uid[e.StudyInstanceUID]
+        for k in keys:
+            assert str(d.get(k, "")) == str(e.get(k, "")), k
+        # (dicomweb-client sends a Host header without the port: compare paths)
+        assert urlparse(d.RetrieveURL).path == f"/dicom-web/studies/{e.StudyInstanceUID}"
+        assert all(k in d for k in ("PatientBirthDate", "PatientSex", "StudyID"))   # 10.6.3-3
+
+
+def test_qido_series_and_instances(pacs):
+    dw = client(pacs)
+    series = [Dataset.from_json(d) for d in dw.search_for_series(STUDY_A)]
+    assert sorted((s.Modality, s.NumberOfSeriesRelatedInstances) for s in series) == [
+        ("CT", 4), ("MR", 2)]
+    assert all(s.StudyInstanceUID == STUDY_A and "PatientName" not in s for s in series)
+    mr = next(s for s in series if s.Modality == "MR")
+    expected = c_find(pacs.dicom_port, "IMAGE", StudyInstanceUID=STUDY_A,
+                      SeriesInstanceUID=mr.SeriesInstanceUID, SOPInstanceUID="",
+                      InstanceNumber="")
+    insts = [Dataset.from_json(d) for d in dw.search_for_instances(STUDY_A, mr.SeriesInstanceUID)]
+    assert sorted((i.SOPInstanceUID, i.InstanceNumber) for i in insts) == sorted(
+        (e.SOPInstanceUID, e.InstanceNumber) for e in expected)
+    assert all(i.Rows == 32 and i.RetrieveURL.endswith(f"/instances/{i.SOPInstanceUID}")
+               for i in insts)
+    # All series (with the study's attributes) and a study's instances (with the series').
+    everything = [Dataset.from_json(d) for d in dw.search_for_series(
+        search_filters={"Modality": "CT", "PatientID": "PID5-*"})]
+    assert len(everything) == 3 and all("PatientName" in s for s in everything)
+    in_study = [Dataset.from_json(d) for d in dw.search_for_instances(STUDY_A)]
+    assert len(in_study) == 6 and {i.Modality for i in in_study} == {"CT", "MR"}
+
+
+def test_qido_limit_offset_includefield(pacs):
+    dw = client(pacs)
+    everything = dw.search_for_studies(search_filters={"PatientID": "PID5-*"})
+    assert len(everything) == 3
+    pages = [dw.search_for_studies(search_filters={"PatientID": "PID5-*"}, limit=2, offset=o)
+             for o in (0, 2, 4)]
+    assert [len(p) for p in pages] == [2, 1, 0]
+    assert [d["0020000D"] for p in pages for d in p] == [d["0020000D"] for d in everything]
+    assert len(dw.search_for_studies(search_filters={"PatientID": "PID5-*"},
+                                     get_remaining=True, limit=1)) == 3
+    one = dw.search_for_studies(search_filters={"PatientID": "PID5-002"},
+                                fields=["StudyDescription", "00080080"])[0]
+    assert one["00081030"]["Value"] == ["CT CHEST 1"]
+    assert one["00080080"]["Value"] == ["Test Hospital"]          # InstitutionName, by tag
+    assert "00080080" not in dw.search_for_studies(search_filters={"PatientID": "PID5-002"})[0]
+    full = requests.get(pacs.dw + "/studies?PatientID=PID5-002&includefield=all", timeout=10)
+    assert "00101010" in full.json()[0]                              # PatientAge: every key
+    r = requests.get(pacs.dw + "/studies?PatientID=PID5-002&fuzzymatching=true", timeout=10)
+    assert r.status_code == 200 and "fuzzymatching" in r.headers["Warning"]
+    r = requests.get(pacs.dw + "/studies?PatientID=PID5-002&Modality=MR", timeout=10)
+    assert len(r.json()) == 1 and "Modality is below the study level" in r.headers["Warning"]
+
+
+@pytest.mark.parametrize("query,status", [
+    ("PatientName=Nobody*", 204), ("StudyDate=2024x", 400), ("limit=-1", 400),
+    ("limit=x", 400), ("NoSuchKeyword=1", 400), ("GGGG0010=1", 400)])
+def test_qido_empty_and_bad_parameters(pacs, query, status):
+    r = requests.get(f"{pacs.dw}/studies?{query}", timeout=10)
+    assert r.status_code == status, r.text
+    if status == 204:
+        assert r.content == b"" and client(pacs).search_for_studies(
+            search_filters={"PatientName": "Nobody*"}) == []
+
+
+# --- WADO-RS ----------------------------------------------------------------------------------
+
+def sent(pacs) -> dict[str, tuple[str, bytes]]:
+    """SOP Instance UID -> (transfer syntax, data set bytes) of every file stored."""
+    out = {}
+    for path in pacs.files:
+        ts, data = dataset_bytes(path)
+        out[str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)] = (ts, data)
+    return out
+
+
+def test_wado_retrieve_is_byte_identical(pacs):
+    originals = sent(pacs)
+    series = uid(5, 1, 1, 1, "series")
+    for url, n in [(f"/studies/{STUDY_A}", 6), (f"/studies/{STUDY_A}/series/{series}", 4),
+                   (f"/studies/{STUDY_A}/series/{series}/instances/"
+                    f"{uid(5, 1, 1, 1, 3, 'sop')}", 1)]:
+        r = requests.get(pacs.dw + url, timeout=10, headers={
+            "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+        assert r.status_code == 200
+        assert r.headers["Content-Type"].startswith('multipart/related; type="application/dicom"')
+        got = parts(r)
+        assert len(got) == n
+        for headers, content in got:
+            sop, ts, data = split10(content)
+            assert (ts, data) == originals[sop]
+            assert headers["Content-Type"] == f"application/dicom; transfer-syntax={ts}"
+    # Every sample too, whatever its transfer syntax.
+    for path in pacs.files[-len(SAMPLES):]:
+        ds = dcmread(path, stop_before_pixels=True)
+        r = requests.get(f"{pacs.dw}/studies/{ds.StudyInstanceUID}/series/"
+                         f"{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}", timeout=10)
+        sop, ts, data = split10(parts(r)[0][1])
+        assert (ts, data) == originals[sop]
+
+
+def test_wado_with_dicomweb_client(pacs):
+    dw = client(pacs)
+    series = uid(5, 1, 1, 1, "series")
+    study = dw.retrieve_study(STUDY_A)
+    assert len(study) == 6 and {d.StudyInstanceUID for d in study} == {STUDY_A}
+    one = dw.retrieve_series(STUDY_A, series)
+    assert sorted(d.InstanceNumber for d in one) == [1, 2, 3, 4]
+    original = dcmread(pacs.files[0])
+    inst = dw.retrieve_instance(STUDY_A, series, original.SOPInstanceUID)
+    assert inst.PixelData == original.PixelData and inst.PatientName == original.PatientName
+    with pytest.raises(requests.HTTPError) as e:
+        dw.retrieve_study("1.2.3.4")
+    assert e.value.response.status_code == 404
+
+
+def test_wado_accept_and_transfer_syntax(pacs):
+    rle = dcmread(sample("SC_rgb_rle_2frame.dcm"), stop_before_pixels=True)
+    url = f"{pacs.dw}/studies/{rle.StudyInstanceUID}"
+    ts = str(rle.file_meta.TransferSyntaxUID)
+    ok = requests.get(url, timeout=10, headers={
+        "Accept": f'multipart/related; type="application/dicom"; transfer-syntax={ts}'})
+    assert ok.status_code == 200 and len(parts(ok)) == 1
+    refused = requests.get(url, timeout=10, headers={
+        "Accept": 'multipart/related; type="application/dicom"; '
+                  'transfer-syntax=1.2.840.10008.1.2.1'})
+    assert refused.status_code == 406
+    assert requests.get(url, timeout=10, headers={"Accept": "text/html"}).status_code == 406
+    assert requests.get(pacs.dw + "/studies/1.2.x", timeout=10).status_code == 400
+
+
+def test_metadata(pacs):
+    dw = client(pacs)
+    series = uid(5, 1, 1, 1, "series")
+    meta = dw.retrieve_series_metadata(STUDY_A, series)
+    assert len(meta) == 4
+    for item in meta:
+        assert "7FE00010" not in item                              # no pixels
+        assert item["00083002"]["Value"] == ["1.2.840.10008.1.2.1"]
+        ds = Dataset.from_json(item)
+        assert ds.Rows == 32 and ds.SeriesInstanceUID == series and ds.WindowWidth == 400
+    assert len(dw.retrieve_study_metadata(STUDY_A)) == 6
+    sop = uid(5, 1, 1, 1, 2, "sop")
+    assert Dataset.from_json(dw.retrieve_instance_metadata(STUDY_A, series, sop)
+                             ).SOPInstanceUID == sop
+
+
+def test_frames(pacs):
+    dw = client(pacs)
+    original = dcmread(pacs.files[0])
+    frames = dw.retrieve_instance_frames(original.StudyInstanceUID, original.SeriesInstanceUID,
+                                         original.SOPInstanceUID, frame_numbers=[1])
+    assert frames == [original.PixelData]
+    # RLE, two frames: the encapsulated frames as stored, in the order asked.
+    rle = dcmread(sample("SC_rgb_rle_2frame.dcm"))
+    url = (f"{pacs.dw}/studies/{rle.StudyInstanceUID}/series/{rle.SeriesInstanceUID}/"
+           f"instances/{rle.SOPInstanceUID}/frames")
+    r = requests.get(url + "/2,1", timeout=10)
+    assert r.status_code == 200 and 'type="image/dicom-rle"' in r.headers["Content-Type"]
+    expected = list(generate_frames(rle.PixelData, number_of_frames=2))
+    assert [c for _, c in parts(r)] == [expected[1], expected[0]]
+    r = requests.get(url + "/1", timeout=10, headers={
+        "Accept": "multipart/related; type=application/octet-stream; transfer-syntax=*"})
+    assert parts(r)[0][0]["Content-Type"] == (
+        "application/octet-stream; transfer-syntax=1.2.840.10008.1.2.5")
+    assert requests.get(url + "/1", timeout=10, headers={
+        "Accept": 'multipart/related; type="application/octet-stream"'}).status_code == 406
+    assert requests.get(url + "/3", timeout=10).status_code == 404
+    assert requests.get(url + "/0", timeout=10).status_code == 400
+    j2k = dcmread(sample("JPEG2000.dcm"))
+    r = requests.get(f"{pacs.dw}/studies/{j2k.StudyInstanceUID}/series/{j2k.SeriesInstanceUID}/"
+                     f"instances/{j2k.SOPInstanceUID}/frames/1", timeout=10)
+    (headers, content), = parts(r)
+    assert headers["Content-Type"] == "image/jp2; transfer-syntax=1.2.840.10008.1.2.4.91"
+    assert content == next(generate_frames(j2k.PixelData, number_of_frames=1))
+    # Big endian: frames come little endian (PS3.18 8.7.3.3.2).
+    be = dcmread(sample("MR_small_bigendian.dcm"))
+    r = requests.get(f"{pacs.dw}/studies/{be.StudyInstanceUID}/series/{be.SeriesInstanceUID}/"
+                     f"instances/{be.SOPInstanceUID}/frames/1", timeout=10)
+    assert parts(r)[0][1] == be.pixel_array.astype("<i2").tobytes()
+
+
+def test_rendered_and_thumbnail(pacs):
+    pytest.importorskip("pacsd.render")
+    original = dcmread(pacs.files[0], stop_before_pixels=True)
+    url = (f"{pacs.dw}/studies/{original.StudyInstanceUID}/series/"
+           f"{original.SeriesInstanceUID}/instances/{original.SOPInstanceUID}")
+    r = requests.get(url + "/rendered", timeout=10)
+    assert r.status_code == 200 and r.headers["Content-Type"] == "image/jpeg"
+    assert r.content[:2] == b"\xff\xd8"
+    r = requests.get(url + "/rendered?window=40,400&viewport=16,16", timeout=10,
+                     headers={"Accept": "image/png"})
+    assert r.content[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+    assert Image.open(io.BytesIO(r.content)).size == (16, 16)
+    for thumb in (url + "/thumbnail", f"{pacs.dw}/studies/{STUDY_A}/thumbnail"):
+        r = requests.get(thumb, timeout=10)
+        assert r.status_code == 200 and r.content[:2] == b"\xff\xd8"
+    assert requests.get(url + "/rendered", timeout=10,
+                        headers={"Accept": "image/gif"}).status_code == 406
+
+
+# --- STOW-RS ----------------------------------------------------------------------------------
+
+def test_stow_then_c_get_byte_identical(pacs, tmp_path):
+    paths = [write(tmp_path, seed=6, patient=1, study=1, series=1, number=i, size=32)
+             for i in (1, 2, 3)]
+    body, ctype = multipart_body([p.read_bytes() for p in paths])
+    r = requests.post(pacs.dw + "/studies", data=body, headers={"Content-Type": ctype},
+                      timeout=30)
+    assert r.status_code == 200, r.text
+    resp = Dataset.from_json(r.json())
+    study = uid(6, 1, 1, "study")
+    assert resp.RetrieveURL == f"{pacs.dw}/studies/{study}"
+    assert len(resp.ReferencedSOPSequence) == 3 and "FailedSOPSequence" not in resp
+    ref = resp.ReferencedSOPSequence[0]
+    assert ref.RetrieveURL.startswith(f"{pacs.dw}/studies/{study}/series/")
+    status, got = c_get(pacs.dicom_port, {"QueryRetrieveLevel": "STUDY",
+                                          "StudyInstanceUID": study},
+                        "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
+    assert status == 0
+    expected = {str(dcmread(p).SOPInstanceUID): dataset_bytes(p) for p in paths}
+    assert got == expected
+    # dicomweb-client's own STOW, to the study's URL.
+    ds = dcmread(write(tmp_path, seed=6, patient=1, study=1, series=2, number=1, size=32))
+    out = client(pacs).store_instances([ds], study_instance_uid=study)
+    assert out.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == ds.SOPInstanceUID
+
+
+def test_stow_partial_failure_and_study_mismatch(pacs, tmp_path):
+    good = write(tmp_path, seed=7, patient=1, study=1, series=1, number=1, size=16)
+    bad = ct_slice(seed=7, patient=1, study=1, series=1, number=2, size=16)
+    bad.SOPInstanceUID = bad.file_meta.MediaStorageSOPInstanceUID = "1.2.03.4"   # invalid
+    bad.save_as(tmp_path / "bad.dcm", enforce_file_format=True)
+    body, ctype = multipart_body([good.read_bytes(), (tmp_path / "bad.dcm").read_bytes(),
+                                  b"not dicom at all"])
+    r = requests.post(pacs.dw + "/studies", data=body, headers={"Content-Type": ctype},
+                      timeout=30)
+    assert r.status_code == 202, r.text
+    resp = Dataset.from_json(r.json())
+    assert [i.ReferencedSOPInstanceUID for i in resp.ReferencedSOPSequence] == [
+        str(dcmread(good).SOPInstanceUID)]
+    failed = resp.FailedSOPSequence
+    assert [(i.get("ReferencedSOPInstanceUID"), i.FailureReason) for i in failed] == [
+        ("1.2.03.4", 0xC000), (None, 0xC000)]
+    # Into another study's URL: nothing stored, 409, the reason per instance.
+    other = write(tmp_path, seed=7, patient=1, study=2, series=1, number=1, size=16)
+    body, ctype = multipart_body([other.read_bytes()])
+    r = requests.post(f"{pacs.dw}/studies/{STUDY_A}", data=body,
+                      headers={"Content-Type": ctype}, timeout=30)
+    assert r.status_code == 409
+    assert Dataset.from_json(r.json()).FailedSOPSequence[0].FailureReason == 0xC409
+    assert requests.post(pacs.dw + "/studies", data=b"x", timeout=10, headers={
+        "Content-Type": "application/json"}).status_code == 415
+    assert requests.post(pacs.dw + "/studies", data=b"nothing", timeout=10, headers={
+        "Content-Type": ctype}).status_code == 400
+
+
+# --- CORS -------------------------------------------------------------------------------------
+
+def test_cors_preflight_and_headers(pacs):
+    r = requests.options(pacs.dw + "/studies", timeout=10, headers={
+        "Origin": VIEWER, "Access-Control-Request-Method": "GET",
+        "Access-Control-Request-Headers": "accept"})
+    assert r.status_code == 204
+    assert r.headers["Access-Control-Allow-Origin"] == VIEWER
+    assert "GET" in r.headers["Access-Control-Allow-Methods"]
+    r = requests.get(pacs.dw + "/studies", timeout=10, headers={"Origin": VIEWER})
+    assert r.headers["Access-Control-Allow-Origin"] == VIEWER
+    r = requests.get(pacs.dw + "/studies", timeout=10, headers={"Origin": "http://evil.example"})
+    assert "Access-Control-Allow-Origin" not in r.headers
+
+
+def test_multipart_reader_across_read_boundaries():
+    """STOW-RS bodies are read in pieces: parts, delimiters and headers may be cut anywhere."""
+    from pacsd.web.multipart import MalformedBody, read_parts
+    files = [bytes(range(256)) * 40, b"", b"\r\n--xyzzy-123 almost a delimiter", b"x" * 5000]
+    body, _ = multipart_body(files)
+    for step in (1, 7, 4096, len(body)):
+        stream = io.BytesIO(body)
+        got = [(h["content-type"], bytes(v)) for h, v in
+               read_parts(lambda n, s=stream, k=step: s.read(min(n, k)), len(body), "xyzzy-1234")]
+        assert got == [("application/dicom", f) for f in files]
+    with pytest.raises(MalformedBody):
+        list(read_parts(io.BytesIO(body[:-40]).read, None, "xyzzy-1234"))
+
+
+def test_stow_chunked_request_body(pacs, tmp_path):
+    path = write(tmp_path, seed=8, patient=1, study=1, series=1, number=1, size=256)
+    body, ctype = multipart_body([path.read_bytes()])
+    pieces = (body[i:i + 10000] for i in range(0, len(body), 10000))   # no Content-Length
+    r = requests.post(pacs.dw + "/studies", data=pieces, headers={"Content-Type": ctype},
+                      timeout=30)
+    assert r.status_code == 200, r.text
+    sop = str(dcmread(path).SOPInstanceUID)
+    status, got = c_get(pacs.dicom_port, {"QueryRetrieveLevel": "IMAGE",
+                                          "StudyInstanceUID": uid(8, 1, 1, "study"),
+                                          "SeriesInstanceUID": uid(8, 1, 1, 1, "series"),
+                                          "SOPInstanceUID": sop},
+                        "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
+    assert status == 0 and got == {sop: dataset_bytes(path)}
