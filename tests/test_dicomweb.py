@@ -425,3 +425,43 @@ def test_stow_chunked_request_body(pacs, tmp_path):
                                           "SOPInstanceUID": sop},
                         "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1")
     assert status == 0 and got == {sop: dataset_bytes(path)}
+
+
+def test_the_requests_an_ohif_viewer_makes(pacs):
+    """Replays the DICOMweb data source of OHIF v3 (study list, series list, series metadata,
+    frames, thumbnail), from a browser origin allowed by [http] cors_origins."""
+    h = {"Origin": VIEWER, "Accept": "application/dicom+json"}
+    # Study list: OHIF asks for StudyDescription and ModalitiesInStudy, 101 at a time.
+    r = requests.get(pacs.dw + "/studies", headers=h, timeout=10, params={
+        "limit": "101", "offset": "0", "fuzzymatching": "false",
+        "includefield": "00081030,00080060", "PatientName": "*Patient001*"})
+    assert r.status_code == 200 and r.headers["Access-Control-Allow-Origin"] == VIEWER
+    studies = r.json()
+    assert {s["0020000D"]["Value"][0] for s in studies} == {STUDY_A, STUDY_B}
+    study = next(s for s in studies if s["0020000D"]["Value"][0] == STUDY_A)
+    assert study["00081030"]["Value"] == ["CT CHEST 1"]
+    assert sorted(study["00080061"]["Value"]) == ["CT", "MR"]
+    assert study["00100010"]["vr"] == "PN" and "Alphabetic" in study["00100010"]["Value"][0]
+    # Series of the study, then each series' metadata.
+    series = requests.get(f"{pacs.dw}/studies/{STUDY_A}/series", headers=h, timeout=10).json()
+    assert len(series) == 2
+    ct = next(s for s in series if s["00080060"]["Value"] == ["CT"])
+    se_uid = ct["0020000E"]["Value"][0]
+    meta = requests.get(f"{pacs.dw}/studies/{STUDY_A}/series/{se_uid}/metadata", headers=h,
+                        timeout=10).json()
+    assert len(meta) == 4
+    first = meta[0]
+    for tag in ("00080018", "00280010", "00280011", "00280100", "00281050", "00200013"):
+        assert tag in first, tag   # what the viewer needs to lay out and window the image
+    # Pixel data, as OHIF's image loader asks for it.
+    sop = first["00080018"]["Value"][0]
+    r = requests.get(f"{pacs.dw}/studies/{STUDY_A}/series/{se_uid}/instances/{sop}/frames/1",
+                     timeout=10, headers={"Origin": VIEWER, "Accept": "multipart/related; "
+                                          "type=application/octet-stream; transfer-syntax=*"})
+    assert r.status_code == 200 and r.headers["Access-Control-Allow-Origin"] == VIEWER
+    [(headers, frame)] = parts(r)
+    assert headers["Content-Type"].startswith("application/octet-stream")
+    assert len(frame) == 32 * 32 * 2
+    thumb = requests.get(f"{pacs.dw}/studies/{STUDY_A}/series/{se_uid}/thumbnail",
+                         headers={"Origin": VIEWER, "Accept": "image/jpeg"}, timeout=10)
+    assert thumb.status_code == 200 and thumb.content[:2] == b"\xff\xd8"
