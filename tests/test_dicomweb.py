@@ -434,7 +434,8 @@ def test_the_requests_an_ohif_viewer_makes(pacs):
     # Study list: OHIF asks for StudyDescription and ModalitiesInStudy, 101 at a time.
     r = requests.get(pacs.dw + "/studies", headers=h, timeout=10, params={
         "limit": "101", "offset": "0", "fuzzymatching": "false",
-        "includefield": "00081030,00080060", "PatientName": "*Patient001*"})
+        "includefield": "00081030,00080060", "PatientName": "*Patient001*",
+        "PatientID": "PID5-001"})
     assert r.status_code == 200 and r.headers["Access-Control-Allow-Origin"] == VIEWER
     studies = r.json()
     assert {s["0020000D"]["Value"][0] for s in studies} == {STUDY_A, STUDY_B}
