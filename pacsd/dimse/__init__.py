@@ -32,7 +32,8 @@ from pacsd.archive import Archive
 from pacsd.config import Config
 from pacsd.dimse.echo import handle_echo
 from pacsd.dimse.find import handle_find
-from pacsd.dimse.retrieve import _nodelay, handle_get, handle_move
+from pacsd.dimse.retrieve import handle_get, handle_move
+from pacsd.remote import nodelay
 from pacsd.dimse.store import handle_store
 from pacsd.errors import PortInUse
 
@@ -144,7 +145,7 @@ class DicomServer:
     def start(self) -> None:
         archive = self.archive
         handlers: list[Any] = [
-            (evt.EVT_CONN_OPEN, _nodelay),
+            (evt.EVT_CONN_OPEN, nodelay),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_FIND, partial(handle_find, index=archive.index, aet=self.cfg.dicom_aet)),

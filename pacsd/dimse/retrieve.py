@@ -21,9 +21,7 @@ from pacsd import query
 from pacsd.config import Config
 from pacsd.dimse.find import Cancelled, parse_identifier
 from pacsd.index import Index
-from pacsd.remote import MAX_CONTEXTS, StoredRef, move_contexts, send_stored  # noqa: F401
-from pacsd.remote import nodelay as _nodelay
-from pacsd.remote import stored_ref as _ref
+from pacsd.remote import move_contexts, nodelay, send_stored, stored_ref
 from pacsd.store import Store
 
 log = logging.getLogger(__name__)
@@ -51,7 +49,7 @@ def _send(event: Event, insts: list[query.StoredInstance], store: Store, verb: s
                      event.assoc.requestor.ae_title, n, len(insts))
             yield 0xFE00, None
             return
-        yield 0xFF00, _ref(inst, store)
+        yield 0xFF00, stored_ref(inst, store)
     log.info("%s from %s: %d instance(s) sent", verb, event.assoc.requestor.ae_title, len(insts))
 
 
@@ -87,7 +85,7 @@ def handle_move(event: Event, cfg: Config, index: Index, store: Store) -> Iterat
     yield node.host, node.port, {
         "ae_title": node.aet,
         "contexts": move_contexts(insts) or None,
-        "evt_handlers": [(evt.EVT_CONN_OPEN, _nodelay), (evt.EVT_ACCEPTED, on_accepted)],
+        "evt_handlers": [(evt.EVT_CONN_OPEN, nodelay), (evt.EVT_ACCEPTED, on_accepted)],
     }
     yield len(insts)
     yield from _send(event, insts, store, f"C-MOVE to {node.aet}")
