@@ -18,7 +18,7 @@ from typing import Callable, Iterable, Iterator
 from pydicom.errors import InvalidDicomError
 from pynetdicom.dsutils import split_dataset
 
-from pacsd.errors import IndexUnavailable, InvalidDataset, PacsError
+from pacsd.errors import IndexUnavailable, InvalidDataset, PacsError, StudyMismatch
 from pacsd.header import (check_and_extract, file_meta_bytes, is_valid_uid, read_dataset_header,
                           read_header)
 from pacsd.index import Index
@@ -32,6 +32,8 @@ class Stored:
     sop_instance_uid: str
     path: str
     duplicate: bool = False
+    study_instance_uid: str = ""
+    series_instance_uid: str = ""
 
 
 class Archive:
@@ -41,19 +43,25 @@ class Archive:
         self.overwrite = overwrite
 
     def put(self, dataset: bytes, *, transfer_syntax: str, sop_class: str | None = None,
-            sop_instance: str | None = None, calling_aet: str = "") -> Stored:
+            sop_instance: str | None = None, calling_aet: str = "",
+            study: str | None = None) -> Stored:
         """Durably keep an encoded data set (the bytes after the File Meta group, exactly as
-        received). Raises a PacsError subclass; on any error nothing is left behind."""
+        received); `study`, when given, is the study it must belong to. Raises a PacsError
+        subclass; on any error nothing is left behind."""
         for label, uid in (("SOP Class", sop_class), ("SOP Instance", sop_instance),
                            ("Transfer Syntax", transfer_syntax)):
             if uid is not None and not is_valid_uid(uid):
                 raise InvalidDataset(f"{label} UID {uid[:80]!r} is not a valid UID (PS3.5 9.1)")
         record = check_and_extract(read_dataset_header(dataset, transfer_syntax),
                                    sop_class=sop_class, sop_instance=sop_instance)
+        if study is not None and record.values["study_instance_uid"] != study:
+            raise StudyMismatch(f"the instance is of study {record.values['study_instance_uid']}"
+                                f", not {study[:80]}")
         # The File Meta group takes the UIDs checked above: the request's, which the data set
         # agrees with, or (import without them) the data set's own.
         meta = file_meta_bytes(record.values["sop_class_uid"], record.sop_instance_uid,
                                transfer_syntax, calling_aet)
+        uids = (record.values["study_instance_uid"], record.values["series_instance_uid"])
         rel, size = self.store.write(meta, dataset)
         try:
             added = self.index.add(record, path=rel, size=size, transfer_syntax=transfer_syntax,
@@ -72,12 +80,12 @@ class Archive:
             self.store.delete(rel)
             log.info("duplicate SOP Instance %s from %s: kept the first copy",
                      record.sop_instance_uid, calling_aet or "import")
-            return Stored(record.sop_instance_uid, "", duplicate=True)
+            return Stored(record.sop_instance_uid, "", True, *uids)
         if added.replaced_path:
             self.store.delete(added.replaced_path)
             log.info("SOP Instance %s from %s replaced the stored copy",
                      record.sop_instance_uid, calling_aet or "import")
-        return Stored(record.sop_instance_uid, rel)
+        return Stored(record.sop_instance_uid, rel, False, *uids)
 
     def put_file(self, path: Path) -> Stored:
         """Import a DICOM Part 10 file from anywhere (the bytes after its meta group are kept)."""

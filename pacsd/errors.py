@@ -68,6 +68,15 @@ class SOPClassMismatch(InvalidDataset):
     http_status = 409
 
 
+class StudyMismatch(InvalidDataset):
+    """The instance belongs to another study than the one the request names (STOW-RS to
+    /studies/{uid}); 0xC409 is a code of ours in the Cxxx range that PS3.18 Annex I leaves to
+    the implementation."""
+
+    dicom_status = 0xC409
+    http_status = 409
+
+
 class OutOfResources(PacsError):
     """Disk full or similar (PS3.4 B.2.3: Refused, Out of Resources)."""
 

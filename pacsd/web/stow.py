@@ -20,13 +20,12 @@ from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.tag import Tag
 
 from pacsd.errors import InvalidDataset, PacsError
-from pacsd.header import is_valid_uid, read_dataset_header
+from pacsd.header import is_valid_uid
 from pacsd.web import multipart
 
 log = logging.getLogger(__name__)
 
 DICOM_JSON = "application/dicom+json"
-STUDY_MISMATCH = 0xC409   # the instance is not of the study in the URL (ours, a Cxxx code)
 Url = Callable[..., str]   # (study, series, sop) -> the RetrieveURL
 
 
@@ -51,18 +50,12 @@ def store_part(rt: Any, view: memoryview, study: str | None, result: dict[str, A
     result["ReferencedSOPClassUID"] = str(meta.get("MediaStorageSOPClassUID", "") or "")
     result["ReferencedSOPInstanceUID"] = str(meta.get("MediaStorageSOPInstanceUID", "") or "")
     data = bytes(view[offset:])   # the data set exactly as sent: the one copy we keep
-    header = read_dataset_header(data, ts)
-    uids = [str(header.get(k, "") or "") for k in ("StudyInstanceUID", "SeriesInstanceUID",
-                                                   "SOPInstanceUID")]
-    if study is not None and uids[0] != study:
-        result["FailureReason"] = STUDY_MISMATCH
-        result["error"] = f"Study Instance UID {uids[0][:80]} is not that of the URL"
-        return
-    rt.archive.put(data, transfer_syntax=ts,
-                   sop_class=result["ReferencedSOPClassUID"] or None,
-                   sop_instance=result["ReferencedSOPInstanceUID"] or None)
-    result["RetrieveURL"] = url(*uids)
-    result["study"] = uids[0]
+    stored = rt.archive.put(data, transfer_syntax=ts, study=study,
+                            sop_class=result["ReferencedSOPClassUID"] or None,
+                            sop_instance=result["ReferencedSOPInstanceUID"] or None)
+    result["RetrieveURL"] = url(stored.study_instance_uid, stored.series_instance_uid,
+                                stored.sop_instance_uid)
+    result["study"] = stored.study_instance_uid
 
 
 def stow(rt: Any, study: str | None, url: Url) -> str:
