@@ -18,11 +18,8 @@ The server and its data folder are removed at exit.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,47 +27,8 @@ from pathlib import Path
 
 import requests
 
-REPO = Path(__file__).resolve().parent.parent
-LOCAL = "127.0.0.1"
-sys.path.insert(0, str(REPO / "tests"))
-
+from common import pacsd, store  # noqa: E402  (benchmarks/ is on sys.path when run)
 from data import write_series  # noqa: E402
-
-
-def start(data: Path, log: Path) -> tuple[subprocess.Popen, int, str]:
-    cfg = data.parent / "pacsd.toml"
-    cfg.write_text(f'[server]\ndata = "{data}"\n[dicom]\nport = 0\nbind = "{LOCAL}"\n'
-                   f'[http]\nport = 0\nbind = "{LOCAL}"\n[log]\nfile = "{log}"\n')
-    proc = subprocess.Popen([sys.executable, "-m", "pacsd", "serve", "--config", str(cfg)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            stdin=subprocess.DEVNULL, cwd=REPO)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"pacsd exited {proc.returncode}; see {log}")
-        try:
-            info = json.loads((data / "pacsd.json").read_text())
-            if info["pid"] == proc.pid:
-                return proc, int(info["dicom_port"]), f"http://{LOCAL}:{info['http_port']}"
-        except (OSError, ValueError, KeyError):
-            pass
-        time.sleep(0.05)
-    proc.kill()
-    raise SystemExit("pacsd did not become ready within 60 s")
-
-
-def store(port: int, paths: list[Path]) -> None:
-    storescu = next((p for p in ("/usr/bin/storescu", "/usr/local/bin/storescu",
-                                 "/opt/homebrew/bin/storescu") if Path(p).exists()), None)
-    if storescu:
-        subprocess.run([storescu, "-aec", "PACSD", LOCAL, str(port), *map(str, paths)],
-                       check=True, timeout=600, env={**os.environ, "TCP_NODELAY": "1"},
-                       capture_output=True)
-        return
-    from conftest import store_files
-    statuses = store_files(port, paths)
-    if set(statuses) != {0}:
-        raise SystemExit(f"C-STORE failed: {sorted(set(statuses))}")
 
 
 def wado_series(url: str, expected_parts: int) -> tuple[float, int]:
@@ -100,59 +58,55 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--queries", type=int, default=30)
     args = ap.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="pacsd-bench-dicomweb-"))
-    proc = None
     try:
         series = write_series(work / "series", seed=11, images=args.images, size=512)
         others = write_series(work / "others", seed=12, patients=args.studies, images=1,
                               size=64)
-        proc, port, http = start(work / "data", work / "pacsd.log")
-        t0 = time.perf_counter()
-        store(port, series)
-        store_s = time.perf_counter() - t0
-        store(port, others)
-        from pydicom import dcmread
-        first = dcmread(series[0], stop_before_pixels=True)
-        dw = http + "/dicom-web"
-        url = f"{dw}/studies/{first.StudyInstanceUID}/series/{first.SeriesInstanceUID}"
-        wado_series(url, args.images)   # warm-up: page cache, connections
-        runs = [wado_series(url, args.images) for _ in range(args.runs)]
-        secs = statistics.median(t for t, _ in runs)
-        size = runs[0][1]
-        meta = []
-        for _ in range(3):
-            t = time.perf_counter()
-            r = requests.get(url + "/metadata", timeout=120)
-            r.raise_for_status()
-            meta.append(time.perf_counter() - t)
-            if len(r.json()) != args.images:
-                raise SystemExit("WADO-RS metadata: wrong number of instances")
-        session = requests.Session()
-        lat, found = [], 0
-        for _ in range(args.queries + 1):
-            t = time.perf_counter()
-            r = session.get(dw + "/studies", timeout=30)
-            r.raise_for_status()
-            lat.append(time.perf_counter() - t)
-            found = len(r.json())
-        qido_ms = statistics.median(lat[1:]) * 1000
-        print(f"stored {args.images} images of 512x512 in {store_s:.1f} s "
-              f"({args.images / store_s:.0f} img/s), plus {args.studies} one-image studies")
-        print(f"WADO-RS series ({args.images} instances, {size / 1e6:.1f} MB): "
-              f"{size / 1e6 / secs:.0f} MB/s, {args.images / secs:.0f} img/s "
-              f"(median of {args.runs}: {secs * 1000:.0f} ms)")
-        print(f"WADO-RS series metadata ({args.images} headers read): "
-              f"{statistics.median(meta) * 1000:.0f} ms (median of 3)")
-        print(f"QIDO-RS /studies ({found} studies): {qido_ms:.1f} ms (median of {args.queries})")
-        return 0
+        with pacsd(work) as server:
+            return run(args, server, series, others)
     finally:
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args: argparse.Namespace, server, series: list[Path], others: list[Path]) -> int:
+    t0 = time.perf_counter()
+    store(server.dicom_port, series)
+    store_s = time.perf_counter() - t0
+    store(server.dicom_port, others)
+    from pydicom import dcmread
+    first = dcmread(series[0], stop_before_pixels=True)
+    dw = server.http_url + "/dicom-web"
+    url = f"{dw}/studies/{first.StudyInstanceUID}/series/{first.SeriesInstanceUID}"
+    wado_series(url, args.images)   # warm-up: page cache, connections
+    runs = [wado_series(url, args.images) for _ in range(args.runs)]
+    secs = statistics.median(t for t, _ in runs)
+    size = runs[0][1]
+    meta = []
+    for _ in range(3):
+        t = time.perf_counter()
+        r = requests.get(url + "/metadata", timeout=120)
+        r.raise_for_status()
+        meta.append(time.perf_counter() - t)
+        if len(r.json()) != args.images:
+            raise SystemExit("WADO-RS metadata: wrong number of instances")
+    session = requests.Session()
+    lat, found = [], 0
+    for _ in range(args.queries + 1):
+        t = time.perf_counter()
+        r = session.get(dw + "/studies", timeout=30)
+        r.raise_for_status()
+        lat.append(time.perf_counter() - t)
+        found = len(r.json())
+    qido_ms = statistics.median(lat[1:]) * 1000
+    print(f"stored {args.images} images of 512x512 in {store_s:.1f} s "
+          f"({args.images / store_s:.0f} img/s), plus {args.studies} one-image studies")
+    print(f"WADO-RS series ({args.images} instances, {size / 1e6:.1f} MB): "
+          f"{size / 1e6 / secs:.0f} MB/s, {args.images / secs:.0f} img/s "
+          f"(median of {args.runs}: {secs * 1000:.0f} ms)")
+    print(f"WADO-RS series metadata ({args.images} headers read): "
+          f"{statistics.median(meta) * 1000:.0f} ms (median of 3)")
+    print(f"QIDO-RS /studies ({found} studies): {qido_ms:.1f} ms (median of {args.queries})")
+    return 0
 
 
 if __name__ == "__main__":
