@@ -223,6 +223,23 @@ def c_get(port: int, keys: dict[str, str], sop_class: str, ts: str
     return int(final.Status), received
 
 
+def c_find(port: int, level: str, model=None, **keys) -> tuple[int, list]:
+    """(final status, matches) of a C-FIND (Study Root unless `model`); keys: keyword=value,
+    '' for return-only keys."""
+    from pydicom.dataset import Dataset
+    from pynetdicom import build_context
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+    model = model or StudyRootQueryRetrieveInformationModelFind
+    q = Dataset()
+    q.QueryRetrieveLevel = level
+    for k, v in keys.items():
+        setattr(q, k, v)
+    with associate(port, [build_context(model)]) as assoc:
+        out = list(assoc.send_c_find(q, model))
+    matches = [ds for status, ds in out if status and status.Status in (0xFF00, 0xFF01)]
+    return int(out[-1][0].Status), matches
+
+
 def free_port() -> int:
     import socket
     with socket.socket() as s:

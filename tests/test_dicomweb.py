@@ -15,12 +15,10 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.filereader import _read_file_meta_info, read_preamble
-from pynetdicom import build_context
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from conftest import associate, c_get, store_files, write_config  # noqa: E402
+from conftest import c_find as find_status, c_get, store_files, write_config  # noqa: E402
 from data import ct_slice, dataset_bytes, sample, uid  # noqa: E402
 
 VIEWER = "http://viewer.example"
@@ -64,13 +62,7 @@ def client(pacs) -> DICOMwebClient:
 
 
 def c_find(port: int, level: str, **keys) -> list[Dataset]:
-    q = Dataset()
-    q.QueryRetrieveLevel = level
-    for k, v in keys.items():
-        setattr(q, k, v)
-    with associate(port, [build_context(FIND)]) as assoc:
-        out = list(assoc.send_c_find(q, FIND))
-    return [ds for status, ds in out if status and status.Status in (0xFF00, 0xFF01)]
+    return find_status(port, level, **keys)[1]
 
 
 def parts(resp: requests.Response) -> list[tuple[dict[str, str], bytes]]:

@@ -3,28 +3,15 @@
 from __future__ import annotations
 
 import pytest
-from pydicom.dataset import Dataset
-from pynetdicom import build_context
 from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelFind,
                                   StudyRootQueryRetrieveInformationModelFind)
 
-from conftest import associate, store_files
+from conftest import c_find as find
+from conftest import store_files
 from data import ct_slice, sample, uid
 
 STUDY_ROOT = StudyRootQueryRetrieveInformationModelFind
 PATIENT_ROOT = PatientRootQueryRetrieveInformationModelFind
-
-
-def find(port: int, level: str, model=STUDY_ROOT, **keys) -> tuple[int, list[Dataset]]:
-    """(final status, matches). keys: keyword=value ('' for return-only)."""
-    q = Dataset()
-    q.QueryRetrieveLevel = level
-    for k, v in keys.items():
-        setattr(q, k, v)
-    with associate(port, [build_context(model)]) as assoc:
-        out = list(assoc.send_c_find(q, model))
-    matches = [ds for status, ds in out if status and status.Status in (0xFF00, 0xFF01)]
-    return int(out[-1][0].Status), matches
 
 
 @pytest.fixture(scope="module")
