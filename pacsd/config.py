@@ -255,6 +255,21 @@ def _coerce(s: Setting, value: Any, origin: str) -> Any:
         raise ConfigError(f"[{s.section}] {s.key} from {origin}: {e}") from None
 
 
+def node_from(item: dict[str, Any]) -> Node:
+    """A Node from a table (TOML [[nodes]], the admin page): KeyError or ValueError if bad."""
+    aet = valid_aet(str(item["aet"]))
+    host = str(item["host"]).strip()
+    port = item["port"]
+    if not host or any(c.isspace() for c in host):
+        raise ValueError(f"host {host!r} is not a host name or address")
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise ValueError(f"port {port!r} is not 1-65535")
+    name = str(item.get("name") or aet).strip()
+    if not name or len(name) > 64:
+        raise ValueError("name must be 1-64 characters")
+    return Node(name=name, aet=aet, host=host, port=port)
+
+
 def _nodes(raw: Any, origin: str) -> tuple[Node, ...]:
     if not isinstance(raw, list):
         raise ConfigError(f"[[nodes]] in {origin} must be an array of tables")
@@ -267,21 +282,15 @@ def _nodes(raw: Any, origin: str) -> tuple[Node, ...]:
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
         try:
-            aet = valid_aet(str(item["aet"]))
-            host = str(item["host"]).strip()
-            port = item["port"]
-            if not host:
-                raise ValueError("host is empty")
-            if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
-                raise ValueError(f"port {port!r} is not 1-65535")
+            node = node_from(item)
         except KeyError as e:
             raise ConfigError(f"{where}: missing {e.args[0]!r}") from None
         except ValueError as e:
             raise ConfigError(f"{where}: {e}") from None
-        name = str(item.get("name") or aet)
-        if any(n.name == name or n.aet == aet for n in nodes):
-            raise ConfigError(f"{where}: name {name!r} or AE title {aet!r} appears twice")
-        nodes.append(Node(name=name, aet=aet, host=host, port=port))
+        if any(n.name == node.name or n.aet == node.aet for n in nodes):
+            raise ConfigError(f"{where}: name {node.name!r} or AE title {node.aet!r} appears "
+                              "twice")
+        nodes.append(node)
     return tuple(nodes)
 
 

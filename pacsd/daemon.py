@@ -26,8 +26,10 @@ from pacsd import __version__
 from pacsd.archive import Archive
 from pacsd.config import Config
 from pacsd.dimse import DicomServer
+from pacsd.directory import Directory
 from pacsd.errors import AlreadyRunning, FolderNotWritable
 from pacsd.index import Index
+from pacsd.logbook import Logbook
 from pacsd.store import Store, fsync_fd
 from pacsd.web import HttpServer, Runtime
 
@@ -77,6 +79,8 @@ class Server:
         self.index: Index | None = None
         self.dicom: DicomServer | None = None
         self.http: HttpServer | None = None
+        self.runtime: Runtime | None = None
+        self.logbook = Logbook()
         self._stop = threading.Event()
 
     @property
@@ -94,6 +98,7 @@ class Server:
     def start(self) -> "Server":
         cfg = self.cfg
         self._lock_fd = lock_data_folder(cfg.data)
+        self.logbook.attach()
         try:
             # The pidfile is written before anything can be stored and removed only after a
             # clean stop, so finding one means: recover what that run may have left half done.
@@ -104,14 +109,16 @@ class Server:
             store.open()
             self.index = Index(cfg.index_url).open()
             archive = Archive(store, self.index, overwrite=cfg.storage_overwrite)
+            directory = Directory(cfg, self.index).open()
             if unclean_since is not None:
                 log.warning("the previous run did not stop cleanly; checking the files it wrote")
                 archive.recover(since=unclean_since - 60)
-            self.dicom = DicomServer(cfg, archive)
+            self.dicom = DicomServer(cfg, archive, directory)
             self.dicom.start()
             dicom = self.dicom
-            self.http = HttpServer(Runtime(cfg, archive, self.started,
-                                           lambda: dicom.active_associations))
+            self.runtime = Runtime(cfg, archive, directory, self.started,
+                                   lambda: dicom.active_associations, self.logbook)
+            self.http = HttpServer(self.runtime)
             self.http.start()
             write_atomic(cfg.runfile, json.dumps({
                 "pid": os.getpid(), "version": __version__, "started": self.started,
@@ -139,6 +146,9 @@ class Server:
         if self.http is not None:
             self.http.stop()
             self.http = None
+        if self.runtime is not None:
+            self.runtime.jobs.shutdown()
+            self.runtime = None
         if self.dicom is not None:
             self.dicom.stop()
             self.dicom = None
@@ -156,6 +166,7 @@ class Server:
                         pass
             os.close(self._lock_fd)
             self._lock_fd = None
+        self.logbook.detach()
 
     # --- `pacsd serve` ----------------------------------------------------------------------
 

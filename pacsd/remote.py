@@ -15,7 +15,7 @@ import logging
 import socket
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from pydicom import dcmread
 from pydicom.datadict import tag_for_keyword
@@ -28,7 +28,8 @@ from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # names made at import
-    StudyRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelMove)
+    StudyRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelMove,
+    Verification)
 
 from pacsd import query
 from pacsd.config import Config, Node
@@ -166,8 +167,11 @@ def _close(ae: AE, assoc: Association) -> None:
     ae.shutdown()
 
 
-def send(cfg: Config, node: Node, instances: list[query.StoredInstance], store: Store
-         ) -> tuple[int, int]:
+Progress = Callable[[int, int, int | None], None]   # (completed, failed, total or None)
+
+
+def send(cfg: Config, node: Node, instances: list[query.StoredInstance], store: Store,
+         progress: Progress | None = None) -> tuple[int, int]:
     """C-STORE stored instances to `node` over one association; (completed, failed)."""
     if not instances:
         return 0, 0
@@ -195,6 +199,8 @@ def send(cfg: Config, node: Node, instances: list[query.StoredInstance], store: 
                 log.warning("C-STORE of %s to %s: status 0x%04X", inst.sop_instance_uid,
                             node.aet, status & 0xFFFF)
                 failed += 1
+            if progress is not None:
+                progress(completed, failed, len(instances))
     finally:
         _close(ae, assoc)
     log.info("sent %d instance(s) to %s (%d failed)", completed, node.aet, failed)
@@ -250,8 +256,8 @@ def find(cfg: Config, node: Node, level: str, keys: dict[str, str]) -> list[dict
     return matches
 
 
-def move_here(cfg: Config, node: Node, keys: dict[str, str], level: str = "STUDY"
-              ) -> dict[str, int]:
+def move_here(cfg: Config, node: Node, keys: dict[str, str], level: str = "STUDY",
+              progress: Progress | None = None) -> dict[str, int]:
     """Ask `node` to C-MOVE what `keys` name to our own AE title (the remote must list us as a
     destination). Returns the final sub-operation counts and status."""
     ae = _ae(cfg)
@@ -263,6 +269,13 @@ def move_here(cfg: Config, node: Node, keys: dict[str, str], level: str = "STUDY
             if not status:
                 break
             final = status
+            if progress is not None and int(status.Status) == 0xFF00:   # pending (C.4.2.1.6)
+                done, failed, remaining = (
+                    int(status.get(k, 0) or 0) for k in ("NumberOfCompletedSuboperations",
+                                                         "NumberOfFailedSuboperations",
+                                                         "NumberOfRemainingSuboperations"))
+                progress(done, failed, done + failed + remaining
+                         + int(status.get("NumberOfWarningSuboperations", 0) or 0))
     finally:
         _close(ae, assoc)
     if final is None:
@@ -281,7 +294,19 @@ def move_here(cfg: Config, node: Node, keys: dict[str, str], level: str = "STUDY
     return counts
 
 
-def node_named(cfg: Config, name: str) -> Node | None:
-    """A configured node by its name or, failing that, its AE title."""
-    name = (name or "").strip()
-    return next((n for n in cfg.nodes if n.name == name), None) or cfg.node_by_aet(name)
+def echo(cfg: Config, node: Node) -> tuple[bool, float, str]:
+    """C-ECHO `node`: (answered with Success, milliseconds, what happened)."""
+    ae = _ae(cfg)
+    t0 = time.monotonic()
+    try:
+        assoc = _associate(ae, node, [build_context(Verification)])
+    except RemoteError as e:
+        return False, (time.monotonic() - t0) * 1000, str(e)
+    try:
+        status = assoc.send_c_echo()
+        ok = bool(status) and int(status.Status) == 0
+    finally:
+        _close(ae, assoc)
+    ms = (time.monotonic() - t0) * 1000
+    return ok, ms, "C-ECHO answered Success" if ok else "C-ECHO got no Success answer"
+

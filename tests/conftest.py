@@ -249,3 +249,61 @@ def free_port() -> int:
 
 def which(name: str) -> str | None:
     return shutil.which(name)
+
+
+# --- a real headless Chromium (Debian's chromium + chromium-driver) driven by Selenium --------
+
+CHROMIUM = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
+CHROMEDRIVER = ("/usr/bin/chromedriver", "/usr/lib/chromium/chromedriver")
+
+
+def _first(paths: tuple[str, ...]) -> str | None:
+    return next((p for p in paths if Path(p).exists()), None)
+
+
+@pytest.fixture(scope="session")
+def chromium_paths() -> tuple[str, str]:
+    binary, driver = _first(CHROMIUM), _first(CHROMEDRIVER)
+    if not binary or not driver:
+        message = "Chromium and ChromeDriver are not installed (apt-get install chromium " \
+                  "chromium-driver)"
+        if REQUIRE_PEERS:
+            pytest.fail(message + " and PACSD_REQUIRE_PEERS=1")
+        pytest.skip(message)
+    return binary, driver
+
+
+@pytest.fixture
+def browser(chromium_paths, tmp_path: Path):
+    """A fresh headless Chromium per test (own profile, downloads into tmp_path/downloads).
+    Only loopback is ever contacted: background networking, sync and updates are off."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    binary, driver_path = chromium_paths
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = binary
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-extensions",
+                 "--disable-dev-shm-usage", "--window-size=1400,900",
+                 f"--user-data-dir={tmp_path / 'chromium-profile'}"):
+        opts.add_argument(flag)
+    opts.add_experimental_option("prefs", {
+        "download.default_directory": str(downloads), "download.prompt_for_download": False,
+        "safebrowsing.enabled": False})
+    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    drv = webdriver.Chrome(service=Service(executable_path=driver_path), options=opts)
+    drv.set_page_load_timeout(30)
+    drv.set_script_timeout(60)
+    drv.downloads = downloads   # type: ignore[attr-defined]
+    try:
+        yield drv
+    finally:
+        drv.quit()
+
+
+def browser_errors(drv) -> list[str]:
+    """Severe messages from the page's console (uncaught exceptions, failed requests)."""
+    return [e["message"] for e in drv.get_log("browser") if e.get("level") == "SEVERE"]

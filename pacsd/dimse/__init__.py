@@ -30,6 +30,7 @@ from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
 
 from pacsd.archive import Archive
 from pacsd.config import Config
+from pacsd.directory import Directory
 from pacsd.dimse.echo import handle_echo
 from pacsd.dimse.find import handle_find
 from pacsd.dimse.retrieve import handle_get, handle_move
@@ -106,9 +107,10 @@ def build_ae(cfg: Config) -> AE:
 
 
 class DicomServer:
-    def __init__(self, cfg: Config, archive: Archive) -> None:
+    def __init__(self, cfg: Config, archive: Archive, directory: Directory) -> None:
         self.cfg = cfg
         self.archive = archive
+        self.directory = directory
         self.ae = build_ae(cfg)
         self.server: ThreadedAssociationServer | None = None
         self._stats: dict[int, dict[str, int]] = {}
@@ -150,7 +152,7 @@ class DicomServer:
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_FIND, partial(handle_find, index=archive.index, aet=self.cfg.dicom_aet)),
             (evt.EVT_C_GET, partial(handle_get, index=archive.index, store=archive.store)),
-            (evt.EVT_C_MOVE, partial(handle_move, cfg=self.cfg, index=archive.index,
+            (evt.EVT_C_MOVE, partial(handle_move, directory=self.directory, index=archive.index,
                                      store=archive.store)),
             (evt.EVT_RELEASED, self._on_end),
             (evt.EVT_ABORTED, self._on_end),

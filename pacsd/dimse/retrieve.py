@@ -18,7 +18,7 @@ from pynetdicom import evt
 from pynetdicom.events import Event
 
 from pacsd import query
-from pacsd.config import Config
+from pacsd.directory import Directory
 from pacsd.dimse.find import Cancelled, parse_identifier
 from pacsd.index import Index
 from pacsd.remote import move_contexts, nodelay, send_stored, stored_ref
@@ -64,12 +64,13 @@ def handle_get(event: Event, index: Index, store: Store) -> Iterator[Any]:
     yield from _send(event, insts, store, "C-GET")
 
 
-def handle_move(event: Event, cfg: Config, index: Index, store: Store) -> Iterator[Any]:
+def handle_move(event: Event, directory: Directory, index: Index, store: Store
+                ) -> Iterator[Any]:
     dest = (event.move_destination or "").strip()
-    node = cfg.node_by_aet(dest)
+    node = directory.node_by_aet(dest)
     if node is None:
         log.warning("C-MOVE from %s to unknown destination %r refused (0xA801); add it to "
-                    "[[nodes]]", event.assoc.requestor.ae_title, dest)
+                    "[[nodes]] or on the admin page", event.assoc.requestor.ae_title, dest)
         yield None, None
         return
     insts = _lookup(event, index, "C-MOVE")

@@ -1,15 +1,17 @@
 """The web side: bottle apps built by factories, composed under one root, served by cheroot.
 
-Each concern is an app of its own (health, wado, dicomweb, xmlrpc), built by its `make_app` from
-a `Runtime` (configuration, the archive, a few live figures) and merged or mounted into the root.
+Each concern is an app of its own (health, wado, dicomweb, xmlrpc; the pages' ui, api and
+admin), built by its `make_app` from a `Runtime` (configuration, the archive, the directory of
+nodes and users, a few live figures) and merged or mounted into the root.
 Front ends call archive / query / index / store, never each other and never the daemon.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import bottle
@@ -17,8 +19,11 @@ from cheroot import wsgi
 
 from pacsd.archive import Archive
 from pacsd.config import Config
+from pacsd.directory import Directory
 from pacsd.errors import PacsError, PortInUse
-from pacsd.web.auth import Auth
+from pacsd.logbook import Logbook
+from pacsd.web.auth import Auth, Sessions
+from pacsd.web.jobs import Jobs
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +34,11 @@ class Runtime:
 
     cfg: Config
     archive: Archive
+    directory: Directory
     started: float
     associations: Callable[[], int] = lambda: 0
+    logbook: Logbook = field(default_factory=Logbook)
+    jobs: Jobs = field(default_factory=Jobs)
 
 
 def errors_plugin(callback: Callable) -> Callable:
@@ -40,6 +48,9 @@ def errors_plugin(callback: Callable) -> Callable:
             return callback(*args, **kwargs)
         except PacsError as e:
             log.warning("HTTP %s %s: %s", bottle.request.method, bottle.request.path, e)
+            if bottle.request.path.startswith("/api/"):   # the pages read {"error": ...}
+                raise bottle.HTTPResponse(json.dumps({"error": str(e)}), e.http_status,
+                                          {"Content-Type": "application/json"}) from None
             raise bottle.HTTPError(e.http_status, str(e)) from None
     return wrapper
 
@@ -84,15 +95,18 @@ class Cors:
 
 def make_app(rt: Runtime) -> Callable:
     """The whole web side as one WSGI application."""
-    from pacsd.web import dicomweb, health, wado, xmlrpc
+    from pacsd.web import admin, api, dicomweb, health, ui, wado, xmlrpc
+    sessions = Sessions(rt.cfg.data / "session.key")
     root = new_app()
-    for module in (health, wado, xmlrpc):
+    for module in (health, wado, xmlrpc, api, admin):
         root.merge(module.make_app(rt))
+    root.merge(ui.make_app(rt, sessions))
     # Mounted as a plain WSGI app: SCRIPT_NAME then carries the prefix, from which DICOMweb
     # builds its RetrieveURLs.
     sub = dicomweb.make_app(rt)
     root.mount(dicomweb.MOUNT + "/", lambda environ, start_response: sub(environ, start_response))
-    app: Callable = Auth(root, rt.cfg)
+    app: Callable = Auth(root, lambda: {name: u for name, (u, _) in rt.directory.users().items()},
+                         sessions)
     if rt.cfg.http_cors_origins:
         app = Cors(app, rt.cfg.http_cors_origins)
     return app

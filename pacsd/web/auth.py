@@ -1,7 +1,8 @@
 """Who may do what on the web side: users with hashed passwords, HTTP Basic, admin rights.
 
-With no [[users]] configured everything is open, and config.load has already made sure the
-HTTP listener is then bound to loopback only (the embedded default, as Orthanc does).
+With no users (neither [[users]] in the config nor any added on the admin page) everything is
+open, and config.load has already made sure the HTTP listener is then bound to loopback only
+(the embedded default, as Orthanc does).
 `/testdbalive` and `/status` are open to loopback callers whatever the users.
 """
 
@@ -10,13 +11,19 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import http.cookies
 import ipaddress
+import json
 import logging
+import os
 import secrets
 import threading
+import time
+from pathlib import Path
 from typing import Any, Callable, Iterable
+from urllib.parse import quote
 
-from pacsd.config import Config, User
+from pacsd.config import User
 
 log = logging.getLogger(__name__)
 
@@ -49,23 +56,102 @@ def is_loopback(address: str) -> bool:
         return False
 
 
-class Auth:
-    """WSGI middleware: sets environ["pacsd.user"] (a User, or None when no users exist) or
-    answers 401."""
+class Sessions:
+    """Signed session cookies for the pages: name, expiry and a fingerprint of the password
+    hash (changing the password ends the user's sessions), HMAC-SHA256 with a key kept in the
+    data folder (0600) so that a restart does not log the reading room out."""
 
-    def __init__(self, app: Callable, cfg: Config) -> None:
+    COOKIE = "pacsd_session"
+    LIFETIME_S = 7 * 24 * 3600
+
+    def __init__(self, key_file: Path) -> None:
+        self.key = self._key(key_file)
+
+    @staticmethod
+    def _key(path: Path) -> bytes:
+        try:
+            key = path.read_bytes()
+            if len(key) >= 32:
+                return key
+        except OSError:
+            pass
+        key = secrets.token_bytes(32)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(key)
+        return key
+
+    def _sign(self, payload: str) -> str:
+        mac = hmac.new(self.key, payload.encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(mac).decode().rstrip("=")
+
+    @staticmethod
+    def _fingerprint(user: User) -> str:
+        return hashlib.sha256(user.password_hash.encode()).hexdigest()[:16]
+
+    def issue(self, user: User, now: float | None = None) -> str:
+        expires = int((now or time.time()) + self.LIFETIME_S)
+        name = base64.urlsafe_b64encode(user.name.encode()).decode().rstrip("=")
+        payload = f"{name}.{expires}.{self._fingerprint(user)}"
+        return f"{payload}.{self._sign(payload)}"
+
+    def user(self, cookie: str, lookup: Callable[[str], User | None]) -> User | None:
+        try:
+            name_b64, expires, fingerprint, mac = cookie.split(".")
+            payload = f"{name_b64}.{expires}.{fingerprint}"
+            if not hmac.compare_digest(mac, self._sign(payload)) or int(expires) < time.time():
+                return None
+            name = base64.urlsafe_b64decode(name_b64 + "=" * (-len(name_b64) % 4)).decode()
+        except (ValueError, UnicodeDecodeError):
+            return None
+        user = lookup(name)
+        if user is None or not hmac.compare_digest(fingerprint, self._fingerprint(user)):
+            return None
+        return user
+
+    def header(self, value: str, *, secure: bool, max_age: int | None = None) -> str:
+        age = self.LIFETIME_S if max_age is None else max_age
+        return (f"{self.COOKIE}={value}; Path=/; Max-Age={age}; HttpOnly; SameSite=Lax"
+                + ("; Secure" if secure else ""))
+
+
+def cookie_value(environ: dict[str, Any], name: str) -> str | None:
+    jar = http.cookies.SimpleCookie()
+    try:
+        jar.load(environ.get("HTTP_COOKIE", ""))
+    except http.cookies.CookieError:
+        return None
+    morsel = jar.get(name)
+    return morsel.value if morsel else None
+
+
+class Auth:
+    """WSGI middleware: sets environ["pacsd.user"] (a User, or None when no users exist) and
+    environ["pacsd.admin"], or refuses the request.
+
+    Credentials: HTTP Basic (scripts, DICOMweb clients, OsiriX) or the session cookie of the
+    pages. Pages without credentials are sent to the login page; /api answers 401 without a
+    Basic challenge (the pages' own script handles it, no browser pop-up). Requests that change
+    something under /api or /app carry `X-Requested-With` (CSRF: a foreign page cannot set it
+    without a CORS preflight we would refuse), even when no users exist: a page on another site
+    must not drive a loopback pacsd.
+    """
+
+    def __init__(self, app: Callable, users: Callable[[], dict[str, User]],
+                 sessions: Sessions) -> None:
         self.app = app
-        self.users = {u.name: u for u in cfg.users}
+        self.users = users
+        self.sessions = sessions
         # A verified Authorization header, by its SHA-256: PBKDF2 is slow on purpose, and a
         # viewer sends hundreds of requests.
         self._verified: dict[bytes, User] = {}
         self._lock = threading.Lock()
 
-    def user(self, header: str) -> User | None:
+    def basic_user(self, header: str, users: dict[str, User]) -> User | None:
         key = hashlib.sha256(header.encode()).digest()
         with self._lock:
             hit = self._verified.get(key)
-        if hit is not None and self.users.get(hit.name) is hit:
+        if hit is not None and users.get(hit.name) == hit:
             return hit
         scheme, _, value = header.partition(" ")
         if scheme.lower() != "basic":
@@ -74,7 +160,7 @@ class Auth:
             name, _, password = base64.b64decode(value).decode("utf-8").partition(":")
         except (ValueError, UnicodeDecodeError):
             return None
-        user = self.users.get(name)
+        user = users.get(name)
         if user is None or not check_password(password, user.password_hash):
             return None
         with self._lock:
@@ -84,28 +170,55 @@ class Auth:
         return user
 
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
-        environ["pacsd.user"] = None
-        if not self.users:
-            return self.app(environ, start_response)
         path = environ.get("PATH_INFO", "")
-        if (environ.get("REQUEST_METHOD") == "OPTIONS"
+        method = environ.get("REQUEST_METHOD", "GET")
+        environ["pacsd.user"] = None
+        environ["pacsd.admin"] = False
+        if (method not in ("GET", "HEAD", "OPTIONS") and path.startswith(("/api/", "/app/"))
+                and path != "/app/login" and not environ.get("HTTP_X_REQUESTED_WITH")):
+            return _refuse(start_response, "403 Forbidden",
+                           "this request needs the X-Requested-With header\n")
+        users = self.users()
+        if not users:
+            environ["pacsd.admin"] = True
+            return self.app(environ, start_response)
+        if (method == "OPTIONS" or path in ("/app/login",) or path.startswith("/app/static/")
                 or (path in OPEN_ON_LOOPBACK and is_loopback(environ.get("REMOTE_ADDR", "")))):
             return self.app(environ, start_response)
-        user = self.user(environ.get("HTTP_AUTHORIZATION", ""))
+        user = None
+        if environ.get("HTTP_AUTHORIZATION"):
+            user = self.basic_user(environ["HTTP_AUTHORIZATION"], users)
+        else:
+            cookie = cookie_value(environ, Sessions.COOKIE)
+            if cookie:
+                user = self.sessions.user(cookie, users.get)
         if user is None:
-            log.info("HTTP %s %s from %s: authentication required", environ.get("REQUEST_METHOD"),
-                     path, environ.get("REMOTE_ADDR"))
+            log.info("HTTP %s %s from %s: authentication required", method, path,
+                     environ.get("REMOTE_ADDR"))
+            if path in ("", "/") or path.startswith("/app"):
+                here = path + ("?" + environ["QUERY_STRING"] if environ.get("QUERY_STRING") else "")
+                login = ("login" if path.startswith("/app/") else "app/login")
+                start_response("302 Found", [("Location", f"{login}?next={quote(here)}"),
+                                             ("Content-Type", "text/plain")])
+                return [b"login required\n"]
+            if path.startswith("/api/"):
+                return _refuse(start_response, "401 Unauthorized", "login required\n")
             start_response("401 Unauthorized", [("Content-Type", "text/plain"),
                                                 ("WWW-Authenticate", 'Basic realm="pacsd"')])
             return [b"authentication required\n"]
         environ["pacsd.user"] = user
+        environ["pacsd.admin"] = user.admin
         return self.app(environ, start_response)
 
 
-def is_admin(environ: dict[str, Any], cfg: Config) -> bool:
-    """Administrators: any caller when no users are configured (loopback only), else users
-    marked admin."""
-    if not cfg.users:
-        return True
-    user = environ.get("pacsd.user")
-    return bool(user and user.admin)
+def _refuse(start_response: Callable, status: str, message: str) -> list[bytes]:
+    body = json.dumps({"error": message.strip()}).encode()
+    start_response(status, [("Content-Type", "application/json"),
+                            ("Content-Length", str(len(body)))])
+    return [body]
+
+
+def is_admin(environ: dict[str, Any]) -> bool:
+    """Administrators: any caller when no users exist (HTTP is then on loopback only), else
+    users marked admin. Set by Auth."""
+    return bool(environ.get("pacsd.admin"))

@@ -119,7 +119,7 @@ class Methods:
         }
 
     def admin(self) -> bool:
-        return is_admin(bottle.request.environ, self.cfg)
+        return is_admin(bottle.request.environ)
 
     # --- Ping -------------------------------------------------------------------------------
 
@@ -210,7 +210,7 @@ class Methods:
             return err(400, "give 'server' and 'accessionNumber' or 'studyInstanceUID'")
         if not self.admin():
             return err(403, "CMove needs an administrator")
-        node = remote.node_named(self.cfg, server)
+        node = self.rt.directory.node(server)
         if node is None:
             return err(-1, f"unknown node {server!r}: add it to [[nodes]]")
         keys = {"AccessionNumber": accession} if accession else {}
@@ -252,7 +252,7 @@ class Methods:
             return err(400, "give 'filterKey' and 'filterValue' (e.g. PatientID and its value)")
         if not self.admin():
             return err(403, "Retrieve needs an administrator")
-        node = remote.node_named(self.cfg, server)
+        node = self.rt.directory.node(server)
         if node is None:
             return err(-2, f"unknown node {server!r}: add it to [[nodes]]")
         try:

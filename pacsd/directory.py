@@ -1,0 +1,207 @@
+"""Who we talk to and who may log in: DICOM nodes and web users.
+
+Two sources, merged: the config file's [[nodes]] / [[users]] (read-only here: the file is the
+IT person's, and rewriting it would lose their comments) and those added on the admin page,
+kept in the index database (tables pacsd_node / pacsd_user) so that every pacsd sharing one
+index sees them and a restart keeps them. A name (node or user) exists in one source only.
+
+Readers get an immutable snapshot, re-read from the database at most every few seconds (other
+processes may write) and at once after our own writes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from peewee import BooleanField, CharField, IntegerField
+
+from pacsd.config import Config, Node, User, node_from
+from pacsd.errors import PacsError
+from pacsd.index import BaseModel, Index, database
+
+CONFIG, ADMIN = "config", "admin"
+REFRESH_S = 5.0
+
+
+class NodeRow(BaseModel):
+    name = CharField(primary_key=True, max_length=64)
+    aet = CharField(max_length=16, unique=True)
+    host = CharField(max_length=255)
+    port = IntegerField()
+
+    class Meta:
+        table_name = "pacsd_node"
+
+
+class UserRow(BaseModel):
+    name = CharField(primary_key=True, max_length=64)
+    password_hash = CharField(max_length=255)
+    admin = BooleanField(default=False)
+
+    class Meta:
+        table_name = "pacsd_user"
+
+
+class DirectoryError(PacsError):
+    """A node or user that cannot be added, changed or removed as asked."""
+
+    http_status = 400
+
+
+class Conflict(DirectoryError):
+    http_status = 409
+
+
+class NotFound(DirectoryError):
+    http_status = 404
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    nodes: tuple[tuple[Node, str], ...]    # (node, source)
+    users: dict[str, tuple[User, str]]     # name -> (user, source)
+
+
+class Directory:
+    def __init__(self, cfg: Config, index: Index) -> None:
+        self.cfg = cfg
+        self.index = index
+        self._snap: Snapshot | None = None
+        self._read_at = 0.0
+        self._lock = threading.Lock()
+
+    def open(self) -> "Directory":
+        with database.connection_context():
+            database.create_tables([NodeRow, UserRow], safe=True)
+        self._reload()
+        return self
+
+    # --- reading ------------------------------------------------------------------------------
+
+    def _reload(self) -> Snapshot:
+        with database.connection_context():
+            rows = list(NodeRow.select().order_by(NodeRow.name))
+            user_rows = list(UserRow.select().order_by(UserRow.name))
+        nodes = [(n, CONFIG) for n in self.cfg.nodes]
+        nodes += [(Node(name=r.name, aet=r.aet, host=r.host, port=r.port), ADMIN) for r in rows
+                  if not any(n.name == r.name for n in self.cfg.nodes)]
+        users = {u.name: (u, CONFIG) for u in self.cfg.users}
+        for r in user_rows:
+            users.setdefault(r.name, (User(r.name, r.password_hash, bool(r.admin)), ADMIN))
+        snap = Snapshot(tuple(nodes), users)
+        with self._lock:
+            self._snap, self._read_at = snap, time.monotonic()
+        return snap
+
+    def snapshot(self) -> Snapshot:
+        with self._lock:
+            snap, fresh = self._snap, time.monotonic() - self._read_at < REFRESH_S
+        if snap is not None and fresh:
+            return snap
+        try:
+            return self._reload()
+        except Exception:   # the index is busy or gone: keep serving what we knew
+            if snap is None:
+                raise
+            return snap
+
+    def nodes(self) -> list[tuple[Node, str]]:
+        return list(self.snapshot().nodes)
+
+    def node(self, name: str) -> Node | None:
+        """A node by its name or, failing that, its AE title."""
+        name = (name or "").strip()
+        nodes = [n for n, _ in self.snapshot().nodes]
+        return next((n for n in nodes if n.name == name), None) or self.node_by_aet(name)
+
+    def node_by_aet(self, aet: str) -> Node | None:
+        aet = (aet or "").strip()
+        return next((n for n, _ in self.snapshot().nodes if n.aet == aet), None)
+
+    def users(self) -> dict[str, tuple[User, str]]:
+        return dict(self.snapshot().users)
+
+    def user(self, name: str) -> User | None:
+        hit = self.snapshot().users.get(name)
+        return hit[0] if hit else None
+
+    # --- writing (admin page) -----------------------------------------------------------------
+
+    def _source(self, kind: str, name: str) -> str | None:
+        snap = self.snapshot()
+        if kind == "node":
+            return next((s for n, s in snap.nodes if n.name == name), None)
+        hit = snap.users.get(name)
+        return hit[1] if hit else None
+
+    def _writable(self, kind: str, name: str) -> None:
+        source = self._source(kind, name)
+        if source is None:
+            raise NotFound(f"no {kind} named {name!r}")
+        if source == CONFIG:
+            raise Conflict(f"{kind} {name!r} comes from the config file {self.cfg.source}; "
+                           "change it there")
+
+    def _write(self, work: Any) -> Any:
+        try:
+            return self.index.submit(work)
+        finally:
+            self._reload()
+
+    def save_node(self, item: dict[str, Any], replacing: str | None = None) -> Node:
+        """Add a node (replacing=None) or change the admin-page node named `replacing`."""
+        try:
+            node = node_from(item)
+        except KeyError as e:
+            raise DirectoryError(f"missing {e.args[0]!r}") from None
+        except ValueError as e:
+            raise DirectoryError(str(e)) from None
+        if replacing is not None:
+            self._writable("node", replacing)
+        for other, _ in self.snapshot().nodes:
+            if other.name == replacing:
+                continue
+            if other.name == node.name or other.aet == node.aet:
+                raise Conflict(f"a node named {other.name!r} with AE title {other.aet!r} exists")
+
+        def work() -> None:
+            if replacing is not None:
+                NodeRow.delete().where(NodeRow.name == replacing).execute()
+            NodeRow.create(name=node.name, aet=node.aet, host=node.host, port=node.port)
+        self._write(work)
+        return node
+
+    def remove_node(self, name: str) -> None:
+        self._writable("node", name)
+        self._write(lambda: NodeRow.delete().where(NodeRow.name == name).execute())
+
+    def save_user(self, name: str, *, password_hash: str | None = None,
+                  admin: bool | None = None, new: bool) -> User:
+        name = (name or "").strip()
+        if not name or len(name) > 64 or ":" in name or any(ord(c) < 0x20 for c in name):
+            raise DirectoryError("a user name is 1-64 characters, without ':'")
+        if new:
+            if self._source("user", name) is not None:
+                raise Conflict(f"a user named {name!r} exists")
+            if not password_hash:
+                raise DirectoryError("a new user needs a password")
+            user = User(name, password_hash, bool(admin))
+            self._write(lambda: UserRow.create(name=name, password_hash=password_hash,
+                                               admin=bool(admin)))
+            return user
+        self._writable("user", name)
+        old = self.user(name)
+        assert old is not None
+        user = User(name, password_hash or old.password_hash,
+                    old.admin if admin is None else bool(admin))
+        self._write(lambda: UserRow.update(password_hash=user.password_hash, admin=user.admin)
+                    .where(UserRow.name == name).execute())
+        return user
+
+    def remove_user(self, name: str) -> None:
+        self._writable("user", name)
+        self._write(lambda: UserRow.delete().where(UserRow.name == name).execute())
+

@@ -1,0 +1,244 @@
+"""The pages' JSON API for running the server: who am I, status, nodes (with C-ECHO and
+Query/Retrieve against them), users, and the recent warnings and errors.
+
+Any user may read the status and the node list, echo a node, query it and retrieve from it
+(what a radiologist does in OsiriX's Q&R window); changing nodes or users and reading the log
+is for administrators.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from typing import Any
+
+import bottle
+
+from pacsd import __version__, remote
+from pacsd.config import Node
+from pacsd.index import Instance, database
+from pacsd.web.api import _date, _json, fail, json_body, need_admin, check_uid
+from pacsd.web.auth import hash_password, is_admin
+
+log = logging.getLogger(__name__)
+
+MIN_PASSWORD = 8
+
+
+def me() -> dict[str, Any]:
+    env = bottle.request.environ
+    user = env.get("pacsd.user")
+    return {"user": user.name if user else None, "admin": is_admin(env),
+            "auth": user is not None}
+
+
+def status(rt: Any) -> dict[str, Any]:
+    cfg = rt.cfg
+    counts = rt.archive.index.counts()
+    today = time.strftime("%Y-%m-%d 00:00:00")
+    with database.connection_context():
+        stored_today = Instance.select().where(Instance.received >= today).count()
+    index_bytes = 0
+    index_path = rt.archive.index.path
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            index_bytes += os.stat(f"{index_path}{suffix}").st_size
+        except OSError:
+            pass
+    disk = shutil.disk_usage(cfg.storage_path)
+    return {
+        "version": __version__, "started": rt.started,
+        "uptime_s": round(time.time() - rt.started, 1), "aet": cfg.dicom_aet,
+        "dicom_port": _runfile_port(cfg, "dicom_port", cfg.dicom_port),
+        "http_port": _runfile_port(cfg, "http_port", cfg.http_port),
+        "associations": rt.associations(), "stored_today": stored_today,
+        "patients": counts["patients"], "studies": counts["studies"],
+        "series": counts["series"], "instances": counts["instances"],
+        "stored_bytes": counts["bytes"], "index_bytes": index_bytes,
+        "storage_path": str(cfg.storage_path), "data": str(cfg.data),
+        "disk_free_bytes": disk.free, "disk_total_bytes": disk.total,
+    }
+
+
+def _runfile_port(cfg: Any, key: str, default: int) -> int:
+    """The bound port (the configured one may be 0): pacsd.json has it."""
+    try:
+        return int(json.loads(cfg.runfile.read_text())[key])
+    except (OSError, ValueError, KeyError):
+        return default
+
+
+# --- nodes ------------------------------------------------------------------------------------
+
+def _node_dict(node: Node, source: str) -> dict[str, Any]:
+    return {"name": node.name, "aet": node.aet, "host": node.host, "port": node.port,
+            "source": source}
+
+
+def _node(rt: Any, name: str) -> Node:
+    node = rt.directory.node(name)
+    if node is None:
+        raise fail(404, f"no node named {name!r}")
+    return node
+
+
+def save_node(rt: Any, replacing: str | None) -> bottle.HTTPResponse:
+    need_admin()
+    node = rt.directory.save_node(json_body(), replacing)
+    log.warning("node %s (%s@%s:%d) %s on the admin page", node.name, node.aet, node.host,
+                node.port, "changed" if replacing else "added")
+    return bottle.HTTPResponse(json.dumps(_node_dict(node, "admin")), 200 if replacing else 201,
+                               {"Content-Type": "application/json"})
+
+
+def remove_node(rt: Any, name: str) -> dict[str, Any]:
+    need_admin()
+    rt.directory.remove_node(name)
+    log.warning("node %s removed on the admin page", name)
+    return {"removed": name}
+
+
+def echo(rt: Any, name: str) -> dict[str, Any]:
+    ok, ms, message = remote.echo(rt.cfg, _node(rt, name))
+    return {"ok": ok, "ms": round(ms, 1), "message": message}
+
+
+REMOTE_RETURN_KEYS = ("StudyInstanceUID", "PatientName", "PatientID", "StudyDate", "StudyTime",
+                      "AccessionNumber", "StudyDescription", "ModalitiesInStudy",
+                      "NumberOfStudyRelatedInstances")
+
+
+def remote_studies(rt: Any, name: str) -> dict[str, Any]:
+    """C-FIND at study level on a node, from the Q/R page's fields."""
+    node = _node(rt, name)
+    q = bottle.request.query
+    keys = {k: "" for k in REMOTE_RETURN_KEYS}
+    for field, key in (("patient", "PatientName"), ("patient_id", "PatientID"),
+                       ("accession", "AccessionNumber")):
+        text = q.get(field, "").strip()
+        if text:
+            # Prefix matching, as OsiriX asks: what the person typed starts the value.
+            keys[key] = text if "*" in text or "?" in text else text + "*"
+    if q.get("modality", "").strip():
+        keys["ModalitiesInStudy"] = q.get("modality").strip().upper()
+    first, last = _date(q.get("from", ""), "from"), _date(q.get("to", ""), "to")
+    if first or last:
+        keys["StudyDate"] = f"{first}-{last}" if first != last else first
+    matches = remote.find(rt.cfg, node, "STUDY", keys)
+    names = {"StudyInstanceUID": "study_uid", "PatientName": "patient_name",
+             "PatientID": "patient_id", "StudyDate": "study_date", "StudyTime": "study_time",
+             "AccessionNumber": "accession", "StudyDescription": "description",
+             "ModalitiesInStudy": "modalities"}
+    studies = []
+    for m in matches:
+        study = {out: m.get(key, "") for key, out in names.items()}
+        count = m.get("NumberOfStudyRelatedInstances", "")
+        study["instances"] = int(count) if str(count).strip().isdigit() else None
+        if study["study_uid"]:
+            studies.append(study)
+    return {"studies": studies}
+
+
+def retrieve(rt: Any, name: str) -> bottle.HTTPResponse:
+    """C-MOVE the chosen studies from a node to our own AE title, as a job."""
+    node = _node(rt, name)
+    uids = json_body().get("studies")
+    if not isinstance(uids, list) or not uids or not all(isinstance(u, str) for u in uids):
+        raise fail(400, '"studies" must be a list of Study Instance UIDs')
+    for uid in uids:
+        check_uid(uid)
+    cfg = rt.cfg
+
+    def work(job: Any) -> str:
+        finished = {"done": 0, "failed": 0, "total": 0}
+
+        def progress(done: int, failed: int, total: int | None) -> None:
+            job.progress(finished["done"] + done, finished["failed"] + failed,
+                         finished["total"] + (total or 0))
+        for uid in uids:
+            counts = remote.move_here(cfg, node, {"StudyInstanceUID": uid}, progress=progress)
+            finished["done"] += counts["completed"] + counts["warning"]
+            finished["failed"] += counts["failed"]
+            finished["total"] += counts["completed"] + counts["warning"] + counts["failed"]
+            job.progress(finished["done"], finished["failed"], finished["total"])
+        return (f"{finished['done']} instance(s) retrieved from {node.name}"
+                + (f", {finished['failed']} failed" if finished["failed"] else ""))
+    job = rt.jobs.start("retrieve", f"Retrieve {len(uids)} study(ies) from {node.name}", work)
+    log.info("retrieve of %d study(ies) from %s started (job %s)", len(uids), node.aet, job.id)
+    return bottle.HTTPResponse(json.dumps({"job": job.id}), 202,
+                               {"Content-Type": "application/json"})
+
+
+# --- users ------------------------------------------------------------------------------------
+
+def _password(body: dict[str, Any], required: bool) -> str | None:
+    password = body.get("password")
+    if password in (None, "") and not required:
+        return None
+    if not isinstance(password, str) or len(password) < MIN_PASSWORD:
+        raise fail(400, f"a password has at least {MIN_PASSWORD} characters")
+    return hash_password(password)
+
+
+def users(rt: Any) -> str:
+    need_admin()
+    return _json([{"name": u.name, "admin": u.admin, "source": source}
+                  for u, source in rt.directory.users().values()])
+
+
+def save_user(rt: Any, name: str | None) -> bottle.HTTPResponse:
+    need_admin()
+    body = json_body()
+    new = name is None
+    name = str(body.get("name") or "") if new else name
+    admin = body.get("admin")
+    user = rt.directory.save_user(name or "", password_hash=_password(body, required=new),
+                                  admin=None if admin is None else bool(admin), new=new)
+    log.warning("user %s %s on the admin page", user.name, "added" if new else "changed")
+    return bottle.HTTPResponse(json.dumps({"name": user.name, "admin": user.admin,
+                                           "source": "admin"}), 201 if new else 200,
+                               {"Content-Type": "application/json"})
+
+
+def remove_user(rt: Any, name: str) -> dict[str, Any]:
+    need_admin()
+    rt.directory.remove_user(name)
+    log.warning("user %s removed on the admin page", name)
+    return {"removed": name}
+
+
+def recent_log(rt: Any) -> str:
+    need_admin()
+    try:
+        limit = max(1, min(500, int(bottle.request.query.get("limit") or 200)))
+    except ValueError:
+        raise fail(400, "limit must be an integer") from None
+    return _json([{"time": e.time, "level": e.level, "logger": e.logger, "message": e.message}
+                  for e in rt.logbook.recent(limit)])
+
+
+def make_app(rt: Any) -> bottle.Bottle:
+    from pacsd.web import new_app
+    app = new_app()
+    routes: list[tuple[str, str, Any]] = [
+        ("GET", "/me", me),
+        ("GET", "/status", lambda: status(rt)),
+        ("GET", "/nodes", lambda: _json([_node_dict(n, s) for n, s in rt.directory.nodes()])),
+        ("POST", "/nodes", lambda: save_node(rt, None)),
+        ("PUT", "/nodes/<name>", lambda name: save_node(rt, name)),
+        ("DELETE", "/nodes/<name>", lambda name: remove_node(rt, name)),
+        ("POST", "/nodes/<name>/echo", lambda name: echo(rt, name)),
+        ("GET", "/nodes/<name>/studies", lambda name: remote_studies(rt, name)),
+        ("POST", "/nodes/<name>/retrieve", lambda name: retrieve(rt, name)),
+        ("GET", "/users", lambda: users(rt)),
+        ("POST", "/users", lambda: save_user(rt, None)),
+        ("PUT", "/users/<name>", lambda name: save_user(rt, name)),
+        ("DELETE", "/users/<name>", lambda name: remove_user(rt, name)),
+        ("GET", "/log", lambda: recent_log(rt)),
+    ]
+    for method, path, callback in routes:
+        app.route("/api" + path, method, callback)
+    return app
