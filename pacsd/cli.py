@@ -11,12 +11,15 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from pacsd import __version__
 from pacsd import config as config_mod
 from pacsd.config import Config
 from pacsd.errors import EXIT_FAILURE, EXIT_OK, PacsError
+
+if TYPE_CHECKING:
+    from pacsd.directory import Directory
 
 log = logging.getLogger("pacsd")
 
@@ -80,38 +83,84 @@ def cmd_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _echo(aet: str, host: str, port: int, calling: str, timeout: float = 5.0) -> tuple[bool, str]:
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-    ae = AE(ae_title=calling)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.add_requested_context(Verification)
-    t0 = time.monotonic()
-    assoc = ae.associate(host, port, ae_title=aet)
-    if not assoc.is_established:
-        return False, "association refused or no answer"
-    try:
-        status = assoc.send_c_echo()
-        ok = bool(status) and status.Status == 0
-    finally:
-        assoc.release()
-    return ok, f"{(time.monotonic() - t0) * 1000:.0f} ms"
+def _directory(cfg: Config) -> "Directory":
+    """Nodes and users of the config file plus those added on the admin page (in the index).
+    Opened without a writer: a running server may hold the index; SQLite lets us read."""
+    from pacsd.directory import Directory
+    from pacsd.index import Index
+    return Directory(cfg, Index(cfg.index_url).open(writer=False)).open()
 
 
 def cmd_nodes(args: argparse.Namespace) -> int:
+    from pacsd import remote
     cfg = _load(args)
-    if not cfg.nodes:
-        print("no [[nodes]] configured")
+    nodes = _directory(cfg).nodes()
+    if not nodes:
+        print("no nodes: add [[nodes]] to the config file or use the admin page")
         return EXIT_OK
     failed = 0
-    for n in cfg.nodes:
-        line = f"{n.name:<20} {n.aet:<16} {n.host}:{n.port}"
+    for n, source in nodes:
+        line = f"{n.name:<20} {n.aet:<16} {n.host}:{n.port}  ({source})"
         if args.echo:
-            ok, detail = _echo(n.aet, n.host, n.port, cfg.dicom_aet)
+            ok, ms, message = remote.echo(cfg, n)
             failed += not ok
-            line += f"  C-ECHO {'ok' if ok else 'FAILED'} ({detail})"
+            line += f"  C-ECHO {'ok' if ok else 'FAILED'} ({ms:.0f} ms{'' if ok else ': ' + message})"
         print(line)
     return EXIT_FAILURE if failed else EXIT_OK
+
+
+def cmd_retrieve(args: argparse.Namespace) -> int:
+    """C-FIND the studies a node holds that match, then C-MOVE each to our own AE title:
+    the running pacsd receives them (the node must list us as a destination)."""
+    from pacsd import remote
+    cfg = _load(args)
+    logging.basicConfig(level=logging.WARNING, format="pacsd: %(message)s")
+    node = _directory(cfg).node(args.node)
+    if node is None:
+        print(f"pacsd: no node named {args.node!r} (see `pacsd nodes`)", file=sys.stderr)
+        return EXIT_FAILURE
+    keys = {"StudyInstanceUID": "\\".join(args.study_uid or []), "PatientName": "",
+            "PatientID": "", "StudyDate": "", "AccessionNumber": "", "StudyDescription": "",
+            "ModalitiesInStudy": "", "NumberOfStudyRelatedInstances": ""}
+    for value, key in ((args.patient_name, "PatientName"), (args.patient_id, "PatientID"),
+                       (args.date, "StudyDate"), (args.accession, "AccessionNumber"),
+                       (args.modality, "ModalitiesInStudy")):
+        if value:
+            keys[key] = value
+    if not any(keys[k] for k in ("StudyInstanceUID", "PatientName", "PatientID", "StudyDate",
+                                 "AccessionNumber")):
+        print("pacsd: say what to retrieve (--patient-id, --patient-name, --date, "
+              "--accession or --study-uid)", file=sys.stderr)
+        return EXIT_FAILURE
+    studies = [m for m in remote.find(cfg, node, "STUDY", keys) if m.get("StudyInstanceUID")]
+    print(f"{len(studies)} study(ies) on {node.name} ({node.aet}@{node.host}:{node.port})")
+    for m in studies:
+        print(f"  {m.get('StudyDate', ''):<8}  {m.get('PatientID', ''):<16} "
+              f"{m.get('PatientName', ''):<24} {m.get('AccessionNumber', ''):<12} "
+              f"{m.get('StudyDescription', '')}  ({m.get('NumberOfStudyRelatedInstances') or '?'}"
+              " instances)")
+    if args.list or not studies:
+        return EXIT_OK
+    failed_studies = 0
+    for n, m in enumerate(studies, 1):
+        uid = m["StudyInstanceUID"]
+        shown = [-1.0]
+
+        def progress(done: int, failed: int, total: int | None) -> None:
+            if time.monotonic() - shown[0] >= 1.0:   # a line a second at most
+                shown[0] = time.monotonic()
+                print(f"  study {n}/{len(studies)}: {done} of {total or '?'} received"
+                      + (f", {failed} failed" if failed else ""), flush=True)
+        try:
+            counts = remote.move_here(cfg, node, {"StudyInstanceUID": uid}, progress=progress)
+        except PacsError as e:
+            print(f"  study {n}/{len(studies)} {uid}: {e}", file=sys.stderr)
+            failed_studies += 1
+            continue
+        failed_studies += counts["failed"] > 0
+        print(f"  study {n}/{len(studies)} {uid}: {counts['completed'] + counts['warning']} "
+              f"retrieved, {counts['failed']} failed", flush=True)
+    return EXIT_FAILURE if failed_studies else EXIT_OK
 
 
 def _files(paths: list[str]) -> Iterator[Path]:
@@ -221,10 +270,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     report["running"] = running
     if running:
         host = "127.0.0.1" if run["dicom_bind"] in ("", "0.0.0.0") else run["dicom_bind"]
-        ok, detail = _echo(run["aet"], host, int(run["dicom_port"]), run["aet"])
+        from pacsd import remote
+        from pacsd.config import Node
+        ok, ms, message = remote.echo(cfg, Node("self", run["aet"], host, int(run["dicom_port"])),
+                                       timeout=5.0)
         report.update(pid=run["pid"], aet=run["aet"], dicom_port=run["dicom_port"],
                       uptime_s=round(time.time() - run["started"]),
-                      echo=("ok " if ok else "FAILED ") + detail)
+                      echo=f"ok {ms:.0f} ms" if ok else f"FAILED ({message})")
         running = ok
     if cfg.index_path.exists():
         from pacsd.index import Index
@@ -285,9 +337,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--list", action="store_true", help="list every setting")
     c.set_defaults(func=cmd_config)
 
-    n = common(sub.add_parser("nodes", help="list the configured remote DICOM nodes"))
+    n = common(sub.add_parser("nodes", help="list the remote DICOM nodes (config file and "
+                                            "admin page)"))
     n.add_argument("--echo", action="store_true", help="C-ECHO each node")
     n.set_defaults(func=cmd_nodes)
+
+    rt = common(sub.add_parser("retrieve", help="query a node and retrieve what matches into "
+                                                "the running pacsd (C-FIND, then C-MOVE)"))
+    rt.add_argument("node", help="node name or AE title (see `pacsd nodes`)")
+    rt.add_argument("--patient-id", metavar="ID")
+    rt.add_argument("--patient-name", metavar="NAME", help="DICOM wildcards allowed: DOE*")
+    rt.add_argument("--date", metavar="DATE", help="YYYYMMDD or a range YYYYMMDD-YYYYMMDD")
+    rt.add_argument("--accession", metavar="NUMBER")
+    rt.add_argument("--modality", metavar="CODE", help="e.g. CT")
+    rt.add_argument("--study-uid", metavar="UID", action="append")
+    rt.add_argument("--list", action="store_true", help="only list what matches")
+    rt.set_defaults(func=cmd_retrieve)
 
     i = common(sub.add_parser("import", help="import DICOM files and folders"))
     i.add_argument("paths", nargs="+", metavar="PATH")

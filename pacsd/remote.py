@@ -294,9 +294,11 @@ def move_here(cfg: Config, node: Node, keys: dict[str, str], level: str = "STUDY
     return counts
 
 
-def echo(cfg: Config, node: Node) -> tuple[bool, float, str]:
+def echo(cfg: Config, node: Node, timeout: float | None = None) -> tuple[bool, float, str]:
     """C-ECHO `node`: (answered with Success, milliseconds, what happened)."""
     ae = _ae(cfg)
+    if timeout is not None:
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     t0 = time.monotonic()
     try:
         assoc = _associate(ae, node, [build_context(Verification)])

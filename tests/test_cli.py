@@ -324,7 +324,7 @@ def test_status(cfg: Path, tmp_path: Path):
 
 def test_nodes_list_and_echo(cfg: Path, tmp_path: Path):
     r = pacsd("nodes", "--config", str(cfg))
-    assert r.returncode == 0 and "no [[nodes]] configured" in r.stdout
+    assert r.returncode == 0 and "no nodes" in r.stdout
 
     data = tmp_path / "data"
     with serve(cfg, data) as p:
@@ -335,8 +335,8 @@ def test_nodes_list_and_echo(cfg: Path, tmp_path: Path):
         assert r.returncode == 0, r.stderr
         lines = r.stdout.splitlines()
         assert len(lines) == 2
-        assert lines[0].split() == ["archive", "PACSD", f"{LOCAL}:{p.port}"]
-        assert lines[1].split() == ["viewer", "VIEWER", f"{LOCAL}:4242"]
+        assert lines[0].split() == ["archive", "PACSD", f"{LOCAL}:{p.port}", "(config)"]
+        assert lines[1].split() == ["viewer", "VIEWER", f"{LOCAL}:4242", "(config)"]
 
         live_only = write_config(tmp_path / "live.toml", tmp_path / "other", nodes=[
             {"name": "archive", "aet": "PACSD", "host": LOCAL, "port": p.port}])
@@ -376,3 +376,44 @@ def test_status_echo_passes_an_allow_list(tmp_path: Path):
                 (data / "pacsd.json").read_text())["dicom_port"]}],
             dicom={"aet": "OTHER"})), "--echo"), capture_output=True, text=True, timeout=60)
         assert r.returncode == 1 and "FAILED" in r.stdout   # OTHER is not on the list
+
+
+# --- retrieve ---------------------------------------------------------------------------------
+
+def test_retrieve_queries_a_node_and_moves_what_matches_here(tmp_path: Path):
+    """`pacsd retrieve`: C-FIND on a remote pacsd, then C-MOVE to the running local pacsd."""
+    from pydicom import dcmread
+    files = write_series(tmp_path / "in", seed=21, patients=2, studies=2, series=1, images=2,
+                         size=32)
+    local_port = free_port()
+    remote_data, local_data = tmp_path / "remote", tmp_path / "local"
+    remote_cfg = write_config(tmp_path / "remote.toml", remote_data, dicom={"aet": "REMOTE"},
+                              nodes=[{"name": "here", "aet": "LOCALPACS", "host": LOCAL,
+                                      "port": local_port}])
+    with serve(remote_cfg, remote_data, log_name="remote.log") as remote:
+        from conftest import store_files
+        assert store_files(remote.port, files) == [0] * len(files)
+        local_cfg = write_config(tmp_path / "local.toml", local_data,
+                                 dicom={"aet": "LOCALPACS", "port": local_port},
+                                 nodes=[{"name": "archive", "aet": "REMOTE", "host": LOCAL,
+                                         "port": remote.port}])
+        with serve(local_cfg, local_data, log_name="local.log"):
+            listed = pacsd("retrieve", "archive", "--patient-id", "PID21-002", "--list",
+                           "--config", str(local_cfg))
+            assert listed.returncode == 0, listed.stderr
+            assert "2 study(ies) on archive" in listed.stdout
+            r = pacsd("retrieve", "archive", "--patient-id", "PID21-002",
+                      "--config", str(local_cfg), timeout=120)
+            assert r.returncode == 0, (r.stdout, r.stderr)
+            assert r.stdout.count("2 retrieved, 0 failed") == 2, r.stdout
+            status = json.loads(pacsd("status", "--json", "--config", str(local_cfg)).stdout)
+            assert status["index"]["instances"] == 4
+        wanted = {str(dcmread(f).SOPInstanceUID) for f in files
+                  if dcmread(f).PatientID == "PID21-002"}
+        stored = {str(dcmread(p).SOPInstanceUID)
+                  for p in (local_data / "storage").rglob("*.dcm") if ".tmp" not in p.parts}
+        assert stored == wanted
+        bad = pacsd("retrieve", "nowhere", "--patient-id", "X", "--config", str(local_cfg))
+        assert bad.returncode == 1 and "no node named 'nowhere'" in bad.stderr
+        vague = pacsd("retrieve", "archive", "--config", str(local_cfg))
+        assert vague.returncode == 1 and "say what to retrieve" in vague.stderr
