@@ -134,7 +134,7 @@ def remote_studies(rt: Any, name: str) -> dict[str, Any]:
              "ModalitiesInStudy": "modalities"}
     studies = []
     for m in matches:
-        study = {out: m.get(key, "") for key, out in names.items()}
+        study: dict[str, Any] = {out: m.get(key, "") for key, out in names.items()}
         count = m.get("NumberOfStudyRelatedInstances", "")
         study["instances"] = int(count) if str(count).strip().isdigit() else None
         if study["study_uid"]:

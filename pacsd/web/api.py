@@ -150,8 +150,8 @@ def list_studies(q: Any) -> dict[str, Any]:
         for c in conds:
             base = base.where(c)
         total = base.count()
-        rows = base.select(*STUDY_FIELDS).order_by(*order).limit(limit).offset(offset).tuples()
-        studies = [_study_dict(r) for r in rows]
+        rows: Any = base.select(*STUDY_FIELDS).order_by(*order).limit(limit).offset(offset)
+        studies = [_study_dict(r) for r in rows.tuples()]
     return {"total": total, "offset": offset, "limit": limit, "studies": studies}
 
 
@@ -167,7 +167,7 @@ def one_study(uid: str) -> dict[str, Any]:
                      .where(Instance.series == Series.id)
                      .order_by(fn.COALESCE(Instance.instance_number, 1 << 30), Instance.id)
                      .limit(1))
-        series = (Series.select(Series.series_instance_uid, Series.series_number,
+        series: Any = (Series.select(Series.series_instance_uid, Series.series_number,
                                 Series.modality, Series.series_description,
                                 Series.body_part_examined, Series.number_of_instances,
                                 first_sop.alias("first_sop"))
@@ -286,7 +286,7 @@ def zip_download(rt: Any, level: str, uid: str) -> Iterator[bytes]:
     store = rt.archive.store
     bottle.response.content_type = "application/zip"
     bottle.response.set_header("Content-Disposition", f'attachment; filename="{stem}.zip"')
-    return zip_stream([(store.path(i.path), i) for i in insts], dicomdir=with_dicomdir)
+    return zip_stream([store.path(i.path) for i in insts], dicomdir=with_dicomdir)
 
 
 def make_app(rt: Any) -> bottle.Bottle:
