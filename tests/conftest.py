@@ -27,13 +27,14 @@ REQUIRE_PEERS = os.environ.get("PACSD_REQUIRE_PEERS") == "1"
 LOCAL = "127.0.0.1"
 
 
-def dcmtk(tool: str) -> str:
-    """Absolute path of a DCMTK tool (pynetdicom installs look-alikes into the venv's bin/)."""
+def dcmtk(tool: str, package: str = "dcmtk") -> str:
+    """Absolute path of a DCMTK (or other packaged peer) tool; pynetdicom installs look-alikes
+    into the venv's bin/, so only system folders count."""
     for folder in ("/usr/bin", "/usr/local/bin", "/opt/homebrew/bin"):
         path = Path(folder) / tool
         if path.exists():
             return str(path)
-    message = f"DCMTK's {tool} is not installed (apt-get install dcmtk)"
+    message = f"{package}'s {tool} is not installed (apt-get install {package})"
     if REQUIRE_PEERS:
         pytest.fail(message + " and PACSD_REQUIRE_PEERS=1")
     pytest.skip(message)

@@ -242,3 +242,32 @@ def test_delete_is_for_administrators_and_is_logged(make_server, tmp_path):
                           timeout=10).json()
     assert status["instances"] == 2 and status["stored_today"] == 2   # received today, kept
     assert status["disk_free_bytes"] > 0 and status["index_bytes"] > 0
+
+
+def test_zip_of_a_study_streams_the_stored_files_under_a_dicomdir(make_server, tmp_path):
+    import io
+    import zipfile
+    from pydicom.fileset import FileSet
+    server = make_server()
+    files = write_series(tmp_path / "in", seed=44, series=2, images=3, size=16)
+    store_files(server.dicom_port, files)
+    uid = str(dcmread(files[0]).StudyInstanceUID)
+    r = requests.get(f"{server.http_url}/api/studies/{uid}/zip", timeout=30)
+    assert r.status_code == 200 and r.headers["Content-Type"] == "application/zip"
+    assert r.headers["Content-Disposition"].startswith('attachment; filename="PID44-001-')
+    z = zipfile.ZipFile(io.BytesIO(r.content))
+    assert z.testzip() is None
+    members = {n: z.read(n) for n in z.namelist()}
+    assert set(members.pop("DICOMDIR")[128:132]) == set(b"DICM")
+    stored = [p.read_bytes() for p in server.cfg.storage_path.rglob("*.dcm")
+              if ".tmp" not in p.parts]
+    assert sorted(members.values()) == sorted(stored)   # the stored files, unchanged
+    (tmp_path / "out").mkdir()
+    z.extractall(tmp_path / "out")
+    fs = FileSet(dcmread(tmp_path / "out" / "DICOMDIR"))
+    assert len(fs) == 6 and len(fs.find(SeriesInstanceUID=str(dcmread(files[0])
+                                                                .SeriesInstanceUID))) == 3
+    series = str(dcmread(files[-1]).SeriesInstanceUID)
+    flat = requests.get(f"{server.http_url}/api/series/{series}/zip?dicomdir=0", timeout=30)
+    assert sorted(zipfile.ZipFile(io.BytesIO(flat.content)).namelist()) == [
+        "DICOM/IM000000", "DICOM/IM000001", "DICOM/IM000002"]
