@@ -20,7 +20,8 @@ import bottle
 from pacsd import __version__, remote
 from pacsd.config import Node
 from pacsd.index import Instance, database
-from pacsd.web.api import _date, _json, fail, json_body, need_admin, check_uid
+from pacsd.web.api import (check_uid, fail, json_body, json_response, json_text, need_admin,
+                           parse_date)
 from pacsd.web.auth import hash_password, is_admin
 
 log = logging.getLogger(__name__)
@@ -90,8 +91,7 @@ def save_node(rt: Any, replacing: str | None) -> bottle.HTTPResponse:
     node = rt.directory.save_node(json_body(), replacing)
     log.warning("node %s (%s@%s:%d) %s on the admin page", node.name, node.aet, node.host,
                 node.port, "changed" if replacing else "added")
-    return bottle.HTTPResponse(json.dumps(_node_dict(node, "admin")), 200 if replacing else 201,
-                               {"Content-Type": "application/json"})
+    return json_response(_node_dict(node, "admin"), 200 if replacing else 201)
 
 
 def remove_node(rt: Any, name: str) -> dict[str, Any]:
@@ -124,7 +124,7 @@ def remote_studies(rt: Any, name: str) -> dict[str, Any]:
             keys[key] = text if "*" in text or "?" in text else text + "*"
     if q.get("modality", "").strip():
         keys["ModalitiesInStudy"] = q.get("modality").strip().upper()
-    first, last = _date(q.get("from", ""), "from"), _date(q.get("to", ""), "to")
+    first, last = parse_date(q.get("from", ""), "from"), parse_date(q.get("to", ""), "to")
     if first or last:
         keys["StudyDate"] = f"{first}-{last}" if first != last else first
     matches = remote.find(rt.cfg, node, "STUDY", keys)
@@ -168,8 +168,7 @@ def retrieve(rt: Any, name: str) -> bottle.HTTPResponse:
                 + (f", {finished['failed']} failed" if finished["failed"] else ""))
     job = rt.jobs.start("retrieve", f"Retrieve {len(uids)} study(ies) from {node.name}", work)
     log.info("retrieve of %d study(ies) from %s started (job %s)", len(uids), node.aet, job.id)
-    return bottle.HTTPResponse(json.dumps({"job": job.id}), 202,
-                               {"Content-Type": "application/json"})
+    return json_response({"job": job.id}, 202)
 
 
 # --- users ------------------------------------------------------------------------------------
@@ -185,7 +184,7 @@ def _password(body: dict[str, Any], required: bool) -> str | None:
 
 def users(rt: Any) -> str:
     need_admin()
-    return _json([{"name": u.name, "admin": u.admin, "source": source}
+    return json_text([{"name": u.name, "admin": u.admin, "source": source}
                   for u, source in rt.directory.users().values()])
 
 
@@ -198,9 +197,8 @@ def save_user(rt: Any, name: str | None) -> bottle.HTTPResponse:
     user = rt.directory.save_user(name or "", password_hash=_password(body, required=new),
                                   admin=None if admin is None else bool(admin), new=new)
     log.warning("user %s %s on the admin page", user.name, "added" if new else "changed")
-    return bottle.HTTPResponse(json.dumps({"name": user.name, "admin": user.admin,
-                                           "source": "admin"}), 201 if new else 200,
-                               {"Content-Type": "application/json"})
+    return json_response({"name": user.name, "admin": user.admin, "source": "admin"},
+                         201 if new else 200)
 
 
 def remove_user(rt: Any, name: str) -> dict[str, Any]:
@@ -216,7 +214,7 @@ def recent_log(rt: Any) -> str:
         limit = max(1, min(500, int(bottle.request.query.get("limit") or 200)))
     except ValueError:
         raise fail(400, "limit must be an integer") from None
-    return _json([{"time": e.time, "level": e.level, "logger": e.logger, "message": e.message}
+    return json_text([{"time": e.time, "level": e.level, "logger": e.logger, "message": e.message}
                   for e in rt.logbook.recent(limit)])
 
 
@@ -226,7 +224,7 @@ def make_app(rt: Any) -> bottle.Bottle:
     routes: list[tuple[str, str, Any]] = [
         ("GET", "/me", me),
         ("GET", "/status", lambda: status(rt)),
-        ("GET", "/nodes", lambda: _json([_node_dict(n, s) for n, s in rt.directory.nodes()])),
+        ("GET", "/nodes", lambda: json_text([_node_dict(n, s) for n, s in rt.directory.nodes()])),
         ("POST", "/nodes", lambda: save_node(rt, None)),
         ("PUT", "/nodes/<name>", lambda name: save_node(rt, name)),
         ("DELETE", "/nodes/<name>", lambda name: remove_node(rt, name)),

@@ -52,9 +52,12 @@ TAG_DEPTH_MAX = 8
 TAG_ITEMS_MAX = 100
 
 
+def json_response(data: Any, status: int = 200) -> bottle.HTTPResponse:
+    return bottle.HTTPResponse(json.dumps(data), status, {"Content-Type": "application/json"})
+
+
 def fail(status: int, message: str) -> bottle.HTTPResponse:
-    return bottle.HTTPResponse(json.dumps({"error": message}), status,
-                               {"Content-Type": "application/json"})
+    return json_response({"error": message}, status)
 
 
 def need_admin() -> None:
@@ -90,7 +93,7 @@ def _prefix(text: str) -> str:
     return text if not text or "*" in text or "?" in text else text + "*"
 
 
-def _date(text: str, name: str) -> str:
+def parse_date(text: str, name: str) -> str:
     text = text.strip().replace("-", "")
     if text and not re.fullmatch(r"\d{8}", text):
         raise fail(400, f"{name} must be a date YYYYMMDD or YYYY-MM-DD")
@@ -108,7 +111,7 @@ def study_conditions(q: Any) -> list[Any]:
         keys["AccessionNumber"] = _prefix(q.get("accession"))
     if q.get("modality"):
         keys["ModalitiesInStudy"] = q.get("modality").strip().upper()
-    first, last = _date(q.get("from", ""), "from"), _date(q.get("to", ""), "to")
+    first, last = parse_date(q.get("from", ""), "from"), parse_date(q.get("to", ""), "to")
     if first or last:
         keys["StudyDate"] = f"{first}-{last}" if first != last else first
     try:
@@ -257,8 +260,7 @@ def send(rt: Any, level: str, uid: str) -> bottle.HTTPResponse:
     job = rt.jobs.start("send", f"Send {len(insts)} instance(s) of a {level.lower()} to "
                         f"{node.name}", work)
     log.info("send of %s %s to %s started (job %s)", level.lower(), uid, node.aet, job.id)
-    return bottle.HTTPResponse(json.dumps({"job": job.id}), 202,
-                               {"Content-Type": "application/json"})
+    return json_response({"job": job.id}, 202)
 
 
 def delete(rt: Any, level: str, uid: str) -> dict[str, int]:
@@ -298,14 +300,14 @@ def make_app(rt: Any) -> bottle.Bottle:
 
     route("GET", "/studies", lambda: list_studies(bottle.request.query))
     route("GET", "/studies/<uid>", one_study)
-    route("GET", "/instances/<sop>/tags", lambda sop: _json(instance_tags(rt, sop)))
+    route("GET", "/instances/<sop>/tags", lambda sop: json_text(instance_tags(rt, sop)))
     route("GET", "/studies/<uid>/zip", lambda uid: zip_download(rt, "STUDY", uid))
     route("GET", "/series/<uid>/zip", lambda uid: zip_download(rt, "SERIES", uid))
     route("POST", "/studies/<uid>/send", lambda uid: send(rt, "STUDY", uid))
     route("POST", "/series/<uid>/send", lambda uid: send(rt, "SERIES", uid))
     route("DELETE", "/studies/<uid>", lambda uid: delete(rt, "STUDY", uid))
     route("DELETE", "/series/<uid>", lambda uid: delete(rt, "SERIES", uid))
-    route("GET", "/jobs", lambda: _json([j.as_dict() for j in rt.jobs.recent()]))
+    route("GET", "/jobs", lambda: json_text([j.as_dict() for j in rt.jobs.recent()]))
 
     def job(job_id: str) -> dict[str, Any]:
         found = rt.jobs.get(job_id)
@@ -316,6 +318,6 @@ def make_app(rt: Any) -> bottle.Bottle:
     return app
 
 
-def _json(data: Any) -> str:
+def json_text(data: Any) -> str:
     bottle.response.content_type = "application/json"
     return json.dumps(data)
