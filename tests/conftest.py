@@ -308,3 +308,185 @@ def browser(chromium_paths, tmp_path: Path):
 def browser_errors(drv) -> list[str]:
     """Severe messages from the page's console (uncaught exceptions, failed requests)."""
     return [e["message"] for e in drv.get_log("browser") if e.get("level") == "SEVERE"]
+
+
+# --- the other engines: Firefox (Gecko, via Marionette) and WebKitGTK (Safari's engine) -------
+
+class EnginePage:
+    """The few things the cross-engine tests do, the same way in every engine."""
+
+    name = ""
+
+    def get(self, url: str) -> None: ...
+    def js(self, script: str, *args): ...   # a function body: `return ...`
+    def click(self, css: str) -> None: ...
+    def type(self, css: str, text: str) -> None: ...
+    def png(self) -> bytes: ...
+    def url(self) -> str: ...
+
+    def wait(self, script: str, timeout: float = 30, message: str = "") -> object:
+        """Poll `script` (a function body returning a value) until it is truthy."""
+        deadline = time.monotonic() + timeout
+        value = None
+        while time.monotonic() < deadline:
+            value = self.js(script)
+            if value:
+                return value
+            time.sleep(0.1)
+        raise AssertionError(f"{self.name}: {message or script} not true after {timeout} s "
+                             f"(last {value!r})")
+
+
+class MarionettePage(EnginePage):
+    name = "firefox"
+
+    def __init__(self, client) -> None:
+        self.m = client
+
+    def get(self, url: str) -> None:
+        self.m.navigate(url)
+
+    def js(self, script: str, *args):
+        # sandbox=None: the page's own globals (window.pacsViewer), not an Xray view of them.
+        return self.m.execute_script(script, script_args=list(args), sandbox=None)
+
+    def click(self, css: str) -> None:
+        self.m.find_element("css selector", css).click()
+
+    def type(self, css: str, text: str) -> None:
+        self.m.find_element("css selector", css).send_keys(text)
+
+    def png(self) -> bytes:
+        return self.m.screenshot(format="binary")
+
+    def url(self) -> str:
+        return self.m.get_url()
+
+
+class SeleniumPage(EnginePage):
+    def __init__(self, driver, name: str) -> None:
+        self.d, self.name = driver, name
+
+    def get(self, url: str) -> None:
+        self.d.get(url)
+
+    def js(self, script: str, *args):
+        return self.d.execute_script(script, *args)
+
+    def click(self, css: str) -> None:
+        from selenium.webdriver.common.by import By
+        self.d.find_element(By.CSS_SELECTOR, css).click()
+
+    def type(self, css: str, text: str) -> None:
+        from selenium.webdriver.common.by import By
+        self.d.find_element(By.CSS_SELECTOR, css).send_keys(text)
+
+    def png(self) -> bytes:
+        return self.d.get_screenshot_as_png()
+
+    def url(self) -> str:
+        return self.d.current_url
+
+
+def _peer_missing(message: str) -> None:
+    if REQUIRE_PEERS:
+        pytest.fail(message + " and PACSD_REQUIRE_PEERS=1")
+    pytest.skip(message)
+
+
+@pytest.fixture
+def firefox(tmp_path: Path):
+    """Firefox ESR, headless, driven over Marionette (Mozilla's own protocol; geckodriver is
+    only a proxy for it). A fresh profile that never calls home."""
+    binary = _first(("/usr/bin/firefox-esr", "/usr/bin/firefox"))
+    try:
+        from marionette_driver.marionette import Marionette
+    except ImportError:
+        Marionette = None
+    if not binary or Marionette is None:
+        _peer_missing("Firefox (apt-get install firefox-esr) or marionette-driver is missing")
+    port = free_port()
+    profile = tmp_path / "firefox-profile"
+    profile.mkdir()
+    prefs = {"marionette.port": port, "browser.shell.checkDefaultBrowser": False,
+             "app.update.disabledForTesting": True, "app.normandy.enabled": False,
+             "datareporting.policy.dataSubmissionEnabled": False,
+             "toolkit.telemetry.enabled": False, "browser.safebrowsing.malware.enabled": False,
+             "browser.safebrowsing.phishing.enabled": False,
+             "extensions.update.enabled": False, "network.captive-portal-service.enabled": False,
+             "network.connectivity-service.enabled": False, "browser.startup.page": 0,
+             "browser.startup.homepage": "about:blank", "network.dns.disablePrefetch": True,
+             "browser.newtabpage.enabled": False, "media.gmp-manager.url": "",
+             "extensions.getAddons.cache.enabled": False, "services.settings.server": "",
+             "browser.region.network.url": "", "network.proxy.type": 0}
+    (profile / "user.js").write_text("".join(f'user_pref("{k}", {json.dumps(v)});\n'
+                                             for k, v in prefs.items()))
+    proc = subprocess.Popen([binary, "--headless", "--marionette", "--no-remote", "--profile",
+                             str(profile), "--width", "1400", "--height", "900", "about:blank"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            stdin=subprocess.DEVNULL)
+    client = Marionette(host=LOCAL, port=port, bin=None, startup_timeout=60)
+    try:
+        client.start_session()
+        client.timeout.page_load = 30
+        client.timeout.script = 60
+        yield MarionettePage(client)
+    finally:
+        try:
+            client.delete_session()
+        except Exception:
+            pass
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def xvfb_display():
+    """A virtual X display for WebKitGTK, which has no headless mode of its own."""
+    exe = _first(("/usr/bin/Xvfb",))
+    if not exe:
+        _peer_missing("Xvfb is not installed (apt-get install xvfb)")
+    read, write = os.pipe()
+    proc = subprocess.Popen([exe, "-displayfd", str(write), "-screen", "0", "1400x900x24",
+                             "-nolisten", "tcp"], pass_fds=(write,),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.close(write)
+    with os.fdopen(read) as f:
+        number = f.readline().strip()   # Xvfb writes its display number once it is ready
+    if not number:
+        proc.kill()
+        raise AssertionError("Xvfb did not start")
+    try:
+        yield f":{number}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def webkit(xvfb_display):
+    """WebKitGTK's MiniBrowser (WebKit: Safari's engine) driven by WebKitWebDriver."""
+    import glob
+    driver_path = _first(("/usr/bin/WebKitWebDriver",))
+    browsers = sorted(glob.glob("/usr/lib/*/webkit2gtk-4.*/MiniBrowser"))
+    if not driver_path or not browsers:
+        _peer_missing("WebKitGTK's driver is not installed (apt-get install webkit2gtk-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.webkitgtk.options import Options
+    from selenium.webdriver.webkitgtk.service import Service
+    opts = Options()
+    opts.binary_location = browsers[-1]
+    opts.add_argument("--automation")
+    env = {**os.environ, "DISPLAY": xvfb_display}
+    drv = webdriver.WebKitGTK(options=opts, service=Service(executable_path=driver_path, env=env))
+    drv.set_window_size(1400, 900)
+    drv.set_page_load_timeout(30)
+    drv.set_script_timeout(60)
+    try:
+        yield SeleniumPage(drv, "webkit")
+    finally:
+        drv.quit()
