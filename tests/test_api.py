@@ -271,3 +271,22 @@ def test_zip_of_a_study_streams_the_stored_files_under_a_dicomdir(make_server, t
     flat = requests.get(f"{server.http_url}/api/series/{series}/zip?dicomdir=0", timeout=30)
     assert sorted(zipfile.ZipFile(io.BytesIO(flat.content)).namelist()) == [
         "DICOM/IM000000", "DICOM/IM000001", "DICOM/IM000002"]
+
+
+def test_pages_and_their_files_and_nothing_else(server):
+    """The pages are served from the package with a CSP; paths out of static/ are refused."""
+    import socket
+    url = server.http_url
+    r = requests.get(f"{url}/", timeout=10)
+    assert r.url.endswith("/app/") and "text/html" in r.headers["Content-Type"]
+    assert "script-src 'self'" in r.headers["Content-Security-Policy"]
+    for name in ("viewer", "qr", "admin", "login"):
+        assert requests.get(f"{url}/app/{name}", timeout=10).status_code == 200, name
+    assert requests.get(f"{url}/app/static/common.js", timeout=10).status_code == 200
+    host, port = url.split("//")[1].split(":")
+    for path in ("/app/static/../../config.py", "/app/static/%2e%2e/%2e%2e/config.py",
+                 "/app/static/..%2f..%2fconfig.py", "/app/../pacsd.json", "/app/nothing"):
+        with socket.create_connection((host, int(port)), timeout=10) as c:   # sent verbatim
+            c.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
+            status = c.recv(64).split(b"\r\n")[0]
+        assert status.split()[1] in (b"400", b"403", b"404"), (path, status)
