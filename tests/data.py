@@ -47,14 +47,55 @@ def uid(*parts: object) -> str:
     return f"2.25.{int.from_bytes(digest, 'big')}"
 
 
+def chest(size: int, z: float, rng: np.random.Generator) -> np.ndarray:
+    """A chest-like axial slice in Hounsfield units at height z (0..1): body, fat, lungs with
+    vessels, heart, aorta, spine, sternum and ribs, so that pictures (the README's) and window
+    presets have something to show."""
+    v, u = np.mgrid[-1:1:size * 1j, -1:1:size * 1j]
+
+    def ellipse(cu: float, cv: float, ru: float, rv: float) -> np.ndarray:
+        return ((u - cu) / ru) ** 2 + ((v - cv) / rv) ** 2 < 1
+
+    grow = 0.55 + 0.45 * np.sin(np.pi * (0.15 + 0.7 * z))
+    img = np.full((size, size), -1000.0)
+    img[ellipse(0, 0.02, 0.9, 0.66)] = -100                       # subcutaneous fat
+    img[ellipse(0, 0.02, 0.84, 0.6)] = 45                         # muscle, mediastinum
+    for side in (-1, 1):
+        lung = ellipse(side * 0.38, -0.02, 0.3 * grow, 0.45 * grow)
+        img[lung] = -860 + rng.normal(0, 25, lung.sum())
+        for _ in range(40):                                       # vessels
+            cu, cv = side * 0.38 + rng.uniform(-0.25, 0.25) * grow, rng.uniform(-0.4, 0.4) * grow
+            vessel = ellipse(cu, cv, 0.012, 0.012) & lung
+            img[vessel] = 20
+    heart = max(0.0, np.sin(np.pi * (z - 0.1) / 0.8))
+    if heart > 0.05:
+        img[ellipse(0.1, 0.08, 0.26 * heart, 0.22 * heart)] = 50
+    img[ellipse(0.13, 0.38, 0.065, 0.065)] = 190                  # aorta with contrast
+    img[ellipse(0, 0.5, 0.11, 0.1)] = 950                         # vertebral cortex
+    img[ellipse(0, 0.5, 0.09, 0.08)] = 350                        # cancellous bone
+    img[ellipse(0, 0.63, 0.04, 0.035)] = 15                       # spinal canal
+    img[ellipse(0, -0.56, 0.07, 0.03)] = 600                      # sternum
+    for angle in np.linspace(0.35, np.pi - 0.35, 7):              # ribs
+        for side in (-1, 1):
+            cu, cv = side * 0.8 * np.cos(angle), 0.58 * np.sin(angle) * (1 if angle > 0 else -1)
+            img[ellipse(cu, cv * np.sign(np.cos(angle * 2 + z * 3)), 0.035, 0.028)] = 800
+    return img + rng.normal(0, 8, (size, size))
+
+
 def ct_slice(*, seed: int, patient: int, study: int, series: int, number: int,
              size: int = 512, modality: str = "CT", study_date: str = "20240102",
-             patient_name: str | None = None, accession: str | None = None) -> Dataset:
-    """One realistic CT slice: 16-bit signed pixels, proper UIDs and patient/study/series keys."""
+             patient_name: str | None = None, accession: str | None = None,
+             anatomy: int = 0) -> Dataset:
+    """One realistic CT slice: 16-bit signed pixels, proper UIDs and patient/study/series keys.
+    With `anatomy` (the number of slices of the series), a chest-like picture instead of a
+    plain disc."""
     rng = np.random.default_rng([seed, patient, study, series, number])
-    yy, xx = np.mgrid[:size, :size]
-    body = ((xx - size / 2) ** 2 + (yy - size / 2) ** 2) < (size * 0.42) ** 2
-    img = np.where(body, 40, -1000) + rng.normal(0, 12, (size, size))
+    if anatomy:
+        img = chest(size, (number - 1) / max(1, anatomy - 1), rng)
+    else:
+        yy, xx = np.mgrid[:size, :size]
+        body = ((xx - size / 2) ** 2 + (yy - size / 2) ** 2) < (size * 0.42) ** 2
+        img = np.where(body, 40, -1000) + rng.normal(0, 12, (size, size))
     pixels = (img + 1024).clip(0, 4095).astype(np.uint16)
 
     ds = Dataset()
