@@ -75,9 +75,9 @@ def chest(size: int, z: float, rng: np.random.Generator) -> np.ndarray:
     img[ellipse(0, 0.5, 0.09, 0.08)] = 350                        # cancellous bone
     img[ellipse(0, 0.63, 0.04, 0.035)] = 15                       # spinal canal
     img[ellipse(0, -0.56, 0.07, 0.03)] = 600                      # sternum
-    for angle in np.linspace(0.35, np.pi - 0.35, 7):              # ribs
+    for angle in np.linspace(0.35, np.pi - 0.35, 7):              # ribs, front or back by z
         for side in (-1, 1):
-            cu, cv = side * 0.8 * np.cos(angle), 0.58 * np.sin(angle) * (1 if angle > 0 else -1)
+            cu, cv = side * 0.8 * np.cos(angle), 0.58 * np.sin(angle)
             img[ellipse(cu, cv * np.sign(np.cos(angle * 2 + z * 3)), 0.035, 0.028)] = 800
     return img + rng.normal(0, 8, (size, size))
 
