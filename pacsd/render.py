@@ -81,6 +81,28 @@ def render(path: Path, *, frame: int = 1, rows: int | None = None, columns: int 
     return out.getvalue()
 
 
+def decode_frame(path: Path, frame: int = 1) -> np.ndarray:
+    """Frame `frame` (1-based) of the DICOM file at `path`, decoded to native pixels: shape
+    (rows, columns) for one sample per pixel, (rows, columns, 3) interleaved for colour (YBR
+    converted to RGB). The dtype follows the header, as native data would be read: unsigned or
+    signed (PixelRepresentation) integers of BitsAllocated bits (8, 16, 32), little endian; no
+    Modality LUT or window applied (PALETTE COLOR stays as indices)."""
+    ds = _header(path)
+    frames = _int(ds.get("NumberOfFrames"), 1)
+    if not 1 <= frame <= frames:
+        raise InvalidDataset(f"frame {frame} does not exist: the object has {frames} frame(s)")
+    arr = _decode(path, ds, frame - 1)
+    bits = _int(ds.get("BitsAllocated"), 8 * arr.dtype.itemsize)
+    if arr.dtype.kind in "iu" and bits in (8, 16, 32):
+        kind = "i" if _int(ds.get("PixelRepresentation"), 0) == 1 else "u"
+        if arr.ndim == 3:   # colour samples are unsigned whatever PixelRepresentation says
+            kind = "u"
+        arr = arr.astype(f"<{kind}{bits // 8}", copy=False)
+    else:
+        raise UnsupportedPixelData(f"{bits}-bit {arr.dtype} pixels are not decoded to frames")
+    return np.ascontiguousarray(arr)
+
+
 def _int(value: Any, default: int) -> int:
     try:
         return int(value) if value not in (None, "") else default

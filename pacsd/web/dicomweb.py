@@ -327,22 +327,32 @@ def metadata(rt: Any, insts: list[query.StoredInstance]) -> Iterator[str]:
 
 # --- frames (PS3.18 10.4.1.1.5 / 8.7.3.3.2) ---------------------------------------------------
 
-def _frame_type(ts: str) -> tuple[str, str]:
-    """(multipart type, part Content-Type) for frames stored in `ts`, by the Accept header."""
+def _frame_type(ts: str) -> tuple[str, str, bool]:
+    """(multipart type, part Content-Type, decode?) for frames stored in `ts`, by the Accept
+    header. Compressed frames are sent as stored, unless the client names octet-stream with
+    transfer-syntax=1.2.840.10008.1.2.1 explicitly: then they are decoded to native little
+    endian pixels (PS3.18 8.7.3.3.2 lets the origin server transcode; `*` keeps the bitstream)."""
     uid = UID(ts)
     native = not uid.is_compressed   # uncompressed and deflated: sent as Explicit VR LE
     media = "application/octet-stream" if native else FRAME_MEDIA.get(ts)
-    if media is None:
-        raise _fail(406, f"frames of transfer syntax {ts} cannot be retrieved")
     out_ts = ExplicitVRLittleEndian if native else ts
     for r in multipart.parse_accept(bottle.request.get_header("Accept")):
         want = r.transfer_syntax
-        if r.matches(media) and want in (None, "*", out_ts):
-            return media, f"{media}; transfer-syntax={out_ts}"
-        if (r.part_type == "application/octet-stream" and want in ("*", out_ts)):
-            return r.part_type, f"application/octet-stream; transfer-syntax={out_ts}"
-    raise _fail(406, f"frames are stored as {media} (transfer syntax {ts}); pacsd does not "
-                "transcode them")
+        if media is not None and r.matches(media) and want in (None, "*", out_ts):
+            return media, f"{media}; transfer-syntax={out_ts}", False
+        if r.part_type == "application/octet-stream":
+            if media is not None and want in ("*", out_ts):
+                return r.part_type, f"application/octet-stream; transfer-syntax={out_ts}", False
+            if not native and want == ExplicitVRLittleEndian:
+                return (r.part_type, f"application/octet-stream; transfer-syntax={want}",
+                        True)
+    if media is None:
+        raise _fail(406, f"frames of transfer syntax {ts} cannot be retrieved as stored (ask "
+                    f'for type="application/octet-stream"; '
+                    f"transfer-syntax={ExplicitVRLittleEndian} to have them decoded)")
+    raise _fail(406, f"frames are stored as {media} (transfer syntax {ts}); pacsd decodes them "
+                f'only for type="application/octet-stream"; '
+                f"transfer-syntax={ExplicitVRLittleEndian}")
 
 
 def _frame_numbers(text: str) -> list[int]:
@@ -355,10 +365,23 @@ def _frame_numbers(text: str) -> list[int]:
     return numbers
 
 
-def read_frames(path: Path, ts: str, numbers: list[int]) -> Iterator[bytes]:
+def read_frames(path: Path, ts: str, numbers: list[int], decode: bool = False
+                ) -> Iterator[bytes]:
     """The bytes of each frame: for native pixel data a slice (little endian), for
-    encapsulated pixel data the frame's fragments as stored. Only those bytes are read."""
+    encapsulated pixel data the frame's fragments as stored, or with `decode` the frame
+    decoded to native little endian pixels (pacsd.render.decode_frame). Only those bytes are
+    read."""
     uid = UID(ts)
+    if decode and uid.is_compressed:
+        from pacsd.render import decode_frame   # lazily: decoders load only when asked
+        ds = dcmread(path, stop_before_pixels=True)
+        n_frames = int(ds.get("NumberOfFrames") or 1)
+        bad = [n for n in numbers if n > n_frames]
+        if bad:
+            raise _fail(404, f"frame {bad[0]} does not exist: the instance has {n_frames}")
+        for n in numbers:
+            yield decode_frame(path, n).tobytes()
+        return
     with open(path, "rb") as f:
         ds = dcmread(f, stop_before_pixels=True)
         n_frames = int(ds.get("NumberOfFrames") or 1)
@@ -406,9 +429,9 @@ def read_frames(path: Path, ts: str, numbers: list[int]) -> Iterator[bytes]:
 
 def frames(rt: Any, inst: query.StoredInstance, numbers_text: str) -> Iterator[bytes]:
     numbers = _frame_numbers(numbers_text)
-    part_type, part_ctype = _frame_type(inst.transfer_syntax_uid)
+    part_type, part_ctype, decode = _frame_type(inst.transfer_syntax_uid)
     path = rt.archive.store.path(inst.path)
-    chunks = read_frames(path, inst.transfer_syntax_uid, numbers)
+    chunks = read_frames(path, inst.transfer_syntax_uid, numbers, decode)
     first = next(chunks)   # errors (no such frame, no pixels) become answers, not cut bodies
     boundary = multipart.new_boundary()
     bottle.response.content_type = multipart.content_type(part_type, boundary)
