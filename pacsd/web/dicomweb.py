@@ -2,7 +2,8 @@
 
 QIDO-RS goes through pacsd.query, the matching C-FIND uses, and answers from the index alone.
 WADO-RS streams the stored files as they are (multipart/related, one part per file, read in
-chunks); metadata comes from each file's header, never its pixels; frames are cut from the file.
+chunks); metadata comes from each file's header, never its pixels; frames are cut from the file
+(and decoded only when a client asks for native frames of a compressed instance).
 STOW-RS reads the body part by part and stores each instance with Archive.put, the one durable
 path, so an instance is acknowledged only once its file and its index row are on disk.
 """
