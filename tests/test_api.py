@@ -290,3 +290,15 @@ def test_pages_and_their_files_and_nothing_else(server):
             c.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
             status = c.recv(64).split(b"\r\n")[0]
         assert status.split()[1] in (b"400", b"403", b"404"), (path, status)
+
+
+def test_password_guessing_is_throttled(make_server):
+    server = make_server(users=[{"name": "boss", "password_hash": hash_password("boss-password"),
+                                 "admin": True}])
+    url = f"{server.http_url}/app/login"
+    codes = [requests.post(url, json={"name": "boss", "password": f"guess{i}"},
+                           timeout=30).status_code for i in range(11)]
+    assert codes == [401] * 10 + [429]
+    # Even the right password waits now: the address is blocked for the window.
+    r = requests.post(url, json={"name": "boss", "password": "boss-password"}, timeout=30)
+    assert r.status_code == 429 and r.headers["Retry-After"] == "900"

@@ -115,6 +115,41 @@ class Sessions:
                 + ("; Secure" if secure else ""))
 
 
+class Throttle:
+    """Failed logins per client address: after `limit` failures within `window_s`, that
+    address is refused until the window has passed (a password guesser gets a handful of tries
+    a quarter hour; PBKDF2 already makes each one slow)."""
+
+    def __init__(self, limit: int = 10, window_s: float = 900.0) -> None:
+        self.limit, self.window_s = limit, window_s
+        self._failures: dict[str, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, address: str, now: float) -> list[float]:
+        times = [t for t in self._failures.get(address, []) if now - t < self.window_s]
+        if times:
+            self._failures[address] = times
+        else:
+            self._failures.pop(address, None)
+        return times
+
+    def blocked(self, address: str) -> bool:
+        with self._lock:
+            return len(self._recent(address, time.monotonic())) >= self.limit
+
+    def failed(self, address: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if len(self._failures) > 10_000:   # bounded memory under a spray of addresses
+                self._failures.clear()
+            self._recent(address, now)
+            self._failures.setdefault(address, []).append(now)
+
+    def succeeded(self, address: str) -> None:
+        with self._lock:
+            self._failures.pop(address, None)
+
+
 def cookie_value(environ: dict[str, Any], name: str) -> str | None:
     jar = http.cookies.SimpleCookie()
     try:

@@ -14,7 +14,7 @@ from typing import Any
 
 import bottle
 
-from pacsd.web.auth import Sessions, check_password
+from pacsd.web.auth import Sessions, Throttle, check_password
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +45,15 @@ def static(filename: str) -> Any:
     return rsp
 
 
-def login(rt: Any, sessions: Sessions) -> Any:
+def login(rt: Any, sessions: Sessions, throttle: Throttle) -> Any:
     """Name and password (form or JSON) -> the session cookie."""
     req = bottle.request
+    address = req.remote_addr or ""
+    if throttle.blocked(address):
+        log.warning("login refused for %s: too many failed attempts", address)
+        return bottle.HTTPResponse(json.dumps({"error": "too many failed logins; try again in "
+                                               "a quarter of an hour"}), 429,
+                                   {"Content-Type": "application/json", "Retry-After": "900"})
     if (req.content_type or "").startswith("application/json"):
         try:
             body = json.loads(req.body.read(64 << 10) or b"{}")
@@ -59,10 +65,12 @@ def login(rt: Any, sessions: Sessions) -> Any:
     name, password = str(body.get("name") or ""), str(body.get("password") or "")
     user = rt.directory.user(name)
     if user is None or not check_password(password, user.password_hash):
-        log.warning("failed login for %r from %s", name[:64], req.remote_addr)
+        throttle.failed(address)
+        log.warning("failed login for %r from %s", name[:64], address)
         return bottle.HTTPResponse(json.dumps({"error": "wrong name or password"}), 401,
                                    {"Content-Type": "application/json"})
-    log.info("%s logged in from %s", user.name, req.remote_addr)
+    throttle.succeeded(address)
+    log.info("%s logged in from %s", user.name, address)
     secure = rt.cfg.http_cert != "" or req.get_header("X-Forwarded-Proto") == "https"
     return bottle.HTTPResponse(json.dumps({"user": user.name, "admin": user.admin}), 200, {
         "Content-Type": "application/json",
@@ -83,6 +91,7 @@ def make_app(rt: Any, sessions: Sessions) -> bottle.Bottle:
     app.route("/app/", "GET", lambda: page(""))
     app.route("/app/<name>", "GET", page)
     app.route("/app/static/<filename:path>", "GET", static)
-    app.route("/app/login", "POST", lambda: login(rt, sessions))
+    throttle = Throttle()
+    app.route("/app/login", "POST", lambda: login(rt, sessions, throttle))
     app.route("/app/logout", "POST", lambda: logout(sessions))
     return app
