@@ -490,3 +490,18 @@ def webkit(xvfb_display):
         yield SeleniumPage(drv, "webkit")
     finally:
         drv.quit()
+
+
+@contextmanager
+def remote_pacsd(tmp_path: Path, files: list[Path], local_aet: str = "LOCALPACS",
+                 remote_aet: str = "REMOTE") -> Iterator[tuple[Process, int]]:
+    """A second pacsd (`pacsd serve`) holding `files`, which knows us as `local_aet` on a port
+    chosen here: yields (the remote, the DICOM port the local pacsd must then listen on)."""
+    local_port = free_port()
+    data = tmp_path / "remote"
+    cfg = write_config(tmp_path / "remote.toml", data, dicom={"aet": remote_aet},
+                       nodes=[{"name": "here", "aet": local_aet, "host": LOCAL,
+                               "port": local_port}])
+    with serve(cfg, data, log_name="remote.log") as remote:
+        assert store_files(remote.port, files) == [0] * len(files)
+        yield remote, local_port

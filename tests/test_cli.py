@@ -16,7 +16,8 @@ from pydicom.dataset import Dataset
 from pynetdicom import build_context
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
 
-from conftest import LOCAL, associate, free_port, pacsd_cmd, serve, write_config
+from conftest import (LOCAL, associate, free_port, pacsd_cmd, remote_pacsd, serve,
+                      write_config)
 from data import write_series
 
 EXIT_CONFIG, EXIT_UNAVAILABLE, EXIT_CANTCREAT, EXIT_TEMPFAIL, EXIT_NOT_RUNNING = 78, 69, 73, 75, 3
@@ -385,14 +386,8 @@ def test_retrieve_queries_a_node_and_moves_what_matches_here(tmp_path: Path):
     from pydicom import dcmread
     files = write_series(tmp_path / "in", seed=21, patients=2, studies=2, series=1, images=2,
                          size=32)
-    local_port = free_port()
-    remote_data, local_data = tmp_path / "remote", tmp_path / "local"
-    remote_cfg = write_config(tmp_path / "remote.toml", remote_data, dicom={"aet": "REMOTE"},
-                              nodes=[{"name": "here", "aet": "LOCALPACS", "host": LOCAL,
-                                      "port": local_port}])
-    with serve(remote_cfg, remote_data, log_name="remote.log") as remote:
-        from conftest import store_files
-        assert store_files(remote.port, files) == [0] * len(files)
+    local_data = tmp_path / "local"
+    with remote_pacsd(tmp_path, files) as (remote, local_port):
         local_cfg = write_config(tmp_path / "local.toml", local_data,
                                  dicom={"aet": "LOCALPACS", "port": local_port},
                                  nodes=[{"name": "archive", "aet": "REMOTE", "host": LOCAL,

@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
-from conftest import LOCAL, browser_errors, free_port, serve, store_files, write_config
+from conftest import (LOCAL, browser_errors, free_port, remote_pacsd, store_files)
 from data import ct_slice
 from pydicom import dcmread
 from selenium.common.exceptions import NoAlertPresentException
@@ -271,13 +271,7 @@ def test_send_and_delete_selected(make_server, sixty, browser):
 
 def test_query_and_retrieve_from_another_pacsd(make_server, tmp_path, browser):
     files = make_studies(tmp_path / "remote-in", 6, seed=43)
-    local_port = free_port()
-    remote_data = tmp_path / "remote"
-    remote_cfg = write_config(tmp_path / "remote.toml", remote_data, dicom={"aet": "REMOTE"},
-                              nodes=[{"name": "here", "aet": "LOCALPACS", "host": LOCAL,
-                                      "port": local_port}])
-    with serve(remote_cfg, remote_data) as remote:
-        assert store_files(remote.port, files) == [0] * 6
+    with remote_pacsd(tmp_path, files) as (remote, local_port):
         server = make_server(dicom={"aet": "LOCALPACS", "port": local_port}, nodes=[
             {"name": "archive", "aet": "REMOTE", "host": LOCAL, "port": remote.port},
             {"name": "down", "aet": "DOWN", "host": LOCAL, "port": free_port()}])

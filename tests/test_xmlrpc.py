@@ -13,7 +13,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import build_context
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
 
-from conftest import LOCAL, associate, free_port, serve, store_files, write_config
+from conftest import LOCAL, associate, free_port, remote_pacsd, store_files
 from data import dataset_bytes, write_series
 from pacsd import query
 from pacsd.web.auth import hash_password
@@ -278,13 +278,7 @@ def test_cmove_to_a_node_that_is_down(make_server, tmp_path):
 
 def test_retrieve_from_another_pacsd(make_server, tmp_path):
     files = write_series(tmp_path / "in", seed=12, studies=2, series=1, images=3, size=32)
-    local_port = free_port()
-    remote_data = tmp_path / "remote"
-    remote_cfg = write_config(tmp_path / "remote.toml", remote_data, dicom={"aet": "REMOTE"},
-                              nodes=[{"name": "here", "aet": "LOCALPACS", "host": LOCAL,
-                                      "port": local_port}])
-    with serve(remote_cfg, remote_data) as remote:
-        assert store_files(remote.port, files) == [0] * 6
+    with remote_pacsd(tmp_path, files) as (remote, local_port):
         server = make_server(dicom={"aet": "LOCALPACS", "port": local_port},
                              nodes=[{"name": "the other", "aet": "REMOTE", "host": LOCAL,
                                      "port": remote.port}])
