@@ -67,12 +67,19 @@ def env(tmp_path_factory):
     server = Server(cfg).start()
     main = write_series(tmp / "main", seed=7, series=2, images=IMAGES, size=SIZE)
     doomed = write_series(tmp / "doomed", seed=8, images=3, size=32)
+    # InstanceNumber 1 lies last along the slice normal: the first instance sorts to the end.
+    reversed_ = write_series(tmp / "reversed", seed=9, images=5, size=32)
+    for path in reversed_:
+        ds = dcmread(path)
+        ds.ImagePositionPatient = [0, 0, -float(ds.InstanceNumber)]
+        ds.save_as(path)
     samples = [sample("MR_small_jpeg_ls_lossless.dcm"), sample("SC_rgb_rle_2frame.dcm")]
-    files = main + doomed + samples
+    files = main + doomed + reversed_ + samples
     assert store_files(server.dicom_port, files) == [0] * len(files)
     server.study = uid(7, 1, 1, "study")
     server.series = [uid(7, 1, 1, se, "series") for se in (1, 2)]
     server.doomed = uid(8, 1, 1, "study")
+    server.reversed = uid(9, 1, 1, "study")
     server.jls = dcmread(samples[0])
     server.rgb = dcmread(samples[1], stop_before_pixels=True)
     server.scp = scp
@@ -399,4 +406,23 @@ def test_colour_multiframe_is_drawn(browser, env):
     js(browser, "pacsViewer.setSlice(1)")
     assert canvas(browser)["hash"] != first["hash"]
     assert "frame 2/2" in browser.find_element(By.CSS_SELECTOR, "#viewport-0 .ov.bl").text
+    no_errors(browser)
+
+
+def test_first_image_before_the_series_metadata_stays_in_place(browser, env):
+    """The series' first instance (lowest InstanceNumber) is drawn from its own metadata and
+    frame; once the series is sorted the viewport shows it at its place, here the last, and its
+    frame is not fetched again."""
+    open_viewer(browser, env, env.reversed)
+    all_loaded(browser)
+    first = js(browser, "pacsViewer.study().series[0].first_sop")
+    assert js(browser, "pacsViewer.viewports[0].index") == 4
+    assert js(browser, "pacsViewer.viewports[0].sop") == first
+    assert js(browser, "document.querySelector('#viewport-0 input.slice').value") == "4"
+    assert "Im: 5 / 5" in browser.find_element(By.CSS_SELECTOR, "#viewport-0 .ov.bl").text
+    assert canvas(browser)["std"] > 5
+    requests = js(browser, "performance.getEntriesByType('resource').map(e => e.name)")
+    assert sum(r.endswith(f"/instances/{first}/frames/1") for r in requests) == 1
+    assert sum(r.endswith(f"/instances/{first}/metadata") for r in requests) == 1
+    assert sum(r.endswith("/frames/1") for r in requests) == 5
     no_errors(browser)

@@ -1,0 +1,393 @@
+// The viewer's pixels: DICOM JSON metadata, slice order, frame fetching, windowing LUTs and
+// the cache of series. No DOM here; the page tells a SeriesStore what is on screen (hooks).
+//
+// Pixel path, and why:
+// * Grayscale (MONOCHROME1/2; 8, 16 or 32 bits; signed or unsigned) comes as raw frames:
+//   WADO-RS .../frames/{n} with Accept multipart/related; type="application/octet-stream";
+//   transfer-syntax=1.2.840.10008.1.2.1, so native little endian pixels (the server decodes
+//   JPEG, JPEG-LS, JPEG 2000 and RLE frames for us). The browser keeps each slice as a typed
+//   array (Int16Array, Uint16Array...) and windows it itself: Rescale Slope/Intercept and the
+//   window (PS3.3 C.11.2.1.2.1, LINEAR) are folded into one lookup table indexed by the stored
+//   value, MONOCHROME1 and "invert" flip it, and a slice is drawn as lut[pixel] into an
+//   ImageData. That is exact on 12/16-bit data (a rendered 8-bit JPEG/PNG has already thrown
+//   away what lies outside its window), makes window/level dragging instant (a new 64 K LUT,
+//   no request), and a 512x512 slice costs about a millisecond to draw, so scrolling a loaded
+//   500-slice CT is immediate.
+// * Colour (RGB, YBR_*, PALETTE COLOR) has no window to play with, so it comes as
+//   .../frames/{n}/rendered?accept=image/png (the server converts YBR and applies palettes,
+//   which would be a lot of code here for little gain), decoded by the browser.
+//   A grayscale frame the server cannot give raw (406) falls back to that path too.
+// Every image of a series is fetched in the background, 6 requests at a time (the browser's
+// per-host limit), nearest to the slice on screen first.
+
+export const DW = "../dicom-web/";
+const RAW_ACCEPT = 'multipart/related; type="application/octet-stream"; transfer-syntax=1.2.840.10008.1.2.1';
+const CONCURRENCY = 6;
+const CACHE_BYTES = 1536 * 1024 * 1024;   // decoded pixels kept for series not on screen
+
+// ---- DICOM JSON (PS3.18 F.2) helpers ---------------------------------------------------------
+const val = (ds, tag, i = 0) => {
+  const e = ds && ds[tag];
+  if (!e || !e.Value || e.Value.length <= i) return undefined;
+  const v = e.Value[i];
+  return v && typeof v === "object" && "Alphabetic" in v ? v.Alphabetic : v;
+};
+const vals = (ds, tag) => ((ds && ds[tag] && ds[tag].Value) || []);
+const num = (ds, tag, dflt, i = 0) => {
+  const v = Number(val(ds, tag, i));
+  return Number.isFinite(v) && val(ds, tag, i) !== undefined && val(ds, tag, i) !== "" ? v : dflt;
+};
+const str = (ds, tag) => { const v = val(ds, tag); return v == null ? "" : String(v); };
+
+// ---- multipart/related: one part (PS3.18 8.6.1.2) ---------------------------------------------
+function indexOfBytes(hay, needle, from) {
+  const n0 = needle[0];
+  outer: for (let i = from; i <= hay.length - needle.length; i++) {
+    if (hay[i] !== n0) continue;
+    for (let j = 1; j < needle.length; j++) if (hay[i + j] !== needle[j]) continue outer;
+    return i;
+  }
+  return -1;
+}
+function lastIndexOfBytes(hay, needle) {
+  outer: for (let i = hay.length - needle.length; i >= 0; i--) {
+    for (let j = 0; j < needle.length; j++) if (hay[i + j] !== needle[j]) continue outer;
+    return i;
+  }
+  return -1;
+}
+const ascii = (s) => Uint8Array.from(s, (c) => c.charCodeAt(0));
+// The body of the first part as an ArrayBuffer of its own (so typed arrays are aligned).
+function firstPart(buffer, contentType) {
+  const m = /boundary="?([^";,]+)"?/i.exec(contentType || "");
+  if (!m) throw new Error("no multipart boundary in " + contentType);
+  const bytes = new Uint8Array(buffer);
+  const start = indexOfBytes(bytes, ascii("--" + m[1]), 0);
+  if (start < 0) throw new Error("multipart boundary not found");
+  const headEnd = indexOfBytes(bytes, ascii("\r\n\r\n"), start);
+  if (headEnd < 0) throw new Error("multipart part has no header end");
+  const bodyStart = headEnd + 4;
+  // One frame per request: the part ends at the last delimiter (searched from the end,
+  // so a 500 KB body is not scanned).
+  let end = lastIndexOfBytes(bytes.subarray(bodyStart), ascii("\r\n--" + m[1]));
+  end = end < 0 ? bytes.length : bodyStart + end;
+  return buffer.slice(bodyStart, end);
+}
+
+// ---- images: what one slice is and where it goes ---------------------------------------------
+function describe(meta) {
+  const photometric = str(meta, "00280004").trim().toUpperCase() || "MONOCHROME2";
+  const samples = num(meta, "00280002", 1);
+  const bitsAllocated = num(meta, "00280100", 16);
+  const ps = vals(meta, "00280030").length ? vals(meta, "00280030") : vals(meta, "00181164");
+  return {
+    rows: num(meta, "00280010", 0), cols: num(meta, "00280011", 0),
+    photometric, samples, bitsAllocated,
+    bitsStored: num(meta, "00280101", bitsAllocated),
+    signed: num(meta, "00280103", 0) === 1,
+    slope: num(meta, "00281053", 1), intercept: num(meta, "00281052", 0),
+    wc: num(meta, "00281050", null), ww: num(meta, "00281051", null),
+    spacing: ps.length >= 2 ? [Number(ps[0]), Number(ps[1])] : null,   // [row, column] mm
+    gray: samples === 1 && (photometric === "MONOCHROME1" || photometric === "MONOCHROME2")
+          && [8, 16, 32].includes(bitsAllocated),
+  };
+}
+
+// Slices by position along the slice normal (ImageOrientationPatient x ImagePositionPatient),
+// else InstanceNumber; the frames of a multi-frame instance in order.
+function sortImages(metas) {
+  const key = metas.map((m) => {
+    const iop = vals(m, "00200037").map(Number), ipp = vals(m, "00200032").map(Number);
+    let pos = null;
+    if (iop.length === 6 && ipp.length === 3 && iop.concat(ipp).every(Number.isFinite)) {
+      const n = [iop[1] * iop[5] - iop[2] * iop[4], iop[2] * iop[3] - iop[0] * iop[5],
+                 iop[0] * iop[4] - iop[1] * iop[3]];
+      pos = n[0] * ipp[0] + n[1] * ipp[1] + n[2] * ipp[2];
+    }
+    return { m, pos, number: num(m, "00200013", 0), frames: Math.max(1, num(m, "00280008", 1)) };
+  });
+  const byPosition = key.every((k) => k.pos !== null && k.frames === 1) &&
+    new Set(key.map((k) => k.pos.toFixed(3))).size === key.length;
+  key.sort((a, b) => (byPosition ? a.pos - b.pos : 0) || a.number - b.number);
+  const images = [];
+  for (const k of key) {
+    const d = describe(k.m);
+    for (let f = 1; f <= k.frames; f++) {
+      images.push(Object.assign({ meta: k.m, sop: str(k.m, "00080018"), frame: f,
+                                  frames: k.frames, number: k.number, pos: k.pos }, d));
+    }
+  }
+  return images;
+}
+
+// ---- decoding one frame ----------------------------------------------------------------------
+function typedArray(img, buffer) {
+  const n = img.rows * img.cols;
+  let a;
+  if (img.bitsAllocated === 8) a = img.signed ? new Int8Array(buffer, 0, n) : new Uint8Array(buffer, 0, n);
+  else if (img.bitsAllocated === 16) a = img.signed ? new Int16Array(buffer, 0, n) : new Uint16Array(buffer, 0, n);
+  else a = img.signed ? new Int32Array(buffer, 0, n) : new Uint32Array(buffer, 0, n);
+  // Bits above BitsStored may carry anything (overlays, garbage): mask / sign-extend them.
+  const bs = img.bitsStored, ba = img.bitsAllocated;
+  if (bs < ba && ba <= 16) {
+    if (img.signed) {
+      const sh = 32 - bs;
+      for (let i = 0; i < n; i++) a[i] = (a[i] << sh) >> sh;
+    } else {
+      const mask = (1 << bs) - 1;
+      for (let i = 0; i < n; i++) a[i] &= mask;
+    }
+  }
+  let lo = Infinity, hi = -Infinity;
+  for (let i = 0; i < n; i++) { const v = a[i]; if (v < lo) lo = v; if (v > hi) hi = v; }
+  img.min = lo; img.max = hi;
+  return a;
+}
+
+// ---- series and their cache ------------------------------------------------------------------
+let cacheTick = 0;
+
+export class Series {
+  constructor(info) {
+    this.uid = info.series_uid;
+    this.info = info;
+    this.images = [];       // [{inst, sop, frame, meta, ...pixel description}]
+    this.pixels = [];       // per image: typed array | ImageBitmap/HTMLImageElement | null
+    this.state = [];        // per image: 0 not asked, 1 loading, 2 loaded, 3 failed
+    this.loaded = 0;
+    this.bytes = 0;
+    this.ready = null;      // Promise: metadata read
+    this.preview = null;    // the first instance, fetched alongside the metadata (below)
+    this.firstIndex = 0;    // where that instance is once the series is sorted
+    this.sorted = false;    // images/pixels/state are the series' (metadata read)
+    this.startedMs = 0;
+    this.allLoadedMs = null;
+    this.used = ++cacheTick;
+    this.active = 0;        // workers running
+    this.dropped = false;
+  }
+  get count() { return this.images.length; }
+  // Image i and its pixels; until the metadata is read, the preview's (whatever i is).
+  imageAt(i) { return this.sorted ? this.images[i] : (this.preview && this.preview.img) || undefined; }
+  pixelsAt(i) { return this.sorted ? this.pixels[i] : (this.preview && this.preview.data) || null; }
+}
+
+// The series of one study, their pixels fetched in the background. `hooks` is the page:
+//   centres(s) -> indices of s shown in visible viewports (loading starts nearest to them)
+//   shown() -> the Series on screen (never evicted)
+//   previewed(s) -> s.preview has its image, drawable before the series metadata is read
+//   loaded(s, i) -> image i of s has arrived (or failed)
+//
+// Time to the first image: the series metadata (every instance's, to sort the slices) takes
+// the server about a millisecond per instance, so a 300-slice CT would show nothing for a
+// third of a second. The study's API entry names each series' first instance (lowest
+// InstanceNumber), so that instance's own metadata and its frame 1 are fetched at the same
+// time as the series metadata and drawn as soon as they arrive (s.preview, s.count still 0);
+// once the series is sorted the viewport moves to that instance's place (s.firstIndex) and
+// its pixels become that image's, so nothing is fetched twice and the picture does not change.
+export class SeriesStore {
+  constructor(studyUid, hooks) {
+    this.studyUid = studyUid;
+    this.hooks = hooks;
+    this.cache = new Map();   // series uid -> Series
+  }
+
+  get(info) {
+    let s = this.cache.get(info.series_uid);
+    if (s && !s.dropped) { s.used = ++cacheTick; return s; }
+    s = new Series(info);
+    this.cache.set(s.uid, s);
+    s.startedMs = performance.now();
+    if (info.first_sop) s.preview = this.preview(s, info.first_sop);
+    s.ready = (async () => {
+      const metas = await this.metadata(`${DW}studies/${this.studyUid}/series/${s.uid}/metadata`);
+      s.images = sortImages(metas);
+      s.pixels = new Array(s.count).fill(null);
+      s.state = new Array(s.count).fill(0);
+      s.sorted = true;
+      this.adoptPreview(s);
+      return s;
+    })();
+    s.ready.catch(() => { s.preview = null; });   // the viewport says why; no stale picture
+    return s;
+  }
+
+  async metadata(url) {
+    const rsp = await fetch(url, { headers: { Accept: "application/dicom+json" }, credentials: "same-origin" });
+    if (rsp.status === 401) { pacs.toLogin(); throw new Error("login required"); }
+    if (!rsp.ok) throw new Error(`metadata: ${rsp.status} ${rsp.statusText}`);
+    return rsp.json();
+  }
+
+  // {sop, img, data, failed, done}: frame 1 of instance `sop`, its metadata and its pixels
+  // requested together. The pixels are asked for raw (what almost every series needs); if the
+  // metadata then says colour, that answer is dropped and the rendered frame fetched instead.
+  preview(s, sop) {
+    const p = { sop, img: null, data: null, failed: false, done: null };
+    const base = `${DW}studies/${this.studyUid}/series/${s.uid}/instances/${sop}`;
+    const raw = fetch(base + "/frames/1", { headers: { Accept: RAW_ACCEPT }, credentials: "same-origin" });
+    raw.catch(() => {});   // awaited below only for grayscale
+    p.done = (async () => {
+      const img = sortImages(await this.metadata(base + "/metadata"))[0];
+      if (!img) throw new Error("no metadata");
+      let data;
+      if (img.gray) {
+        data = await this.decodeRaw(s, img, await raw);
+      } else {
+        raw.then((rsp) => rsp.body && rsp.body.cancel()).catch(() => {});
+        data = await this.loadRendered(s, img);
+      }
+      if (s.dropped) return;
+      p.img = img; p.data = data;
+      if (!s.sorted) this.hooks.previewed(s);
+    })().catch((e) => {
+      p.failed = true;
+      console.warn("first image of series", s.uid, e.message);
+    });
+    return p;
+  }
+
+  // Once sorted: the preview's pixels are image s.firstIndex's, now or when they arrive.
+  adoptPreview(s) {
+    const p = s.preview;
+    const i = p ? s.images.findIndex((im) => im.sop === p.sop && im.frame === 1) : -1;
+    s.firstIndex = Math.max(0, i);
+    if (i < 0) return;
+    const take = () => {
+      if (s.dropped || s.state[i] === 2) return;
+      if (!p.data) { s.state[i] = 0; this.startLoading(s); return; }   // failed: fetch it again
+      const img = s.images[i];
+      img.min = p.img.min; img.max = p.img.max;
+      if (p.img.rendered) img.rendered = true;
+      this.stored(s, i, p.data);
+    };
+    if (p.img || p.failed) { take(); return; }
+    s.state[i] = 1;   // on its way: the workers leave it
+    p.done.then(take);
+  }
+
+  stored(s, i, data) {
+    s.pixels[i] = data;
+    s.state[i] = data ? 2 : 3;
+    s.loaded++;
+    if (data && data.byteLength) s.bytes += data.byteLength;
+    if (s.loaded === s.count) s.allLoadedMs = performance.now();
+    this.hooks.loaded(s, i);
+  }
+
+  drop(s) {
+    s.dropped = true;
+    this.cache.delete(s.uid);
+  }
+
+  evict() {
+    let total = 0;
+    for (const s of this.cache.values()) total += s.bytes;
+    const shown = new Set(this.hooks.shown());
+    const victims = [...this.cache.values()].filter((s) => !shown.has(s)).sort((a, b) => a.used - b.used);
+    for (const s of victims) {
+      if (total <= CACHE_BYTES) break;
+      total -= s.bytes;
+      this.drop(s);
+    }
+  }
+
+  frameUrl(s, img) {
+    return `${DW}studies/${this.studyUid}/series/${s.uid}/instances/${img.sop}/frames/${img.frame}`;
+  }
+
+  async loadRendered(s, img) {
+    const rsp = await fetch(this.frameUrl(s, img) + "/rendered?accept=image/png", { credentials: "same-origin" });
+    if (!rsp.ok) throw new Error(`rendered frame: ${rsp.status}`);
+    const blob = await rsp.blob();
+    img.rendered = true;
+    if (window.createImageBitmap) {
+      try { return await createImageBitmap(blob); } catch (e) { /* Safari < 15: below */ }
+    }
+    const el = new Image();
+    el.src = URL.createObjectURL(blob);
+    await el.decode();
+    return el;
+  }
+
+  async loadImage(s, i) {
+    const img = s.images[i];
+    if (!img.gray) return this.loadRendered(s, img);
+    const rsp = await fetch(this.frameUrl(s, img), { headers: { Accept: RAW_ACCEPT }, credentials: "same-origin" });
+    return this.decodeRaw(s, img, rsp);
+  }
+
+  async decodeRaw(s, img, rsp) {
+    if (rsp.status === 406) return this.loadRendered(s, img);   // no raw frames for this one
+    if (!rsp.ok) throw new Error(`frame: ${rsp.status} ${rsp.statusText}`);
+    const body = firstPart(await rsp.arrayBuffer(), rsp.headers.get("Content-Type"));
+    const need = img.rows * img.cols * img.bitsAllocated / 8;
+    if (body.byteLength < need) throw new Error(`frame: ${body.byteLength} bytes, ${need} expected`);
+    return typedArray(img, body);
+  }
+
+  // The next image to fetch: the one nearest to what a viewport shows of this series.
+  nextToLoad(s) {
+    const centres = this.hooks.centres(s);
+    if (!centres.length) centres.push(0);
+    let best = -1, bestD = Infinity;
+    for (let i = 0; i < s.count; i++) {
+      if (s.state[i] !== 0) continue;
+      let d = Infinity;
+      for (const c of centres) d = Math.min(d, i >= c ? i - c : (c - i) + 0.5);   // ahead first
+      if (d < bestD) { bestD = d; best = i; }
+    }
+    return best;
+  }
+
+  startLoading(s) {
+    const worker = async () => {
+      s.active++;
+      try {
+        for (let guard = 0; guard < s.count * 2 + 10 && !s.dropped; guard++) {
+          const i = this.nextToLoad(s);
+          if (i < 0) break;
+          s.state[i] = 1;
+          let data = null;
+          for (let attempt = 0; attempt < 2 && !data; attempt++) {
+            try { data = await this.loadImage(s, i); } catch (e) {
+              if (attempt === 1) { console.warn("image", i + 1, "of series", s.uid, e.message); }
+            }
+          }
+          if (s.dropped) break;
+          this.stored(s, i, data);
+        }
+      } finally { s.active--; }
+    };
+    const n = Math.min(CONCURRENCY, s.count) - s.active;
+    for (let k = 0; k < n; k++) worker();
+  }
+}
+
+// ---- windowing: one LUT per (image description, window, invert) -------------------------------
+const lutCache = { key: "", lut: null, offset: 0 };
+export function lutFor(img, win, invert) {
+  const signed = img.signed, bs = Math.min(img.bitsStored, 16);
+  const key = [bs, signed, img.slope, img.intercept, win.center, win.width, invert, img.photometric].join(",");
+  if (key === lutCache.key) return lutCache;
+  const size = 1 << bs, offset = signed ? size >> 1 : 0;
+  const lut = lutCache.lut && lutCache.lut.length === size ? lutCache.lut : new Uint32Array(size);
+  fillLut(lut, offset, img, win, invert);
+  Object.assign(lutCache, { key, lut, offset });
+  return lutCache;
+}
+// PS3.3 C.11.2.1.2.1 (LINEAR): y = ((x - (c - 0.5)) / (w - 1) + 0.5), clipped; as RGBA words.
+export function gray(value, img, win, flip) {
+  const m = value * img.slope + img.intercept;
+  let y = (m - (win.center - 0.5)) / Math.max(win.width - 1, 1e-6) + 0.5;
+  y = y <= 0 ? 0 : y >= 1 ? 1 : y;
+  let g = Math.round(y * 255);
+  if (flip) g = 255 - g;
+  return g;
+}
+const littleEndian = new Uint8Array(new Uint32Array([1]).buffer)[0] === 1;
+export const rgba = (g) => (littleEndian ? (0xff000000 | (g << 16) | (g << 8) | g) >>> 0 : ((g << 24) | (g << 16) | (g << 8) | 0xff) >>> 0);
+function fillLut(lut, offset, img, win, invert) {
+  const flip = (img.photometric === "MONOCHROME1") !== invert;
+  for (let i = 0; i < lut.length; i++) lut[i] = rgba(gray(i - offset, img, win, flip));
+}
