@@ -5,7 +5,8 @@ loaded for a 300-slice 512x512 CT, and how fast slices are drawn when stepping t
 
 pacsd runs as a subprocess on 127.0.0.1 (ports 0); Chromium is Debian's, as in the tests.
 Figures come from the page itself (performance.now()): `firstImageMs` (first pixels drawn) and
-`allLoadedMs` are measured from the start of viewer.js, after the page and its scripts loaded; the scroll rate is measured twice: drawing each slice at once
+`allLoadedMs` count from the start of navigation (the page, its scripts and the API calls
+included); the scroll rate is measured twice: drawing each slice at once
 (`setSlice` + `renderNow`: the cost of windowing and drawing one slice) and paced by
 requestAnimationFrame (one slice per display frame: what a user holding a key sees).
 With --screenshots, docs/viewer.png (1400x900) shows the viewer: two viewports on a

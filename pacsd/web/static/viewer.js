@@ -19,7 +19,8 @@ const PRESETS = {
 };
 const PRESET_KEYS = { 1: "default", 2: "lung", 3: "bone", 4: "brain", 5: "abdomen" };
 const $ = (id) => document.getElementById(id);
-const t0 = performance.now();
+// Timings count from the start of navigation (performance.now()'s origin): what the user waits.
+const scriptStartMs = Math.round(performance.now());
 
 // ---- the study and its series ---------------------------------------------------------------
 const params = new URLSearchParams(location.search);
@@ -32,7 +33,7 @@ let active = 0;
 let layout = 1;
 let tool = "wl";
 let firstSeries = null;
-const timings = { firstImageMs: null, allLoadedMs: null };
+const timings = { scriptStartMs, firstImageMs: null, allLoadedMs: null };
 let drawCount = 0;
 
 // What the pixel store and the viewports need from the page.
@@ -42,7 +43,7 @@ const store = new SeriesStore(studyUid, {
   previewed(s) { for (const v of viewports) if (v.series === s) v.invalidate(); },
   loaded(s, i) {
     if (s.loaded === s.count && timings.allLoadedMs === null && s === firstSeries) {
-      timings.allLoadedMs = Math.round(s.allLoadedMs - t0);
+      timings.allLoadedMs = Math.round(s.allLoadedMs);
     }
     for (const v of viewports) if (v.series === s && (v.index === i || s.loaded === s.count)) v.invalidate();
     progress();
@@ -61,7 +62,7 @@ const page = {
   drawn(vp) {
     drawCount++;
     if (timings.firstImageMs === null && vp.series === firstSeries) {
-      timings.firstImageMs = Math.round(performance.now() - t0);
+      timings.firstImageMs = Math.round(performance.now());
       api.ready = true;
     }
   },
