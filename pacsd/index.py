@@ -21,7 +21,8 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, Callable, Iterable, Iterator
 
 from peewee import (AutoField, CharField, DatabaseProxy, DateTimeField, ForeignKeyField,
                     IntegerField, Model, SqliteDatabase, fn)
@@ -169,6 +170,17 @@ def _sqlite(path: Path) -> SqliteDatabase:
     return SqliteDatabase(str(path), pragmas=pragmas, check_same_thread=False, timeout=30)
 
 
+@contextmanager
+def reading() -> Iterator[None]:
+    """Make sure this thread has a connection, and keep it for the thread's next request:
+    HTTP workers and association threads serve many requests, and opening SQLite with its
+    pragmas costs more than a small query (a fifth of a viewer's frame request). Outside a
+    transaction the connection holds no snapshot, so it never holds back a checkpoint; it is
+    closed when its thread ends."""
+    database.connect(reuse_if_open=True)
+    yield
+
+
 class Index:
     def __init__(self, url: str) -> None:
         if not url.startswith("sqlite:///"):
@@ -227,9 +239,8 @@ class Index:
             database.initialize(None)
         return flushed
 
-    def reading(self):
-        """Context manager giving this thread a connection for the duration of a request."""
-        return database.connection_context()
+    def reading(self) -> AbstractContextManager[None]:
+        return reading()
 
     # --- the writer thread ------------------------------------------------------------------
 

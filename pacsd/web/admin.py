@@ -19,7 +19,7 @@ import bottle
 
 from pacsd import __version__, remote
 from pacsd.config import Node
-from pacsd.index import Instance, database
+from pacsd.index import Instance, reading
 from pacsd.web.api import (check_uid, fail, json_body, json_response, json_text, need_admin,
                            parse_date)
 from pacsd.web.auth import hash_password, is_admin
@@ -40,7 +40,7 @@ def status(rt: Any) -> dict[str, Any]:
     cfg = rt.cfg
     counts = rt.archive.index.counts()
     today = time.strftime("%Y-%m-%d 00:00:00")
-    with database.connection_context():
+    with reading():
         stored_today = Instance.select().where(Instance.received >= today).count()
     index_bytes = 0
     index_path = rt.archive.index.path

@@ -22,7 +22,7 @@ from pydicom.errors import InvalidDicomError
 
 from pacsd import query, remote
 from pacsd.header import is_valid_uid
-from pacsd.index import Instance, Patient, Series, Study, database
+from pacsd.index import Instance, Patient, Series, Study, reading
 from pacsd.web.auth import is_admin
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ def list_studies(q: Any) -> dict[str, Any]:
     offset = _int(q, "offset", 0, 0, 1 << 40)
     order = [f.desc() if desc else f.asc() for f in SORTS[sort]]
     order.append(Study.id.desc() if desc else Study.id.asc())
-    with database.connection_context():
+    with reading():
         base = Study.select().join(Patient)
         for c in conds:
             base = base.where(c)
@@ -160,7 +160,7 @@ def list_studies(q: Any) -> dict[str, Any]:
 
 def one_study(uid: str) -> dict[str, Any]:
     check_uid(uid)
-    with database.connection_context():
+    with reading():
         row = (Study.select(*STUDY_FIELDS).join(Patient)
                .where(Study.study_instance_uid == uid).tuples().first())
         if row is None:
@@ -221,7 +221,7 @@ def tag_list(ds: Dataset, depth: int = 0) -> list[dict[str, Any]]:
 
 def instance_tags(rt: Any, sop: str) -> list[dict[str, Any]]:
     check_uid(sop)
-    with database.connection_context():
+    with reading():
         path = (Instance.select(Instance.path).where(Instance.sop_instance_uid == sop)
                 .scalar())
     if path is None:
@@ -238,7 +238,7 @@ def instance_tags(rt: Any, sop: str) -> list[dict[str, Any]]:
 def stored(level: str, uid: str) -> list[query.StoredInstance]:
     check_uid(uid)
     key = {"STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID"}[level]
-    with database.connection_context():
+    with reading():
         insts = query.instances(query.Request(level, {key: uid}))
     if not insts:
         raise fail(404, f"no such {level.lower()}")
@@ -278,7 +278,7 @@ def delete(rt: Any, level: str, uid: str) -> dict[str, int]:
 def zip_download(rt: Any, level: str, uid: str) -> Iterator[bytes]:
     from pacsd.media import zip_stream
     insts = stored(level, uid)
-    with database.connection_context():
+    with reading():
         row = (Study.select(Patient.patient_id, Study.study_date).join(Patient)
                .switch(Study).join(Series).join(Instance)
                .where(Instance.sop_instance_uid == insts[0].sop_instance_uid).tuples().first())
