@@ -35,8 +35,8 @@ def setup_logging(cfg: Config, to_file: bool = True) -> None:
     err = logging.StreamHandler(sys.stderr)
     err.setFormatter(fmt)
     root.addHandler(err)
-    if to_file and cfg.log_file != "-":
-        path = Path(cfg.log_file).expanduser() if cfg.log_file else cfg.data / "pacsd.log"
+    path = cfg.log_path
+    if to_file and path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fh = logging.handlers.RotatingFileHandler(path, maxBytes=10 << 20, backupCount=5,

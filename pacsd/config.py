@@ -215,6 +215,13 @@ class Config:
     def index_path(self) -> Path:
         return Path(self.index_url[len("sqlite:///"):])
 
+    @property
+    def log_path(self) -> Path | None:
+        """The log file, or None when the log goes to standard error only ("-")."""
+        if self.log_file == "-":
+            return None
+        return Path(self.log_file).expanduser() if self.log_file else self.data / "pacsd.log"
+
 
 # --- loading ----------------------------------------------------------------------------------
 

@@ -98,6 +98,7 @@ class Server:
     def start(self) -> "Server":
         cfg = self.cfg
         self._lock_fd = lock_data_folder(cfg.data)
+        self.logbook.preload(cfg.log_path)
         self.logbook.attach()
         try:
             # The pidfile is written before anything can be stored and removed only after a

@@ -2,15 +2,24 @@
 
 A logging handler on the root logger holding the last few hundred WARNING-and-worse records,
 whatever the log's destination (file, stderr, journald): the IT person sees what went wrong
-without a terminal. Messages are formatted once, at emit time.
+without a terminal. Messages are formatted once, at emit time. At start-up it first reads those
+of the previous runs from the tail of the log file, so that after a crash and a restart the
+reason is still on the admin page.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
+import re
 import threading
+import time
 from dataclasses import dataclass
+from pathlib import Path
+
+# A line as cli.setup_logging writes it: "2026-11-25 01:31:38 WARNING pacsd.web: message"
+LINE = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) (WARNING|ERROR|CRITICAL) +(\S+): (.*)")
+TAIL_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,27 @@ class Logbook(logging.Handler):
         with self._guard:
             items = list(self._entries)
         return items[::-1][:max(0, limit)]
+
+    def preload(self, path: Path | None) -> int:
+        """Take the warnings and errors in the last megabyte of the log file; how many."""
+        if path is None:
+            return 0
+        try:
+            with open(path, "rb") as f:
+                f.seek(0, 2)
+                f.seek(max(0, f.tell() - TAIL_BYTES))
+                text = f.read().decode("utf-8", "replace")
+        except OSError:
+            return 0
+        found = []
+        for line in text.splitlines():
+            m = LINE.match(line)
+            if m:
+                when = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S"))
+                found.append(Entry(when, m.group(2), m.group(3), m.group(4)[:2000]))
+        with self._guard:
+            self._entries.extendleft(reversed(found[-(self._entries.maxlen or 0):]))
+        return len(found)
 
     def attach(self) -> "Logbook":
         logging.getLogger().addHandler(self)

@@ -302,3 +302,25 @@ def test_password_guessing_is_throttled(make_server):
     # Even the right password waits now: the address is blocked for the window.
     r = requests.post(url, json={"name": "boss", "password": "boss-password"}, timeout=30)
     assert r.status_code == 429 and r.headers["Retry-After"] == "900"
+
+
+def test_recent_errors_include_those_of_the_previous_run(tmp_path):
+    """After a restart the admin page still shows why: the log file's tail is read at start."""
+    from pydicom.dataset import Dataset
+    from pynetdicom import build_context
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as MOVE
+
+    from conftest import associate, serve, write_config
+    data = tmp_path / "data"
+    cfg = write_config(tmp_path / "pacsd.toml", data, log={"file": str(tmp_path / "pacsd.log")})
+    with serve(cfg, data) as p:
+        q = Dataset()
+        q.QueryRetrieveLevel, q.StudyInstanceUID = "STUDY", "1.2.3"
+        with associate(p.port, [build_context(MOVE)]) as assoc:
+            final = list(assoc.send_c_move(q, "NOWHERE", MOVE))[-1][0]
+        assert final.Status == 0xA801
+    with serve(cfg, data) as p:
+        log = requests.get(f"{p.http_url}/api/log", timeout=10).json()
+        moved = [e for e in log if "unknown destination 'NOWHERE'" in e["message"]]
+        assert len(moved) == 1 and moved[0]["level"] == "WARNING", log
+        assert moved[0]["logger"] == "pacsd.dimse.retrieve" and moved[0]["time"] < time.time()
