@@ -128,14 +128,19 @@ class Process:
             return ""
 
     def stop(self, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
+        return terminate(self.proc, timeout)
+
+
+def terminate(proc: subprocess.Popen, timeout: float = 10) -> int:
+    """SIGTERM, then SIGKILL if it has not gone within `timeout`; the exit code."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    return proc.returncode
 
 
 def pacsd_cmd(*args: str) -> list[str]:
@@ -436,12 +441,7 @@ def firefox(tmp_path: Path):
             client.delete_session()
         except Exception:
             pass
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        terminate(proc, 15)
 
 
 @pytest.fixture(scope="session")

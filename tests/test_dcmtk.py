@@ -23,7 +23,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from conftest import dcmtk, free_port, peer_env, run_peer, serve, write_config
+from conftest import dcmtk, free_port, peer_env, run_peer, serve, terminate, write_config
 from data import CHARSET_FILES, TEST_FILES, dataset_bytes, sample, write_series
 
 pytestmark = pytest.mark.peers
@@ -128,22 +128,12 @@ def storescp(folder: Path, aet: str = "STORESCP") -> Iterator[int]:
             if attempt == 2:
                 raise AssertionError(f"storescp exited {proc.returncode}:\n{log.read_text()}")
         except BaseException:
-            stop(proc)
+            terminate(proc)
             raise
     try:
         yield port
     finally:
-        stop(proc)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+        terminate(proc)
 
 
 def received(folder: Path) -> dict[str, tuple[str, bytes]]:
