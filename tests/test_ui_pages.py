@@ -16,8 +16,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 import requests
-from conftest import (LOCAL, browser_errors, free_port, remote_pacsd, store_files)
-from data import ct_slice
+from conftest import LOCAL, browser_errors, free_port, remote_pacsd, store_files
+from data import ct_slice, write_series
 from pydicom import dcmread
 from selenium.common.exceptions import NoAlertPresentException
 from selenium.webdriver.common.by import By
@@ -454,3 +454,29 @@ def test_screenshot_of_the_study_list(make_server, tmp_path, browser):
     image = Image.open(BytesIO(png)).convert("L")
     assert image.size == (1400, 900) and ImageStat.Stat(image).stddev[0] > 10
     Path(os.environ.get("PACSD_SCREENSHOT") or tmp_path / "studies.png").write_bytes(png)
+
+
+def test_a_logged_in_reader_views_with_the_session_cookie_alone(make_server, tmp_path, browser):
+    """With users, the viewer's API calls, frames and thumbnails all go through on the session
+    cookie (no Basic auth anywhere), and a reader who is not an administrator cannot delete."""
+    from test_ui_viewer import CANVAS_STATS, all_loaded, js
+    from test_ui_viewer import wait as wait_js
+    server = make_server(users=[
+        {"name": "reader", "password_hash": hash_password("reader-password")}])
+    files = write_series(tmp_path / "in", seed=71, series=2, images=6, size=64)
+    assert store_files(server.dicom_port, files) == [0] * len(files)
+    study = str(dcmread(files[0]).StudyInstanceUID)
+    browser.get(f"{server.http_url}/app/viewer?study={study}")
+    WebDriverWait(browser, 20).until(lambda d: urlsplit(d.current_url).path == "/app/login")
+    browser.find_element(By.ID, "name").send_keys("reader")
+    browser.find_element(By.ID, "password").send_keys("reader-password", Keys.ENTER)
+    wait_js(browser, "location.pathname === '/app/viewer' && window.pacsViewer && pacsViewer.ready")
+    all_loaded(browser)
+    assert browser.execute_script(CANVAS_STATS, 0)["std"] > 5
+    # Every thumbnail arrived (an <img> sends the cookie too).
+    wait_js(browser, "[...document.querySelectorAll('#series-list img')].length === 2 && "
+                  "[...document.querySelectorAll('#series-list img')].every("
+                  "i => i.complete && i.naturalWidth > 0)")
+    assert js(browser, "document.getElementById('btn-delete-study').classList"
+                       ".contains('hidden')")
+    assert not [e for e in browser_errors(browser) if "favicon" not in e]

@@ -427,27 +427,3 @@ def test_first_image_before_the_series_metadata_stays_in_place(browser, env):
     assert sum(r.endswith("/frames/1") for r in requests) == 5
     no_errors(browser)
 
-
-def test_a_logged_in_reader_views_with_the_session_cookie_alone(make_server, tmp_path, browser):
-    """With users, the viewer's API calls, frames and thumbnails all go through on the session
-    cookie (no Basic auth anywhere), and a reader who is not an administrator cannot delete."""
-    from pacsd.web.auth import hash_password
-    server = make_server(users=[
-        {"name": "reader", "password_hash": hash_password("reader-password")}])
-    files = write_series(tmp_path / "in", seed=71, series=2, images=6, size=64)
-    assert store_files(server.dicom_port, files) == [0] * len(files)
-    study = str(dcmread(files[0]).StudyInstanceUID)
-    browser.get(f"{server.http_url}/app/viewer?study={study}")
-    WebDriverWait(browser, 20).until(lambda d: urlparse(d.current_url).path == "/app/login")
-    browser.find_element(By.ID, "name").send_keys("reader")
-    browser.find_element(By.ID, "password").send_keys("reader-password", Keys.ENTER)
-    wait(browser, "location.pathname === '/app/viewer' && window.pacsViewer && pacsViewer.ready")
-    all_loaded(browser)
-    assert browser.execute_script(CANVAS_STATS, 0)["std"] > 5
-    # Every thumbnail arrived (an <img> sends the cookie too).
-    wait(browser, "[...document.querySelectorAll('#series-list img')].length === 2 && "
-                  "[...document.querySelectorAll('#series-list img')].every("
-                  "i => i.complete && i.naturalWidth > 0)")
-    assert js(browser, "document.getElementById('btn-delete-study').classList"
-                       ".contains('hidden')")
-    assert not [e for e in browser_errors(browser) if "favicon" not in e]

@@ -23,7 +23,14 @@
 export const DW = "../dicom-web/";
 const RAW_ACCEPT = 'multipart/related; type="application/octet-stream"; transfer-syntax=1.2.840.10008.1.2.1';
 const CONCURRENCY = 6;
-const CACHE_BYTES = 1536 * 1024 * 1024;   // decoded pixels kept for series not on screen
+// Decoded pixels kept for series not on screen: 1.5 GB on a desktop, less where memory is
+// scarce (a tablet's browser closes a tab that grows much beyond a gigabyte).
+const MB = 1024 * 1024;
+const CACHE_BYTES = (() => {
+  const gb = navigator.deviceMemory;                 // Chromium only; coarse (0.25 .. 8)
+  if (gb) return Math.min(1536, Math.max(256, gb * 128)) * MB;
+  return (navigator.maxTouchPoints > 1 ? 512 : 1536) * MB;   // Safari and Firefox: guess
+})();
 
 // ---- DICOM JSON (PS3.18 F.2) helpers ---------------------------------------------------------
 const val = (ds, tag, i = 0) => {
