@@ -143,6 +143,36 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("log", "level", str, "INFO", "DEBUG, INFO, WARNING or ERROR.", _log_level),
     Setting("log", "file", str, "",
             "Log file; empty means DATA/pacsd.log. '-' logs to standard error only.", None),
+    # pacsd-watchdog reads these (the server ignores them).
+    Setting("watchdog", "interval", float, 15.0, "Seconds between two rounds of probes.",
+            _positive),
+    Setting("watchdog", "grace", float, 120.0,
+            "Seconds after the server (re)started during which it is never killed.", _positive),
+    Setting("watchdog", "failures", int, 3,
+            "Consecutive failed rounds (any probe failing) before the server is killed.",
+            _range(1, 100)),
+    Setting("watchdog", "timeout", float, 10.0,
+            "Seconds each probe (HTTP, XML-RPC, C-ECHO) may take before it counts as failed.",
+            _positive),
+    Setting("watchdog", "term_wait", float, 30.0,
+            "Seconds between SIGTERM and SIGKILL when killing a hung server.", _positive),
+    Setting("watchdog", "max_kills_per_hour", int, 3,
+            "Kills allowed in any hour; beyond it the watchdog only alerts (no kill loop).",
+            _range(0, 100)),
+    Setting("watchdog", "min_free_mb", int, 200,
+            "Below this much free space on the storage volume a restart cannot help: the "
+            "watchdog reports instead of killing.", _range(0, 2**40)),
+    Setting("watchdog", "roundtrip", bool, False,
+            "Also store a tiny instance to the server and find it in the index (C-STORE + "
+            "C-FIND) each round."),
+    Setting("watchdog", "on_kill", str, "",
+            "A command run after each kill (and each refused kill), e.g. a mail or webhook "
+            "script; it gets PACSD_WATCHDOG_EVENT and PACSD_WATCHDOG_REASON."),
+    Setting("watchdog", "launchd_label", str, "",
+            "Under launchd: restart with `launchctl kickstart -k` on this label instead of "
+            "signals."),
+    Setting("watchdog", "log_file", str, "",
+            "The watchdog's log; empty means DATA/watchdog.log, '-' standard error only."),
 )
 
 _BY_NAME = {(s.section, s.key): s for s in SETTINGS}
@@ -194,6 +224,17 @@ class Config:
     http_timeout: float = 30.0
     http_max_body_mb: int = 1024
     http_cors_origins: tuple[str, ...] = ()
+    watchdog_interval: float = 15.0
+    watchdog_grace: float = 120.0
+    watchdog_failures: int = 3
+    watchdog_timeout: float = 10.0
+    watchdog_term_wait: float = 30.0
+    watchdog_max_kills_per_hour: int = 3
+    watchdog_min_free_mb: int = 200
+    watchdog_roundtrip: bool = False
+    watchdog_on_kill: str = ""
+    watchdog_launchd_label: str = ""
+    watchdog_log_file: str = ""
     nodes: tuple[Node, ...] = ()
     users: tuple[User, ...] = ()
     source: str = "defaults"   # the config file it came from, for messages
@@ -365,8 +406,6 @@ def load(path: Path | str | None = None, env: Mapping[str, str] | None = None,
             continue
         if section == "users":
             users = _users(table, source)
-            continue
-        if section == "watchdog":   # read by pacsd-watchdog, not by the server
             continue
         if not isinstance(table, dict):
             raise ConfigError(f"{source}: {section!r} must be a [section]")

@@ -1,0 +1,189 @@
+"""`pacsd-watchdog --config FILE`: the loop, the config and the log.
+
+Each round (every `[watchdog] interval` seconds): read DATA/pacsd.json to find the server, probe
+it, let the policy decide, act. The server's config file is the only input: the data folder
+gives pacsd.json (pid, ports, start time); the [watchdog] section gives the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import logging.handlers
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+# The probes never touch pixel data: keep pydicom from loading its image libraries (numpy,
+# GDCM, Pillow...), which would triple the watchdog's memory for nothing.
+for _name in ("numpy", "gdcm", "PIL", "imagecodecs", "pylibjpeg", "openjpeg", "jpeg_ls",
+              "pyjpegls", "libjpeg", "rle"):
+    sys.modules.setdefault(_name, None)  # type: ignore[arg-type]
+
+import psutil  # noqa: E402
+
+from pacsd import config as config_mod  # noqa: E402
+from pacsd.config import Config  # noqa: E402
+from pacsd.errors import PacsError  # noqa: E402
+from pacsd_watchdog import kill as act  # noqa: E402
+from pacsd_watchdog import probes  # noqa: E402
+from pacsd_watchdog.policy import ALERT, KILL, Policy  # noqa: E402
+
+log = logging.getLogger("pacsd_watchdog")
+REPORT_EVERY_S = 3600.0   # the on_kill command for the same refusal or alert, at most hourly
+
+
+def setup_logging(cfg: Config, level: str) -> None:
+    fmt = logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+                            "%Y-%m-%d %H:%M:%S")
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(level)
+    handler: logging.Handler
+    if cfg.watchdog_log_file == "-":
+        handler = logging.StreamHandler(sys.stderr)
+    else:
+        path = (Path(cfg.watchdog_log_file).expanduser() if cfg.watchdog_log_file
+                else cfg.data / "watchdog.log")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.handlers.RotatingFileHandler(path, maxBytes=5 << 20, backupCount=3,
+                                                       encoding="utf-8")
+    handler.setFormatter(fmt)
+    root.addHandler(handler)
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)   # our own lines say it all
+
+
+class Watchdog:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.policy = Policy(grace=cfg.watchdog_grace, failures=cfg.watchdog_failures,
+                             max_kills_per_hour=cfg.watchdog_max_kills_per_hour)
+        self.stop = threading.Event()
+        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="probe")
+        self.watching: int | None = None
+        self._reported: dict[str, float] = {}
+
+    def probe(self, t: probes.Target) -> list[probes.Result]:
+        """All probes at once: a round takes the longest timeout, not their sum."""
+        timeout = self.cfg.watchdog_timeout
+        chosen = [probes.http_alive, probes.xmlrpc_ping, probes.c_echo]
+        if self.cfg.watchdog_roundtrip:
+            chosen.append(probes.roundtrip)
+        results = list(self.pool.map(lambda probe: probe(t, timeout), chosen))
+        for r in results:
+            if r.ok:
+                log.debug("probe %s ok in %.0f ms%s", r.name, r.ms,
+                          f" ({r.detail})" if r.detail.startswith("401") else "")
+            else:
+                log.debug("probe %s failed in %.0f ms: %s", r.name, r.ms, r.detail)
+        return results
+
+    def _report(self, event: str, reason: str, pid: int) -> None:
+        """Run on_kill for a refusal or an alert, not more than hourly for the same event."""
+        now = time.monotonic()
+        if now - self._reported.get(event, -REPORT_EVERY_S) >= REPORT_EVERY_S:
+            self._reported[event] = now
+            act.run_on_kill(self.cfg.watchdog_on_kill, event, reason, pid)
+
+    def find(self) -> probes.Target | None:
+        t = probes.Target.read(self.cfg.runfile)
+        if t is not None and psutil.pid_exists(t.pid) and act.not_our_server(t) is None:
+            return t
+        if self.watching is not None:
+            log.warning("pacsd pid %d is not running; waiting for it to be started again",
+                        self.watching)
+            self.watching = None
+        return None
+
+    def round(self) -> None:
+        t = self.find()
+        if t is None:
+            return
+        if t.pid != self.watching:
+            log.info("watching pacsd pid %d (DICOM %s:%d, HTTP %s://%s:%d)", t.pid, t.dicom_host,
+                     t.dicom_port, t.http_scheme, t.http_host, t.http_port)
+            self.watching = t.pid
+            self.policy.reset()
+        results = self.probe(t)
+        failed = [r for r in results if not r.ok]
+        now = time.time()
+        d = self.policy.observe(not failed, now=now, started=t.started)
+        if d.recovered:
+            log.warning("pacsd is healthy again")
+        if not failed:
+            return
+        reason = "; ".join(f"{r.name}: {r.detail}" for r in failed)
+        if d.in_grace:
+            log.warning("round failed during the grace period: %s", reason)
+            return
+        log.warning("round failed (%d/%d): %s", d.failed, self.cfg.watchdog_failures, reason)
+        if d.action == ALERT:
+            n = self.policy.kills_last_hour(now)
+            log.critical("NOT killing pacsd pid %d: %d kill(s) in the last hour "
+                         "(max_kills_per_hour=%d); alert only. It keeps failing: %s", t.pid, n,
+                         self.cfg.watchdog_max_kills_per_hour, reason)
+            self.policy.reset()
+            self._report("alert", reason, t.pid)
+        elif d.action == KILL:
+            self.kill(t, reason, now)
+
+    def kill(self, t: probes.Target, reason: str, now: float) -> None:
+        cfg = self.cfg
+        why = act.restart_cannot_help(cfg.storage_path, cfg.data, cfg.watchdog_min_free_mb)
+        if why:
+            log.error("NOT killing pacsd pid %d: restarting cannot help: %s (it fails: %s)",
+                      t.pid, why, reason)
+            self.policy.reset()
+            self._report("refused", f"{why}; {reason}", t.pid)
+            return
+        other = act.not_our_server(t)
+        if other:
+            log.warning("not killing pid %d: %s", t.pid, other)
+            return
+        log.warning("killing pacsd pid %d: %s", t.pid, reason)
+        how = act.kill(t, cfg.watchdog_term_wait, cfg.watchdog_launchd_label)
+        log.warning("%s", how)
+        self.policy.killed(time.time())
+        act.run_on_kill(cfg.watchdog_on_kill, "kill", reason, t.pid)
+
+    def run(self) -> None:
+        cfg = self.cfg
+        log.info("pacsd-watchdog started for %s (interval %.1f s, %d failed rounds, grace "
+                 "%.0f s, at most %d kills an hour)", cfg.source, cfg.watchdog_interval,
+                 cfg.watchdog_failures, cfg.watchdog_grace, cfg.watchdog_max_kills_per_hour)
+        while not self.stop.is_set():
+            started = time.monotonic()
+            try:
+                self.round()
+            except Exception:  # noqa: BLE001 - the watchdog itself must not die of a bad round
+                log.exception("watchdog round failed")
+            self.stop.wait(max(0.0, cfg.watchdog_interval - (time.monotonic() - started)))
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        log.info("pacsd-watchdog stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="pacsd-watchdog",
+                                description="Kill a hung pacsd so that launchd/systemd "
+                                            "restart it.")
+    p.add_argument("--config", metavar="FILE", help="the server's TOML configuration file")
+    p.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING"))
+    args = p.parse_args(argv)
+    try:
+        cfg = config_mod.load(args.config)
+    except PacsError as e:
+        print(f"pacsd-watchdog: {e}", file=sys.stderr)
+        return e.exit_code
+    setup_logging(cfg, args.log_level)
+    dog = Watchdog(cfg)
+
+    def stop(*_: Any) -> None:
+        dog.stop.set()   # only a flag: the loop ends after its round
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    dog.run()
+    return 0
