@@ -54,6 +54,12 @@ def _positive(value: float) -> float:
     return value
 
 
+def _not_negative(value: float) -> float:
+    if value < 0:
+        raise ValueError(f"{value} must not be negative")
+    return value
+
+
 def _range(lo: int, hi: int) -> Callable[[int], int]:
     def check(value: int) -> int:
         if not lo <= value <= hi:
@@ -147,7 +153,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("watchdog", "interval", float, 15.0, "Seconds between two rounds of probes.",
             _positive),
     Setting("watchdog", "grace", float, 120.0,
-            "Seconds after the server (re)started during which it is never killed.", _positive),
+            "Seconds after the server (re)started during which it is never killed.",
+            _not_negative),
     Setting("watchdog", "failures", int, 3,
             "Consecutive failed rounds (any probe failing) before the server is killed.",
             _range(1, 100)),

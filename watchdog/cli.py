@@ -65,6 +65,7 @@ class Watchdog:
         self.stop = threading.Event()
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="probe")
         self.watching: int | None = None
+        self.alerted = False
         self._reported: dict[str, float] = {}
 
     def probe(self, t: probes.Target) -> list[probes.Result]:
@@ -107,6 +108,7 @@ class Watchdog:
             log.info("watching pacsd pid %d (DICOM %s:%d, HTTP %s://%s:%d)", t.pid, t.dicom_host,
                      t.dicom_port, t.http_scheme, t.http_host, t.http_port)
             self.watching = t.pid
+            self.alerted = False
             self.policy.reset()
         results = self.probe(t)
         failed = [r for r in results if not r.ok]
@@ -115,6 +117,7 @@ class Watchdog:
         if d.recovered:
             log.warning("pacsd is healthy again")
         if not failed:
+            self.alerted = False
             return
         reason = "; ".join(f"{r.name}: {r.detail}" for r in failed)
         if d.in_grace:
@@ -122,12 +125,13 @@ class Watchdog:
             return
         log.warning("round failed (%d/%d): %s", d.failed, self.cfg.watchdog_failures, reason)
         if d.action == ALERT:
-            n = self.policy.kills_last_hour(now)
-            log.critical("NOT killing pacsd pid %d: %d kill(s) in the last hour "
-                         "(max_kills_per_hour=%d); alert only. It keeps failing: %s", t.pid, n,
-                         self.cfg.watchdog_max_kills_per_hour, reason)
-            self.policy.reset()
-            self._report("alert", reason, t.pid)
+            if not self.alerted:   # once per failing streak; the rounds above go on
+                n = self.policy.kills_last_hour(now)
+                log.critical("NOT killing pacsd pid %d: %d kill(s) in the last hour "
+                             "(max_kills_per_hour=%d); alert only. It keeps failing: %s",
+                             t.pid, n, self.cfg.watchdog_max_kills_per_hour, reason)
+                self.alerted = True
+                self._report("alert", reason, t.pid)
         elif d.action == KILL:
             self.kill(t, reason, now)
 
@@ -152,8 +156,8 @@ class Watchdog:
 
     def run(self) -> None:
         cfg = self.cfg
-        log.info("pacsd-watchdog started for %s (interval %.1f s, %d failed rounds, grace "
-                 "%.0f s, at most %d kills an hour)", cfg.source, cfg.watchdog_interval,
+        log.info("pacsd-watchdog started for %s (interval %g s, %d failed rounds, grace "
+                 "%g s, at most %d kills an hour)", cfg.source, cfg.watchdog_interval,
                  cfg.watchdog_failures, cfg.watchdog_grace, cfg.watchdog_max_kills_per_hour)
         while not self.stop.is_set():
             started = time.monotonic()

@@ -16,6 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+# Imported here, once, before any probe thread runs: two probes importing pydicom at the same
+# moment in their own threads leave it half initialised for good.
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
+from pynetdicom import AE, build_context
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    StudyRootQueryRetrieveInformationModelFind, Verification)
+
 ALIVE_TEXT = b"succeeded"
 # A fixed instance for the round trip: stored once (later copies are duplicates, kept out).
 ROUNDTRIP_SOP = "2.25.246812175390451728096435541262411693573"
@@ -125,7 +133,6 @@ def xmlrpc_ping(t: Target, timeout: float) -> Result:
 
 
 def _ae(t: Target, timeout: float, contexts: list[Any]) -> Any:
-    from pynetdicom import AE
     ae = AE(ae_title=t.aet)   # our own AE title: always allowed to call the server
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
@@ -136,12 +143,10 @@ def _ae(t: Target, timeout: float, contexts: list[Any]) -> Any:
 
 def c_echo(t: Target, timeout: float) -> Result:
     def probe() -> str:
-        from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
         ae = _ae(t, timeout, [Verification])
         assoc = ae.associate(t.dicom_host, t.dicom_port, ae_title=t.aet)
         try:
-            if not assoc.is_established:
-                raise RuntimeError("the association was refused or not answered")
+            _established(assoc)
             status = assoc.send_c_echo()
             if not status or int(status.Status) != 0:
                 raise RuntimeError("no Success answer to C-ECHO")
@@ -153,9 +158,17 @@ def c_echo(t: Target, timeout: float) -> Result:
     return timed("echo", probe)
 
 
+def _established(assoc: Any) -> None:
+    if assoc.is_established:
+        return
+    if assoc.is_rejected:
+        raise RuntimeError("the association was rejected (all associations busy, or refused)")
+    if assoc.is_aborted:
+        raise RuntimeError("the association was aborted")
+    raise RuntimeError("no answer to the association request")
+
+
 def _tiny_instance() -> Any:
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -171,19 +184,13 @@ def roundtrip(t: Target, timeout: float) -> Result:
     """C-STORE one tiny instance (always the same: a duplicate after the first round) and find
     it with C-FIND: the store path, the index writer and the query path in one go."""
     def probe() -> str:
-        from pydicom.dataset import Dataset
-        from pydicom.uid import ExplicitVRLittleEndian
-        from pynetdicom import build_context
-        from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-            SecondaryCaptureImageStorage, StudyRootQueryRetrieveInformationModelFind)
         ae = _ae(t, timeout, [])
         ae.requested_contexts = [
             build_context(SecondaryCaptureImageStorage, [ExplicitVRLittleEndian]),
             build_context(StudyRootQueryRetrieveInformationModelFind)]
         assoc = ae.associate(t.dicom_host, t.dicom_port, ae_title=t.aet)
         try:
-            if not assoc.is_established:
-                raise RuntimeError("the association was refused or not answered")
+            _established(assoc)
             rsp = assoc.send_c_store(_tiny_instance())
             if not rsp or int(rsp.Status) != 0:
                 raise RuntimeError(f"C-STORE answered {getattr(rsp, 'Status', None)!r}")
