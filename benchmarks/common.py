@@ -16,6 +16,8 @@ REPO = Path(__file__).resolve().parent.parent
 LOCAL = "127.0.0.1"
 sys.path.insert(0, str(REPO / "tests"))
 
+from conftest import terminate  # noqa: E402  (the tests' helper: SIGTERM, then SIGKILL)
+
 
 @dataclass
 class Pacsd:
@@ -50,13 +52,7 @@ def pacsd(workdir: Path, timeout: float = 60) -> Iterator[Pacsd]:
             time.sleep(0.05)
         yield Pacsd(proc, int(info["dicom_port"]), f"http://{LOCAL}:{info['http_port']}", log)
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        terminate(proc, 30)
 
 
 def store(port: int, paths: list[Path]) -> None:

@@ -35,7 +35,8 @@ def chromium(workdir: Path, width: int = 1400, height: int = 900):
     binary = next((p for p in CHROMIUM if Path(p).exists()), None)
     driver = next((p for p in CHROMEDRIVER if Path(p).exists()), None)
     if not binary or not driver:
-        raise SystemExit("needs Chromium and ChromeDriver (apt-get install chromium chromium-driver)")
+        raise SystemExit("needs Chromium and ChromeDriver "
+                         "(apt-get install chromium chromium-driver)")
     opts = webdriver.ChromeOptions()
     opts.binary_location = binary
     for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -91,7 +92,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=300)
     ap.add_argument("--size", type=int, default=512)
-    ap.add_argument("--runs", type=int, default=3, help="page loads (cold server cache on the first)")
+    ap.add_argument("--runs", type=int, default=3,
+                    help="page loads (cold server cache on the first)")
     ap.add_argument("--screenshots", action="store_true", help="write docs/viewer.png")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="pacsd-bench-viewer-") as tmp:

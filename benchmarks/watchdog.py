@@ -35,8 +35,7 @@ from pathlib import Path
 
 import psutil
 
-REPO = Path(__file__).resolve().parent.parent
-LOCAL = "127.0.0.1"
+from common import LOCAL, REPO, terminate
 
 
 def watchdog_cmd(*args: str) -> list[str]:
@@ -116,12 +115,7 @@ class Run:
                     os.kill(proc.pid, signal.SIGCONT)
                 except ProcessLookupError:
                     pass
-                proc.terminate()
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(10)
+                terminate(proc)
 
 
 def idle_cost(folder: Path, interval: float, seconds: float, every: float) -> None:

@@ -12,9 +12,10 @@ import json
 import ssl
 import time
 import xmlrpc.client
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 # Imported here, once, before any probe thread runs: two probes importing pydicom at the same
 # moment in their own threads leave it half initialised for good.
@@ -132,32 +133,6 @@ def xmlrpc_ping(t: Target, timeout: float) -> Result:
     return timed("xmlrpc", probe)
 
 
-def _ae(t: Target, timeout: float, contexts: list[Any]) -> Any:
-    ae = AE(ae_title=t.aet)   # our own AE title: always allowed to call the server
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.connection_timeout = timeout
-    for cx in contexts:
-        ae.add_requested_context(cx)
-    return ae
-
-
-def c_echo(t: Target, timeout: float) -> Result:
-    def probe() -> str:
-        ae = _ae(t, timeout, [Verification])
-        assoc = ae.associate(t.dicom_host, t.dicom_port, ae_title=t.aet)
-        try:
-            _established(assoc)
-            status = assoc.send_c_echo()
-            if not status or int(status.Status) != 0:
-                raise RuntimeError("no Success answer to C-ECHO")
-            return "Success"
-        finally:
-            if assoc.is_established:
-                assoc.release()
-            ae.shutdown()
-    return timed("echo", probe)
-
-
 def _established(assoc: Any) -> None:
     if assoc.is_established:
         return
@@ -166,6 +141,33 @@ def _established(assoc: Any) -> None:
     if assoc.is_aborted:
         raise RuntimeError("the association was aborted")
     raise RuntimeError("no answer to the association request")
+
+
+@contextmanager
+def _association(t: Target, timeout: float, contexts: list[Any]) -> Iterator[Any]:
+    """An association from the server's own AE title to itself (always allowed to call it)."""
+    ae = AE(ae_title=t.aet)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.connection_timeout = timeout
+    ae.requested_contexts = contexts
+    assoc = ae.associate(t.dicom_host, t.dicom_port, ae_title=t.aet)
+    try:
+        _established(assoc)
+        yield assoc
+    finally:
+        if assoc.is_established:
+            assoc.release()
+        ae.shutdown()
+
+
+def c_echo(t: Target, timeout: float) -> Result:
+    def probe() -> str:
+        with _association(t, timeout, [build_context(Verification)]) as assoc:
+            status = assoc.send_c_echo()
+            if not status or int(status.Status) != 0:
+                raise RuntimeError("no Success answer to C-ECHO")
+            return "Success"
+    return timed("echo", probe)
 
 
 def _tiny_instance() -> Any:
@@ -184,13 +186,9 @@ def roundtrip(t: Target, timeout: float) -> Result:
     """C-STORE one tiny instance (always the same: a duplicate after the first round) and find
     it with C-FIND: the store path, the index writer and the query path in one go."""
     def probe() -> str:
-        ae = _ae(t, timeout, [])
-        ae.requested_contexts = [
-            build_context(SecondaryCaptureImageStorage, [ExplicitVRLittleEndian]),
-            build_context(StudyRootQueryRetrieveInformationModelFind)]
-        assoc = ae.associate(t.dicom_host, t.dicom_port, ae_title=t.aet)
-        try:
-            _established(assoc)
+        contexts = [build_context(SecondaryCaptureImageStorage, [ExplicitVRLittleEndian]),
+                    build_context(StudyRootQueryRetrieveInformationModelFind)]
+        with _association(t, timeout, contexts) as assoc:
             rsp = assoc.send_c_store(_tiny_instance())
             if not rsp or int(rsp.Status) != 0:
                 raise RuntimeError(f"C-STORE answered {getattr(rsp, 'Status', None)!r}")
@@ -204,8 +202,4 @@ def roundtrip(t: Target, timeout: float) -> Result:
             if len(found) != 1:
                 raise RuntimeError(f"C-FIND found {len(found)} instead of the stored instance")
             return "stored and found"
-        finally:
-            if assoc.is_established:
-                assoc.release()
-            ae.shutdown()
     return timed("roundtrip", probe)
