@@ -299,7 +299,6 @@ def test_frames(pacs):
 
 
 def test_rendered_and_thumbnail(pacs):
-    pytest.importorskip("pacsd.render")
     original = dcmread(pacs.files[0], stop_before_pixels=True)
     url = (f"{pacs.dw}/studies/{original.StudyInstanceUID}/series/"
            f"{original.SeriesInstanceUID}/instances/{original.SOPInstanceUID}")
