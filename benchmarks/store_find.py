@@ -124,13 +124,7 @@ class Procs:
                 p.wait(grace)
             except subprocess.TimeoutExpired:
                 pass
-        self._killpg(p, signal.SIGKILL)   # the leader if still there, and forked children
-        try:
-            p.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
-        if p in self.live:
-            self.live.remove(p)
+        self.kill(p)   # the leader if still there, and forked children
         return p.returncode
 
     def kill(self, p: subprocess.Popen) -> None:

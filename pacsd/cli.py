@@ -10,6 +10,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -83,18 +84,24 @@ def cmd_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _directory(cfg: Config) -> "Directory":
+@contextmanager
+def _directory(cfg: Config) -> Iterator["Directory"]:
     """Nodes and users of the config file plus those added on the admin page (in the index).
     Opened without a writer: a running server may hold the index; SQLite lets us read."""
     from pacsd.directory import Directory
     from pacsd.index import Index
-    return Directory(cfg, Index(cfg.index_url).open(writer=False)).open()
+    index = Index(cfg.index_url).open(writer=False)
+    try:
+        yield Directory(cfg, index).open()
+    finally:
+        index.close()
 
 
 def cmd_nodes(args: argparse.Namespace) -> int:
     from pacsd import remote
     cfg = _load(args)
-    nodes = _directory(cfg).nodes()
+    with _directory(cfg) as directory:
+        nodes = directory.nodes()
     if not nodes:
         print("no nodes: add [[nodes]] to the config file or use the admin page")
         return EXIT_OK
@@ -104,7 +111,8 @@ def cmd_nodes(args: argparse.Namespace) -> int:
         if args.echo:
             ok, ms, message = remote.echo(cfg, n)
             failed += not ok
-            line += f"  C-ECHO {'ok' if ok else 'FAILED'} ({ms:.0f} ms{'' if ok else ': ' + message})"
+            detail = f"{ms:.0f} ms" + ("" if ok else f": {message}")
+            line += f"  C-ECHO {'ok' if ok else 'FAILED'} ({detail})"
         print(line)
     return EXIT_FAILURE if failed else EXIT_OK
 
@@ -115,7 +123,8 @@ def cmd_retrieve(args: argparse.Namespace) -> int:
     from pacsd import remote
     cfg = _load(args)
     logging.basicConfig(level=logging.WARNING, format="pacsd: %(message)s")
-    node = _directory(cfg).node(args.node)
+    with _directory(cfg) as directory:
+        node = directory.node(args.node)
     if node is None:
         print(f"pacsd: no node named {args.node!r} (see `pacsd nodes`)", file=sys.stderr)
         return EXIT_FAILURE

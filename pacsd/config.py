@@ -13,7 +13,7 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 from pacsd.errors import ConfigError
 
@@ -325,17 +325,25 @@ def node_from(item: dict[str, Any]) -> Node:
     return Node(name=name, aet=aet, host=host, port=port)
 
 
-def _nodes(raw: Any, origin: str) -> tuple[Node, ...]:
+def _tables(raw: Any, origin: str, kind: str, keys: set[str]
+            ) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Each table of an array of tables ([[nodes]], [[users]]), with where it is for messages,
+    once it is known to be a table holding only `keys`."""
     if not isinstance(raw, list):
-        raise ConfigError(f"[[nodes]] in {origin} must be an array of tables")
-    nodes: list[Node] = []
+        raise ConfigError(f"[[{kind}]] in {origin} must be an array of tables")
     for i, item in enumerate(raw, 1):
-        where = f"[[nodes]] #{i} in {origin}"
+        where = f"[[{kind}]] #{i} in {origin}"
         if not isinstance(item, dict):
             raise ConfigError(f"{where}: not a table")
-        unknown = set(item) - {"name", "aet", "host", "port"}
+        unknown = set(item) - keys
         if unknown:
             raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+        yield where, item
+
+
+def _nodes(raw: Any, origin: str) -> tuple[Node, ...]:
+    nodes: list[Node] = []
+    for where, item in _tables(raw, origin, "nodes", {"name", "aet", "host", "port"}):
         try:
             node = node_from(item)
         except KeyError as e:
@@ -350,16 +358,8 @@ def _nodes(raw: Any, origin: str) -> tuple[Node, ...]:
 
 
 def _users(raw: Any, origin: str) -> tuple[User, ...]:
-    if not isinstance(raw, list):
-        raise ConfigError(f"[[users]] in {origin} must be an array of tables")
     users: list[User] = []
-    for i, item in enumerate(raw, 1):
-        where = f"[[users]] #{i} in {origin}"
-        if not isinstance(item, dict):
-            raise ConfigError(f"{where}: not a table")
-        unknown = set(item) - {"name", "password_hash", "admin"}
-        if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+    for where, item in _tables(raw, origin, "users", {"name", "password_hash", "admin"}):
         name, hashed = item.get("name"), item.get("password_hash")
         if not isinstance(name, str) or not name.strip() or ":" in name:
             raise ConfigError(f"{where}: name must be a non-empty string without ':'")

@@ -294,6 +294,25 @@ def move_here(cfg: Config, node: Node, keys: dict[str, str], level: str = "STUDY
     return counts
 
 
+def move_studies(cfg: Config, node: Node, uids: list[str], progress: Progress | None = None
+                 ) -> tuple[int, int]:
+    """C-MOVE each study from `node` to us, one after the other; (received, failed) over all
+    of them, with `progress` counting across studies. A RemoteError stops at that study."""
+    done = failed = total = 0
+
+    def each(d: int, f: int, t: int | None) -> None:
+        if progress is not None:
+            progress(done + d, failed + f, total + (t or 0))
+    for uid in uids:
+        counts = move_here(cfg, node, {"StudyInstanceUID": uid}, progress=each)
+        received = counts["completed"] + counts["warning"]   # warnings were stored too
+        done, failed = done + received, failed + counts["failed"]
+        total += received + counts["failed"]
+        if progress is not None:
+            progress(done, failed, total)
+    return done, failed
+
+
 def echo(cfg: Config, node: Node, timeout: float | None = None) -> tuple[bool, float, str]:
     """C-ECHO `node`: (answered with Success, milliseconds, what happened)."""
     ae = _ae(cfg)

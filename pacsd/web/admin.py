@@ -11,17 +11,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from typing import Any
 
 import bottle
 
-from pacsd import __version__, remote
+from pacsd import remote
 from pacsd.config import Node
 from pacsd.index import Instance, reading
 from pacsd.web.api import (check_uid, fail, json_body, json_response, json_text, need_admin,
                            parse_date)
+from pacsd.web import health
 from pacsd.web.auth import hash_password, is_admin
 
 log = logging.getLogger(__name__)
@@ -37,39 +37,30 @@ def me() -> dict[str, Any]:
 
 
 def status(rt: Any) -> dict[str, Any]:
+    """/status, flattened for the page, plus what only the page shows."""
     cfg = rt.cfg
-    counts = rt.archive.index.counts()
+    base = health.status(rt)
+    counts = base.pop("index")
     today = time.strftime("%Y-%m-%d 00:00:00")
     with reading():
         stored_today = Instance.select().where(Instance.received >= today).count()
     index_bytes = 0
-    index_path = rt.archive.index.path
     for suffix in ("", "-wal", "-shm"):
         try:
-            index_bytes += os.stat(f"{index_path}{suffix}").st_size
+            index_bytes += os.stat(f"{rt.archive.index.path}{suffix}").st_size
         except OSError:
             pass
-    disk = shutil.disk_usage(cfg.storage_path)
-    return {
-        "version": __version__, "started": rt.started,
-        "uptime_s": round(time.time() - rt.started, 1), "aet": cfg.dicom_aet,
-        "dicom_port": _runfile_port(cfg, "dicom_port", cfg.dicom_port),
-        "http_port": _runfile_port(cfg, "http_port", cfg.http_port),
-        "associations": rt.associations(), "stored_today": stored_today,
-        "patients": counts["patients"], "studies": counts["studies"],
-        "series": counts["series"], "instances": counts["instances"],
-        "stored_bytes": counts["bytes"], "index_bytes": index_bytes,
-        "storage_path": str(cfg.storage_path), "data": str(cfg.data),
-        "disk_free_bytes": disk.free, "disk_total_bytes": disk.total,
-    }
-
-
-def _runfile_port(cfg: Any, key: str, default: int) -> int:
-    """The bound port (the configured one may be 0): pacsd.json has it."""
-    try:
-        return int(json.loads(cfg.runfile.read_text())[key])
-    except (OSError, ValueError, KeyError):
-        return default
+    try:   # the bound ports (the configured ones may be 0)
+        run = json.loads(cfg.runfile.read_text())
+    except (OSError, ValueError):
+        run = {}
+    return {**base, "started": rt.started,
+            "dicom_port": int(run.get("dicom_port", cfg.dicom_port)),
+            "http_port": int(run.get("http_port", cfg.http_port)),
+            "stored_today": stored_today, "patients": counts["patients"],
+            "studies": counts["studies"], "series": counts["series"],
+            "instances": counts["instances"], "stored_bytes": counts["bytes"],
+            "index_bytes": index_bytes, "storage_path": base["storage"], "data": str(cfg.data)}
 
 
 # --- nodes ------------------------------------------------------------------------------------
@@ -153,19 +144,9 @@ def retrieve(rt: Any, name: str) -> bottle.HTTPResponse:
     cfg = rt.cfg
 
     def work(job: Any) -> str:
-        finished = {"done": 0, "failed": 0, "total": 0}
-
-        def progress(done: int, failed: int, total: int | None) -> None:
-            job.progress(finished["done"] + done, finished["failed"] + failed,
-                         finished["total"] + (total or 0))
-        for uid in uids:
-            counts = remote.move_here(cfg, node, {"StudyInstanceUID": uid}, progress=progress)
-            finished["done"] += counts["completed"] + counts["warning"]
-            finished["failed"] += counts["failed"]
-            finished["total"] += counts["completed"] + counts["warning"] + counts["failed"]
-            job.progress(finished["done"], finished["failed"], finished["total"])
-        return (f"{finished['done']} instance(s) retrieved from {node.name}"
-                + (f", {finished['failed']} failed" if finished["failed"] else ""))
+        done, failed = remote.move_studies(cfg, node, uids, progress=job.progress)
+        return (f"{done} instance(s) retrieved from {node.name}"
+                + (f", {failed} failed" if failed else ""))
     job = rt.jobs.start("retrieve", f"Retrieve {len(uids)} study(ies) from {node.name}", work)
     log.info("retrieve of %d study(ies) from %s started (job %s)", len(uids), node.aet, job.id)
     return json_response({"job": job.id}, 202)

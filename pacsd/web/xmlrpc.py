@@ -261,11 +261,7 @@ class Methods:
             studies = [s for s in studies if s]
             if not studies:
                 return err(-3, f"{node.aet} has no study matching", studies=0)
-            completed = failed = 0
-            for uid in studies:
-                counts = remote.move_here(self.cfg, node, {"StudyInstanceUID": uid})
-                completed += counts["completed"]
-                failed += counts["failed"]
+            completed, failed = remote.move_studies(self.cfg, node, studies)
         except remote.RemoteError as e:
             return err(-1, str(e))
         log.info("XML-RPC Retrieve from %s: %d study(ies), %d image(s), %d failed", node.aet,
