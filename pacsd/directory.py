@@ -63,6 +63,7 @@ class NotFound(DirectoryError):
 class Snapshot:
     nodes: tuple[tuple[Node, str], ...]    # (node, source)
     users: dict[str, tuple[User, str]]     # name -> (user, source)
+    logins: dict[str, User]                # name -> user: what every HTTP request looks at
 
 
 class Directory:
@@ -91,7 +92,7 @@ class Directory:
         users = {u.name: (u, CONFIG) for u in self.cfg.users}
         for r in user_rows:
             users.setdefault(r.name, (User(r.name, r.password_hash, bool(r.admin)), ADMIN))
-        snap = Snapshot(tuple(nodes), users)
+        snap = Snapshot(tuple(nodes), users, {name: u for name, (u, _) in users.items()})
         with self._lock:
             self._snap, self._read_at = snap, time.monotonic()
         return snap
@@ -123,6 +124,10 @@ class Directory:
 
     def users(self) -> dict[str, tuple[User, str]]:
         return dict(self.snapshot().users)
+
+    def logins(self) -> dict[str, User]:
+        """Name -> user, shared and never changed (a new snapshot replaces it)."""
+        return self.snapshot().logins
 
     def user(self, name: str) -> User | None:
         hit = self.snapshot().users.get(name)

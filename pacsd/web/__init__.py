@@ -105,8 +105,7 @@ def make_app(rt: Runtime) -> Callable:
     # builds its RetrieveURLs.
     sub = dicomweb.make_app(rt)
     root.mount(dicomweb.MOUNT + "/", lambda environ, start_response: sub(environ, start_response))
-    app: Callable = Auth(root, lambda: {name: u for name, (u, _) in rt.directory.users().items()},
-                         sessions)
+    app: Callable = Auth(root, rt.directory.logins, sessions)
     if rt.cfg.http_cors_origins:
         app = Cors(app, rt.cfg.http_cors_origins)
     return app
