@@ -270,6 +270,14 @@ class Config:
             return None
         return Path(self.log_file).expanduser() if self.log_file else self.data / "pacsd.log"
 
+    @property
+    def watchdog_log_path(self) -> Path | None:
+        """The watchdog's log file, or None for standard error only ("-")."""
+        if self.watchdog_log_file == "-":
+            return None
+        return Path(self.watchdog_log_file).expanduser() if self.watchdog_log_file \
+            else self.data / "watchdog.log"
+
 
 # --- loading ----------------------------------------------------------------------------------
 

@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 # The probes never touch pixel data: keep pydicom from loading its image libraries (numpy,
@@ -44,11 +43,10 @@ def setup_logging(cfg: Config, level: str) -> None:
     root.handlers.clear()
     root.setLevel(level)
     handler: logging.Handler
-    if cfg.watchdog_log_file == "-":
+    path = cfg.watchdog_log_path
+    if path is None:
         handler = logging.StreamHandler(sys.stderr)
     else:
-        path = (Path(cfg.watchdog_log_file).expanduser() if cfg.watchdog_log_file
-                else cfg.data / "watchdog.log")
         path.parent.mkdir(parents=True, exist_ok=True)
         handler = logging.handlers.RotatingFileHandler(path, maxBytes=5 << 20, backupCount=3,
                                                        encoding="utf-8")
