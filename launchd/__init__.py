@@ -1,0 +1,1 @@
+"""launchd plist templates; shipped as data of pacsd_installer, which fills them in."""

@@ -1,0 +1,1 @@
+"""systemd unit templates; shipped as data of pacsd_installer, which fills them in."""
