@@ -90,6 +90,7 @@ def run(opts: Options) -> int:
         try:
             step.do()
         except (InstallError, OSError) as e:
+            _reveal(secret, host, layout)   # the config written is kept: so is its password
             raise InstallError(f"step {n} ({step.what}) failed: {e}\nNothing after it was "
                                "done; what was done stays done. Run apply again when mended."
                                if opts.action == "apply" else f"step {n} failed: {e}") from None
@@ -103,11 +104,16 @@ def run(opts: Options) -> int:
         ok = _report(macos.verify(host, layout, opts))
     if not host.staging:
         ok &= _report([_health(layout, host)])
-    if secret.password:
+    _reveal(secret, host, layout)
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def _reveal(secret: shared.Secret, host: Host, layout: Layout) -> None:
+    """The new administrator password, once, when the config holding its hash was written."""
+    if secret.password and host.path(layout.config).exists():
         print(f"\nThe web pages' administrator: user 'admin', password {secret.password}\n"
               "It is shown this once and kept nowhere in clear: write it down now. "
               "Change it with `pacsd passwd admin --admin` and the config file.")
-    return EXIT_OK if ok else EXIT_FAILED
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -156,9 +156,11 @@ def python_readable_by_others(python: str) -> str | None:
     for target in (Path(python).resolve(), Path(pacsd.__file__).resolve().parent):
         for folder in target.parents:
             if os.stat(folder).st_mode & 0o001 == 0:
-                return (f"{folder} is closed to other users, so the service user cannot run "
-                        f"{target}; install pacsd where every user can read it (see "
-                        "installer/install.sh, which uses /opt/pacsd or /usr/local/pacsd)")
+                return (f"{folder} is closed to other users, so the service user could not "
+                        f"run {target}. Install pacsd with a Python made for every user "
+                        "(Debian: /usr/bin/python3; macOS: python.org or Homebrew) into a "
+                        "folder they can read: installer/install.sh does (/opt/pacsd or "
+                        "/usr/local/pacsd)")
     return None
 
 

@@ -220,7 +220,7 @@ class Auth:
         if (method == "OPTIONS" or path in ("/app/login",) or path.startswith("/app/static/")
                 or (path in OPEN_ON_LOOPBACK and is_loopback(environ.get("REMOTE_ADDR", "")))):
             return self.app(environ, start_response)
-        user = None
+        user, cookie = None, None
         if environ.get("HTTP_AUTHORIZATION"):
             user = self.basic_user(environ["HTTP_AUTHORIZATION"], users)
         else:
@@ -228,8 +228,12 @@ class Auth:
             if cookie:
                 user = self.sessions.user(cookie, users.get)
         if user is None:
-            log.info("HTTP %s %s from %s: authentication required", method, path,
-                     environ.get("REMOTE_ADDR"))
+            # A request with no credentials at all is the usual first step of a client (and the
+            # watchdog's XML-RPC probe, every round): DEBUG, so the log does not grow with it.
+            offered = environ.get("HTTP_AUTHORIZATION") or cookie
+            log.log(logging.INFO if offered else logging.DEBUG,
+                    "HTTP %s %s from %s: authentication required", method, path,
+                    environ.get("REMOTE_ADDR"))
             if path in ("", "/") or path.startswith("/app"):
                 here = path + ("?" + environ["QUERY_STRING"] if environ.get("QUERY_STRING") else "")
                 login = ("login" if path.startswith("/app/") else "app/login")
