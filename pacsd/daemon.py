@@ -6,6 +6,8 @@ write our pidfile -> open the store (drop temporary files) and the index -> inde
 unclean run wrote but did not commit -> open the listeners -> write pacsd.json (pid, ports).
 Stop (SIGTERM/SIGINT): stop accepting, let associations finish within a bound, flush the index
 writer, and only then remove the pidfile and pacsd.json. SIGUSR1 dumps every thread's stack.
+Under systemd (Type=notify, pacsd/systemd.py) `pacsd serve` says READY=1 once both listeners
+accept, WATCHDOG=1 only while a health check passes, and STOPPING=1 when it begins to stop.
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pacsd import __version__
+from pacsd import __version__, systemd
 from pacsd.archive import Archive
 from pacsd.config import Config
 from pacsd.dimse import DicomServer
 from pacsd.directory import Directory
-from pacsd.errors import AlreadyRunning, FolderNotWritable
+from pacsd.errors import AlreadyRunning, FolderNotWritable, IndexUnavailable
 from pacsd.index import Index
 from pacsd.logbook import Logbook
 from pacsd.store import Store, fsync_fd
@@ -179,10 +181,75 @@ class Server:
         signal.signal(signal.SIGINT, self.request_stop)
         if hasattr(signal, "SIGUSR1"):
             faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+        assert self.http is not None
+        status = (f"serving: {self.cfg.dicom_aet} on DICOM port {self.dicom_port}, "
+                  f"HTTP port {self.http.port}")
+        systemd.notify("READY=1", f"STATUS={status}")   # start() returned: both ports accept
+        health: threading.Thread | None = None
+        interval = systemd.watchdog_interval()
+        if interval is not None:
+            health = threading.Thread(target=self._watchdog, args=(interval, status),
+                                      name="systemd-watchdog", daemon=True)
+            health.start()
         try:
             while not self._stop.wait(1.0):
                 pass
             log.info("stopping on request")
         finally:
+            self._stop.set()   # also ends the health loop
+            systemd.notify("STOPPING=1")
+            if health is not None:
+                health.join(_check_timeout(interval or 0) + 1)
             self.stop()
             log.info("pacsd stopped")
+
+    # --- systemd's watchdog (WatchdogSec) ---------------------------------------------------
+    # A timer alone would tell systemd we are alive while the index is wedged: WATCHDOG=1 is
+    # sent only after the server passed a real check, so a sick pacsd stops pinging and systemd
+    # restarts it. A check that hangs sends nothing either, which is the point.
+
+    def _watchdog(self, interval: float, status: str) -> None:
+        healthy = True
+        while not self._stop.is_set():
+            began = time.monotonic()
+            try:
+                problem = self.health_problem(_check_timeout(interval))
+            except Exception as e:  # noqa: BLE001 - a failed check, never a dead loop
+                problem = f"the check itself failed: {e!r}"
+            if self._stop.is_set():   # a stop began meanwhile: what failed is the stopping
+                return
+            if problem is None:
+                if not healthy:
+                    log.info("health check passed again; telling systemd we are alive")
+                systemd.notify("WATCHDOG=1", f"STATUS={status}")
+            else:
+                log.warning("health check failed: %s; not telling systemd we are alive (it "
+                            "restarts pacsd once WatchdogSec passes without a sign)", problem)
+                systemd.notify(f"STATUS=unhealthy: {problem}")
+            healthy = problem is None
+            self._stop.wait(max(0.0, began + interval - time.monotonic()))
+
+    def health_problem(self, timeout: float) -> str | None:
+        """What is wrong with the running server, or None: cheap checks, each bounded."""
+        index, dicom, http = self.index, self.dicom, self.http
+        if index is None or dicom is None or http is None:
+            return "the server is not running"
+        if not dicom.alive:
+            return "the DICOM listener no longer accepts connections"
+        if not http.alive:
+            return "the HTTP server no longer runs"
+        if not self.cfg.storage_path.is_dir():
+            return f"the storage folder {self.cfg.storage_path} is missing"
+        try:
+            index.probe(timeout=timeout)   # a read and a write through the one index writer
+        except TimeoutError:
+            return (f"the index {self.cfg.index_path} did not take a test write within "
+                    f"{timeout:g} s (locked by another program, or the disk is stuck)")
+        except IndexUnavailable as e:
+            return f"the index {self.cfg.index_path} is unavailable: {e}"
+        return None
+
+
+def _check_timeout(interval: float) -> float:
+    """How long the index may take to answer a health check: well within one interval."""
+    return min(interval / 2, 10.0)

@@ -148,11 +148,14 @@ def pacsd_cmd(*args: str) -> list[str]:
 
 
 @contextmanager
-def serve(config: Path, data: Path, *extra: str, log_name: str = "serve.log") -> Iterator[Process]:
+def serve(config: Path, data: Path, *extra: str, log_name: str = "serve.log",
+          env: dict[str, str] | None = None) -> Iterator[Process]:
+    """`pacsd serve` until ready; `env` is added to (not instead of) ours."""
     log = data.parent / log_name
     with open(log, "ab") as out:
         proc = subprocess.Popen(pacsd_cmd("serve", "--config", str(config), *extra),
-                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, **env} if env else None)
     p = Process(proc, data, log)
     try:
         yield p.wait_ready()

@@ -113,6 +113,7 @@ class DicomServer:
         self.directory = directory
         self.ae = build_ae(cfg)
         self.server: ThreadedAssociationServer | None = None
+        self._thread: threading.Thread | None = None
         self._stats: dict[int, dict[str, int]] = {}
         self._lock = threading.Lock()
 
@@ -120,6 +121,13 @@ class DicomServer:
     def port(self) -> int:
         assert self.server is not None
         return int(self.server.server_address[1])
+
+    @property
+    def alive(self) -> bool:
+        """Whether the listener still accepts: its socket is open and its accept loop runs."""
+        sock = self.server.socket if self.server is not None else None
+        return (sock is not None and sock.fileno() >= 0
+                and self._thread is not None and self._thread.is_alive())
 
     @property
     def active_associations(self) -> int:
@@ -160,14 +168,21 @@ class DicomServer:
         ]
         address = (self.cfg.dicom_bind or "0.0.0.0", self.cfg.dicom_port)
         try:
-            self.server = self.ae.start_server(
-                address, block=False, evt_handlers=handlers,
+            server = self.ae.make_server(
+                address, evt_handlers=handlers, server_class=ThreadedAssociationServer,
                 contexts=_cheap_copies(self.ae.supported_contexts))
         except OSError as e:
             if e.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
                 raise PortInUse(f"cannot listen for DICOM on {address[0]}:{address[1]}: "
                                 f"{e.strerror}") from None
             raise
+        # What ae.start_server(block=False) does, but keeping the accept thread: the health
+        # check watches it (a test connection would hold an association slot for acse_timeout).
+        # server.shutdown() takes the server off ae._servers again.
+        self.ae._servers.append(server)
+        self.server = server
+        self._thread = threading.Thread(target=server.serve_forever, name="dicom", daemon=True)
+        self._thread.start()
         log.info("DICOM listener %s on %s:%d", self.cfg.dicom_aet, address[0], self.port)
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -183,5 +198,8 @@ class DicomServer:
             log.warning("aborting association from %s at shutdown", assoc.requestor.ae_title)
             assoc.abort()
         self.ae.shutdown()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
         self.server = None
         log.info("DICOM listener stopped")

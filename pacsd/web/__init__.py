@@ -133,6 +133,11 @@ class HttpServer:
         return int(self.server.bind_addr[1])
 
     @property
+    def alive(self) -> bool:
+        """Whether the server still serves: its thread runs and it was not stopped."""
+        return self._thread is not None and self._thread.is_alive() and bool(self.server.ready)
+
+    @property
     def scheme(self) -> str:
         return "https" if self.cfg.http_cert else "http"
 
