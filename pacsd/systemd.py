@@ -34,8 +34,9 @@ def notify(*lines: str) -> bool:
 
 
 def watchdog_interval() -> float | None:
-    """Seconds between WATCHDOG=1 pings (half of WatchdogSec, as sd_watchdog_enabled(3)
-    advises), or None when no service manager watches this very process."""
+    """Seconds between health checks and WATCHDOG=1 pings: a third of WatchdogSec (within the
+    half sd_watchdog_enabled(3) advises), so that one failed check is forgiven and two in a row
+    are not. None when no service manager watches this very process."""
     if not os.environ.get("NOTIFY_SOCKET"):
         return None
     try:
@@ -45,4 +46,4 @@ def watchdog_interval() -> float | None:
         return None
     if usec <= 0 or pid != os.getpid():   # WATCHDOG_PID names another process: not for us
         return None
-    return usec / 2e6
+    return usec / 3e6

@@ -328,6 +328,23 @@ def test_macos_daemon_apply(mac: Staged) -> None:
     again = mac.apply("--os", "macos")
     assert "nothing to change" in again.stdout
     assert mac.changes() == [] and mac.snapshot() == before
+    status = mac.run("status", "--os", "macos", check=False)
+    assert "ok    org.pacsd.server is loaded" in status.stdout
+    assert "ok    org.pacsd.watchdog is loaded" in status.stdout
+    assert status.returncode == 1 and "FAIL  pacsd does not answer" in status.stdout
+
+
+def test_macos_daemon_auto_login_only_when_asked(mac: Staged, tmp_path: Path) -> None:
+    pw = tmp_path / "pw"
+    pw.write_text("password\n")
+    mac.apply("--os", "macos", "--auto-login", "alice", "--auto-login-password-file", str(pw))
+    calls = mac.changes()
+    loginwindow = str(mac.path("/Library/Preferences/com.apple.loginwindow"))
+    assert ["defaults", "write", loginwindow, "autoLoginUser", "-string", "alice"] in calls
+    assert kcpassword.decode(mac.path("/etc/kcpassword").read_bytes()) == "password"
+    # Still a daemon of its own user: the log-in is for the person, not for pacsd.
+    check_plist(mac, "/Library/LaunchDaemons/org.pacsd.server.plist", "org.pacsd.server",
+                "_pacsd")
 
 
 def test_macos_agent_mode_logs_the_user_in(mac: Staged, tmp_path: Path) -> None:

@@ -2,7 +2,7 @@
 
 The test plays the service manager: it binds the AF_UNIX datagram socket that NOTIFY_SOCKET
 names and reads what pacsd sends there: READY=1 once both ports accept, WATCHDOG=1 only while
-the health check passes (WATCHDOG_USEC=2 s: a check every second), STOPPING=1 on SIGTERM.
+the health check passes (WATCHDOG_USEC=3 s: a check every second), STOPPING=1 on SIGTERM.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pynetdicom.sop_class import Verification
 
 from pacsd import systemd
 
-TWO_SECONDS = "2000000"   # WATCHDOG_USEC: pacsd checks and pings every second
+THREE_SECONDS = "3000000"   # WATCHDOG_USEC: pacsd checks and pings every second
 
 
 class Manager:
@@ -145,7 +145,7 @@ def test_ready_only_once_both_ports_accept(tmp_path: Path, manager: Manager):
 
 
 def test_watchdog_pings_about_every_second(pacsd, manager: Manager):
-    p = pacsd(manager, TWO_SECONDS)
+    p = pacsd(manager, THREE_SECONDS)
     manager.wait(p.proc, "READY", "1")
     manager.wait(p.proc, "WATCHDOG", "1", timeout=5)
     got = manager.collect(4.5)
@@ -154,7 +154,7 @@ def test_watchdog_pings_about_every_second(pacsd, manager: Manager):
 
 
 def test_wedged_index_stops_the_pings_until_released(pacsd, manager: Manager):
-    p = pacsd(manager, TWO_SECONDS)
+    p = pacsd(manager, THREE_SECONDS)
     manager.wait(p.proc, "WATCHDOG", "1", timeout=10)
     lock = sqlite3.connect(p.data / "index.sqlite3", isolation_level=None, timeout=5)
     try:
@@ -173,7 +173,7 @@ def test_wedged_index_stops_the_pings_until_released(pacsd, manager: Manager):
 
 
 def test_missing_storage_folder_stops_the_pings(pacsd, manager: Manager):
-    p = pacsd(manager, TWO_SECONDS)
+    p = pacsd(manager, THREE_SECONDS)
     manager.wait(p.proc, "WATCHDOG", "1", timeout=10)
     storage, aside = p.data / "storage", p.data / "storage.aside"
     storage.rename(aside)
@@ -196,7 +196,7 @@ def test_abstract_socket_gets_ready(pacsd):
 
 
 def test_sigterm_sends_stopping_and_exits_0(pacsd, manager: Manager):
-    p = pacsd(manager, TWO_SECONDS)
+    p = pacsd(manager, THREE_SECONDS)
     manager.wait(p.proc, "READY", "1")
     p.proc.send_signal(signal.SIGTERM)
     manager.wait(p.proc, "STOPPING", "1", timeout=10)
@@ -207,14 +207,14 @@ def test_sigterm_sends_stopping_and_exits_0(pacsd, manager: Manager):
 
 def test_no_op_outside_systemd(monkeypatch):
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    monkeypatch.setenv("WATCHDOG_USEC", TWO_SECONDS)
+    monkeypatch.setenv("WATCHDOG_USEC", THREE_SECONDS)
     assert systemd.notify("READY=1") is False
     assert systemd.watchdog_interval() is None
 
 
 def test_notify_and_interval_in_process(monkeypatch, manager: Manager):
     monkeypatch.setenv("NOTIFY_SOCKET", manager.address)
-    monkeypatch.setenv("WATCHDOG_USEC", TWO_SECONDS)
+    monkeypatch.setenv("WATCHDOG_USEC", THREE_SECONDS)
     assert systemd.notify("READY=1", "STATUS=héllo")
     assert manager.receive(2) == {"READY": "1", "STATUS": "héllo"}
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
