@@ -7,16 +7,8 @@ from pathlib import Path, PurePosixPath
 
 from pacsd_installer import shared, units
 from pacsd_installer.layout import Layout, Options
-from pacsd_installer.system import (
-    Host,
-    InstallError,
-    Plan,
-    ensure_file,
-    remembered,
-    remove_path,
-    root_and_group_of,
-    root_ids,
-)
+from pacsd_installer.system import (Host, InstallError, Plan, ensure_file, remembered,
+                                    remove_path, root_and_group_of, root_ids)
 
 SERVICES = ("pacsd.service", "pacsd-watchdog.service")
 GETTY_DROPIN = PurePosixPath("/etc/systemd/system/getty@tty1.service.d/pacsd-autologin.conf")

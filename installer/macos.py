@@ -12,16 +12,8 @@ from pathlib import PurePosixPath
 
 from pacsd_installer import kcpassword, shared, units
 from pacsd_installer.layout import LABELS, Layout, Options
-from pacsd_installer.system import (
-    Host,
-    InstallError,
-    Plan,
-    ensure_file,
-    remembered,
-    remove_path,
-    root_and_group_of,
-    root_ids,
-)
+from pacsd_installer.system import (Host, InstallError, Plan, ensure_file, remembered,
+                                    remove_path, root_and_group_of, root_ids)
 
 KCPASSWORD = PurePosixPath("/etc/kcpassword")
 LOGINWINDOW = PurePosixPath("/Library/Preferences/com.apple.loginwindow")
