@@ -116,6 +116,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("dicom", "max_associations", int, 64, "Associations served at once.", _range(1, 1000)),
     Setting("dicom", "allowed_calling_aets", tuple, (),
             "Calling AE titles allowed to associate; empty allows any.", _aet_list),
+    Setting("dicom", "check_peer_address", bool, False,
+            "A calling AE title that is a known node ([[nodes]] or the admin page) must come "
+            "from that node's host (names resolved, cached a minute), else the association "
+            "is rejected. Calling AE titles that are not nodes are left to "
+            "`allowed_calling_aets`."),
     Setting("dicom", "acse_timeout", float, 30.0,
             "Seconds to wait for association negotiation messages.", _positive),
     Setting("dicom", "dimse_timeout", float, 120.0,
@@ -125,6 +130,13 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds of silence after which an association is dropped.", _positive),
     Setting("dicom", "max_pdu", int, 262144, "Largest PDU we accept, in bytes (0: no limit).",
             _range(0, 2**32 - 1)),
+    Setting("dicom", "tls_cert", str, "",
+            "TLS certificate (PEM) file: set it and `tls_key` and the DICOM listener speaks "
+            "only TLS (PS3.15 B.9); plain TCP clients are refused."),
+    Setting("dicom", "tls_key", str, "", "TLS private key (PEM) file of `tls_cert`."),
+    Setting("dicom", "tls_ca", str, "",
+            "CA certificate(s) (PEM) file: when set, DICOM TLS clients must present a "
+            "certificate signed by it. Empty: no client certificate asked."),
     Setting("http", "port", int, 8080, "HTTP port of the web side.", _port, "--http-port"),
     Setting("http", "bind", str, "127.0.0.1",
             "Address the HTTP listener binds to. Beyond loopback, [[users]] are required.",
@@ -141,6 +153,11 @@ SETTINGS: tuple[Setting, ...] = (
             "'*' for any. Empty: no CORS headers."),
     Setting("storage", "path", str, "",
             "Where images are kept; empty means DATA/storage. May be a shared volume.", None),
+    Setting("storage", "min_free_mb", int, 500,
+            "Free space (MiB) kept on the storage volume: below it new images are refused "
+            "(C-STORE 0xA700 Out of Resources, STOW-RS 507) until space is freed, so the "
+            "index, its journal and the logs never meet a full disk. Nothing is ever deleted "
+            "to make room. 0: no floor (only a really full disk refuses).", _range(0, 2**40)),
     Setting("storage", "overwrite", bool, False,
             "A second copy of a stored SOP Instance UID replaces the first (default: keep the "
             "first, answer Success, log it)."),
@@ -225,12 +242,17 @@ class Config:
     index_url: str
     log_level: str
     log_file: str
+    dicom_check_peer_address: bool = False
+    dicom_tls_cert: str = ""
+    dicom_tls_key: str = ""
+    dicom_tls_ca: str = ""
     http_cert: str = ""
     http_key: str = ""
     http_threads: int = 16
     http_timeout: float = 30.0
     http_max_body_mb: int = 1024
     http_cors_origins: tuple[str, ...] = ()
+    storage_min_free_mb: int = 500
     watchdog_interval: float = 15.0
     watchdog_grace: float = 120.0
     watchdog_failures: int = 3
@@ -451,6 +473,11 @@ def load(path: Path | str | None = None, env: Mapping[str, str] | None = None,
     flat["index_url"] = index_url
     if (flat["http_cert"] == "") != (flat["http_key"] == ""):
         raise ConfigError("[http] cert and key: set both for HTTPS, or neither")
+    if (flat["dicom_tls_cert"] == "") != (flat["dicom_tls_key"] == ""):
+        raise ConfigError("[dicom] tls_cert and tls_key: set both for DICOM TLS, or neither")
+    if flat["dicom_tls_ca"] and not flat["dicom_tls_cert"]:
+        raise ConfigError("[dicom] tls_ca needs tls_cert and tls_key (client certificates are "
+                          "only asked for over TLS)")
     if not users and flat["http_bind"] not in ("127.0.0.1", "::1", "localhost"):
         raise ConfigError(f"[http] bind = {flat['http_bind']!r} reaches beyond this machine: "
                           "add [[users]] (see `pacsd passwd`) or bind to 127.0.0.1")
