@@ -212,7 +212,7 @@ def _archive(cfg: Config):
     from pacsd.archive import Archive
     from pacsd.index import Index
     from pacsd.store import Store
-    store = Store(cfg.storage_path)
+    store = Store(cfg.storage_path, cfg.storage_min_free_mb)
     store.open(clean=False)   # a running server may have temporary files in flight
     return Archive(store, Index(cfg.index_url).open(writer=False),
                    overwrite=cfg.storage_overwrite)

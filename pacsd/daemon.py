@@ -108,7 +108,7 @@ class Server:
             unclean_since = self._previous_run()
             self.started = time.time()
             write_atomic(cfg.pidfile, f"{os.getpid()}\n")
-            store = Store(cfg.storage_path)
+            store = Store(cfg.storage_path, cfg.storage_min_free_mb)
             store.open()
             self.index = Index(cfg.index_url).open()
             archive = Archive(store, self.index, overwrite=cfg.storage_overwrite)

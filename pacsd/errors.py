@@ -24,6 +24,9 @@ class PacsError(Exception):
     dicom_status = 0x0110  # PS3.7 C.4: Processing failure
     http_status = 500
     exit_code = EXIT_FAILURE
+    # False: the condition is logged once when it begins and once when it ends (where it
+    # arises), so front ends log each request it refuses at DEBUG only (no log flood).
+    log_each = True
 
 
 # --- start-up ---------------------------------------------------------------------------------
@@ -82,3 +85,9 @@ class OutOfResources(PacsError):
 
     dicom_status = 0xA700
     http_status = 507
+
+
+class StorageFull(OutOfResources):
+    """The storage volume is below [storage] min_free_mb, or really full (ENOSPC/EDQUOT)."""
+
+    log_each = False

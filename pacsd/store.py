@@ -6,6 +6,9 @@ a UID or anything else a peer sends.
 
 A write is: temporary file in STORAGE/.tmp -> write -> fsync -> rename into place -> fsync the
 folder (F_FULLFSYNC on macOS, where fsync does not flush the drive's cache).
+
+A free-space floor ([storage] min_free_mb, SpaceGuard) refuses new files before the volume is
+full, so that the index, its journal and the logs, usually on the same volume, still have room.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from pacsd.errors import FolderNotWritable, OutOfResources
+from pacsd.errors import FolderNotWritable, OutOfResources, StorageFull
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +47,86 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class SpaceGuard:
+    """The storage volume's fill state: refuses new files that would leave less than `floor_mb`
+    MiB free, and logs once when storing stops and once when it resumes (never per image).
+
+    Cheap on the C-STORE path: the volume is asked (statvfs) at most once per REFRESH seconds;
+    in between, what we wrote since is subtracted from the last answer. Only when that estimate
+    crosses the floor is the volume asked again at once (space may have been freed meanwhile),
+    so a system call per image happens only near or below the floor, where refusing is the job.
+    """
+
+    REFRESH = 1.0   # seconds; also the longest wait for storing to resume once space is freed
+
+    def __init__(self, root: Path, floor_mb: int = 0) -> None:
+        self.root = root
+        self.floor = floor_mb * 2**20
+        self.full = False          # storing is refused (floor crossed, or the disk said ENOSPC)
+        self.refused = 0           # since the volume became full
+        self._lock = threading.Lock()
+        self._free = 0             # bytes available at the last statvfs
+        self._written = 0          # bytes accepted since then
+        self._next = 0.0           # monotonic time of the next statvfs
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize   # what an unprivileged writer may still use
+
+    def reserve(self, size: int) -> None:
+        """Account for `size` bytes about to be written; StorageFull if that would leave less
+        than the floor free."""
+        if not self.floor:
+            return
+        with self._lock:
+            now = time.monotonic()
+            if now >= self._next or self._free - self._written - size < self.floor:
+                try:
+                    self._free = self.free_bytes()
+                except OSError:
+                    return   # cannot tell: the write itself will find out
+                self._written, self._next = 0, now + self.REFRESH
+            if self._free - self._written - size < self.floor:
+                raise self._refuse(f"{self._free // 2**20} MiB free, below [storage] "
+                                   f"min_free_mb = {self.floor // 2**20}")
+            self._written += size
+
+    def disk_full(self, reason: str) -> StorageFull:
+        """The write itself failed for lack of space (ENOSPC/EDQUOT): the error to raise."""
+        with self._lock:
+            return self._refuse(reason)
+
+    def _refuse(self, reason: str) -> StorageFull:
+        """Count a refusal (under the lock); log only the first of a full spell."""
+        if not self.full:
+            self.full = True
+            log.warning("storage %s is full (%s): refusing new images (C-STORE 0xA700, "
+                        "STOW-RS 507) until space is freed; nothing is deleted to make room",
+                        self.root, reason)
+        self.refused += 1
+        return StorageFull(f"storage {self.root} is full ({reason})")
+
+    def stored(self) -> None:
+        """A file was written: if storing had stopped, it has resumed."""
+        if not self.full:
+            return
+        with self._lock:
+            if self.full:
+                self.full = False
+                try:
+                    free = f"{self.free_bytes() // 2**20} MiB free"
+                except OSError:
+                    free = "space freed"
+                log.info("storage %s accepts new images again (%s; %d refused while full)",
+                         self.root, free, self.refused)
+                self.refused = 0
+
+
 class Store:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, min_free_mb: int = 0) -> None:
         self.root = root
         self.tmp = root / TMP_DIR
+        self.space = SpaceGuard(root, min_free_mb)
         self._known_dirs: set[str] = set()
         self._dirs_lock = threading.Lock()
 
@@ -59,8 +138,16 @@ class Store:
         try:
             self.tmp.mkdir(parents=True, exist_ok=True)
             probe = self.tmp / f"probe-{os.getpid()}-{secrets.token_hex(4)}"
-            probe.write_bytes(b"ok")
-            probe.unlink()
+            try:
+                probe.write_bytes(b"ok")
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                # Writable but full: start anyway, so that queries and retrieves still work
+                # and C-ECHO answers; storing is refused until space is freed.
+                self.space.disk_full(str(e.strerror))
+                self.space.refused = 0
+            probe.unlink(missing_ok=True)
         except (FileExistsError, NotADirectoryError):
             raise FolderNotWritable(f"storage folder {self.root} is not writable: it, or a "
                                     "folder above it, is a file") from None
@@ -110,6 +197,7 @@ class Store:
         rel_dir = rel.rsplit("/", 1)[0]
         tmp = self.tmp / (rel.rsplit("/", 1)[1] + ".part")
         size = 0
+        self.space.reserve(sum(len(c) for c in chunks))
         try:
             self._ensure_dir(rel_dir)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
@@ -131,9 +219,10 @@ class Store:
             except OSError:
                 pass
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise OutOfResources(f"storage is full ({self.root}): {e.strerror}") from None
+                raise self.space.disk_full(str(e.strerror)) from None
             raise OutOfResources(f"cannot write to storage {self.root}: {e.strerror or e}"
                                  ) from None
+        self.space.stored()
         return rel, size
 
     def delete(self, rel: str) -> None:

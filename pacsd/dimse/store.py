@@ -32,7 +32,8 @@ def handle_store(event: Event, archive: Archive, stats: dict) -> int:
                              sop_instance=str(req.AffectedSOPInstanceUID), calling_aet=aet)
     except PacsError as e:
         stats["failed"] = stats.get("failed", 0) + 1
-        log.warning("C-STORE from %s refused with 0x%04X: %s", aet, e.dicom_status, e)
+        log.log(logging.WARNING if e.log_each else logging.DEBUG,
+                "C-STORE from %s refused with 0x%04X: %s", aet, e.dicom_status, e)
         return e.dicom_status
     except Exception:  # a bug must cost one image, not the association or the server
         stats["failed"] = stats.get("failed", 0) + 1

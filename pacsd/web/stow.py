@@ -89,9 +89,10 @@ def stow(rt: Any, study: str | None, url: Url) -> str:
             except PacsError as e:
                 result["FailureReason"] = e.dicom_status
                 result["error"] = str(e)
-            if "error" in result:
-                log.warning("STOW-RS: instance %s refused: %s",
-                            result.get("ReferencedSOPInstanceUID") or "?", result["error"])
+                result["http_status"] = e.http_status
+                log.log(logging.WARNING if e.log_each else logging.DEBUG,
+                        "STOW-RS: instance %s refused: %s",
+                        result.get("ReferencedSOPInstanceUID") or "?", result["error"])
     except multipart.MalformedBody as e:
         if not results:
             raise bottle.HTTPError(400, str(e)) from None
@@ -121,7 +122,15 @@ def _stow_response(results: list[dict[str, Any]], url: Url) -> str:
         ds.FailedSOPSequence = [_item(r, ("ReferencedSOPClassUID", "ReferencedSOPInstanceUID",
                                           "FailureReason")) for r in failed]
     log.info("STOW-RS: %d stored, %d failed", len(ok), len(failed))
-    bottle.response.status = 200 if not failed else 202 if ok else 409
+    # PS3.18 10.5.3.1 (Table 10.5.3-1, "some common status codes"): 200 all stored, 202 some,
+    # 409 none "due to a conflict in the request". A full disk is no conflict in the request
+    # but a passing state of the server: when that alone stored nothing, 507 Insufficient
+    # Storage (RFC 4918 11.5), a 5xx, so that clients keep the instances and retry later;
+    # FailureReason 0xA700 (Out of Resources, PS3.4 B.2.3) per instance in the body as usual.
+    if not ok and all(r.get("http_status") == 507 for r in failed):
+        bottle.response.status = 507
+    else:
+        bottle.response.status = 200 if not failed else 202 if ok else 409
     bottle.response.content_type = DICOM_JSON
     return json.dumps(ds.to_json_dict(suppress_invalid_tags=True), ensure_ascii=False,
                       separators=(",", ":"))
