@@ -282,7 +282,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         from pacsd import remote
         from pacsd.config import Node
         ok, ms, message = remote.echo(cfg, Node("self", run["aet"], host, int(run["dicom_port"])),
-                                       timeout=5.0)
+                                       timeout=5.0, tls=remote.self_tls(cfg))
         report.update(pid=run["pid"], aet=run["aet"], dicom_port=run["dicom_port"],
                       uptime_s=round(time.time() - run["started"]),
                       echo=f"ok {ms:.0f} ms" if ok else f"FAILED ({message})")

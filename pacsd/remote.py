@@ -12,7 +12,9 @@ Every association uses our AE title as calling AE and the configured timeouts, b
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import ssl
 import threading
 import time
 from typing import Any, Callable
@@ -149,10 +151,25 @@ def _ae(cfg: Config) -> AE:
     return ae
 
 
+def self_tls(cfg: Config) -> tuple[ssl.SSLContext, str | None] | None:
+    """tls_args for an association to our own listener when it speaks TLS ([dicom] tls_cert),
+    for `pacsd status` and the watchdog: the listener's certificate is not checked (it is us, on
+    loopback), and ours is shown as the client's, since a listener with tls_ca requires one."""
+    if not cfg.dicom_tls_cert:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.load_cert_chain(os.path.expanduser(cfg.dicom_tls_cert),
+                        os.path.expanduser(cfg.dicom_tls_key))
+    return ctx, None   # no name to check: it is us
+
+
 def _associate(ae: AE, node: Node, contexts: list[PresentationContext],
-               handlers: list[Any] | None = None) -> Association:
+               handlers: list[Any] | None = None,
+               tls: tuple[ssl.SSLContext, str | None] | None = None) -> Association:
     ae.requested_contexts = contexts
-    assoc = ae.associate(node.host, node.port, ae_title=node.aet,
+    assoc = ae.associate(node.host, node.port, ae_title=node.aet, tls_args=tls,  # type: ignore[arg-type]  # None is passed on to wrap_socket
                          evt_handlers=[(evt.EVT_CONN_OPEN, nodelay)] + list(handlers or []))
     if not assoc.is_established:
         ae.shutdown()
@@ -313,14 +330,16 @@ def move_studies(cfg: Config, node: Node, uids: list[str], progress: Progress | 
     return done, failed
 
 
-def echo(cfg: Config, node: Node, timeout: float | None = None) -> tuple[bool, float, str]:
-    """C-ECHO `node`: (answered with Success, milliseconds, what happened)."""
+def echo(cfg: Config, node: Node, timeout: float | None = None,
+         tls: tuple[ssl.SSLContext, str | None] | None = None) -> tuple[bool, float, str]:
+    """C-ECHO `node` (over TLS with `tls`): (answered with Success, milliseconds, what
+    happened)."""
     ae = _ae(cfg)
     if timeout is not None:
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     t0 = time.monotonic()
     try:
-        assoc = _associate(ae, node, [build_context(Verification)])
+        assoc = _associate(ae, node, [build_context(Verification)], tls=tls)
     except RemoteError as e:
         return False, (time.monotonic() - t0) * 1000, str(e)
     try:

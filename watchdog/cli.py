@@ -8,9 +8,11 @@ gives pacsd.json (pid, ports, start time); the [watchdog] section gives the rest
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import logging.handlers
 import signal
+import ssl
 import sys
 import threading
 import time
@@ -26,6 +28,7 @@ for _name in ("numpy", "gdcm", "PIL", "imagecodecs", "pylibjpeg", "openjpeg", "j
 import psutil  # noqa: E402
 
 from pacsd import config as config_mod  # noqa: E402
+from pacsd import remote  # noqa: E402
 from pacsd.config import Config  # noqa: E402
 from pacsd.errors import PacsError  # noqa: E402
 from pacsd_watchdog import kill as act  # noqa: E402
@@ -64,6 +67,11 @@ class Watchdog:
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="probe")
         self.watching: int | None = None
         self.alerted = False
+        try:   # the C-ECHO probes speak TLS when the listener does
+            self.tls = remote.self_tls(cfg)
+        except (OSError, ssl.SSLError) as e:
+            log.error("cannot load [dicom] tls_cert / tls_key for the C-ECHO probe: %s", e)
+            self.tls = None
         self._reported: dict[str, float] = {}
 
     def probe(self, t: probes.Target) -> list[probes.Result]:
@@ -91,7 +99,7 @@ class Watchdog:
     def find(self) -> probes.Target | None:
         t = probes.Target.read(self.cfg.runfile)
         if t is not None and psutil.pid_exists(t.pid) and act.not_our_server(t) is None:
-            return t
+            return dataclasses.replace(t, tls=self.tls)
         if self.watching is not None:
             log.warning("pacsd pid %d is not running; waiting for it to be started again",
                         self.watching)

@@ -44,6 +44,7 @@ class Target:
     http_scheme: str
     http_host: str
     http_port: int
+    tls: Any = None   # tls_args when the DICOM listener speaks TLS (pacsd.remote.self_tls)
 
     @classmethod
     def read(cls, runfile: Path) -> "Target | None":
@@ -150,7 +151,7 @@ def _association(t: Target, timeout: float, contexts: list[Any]) -> Iterator[Any
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
     ae.requested_contexts = contexts
-    assoc = ae.associate(t.dicom_host, t.dicom_port, ae_title=t.aet)
+    assoc = ae.associate(t.dicom_host, t.dicom_port, ae_title=t.aet, tls_args=t.tls)
     try:
         _established(assoc)
         yield assoc
