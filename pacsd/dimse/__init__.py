@@ -31,8 +31,11 @@ from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
 from pacsd.archive import Archive
 from pacsd.config import Config
 from pacsd.directory import Directory
+from pacsd.dimse.access import PeerCheck
 from pacsd.dimse.echo import handle_echo
 from pacsd.dimse.find import handle_find
+from pacsd.dimse.limits import bound_pdus
+from pacsd.dimse.listener import Listener, tls_context
 from pacsd.dimse.retrieve import handle_get, handle_move
 from pacsd.remote import nodelay
 from pacsd.dimse.store import handle_store
@@ -112,6 +115,7 @@ class DicomServer:
         self.archive = archive
         self.directory = directory
         self.ae = build_ae(cfg)
+        self.tls = tls_context(cfg)   # ConfigError now, at start-up, if the files are bad
         self.server: ThreadedAssociationServer | None = None
         self._thread: threading.Thread | None = None
         self._stats: dict[int, dict[str, int]] = {}
@@ -156,6 +160,7 @@ class DicomServer:
         archive = self.archive
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, nodelay),
+            (evt.EVT_CONN_OPEN, partial(bound_pdus, max_pdu=self.cfg.dicom_max_pdu)),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_FIND, partial(handle_find, index=archive.index, aet=self.cfg.dicom_aet)),
@@ -166,10 +171,12 @@ class DicomServer:
             (evt.EVT_ABORTED, self._on_end),
             (evt.EVT_REJECTED, self._on_rejected),
         ]
+        if self.cfg.dicom_check_peer_address:
+            handlers.append((evt.EVT_REQUESTED, PeerCheck(self.directory).on_requested))
         address = (self.cfg.dicom_bind or "0.0.0.0", self.cfg.dicom_port)
         try:
             server = self.ae.make_server(
-                address, evt_handlers=handlers, server_class=ThreadedAssociationServer,
+                address, evt_handlers=handlers, server_class=Listener, ssl_context=self.tls,
                 contexts=_cheap_copies(self.ae.supported_contexts))
         except OSError as e:
             if e.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):

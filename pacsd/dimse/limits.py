@@ -1,0 +1,88 @@
+"""A bound on the PDUs a peer may send us (PS3.8 9.3, Annex D.1).
+
+pynetdicom reads every PDU whole into memory before decoding it, for whatever length its header
+announces (up to 4 GiB), and never compares that length with the Maximum Length we announced in
+the A-ASSOCIATE-AC. A peer could so make us buffer gigabytes per association. We look at each PDU
+header as it arrives and abort the association (A-ABORT, then close) when the length announced
+is more than we allow, before reading any of the body.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import struct
+from typing import cast
+
+from pynetdicom.events import Event
+from pynetdicom.transport import AssociationSocket
+
+log = logging.getLogger(__name__)
+
+P_DATA_TF = 0x04
+PDU_TYPES = frozenset(range(0x01, 0x08))
+# PS3.7 D.1: Maximum Length Received bounds the variable field of a P-DATA-TF PDU. Some peers
+# count only the PDV data against it, so we allow one PDV item header (6 bytes) on top.
+PDV_HEADER = 6
+# Every other PDU (association negotiation, release, abort) is small; 1 MiB leaves room for a
+# request with 128 contexts of many transfer syntaxes and a large user identity item.
+OTHER_PDU_MAX = 1 << 20
+# A-ABORT (PS3.8 9.3.8): source 2 (service provider), reason 6 (invalid PDU parameter value).
+ABORT_INVALID_PARAMETER = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0x02, 0x06])
+
+
+class BoundedSocket(AssociationSocket):
+    """An AssociationSocket that refuses a PDU whose announced length is beyond the limits.
+
+    pynetdicom's DUL reads a PDU as recv(6) (the header), then recv(length) (the body); we follow
+    that alternation to know which read is a header."""
+
+    max_p_data: int = 0        # 0: no limit (as `[dicom] max_pdu = 0` says)
+    _next_is_body: bool = False
+
+    @classmethod
+    def adopt(cls, sock: AssociationSocket, max_pdu: int) -> None:
+        sock.__class__ = cls
+        bounded = cast(BoundedSocket, sock)
+        bounded.max_p_data = max_pdu + PDV_HEADER if max_pdu else 0
+        bounded._next_is_body = False
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if self._next_is_body:
+            self._next_is_body = False
+            return super().recv(nr_bytes)
+        data = super().recv(nr_bytes)
+        if nr_bytes != 6 or len(data) != 6:
+            return data
+        pdu_type, _, length = struct.unpack(">BBL", data)
+        if pdu_type not in PDU_TYPES:
+            return data      # pynetdicom aborts on an unknown type without reading on
+        limit = self.max_p_data if pdu_type == P_DATA_TF else OTHER_PDU_MAX
+        if limit and length > limit:
+            self._refuse(pdu_type, length, limit)
+            return bytearray()   # a short header: the DUL takes it as the connection closed
+        self._next_is_body = True
+        return data
+
+    def _refuse(self, pdu_type: int, length: int, limit: int) -> None:
+        assoc = self.assoc
+        log.warning("association from %s (%s) aborted: PDU type 0x%02X announces %d bytes, "
+                    "more than the %d we accept", assoc.requestor.ae_title or "?",
+                    assoc.requestor.address, pdu_type, length, limit)
+        raw = self.socket
+        if raw is None:
+            return
+        try:
+            raw.sendall(ABORT_INVALID_PARAMETER)
+            # Stop reading: whatever the peer still sends is dropped by the kernel, never
+            # buffered by us. The association's thread closes the socket as it ends.
+            raw.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+def bound_pdus(event: Event, max_pdu: int) -> None:
+    """EVT_CONN_OPEN handler: make the new association's socket a BoundedSocket."""
+    sock = event.assoc.dul.socket
+    if sock is not None:
+        BoundedSocket.adopt(sock, max_pdu)
