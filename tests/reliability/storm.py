@@ -1,5 +1,5 @@
 """A C-STORE storm against `pacsd serve` that may be SIGKILLed at any moment, and the checks of
-what must survive it. Shared by tests/test_durability.py and tests/reliability/test_kill_storm.py.
+what must survive it. Used by tests/reliability/test_kill_storm.py and tests/test_durability.py.
 
 Clients behave like a modality's store-and-forward queue: an instance not acknowledged (the
 association aborted or was refused) is sent again once the server is back, so some resends
