@@ -24,7 +24,8 @@ from data import sample
 from reliability.report import PeakMemory, record, scaled
 
 MAX_ASSOCIATIONS = 4
-ACSE_TIMEOUT = 3.0   # also how long a silent connection is kept
+# Also how long a silent connection is kept: long enough to open all of them first, at any scale.
+ACSE_TIMEOUT = float(scaled(3))
 
 
 def wait_for(predicate, timeout: float, message: str) -> None:
