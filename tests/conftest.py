@@ -14,7 +14,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NoReturn
 
 import pytest
 
@@ -24,6 +24,14 @@ from pacsd import config as config_mod  # noqa: E402
 from pacsd.daemon import Server  # noqa: E402
 
 REQUIRE_PEERS = os.environ.get("PACSD_REQUIRE_PEERS") == "1"
+
+
+def peer_missing(message: str) -> NoReturn:
+    """A real peer (tool, browser, kernel feature) is missing: a skip on a developer's machine,
+    a failure in CI (PACSD_REQUIRE_PEERS=1), where a skipped test must never pass for one."""
+    if REQUIRE_PEERS:
+        pytest.fail(message + " and PACSD_REQUIRE_PEERS=1")
+    pytest.skip(message)
 LOCAL = "127.0.0.1"
 
 
@@ -34,10 +42,7 @@ def dcmtk(tool: str, package: str = "dcmtk") -> str:
         path = Path(folder) / tool
         if path.exists():
             return str(path)
-    message = f"{package}'s {tool} is not installed (apt-get install {package})"
-    if REQUIRE_PEERS:
-        pytest.fail(message + " and PACSD_REQUIRE_PEERS=1")
-    pytest.skip(message)
+    peer_missing(f"{package}'s {tool} is not installed (apt-get install {package})")
 
 
 def peer_env() -> dict[str, str]:
@@ -274,11 +279,8 @@ def _first(paths: tuple[str, ...]) -> str | None:
 def chromium_paths() -> tuple[str, str]:
     binary, driver = _first(CHROMIUM), _first(CHROMEDRIVER)
     if not binary or not driver:
-        message = "Chromium and ChromeDriver are not installed (apt-get install chromium " \
-                  "chromium-driver)"
-        if REQUIRE_PEERS:
-            pytest.fail(message + " and PACSD_REQUIRE_PEERS=1")
-        pytest.skip(message)
+        peer_missing("Chromium and ChromeDriver are not installed (apt-get install chromium "
+                     "chromium-driver)")
     return binary, driver
 
 
@@ -396,12 +398,6 @@ class SeleniumPage(EnginePage):
         return self.d.current_url
 
 
-def _peer_missing(message: str) -> None:
-    if REQUIRE_PEERS:
-        pytest.fail(message + " and PACSD_REQUIRE_PEERS=1")
-    pytest.skip(message)
-
-
 @pytest.fixture
 def firefox(tmp_path: Path):
     """Firefox ESR, headless, driven over Marionette (Mozilla's own protocol; geckodriver is
@@ -412,7 +408,7 @@ def firefox(tmp_path: Path):
     except ImportError:
         Marionette = None
     if not binary or Marionette is None:
-        _peer_missing("Firefox (apt-get install firefox-esr) or marionette-driver is missing")
+        peer_missing("Firefox (apt-get install firefox-esr) or marionette-driver is missing")
     port = free_port()
     profile = tmp_path / "firefox-profile"
     profile.mkdir()
@@ -452,7 +448,7 @@ def xvfb_display():
     """A virtual X display for WebKitGTK, which has no headless mode of its own."""
     exe = _first(("/usr/bin/Xvfb",))
     if not exe:
-        _peer_missing("Xvfb is not installed (apt-get install xvfb)")
+        peer_missing("Xvfb is not installed (apt-get install xvfb)")
     read, write = os.pipe()
     proc = subprocess.Popen([exe, "-displayfd", str(write), "-screen", "0", "1400x900x24",
                              "-nolisten", "tcp"], pass_fds=(write,),
@@ -477,7 +473,7 @@ def webkit(xvfb_display):
     driver_path = _first(("/usr/bin/WebKitWebDriver",))
     browsers = sorted(glob.glob("/usr/lib/*/webkit2gtk-4.*/MiniBrowser"))
     if not driver_path or not browsers:
-        _peer_missing("WebKitGTK's driver is not installed (apt-get install webkit2gtk-driver)")
+        peer_missing("WebKitGTK's driver is not installed (apt-get install webkit2gtk-driver)")
     from selenium import webdriver
     from selenium.webdriver.webkitgtk.options import Options
     from selenium.webdriver.webkitgtk.service import Service

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import REQUIRE_PEERS, Process, associate, serve, store_files, write_config
+from conftest import Process, associate, peer_missing, serve, store_files, write_config
 from data import write_series
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -42,10 +42,7 @@ def tmpfs(path: Path, size_mb: int) -> Iterator[Path]:
     done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0755", "tmpfs",
                            str(path)], capture_output=True, text=True, timeout=30, check=False)
     if done.returncode != 0:
-        message = f"cannot mount a tmpfs (needs root): {done.stderr.strip()}"
-        if REQUIRE_PEERS:
-            pytest.fail(message + " and PACSD_REQUIRE_PEERS=1")
-        pytest.skip(message)
+        peer_missing(f"cannot mount a tmpfs (needs root): {done.stderr.strip()}")
     try:
         yield path
     finally:
