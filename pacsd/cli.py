@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import logging.handlers
 import os
 import shutil
 import sys
@@ -14,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from pacsd import __version__
+from pacsd import __version__, logbook
 from pacsd import config as config_mod
 from pacsd.config import Config
 from pacsd.errors import EXIT_FAILURE, EXIT_OK, PacsError
@@ -28,25 +27,17 @@ EXIT_NOT_RUNNING = 3   # `pacsd status`: no server answers (LSB convention)
 
 
 def setup_logging(cfg: Config, to_file: bool = True) -> None:
-    fmt = logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-                            "%Y-%m-%d %H:%M:%S")
-    root = logging.getLogger()
-    root.handlers.clear()
-    root.setLevel(cfg.log_level)
-    err = logging.StreamHandler(sys.stderr)
-    err.setFormatter(fmt)
-    root.addHandler(err)
-    path = cfg.log_path
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    path, problem = cfg.log_path, None
     if to_file and path is not None:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fh = logging.handlers.RotatingFileHandler(path, maxBytes=10 << 20, backupCount=5,
-                                                      encoding="utf-8")
-            fh.setFormatter(fmt)
-            root.addHandler(fh)
+            handlers.append(logbook.rotating_file(path, max_mb=10, backups=5))
         except OSError as e:
-            log.warning("cannot write the log file %s (%s); logging to standard error only",
-                        path, e.strerror)
+            problem = e.strerror
+    logbook.log_to(cfg.log_level, handlers)
+    if problem:
+        log.warning("cannot write the log file %s (%s); logging to standard error only",
+                    path, problem)
     # pynetdicom narrates every PDU at INFO; keep its warnings and errors only.
     logging.getLogger("pynetdicom").setLevel(logging.DEBUG if cfg.log_level == "DEBUG"
                                              else logging.WARNING)

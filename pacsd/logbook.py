@@ -11,15 +11,37 @@ from __future__ import annotations
 
 import collections
 import logging
+import logging.handlers
 import re
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-# A line as cli.setup_logging writes it: "2026-11-25 01:31:38 WARNING pacsd.web: message"
+# The one line format of pacsd's and the watchdog's logs, and how preload() reads it back:
+# "2026-11-25 01:31:38 WARNING pacsd.web: message"
+FORMAT, DATE_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"
 LINE = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) (WARNING|ERROR|CRITICAL) +(\S+): (.*)")
 TAIL_BYTES = 1 << 20
+
+
+def log_to(level: str, handlers: list[logging.Handler]) -> None:
+    """Make `handlers` the root logger's, all writing FORMAT."""
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(level)
+    fmt = logging.Formatter(FORMAT, DATE_FORMAT)
+    for handler in handlers:
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+
+
+def rotating_file(path: Path, max_mb: int, backups: int) -> logging.Handler:
+    """A log file that rotates at `max_mb` MiB, keeping `backups` old ones; OSError if it
+    cannot be written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return logging.handlers.RotatingFileHandler(path, maxBytes=max_mb << 20, backupCount=backups,
+                                                encoding="utf-8")
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import logging.handlers
 import signal
 import ssl
 import sys
@@ -28,7 +27,7 @@ for _name in ("numpy", "gdcm", "PIL", "imagecodecs", "pylibjpeg", "openjpeg", "j
 import psutil  # noqa: E402
 
 from pacsd import config as config_mod  # noqa: E402
-from pacsd import remote  # noqa: E402
+from pacsd import logbook, remote  # noqa: E402
 from pacsd.config import Config  # noqa: E402
 from pacsd.errors import PacsError  # noqa: E402
 from pacsd_watchdog import kill as act  # noqa: E402
@@ -40,21 +39,9 @@ REPORT_EVERY_S = 3600.0   # the on_kill command for the same refusal or alert, a
 
 
 def setup_logging(cfg: Config, level: str) -> None:
-    fmt = logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-                            "%Y-%m-%d %H:%M:%S")
-    root = logging.getLogger()
-    root.handlers.clear()
-    root.setLevel(level)
-    handler: logging.Handler
     path = cfg.watchdog_log_path
-    if path is None:
-        handler = logging.StreamHandler(sys.stderr)
-    else:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handler = logging.handlers.RotatingFileHandler(path, maxBytes=5 << 20, backupCount=3,
-                                                       encoding="utf-8")
-    handler.setFormatter(fmt)
-    root.addHandler(handler)
+    logbook.log_to(level, [logging.StreamHandler(sys.stderr) if path is None
+                           else logbook.rotating_file(path, max_mb=5, backups=3)])
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)   # our own lines say it all
 
 
