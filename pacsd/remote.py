@@ -36,6 +36,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # names made a
 from pacsd import query
 from pacsd.config import Config, Node
 from pacsd.errors import PacsError
+from pacsd.pace import brisk, settle
 from pacsd.store import Store
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,8 @@ def _associate(ae: AE, node: Node, contexts: list[PresentationContext],
                tls: tuple[ssl.SSLContext, str | None] | None = None) -> Association:
     ae.requested_contexts = contexts
     assoc = ae.associate(node.host, node.port, ae_title=node.aet, tls_args=tls,  # type: ignore[arg-type]  # None is passed on to wrap_socket
-                         evt_handlers=[(evt.EVT_CONN_OPEN, nodelay)] + list(handlers or []))
+                         evt_handlers=[(evt.EVT_CONN_OPEN, nodelay), (evt.EVT_CONN_OPEN, brisk),
+                                       (evt.EVT_CONN_CLOSE, settle)] + list(handlers or []))
     if not assoc.is_established:
         ae.shutdown()
         raise RemoteError(f"{node.name or node.aet} ({node.aet}@{node.host}:{node.port}) did "
