@@ -5,11 +5,11 @@ from __future__ import annotations
 import time
 
 import psutil
+from conftest import associate, c_find, store_files
+from data import write_series
 from pynetdicom import build_context
 from pynetdicom.sop_class import Verification
 
-from conftest import associate, c_find, store_files
-from data import write_series
 from pacsd.pace import BriskDUL
 
 
