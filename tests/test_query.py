@@ -32,6 +32,20 @@ def test_matching_key_uses_an_index(index, keyword):
     assert "SEARCH" in plan and "SCAN" not in plan, plan
 
 
+@pytest.mark.parametrize("narrowing", [{"PatientID": "P1"}, {"AccessionNumber": "A1"}])
+def test_modalities_in_study_does_not_drive_a_narrower_query(index, narrowing):
+    # Without statistics SQLite would start from every series of the modality in the archive.
+    req = query.Request("STUDY", {**narrowing, "ModalitiesInStudy": "CT\\MR"})
+    q, _ = query.select(req, ["StudyInstanceUID"])
+    sql, params = q.sql()
+    with database.connection_context():
+        rows = database.execute_sql("EXPLAIN QUERY PLAN " + sql, params).fetchall()
+    plan = " / ".join(r[-1] for r in rows)
+    # The study's own series are looked up by (study, modality), not all series by modality.
+    assert "INDEX series_modality " not in plan and "SCAN" not in plan, plan
+    assert "series_study_id_modality (study_id=? AND modality=?)" in plan, plan
+
+
 @pytest.mark.parametrize("value", ["2024-", "-", "abc", "2024x0101"])
 def test_malformed_dates_are_refused(value):
     if value == "2024-":
