@@ -402,6 +402,19 @@ def test_multipart_reader_across_read_boundaries():
         list(read_parts(io.BytesIO(body[:-40]).read, None, "xyzzy-1234"))
 
 
+def test_multipart_writer_length_is_what_it_writes():
+    """WADO-RS announces Content-Length before streaming: it must be exact, big parts or small."""
+    from pacsd.web.multipart import SMALL, read_parts, stream, stream_length
+    contents = [b"", b"a" * 10, b"b" * (SMALL - 1), b"c" * SMALL, b"d" * (3 * SMALL + 5)]
+    heads = [f"Content-Type: application/dicom; n={i}" for i in range(len(contents))]
+    chunked = [(h, [c[i:i + SMALL] for i in range(0, len(c), SMALL)])
+               for h, c in zip(heads, contents)]
+    body = b"".join(stream(chunked, "b0und"))
+    assert len(body) == stream_length(heads, map(len, contents), "b0und")
+    got = [bytes(v) for _, v in read_parts(io.BytesIO(body).read, len(body), "b0und")]
+    assert got == contents
+
+
 def test_stow_chunked_request_body(pacs, tmp_path):
     path = write(tmp_path, seed=8, patient=1, study=1, series=1, number=1, size=256)
     body, ctype = multipart_body([path.read_bytes()])

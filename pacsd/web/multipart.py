@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 CHUNK = 1 << 20
+SMALL = 1 << 16   # a first chunk shorter than this is sent with its part's headers
 
 _TOKEN = re.compile(r'\s*([^;,=\s]+)\s*(?:=\s*("(?:[^"\\]|\\.)*"|[^;,]*))?\s*')
 
@@ -97,19 +98,34 @@ def content_type(part_type: str, boundary: str) -> str:
 
 
 def stream(parts: Iterable[tuple[str, Iterable[bytes]]], boundary: str) -> Iterator[bytes]:
-    """A multipart body from (part headers, chunks of its content); the first chunk of a part
-    goes out together with its headers (one write instead of two)."""
+    """A multipart body from (part headers, chunks of its content). A small first chunk goes
+    out together with its part's headers (one write instead of two); a big one is not copied
+    for that."""
     delimiter = f"--{boundary}\r\n".encode()
     for headers, chunks in parts:
         head = delimiter + headers.encode("latin-1") + b"\r\n\r\n"
         delimiter = f"\r\n--{boundary}\r\n".encode()
         for chunk in chunks:
             if head:
-                chunk, head = head + chunk, b""
+                if len(chunk) < SMALL:
+                    chunk = head + chunk
+                else:
+                    yield head
+                head = b""
             yield chunk
         if head:
             yield head
     yield f"\r\n--{boundary}--\r\n".encode()
+
+
+def stream_length(headers: Iterable[str], sizes: Iterable[int], boundary: str) -> int:
+    """The length in bytes of what `stream` makes of parts with these headers and sizes."""
+    n, first = 0, True
+    for h, size in zip(headers, sizes, strict=True):
+        n += len(f"{'' if first else chr(13) + chr(10)}--{boundary}\r\n".encode())
+        n += len(h.encode("latin-1")) + 4 + size
+        first = False
+    return n + len(f"\r\n--{boundary}--\r\n".encode())
 
 
 def file_chunks(f, size: int = CHUNK) -> Iterator[bytes]:  # type: ignore[no-untyped-def]
