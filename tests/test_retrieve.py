@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import time
 
 import pytest
 from pydicom import dcmread
@@ -70,6 +72,38 @@ def test_move_a_study_to_a_configured_node(make_server, dest, tmp_path):
     assert [s.NumberOfRemainingSuboperations for s in statuses[:-1]] == list(range(9, -1, -1))
     expected = {str(dcmread(f).SOPInstanceUID): dataset_bytes(f) for f in files}
     assert dest.received == expected
+
+
+def test_move_sub_associations_wait_for_work_and_leave_nothing_open(make_server, dest, tmp_path):
+    import psutil
+
+    from pacsd.pace import BriskDUL
+    server = make_server(nodes=[{"aet": "DEST", "host": LOCAL, "port": dest.port}])
+    files = write_series(tmp_path / "in", seed=12, images=3, size=32)
+    assert store_files(server.dicom_port, files) == [0] * 3
+    study = dcmread(files[0]).StudyInstanceUID
+    kinds = []
+
+    def on_store(event) -> int:   # pacsd's side of the sub-association, seen while it sends
+        kinds.extend(type(a.dul) for a in server.dicom.ae.active_associations if a.is_requestor)
+        return dest.on_store(event)
+    dest.server.bind(evt.EVT_C_STORE, on_store)
+    me = psutil.Process()
+    assert move(server.dicom_port, "DEST", "STUDY", StudyInstanceUID=study)[-1].Status == 0
+    before = me.num_fds()
+    for _ in range(5):
+        assert move(server.dicom_port, "DEST", "STUDY", StudyInstanceUID=study)[-1].Status == 0
+    assert len(dest.received) == 3 and len(kinds) == 18
+    assert all(k is BriskDUL for k in kinds), kinds
+    # The associations' threads end just after the move; their SQLite connections go with the
+    # next garbage collection (peewee's thread state holds a cycle).
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        gc.collect()
+        if me.num_fds() - before <= 2:
+            break
+        time.sleep(0.05)
+    assert me.num_fds() - before <= 2   # nothing of the sub-associations stays open
 
 
 def test_move_converts_only_when_the_destination_refuses_the_stored_syntax(make_server):
