@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +15,7 @@ LOCAL = "127.0.0.1"
 sys.path.insert(0, str(REPO / "tests"))
 
 from conftest import terminate  # noqa: E402  (the tests' helper: SIGTERM, then SIGKILL)
+from harness import BenchError, wait_pacsd  # noqa: E402
 
 
 @dataclass
@@ -37,19 +36,10 @@ def pacsd(workdir: Path, timeout: float = 60) -> Iterator[Pacsd]:
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, cwd=REPO)
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"pacsd exited {proc.returncode}; see {log}")
-            try:
-                info = json.loads((data / "pacsd.json").read_text())
-                if info["pid"] == proc.pid:
-                    break
-            except (OSError, ValueError, KeyError):
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"pacsd was not ready within {timeout:.0f} s")
-            time.sleep(0.05)
+        try:
+            info = wait_pacsd(proc, data, timeout, log)
+        except BenchError as e:   # these scripts end with a message, not a traceback
+            raise SystemExit(str(e)) from None
         yield Pacsd(proc, int(info["dicom_port"]), f"http://{LOCAL}:{info['http_port']}", log)
     finally:
         terminate(proc, 30)

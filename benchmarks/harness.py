@@ -125,6 +125,26 @@ class Procs:
 PROCS = Procs()
 
 
+def wait_pacsd(proc: subprocess.Popen, data: Path, timeout: float, log: Path
+               ) -> dict[str, Any]:
+    """Wait until `pacsd serve` (proc) names itself in <data>/pacsd.json: its run file, with
+    the ports it took (ports 0). Raises BenchError if it exits or `timeout` passes first."""
+    runfile = data / "pacsd.json"
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise BenchError(f"pacsd exited {proc.returncode}:\n{log_tail(log)}")
+        try:
+            info = json.loads(runfile.read_text())
+            if info.get("pid") == proc.pid:
+                return info
+        except (OSError, ValueError, AttributeError):
+            pass
+        if time.monotonic() > deadline:
+            raise BenchError(f"pacsd not ready after {timeout:.0f} s:\n{log_tail(log)}")
+        time.sleep(0.005)
+
+
 def run_clients(commands: list[list[str]], logs: list[Path], timeout: float) -> float:
     """Start the client commands together, wait for all; wall seconds. Raises BenchError.
 

@@ -108,6 +108,7 @@ from harness import (
     summarize_profile,
     tool,
     wait_count,
+    wait_pacsd,
 )
 
 ORTHANC = Path("/usr/sbin/Orthanc")
@@ -316,22 +317,9 @@ class Pacsd(Server):
             del env[k]   # only the benchmark's config counts
         self.proc = PROCS.start([sys.executable, "-m", "pacsd", "serve", "--config",
                                  str(config)], self.log, env=env)
-        runfile = self.data / "pacsd.json"
-        deadline = time.monotonic() + 60
-        while True:
-            if self.proc.poll() is not None:
-                raise BenchError(f"pacsd exited {self.proc.returncode}:\n{log_tail(self.log)}")
-            try:
-                info = json.loads(runfile.read_text())
-                if info.get("pid") == self.proc.pid:
-                    self.dicom_port = int(info["dicom_port"])
-                    self.http_url = f"http://{LOCAL}:{int(info['http_port'])}"
-                    return
-            except (OSError, ValueError, KeyError, TypeError):
-                pass
-            if time.monotonic() > deadline:
-                raise BenchError(f"pacsd not ready after 60 s:\n{log_tail(self.log)}")
-            time.sleep(0.05)
+        info = wait_pacsd(self.proc, self.data, 60, self.log)
+        self.dicom_port = int(info["dicom_port"])
+        self.http_url = f"http://{LOCAL}:{int(info['http_port'])}"
 
     def stored(self) -> int:
         return count_files(self.data / "storage", ".dcm")

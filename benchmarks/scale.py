@@ -47,7 +47,6 @@ import os
 import platform
 import random
 import shutil
-import signal
 import sqlite3
 import statistics
 import subprocess
@@ -61,7 +60,19 @@ from typing import Any
 GENERATOR_VERSION = 2
 PACSD_AET = "PACSD"
 
-from harness import LOCAL, PEER_ENV, REPO, BenchError, MiB, run_bench, say, tool
+from harness import (
+    LOCAL,
+    PROCS,
+    REPO,
+    BenchError,
+    MiB,
+    count_files,
+    run_bench,
+    run_client,
+    say,
+    tool,
+    wait_pacsd,
+)
 
 sys.path.insert(0, str(REPO))
 
@@ -426,31 +437,6 @@ def ensure_index(workdir: Path, n: int, seed: int) -> tuple[Path, dict[str, Any]
 
 # --- processes --------------------------------------------------------------------------------
 
-LIVE: list[subprocess.Popen] = []
-
-
-def stop_process(p: subprocess.Popen, grace: float = 30.0) -> int | None:
-    """SIGTERM (pacsd stops cleanly on it), SIGKILL of its group after `grace`."""
-    if p.poll() is None:
-        try:
-            p.send_signal(signal.SIGTERM)
-            p.wait(grace)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-    if p.poll() is None:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        try:
-            p.wait(5)
-        except subprocess.TimeoutExpired:
-            pass
-    if p in LIVE:
-        LIVE.remove(p)
-    return p.returncode
-
-
 class Pacsd:
     """`pacsd serve` on a data folder of its own, ports 0, stopped with SIGTERM."""
 
@@ -476,67 +462,30 @@ class Pacsd:
             "[http]", "port = 0", f"bind = {q(LOCAL)}",
             "[log]", f"file = {q(str(self.log))}", ""]))
         os.sync()   # the copy's write-back must not land inside the timed start
-        runfile = self.data / "pacsd.json"
         t0 = time.perf_counter()
-        with open(self.log.with_suffix(".out"), "ab") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "pacsd", "serve", "--config", str(self.config)],
-                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=REPO,
-                start_new_session=True)
-        LIVE.append(self.proc)
-        deadline = t0 + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise BenchError(f"pacsd exited {self.proc.returncode}; see {self.log}")
-            try:
-                info = json.loads(runfile.read_text())
-                if info["pid"] == self.proc.pid:
-                    break
-            except (OSError, ValueError, KeyError):
-                pass
-            if time.perf_counter() > deadline:
-                raise BenchError(f"pacsd was not ready within {timeout:.0f} s")
-            time.sleep(0.005)
+        self.proc = PROCS.start([sys.executable, "-m", "pacsd", "serve", "--config",
+                                 str(self.config)], self.log.with_suffix(".out"), cwd=REPO)
+        info = wait_pacsd(self.proc, self.data, timeout, self.log)
         self.startup_s = time.perf_counter() - t0
         self.port = int(info["dicom_port"])
         self.url = f"http://{LOCAL}:{info['http_port']}"
         return self
 
     def stored(self) -> int:
-        n = 0
-        for _dirpath, dirnames, filenames in os.walk(self.data / "storage"):
-            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-            n += sum(1 for f in filenames if f.endswith(".dcm"))
-        return n
+        return count_files(self.data / "storage", ".dcm")
 
     def stop(self) -> None:
         if self.proc is not None:
-            rc = stop_process(self.proc)
+            rc = PROCS.stop(self.proc, grace=30)
             if rc not in (0, None):
                 say(f"warning: pacsd {self.name} exited {rc}; log {self.log}")
             self.proc = None
 
 
-def timed_run(cmd: list[str], timeout: float = 120.0) -> tuple[float, str]:
-    """Wall seconds of one client process (start to exit) and its output."""
-    t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                         stdin=subprocess.DEVNULL, env=PEER_ENV, start_new_session=True)
-    LIVE.append(p)
-    try:
-        out, _ = p.communicate(timeout=timeout)   # returns at EOF, i.e. when it exits
-        p.wait()
-    except subprocess.TimeoutExpired:
-        stop_process(p, grace=1)
-        raise BenchError(f"{Path(cmd[0]).name} did not finish within {timeout:.0f} s") from None
-    finally:
-        if p in LIVE and p.poll() is not None:
-            LIVE.remove(p)
-    elapsed = time.perf_counter() - t0
-    text = out.decode(errors="replace")
-    if p.returncode != 0:
-        raise BenchError(f"{Path(cmd[0]).name} exited {p.returncode}:\n{text[-2000:]}")
-    return elapsed, text
+def timed_run(cmd: list[str], log: Path, timeout: float = 120.0) -> tuple[float, str]:
+    """Wall seconds of one client process (start to exit) and its output (kept in `log`)."""
+    seconds = run_client(cmd, log, timeout)
+    return seconds, log.read_text(errors="replace")
 
 
 WRONG: list[str] = []   # answers with a wrong number of matches: reported, not fatal
@@ -613,7 +562,7 @@ def _identifier_keys(q: Query) -> dict[str, str]:
     return keys
 
 
-def findscu(port: int, q: Query, runs: int) -> dict[str, float]:
+def findscu(port: int, q: Query, runs: int, log: Path) -> dict[str, float]:
     cmd = [tool("findscu"), "-v", "-S", "-aet", "BENCH", "-aec", PACSD_AET,
            "-k", f"QueryRetrieveLevel={q.level}"]
     for k, v in _identifier_keys(q).items():
@@ -621,7 +570,7 @@ def findscu(port: int, q: Query, runs: int) -> dict[str, float]:
     cmd += [LOCAL, str(port)]
     times = []
     for _ in range(runs):
-        seconds, out = timed_run(cmd)
+        seconds, out = timed_run(cmd, log)
         got = out.count("(Pending)")
         if got != q.expected:
             wrong(f"findscu {q.label}: {got} match(es), expected {q.expected}")
@@ -631,14 +580,11 @@ def findscu(port: int, q: Query, runs: int) -> dict[str, float]:
 
 def pynetdicom_find(port: int, qs: list[Query], runs: int) -> dict[str, dict[str, float]]:
     """Each query `runs` times on one open association (the client's own time included)."""
-    import socket
-
     from pydicom.dataset import Dataset
     from pynetdicom import AE, evt
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND  # type: ignore[attr-defined]
 
-    def nodelay(event: Any) -> None:   # else each small PDU waits for a delayed ACK
-        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    from pacsd.remote import nodelay  # else each small PDU waits for a delayed ACK
 
     ae = AE(ae_title="BENCH")
     ae.add_requested_context(FIND)
@@ -733,7 +679,7 @@ def store_once(server: Pacsd, images: Path, n: int) -> float:
     os.sync()   # the previous run's (and the index copy's) write-back stays out of this one
     seconds, out = timed_run([tool("storescu"), "-aet", "BENCH", "-aec", PACSD_AET, "+sd", "+r",
                               "+sp", "*.dcm", LOCAL, str(server.port), str(images)],
-                             timeout=900)
+                             server.log.with_name(f"{server.name}-storescu.log"), timeout=900)
     got = server.stored()
     if got != n:
         raise BenchError(f"pacsd {server.name} stored {got} of {n} images:\n{out[-1500:]}")
@@ -770,7 +716,8 @@ def bench(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
             f"C-FIND with findscu, {args.runs} run(s) per query")
         res["findscu"] = {}
         for q in qs:
-            res["findscu"][q.name] = findscu(big.port, q, args.runs)
+            res["findscu"][q.name] = findscu(big.port, q, args.runs,
+                                              run_dir / f"findscu-{q.name}.log")
         say("C-FIND with pynetdicom on one association")
         res["pynetdicom"] = pynetdicom_find(big.port, qs, args.runs)
         say("QIDO-RS on one keep-alive session")
@@ -786,7 +733,8 @@ def bench(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
                                                                args.status_runs)
         say("pacsd status (the CLI: its own process, C-ECHO, Index.counts)")
         times = [timed_run([sys.executable, "-m", "pacsd", "status", "--config",
-                            str(big.config)])[0] for _ in range(args.status_runs)]
+                            str(big.config)], run_dir / "pacsd-status.log")[0]
+                 for _ in range(args.status_runs)]
         res["status"]["pacsd status big"] = stats(times)
     finally:
         big.stop()
@@ -905,11 +853,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
 
-    def stop_all() -> None:
-        for p in LIVE.copy():
-            stop_process(p, grace=10)
     return run_bench(args.workdir, args.keep, "run-scale", lambda run_dir: bench(args, run_dir),
-                     report, stop_all)
+                     report, PROCS.stop_all)
 
 
 if __name__ == "__main__":
