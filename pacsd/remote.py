@@ -127,6 +127,12 @@ def nodelay(event: Event) -> None:
         pass
 
 
+# How every association of ours is set up, accepted or requested: Nagle off, and pynetdicom's
+# loops waiting for work instead of polling (pacsd.pace).
+CONNECTION_HANDLERS: list[Any] = [(evt.EVT_CONN_OPEN, nodelay), (evt.EVT_CONN_OPEN, brisk),
+                                  (evt.EVT_CONN_CLOSE, settle)]
+
+
 def move_contexts(insts: list[query.StoredInstance]) -> list[PresentationContext]:
     """Contexts to propose to a C-MOVE destination: each stored (class, syntax) as it is, and for
     each class the uncompressed syntaxes pynetdicom can convert to."""
@@ -171,8 +177,7 @@ def _associate(ae: AE, node: Node, contexts: list[PresentationContext],
                tls: tuple[ssl.SSLContext, str | None] | None = None) -> Association:
     ae.requested_contexts = contexts
     assoc = ae.associate(node.host, node.port, ae_title=node.aet, tls_args=tls,  # type: ignore[arg-type]  # None is passed on to wrap_socket
-                         evt_handlers=[(evt.EVT_CONN_OPEN, nodelay), (evt.EVT_CONN_OPEN, brisk),
-                                       (evt.EVT_CONN_CLOSE, settle)] + list(handlers or []))
+                         evt_handlers=CONNECTION_HANDLERS + list(handlers or []))
     if not assoc.is_established:
         ae.shutdown()
         raise RemoteError(f"{node.name or node.aet} ({node.aet}@{node.host}:{node.port}) did "

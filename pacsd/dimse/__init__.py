@@ -37,8 +37,7 @@ from pacsd.dimse.find import handle_find
 from pacsd.dimse.limits import bound_pdus
 from pacsd.dimse.listener import Listener, tls_context
 from pacsd.dimse.retrieve import handle_get, handle_move
-from pacsd.pace import brisk, settle
-from pacsd.remote import nodelay
+from pacsd.remote import CONNECTION_HANDLERS
 from pacsd.dimse.store import handle_store
 from pacsd.errors import PortInUse
 
@@ -160,9 +159,7 @@ class DicomServer:
     def start(self) -> None:
         archive = self.archive
         handlers: list[Any] = [
-            (evt.EVT_CONN_OPEN, nodelay),
-            (evt.EVT_CONN_OPEN, brisk),
-            (evt.EVT_CONN_CLOSE, settle),
+            *CONNECTION_HANDLERS,
             (evt.EVT_CONN_OPEN, partial(bound_pdus, max_pdu=self.cfg.dicom_max_pdu)),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, self._on_store),

@@ -21,8 +21,7 @@ from pacsd import query
 from pacsd.directory import Directory
 from pacsd.dimse.find import Cancelled, parse_identifier
 from pacsd.index import Index
-from pacsd.pace import brisk, settle
-from pacsd.remote import move_contexts, nodelay, send_stored, stored_ref
+from pacsd.remote import CONNECTION_HANDLERS, move_contexts, send_stored, stored_ref
 from pacsd.store import Store
 
 log = logging.getLogger(__name__)
@@ -87,8 +86,7 @@ def handle_move(event: Event, directory: Directory, index: Index, store: Store
     yield node.host, node.port, {
         "ae_title": node.aet,
         "contexts": move_contexts(insts) or None,
-        "evt_handlers": [(evt.EVT_CONN_OPEN, nodelay), (evt.EVT_CONN_OPEN, brisk),
-                         (evt.EVT_CONN_CLOSE, settle), (evt.EVT_ACCEPTED, on_accepted)],
+        "evt_handlers": [*CONNECTION_HANDLERS, (evt.EVT_ACCEPTED, on_accepted)],
     }
     yield len(insts)
     yield from _send(event, insts, store, f"C-MOVE to {node.aet}")
