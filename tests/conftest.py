@@ -339,7 +339,15 @@ class EnginePage:
         deadline = time.monotonic() + timeout
         value = None
         while time.monotonic() < deadline:
-            value = self.js(script)
+            try:
+                value = self.js(script)
+            except Exception as exc:
+                # A click that navigates can unload the page while the script runs; every
+                # engine says so with "unload" (WebKit: "Callback was not called before the
+                # unload event", Gecko: "Document was unloaded"). The next poll sees the new page.
+                if "unload" not in str(exc):
+                    raise
+                value = None
             if value:
                 return value
             time.sleep(0.1)
