@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
+from pacsd import backends
 from pacsd.errors import ConfigError
 
 CONFIG_FILE_NAME = "pacsd.toml"
@@ -73,9 +74,8 @@ def _aet_list(value: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _index_url(value: str) -> str:
-    if value and not value.startswith("sqlite:///"):
-        # PostgreSQL arrives with the scale-out work; refuse clearly rather than half-work.
-        raise ValueError(f"{value!r}: only sqlite:///PATH index URLs are supported in this version")
+    if value:
+        backends.kind(value)   # ValueError: what a good URL looks like
     return value
 
 
@@ -107,6 +107,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server", "data", str, DEFAULT_DATA,
             "The server's own folder: pidfile, logs, lock, the SQLite index by default, and the "
             "images unless [storage] path is set.", None, "--data"),
+    Setting("server", "housekeeping_interval", float, 3600.0,
+            "Seconds between two rounds of housekeeping (temporary files left by a node that "
+            "died). Of the nodes sharing an index, one at a time does it.", _positive),
     Setting("dicom", "aet", str, "PACSD", "This server's AE title.", valid_aet, "--aet"),
     Setting("dicom", "port", int, 11112, "DICOM listening port (0: any free port).", _port,
             "--dicom-port"),
@@ -162,7 +165,14 @@ SETTINGS: tuple[Setting, ...] = (
             "A second copy of a stored SOP Instance UID replaces the first (default: keep the "
             "first, answer Success, log it)."),
     Setting("index", "url", str, "",
-            "Index database URL; empty means sqlite:///DATA/index.sqlite3.", _index_url),
+            "Index database URL; empty means sqlite:///DATA/index.sqlite3. Several nodes share "
+            "one PostgreSQL index: postgresql://USER:PASSWORD@HOST:PORT/DATABASE.", _index_url),
+    Setting("index", "pool_size", int, 20,
+            "PostgreSQL: connections this node keeps at most (requests wait for a free one).",
+            _range(2, 1000)),
+    Setting("index", "auto_migrate", bool, True,
+            "Bring the index's schema up to date at start-up; false: refuse to start until "
+            "`pacsd migrate` has been run (for clusters upgraded node by node)."),
     Setting("log", "level", str, "INFO", "DEBUG, INFO, WARNING or ERROR.", _log_level),
     Setting("log", "file", str, "",
             "Log file; empty means DATA/pacsd.log. '-' logs to standard error only.", None),
@@ -242,6 +252,9 @@ class Config:
     index_url: str
     log_level: str
     log_file: str
+    index_pool_size: int = 20
+    index_auto_migrate: bool = True
+    housekeeping_interval: float = 3600.0
     dicom_check_peer_address: bool = False
     dicom_tls_cert: str = ""
     dicom_tls_key: str = ""
@@ -282,8 +295,18 @@ class Config:
         return self.data / "pacsd.json"
 
     @property
+    def index_is_sqlite(self) -> bool:
+        return backends.kind(self.index_url) == backends.SQLITE
+
+    @property
     def index_path(self) -> Path:
-        return Path(self.index_url[len("sqlite:///"):])
+        """The SQLite index file (only when index_is_sqlite)."""
+        return backends.sqlite_path(self.index_url)
+
+    @property
+    def index_label(self) -> str:
+        """The index as logs and status show it: its file, or its URL without the password."""
+        return str(self.index_path) if self.index_is_sqlite else backends.redacted(self.index_url)
 
     @property
     def log_path(self) -> Path | None:
@@ -471,6 +494,7 @@ def load(path: Path | str | None = None, env: Mapping[str, str] | None = None,
     flat = {f"{sec}_{key}": v for (sec, key), v in values.items() if sec != "server"}
     flat["storage_path"] = Path(storage).expanduser().absolute() if storage else data / "storage"
     flat["index_url"] = index_url
+    flat["housekeeping_interval"] = values[("server", "housekeeping_interval")]
     if (flat["http_cert"] == "") != (flat["http_key"] == ""):
         raise ConfigError("[http] cert and key: set both for HTTPS, or neither")
     if (flat["dicom_tls_cert"] == "") != (flat["dicom_tls_key"] == ""):

@@ -2,8 +2,10 @@
 
 Start: take an exclusive lock on the data folder (two servers on one SQLite index must never
 run) -> if a pidfile is there, the previous run did not stop cleanly: note when it began ->
-write our pidfile -> open the store (drop temporary files) and the index -> index the files an
-unclean run wrote but did not commit -> open the listeners -> write pacsd.json (pid, ports).
+write our pidfile -> our node id (DATA/node-id) -> open the store (drop our temporary files) and
+the index (migrating its schema) -> index the files an unclean run wrote but did not commit ->
+housekeeping (pacsd.chores) -> open the listeners -> write pacsd.json (pid, ports, node).
+Several nodes may share one PostgreSQL index and one storage folder, each with its own DATA.
 Stop (SIGTERM/SIGINT): stop accepting, let associations finish within a bound, flush the index
 writer, and only then remove the pidfile and pacsd.json. SIGUSR1 dumps every thread's stack.
 Under systemd (Type=notify, pacsd/systemd.py) `pacsd serve` says READY=1 once both listeners
@@ -17,7 +19,10 @@ import fcntl
 import json
 import logging
 import os
+import re
+import secrets
 import signal
+import socket
 import sys
 import threading
 import time
@@ -26,6 +31,7 @@ from typing import Any
 
 from pacsd import __version__, systemd
 from pacsd.archive import Archive
+from pacsd.chores import Chores
 from pacsd.config import Config
 from pacsd.dimse import DicomServer
 from pacsd.directory import Directory
@@ -71,6 +77,23 @@ def lock_data_folder(data: Path) -> int:
     return fd
 
 
+def node_id(data: Path) -> str:
+    """This node's name among those sharing an index and a storage volume: the host name and a
+    random tag made once per data folder (two nodes may run on one host), kept in DATA/node-id.
+    Safe as a folder name."""
+    path = data / "node-id"
+    try:
+        name = path.read_text().strip()
+        if re.fullmatch(r"[A-Za-z0-9._-]{1,64}", name):
+            return name
+    except OSError:
+        pass
+    host = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname())[:40] or "node"
+    name = f"{host}-{secrets.token_hex(4)}"
+    write_atomic(path, name + "\n")
+    return name
+
+
 class Server:
     """The whole server in one object, for `pacsd serve` and for tests (in-process)."""
 
@@ -79,6 +102,8 @@ class Server:
         self.started = 0.0
         self._lock_fd: int | None = None
         self.index: Index | None = None
+        self.node = ""
+        self.chores: Chores | None = None
         self.dicom: DicomServer | None = None
         self.http: HttpServer | None = None
         self.runtime: Runtime | None = None
@@ -108,14 +133,17 @@ class Server:
             unclean_since = self._previous_run()
             self.started = time.time()
             write_atomic(cfg.pidfile, f"{os.getpid()}\n")
-            store = Store(cfg.storage_path, cfg.storage_min_free_mb)
+            self.node = node_id(cfg.data)
+            store = Store(cfg.storage_path, cfg.storage_min_free_mb, node=self.node)
             store.open()
-            self.index = Index(cfg.index_url).open()
+            self.index = Index(cfg.index_url, node=self.node, pool_size=cfg.index_pool_size,
+                               auto_migrate=cfg.index_auto_migrate).open()
             archive = Archive(store, self.index, overwrite=cfg.storage_overwrite)
             directory = Directory(cfg, self.index).open()
             if unclean_since is not None:
                 log.warning("the previous run did not stop cleanly; checking the files it wrote")
                 archive.recover(since=unclean_since - 60)
+            self.chores = Chores(self.index, store, cfg.housekeeping_interval).start()
             self.dicom = DicomServer(cfg, archive, directory)
             self.dicom.start()
             dicom = self.dicom
@@ -128,13 +156,15 @@ class Server:
                 "aet": cfg.dicom_aet, "dicom_bind": cfg.dicom_bind, "dicom_port": self.dicom_port,
                 "http_bind": cfg.http_bind, "http_port": self.http.port,
                 "http_scheme": self.http.scheme,
-                "storage": str(cfg.storage_path), "index": cfg.index_url}, indent=1))
+                "storage": str(cfg.storage_path), "index": cfg.index_label,
+                "node": self.node}, indent=1))
         except BaseException:
             self.stop()
             raise
-        log.info("pacsd %s ready: %s on DICOM port %d, HTTP port %d, storage %s", __version__,
-                 cfg.dicom_aet, self.dicom_port, self.http.port if self.http else 0,
-                 cfg.storage_path)
+        log.info("pacsd %s ready: %s on DICOM port %d, HTTP port %d, storage %s, index %s "
+                 "(node %s)", __version__, cfg.dicom_aet, self.dicom_port,
+                 self.http.port if self.http else 0, cfg.storage_path, cfg.index_label,
+                 self.node)
         return self
 
     def _previous_run(self) -> float | None:
@@ -155,6 +185,9 @@ class Server:
         if self.dicom is not None:
             self.dicom.stop()
             self.dicom = None
+        if self.chores is not None:
+            self.chores.stop()
+            self.chores = None
         if self.index is not None:
             flushed = self.index.close()   # flushes the writer queue first
             self.index = None
@@ -243,10 +276,10 @@ class Server:
         try:
             index.probe(timeout=timeout)   # a read and a write through the one index writer
         except TimeoutError:
-            return (f"the index {self.cfg.index_path} did not take a test write within "
+            return (f"the index {self.cfg.index_label} did not take a test write within "
                     f"{timeout:g} s (locked by another program, or the disk is stuck)")
         except IndexUnavailable as e:
-            return f"the index {self.cfg.index_path} is unavailable: {e}"
+            return f"the index {self.cfg.index_label} is unavailable: {e}"
         return None
 
 

@@ -16,33 +16,14 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from peewee import BooleanField, CharField, IntegerField
 
 from pacsd.config import Config, Node, User, node_from
 from pacsd.errors import PacsError
-from pacsd.index import BaseModel, Index, database
+from pacsd.index import Index
+from pacsd.models import NodeRow, UserRow, reading
 
 CONFIG, ADMIN = "config", "admin"
 REFRESH_S = 5.0
-
-
-class NodeRow(BaseModel):
-    name = CharField(primary_key=True, max_length=64)
-    aet = CharField(max_length=16, unique=True)
-    host = CharField(max_length=255)
-    port = IntegerField()
-
-    class Meta:
-        table_name = "pacsd_node"
-
-
-class UserRow(BaseModel):
-    name = CharField(primary_key=True, max_length=64)
-    password_hash = CharField(max_length=255)
-    admin = BooleanField(default=False)
-
-    class Meta:
-        table_name = "pacsd_user"
 
 
 class DirectoryError(PacsError):
@@ -75,15 +56,13 @@ class Directory:
         self._lock = threading.Lock()
 
     def open(self) -> "Directory":
-        with database.connection_context():
-            database.create_tables([NodeRow, UserRow], safe=True)
         self._reload()
         return self
 
     # --- reading ------------------------------------------------------------------------------
 
     def _reload(self) -> Snapshot:
-        with database.connection_context():
+        with reading():
             rows = list(NodeRow.select().order_by(NodeRow.name))
             user_rows = list(UserRow.select().order_by(UserRow.name))
         nodes = [(n, CONFIG) for n in self.cfg.nodes]

@@ -1,222 +1,138 @@
-"""The index: peewee models Patient / Study / Series / Instance and the one serialized writer.
+"""The index: the one serialized writer over the tables of pacsd.models, and the reads that
+are not queries (counts, paths, health).
 
-Everything C-FIND and QIDO-RS match or return lives here, so no query opens a file. The models
-sit behind a DatabaseProxy; `Index.open` binds it to SQLite (WAL, synchronous=FULL, a busy
-timeout). One process has one open Index.
+`Index.open` binds the models to the database `[index] url` names (pacsd.backends: SQLite by
+default, PostgreSQL for several nodes) and brings its schema up to date (pacsd.migrations).
 
 Writes go through a single writer thread that commits whatever is queued in one transaction
 (group commit): many associations share one fsync of the database, and SQLite never sees two
 writers from this process. `Index.add` returns only once the row is committed.
+
+Several nodes may share one PostgreSQL index, so nothing here relies on being alone:
+- rows are created with INSERT ... ON CONFLICT DO NOTHING and read back, so two nodes storing
+  the same SOP Instance (or the first images of one series) at once make one row;
+- counters are added up per batch and applied at its end in id order, so that two nodes'
+  batches touching the same studies lock them in the same order;
+- a batch that meets a deadlock or a lost connection is run again: every item is idempotent
+  (an instance already indexed under the same path is ours, not a duplicate);
+- the series cache only saves look-ups and is dropped on any error;
+- leases in the database decide which node runs a must-run-once job.
 """
 
 from __future__ import annotations
 
 import logging
-import re
+import os
 import queue
-import sqlite3
-import sys
+import socket
 import threading
 import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
-from dataclasses import dataclass
-from pathlib import Path
-from contextlib import AbstractContextManager, contextmanager
-from typing import Any, Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import Any
 
-from peewee import (AutoField, CharField, DatabaseProxy, DateTimeField, ForeignKeyField,
-                    IntegerField, Model, SqliteDatabase, fn)
+from peewee import fn
 
+from pacsd import backends, migrations
 from pacsd.errors import IndexUnavailable
 from pacsd.header import Record
+from pacsd.models import (
+    INSTANCE_FIELDS,
+    PATIENT_FIELDS,
+    SERIES_FIELDS,
+    STUDY_FIELDS,
+    Instance,
+    Meta_,
+    Patient,
+    Series,
+    Study,
+    database,
+    name_key,
+    reading,
+    starts_with,
+)
 
 log = logging.getLogger(__name__)
 
-database = DatabaseProxy()
-SCHEMA_VERSION = 1
-
-
-class BaseModel(Model):
-    class Meta:
-        database = database
-        legacy_table_names = False
-
-
-class Patient(BaseModel):
-    id = AutoField()
-    patient_id = CharField(max_length=64, index=True)
-    issuer_of_patient_id = CharField(max_length=64, default="", index=True)
-    patient_name = CharField(max_length=324, default="")
-    # Upper-cased copy for case-insensitive person name matching (PS3.4 C.2.2.2.1).
-    patient_name_key = CharField(max_length=324, default="", index=True)
-    patient_birth_date = CharField(max_length=18, default="", index=True)
-    patient_sex = CharField(max_length=16, default="", index=True)
-    number_of_studies = IntegerField(default=0)
-    number_of_series = IntegerField(default=0)
-    number_of_instances = IntegerField(default=0)
-
-    class Meta:
-        indexes = ((("patient_id", "issuer_of_patient_id"), True),)
-
-
-class Study(BaseModel):
-    id = AutoField()
-    patient = ForeignKeyField(Patient, backref="studies", index=True)
-    study_instance_uid = CharField(max_length=64, unique=True)
-    study_date = CharField(max_length=18, default="", index=True)
-    study_time = CharField(max_length=28, default="", index=True)
-    accession_number = CharField(max_length=64, default="", index=True)
-    study_id = CharField(max_length=16, default="", index=True)
-    study_description = CharField(max_length=64, default="", index=True)
-    referring_physician_name = CharField(max_length=324, default="")
-    referring_physician_name_key = CharField(max_length=324, default="", index=True)
-    institution_name = CharField(max_length=64, default="", index=True)
-    patient_age = CharField(max_length=4, default="", index=True)
-    specific_character_set = CharField(max_length=200, default="")
-    modalities_in_study = CharField(max_length=200, default="")
-    number_of_series = IntegerField(default=0)
-    number_of_instances = IntegerField(default=0)
-    created = DateTimeField(default=lambda: time.strftime("%Y-%m-%d %H:%M:%S"), index=True)
-
-
-class Series(BaseModel):
-    id = AutoField()
-    study = ForeignKeyField(Study, backref="series", index=True)
-    series_instance_uid = CharField(max_length=64, unique=True)
-    modality = CharField(max_length=16, default="", index=True)
-    series_number = IntegerField(null=True, index=True)
-    series_description = CharField(max_length=64, default="", index=True)
-    series_date = CharField(max_length=18, default="", index=True)
-    series_time = CharField(max_length=28, default="", index=True)
-    body_part_examined = CharField(max_length=16, default="", index=True)
-    protocol_name = CharField(max_length=64, default="", index=True)
-    station_name = CharField(max_length=16, default="", index=True)
-    number_of_instances = IntegerField(default=0)
-
-    class Meta:
-        indexes = ((("study", "modality"), False),)
-
-
-class Instance(BaseModel):
-    id = AutoField()
-    series = ForeignKeyField(Series, backref="instances", index=True)
-    sop_instance_uid = CharField(max_length=64, unique=True)
-    sop_class_uid = CharField(max_length=64, index=True)
-    instance_number = IntegerField(null=True, index=True)
-    content_date = CharField(max_length=18, default="", index=True)
-    content_time = CharField(max_length=28, default="", index=True)
-    acquisition_number = IntegerField(null=True, index=True)
-    number_of_frames = IntegerField(null=True)
-    rows = IntegerField(null=True)
-    columns = IntegerField(null=True)
-    transfer_syntax_uid = CharField(max_length=64)
-    path = CharField(max_length=255, unique=True)   # relative to the storage root
-    size = IntegerField()
-    calling_aet = CharField(max_length=16, default="")
-    received = DateTimeField(default=lambda: time.strftime("%Y-%m-%d %H:%M:%S"), index=True)
-
-
-class Meta_(BaseModel):
-    """Key/value facts about the index itself (schema version)."""
-
-    key = CharField(primary_key=True, max_length=64)
-    value = CharField(max_length=255)
-
-    class Meta:
-        table_name = "pacsd_meta"
-
-
-MODELS = (Patient, Study, Series, Instance, Meta_)
-
-_PATIENT = ("patient_name", "patient_birth_date", "patient_sex")
-_STUDY = ("study_date", "study_time", "accession_number", "study_id", "study_description",
-          "referring_physician_name", "institution_name", "patient_age",
-          "specific_character_set")
-_SERIES = ("modality", "series_number", "series_description", "series_date", "series_time",
-           "body_part_examined", "protocol_name", "station_name")
-_INSTANCE = ("sop_class_uid", "instance_number", "content_date", "content_time",
-             "acquisition_number", "number_of_frames", "rows", "columns")
-
-
-def name_key(name: str) -> str:
-    """Upper case, without the empty trailing components that some modalities send
-    ("DOE^JOHN^^^" matches "Doe^John")."""
-    return re.sub(r"[\^ ]+(?=(=|$))", "", name.upper())
+ATTEMPTS = 5   # tries of one batch that met a deadlock or a lost connection
 
 
 @dataclass
 class Added:
-    """What `Index.add` did: `duplicate` is True when the instance was already indexed (and the
-    new file should be dropped); `replaced_path` names an old file to delete after overwrite."""
+    """What `Index.add` did: `duplicate` is True when the instance was already indexed under
+    another file (the new file should be dropped); `replaced_path` names an old file to delete
+    after an overwrite."""
 
     duplicate: bool = False
     replaced_path: str | None = None
 
 
-def _sqlite(path: Path) -> SqliteDatabase:
-    pragmas: dict[str, Any] = {
-        "journal_mode": "wal",
-        "synchronous": 2,          # FULL: a commit is on disk before it returns
-        "busy_timeout": 30000,
-        "foreign_keys": 1,
-        "cache_size": -32768,      # 32 MiB
-        "temp_store": "memory",
-    }
-    if sys.platform == "darwin":
-        pragmas["fullfsync"] = 1
-        pragmas["checkpoint_fullfsync"] = 1
-    # check_same_thread=False: the writer hands rows around; each thread still gets its own
-    # connection from peewee.
-    return SqliteDatabase(str(path), pragmas=pragmas, check_same_thread=False, timeout=30)
+@dataclass
+class _Counters:
+    """One batch's additions to the counters (PS3.4 C.3.4 Number of ... Related ...), applied
+    at the end of the batch in id order."""
 
+    series: dict[int, int] = field(default_factory=dict)
+    # study id -> [instances, series, modalities of its new series]
+    studies: dict[int, list[Any]] = field(default_factory=dict)
+    # patient id -> [instances, series, studies]
+    patients: dict[int, list[int]] = field(default_factory=dict)
 
-@contextmanager
-def reading() -> Iterator[None]:
-    """Make sure this thread has a connection, and keep it for the thread's next request:
-    HTTP workers and association threads serve many requests, and opening SQLite with its
-    pragmas costs more than a small query (a fifth of a viewer's frame request). Outside a
-    transaction the connection holds no snapshot, so it never holds back a checkpoint; it is
-    closed when its thread ends."""
-    database.connect(reuse_if_open=True)
-    yield
+    def count(self, series_id: int, study_id: int, patient_id: int, new_series: bool,
+              new_study: bool, modality: str) -> None:
+        self.series[series_id] = self.series.get(series_id, 0) + 1
+        st = self.studies.setdefault(study_id, [0, 0, []])
+        st[0] += 1
+        st[1] += int(new_series)
+        if new_series and modality and modality not in st[2]:
+            st[2].append(modality)
+        pt = self.patients.setdefault(patient_id, [0, 0, 0])
+        pt[0] += 1
+        pt[1] += int(new_series)
+        pt[2] += int(new_study)
 
 
 class Index:
-    def __init__(self, url: str) -> None:
-        if not url.startswith("sqlite:///"):
-            raise IndexUnavailable(f"unsupported index URL {url!r}")
+    def __init__(self, url: str, *, node: str = "", pool_size: int = 20,
+                 auto_migrate: bool = True) -> None:
         self.url = url
-        self.path = Path(url[len("sqlite:///"):])
+        self.backend = backends.kind(url)
+        self.label = str(backends.sqlite_path(url)) if self.backend == backends.SQLITE \
+            else backends.redacted(url)
+        # Who we are in leases and health probes; unique among the nodes of one index.
+        self.node = node or f"{socket.gethostname()}:{os.getpid()}"
+        self.pool_size = pool_size
+        self.auto_migrate = auto_migrate
         self._queue: queue.Queue[tuple[Callable[[], Any], Future] | None] = queue.Queue()
         self._writer: threading.Thread | None = None
         # series UID -> (series, study, patient) ids; touched only by the thread that writes.
         self._cache: dict[str, tuple[int, int, int]] = {}
+        self._counters = _Counters()
         self.commits = 0   # transactions committed by the writer (group commit shows here)
+        self.retries = 0   # batches run again after a deadlock or a lost connection
 
     # --- life cycle -------------------------------------------------------------------------
 
-    def open(self, writer: bool = True) -> "Index":
+    def open(self, writer: bool = True) -> Index:
         if database.obj is not None:
             raise IndexUnavailable("an index is already open in this process")
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            db = _sqlite(self.path)
-            database.initialize(db)
+            if self.backend == backends.SQLITE:
+                backends.sqlite_path(self.url).parent.mkdir(parents=True, exist_ok=True)
+            database.initialize(backends.connect(self.url, self.pool_size))
             with database.connection_context():
-                database.create_tables(MODELS, safe=True)
-                version = Meta_.get_or_none(Meta_.key == "schema_version")
-                if version is None:
-                    Meta_.create(key="schema_version", value=str(SCHEMA_VERSION))
-                elif int(version.value) > SCHEMA_VERSION:
-                    raise IndexUnavailable(
-                        f"index {self.path} has schema {version.value}, newer than this pacsd "
-                        f"({SCHEMA_VERSION}); upgrade pacsd")
+                if self.auto_migrate or not migrations.version(database.obj):
+                    migrations.upgrade(database.obj, self.label)
+                else:
+                    migrations.check(database.obj, self.label)
         except IndexUnavailable:
             database.initialize(None)
             raise
-        except (sqlite3.Error, OSError, Exception) as e:
+        except Exception as e:  # noqa: BLE001 - any driver error: say which index, and why
             database.initialize(None)
-            raise IndexUnavailable(f"cannot open index {self.path}: {e}") from None
+            raise IndexUnavailable(f"cannot open index {self.label}: {e}") from None
         if writer:
             self._writer = threading.Thread(target=self._write_loop, name="index-writer",
                                             daemon=True)
@@ -236,6 +152,9 @@ class Index:
         if database.obj is not None:
             if not database.is_closed():
                 database.close()
+            close_all = getattr(database.obj, "close_all", None)
+            if close_all is not None:
+                close_all()   # the pool's idle connections
             database.initialize(None)
         return flushed
 
@@ -248,9 +167,11 @@ class Index:
         """Run `work` inside the writer's next transaction; return its result once committed."""
         if self._writer is None:
             # No writer thread (one-shot CLI commands): run it in a transaction of our own.
-            with database.connection_context():
-                with database.atomic():
-                    return work()
+            with database.connection_context(), database.atomic():
+                self._counters = _Counters()
+                result = work()
+                self._apply_counters()
+                return result
         if not self._writer.is_alive():
             raise IndexUnavailable("the index writer has stopped; see the log")
         fut: Future = Future()
@@ -258,11 +179,6 @@ class Index:
         return fut.result(timeout=timeout)
 
     def _write_loop(self) -> None:
-        try:
-            database.connect(reuse_if_open=True)
-        except Exception as e:
-            log.critical("the index writer cannot connect to %s: %s", self.path, e)
-            return
         try:
             while True:
                 item = self._queue.get()
@@ -283,32 +199,95 @@ class Index:
                 if stop:
                     return
         finally:
-            database.close()
+            if not database.is_closed():
+                database.close()
 
     def _commit(self, batch: list[tuple[Callable[[], Any], Future]]) -> None:
-        results: list[tuple[Future, Any, BaseException | None]] = []
-        try:
-            with database.atomic():
-                for work, fut in batch:
-                    try:
-                        with database.atomic():   # a savepoint: one bad item spoils no other
-                            results.append((fut, work(), None))
-                    except Exception as e:  # noqa: BLE001 - handed back to the caller
-                        self._cache.clear()   # it may name rows the savepoint rolled back
-                        results.append((fut, None, e))
-        except Exception as e:  # the commit itself failed: nothing in the batch is durable
-            self._cache.clear()
-            log.error("index commit of %d item(s) failed: %s", len(batch), e)
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(IndexUnavailable(f"index commit failed: {e}"))
-            return
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                if database.is_closed():
+                    database.connect()
+                results = self._run(batch)
+                break
+            except Exception as e:  # noqa: BLE001 - the commit failed: nothing is durable
+                self._cache.clear()
+                if attempt < ATTEMPTS and backends.is_retryable(e):
+                    self.retries += 1
+                    log.info("index batch of %d item(s) meets %s; running it again",
+                             len(batch), str(e).strip().splitlines()[0][:200])
+                    self._drop_connection()
+                    time.sleep(0.05 * attempt * attempt)   # at most 1.5 s in all
+                    continue
+                log.error("index commit of %d item(s) failed: %s", len(batch), e)
+                self._drop_connection()
+                for _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(IndexUnavailable(f"index commit failed: {e}"))
+                return
         self.commits += 1
         for fut, value, error in results:
             if error is not None:
                 fut.set_exception(error)
             else:
                 fut.set_result(value)
+
+    def _run(self, batch: list[tuple[Callable[[], Any], Future]]
+             ) -> list[tuple[Future, Any, BaseException | None]]:
+        """One transaction: every item in a savepoint of its own, then the counters."""
+        results: list[tuple[Future, Any, BaseException | None]] = []
+        self._counters = _Counters()
+        with database.atomic():
+            for work, fut in batch:
+                try:
+                    with database.atomic():   # a savepoint: one bad item spoils no other
+                        results.append((fut, work(), None))
+                except Exception as e:
+                    if backends.is_retryable(e):
+                        raise   # the whole transaction is spoilt: run the batch again
+                    self._cache.clear()   # it may name rows the savepoint rolled back
+                    results.append((fut, None, e))
+            self._apply_counters()
+        return results
+
+    def _drop_connection(self) -> None:
+        """After a failed transaction: a broken connection is closed, so the next batch takes
+        a fresh one."""
+        try:
+            if not database.is_closed() and not database.is_connection_usable():
+                database.close()
+        except Exception:  # noqa: BLE001 - it is being thrown away
+            pass
+
+    def _apply_counters(self) -> None:
+        """Add the batch's counts, locking rows in id order: series, studies, patients."""
+        c, db = self._counters, database.obj
+        p = db.param
+        for sid in sorted(c.series):
+            db.execute_sql("UPDATE series SET number_of_instances = number_of_instances + "
+                           f"{p} WHERE id = {p}", (c.series[sid], sid))
+        lock = " FOR UPDATE" if self.backend == backends.POSTGRESQL else ""
+        for sid in sorted(c.studies):
+            n_inst, n_series, mods = c.studies[sid]
+            if mods:
+                row = db.execute_sql(f"SELECT modalities_in_study FROM study WHERE id = {p}"
+                                     f"{lock}", (sid,)).fetchone()
+                known = [m for m in (row[0] if row else "").split("\\") if m]
+                merged = "\\".join(known + [m for m in mods if m not in known])
+                db.execute_sql("UPDATE study SET number_of_instances = number_of_instances + "
+                               f"{p}, number_of_series = number_of_series + {p}, "
+                               f"modalities_in_study = {p} WHERE id = {p}",
+                               (n_inst, n_series, merged, sid))
+            else:
+                db.execute_sql("UPDATE study SET number_of_instances = number_of_instances + "
+                               f"{p}, number_of_series = number_of_series + {p} WHERE id = {p}",
+                               (n_inst, n_series, sid))
+        for pid in sorted(c.patients):
+            n_inst, n_series, n_studies = c.patients[pid]
+            db.execute_sql("UPDATE patient SET number_of_instances = number_of_instances + "
+                           f"{p}, number_of_series = number_of_series + {p}, "
+                           f"number_of_studies = number_of_studies + {p} WHERE id = {p}",
+                           (n_inst, n_series, n_studies, pid))
+        self._counters = _Counters()
 
     # --- writes -----------------------------------------------------------------------------
 
@@ -320,6 +299,8 @@ class Index:
 
     def add_many(self, items: Iterable[tuple[Record, str, int, str]]) -> int:
         """Index several instances in one transaction (reindex, recovery). Duplicates skipped."""
+        items = list(items)
+
         def work() -> int:
             n = 0
             for record, path, size, ts in items:
@@ -328,36 +309,75 @@ class Index:
             return n
         return self.submit(work)
 
+    def _insert(self, table: str, values: dict[str, Any], conflict: str) -> int | None:
+        """INSERT a row unless one with the same unique key exists (maybe another node's, just
+        committed); its id, or None when it existed."""
+        db = database.obj
+        p = db.param
+        row = db.execute_sql(
+            f"INSERT INTO {table} ({', '.join(values)}) VALUES "
+            f"({', '.join([p] * len(values))}) ON CONFLICT ({conflict}) DO NOTHING RETURNING id",
+            tuple(values.values())).fetchone()
+        return None if row is None else row[0]
+
+    def _row(self, sql: str, params: tuple) -> tuple:
+        """A row that must exist (the INSERT met it); gone only if deleted meanwhile."""
+        row = database.obj.execute_sql(sql, params).fetchone()
+        if row is None:
+            raise IndexUnavailable("a row was deleted while it was being indexed; try again")
+        return tuple(row)
+
     def _series_ids(self, v: dict[str, Any]) -> tuple[int, int, int, bool, bool]:
         """(series, study, patient) row ids for a record, creating rows as needed; plus whether
-        the series and the study are new. Cached: rows are only ever added while we run."""
+        the series and the study are new. Cached: a known series costs no statement."""
         uid = v["series_instance_uid"]
         hit = self._cache.get(uid)
         if hit is not None:
             return (*hit, False, False)
-        patient, _ = Patient.get_or_create(
-            patient_id=v["patient_id"], issuer_of_patient_id=v["issuer_of_patient_id"],
-            defaults={**{k: v[k] for k in _PATIENT},
-                      "patient_name_key": name_key(v["patient_name"])})
-        study = Study.get_or_none(Study.study_instance_uid == v["study_instance_uid"])
-        new_study = study is None
-        if new_study:
-            study = Study.create(
-                patient=patient, study_instance_uid=v["study_instance_uid"],
-                referring_physician_name_key=name_key(v["referring_physician_name"]),
-                **{k: v[k] for k in _STUDY})
-        assert study is not None
-        series = Series.get_or_none(Series.series_instance_uid == uid)
-        new_series = series is None
-        if series is None:
-            series = Series.create(study=study, series_instance_uid=uid,
-                                   **{k: v[k] for k in _SERIES})
-            modalities = [m for m in study.modalities_in_study.split("\\") if m]
-            if series.modality and series.modality not in modalities:
-                modalities.append(series.modality)
-                Study.update(modalities_in_study="\\".join(modalities)).where(
-                    Study.id == study.id).execute()
-        ids = (series.id, series.study_id, study.patient_id)  # type: ignore[attr-defined]
+        p = database.obj.param
+        row = database.obj.execute_sql(
+            f"SELECT series.id, series.study_id, study.patient_id FROM series JOIN study ON "
+            f"study.id = series.study_id WHERE series.series_instance_uid = {p}",
+            (uid,)).fetchone()
+        new_series = new_study = False
+        if row is not None:
+            ids = (row[0], row[1], row[2])
+        else:
+            patient_id = self._insert("patient", {
+                "patient_id": v["patient_id"], "issuer_of_patient_id": v["issuer_of_patient_id"],
+                **{k: v[k] for k in PATIENT_FIELDS},
+                "patient_name_key": name_key(v["patient_name"]), "number_of_studies": 0,
+                "number_of_series": 0, "number_of_instances": 0},
+                "patient_id, issuer_of_patient_id")
+            if patient_id is None:
+                patient_id = self._row(f"SELECT id FROM patient WHERE patient_id = {p} AND "
+                                       f"issuer_of_patient_id = {p}",
+                                       (v["patient_id"], v["issuer_of_patient_id"]))[0]
+            study_row = database.obj.execute_sql(
+                f"SELECT id, patient_id FROM study WHERE study_instance_uid = {p}",
+                (v["study_instance_uid"],)).fetchone()
+            if study_row is None:
+                study_id = self._insert("study", {
+                    "patient_id": patient_id, "study_instance_uid": v["study_instance_uid"],
+                    "referring_physician_name_key": name_key(v["referring_physician_name"]),
+                    **{k: v[k] for k in STUDY_FIELDS}, "modalities_in_study": "",
+                    "number_of_series": 0, "number_of_instances": 0,
+                    "created": time.strftime("%Y-%m-%d %H:%M:%S")}, "study_instance_uid")
+                new_study = study_id is not None
+                if study_id is None:   # another node's, committed since our SELECT
+                    study_row = self._row(f"SELECT id, patient_id FROM study WHERE "
+                                          f"study_instance_uid = {p}", (v["study_instance_uid"],))
+            if study_row is not None:   # a known study keeps its patient
+                study_id, patient_id = study_row
+            series_id = self._insert("series", {
+                "study_id": study_id, "series_instance_uid": uid,
+                **{k: v[k] for k in SERIES_FIELDS}, "number_of_instances": 0},
+                "series_instance_uid")
+            new_series = series_id is not None
+            if series_id is None:
+                series_id = self._row(f"SELECT id FROM series WHERE series_instance_uid = {p}",
+                                      (uid,))[0]
+            ids = (series_id, study_id, patient_id)
         if len(self._cache) > 100_000:
             self._cache.clear()
         self._cache[uid] = ids
@@ -372,32 +392,69 @@ class Index:
         row = db.execute_sql(f"SELECT id, path FROM instance WHERE sop_instance_uid = {p}",
                              (v["sop_instance_uid"],)).fetchone()
         if row is not None:
-            if not overwrite:
-                return Added(duplicate=True)
-            Instance.update(path=path, size=size, transfer_syntax_uid=ts,
-                            calling_aet=calling_aet,
-                            **{k: v[k] for k in _INSTANCE}).where(
-                Instance.id == row[0]).execute()
-            return Added(replaced_path=row[1])
+            return self._known(row, v, path, size, ts, calling_aet, overwrite)
         series_id, study_id, patient_id, new_series, new_study = self._series_ids(v)
-        cols = ("series_id", "sop_instance_uid", "transfer_syntax_uid", "path", "size",
-                "calling_aet", "received") + _INSTANCE
-        values = (series_id, v["sop_instance_uid"], ts, path, size, calling_aet,
-                  time.strftime("%Y-%m-%d %H:%M:%S")) + tuple(v[k] for k in _INSTANCE)
-        db.execute_sql(f"INSERT INTO instance ({', '.join(cols)}) VALUES "
-                       f"({', '.join([p] * len(cols))})", values)
-        # Counters kept on write, so that C-FIND never counts rows (PS3.4 C.3.4: Number of
-        # Patient/Study/Series Related ...). Increments are safe under concurrent writers.
-        db.execute_sql("UPDATE series SET number_of_instances = number_of_instances + 1 "
-                       f"WHERE id = {p}", (series_id,))
-        db.execute_sql("UPDATE study SET number_of_instances = number_of_instances + 1, "
-                       f"number_of_series = number_of_series + {p} WHERE id = {p}",
-                       (int(new_series), study_id))
-        db.execute_sql("UPDATE patient SET number_of_instances = number_of_instances + 1, "
-                       f"number_of_series = number_of_series + {p}, "
-                       f"number_of_studies = number_of_studies + {p} WHERE id = {p}",
-                       (int(new_series), int(new_study), patient_id))
+        cols = {"series_id": series_id, "sop_instance_uid": v["sop_instance_uid"],
+                "transfer_syntax_uid": ts, "path": path, "size": size,
+                "calling_aet": calling_aet, "received": time.strftime("%Y-%m-%d %H:%M:%S"),
+                **{k: v[k] for k in INSTANCE_FIELDS}}
+        if self._insert("instance", cols, "sop_instance_uid") is None:
+            # Another node indexed it since our SELECT, and has committed.
+            row = self._row(f"SELECT id, path FROM instance WHERE sop_instance_uid = {p}",
+                            (v["sop_instance_uid"],))
+            return self._known(row, v, path, size, ts, calling_aet, overwrite)
+        self._counters.count(series_id, study_id, patient_id, new_series, new_study,
+                             v["modality"] or "")
         return Added()
+
+    def _known(self, row: Any, v: dict[str, Any], path: str, size: int, ts: str,
+               calling_aet: str, overwrite: bool) -> Added:
+        """The instance has a row already."""
+        if row[1] == path:
+            # Our own file: a batch run again after its commit went through, or another node's
+            # recovery indexed the file we had just written. Stored, and not twice.
+            return Added()
+        if not overwrite:
+            return Added(duplicate=True)
+        Instance.update(path=path, size=size, transfer_syntax_uid=ts, calling_aet=calling_aet,
+                        **{k: v[k] for k in INSTANCE_FIELDS}).where(
+            Instance.id == row[0]).execute()
+        return Added(replaced_path=row[1])
+
+    # --- leases: jobs that one node of several runs -----------------------------------------
+
+    def lease(self, name: str, seconds: float) -> bool:
+        """Take, or renew, the lease `name` for this node for `seconds`; whether we hold it.
+        A lease whose holder stopped renewing (killed, hung) passes to the next taker once it
+        has expired, by the database's clock."""
+        def work() -> bool:
+            db = database.obj
+            p, now = db.param, backends.now_epoch_sql(db)
+            db.execute_sql(
+                f"INSERT INTO pacsd_lease (name, holder, expires) VALUES ({p}, {p}, {now} + {p}) "
+                "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, "
+                "expires = excluded.expires WHERE pacsd_lease.holder = excluded.holder "
+                f"OR pacsd_lease.expires < {now}", (name, self.node, float(seconds)))
+            row = db.execute_sql(f"SELECT holder FROM pacsd_lease WHERE name = {p}",
+                                 (name,)).fetchone()
+            return row is not None and row[0] == self.node
+        return bool(self.submit(work))
+
+    def release(self, name: str) -> None:
+        def work() -> None:
+            p = database.obj.param
+            database.obj.execute_sql(f"DELETE FROM pacsd_lease WHERE name = {p} AND "
+                                     f"holder = {p}", (name, self.node))
+        self.submit(work)
+
+    def lease_holder(self, name: str) -> str | None:
+        """Who holds `name` now (an expired lease counts as nobody's)."""
+        with reading():
+            db = database.obj
+            p = db.param
+            row = db.execute_sql(f"SELECT holder FROM pacsd_lease WHERE name = {p} AND "
+                                 f"expires >= {backends.now_epoch_sql(db)}", (name,)).fetchone()
+        return None if row is None else row[0]
 
     def clear(self) -> None:
         def work() -> None:
@@ -409,28 +466,43 @@ class Index:
     # --- reads ------------------------------------------------------------------------------
 
     def probe(self, timeout: float = 1.0) -> None:
-        """A read, and a small write through the writer (the last probe's time), within
+        """A read, and a small write through the writer (this node's last probe time), within
         `timeout`; raises IndexUnavailable or TimeoutError."""
-        with database.connection_context():
+        with reading():
             Meta_.get_or_none(Meta_.key == "schema_version")
-        now = time.strftime("%Y-%m-%d %H:%M:%S")
-        self.submit(lambda: Meta_.replace(key="alive", value=now).execute(), timeout=timeout)
+        key, now = f"alive:{self.node}"[:64], time.strftime("%Y-%m-%d %H:%M:%S")
+        self.submit(lambda: Meta_.insert(key=key, value=now).on_conflict(
+            conflict_target=[Meta_.key], update={Meta_.value: now}).execute(), timeout=timeout)
 
     def indexed_paths(self, prefix: str) -> set[str]:
-        with database.connection_context():
-            rows = Instance.select(Instance.path).where(Instance.path.startswith(prefix))
+        with reading():
+            rows = Instance.select(Instance.path).where(starts_with(Instance.path, prefix))
             return {str(row[0]) for row in rows.tuples()}  # type: ignore[index]
 
     def counts(self) -> dict[str, int]:
-        with database.connection_context():
+        with reading():
             return {"patients": Patient.select().count(), "studies": Study.select().count(),
                     "series": Series.select().count(),
                     "instances": Instance.select().count(),
-                    "bytes": Instance.select(fn.COALESCE(fn.SUM(Instance.size), 0)).scalar()}
+                    "bytes": int(Instance.select(fn.COALESCE(fn.SUM(Instance.size), 0)).scalar())}
+
+    def size_bytes(self) -> int:
+        """The index's size on disk: SQLite's file and journals, or PostgreSQL's database."""
+        if self.backend == backends.SQLITE:
+            path, total = backends.sqlite_path(self.url), 0
+            for suffix in ("", "-wal", "-shm"):
+                try:
+                    total += os.stat(f"{path}{suffix}").st_size
+                except OSError:
+                    pass
+            return total
+        with reading():
+            return int(database.execute_sql(
+                "SELECT pg_database_size(current_database())").fetchone()[0])
 
     def integrity_check(self) -> str:
-        with database.connection_context():
-            return database.execute_sql("PRAGMA integrity_check").fetchone()[0]
+        with reading():
+            return backends.integrity_check(database.obj)
 
     # --- deleting ---------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from peewee import SQL, Expression, Field, SqliteDatabase, fn
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
-from pacsd.index import Instance, Patient, Series, Study, database, name_key
+from pacsd.models import Instance, Patient, Series, Study, database, name_key, starts_with
 
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 MODELS: dict[str, Any] = {"PATIENT": Patient, "STUDY": Study, "SERIES": Series,
@@ -114,13 +114,30 @@ def _is_universal(value: str) -> bool:
 
 
 def _glob(field_: Field, pattern: str) -> Expression:
-    """Wildcard matching ('*' any run, '?' one character; C.2.2.2.4) on an indexed column."""
+    """Wildcard matching ('*' any run, '?' one character; C.2.2.2.4) on an indexed column.
+    '[' is the only other GLOB metacharacter; it is escaped as a one-character class."""
+    return glob(field_, pattern.replace("[", "[[]"))
+
+
+def glob(field_: Any, pattern: str) -> Expression:
+    """Case-sensitive wildcard matching of a GLOB pattern made of literals, '*', '?' and
+    one-character classes '[c]' (a literal c): GLOB on SQLite, which uses the column's index for
+    a literal prefix; LIKE elsewhere (PostgreSQL's "C"-collated columns: the same, and
+    case-sensitive too)."""
     if isinstance(database.obj, SqliteDatabase):
-        # GLOB is case-sensitive and uses the column's index for a literal prefix. '[' is the
-        # only other GLOB metacharacter; it is escaped as a one-character class.
-        return Expression(field_, "GLOB", pattern.replace("[", "[[]"))
-    like = re.sub(r"([\\%_])", r"\\\1", pattern).replace("*", "%").replace("?", "_")
-    return Expression(field_, "LIKE", like)
+        return Expression(field_, "GLOB", pattern)
+    out, i = [], 0
+    while i < len(pattern):
+        ch = pattern[i]
+        if ch == "[" and i + 2 < len(pattern) and pattern[i + 2] == "]":
+            ch, i = pattern[i + 1], i + 2   # [c]: the literal c
+            out.append("\\" + ch if ch in "\\%_" else ch)
+        elif ch in "\\%_":
+            out.append("\\" + ch)
+        else:
+            out.append({"*": "%", "?": "_"}.get(ch, ch))
+        i += 1
+    return Expression(field_, "LIKE", "".join(out))
 
 
 def _has_wildcard(value: str) -> bool:
@@ -170,7 +187,7 @@ def condition(keyword: str, value: str, narrowed: bool = False) -> Expression | 
     if key.kind == TM:
         if "-" in value:
             return _range(f, value, _norm_time)
-        return f.startswith(_norm_time(value))
+        return starts_with(f, _norm_time(value))
     if key.kind == PN:
         pattern = name_key(value)
         mf = key.match_field or f

@@ -7,6 +7,10 @@ a UID or anything else a peer sends.
 A write is: temporary file in STORAGE/.tmp -> write -> fsync -> rename into place -> fsync the
 folder (F_FULLFSYNC on macOS, where fsync does not flush the drive's cache).
 
+Several pacsd nodes may share one storage volume: each writes its temporary files into a folder
+of its own (STORAGE/.tmp/NODE), so that a node starting up never removes another's unfinished
+writes; `sweep` removes what a node that never came back left there.
+
 A free-space floor ([storage] min_free_mb, SpaceGuard) refuses new files before the volume is
 full, so that the index, its journal and the logs, usually on the same volume, still have room.
 """
@@ -123,9 +127,10 @@ class SpaceGuard:
 
 
 class Store:
-    def __init__(self, root: Path, min_free_mb: int = 0) -> None:
+    def __init__(self, root: Path, min_free_mb: int = 0, node: str = "") -> None:
         self.root = root
-        self.tmp = root / TMP_DIR
+        # This node's temporary files; node is a name safe for a folder (pacsd.daemon.node_id).
+        self.tmp = root / TMP_DIR / node if node else root / TMP_DIR
         self.space = SpaceGuard(root, min_free_mb)
         self._known_dirs: set[str] = set()
         self._dirs_lock = threading.Lock()
@@ -157,12 +162,15 @@ class Store:
         if not clean:
             return
         removed = 0
-        for entry in os.scandir(self.tmp):
-            try:
-                os.unlink(entry.path)
-                removed += 1
-            except OSError:
-                pass
+        folders = {self.tmp, self.root / TMP_DIR}   # ours, and where versions before 0.2 wrote
+        for folder in folders:
+            for entry in os.scandir(folder):
+                if entry.is_file(follow_symlinks=False):
+                    try:
+                        os.unlink(entry.path)
+                        removed += 1
+                    except OSError:
+                        pass
         if removed:
             log.warning("removed %d unfinished temporary file(s) left by an interrupted run",
                         removed)
@@ -224,6 +232,21 @@ class Store:
                                  ) from None
         self.space.stored()
         return rel, size
+
+    def sweep(self, older_than_s: float) -> int:
+        """Remove temporary files of any node older than `older_than_s` (a write takes seconds;
+        a file that old belongs to a node that died and never came back). Files removed."""
+        removed, limit = 0, time.time() - older_than_s
+        for dirpath, _dirs, files in os.walk(self.root / TMP_DIR):
+            for name in files:
+                path = os.path.join(dirpath, name)
+                try:
+                    if os.stat(path).st_mtime < limit:
+                        os.unlink(path)
+                        removed += 1
+                except OSError:
+                    pass   # gone already, or renamed into place by its writer
+        return removed
 
     def delete(self, rel: str) -> None:
         try:

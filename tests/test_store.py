@@ -38,7 +38,7 @@ def test_bytes_kept_as_received_with_our_file_meta(server, tmp_path):
     meta = dcmread(kept, stop_before_pixels=True).file_meta
     assert meta.SourceApplicationEntityTitle == "CT_SCANNER"
     assert meta.ImplementationVersionName.startswith("PACSD")
-    assert os.listdir(server.cfg.storage_path / ".tmp") == []
+    assert [p for p in (server.cfg.storage_path / ".tmp").rglob("*") if p.is_file()] == []
 
 
 def test_duplicate_keeps_the_first_copy_and_answers_success(server, tmp_path):
@@ -122,7 +122,7 @@ def test_truncated_data_set_is_refused_and_the_server_goes_on(server, tmp_path):
     statuses = store_files(server.dicom_port, [cut, good])
     assert statuses[0] in (0xC000, 0xA900) and statuses[1] == 0
     assert len(stored_files(server)) == 1
-    assert os.listdir(server.cfg.storage_path / ".tmp") == []
+    assert [p for p in (server.cfg.storage_path / ".tmp").rglob("*") if p.is_file()] == []
 
 
 def test_many_instances_spread_over_folders_and_index_agrees(server, tmp_path):
@@ -133,7 +133,7 @@ def test_many_instances_spread_over_folders_and_index_agrees(server, tmp_path):
             p, enforce_file_format=True)
         paths.append(p)
     assert store_files(server.dicom_port, paths) == [0] * 20
-    from pacsd.index import Instance
+    from pacsd.models import Instance
     with server.index.reading():
         rows = {r.path for r in Instance.select(Instance.path)}
     on_disk = {p.relative_to(server.cfg.storage_path).as_posix() for p in stored_files(server)}

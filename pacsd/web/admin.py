@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from typing import Any
 
@@ -18,7 +17,7 @@ import bottle
 
 from pacsd import remote
 from pacsd.config import Node
-from pacsd.index import Instance, reading
+from pacsd.models import Instance, reading
 from pacsd.web.api import (check_uid, fail, json_body, json_response, json_text, need_admin,
                            parse_date)
 from pacsd.web import health
@@ -44,12 +43,7 @@ def status(rt: Any) -> dict[str, Any]:
     today = time.strftime("%Y-%m-%d 00:00:00")
     with reading():
         stored_today = Instance.select().where(Instance.received >= today).count()
-    index_bytes = 0
-    for suffix in ("", "-wal", "-shm"):
-        try:
-            index_bytes += os.stat(f"{rt.archive.index.path}{suffix}").st_size
-        except OSError:
-            pass
+    index_bytes = rt.archive.index.size_bytes()
     try:   # the bound ports (the configured ones may be 0)
         run = json.loads(cfg.runfile.read_text())
     except (OSError, ValueError):

@@ -22,7 +22,7 @@ from pydicom.errors import InvalidDicomError
 
 from pacsd import query, remote
 from pacsd.header import is_valid_uid
-from pacsd.index import Instance, Patient, Series, Study, reading
+from pacsd.models import Instance, Patient, Series, Study, reading
 from pacsd.web.auth import is_admin
 
 log = logging.getLogger(__name__)

@@ -43,6 +43,8 @@ def status(rt: Any) -> dict[str, Any]:
         "aet": cfg.dicom_aet,
         "associations": rt.associations(),
         "index": rt.archive.index.counts(),
+        "index_location": cfg.index_label,   # the file, or the URL without its password
+        "node": rt.archive.index.node,      # which of several nodes answered
         "storage": str(cfg.storage_path),
         "disk_free_bytes": disk.free,
         "disk_total_bytes": disk.total,

@@ -24,7 +24,7 @@ from typing import Any
 from peewee import Expression, Field, fn
 
 from pacsd import query
-from pacsd.index import Instance, Patient, Series, Study
+from pacsd.models import Instance, Patient, Series, Study
 
 MAX_REQUEST = 4096   # characters of predicate
 MAX_DEPTH = 32       # nesting of parentheses / NOT
@@ -140,12 +140,12 @@ def _tokens(text: str) -> list[_Tok]:
 # --- values and conditions --------------------------------------------------------------------
 
 def _glob_literal(value: str) -> str:
-    """A literal for GLOB: its own metacharacters made harmless."""
+    """A literal for a GLOB pattern (query.glob): its own metacharacters made harmless."""
     return re.sub(r"([*?\[])", r"[\1]", value)
 
 
 def _like_to_glob(pattern: str) -> str:
-    """NSPredicate LIKE (* any run, ? one character, backslash escapes) -> SQLite GLOB."""
+    """NSPredicate LIKE (* any run, ? one character, backslash escapes) -> a GLOB pattern."""
     out, escaped = [], False
     for ch in pattern:
         if escaped:
@@ -224,8 +224,8 @@ def _comparison(attr: Attr, op: str, mod: str, value: Any) -> Any:
     if attr.kind == "modalities":
         # Study.modality holds every modality of the study: match any one of them.
         mcol = fn.UPPER(Series.modality) if ci else Series.modality
-        return Study.id.in_(Series.select(Series.study).where(Expression(mcol, "GLOB", pattern)))
-    return Expression(col, "GLOB", pattern)
+        return Study.id.in_(Series.select(Series.study).where(query.glob(mcol, pattern)))
+    return query.glob(col, pattern)
 
 
 def _dicom(keyword: str, value: str) -> Any:

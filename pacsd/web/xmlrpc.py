@@ -30,7 +30,7 @@ from defusedxml.xmlrpc import DefusedExpatParser, defused_gzip_decode
 from pydicom.datadict import tag_for_keyword
 
 from pacsd import query, remote
-from pacsd.index import Patient, Series, Study
+from pacsd.models import Patient, Series, Study
 from pacsd.web import osirix
 from pacsd.web.auth import is_admin
 

@@ -204,4 +204,5 @@ def assert_archive_sound(data: Path, acked: dict[str, Path], expected: set[str])
     assert len(indexed) == len(rows)
     assert indexed - on_disk == set(), "index rows pointing at no file"
     assert on_disk - indexed == set(), "stored files without an index row"
-    assert list((storage / ".tmp").iterdir()) == [], "temporary files left behind"
+    assert [p for p in (storage / ".tmp").rglob("*") if p.is_file()] == [], \
+        "temporary files left behind"

@@ -101,7 +101,8 @@ def leftovers(volume: Path, data: Path) -> tuple[set[str], set[str], list[str]]:
     """(stored .dcm files, indexed paths, temporary files) on the storage volume."""
     on_disk = {p.relative_to(volume).as_posix() for p in volume.rglob("*.dcm")
                if ".tmp" not in p.relative_to(volume).parts}
-    return on_disk, set(indexed_rows(data).values()), os.listdir(volume / ".tmp")
+    return on_disk, set(indexed_rows(data).values()), \
+        [p.name for p in (volume / ".tmp").rglob("*") if p.is_file()]
 
 
 @pytest.mark.timeout(120)

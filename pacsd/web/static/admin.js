@@ -43,6 +43,8 @@
            <span style="width:${(used * 100).toFixed(1)}%"></span></span>`],
         ["Storage", `<span class="mono">${esc(st.storage_path)}</span>`],
         ["Data folder", `<span class="mono">${esc(st.data)}</span>`],
+        ["Index", `<span class="mono">${esc(st.index_location)}</span>`],
+        ["Node", `<span class="mono">${esc(st.node)}</span>`],
       ].map(([k, v]) => `<dt>${k}</dt><dd>${v}</dd>`).join("");
       $("status-updated").textContent = "updated " + new Date().toLocaleTimeString();
     } catch (e) {

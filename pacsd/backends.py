@@ -1,0 +1,135 @@
+"""From `[index] url` to a peewee database: SQLite (embedded, the default) or PostgreSQL.
+
+    sqlite:///PATH                        one file; one pacsd at a time
+    postgresql://USER:PASS@HOST:PORT/DB   a server; several pacsd nodes may share it
+
+Both keep the durability promise: a commit returns only once it is on disk (SQLite:
+synchronous=FULL in WAL mode; PostgreSQL: synchronous_commit=on, forced on our sessions whatever
+the server's default). What differs between them in SQL is said here, once.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from peewee import Database, SqliteDatabase
+from playhouse.pool import PooledPostgresqlDatabase
+
+SQLITE, POSTGRESQL = "sqlite", "postgresql"
+
+# DICOM strings (pacsd.models.Text): TEXT; on PostgreSQL compared byte by byte (see Text).
+_SQLITE_TYPES = {"PACSD_TEXT": "TEXT"}
+_POSTGRES_TYPES = {"PACSD_TEXT": 'TEXT COLLATE "C"'}
+
+# SQLSTATEs after which the same transaction may simply be tried again: serialization failure,
+# deadlock (two nodes updating the same study's counters in opposite order), and the
+# connection failures of a restarting or failed-over server (class 08, 57P01-57P03).
+_RETRYABLE = ("40001", "40P01", "08000", "08001", "08003", "08004", "08006", "57P01", "57P02",
+              "57P03")
+
+
+def kind(url: str) -> str:
+    """SQLITE or POSTGRESQL; ValueError for anything else."""
+    scheme = url.split(":", 1)[0].lower()
+    if scheme == "sqlite" and url.startswith("sqlite:///") and len(url) > len("sqlite:///"):
+        return SQLITE
+    if scheme in ("postgresql", "postgres"):
+        parts = urlsplit(url)
+        if not parts.path.strip("/"):
+            raise ValueError(f"{redacted(url)!r}: name the database "
+                             "(postgresql://USER:PASSWORD@HOST:PORT/DATABASE)")
+        return POSTGRESQL
+    raise ValueError(f"{redacted(url)!r} is not an index URL: use sqlite:///PATH or "
+                     "postgresql://USER:PASSWORD@HOST:PORT/DATABASE")
+
+
+def sqlite_path(url: str) -> Path:
+    return Path(url[len("sqlite:///"):])
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, for logs and status pages."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable URL>"
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def connect(url: str, pool_size: int = 20) -> Database:
+    """An unconnected peewee database for `url`."""
+    if kind(url) == SQLITE:
+        return _sqlite(sqlite_path(url))
+    return _postgresql(url, pool_size)
+
+
+def _sqlite(path: Path) -> SqliteDatabase:
+    pragmas: dict[str, Any] = {
+        "journal_mode": "wal",
+        "synchronous": 2,          # FULL: a commit is on disk before it returns
+        "busy_timeout": 30000,
+        "foreign_keys": 1,
+        "cache_size": -32768,      # 32 MiB
+        "temp_store": "memory",
+    }
+    if sys.platform == "darwin":
+        pragmas["fullfsync"] = 1
+        pragmas["checkpoint_fullfsync"] = 1
+    # check_same_thread=False: the writer hands rows around; each thread still gets its own
+    # connection from peewee.
+    return SqliteDatabase(str(path), pragmas=pragmas, check_same_thread=False, timeout=30,
+                          field_types=_SQLITE_TYPES)
+
+
+def _postgresql(url: str, pool_size: int) -> PooledPostgresqlDatabase:
+    if url.lower().startswith("postgres://"):
+        url = "postgresql://" + url[len("postgres://"):]
+    # A pool: each HTTP request or association borrows a connection for its reads and gives it
+    # back (pacsd.models.reading); `timeout` is how long a thread waits when all are busy.
+    return PooledPostgresqlDatabase(
+        url, max_connections=pool_size, stale_timeout=600, timeout=30,
+        field_types=_POSTGRES_TYPES, prefer_psycopg3=True,
+        application_name="pacsd", connect_timeout=10,
+        # The durability promise must not depend on the server's postgresql.conf.
+        options="-c synchronous_commit=on")
+
+
+def is_retryable(error: BaseException) -> bool:
+    """A failed transaction that may be tried again as it is (deadlock, lost connection)."""
+    seen: set[int] = set()
+    e: BaseException | None = error
+    while e is not None and id(e) not in seen:   # peewee wraps the driver's error
+        seen.add(id(e))
+        state = getattr(e, "sqlstate", None) or getattr(getattr(e, "diag", None), "sqlstate",
+                                                         None)
+        if state in _RETRYABLE:
+            return True
+        if type(e).__name__ in ("OperationalError", "InterfaceError") and \
+                type(e).__module__.startswith("psycopg"):
+            return True   # the connection broke, with no SQLSTATE to say so
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def now_epoch_sql(db: Database) -> str:
+    """The database's clock, in seconds since the epoch, as an SQL expression (leases compare
+    times from several nodes: one clock for all)."""
+    if isinstance(db, SqliteDatabase):
+        return "((julianday('now') - 2440587.5) * 86400.0)"
+    return "EXTRACT(EPOCH FROM clock_timestamp())::float8"
+
+
+def integrity_check(db: Database) -> str:
+    """'ok', or what the engine found wrong (SQLite's own check; PostgreSQL checks its pages as
+    it reads them, so a full read of the catalogue is the test here)."""
+    if isinstance(db, SqliteDatabase):
+        return db.execute_sql("PRAGMA integrity_check").fetchone()[0]
+    db.execute_sql("SELECT count(*) FROM pg_catalog.pg_class").fetchone()
+    return "ok"
+

@@ -1,0 +1,78 @@
+"""Housekeeping that must run on one node at a time: each chore is done by whichever node holds
+its lease in the index (Index.lease), so N nodes sharing an index and a storage volume do it
+once, and when that node dies another takes over once the lease has expired.
+
+The chores:
+- tmp-sweep: temporary files older than a day in STORAGE/.tmp (a node that died mid-write and
+  never came back; a running node cleans its own folder at start-up);
+- alive-marks: health-probe marks (pacsd_meta alive:NODE) of nodes silent for a week.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pacsd.index import Index
+from pacsd.models import Meta_, starts_with
+from pacsd.store import Store
+
+log = logging.getLogger(__name__)
+
+TMP_MAX_AGE_S = 24 * 3600
+ALIVE_MAX_AGE_S = 7 * 24 * 3600
+
+
+@dataclass(frozen=True)
+class Chore:
+    name: str
+    run: Callable[[], int]   # how many things it cleaned up
+
+
+class Chores:
+    """A thread that, every `interval` seconds, runs each chore whose lease this node holds
+    (the lease lasts 1.5 intervals, so its holder keeps it while alive)."""
+
+    def __init__(self, index: Index, store: Store, interval: float) -> None:
+        self.index, self.store, self.interval = index, store, interval
+        self.chores = (Chore("tmp-sweep", lambda: store.sweep(TMP_MAX_AGE_S)),
+                       Chore("alive-marks", self._forget_silent_nodes))
+        self.rounds = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="chores", daemon=True)
+
+    def start(self) -> Chores:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.run_once()
+
+    def run_once(self) -> list[str]:
+        """Run the chores whose lease we hold or take; their names."""
+        done = []
+        for chore in self.chores:
+            try:
+                if not self.index.lease(chore.name, self.interval * 1.5):
+                    continue
+                n = chore.run()
+                done.append(chore.name)
+                if n:
+                    log.info("housekeeping %s: %d cleaned up", chore.name, n)
+            except Exception as e:  # noqa: BLE001 - a chore fails alone, and again next round
+                log.warning("housekeeping %s failed: %s", chore.name, e)
+        self.rounds += 1
+        return done
+
+    def _forget_silent_nodes(self) -> int:
+        limit = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() - ALIVE_MAX_AGE_S))
+        return self.index.submit(lambda: Meta_.delete().where(
+            starts_with(Meta_.key, "alive:") & (Meta_.value < limit)).execute())

@@ -1,0 +1,100 @@
+"""Versioned schema changes, for both backends (`pacsd migrate`, or at start-up).
+
+The schema's version is kept in the index itself (pacsd_meta.schema_version). An empty database
+gets today's tables in one step; an older one runs each later migration in turn. It all happens
+in one transaction (both engines roll DDL back), under a lock that several nodes starting at once
+respect: PostgreSQL's advisory lock, SQLite's write lock. A database newer than this pacsd is
+never touched: that pacsd refuses to start and says to upgrade.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from peewee import Database, SqliteDatabase
+
+from pacsd.errors import IndexUnavailable
+from pacsd.models import MODELS, Lease, Meta_, NodeRow, UserRow
+
+log = logging.getLogger(__name__)
+
+_LOCK_KEY = 0x70616373   # "pacs": the advisory lock every pacsd node takes to migrate
+
+
+@dataclass(frozen=True)
+class Migration:
+    version: int
+    what: str
+    apply: Callable[[Database], None]
+
+
+def _v2(db: Database) -> None:
+    # Version 1 (SQLite only) made the admin page's tables when first used; make them here.
+    db.create_tables([NodeRow, UserRow, Lease], safe=True)
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(2, "tables for nodes and users added on the admin page, and leases for the jobs "
+                 "that one node runs alone", _v2),
+)
+LATEST = max(m.version for m in MIGRATIONS)
+
+
+def version(db: Database) -> int:
+    """The schema version of the open database; 0 for an empty one."""
+    if not db.table_exists(Meta_._meta.table_name):
+        return 0
+    row = Meta_.get_or_none(Meta_.key == "schema_version")
+    return int(row.value) if row is not None else 0
+
+
+def pending(db: Database) -> list[Migration]:
+    v = version(db)
+    if v == 0:
+        return [Migration(LATEST, "create the tables", lambda db: None)]
+    return [m for m in MIGRATIONS if m.version > v]
+
+
+def _set_version(v: int) -> None:
+    Meta_.insert(key="schema_version", value=str(v)).on_conflict(
+        conflict_target=[Meta_.key], update={Meta_.value: str(v)}).execute()
+
+
+def check(db: Database, label: str) -> None:
+    """IndexUnavailable if this pacsd cannot use the database's schema as it is."""
+    v = version(db)
+    if v > LATEST:
+        raise IndexUnavailable(f"index {label} has schema {v}, newer than this pacsd "
+                               f"({LATEST}); upgrade pacsd")
+    if 0 < v < LATEST:
+        raise IndexUnavailable(f"index {label} has schema {v}; this pacsd needs {LATEST}: run "
+                               "`pacsd migrate` (or set [index] auto_migrate = true)")
+
+
+def upgrade(db: Database, label: str) -> list[str]:
+    """Bring the schema to LATEST; what was done, in words (nothing when it was up to date)."""
+    atomic = db.atomic("IMMEDIATE") if isinstance(db, SqliteDatabase) else db.atomic()
+    with atomic:
+        if not isinstance(db, SqliteDatabase):
+            db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+        v = version(db)   # read under the lock: another node may have just done it
+        if v > LATEST:
+            raise IndexUnavailable(f"index {label} has schema {v}, newer than this pacsd "
+                                   f"({LATEST}); upgrade pacsd")
+        if v == LATEST:
+            return []
+        if v == 0:
+            db.create_tables(MODELS)
+            _set_version(LATEST)
+            log.info("index %s: created the tables (schema %d)", label, LATEST)
+            return [f"created the tables (schema {LATEST})"]
+        done = []
+        for m in MIGRATIONS:
+            if m.version > v:
+                m.apply(db)
+                _set_version(m.version)
+                log.info("index %s: schema %d: %s", label, m.version, m.what)
+                done.append(f"schema {m.version}: {m.what}")
+        return done

@@ -1,0 +1,224 @@
+"""The tables of the index, as peewee models, for every backend (SQLite, PostgreSQL).
+
+Patient / Study / Series / Instance hold everything C-FIND and QIDO-RS match or return, so no
+query opens a file. Beside them: facts about the index itself (pacsd_meta), the nodes and users
+added on the admin page (pacsd_node, pacsd_user) and the leases that let one node of several
+run a job alone (pacsd_lease).
+
+The models sit behind one DatabaseProxy, bound by `Index.open` (pacsd.index) to the database
+that pacsd.backends makes from `[index] url`. Schema changes go through pacsd.migrations.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from peewee import (
+    AutoField,
+    BigIntegerField,
+    BooleanField,
+    CharField,
+    DatabaseProxy,
+    DateTimeField,
+    DoubleField,
+    ForeignKeyField,
+    IntegerField,
+    Model,
+)
+from playhouse.pool import PooledDatabase
+
+database = DatabaseProxy()
+
+
+class Text(CharField):
+    """A DICOM string column: no length limit (a peer's over-long value must not fail a
+    C-STORE), compared byte by byte. PostgreSQL gets `TEXT COLLATE "C"` (pacsd.backends): DICOM
+    matching is case-sensitive, and only the C collation lets a btree index serve
+    `LIKE 'prefix%'` and the range bounds of pacsd.query."""
+
+    field_type = "PACSD_TEXT"
+
+    def get_modifiers(self) -> None:   # no VARCHAR(n)
+        return None
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+class BaseModel(Model):
+    class Meta:
+        database = database
+        legacy_table_names = False
+
+
+class Patient(BaseModel):
+    id = AutoField()
+    patient_id = Text(index=True)
+    issuer_of_patient_id = Text(default="", index=True)
+    patient_name = Text(default="")
+    # Upper-cased copy for case-insensitive person name matching (PS3.4 C.2.2.2.1).
+    patient_name_key = Text(default="", index=True)
+    patient_birth_date = Text(default="", index=True)
+    patient_sex = Text(default="", index=True)
+    number_of_studies = IntegerField(default=0)
+    number_of_series = IntegerField(default=0)
+    number_of_instances = IntegerField(default=0)
+
+    class Meta:
+        indexes = ((("patient_id", "issuer_of_patient_id"), True),)
+
+
+class Study(BaseModel):
+    id = AutoField()
+    patient = ForeignKeyField(Patient, backref="studies", index=True)
+    study_instance_uid = Text(unique=True)
+    study_date = Text(default="", index=True)
+    study_time = Text(default="", index=True)
+    accession_number = Text(default="", index=True)
+    study_id = Text(default="", index=True)
+    study_description = Text(default="", index=True)
+    referring_physician_name = Text(default="")
+    referring_physician_name_key = Text(default="", index=True)
+    institution_name = Text(default="", index=True)
+    patient_age = Text(default="", index=True)
+    specific_character_set = Text(default="")
+    modalities_in_study = Text(default="")
+    number_of_series = IntegerField(default=0)
+    number_of_instances = IntegerField(default=0)
+    created = DateTimeField(default=_now, index=True)
+
+
+class Series(BaseModel):
+    id = AutoField()
+    study = ForeignKeyField(Study, backref="series", index=True)
+    series_instance_uid = Text(unique=True)
+    modality = Text(default="", index=True)
+    series_number = IntegerField(null=True, index=True)
+    series_description = Text(default="", index=True)
+    series_date = Text(default="", index=True)
+    series_time = Text(default="", index=True)
+    body_part_examined = Text(default="", index=True)
+    protocol_name = Text(default="", index=True)
+    station_name = Text(default="", index=True)
+    number_of_instances = IntegerField(default=0)
+
+    class Meta:
+        indexes = ((("study", "modality"), False),)
+
+
+class Instance(BaseModel):
+    id = AutoField()
+    series = ForeignKeyField(Series, backref="instances", index=True)
+    sop_instance_uid = Text(unique=True)
+    sop_class_uid = Text(index=True)
+    instance_number = IntegerField(null=True, index=True)
+    content_date = Text(default="", index=True)
+    content_time = Text(default="", index=True)
+    acquisition_number = IntegerField(null=True, index=True)
+    number_of_frames = IntegerField(null=True)
+    rows = IntegerField(null=True)
+    columns = IntegerField(null=True)
+    transfer_syntax_uid = Text()
+    path = Text(unique=True)   # relative to the storage root
+    size = BigIntegerField()   # whole-slide and long multi-frame files pass 2 GiB
+    calling_aet = Text(default="")
+    received = DateTimeField(default=_now, index=True)
+
+
+class Meta_(BaseModel):
+    """Key/value facts about the index itself (schema version, health probes)."""
+
+    key = CharField(primary_key=True, max_length=64)
+    value = CharField(max_length=255)
+
+    class Meta:
+        table_name = "pacsd_meta"
+
+
+class NodeRow(BaseModel):
+    """A DICOM node added on the admin page (pacsd.directory)."""
+
+    name = CharField(primary_key=True, max_length=64)
+    aet = CharField(max_length=16, unique=True)
+    host = CharField(max_length=255)
+    port = IntegerField()
+
+    class Meta:
+        table_name = "pacsd_node"
+
+
+class UserRow(BaseModel):
+    """A web user added on the admin page (pacsd.directory)."""
+
+    name = CharField(primary_key=True, max_length=64)
+    password_hash = CharField(max_length=255)
+    admin = BooleanField(default=False)
+
+    class Meta:
+        table_name = "pacsd_user"
+
+
+class Lease(BaseModel):
+    """Who runs a must-run-once job, until when (seconds since the epoch, by the database's
+    clock so that nodes with drifting clocks agree)."""
+
+    name = CharField(primary_key=True, max_length=64)
+    holder = CharField(max_length=255)
+    expires = DoubleField()   # float8: a float4 of epoch seconds is off by minutes
+
+    class Meta:
+        table_name = "pacsd_lease"
+
+
+DICOM_MODELS = (Patient, Study, Series, Instance)
+MODELS = (*DICOM_MODELS, Meta_, NodeRow, UserRow, Lease)
+
+PATIENT_FIELDS = ("patient_name", "patient_birth_date", "patient_sex")
+STUDY_FIELDS = ("study_date", "study_time", "accession_number", "study_id",
+                "study_description", "referring_physician_name", "institution_name",
+                "patient_age", "specific_character_set")
+SERIES_FIELDS = ("modality", "series_number", "series_description", "series_date",
+                 "series_time", "body_part_examined", "protocol_name", "station_name")
+INSTANCE_FIELDS = ("sop_class_uid", "instance_number", "content_date", "content_time",
+                   "acquisition_number", "number_of_frames", "rows", "columns")
+
+
+def name_key(name: str) -> str:
+    """Upper case, without the empty trailing components that some modalities send
+    ("DOE^JOHN^^^" matches "Doe^John")."""
+    return re.sub(r"[\^ ]+(?=(=|$))", "", name.upper())
+
+
+def starts_with(field: CharField, prefix: str):
+    """`field` begins with `prefix`, as a range on the column's index (both backends; peewee's
+    startswith is ILIKE on PostgreSQL, which no btree index serves)."""
+    return (field >= prefix) & (field < prefix + "\U0010ffff")
+
+
+@contextmanager
+def reading() -> Iterator[None]:
+    """A connection for this thread's reads.
+
+    SQLite: make sure this thread has a connection, and keep it for the thread's next request:
+    HTTP workers and association threads serve many requests, and opening SQLite with its
+    pragmas costs more than a small query (a fifth of a viewer's frame request). Outside a
+    transaction the connection holds no snapshot, so it never holds back a checkpoint; it is
+    closed when its thread ends.
+    PostgreSQL: take one from the pool and give it back afterwards, so that a thread that
+    ends never keeps a pooled connection from the others."""
+    if not isinstance(database.obj, PooledDatabase):
+        database.connect(reuse_if_open=True)
+        yield
+        return
+    opened = database.is_closed()
+    if opened:
+        database.connect()
+    try:
+        yield
+    finally:
+        if opened:
+            database.close()
