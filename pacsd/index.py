@@ -33,7 +33,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
-from peewee import fn
+from peewee import IntegrityError, fn
 
 from pacsd import backends, migrations
 from pacsd.errors import IndexUnavailable
@@ -238,14 +238,20 @@ class Index:
         self._counters = _Counters()
         with database.atomic():
             for work, fut in batch:
-                try:
-                    with database.atomic():   # a savepoint: one bad item spoils no other
-                        results.append((fut, work(), None))
-                except Exception as e:
-                    if backends.is_retryable(e):
-                        raise   # the whole transaction is spoilt: run the batch again
-                    self._cache.clear()   # it may name rows the savepoint rolled back
-                    results.append((fut, None, e))
+                for attempt in (1, 2):
+                    try:
+                        with database.atomic():   # a savepoint: one bad item spoils no other
+                            results.append((fut, work(), None))
+                        break
+                    except Exception as e:   # handed back to the caller
+                        if backends.is_retryable(e):
+                            raise   # the whole transaction is spoilt: run the batch again
+                        # The cache may name rows the savepoint rolled back, or a series that
+                        # another node deleted (a foreign key error): once more without it.
+                        self._cache.clear()
+                        if attempt == 2 or not isinstance(e, IntegrityError):
+                            results.append((fut, None, e))
+                            break
             self._apply_counters()
         return results
 
