@@ -20,6 +20,14 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from postgres import (  # tests/postgres.py
+    PostgresMissing,
+    PostgresServer,
+    postgres_bindir,
+    postgres_database,
+    throwaway_cluster,
+)
+
 from pacsd import config as config_mod  # noqa: E402
 from pacsd.daemon import Server  # noqa: E402
 
@@ -512,3 +520,48 @@ def remote_pacsd(tmp_path: Path, files: list[Path], local_aet: str = "LOCALPACS"
     with serve(cfg, data, log_name="remote.log") as remote:
         assert store_files(remote.port, files) == [0] * len(files)
         yield remote, local_port
+
+
+# --- a real, throw-away PostgreSQL server (the index's other backend) -------------------------
+#
+# PACSD_TEST_POSTGRES=postgresql://USER@HOST:PORT/DB uses an existing server instead (its user
+# must be allowed to CREATE DATABASE); otherwise one cluster is initdb'd and started per session.
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """The session's PostgreSQL server: PACSD_TEST_POSTGRES, or a throw-away cluster on
+    127.0.0.1 (trust authentication, user `postgres`, fsync off), stopped and deleted at the
+    end (tests/postgres.py)."""
+    external = os.environ.get("PACSD_TEST_POSTGRES")
+    if external:
+        yield PostgresServer(external)
+        return
+    try:
+        bindir = postgres_bindir()
+    except PostgresMissing as e:
+        peer_missing(str(e))
+    with throwaway_cluster(bindir=bindir) as server:
+        yield server
+
+
+@pytest.fixture
+def make_postgres_url(postgres_server: PostgresServer):
+    """make_postgres_url() -> the URL of another fresh database; all dropped after the test."""
+    from contextlib import ExitStack
+    with ExitStack() as stack:
+        yield lambda: stack.enter_context(postgres_database(postgres_server))
+
+
+@pytest.fixture
+def postgres_url(make_postgres_url) -> str:
+    """postgresql://postgres@127.0.0.1:PORT/DBNAME of a fresh, empty database for this test."""
+    return make_postgres_url()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def index_url(request, tmp_path: Path) -> str:
+    """Each index backend in turn: make_server(index={"url": index_url}). PostgreSQL is only
+    started for the postgresql runs."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/index.sqlite3"
+    return request.getfixturevalue("postgres_url")
