@@ -121,12 +121,13 @@ class Index:
         try:
             if self.backend == backends.SQLITE:
                 backends.sqlite_path(self.url).parent.mkdir(parents=True, exist_ok=True)
-            database.initialize(backends.connect(self.url, self.pool_size))
+            db = backends.connect(self.url, self.pool_size)
+            database.initialize(db)
             with database.connection_context():
-                if self.auto_migrate or not migrations.version(database.obj):
-                    migrations.upgrade(database.obj, self.label)
+                if self.auto_migrate or not migrations.version(db):
+                    migrations.upgrade(db, self.label)
                 else:
-                    migrations.check(database.obj, self.label)
+                    migrations.check(db, self.label)
         except IndexUnavailable:
             database.initialize(None)
             raise

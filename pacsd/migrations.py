@@ -46,7 +46,8 @@ def version(db: Database) -> int:
     """The schema version of the open database; 0 for an empty one."""
     if not db.table_exists(Meta_._meta.table_name):
         return 0
-    row = Meta_.get_or_none(Meta_.key == "schema_version")
+    with db.bind_ctx([Meta_]):   # `db`, whatever the models' proxy is bound to
+        row = Meta_.get_or_none(Meta_.key == "schema_version")
     return int(row.value) if row is not None else 0
 
 
@@ -76,7 +77,7 @@ def check(db: Database, label: str) -> None:
 def upgrade(db: Database, label: str) -> list[str]:
     """Bring the schema to LATEST; what was done, in words (nothing when it was up to date)."""
     atomic = db.atomic("IMMEDIATE") if isinstance(db, SqliteDatabase) else db.atomic()
-    with atomic:
+    with atomic, db.bind_ctx(MODELS):
         if not isinstance(db, SqliteDatabase):
             db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
         v = version(db)   # read under the lock: another node may have just done it

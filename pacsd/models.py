@@ -24,6 +24,8 @@ from peewee import (
     DatabaseProxy,
     DateTimeField,
     DoubleField,
+    Expression,
+    Field,
     ForeignKeyField,
     IntegerField,
     Model,
@@ -193,7 +195,7 @@ def name_key(name: str) -> str:
     return re.sub(r"[\^ ]+(?=(=|$))", "", name.upper())
 
 
-def starts_with(field: CharField, prefix: str):
+def starts_with(field: Field, prefix: str) -> Expression:
     """`field` begins with `prefix`, as a range on the column's index (both backends; peewee's
     startswith is ILIKE on PostgreSQL, which no btree index serves)."""
     return (field >= prefix) & (field < prefix + "\U0010ffff")
