@@ -16,14 +16,16 @@ from typing import TYPE_CHECKING, Iterator
 from pacsd import __version__, logbook
 from pacsd import config as config_mod
 from pacsd.config import Config
-from pacsd.errors import EXIT_FAILURE, EXIT_OK, PacsError
+from pacsd.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, IndexUnavailable, PacsError
 
 if TYPE_CHECKING:
     from pacsd.directory import Directory
+    from pacsd.index import Index
 
 log = logging.getLogger("pacsd")
 
 EXIT_NOT_RUNNING = 3   # `pacsd status`: no server answers (LSB convention)
+EXIT_INTERRUPTED = 130   # `pacsd index copy` stopped by Ctrl-C (128 + SIGINT)
 
 
 def setup_logging(cfg: Config, to_file: bool = True) -> None:
@@ -75,13 +77,20 @@ def cmd_config(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _index(cfg: Config) -> "Index":
+    """The index, opened without a writer thread, for a one-shot command. A running server may
+    hold it: SQLite lets us read (and wait for our turn to write); PostgreSQL does anyway."""
+    from pacsd.index import Index
+    return Index(cfg.index_url, node=f"cli-{os.getpid()}", pool_size=2,
+                 auto_migrate=cfg.index_auto_migrate).open(writer=False)
+
+
 @contextmanager
 def _directory(cfg: Config) -> Iterator["Directory"]:
     """Nodes and users of the config file plus those added on the admin page (in the index).
     Opened without a writer: a running server may hold the index; SQLite lets us read."""
     from pacsd.directory import Directory
-    from pacsd.index import Index
-    index = Index(cfg.index_url).open(writer=False)
+    index = _index(cfg)
     try:
         yield Directory(cfg, index).open()
     finally:
@@ -201,12 +210,10 @@ class Progress:
 
 def _archive(cfg: Config):
     from pacsd.archive import Archive
-    from pacsd.index import Index
     from pacsd.store import Store
     store = Store(cfg.storage_path, cfg.storage_min_free_mb)
     store.open(clean=False)   # a running server may have temporary files in flight
-    return Archive(store, Index(cfg.index_url).open(writer=False),
-                   overwrite=cfg.storage_overwrite)
+    return Archive(store, _index(cfg), overwrite=cfg.storage_overwrite)
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -248,7 +255,14 @@ def cmd_reindex(args: argparse.Namespace) -> int:
             def progress(done: int, total: int) -> None:
                 bar.total = total
                 bar(done)
-            n = archive.reindex(progress)
+            # Several nodes: this one is stopped, but another could be rebuilding too.
+            if not archive.index.lease("reindex", 24 * 3600):
+                raise PacsError("another node is rebuilding this index (lease 'reindex' held by "
+                                f"{archive.index.lease_holder('reindex')})")
+            try:
+                n = archive.reindex(progress)
+            finally:
+                archive.index.release("reindex")
         finally:
             archive.index.close()
     finally:
@@ -278,9 +292,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                       uptime_s=round(time.time() - run["started"]),
                       echo=f"ok {ms:.0f} ms" if ok else f"FAILED ({message})")
         running = ok
-    if cfg.index_path.exists():
-        from pacsd.index import Index
-        idx = Index(cfg.index_url).open(writer=False)
+    if not cfg.index_is_sqlite or cfg.index_path.exists():
+        idx = _index(cfg)
         try:
             report["index"] = idx.counts()
         finally:
@@ -293,6 +306,105 @@ def cmd_status(args: argparse.Namespace) -> int:
         for k, v in report.items():
             print(f"{k:>12}: {v}")
     return EXIT_OK if running else EXIT_NOT_RUNNING
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """Bring the index's schema to this pacsd's version (what `serve` does at start-up unless
+    [index] auto_migrate = false), or with --status only say where it stands."""
+    from pacsd import backends, migrations
+    from pacsd.models import database
+    cfg = _load(args)
+    setup_logging(cfg, to_file=False)
+    db = backends.connect(cfg.index_url, pool_size=2)
+    database.initialize(db)
+    try:
+        with database.connection_context():
+            before, todo = migrations.version(db), migrations.pending(db)
+            if before > migrations.LATEST:   # refused ("upgrade pacsd"), not "up to date"
+                migrations.check(db, cfg.index_label)
+            if args.status or not todo:
+                state = "up to date" if not todo else \
+                    f"{len(todo)} migration(s) to run: " + "; ".join(m.what for m in todo)
+                print(f"index {cfg.index_label}: schema {before or 'none'} "
+                      f"(this pacsd: {migrations.LATEST}), {state}")
+                return EXIT_OK if not todo or args.status else EXIT_FAILURE
+            for line in migrations.upgrade(db, cfg.index_label):
+                print(f"index {cfg.index_label}: {line}")
+    except PacsError:
+        raise
+    except Exception as e:   # the driver's own error: which index, and why
+        raise IndexUnavailable(f"cannot migrate index {cfg.index_label}: {e}") from None
+    finally:
+        if not database.is_closed():
+            database.close()
+        getattr(db, "close_all", lambda: None)()
+        database.initialize(None)
+    return EXIT_OK
+
+
+def cmd_index_copy(args: argparse.Namespace) -> int:
+    """Copy the configured index, rows with their ids, into the database `--to` names; then say
+    how to switch to it. Resumable; verified by counts (exit 1 if they differ)."""
+    from pacsd import backends
+    from pacsd.daemon import lock_data_folder
+    from pacsd.index_copy import IndexCopy
+    cfg = _load(args)
+    setup_logging(cfg, to_file=False)
+    try:
+        backends.kind(args.to)
+    except ValueError as e:
+        print(f"pacsd: --to: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    # Rows stored while the copy runs would be missed: the source pacsd must be stopped, and
+    # must stay stopped (its data folder is locked meanwhile).
+    fd = lock_data_folder(cfg.data)
+    try:
+        with IndexCopy(cfg.index_url, args.to, batch=args.batch,
+                       migrate_source=cfg.index_auto_migrate) as copy:
+            print(f"copying index {copy.source_label} to {copy.target_label}, in batches of "
+                  f"{args.batch} rows; pacsd must stay stopped until it is done", flush=True)
+            if not cfg.index_is_sqlite:
+                print("  the source is a shared index: stop every pacsd node that uses it, "
+                      "not only this one", flush=True)
+            for line in copy.prepare():
+                print(f"  {line}", flush=True)
+            bars: dict[str, Progress] = {}
+
+            def progress(table: str, done: int, total: int, rate: float) -> None:
+                bar = bars.setdefault(table, Progress(total, f"  {table:<12}"))
+                bar(done, f"{rate:,.0f} rows/s" if rate else "")
+            t0 = time.monotonic()
+            tables = copy.copy(progress)
+            seconds = time.monotonic() - t0
+            checks = copy.verify()
+    except KeyboardInterrupt:
+        print("\npacsd: interrupted; the batches committed so far stay in the target: run the "
+              "same command again to continue", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    finally:
+        os.close(fd)
+    copied = sum(t.copied for t in tables)
+    print(f"copied {copied:,} row(s) in {seconds:.1f} s ({copied / max(seconds, 1e-6):,.0f} "
+          "rows/s)")
+    for t in tables:
+        resumed = f", {t.before:,} there already" if t.before else ""
+        print(f"  {t.table:<12} {t.copied:>10,} row(s) in {t.seconds:6.1f} s "
+              f"({t.copied / max(t.seconds, 1e-6):>9,.0f} rows/s){resumed}")
+    print(f"  {'':<36} {'source':>12} {'target':>12}")
+    for c in checks:
+        print(f"  {c.what:<36} {c.source:>12,} {c.target:>12,}  {'ok' if c.ok else 'DIFFERENT'}")
+    if not all(c.ok for c in checks):
+        print(f"pacsd: the copy in {copy.target_label} differs from the source (see above): did "
+              "a pacsd use the target meanwhile, or the source change after an interrupted "
+              "copy? Empty the target and copy again.", file=sys.stderr)
+        return EXIT_FAILURE
+    where = cfg.source if cfg.source != "defaults" else "the config file"
+    print(f"the copy is complete and verified. Next: in {where} set\n"
+          f"  [index]\n  url = \"{backends.redacted(args.to)}\"\n"
+          + ("(with the real password in place of ***) " if backends.redacted(args.to) != args.to
+             else "")
+          + "and start pacsd again; the storage folder stays as it is.")
+    return EXIT_OK
 
 
 def cmd_passwd(args: argparse.Namespace) -> int:
@@ -314,6 +426,13 @@ def cmd_passwd(args: argparse.Namespace) -> int:
 
 
 # --- parser -----------------------------------------------------------------------------------
+
+def _positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive number")
+    return n
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pacsd", description="A lean, set-and-forget PACS server.")
@@ -361,6 +480,27 @@ def build_parser() -> argparse.ArgumentParser:
     r = common(sub.add_parser("reindex", help="rebuild the index from the stored files "
                                               "(server stopped)"))
     r.set_defaults(func=cmd_reindex)
+
+    mg = common(sub.add_parser("migrate", help="bring the index's schema up to date"))
+    mg.add_argument("--status", action="store_true", help="only show the schema version")
+    mg.set_defaults(func=cmd_migrate)
+
+    ix = sub.add_parser("index", help="the index database as a whole: copy it to another")
+    ixs = ix.add_subparsers(dest="index_command", metavar="COMMAND", required=True)
+    cp = common(ixs.add_parser(
+        "copy", help="copy the index (server stopped) into another database, e.g. PostgreSQL",
+        description="Copy the configured index, every row with its id, into the database "
+                    "--to names (sqlite:///PATH or postgresql://USER:PASSWORD@HOST:PORT/DATABASE;"
+                    " empty, or holding an interrupted copy), so that a clinic moves to "
+                    "PostgreSQL without sending its images again. Stop pacsd first and keep it "
+                    "stopped until the copy is done: rows stored meanwhile would be missed (its "
+                    "data folder is locked meanwhile; with a PostgreSQL source, stop every node). "
+                    "Interrupted (Ctrl-C, kill), the same command carries on where it stopped. "
+                    "Verified by counts; then set [index] url to the URL and start pacsd."))
+    cp.add_argument("--to", required=True, metavar="URL", help="the target database")
+    cp.add_argument("--batch", type=_positive_int, default=5000, metavar="N",
+                    help="rows per transaction (default 5000)")
+    cp.set_defaults(func=cmd_index_copy)
 
     pw = sub.add_parser("passwd", help="print a [[users]] entry with a hashed password")
     pw.add_argument("name")
