@@ -115,11 +115,18 @@ class Archive:
             except (PacsError, OSError, AttributeError) as e:
                 log.warning("stored file %s cannot be indexed: %s", rel, e)
 
-    def recover(self, since: float) -> int:
+    def recover(self, since: float, until: float | None = None) -> int:
         """Index files written after `since` that have no row: a crash came between the rename
         and the commit. Those files are complete (fsync'd before the rename); keeping them is
-        harmless, and the sender, never acknowledged, may send them again (a duplicate)."""
+        harmless, and the sender, never acknowledged, may send them again (a duplicate).
+
+        `until` (this process's start): on a storage volume shared with other nodes, files
+        written since are theirs, maybe still waiting for their commit; they are left alone
+        (neither indexed nor, as second copies, removed), and only the interrupted run's files
+        are looked at."""
         candidates = list(self.store.walk(since=since))
+        if until is not None:
+            candidates = [rel for rel in candidates if self._written_before(rel, until)]
         by_day: dict[str, list[str]] = {}
         for rel in candidates:
             by_day.setdefault(rel[:11], []).append(rel)
@@ -143,6 +150,12 @@ class Archive:
             log.warning("removed %d second copy(ies) of already indexed instance(s) left by an "
                         "interrupted run", len(stray))
         return n
+
+    def _written_before(self, rel: str, moment: float) -> bool:
+        try:
+            return os.stat(self.store.path(rel)).st_mtime < moment
+        except OSError:
+            return False   # gone: its writer dropped it (a duplicate)
 
     def reindex(self, progress: Callable[[int, int], None] | None = None) -> int:
         """Rebuild the index from the files on disk."""

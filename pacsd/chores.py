@@ -34,7 +34,8 @@ class Chore:
 
 class Chores:
     """A thread that, every `interval` seconds, runs each chore whose lease this node holds
-    (the lease lasts 1.5 intervals, so its holder keeps it while alive)."""
+    (the lease lasts two intervals, so its holder keeps it while alive even when a round is
+    late; a stop gives the leases back)."""
 
     def __init__(self, index: Index, store: Store, interval: float) -> None:
         self.index, self.store, self.interval = index, store, interval
@@ -51,6 +52,11 @@ class Chores:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
+        for chore in self.chores:   # the next node need not wait for them to expire
+            try:
+                self.index.release(chore.name)
+            except Exception as e:  # noqa: BLE001 - they expire anyway
+                log.debug("lease %s not released: %s", chore.name, e)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
@@ -61,7 +67,7 @@ class Chores:
         done = []
         for chore in self.chores:
             try:
-                if not self.index.lease(chore.name, self.interval * 1.5):
+                if not self.index.lease(chore.name, self.interval * 2):
                     continue
                 n = chore.run()
                 done.append(chore.name)
@@ -73,6 +79,6 @@ class Chores:
         return done
 
     def _forget_silent_nodes(self) -> int:
-        limit = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(time.time() - ALIVE_MAX_AGE_S))
+        limit = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time.time() - ALIVE_MAX_AGE_S))
         return self.index.submit(lambda: Meta_.delete().where(
             starts_with(Meta_.key, "alive:") & (Meta_.value < limit)).execute())

@@ -211,7 +211,8 @@ class Progress:
 def _archive(cfg: Config):
     from pacsd.archive import Archive
     from pacsd.store import Store
-    store = Store(cfg.storage_path, cfg.storage_min_free_mb)
+    # Temporary files in a folder of their own: a node starting meanwhile cleans only its own.
+    store = Store(cfg.storage_path, cfg.storage_min_free_mb, node="cli")
     store.open(clean=False)   # a running server may have temporary files in flight
     return Archive(store, _index(cfg), overwrite=cfg.storage_overwrite)
 
@@ -255,7 +256,14 @@ def cmd_reindex(args: argparse.Namespace) -> int:
             def progress(done: int, total: int) -> None:
                 bar.total = total
                 bar(done)
-            # Several nodes: this one is stopped, but another could be rebuilding too.
+            # Several nodes: this one is stopped, and so must the others be (a node storing
+            # meanwhile would lose its rows); a running node holds its housekeeping leases.
+            others = [(n, h, left) for n, h, left in archive.index.leases() if n != "reindex"]
+            if others and not cfg.index_is_sqlite and not args.force:
+                name, holder, left = others[0]
+                raise PacsError(f"node {holder} still uses this index (it holds lease {name!r} "
+                                f"for {left:.0f} s more): stop every pacsd node first, or, if "
+                                "it is really gone, wait or use --force")
             if not archive.index.lease("reindex", 24 * 3600):
                 raise PacsError("another node is rebuilding this index (lease 'reindex' held by "
                                 f"{archive.index.lease_holder('reindex')})")
@@ -327,7 +335,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
                     f"{len(todo)} migration(s) to run: " + "; ".join(m.what for m in todo)
                 print(f"index {cfg.index_label}: schema {before or 'none'} "
                       f"(this pacsd: {migrations.LATEST}), {state}")
-                return EXIT_OK if not todo or args.status else EXIT_FAILURE
+                return EXIT_OK
             for line in migrations.upgrade(db, cfg.index_label):
                 print(f"index {cfg.index_label}: {line}")
     except PacsError:
@@ -478,7 +486,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_import)
 
     r = common(sub.add_parser("reindex", help="rebuild the index from the stored files "
-                                              "(server stopped)"))
+                                              "(server stopped; every node of a shared index)"))
+    r.add_argument("--force", action="store_true",
+                   help="rebuild even though another node seems to hold the index (it died "
+                        "without giving back its leases)")
     r.set_defaults(func=cmd_reindex)
 
     mg = common(sub.add_parser("migrate", help="bring the index's schema up to date"))

@@ -142,7 +142,7 @@ class Server:
             directory = Directory(cfg, self.index).open()
             if unclean_since is not None:
                 log.warning("the previous run did not stop cleanly; checking the files it wrote")
-                archive.recover(since=unclean_since - 60)
+                archive.recover(since=unclean_since - 60, until=self.started)
             self.chores = Chores(self.index, store, cfg.housekeeping_interval).start()
             self.dicom = DicomServer(cfg, archive, directory)
             self.dicom.start()

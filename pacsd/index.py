@@ -454,6 +454,14 @@ class Index:
                                      f"holder = {p}", (name, self.node))
         self.submit(work)
 
+    def leases(self) -> list[tuple[str, str, float]]:
+        """The leases held now: (name, holder, seconds until they expire)."""
+        with reading():
+            db = database.obj
+            return [(n, h, float(left)) for n, h, left in db.execute_sql(
+                f"SELECT name, holder, expires - {backends.now_epoch_sql(db)} FROM pacsd_lease "
+                f"WHERE expires >= {backends.now_epoch_sql(db)} ORDER BY name").fetchall()]
+
     def lease_holder(self, name: str) -> str | None:
         """Who holds `name` now (an expired lease counts as nobody's)."""
         with reading():
@@ -477,7 +485,8 @@ class Index:
         `timeout`; raises IndexUnavailable or TimeoutError."""
         with reading():
             Meta_.get_or_none(Meta_.key == "schema_version")
-        key, now = f"alive:{self.node}"[:64], time.strftime("%Y-%m-%d %H:%M:%S")
+        # UTC: nodes in other time zones compare these marks (pacsd.chores).
+        key, now = f"alive:{self.node}"[:64], time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
         self.submit(lambda: Meta_.insert(key=key, value=now).on_conflict(
             conflict_target=[Meta_.key], update={Meta_.value: now}).execute(), timeout=timeout)
 
