@@ -1,32 +1,42 @@
-"""C-FIND matching (PS3.4 C.2.2.2) against a real server, with pynetdicom as SCU."""
+"""C-FIND matching (PS3.4 C.2.2.2) against a real server, with pynetdicom as SCU; every test
+on each index backend (SQLite, PostgreSQL)."""
 
 from __future__ import annotations
 
 import pytest
-from pynetdicom.sop_class import (PatientRootQueryRetrieveInformationModelFind,
-                                  StudyRootQueryRetrieveInformationModelFind)
-
 from conftest import c_find as find
-from conftest import store_files
+from conftest import postgres_database, store_files, write_config
 from data import ct_slice, sample, uid
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+)
 
 STUDY_ROOT = StudyRootQueryRetrieveInformationModelFind
 PATIENT_ROOT = PatientRootQueryRetrieveInformationModelFind
 
 
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def backend_url(request, tmp_path_factory):
+    """Each index backend in turn, for the whole module (conftest's `index_url` is per test)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path_factory.mktemp('find-index') / 'index.sqlite3'}"
+        return
+    with postgres_database(request.getfixturevalue("postgres_server")) as url:
+        yield url
+
+
 @pytest.fixture(scope="module")
-def archive(tmp_path_factory):
+def archive(tmp_path_factory, backend_url):
     """A server holding: 3 patients; patient 1 has a CT+MR study in January 2024 and a CT study in
     2023; patient 2 a CT study in February 2024; patient 3 (Japanese name, ISO 2022 IR 87)."""
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).parent))
-    from conftest import write_config
     from pacsd import config
     from pacsd.daemon import Server
 
     tmp = tmp_path_factory.mktemp("find")
-    server = Server(config.load(write_config(tmp / "c.toml", tmp / "data"), env={})).start()
+    cfg = write_config(tmp / "c.toml", tmp / "data", index={"url": backend_url})
+    server = Server(config.load(cfg, env={})).start()
+    assert server.index is not None and server.index.url == backend_url
     files = []
     specs = [  # patient, study, series, images, modality, date
         (1, 1, 1, 3, "CT", "20240115"), (1, 1, 2, 2, "MR", "20240115"),
