@@ -452,3 +452,150 @@ def run_bench(workdir: Path, keep: bool, prefix: str, bench: Callable[[Path], An
         else:
             shutil.rmtree(run_dir, ignore_errors=True)
     return rc
+
+
+# --- pacsd on a data folder of its own, any index, any storage ----------------------------------
+
+class Pacsd:
+    """`pacsd serve` on a data folder of its own (root/name), ports 0, stopped with SIGTERM.
+
+    index: an SQLite index file copied in before the start (every run starts from the same
+    rows); index_url: `[index] url` instead (PostgreSQL); storage: `[storage] path` (a folder
+    several nodes share) instead of <data>/storage."""
+
+    def __init__(self, root: Path, name: str, index: Path | None = None, *,
+                 index_url: str = "", storage: Path | None = None, aet: str = "PACSD") -> None:
+        self.name = name
+        self.data = root / name
+        self.config = root / f"{name}.toml"
+        self.log = root / f"{name}.log"
+        self.source_index = index
+        self.index_url = index_url
+        self.storage = storage or self.data / "storage"
+        self.aet = aet
+        self.proc: subprocess.Popen | None = None
+        self.port = 0
+        self.url = ""
+        self.node = ""
+        self.startup_s = 0.0
+
+    def start(self, timeout: float = 300.0) -> Pacsd:
+        self.data.mkdir(parents=True)
+        if self.source_index is not None:
+            shutil.copyfile(self.source_index, self.data / "index.sqlite3")
+        q = json.dumps   # a JSON string is a valid TOML basic string here
+        lines = ["[server]", f"data = {q(str(self.data))}",
+                 "[dicom]", f"aet = {q(self.aet)}", "port = 0", f"bind = {q(LOCAL)}",
+                 "[http]", "port = 0", f"bind = {q(LOCAL)}",
+                 "[storage]", f"path = {q(str(self.storage))}",
+                 "[log]", f"file = {q(str(self.log))}"]
+        if self.index_url:
+            lines += ["[index]", f"url = {q(self.index_url)}"]
+        self.config.write_text("\n".join(lines) + "\n")
+        os.sync()   # the copy's write-back must not land inside the timed start
+        t0 = time.perf_counter()
+        self.proc = PROCS.start([sys.executable, "-m", "pacsd", "serve", "--config",
+                                 str(self.config)], self.log.with_suffix(".out"), cwd=REPO)
+        info = wait_pacsd(self.proc, self.data, timeout, self.log)
+        self.startup_s = time.perf_counter() - t0
+        self.port = int(info["dicom_port"])
+        self.url = f"http://{LOCAL}:{info['http_port']}"
+        self.node = str(info.get("node", ""))
+        return self
+
+    def stored(self) -> int:
+        """.dcm files in the storage folder (its hidden temporary folder left out)."""
+        return count_files(self.storage, ".dcm")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            rc = PROCS.stop(self.proc, grace=30)
+            if rc not in (0, None):
+                say(f"warning: pacsd {self.name} exited {rc}; log {self.log}")
+            self.proc = None
+
+    def log_problems(self) -> dict[str, int]:
+        """How many lines of its log are warnings, errors, and index batches run again (after
+        a deadlock or a lost connection)."""
+        text = log_tail(self.log, 1 << 30) + log_tail(self.log.with_suffix(".out"), 1 << 30)
+        return {"warnings": text.count(" WARNING "), "errors": text.count(" ERROR ") +
+                text.count("Traceback"), "retried_batches": text.count("running it again")}
+
+
+# --- a throw-away PostgreSQL (tests/postgres.py), durable like a production server -------------
+
+def postgres_module() -> Any:
+    """tests/postgres.py, the throw-away cluster the tests use too."""
+    sys.path.insert(0, str(REPO / "tests"))
+    import postgres  # tests/postgres.py
+    return postgres
+
+
+def postgres_cluster(parent: Path) -> Any:
+    """A context manager: a new, durable PostgreSQL cluster (fsync, synchronous_commit and
+    full_page_writes on; tests/postgres.py's DURABLE settings) in a folder made in `parent`
+    (put it on the disk the SQLite index is on), stopped and deleted at the end. Yields a
+    PostgresServer (.url, .database_url(name), .admin(), .folder)."""
+    pg = postgres_module()
+    try:
+        pg.postgres_bindir()
+    except pg.PostgresMissing as e:
+        raise SystemExit(str(e)) from None
+    return pg.throwaway_cluster(durable=True, parent=parent)
+
+
+def postmaster_pid(server: Any) -> int | None:
+    """The pid of a throw-away cluster's server process (from its postmaster.pid)."""
+    try:
+        return int((server.folder / "data" / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError, AttributeError, TypeError):
+        return None
+
+
+def tree_cpu(pid: int | None) -> float:
+    """CPU seconds (user + system) of a process and its descendants, the exited ones it reaped
+    included (PostgreSQL's backends are children of the postmaster)."""
+    if pid is None:
+        return 0.0
+    import psutil
+    try:
+        return Sampler(pid, tree=True).cpu()
+    except psutil.Error:
+        return 0.0
+
+
+def keep_postgres_log(server: Any, dest: Path) -> dict[str, int]:
+    """Copy a throw-away cluster's log to `dest` (the cluster's folder goes when it stops);
+    how many of its lines are errors, fatal errors and deadlocks."""
+    try:
+        text = (server.folder / "postgres.log").read_text(errors="replace")
+    except (OSError, AttributeError, TypeError):
+        return {}
+    dest.write_text(text)
+    # Before it is ready the server refuses the readiness probe's connections (FATAL: the
+    # database system is starting up): not a problem of the run.
+    text = text.split("database system is ready to accept connections", 1)[-1]
+    return {"errors": text.count("ERROR:"), "fatal": text.count("FATAL:"),
+            "deadlocks": text.count("deadlock detected")}
+
+
+# --- printing ---------------------------------------------------------------------------------
+
+def grid(head: tuple[str, ...], rows: list[tuple[str, ...]], left: int = 1) -> list[str]:
+    """A plain-text table: columns padded to their widest cell, the first `left` columns
+    left-aligned and the others right-aligned, a rule under the head."""
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+
+    def line(r: tuple[str, ...]) -> str:
+        return "  ".join(c.ljust(w) if i < left else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip()
+    return [line(head), line(tuple("-" * w for w in widths)), *map(line, rows)]
+
+
+def reporter(table: Callable[[Any], str], json_path: str | None) -> Callable[[Any], None]:
+    """run_bench's `report`: print the table, and write the figures as JSON if asked to."""
+    def report(res: Any) -> None:
+        print(table(res))
+        if json_path:
+            Path(json_path).write_text(json.dumps(res, indent=1) + "\n")
+    return report

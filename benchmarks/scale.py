@@ -1,16 +1,18 @@
 #!/usr/bin/env python3
-"""Scale benchmark: pacsd with an index of a million instances (issue 8).
+"""Scale benchmark: pacsd with an index of a million instances (issue 8), on SQLite and on
+PostgreSQL side by side (issue 9).
 
 Not a test (pytest never collects it). Run it from the repository with the project's venv:
 
-    .venv/bin/python benchmarks/scale.py                        # 1,000,000 instances
+    .venv/bin/python benchmarks/scale.py                        # 1,000,000 instances, both
+    .venv/bin/python benchmarks/scale.py --backend sqlite       # SQLite only (issue 8's run)
     .venv/bin/python benchmarks/scale.py --instances 10000000   # the long form
     .venv/bin/python benchmarks/scale.py --instances 20000 --runs 5 --store-runs 1  # a quick look
     .venv/bin/python benchmarks/scale.py --json scale.json --keep
     .venv/bin/python benchmarks/scale.py --fill-only            # build (or find) the index, print
                                                                 # its size and sample keys, stop
 
-What it does (127.0.0.1 only; DCMTK clients with TCP_NODELAY=1):
+What it does (127.0.0.1 only; DCMTK clients with TCP_NODELAY=1), on each --backend:
   fill      a pacsd index (the schema pacsd itself creates: `Index(url).open()`) filled with
             --instances rows, generated directly (no files): tens of thousands of patients with
             surnames from a frequency list (so `SMI*` matches a realistic share), ten years of
@@ -20,21 +22,31 @@ What it does (127.0.0.1 only; DCMTK clients with TCP_NODELAY=1):
             SQL afterwards; no ANALYZE (pacsd never runs it). Cached in --workdir (default
             <repo>/bench-data, git-ignored), keyed on the parameters and on pacsd's schema, so a
             re-run skips the fill. Prints the fill time and the size on disk.
+  PostgreSQL  a throw-away cluster (tests/postgres.py) in --workdir, durable like production
+            (fsync, synchronous_commit, full_page_writes on; shared_buffers 1GB, see DURABLE
+            there), started for the run and deleted after it. The same rows are loaded into it
+            from the SQLite fill by `pacsd index copy --to URL` (--pg-load copy: COPY, indexes
+            built afterwards), then VACUUM ANALYZE and CHECKPOINT (what autovacuum and the
+            checkpointer soon do on a live server). Each pacsd gets its own copy of that
+            database (CREATE DATABASE ... TEMPLATE) or a new empty one; the size is
+            pg_database_size.
   start-up  `pacsd serve` (ports 0) from process start until <data>/pacsd.json names it: on a
-            copy of the big index, and on an empty data folder
+            copy of the big index, and on an empty index
   queries   median and p95 over --runs of: C-FIND with DCMTK `findscu -S` (process start and
             association included), the same with pynetdicom on one open association, and
             QIDO-RS on one keep-alive HTTP session: STUDY level by PatientID, by PatientName
             `SMI*`, by a one-month StudyDate range, by AccessionNumber, by that month and
             ModalitiesInStudy=CT (a worklist), by PatientID and ModalitiesInStudy=CT\\MR (a
-            viewer's priors); SERIES level of one study; IMAGE level of one series. Every answer's number of matches is checked
-            against what the generator put in. Also /status (Index.counts: a COUNT per table and
-            a SUM(size) over every instance), the admin page's /api/status and `pacsd status`.
+            viewer's priors); SERIES level of one study; IMAGE level of one series. Every
+            answer's number of matches is checked against what the generator put in. Also
+            /status (Index.counts: a COUNT per table and a SUM(size) over every instance), the
+            admin page's /api/status and `pacsd status`.
   C-STORE   --store-images 512x512 CT images (tests/data.py, cached) with one `storescu`
             association into a fresh copy of the big index and into an empty archive,
             interleaved, --store-runs of each; median throughput and the ratio big / empty.
 
-Every subprocess is stopped at exit (Ctrl-C included); run folders are removed unless --keep.
+One table, a column per backend. Every subprocess is stopped at exit (Ctrl-C included), the
+PostgreSQL cluster too; run folders are removed unless --keep.
 """
 
 from __future__ import annotations
@@ -66,12 +78,16 @@ from harness import (
     REPO,
     BenchError,
     MiB,
-    count_files,
+    Pacsd,
+    grid,
+    keep_postgres_log,
+    postgres_cluster,
+    postgres_module,
+    reporter,
     run_bench,
     run_client,
     say,
     tool,
-    wait_pacsd,
 )
 
 sys.path.insert(0, str(REPO))
@@ -360,11 +376,13 @@ def _schema_sql(path: Path) -> list[tuple[str, str, str]]:
         con.close()
 
 
-def _pacsd_empty_index(path: Path) -> None:
-    """An empty index made by pacsd itself (in a child process: one Index per process)."""
+def _pacsd_empty_index(where: Path | str) -> None:
+    """An empty index made by pacsd itself (in a child process: one Index per process): an
+    SQLite file, or the tables in the database of a URL."""
+    url = where if isinstance(where, str) else f"sqlite:///{where}"
     code = ("import sys; from pacsd.index import Index; "
-            "Index('sqlite:///' + sys.argv[1]).open(writer=False).close()")
-    subprocess.run([sys.executable, "-c", code, str(path)], cwd=REPO, check=True, timeout=60)
+            "Index(sys.argv[1]).open(writer=False).close()")
+    subprocess.run([sys.executable, "-c", code, url], cwd=REPO, check=True, timeout=120)
 
 
 def disk_size(db: Path) -> int:
@@ -435,51 +453,173 @@ def ensure_index(workdir: Path, n: int, seed: int) -> tuple[Path, dict[str, Any]
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-# --- processes --------------------------------------------------------------------------------
+# --- the same rows in PostgreSQL -----------------------------------------------------------------
 
-class Pacsd:
-    """`pacsd serve` on a data folder of its own, ports 0, stopped with SIGTERM."""
+DICOM_TABLES = ("patient", "study", "series", "instance")   # parents first (foreign keys)
 
-    def __init__(self, root: Path, name: str, index: Path | None) -> None:
-        self.name = name
-        self.data = root / name
-        self.config = root / f"{name}.toml"
-        self.log = root / f"{name}.log"
-        self.source_index = index
-        self.proc: subprocess.Popen | None = None
-        self.port = 0
-        self.url = ""
-        self.startup_s = 0.0
 
-    def start(self, timeout: float = 300.0) -> Pacsd:
-        self.data.mkdir(parents=True)
-        if self.source_index is not None:   # a fresh copy: every run starts from the same rows
-            shutil.copyfile(self.source_index, self.data / "index.sqlite3")
-        q = json.dumps   # a JSON string is a valid TOML basic string here
-        self.config.write_text("\n".join([
-            "[server]", f"data = {q(str(self.data))}",
-            "[dicom]", f"aet = {q(PACSD_AET)}", "port = 0", f"bind = {q(LOCAL)}",
-            "[http]", "port = 0", f"bind = {q(LOCAL)}",
-            "[log]", f"file = {q(str(self.log))}", ""]))
-        os.sync()   # the copy's write-back must not land inside the timed start
-        t0 = time.perf_counter()
-        self.proc = PROCS.start([sys.executable, "-m", "pacsd", "serve", "--config",
-                                 str(self.config)], self.log.with_suffix(".out"), cwd=REPO)
-        info = wait_pacsd(self.proc, self.data, timeout, self.log)
-        self.startup_s = time.perf_counter() - t0
-        self.port = int(info["dicom_port"])
-        self.url = f"http://{LOCAL}:{info['http_port']}"
-        return self
+def _pg_schema(conn: Any) -> tuple[list[tuple[str, str]], list[tuple[str, str, str]]]:
+    """(name, definition) of the secondary indexes of the DICOM tables (those not behind a
+    primary key or a constraint), and (table, name, definition) of their foreign keys."""
+    indexes = conn.execute(
+        "SELECT c.relname, pg_get_indexdef(i.indexrelid) FROM pg_index i"
+        " JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_class t ON t.oid = i.indrelid"
+        " WHERE t.relname = ANY(%s) AND t.relnamespace = 'public'::regnamespace"
+        " AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid)"
+        " ORDER BY c.relname", (list(DICOM_TABLES),)).fetchall()
+    fks = conn.execute(
+        "SELECT t.relname, k.conname, pg_get_constraintdef(k.oid) FROM pg_constraint k"
+        " JOIN pg_class t ON t.oid = k.conrelid WHERE k.contype = 'f'"
+        " AND t.relname = ANY(%s) AND t.relnamespace = 'public'::regnamespace"
+        " ORDER BY t.relname, k.conname", (list(DICOM_TABLES),)).fetchall()
+    return [tuple(r) for r in indexes], [tuple(r) for r in fks]
 
-    def stored(self) -> int:
-        return count_files(self.data / "storage", ".dcm")
 
-    def stop(self) -> None:
-        if self.proc is not None:
-            rc = PROCS.stop(self.proc, grace=30)
-            if rc not in (0, None):
-                say(f"warning: pacsd {self.name} exited {rc}; log {self.log}")
-            self.proc = None
+def copy_rows(db: Path, url: str) -> None:
+    """The rows of the SQLite index `db` into the database `url`, which holds pacsd's empty
+    schema: COPY with the secondary indexes and foreign keys dropped, then re-created from their
+    own definitions, and the id sequences moved past the rows."""
+    import psycopg
+    src = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        with psycopg.connect(url, connect_timeout=10) as conn:
+            conn.execute("SET synchronous_commit = off")   # one commit; durable at CHECKPOINT
+            conn.execute("SET maintenance_work_mem = '1GB'")
+            indexes, fks = _pg_schema(conn)
+            for table, name, _ in fks:
+                conn.execute(f'ALTER TABLE "{table}" DROP CONSTRAINT "{name}"')
+            for name, _ in indexes:
+                conn.execute(f'DROP INDEX "{name}"')
+            for table in DICOM_TABLES:
+                cols = [r[0] for r in conn.execute(
+                    "SELECT column_name FROM information_schema.columns WHERE table_name = %s"
+                    " AND table_schema = 'public' ORDER BY ordinal_position", (table,))]
+                have = [r[1] for r in src.execute(f'PRAGMA table_info("{table}")')]
+                if sorted(cols) != sorted(have):
+                    raise BenchError(f"table {table}: PostgreSQL has columns {cols}, the SQLite "
+                                     f"index {have}")
+                names = ", ".join(f'"{c}"' for c in cols)
+                with conn.cursor().copy(f'COPY "{table}" ({names}) FROM STDIN') as copy:
+                    for row in src.execute(f'SELECT {names} FROM "{table}" ORDER BY id'):
+                        copy.write_row(row)
+            for _, sql in indexes:
+                conn.execute(sql)
+            for table, name, sql in fks:
+                conn.execute(f'ALTER TABLE "{table}" ADD CONSTRAINT "{name}" {sql}')
+            for table in DICOM_TABLES:
+                conn.execute(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'),"
+                             f' (SELECT max(id) FROM "{table}"))')
+            if _pg_schema(conn) != (indexes, fks):
+                raise BenchError("the loaded PostgreSQL index does not have pacsd's schema")
+    finally:
+        src.close()
+
+
+def pacsd_index_copy(db: Path, url: str, scratch: Path) -> None:
+    """`pacsd index copy --to URL` from a copy of the SQLite index `db` (the cache is never
+    opened by pacsd: it would migrate it, or leave a WAL beside it)."""
+    data = scratch / "index-copy"
+    data.mkdir()
+    shutil.copyfile(db, data / "index.sqlite3")
+    q = json.dumps
+    config = data / "pacsd.toml"
+    config.write_text("\n".join([
+        "[server]", f"data = {q(str(data))}",
+        "[index]", f"url = {q('sqlite:///' + str(data / 'index.sqlite3'))}",
+        "[log]", f"file = {q(str(scratch / 'index-copy.log'))}", ""]))
+    log = scratch / "index-copy.out"
+    try:
+        run_client([sys.executable, "-m", "pacsd", "index", "copy", "--to", url, "--config",
+                    str(config)], log, timeout=1800)
+    except BenchError as e:
+        raise BenchError(f"pacsd index copy: {e}\n{log.read_text(errors='replace')[-2000:]}"
+                         ) from None
+    finally:
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def load_postgres(db: Path, url: str, how: str, scratch: Path) -> float:
+    """The filled SQLite index `db` in the empty database `url`; seconds taken.
+
+    how="pacsd": `pacsd index copy` (rows in batches, pacsd's indexes kept up to date row by
+    row, as a clinic moving its index would do); how="copy": COPY into the schema that
+    `Index(url).open()` makes, indexes built afterwards (faster at tens of millions).
+    Then VACUUM ANALYZE and CHECKPOINT, which autovacuum and the checkpointer would soon do on
+    a live server: the queries run on settled statistics, and no write-back of the load lands
+    inside a measurement."""
+    import psycopg
+    t0 = time.perf_counter()
+    if how == "pacsd":
+        pacsd_index_copy(db, url, scratch)
+    else:
+        _pacsd_empty_index(url)
+        copy_rows(db, url)
+    with psycopg.connect(url, connect_timeout=10, autocommit=True) as conn:
+        conn.execute("VACUUM (ANALYZE)")
+        conn.execute("CHECKPOINT")
+    return time.perf_counter() - t0
+
+
+class SqliteIndexes:
+    """The big index (a copy of the cached fill for each pacsd) and empty ones, in SQLite."""
+
+    name, title = "sqlite", "SQLite"
+
+    def __init__(self, db: Path) -> None:
+        self.db = db
+
+    def big(self) -> dict[str, Any]:
+        return {"index": self.db}
+
+    def empty(self) -> dict[str, Any]:
+        return {}
+
+    def done(self, where: dict[str, Any]) -> None:
+        pass   # the copy is in the pacsd's data folder
+
+    def describe(self) -> dict[str, Any]:
+        return {"index_bytes": disk_size(self.db), "version": sqlite3.sqlite_version}
+
+
+class PostgresIndexes:
+    """The big index loaded once into a database of a throw-away durable cluster, and for each
+    pacsd a copy of it (CREATE DATABASE ... TEMPLATE, file by file) or a new empty database."""
+
+    name, title = "postgresql", "PostgreSQL"
+
+    def __init__(self, server: Any, db: Path, how: str, scratch: Path) -> None:
+        self.pg = postgres_module()
+        self.server = server
+        with server.admin() as conn:
+            self.version = conn.execute("SHOW server_version").fetchone()[0].split()[0]
+        self.url = self.pg.create_database(server, "bench_big_")
+        self.template = self.url.rsplit("/", 1)[1]
+        say(f"loading the index into PostgreSQL {self.version} ({how}) ...")
+        self.load_s = load_postgres(db, self.url, how, scratch)
+        self.how = how
+        say(f"loaded in {self.load_s:.1f} s; {pg_size(server, self.url) / MiB:,.0f} MiB")
+
+    def big(self) -> dict[str, Any]:
+        url = self.pg.create_database(self.server, "bench_run_", template=self.template,
+                                      strategy="FILE_COPY")
+        return {"index_url": url}
+
+    def empty(self) -> dict[str, Any]:
+        return {"index_url": self.pg.create_database(self.server, "bench_run_")}
+
+    def done(self, where: dict[str, Any]) -> None:
+        self.pg.drop_database(self.server, where["index_url"])
+
+    def describe(self) -> dict[str, Any]:
+        return {"index_bytes": pg_size(self.server, self.url), "version": self.version,
+                "load": self.how, "load_s": round(self.load_s, 1),
+                "settings": self.pg.DURABLE}
+
+
+def pg_size(server: Any, url: str) -> int:
+    name = url.rsplit("/", 1)[1]
+    with server.admin() as conn:
+        return int(conn.execute("SELECT pg_database_size(%s)", (name,)).fetchone()[0])
 
 
 def timed_run(cmd: list[str], log: Path, timeout: float = 120.0) -> tuple[float, str]:
@@ -688,131 +828,197 @@ def store_once(server: Pacsd, images: Path, n: int) -> float:
 
 # --- the run ----------------------------------------------------------------------------------
 
-def bench(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
+def measure(args: argparse.Namespace, run_dir: Path, ix: Any, images: Path,
+            t: Targets) -> dict[str, Any]:
+    """Every figure on one backend: queries and /status on the big index (and /status on an
+    empty one), start-up times, C-STORE into the big and the empty archive, interleaved."""
     import requests
-    from pynetdicom import __version__ as pynetdicom_version
-
-    db, info = ensure_index(args.workdir, args.instances, args.seed)
-    t = Targets(**info["targets"])
-    res: dict[str, Any] = {
-        "instances": args.instances, "counts": info["counts"], "targets": info["targets"],
-        "fill_s": info["fill_s"], "index_bytes": disk_size(db), "index_path": str(db),
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                    "sqlite": sqlite3.sqlite_version, "pynetdicom": pynetdicom_version}}
-    if args.fill_only:
-        return res
-    images = ensure_images(args.workdir, args.store_images)
+    WRONG.clear()
     n_images = sum(1 for _ in images.glob("*.dcm"))
     startup: dict[str, list[float]] = {"big": [], "empty": []}
     qs = queries(t)
+    res: dict[str, Any] = ix.describe()
+
+    def start(name: str, kind: str) -> tuple[Pacsd, dict[str, Any]]:
+        where = ix.big() if kind == "big" else ix.empty()
+        server = Pacsd(run_dir, f"{ix.name}-{name}", **where)
+        try:
+            server.start()
+        except BaseException:
+            server.stop()
+            ix.done(where)
+            raise
+        startup[kind].append(server.startup_s)
+        return server, where
+
+    def stop(server: Pacsd, where: dict[str, Any]) -> None:
+        server.stop()
+        ix.done(where)
+        if not args.keep:
+            shutil.rmtree(server.data, ignore_errors=True)
 
     # --- queries on the big index, and /status on both -------------------------------------
-    big = Pacsd(run_dir, "query-big", db).start()
-    startup["big"].append(big.startup_s)
-    empty = Pacsd(run_dir, "query-empty", None).start()
-    startup["empty"].append(empty.startup_s)
+    big, big_at = start("query-big", "big")
     try:
-        say(f"pacsd up on the {args.instances:,}-instance index in {big.startup_s:.2f} s; "
-            f"C-FIND with findscu, {args.runs} run(s) per query")
-        res["findscu"] = {}
-        for q in qs:
-            res["findscu"][q.name] = findscu(big.port, q, args.runs,
-                                              run_dir / f"findscu-{q.name}.log")
-        say("C-FIND with pynetdicom on one association")
-        res["pynetdicom"] = pynetdicom_find(big.port, qs, args.runs)
-        say("QIDO-RS on one keep-alive session")
-        res["qido"] = {}
-        with requests.Session() as s:
-            s.get(big.url + "/status", timeout=120)   # the session's connection is open
+        empty, empty_at = start("query-empty", "empty")
+        try:
+            say(f"{ix.title}: pacsd up on the {args.instances:,}-instance index in "
+                f"{big.startup_s:.2f} s; C-FIND with findscu, {args.runs} run(s) per query")
+            res["findscu"] = {}
             for q in qs:
-                res["qido"][q.name] = qido(s, big.url, q, args.runs)
-            res["status"] = {}
-            for label, server in (("big", big), ("empty", empty)):
-                for path in ("/status", "/api/status"):
-                    res["status"][f"{path} {label}"] = http_get(s, server.url + path,
-                                                               args.status_runs)
-        say("pacsd status (the CLI: its own process, C-ECHO, Index.counts)")
-        times = [timed_run([sys.executable, "-m", "pacsd", "status", "--config",
-                            str(big.config)], run_dir / "pacsd-status.log")[0]
-                 for _ in range(args.status_runs)]
-        res["status"]["pacsd status big"] = stats(times)
+                res["findscu"][q.name] = findscu(big.port, q, args.runs,
+                                                  run_dir / f"{ix.name}-findscu-{q.name}.log")
+            say("C-FIND with pynetdicom on one association")
+            res["pynetdicom"] = pynetdicom_find(big.port, qs, args.runs)
+            say("QIDO-RS on one keep-alive session")
+            res["qido"] = {}
+            with requests.Session() as s:
+                for server in (big, empty):   # the session's connections are open (and
+                    s.get(server.url + "/status", timeout=120)   # the servers' first reads done)
+                for q in qs:
+                    res["qido"][q.name] = qido(s, big.url, q, args.runs)
+                res["status"] = {}
+                for label, server in (("big", big), ("empty", empty)):
+                    for path in ("/status", "/api/status"):
+                        res["status"][f"{path} {label}"] = http_get(s, server.url + path,
+                                                                   args.status_runs)
+            say("pacsd status (the CLI: its own process, C-ECHO, Index.counts)")
+            times = [timed_run([sys.executable, "-m", "pacsd", "status", "--config",
+                                str(big.config)], run_dir / f"{ix.name}-pacsd-status.log")[0]
+                     for _ in range(args.status_runs)]
+            res["status"]["pacsd status big"] = stats(times)
+        finally:
+            stop(empty, empty_at)
     finally:
-        big.stop()
-        empty.stop()
-        if not args.keep:
-            shutil.rmtree(big.data, ignore_errors=True)
-            shutil.rmtree(empty.data, ignore_errors=True)
+        res["log_problems"] = big.log_problems()
+        stop(big, big_at)
 
     # --- C-STORE, interleaved -------------------------------------------------------------
     store: dict[str, list[float]] = {"big": [], "empty": []}
     for r in range(args.store_runs):
-        order = ("big", "empty") if r % 2 == 0 else ("empty", "big")
-        for kind in order:
-            server = Pacsd(run_dir, f"store-{kind}-{r + 1}", db if kind == "big" else None)
-            server.start()
-            startup[kind].append(server.startup_s)
+        for kind in (("big", "empty") if r % 2 == 0 else ("empty", "big")):
+            server, at = start(f"store-{kind}-{r + 1}", kind)
             try:
-                say(f"run {r + 1}/{args.store_runs}: C-STORE {n_images} images into the "
-                    f"{kind} archive (started in {server.startup_s:.2f} s)")
+                say(f"{ix.title}, run {r + 1}/{args.store_runs}: C-STORE {n_images} images "
+                    f"into the {kind} archive (started in {server.startup_s:.2f} s)")
                 store[kind].append(store_once(server, images, n_images))
             finally:
-                server.stop()
-                if not args.keep:
-                    shutil.rmtree(server.data, ignore_errors=True)
+                for k, v in server.log_problems().items():
+                    res["log_problems"][k] += v
+                stop(server, at)
     res["store"] = {k: {"images": n_images, "runs_s": [round(x, 3) for x in v],
                         "median_s": round(statistics.median(v), 3),
                         "images_per_s": round(n_images / statistics.median(v), 1)}
                     for k, v in store.items()}
     res["store"]["ratio"] = round(res["store"]["big"]["images_per_s"] /
                                   res["store"]["empty"]["images_per_s"], 3)
-    res["wrong_counts"] = WRONG
+    res["wrong_counts"] = list(WRONG)
     res["startup"] = {k: {"runs_s": [round(x, 3) for x in v],
                           "median_s": round(statistics.median(v), 3)} for k, v in startup.items()}
     return res
 
 
+def bench(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
+    from pynetdicom import __version__ as pynetdicom_version
+
+    db, info = ensure_index(args.workdir, args.instances, args.seed)
+    res: dict[str, Any] = {
+        "instances": args.instances, "counts": info["counts"], "targets": info["targets"],
+        "fill_s": info["fill_s"], "index_bytes": disk_size(db), "index_path": str(db),
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "sqlite": sqlite3.sqlite_version, "pynetdicom": pynetdicom_version},
+        "backends": {}}
+    if args.fill_only:
+        return res
+    images = ensure_images(args.workdir, args.store_images)
+    t = Targets(**info["targets"])
+    for backend in BACKENDS[args.backend]:
+        if backend == "sqlite":
+            res["backends"][backend] = measure(args, run_dir, SqliteIndexes(db), images, t)
+            continue
+        # The cluster's folder sits beside the SQLite index (same disk), not in run_dir (0700:
+        # closed to the postgres user); it is deleted when the block ends, Ctrl-C included.
+        with postgres_cluster(args.workdir) as server:
+            try:
+                ix = PostgresIndexes(server, db, args.pg_load, run_dir)
+                res["backends"][backend] = measure(args, run_dir, ix, images, t)
+            finally:
+                PROCS.stop_all()   # no pacsd left connected when the cluster stops
+                server_log = keep_postgres_log(server, run_dir / "postgres.log")
+            res["backends"][backend]["server_log"] = server_log
+    return res
+
+
+BACKENDS = {"sqlite": ("sqlite",), "postgresql": ("postgresql",),
+            "both": ("sqlite", "postgresql")}
+
+
 def table(res: dict[str, Any]) -> str:
-    c = res["counts"]
+    c, m = res["counts"], res["machine"]
     out = [(f"pacsd at scale: {c['instances']:,} instances, {c['series']:,} series, "
-            f"{c['studies']:,} studies, {c['patients']:,} patients; index on disk "
-            f"{res['index_bytes'] / MiB:,.0f} MiB (filled in {res['fill_s']:.0f} s); "
-            f"{res['machine']['cpus']} CPUs, SQLite {res['machine']['sqlite']}, "
-            f"pynetdicom {res['machine']['pynetdicom']}"), ""]
-    if "findscu" not in res:
-        return "\n".join(out + [json.dumps(res["targets"], indent=1)])
+            f"{c['studies']:,} studies, {c['patients']:,} patients (generated in "
+            f"{res['fill_s']:.0f} s); {m['cpus']} CPUs, pynetdicom {m['pynetdicom']}"), ""]
+    b = res["backends"]
+    if not b:
+        return "\n".join(out + [f"SQLite index: {res['index_bytes'] / MiB:,.0f} MiB",
+                                json.dumps(res["targets"], indent=1)])
+    names = list(b)
+    titles = tuple({"sqlite": "SQLite", "postgresql": "PostgreSQL"}[n] for n in names)
     t = Targets(**res["targets"])
-    rows: list[tuple[str, ...]] = []
 
     def ms(d: dict[str, float]) -> str:
         return f"{d['median_ms']:.1f} / {d['p95_ms']:.1f}"
 
-    for q in queries(t):
-        rows.append((q.label if len(q.label) < 48 else q.label[:45] + "...", str(q.expected),
-                     ms(res["findscu"][q.name]), ms(res["pynetdicom"][q.name]),
-                     ms(res["qido"][q.name])))
-    head = ("query (Study Root)", "matches", "findscu -S ms", "pynetdicom 1 assoc ms",
-            "QIDO-RS ms")
-    widths = [max(len(r[i]) for r in rows + [head]) for i in range(5)]
+    def each(f: Any) -> tuple[str, ...]:
+        return tuple(f(b[n]) for n in names)
 
-    def line(r: tuple[str, ...]) -> str:
-        return "  ".join(r[i].ljust(widths[i]) if i == 0 else r[i].rjust(widths[i])
-                         for i in range(5))
-    runs = res["findscu"]["patient_id"]["runs"]
-    out += [(f"Query latency, median / p95 of {runs} runs (findscu: its process and "
-             "association included)"), line(head), line(tuple("-" * w for w in widths)), *map(line, rows), ""]
-    s = res["status"]
-    out.append("Status (median / p95 ms): " + "; ".join(f"{k} {ms(v)}" for k, v in s.items()))
-    st = res["startup"]
-    out.append(f"Start-up, process start to ready (median): {st['big']['median_s']:.2f} s with "
-               f"the big index, {st['empty']['median_s']:.2f} s empty "
-               f"(runs: {st['big']['runs_s']} / {st['empty']['runs_s']})")
-    b, e = res["store"]["big"], res["store"]["empty"]
-    out.append(f"C-STORE {b['images']} CT 512x512, 1 storescu association, median of "
-               f"{len(b['runs_s'])}: {b['images_per_s']:.0f} img/s into the big archive, "
-               f"{e['images_per_s']:.0f} img/s into an empty one: ratio {res['store']['ratio']:.2f}"
-               f" (runs s: {b['runs_s']} / {e['runs_s']})")
-    for message, n in collections.Counter(res.get("wrong_counts", [])).items():
-        out.append(f"WRONG NUMBER OF MATCHES ({n} run(s)): {message}")
+    rows: list[tuple[str, ...]] = []
+    for q in queries(t):
+        label = q.label if len(q.label) < 48 else q.label[:45] + "..."
+        for i, (client, key) in enumerate((("findscu -S", "findscu"),
+                                           ("pynetdicom, 1 assoc.", "pynetdicom"),
+                                           ("QIDO-RS", "qido"))):
+            rows.append((label if i == 0 else "", str(q.expected) if i == 0 else "", client,
+                         *each(lambda r, k=key, n=q.name: ms(r[k][n]))))
+    runs = b[names[0]]["findscu"]["patient_id"]["runs"]
+    out += [(f"Query latency in ms, median / p95 of {runs} runs (findscu: its process and "
+             "association included)"),
+            *grid(("query (Study Root)", "matches", "client", *titles), rows, 3), ""]
+    rows = [(k, *each(lambda r, k=k: ms(r["status"][k]))) for k in b[names[0]]["status"]]
+    out += ["Status, ms (median / p95)", *grid(("", *titles), rows, 1), ""]
+
+    def store(kind: str) -> Any:
+        return lambda r: f"{r['store'][kind]['images_per_s']:.0f}"
+
+    def startup(kind: str) -> Any:
+        return lambda r: f"{r['startup'][kind]['median_s']:.2f}"
+
+    st0 = b[names[0]]["store"]["big"]
+    rows = [
+        ("index size on disk, MiB", *each(lambda r: f"{r['index_bytes'] / MiB:,.0f}")),
+        ("version", *each(lambda r: r["version"])),
+        ("loaded in, s", *each(lambda r: f"{r['load_s']:.0f} ({r['load']})" if "load_s" in r
+                               else "-")),
+        ("start-up with the big index, s", *each(startup("big"))),
+        ("start-up empty, s", *each(startup("empty"))),
+        ("C-STORE into the big archive, img/s", *each(store("big"))),
+        ("C-STORE into an empty archive, img/s", *each(store("empty"))),
+        ("ratio big / empty", *each(lambda r: f"{r['store']['ratio']:.2f}")),
+        ("pacsd log: warnings / errors / batches retried",
+         *each(lambda r: "{warnings} / {errors} / {retried_batches}".format(**r["log_problems"]))),
+        ("server log: ERROR / FATAL / deadlocks",
+         *each(lambda r: "{errors} / {fatal} / {deadlocks}".format(**r["server_log"])
+               if r.get("server_log") else "-")),
+    ]
+    out += [(f"Index, start-up (median) and C-STORE of {st0['images']} CT 512x512 over one "
+             f"storescu association (median of {len(st0['runs_s'])} runs each)"),
+            *grid(("", *titles), rows, 1)]
+    if "settings" in b.get("postgresql", {}):
+        out.append("PostgreSQL: a throw-away cluster on the same disk, " + ", ".join(
+            f"{k}={v}" for k, v in b["postgresql"]["settings"].items()))
+    for n in names:
+        for message, k in collections.Counter(b[n].get("wrong_counts", [])).items():
+            out.append(f"WRONG NUMBER OF MATCHES, {n} ({k} run(s)): {message}")
     return "\n".join(out)
 
 
@@ -831,6 +1037,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="CT images per C-STORE run (default 400)")
     ap.add_argument("--workdir", type=Path, default=REPO / "bench-data",
                     help="cache of filled indexes and images, and run folders")
+    ap.add_argument("--backend", choices=sorted(BACKENDS), default="both",
+                    help="the index pacsd runs on: sqlite, postgresql (a throw-away durable "
+                         "cluster) or both, side by side (default both)")
+    ap.add_argument("--pg-load", choices=("pacsd", "copy"), default="pacsd",
+                    help="how the rows get into PostgreSQL: `pacsd index copy` (default), or "
+                         "COPY with the indexes built afterwards (faster)")
     ap.add_argument("--fill-only", action="store_true",
                     help="build (or find) the filled index, print its size, stop")
     ap.add_argument("--keep", action="store_true", help="keep this run's data folders and logs")
@@ -848,13 +1060,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in ("findscu", "storescu"):
             tool(name)
 
-    def report(res: dict[str, Any]) -> None:
-        print(table(res))
-        if args.json:
-            Path(args.json).write_text(json.dumps(res, indent=1) + "\n")
-
     return run_bench(args.workdir, args.keep, "run-scale", lambda run_dir: bench(args, run_dir),
-                     report, PROCS.stop_all)
+                     reporter(table, args.json), PROCS.stop_all)
 
 
 if __name__ == "__main__":
