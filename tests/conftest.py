@@ -14,7 +14,7 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, NoReturn
+from typing import Callable, Iterator, NoReturn
 
 import pytest
 
@@ -260,6 +260,20 @@ def c_find(port: int, level: str, model=None, **keys) -> tuple[int, list]:
         out = list(assoc.send_c_find(q, model))
     matches = [ds for status, ds in out if status and status.Status in (0xFF00, 0xFF01)]
     return int(out[-1][0].Status), matches
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str,
+             interval: float = 0.05) -> object:
+    """Poll `predicate` until it returns something true (returned); AssertionError naming
+    `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
 
 
 def free_port() -> int:

@@ -43,6 +43,7 @@ from conftest import (
     run_peer,
     serve,
     store_files,
+    wait_for,
     write_config,
 )
 from data import dataset_bytes, write_series
@@ -105,17 +106,6 @@ def start_all(stack: ExitStack, nodes: list[Node], env: dict[str, str] | None = 
     if errors:
         raise errors[0]
     return procs
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(POLL)
 
 
 def run_threads(targets: list[Callable[[], object]], timeout: float = 90) -> list[object]:

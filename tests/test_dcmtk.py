@@ -23,7 +23,8 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from conftest import dcmtk, free_port, peer_env, run_peer, serve, terminate, write_config
+from conftest import (dcmtk, free_port, peer_env, run_peer, serve, terminate, wait_for,
+                      write_config)
 from data import CHARSET_FILES, TEST_FILES, dataset_bytes, sample, write_series
 
 pytestmark = pytest.mark.peers
@@ -39,17 +40,6 @@ PYDICOM_FILES = [n for n, _ in TEST_FILES] + ["MR_small_jp2klossless.dcm"] + CHA
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
 
 def run_text(args: list[str], check: bool = True) -> subprocess.CompletedProcess:
     """run_peer for tools whose output holds values in any character set (findscu -v prints
