@@ -462,6 +462,14 @@ class Index:
                 f"SELECT name, holder, expires - {backends.now_epoch_sql(db)} FROM pacsd_lease "
                 f"WHERE expires >= {backends.now_epoch_sql(db)} ORDER BY name").fetchall()]
 
+    def shared_value(self, key: str, first: str) -> str:
+        """pacsd_meta[key], set to `first` unless a node set it before: one value (a secret,
+        say) for every node of an index."""
+        def work() -> str:
+            Meta_.insert(key=key, value=first).on_conflict_ignore().execute()
+            return str(Meta_.get(Meta_.key == key).value)
+        return self.submit(work)
+
     def lease_holder(self, name: str) -> str | None:
         """Who holds `name` now (an expired lease counts as nobody's)."""
         with reading():

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+import requests
 from conftest import (
     LOCAL,
     Process,
@@ -51,6 +52,8 @@ from pydicom import dcmread
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import _config, build_context
 from reliability.storm import Storm
+
+from pacsd.web.auth import hash_password
 
 AET = "PACSD"
 POLL = 0.02
@@ -77,13 +80,14 @@ class Node:
         return serve(self.config, self.data, log_name="serve.log", env=env)
 
 
-def make_nodes(tmp: Path, url: str, storage: Path, *names: str) -> list[Node]:
+def make_nodes(tmp: Path, url: str, storage: Path, *names: str,
+               users: list[dict] | None = None) -> list[Node]:
     nodes = []
     for name in names:
         folder = tmp / name
         folder.mkdir()
         data = folder / "data"
-        config = write_config(folder / "pacsd.toml", data, index={"url": url},
+        config = write_config(folder / "pacsd.toml", data, users=users, index={"url": url},
                               storage={"path": str(storage), "min_free_mb": 0})
         nodes.append(Node(name, config, data))
     return nodes
@@ -500,6 +504,29 @@ def test_study_deleted_through_one_node_can_be_stored_again_through_the_other(tm
         assert_sound(postgres_url, storage, sent)
         assert len(find_all(node_b.port, "IMAGE", StudyInstanceUID=study,
                             SOPInstanceUID="")) == 20
+
+
+@pytest.mark.timeout(120)
+def test_a_login_on_one_node_is_good_on_the_other(tmp_path, postgres_url):
+    """Behind an HTTP load balancer without sticky sessions the next request of a logged-in
+    user may reach another node: the session key lives in the shared index."""
+    users = [{"name": "reader", "password_hash": hash_password("reader-password")}]
+    nodes = make_nodes(tmp_path, postgres_url, tmp_path / "storage", "a", "b", users=users)
+    with ExitStack() as stack:
+        node_a, node_b = start_all(stack, nodes)
+        session = requests.Session()
+        assert session.get(f"{node_b.http_url}/api/me", timeout=10).status_code == 401
+        r = session.post(f"{node_a.http_url}/app/login",
+                         json={"name": "reader", "password": "reader-password"}, timeout=10)
+        assert r.status_code == 200
+        # The cookie was issued for A's address; present it to B as a browser would to the
+        # load balancer's one address.
+        cookie = session.cookies.get("pacsd_session")
+        assert cookie
+        me = requests.get(f"{node_b.http_url}/api/me", cookies={"pacsd_session": cookie},
+                          timeout=10)
+        assert me.status_code == 200 and me.json()["user"] == "reader"
+    assert len(sql(postgres_url, "SELECT value FROM pacsd_meta WHERE key = 'session_key'")) == 1
 
 
 @pytest.mark.timeout(120)

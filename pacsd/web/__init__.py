@@ -99,7 +99,8 @@ class Cors:
 def make_app(rt: Runtime) -> Callable:
     """The whole web side as one WSGI application."""
     from pacsd.web import admin, api, dicomweb, health, ui, wado, xmlrpc
-    sessions = Sessions(rt.cfg.data / "session.key")
+    local = Sessions.local_key(rt.cfg.data / "session.key").hex()
+    sessions = Sessions(bytes.fromhex(rt.archive.index.shared_value(Sessions.KEY, local)))
     root = new_app()
     for module in (health, wado, xmlrpc, api, admin):
         root.merge(module.make_app(rt))

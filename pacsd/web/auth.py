@@ -59,16 +59,20 @@ def is_loopback(address: str) -> bool:
 class Sessions:
     """Signed session cookies for the pages: name, expiry and a fingerprint of the password
     hash (changing the password ends the user's sessions), HMAC-SHA256 with a key kept in the
-    data folder (0600) so that a restart does not log the reading room out."""
+    index (pacsd_meta), so that a restart does not log the reading room out and every node
+    behind a load balancer accepts the cookies of the others."""
 
     COOKIE = "pacsd_session"
     LIFETIME_S = 7 * 24 * 3600
+    KEY = "session_key"   # its pacsd_meta key
 
-    def __init__(self, key_file: Path) -> None:
-        self.key = self._key(key_file)
+    def __init__(self, key: bytes) -> None:
+        self.key = key
 
     @staticmethod
-    def _key(path: Path) -> bytes:
+    def local_key(path: Path) -> bytes:
+        """The key of a data folder (0600): where versions before 0.2 kept it, and still the
+        first value of the shared one, so that sessions survive the upgrade."""
         try:
             key = path.read_bytes()
             if len(key) >= 32:
