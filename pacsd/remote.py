@@ -3,7 +3,8 @@
 A service module, like archive: the DICOM front end (dimse/retrieve.py, the C-MOVE/C-GET SCP)
 and the XML-RPC front end both send stored files through it. Stored files go out as `StoredRef`s:
 a data set holding only the UIDs plus the file's path, so that `send_stored` can hand pynetdicom
-the file's bytes unchanged when the peer accepted the stored transfer syntax.
+the file's bytes unchanged when the peer accepted the stored transfer syntax, and transcode it
+(pacsd.transcode) only when it did not.
 
 Every association uses our AE title as calling AE and the configured timeouts, bounded by
 `MAX_WAIT` so that a web request never hangs for the two minutes a DIMSE timeout allows.
@@ -19,7 +20,6 @@ import threading
 import time
 from typing import Any, Callable
 
-from pydicom import dcmread
 from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
@@ -33,7 +33,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # names made a
     StudyRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelMove,
     Verification)
 
-from pacsd import query
+from pacsd import query, transcode
 from pacsd.config import Config, Node
 from pacsd.errors import PacsError
 from pacsd.pace import brisk, settle
@@ -88,34 +88,66 @@ def _park_reactor(assoc: Association, timeout: float = 5.0) -> None:
         time.sleep(0.0001)
 
 
-def send_stored(assoc: Association) -> None:
-    """Make `assoc.send_c_store` send a StoredRef's file unchanged when it can."""
+def send_stored(assoc: Association, label: str,
+                preference: tuple[str, ...] = ()) -> None:
+    """Make `assoc.send_c_store` send a StoredRef's file unchanged when the peer accepted its
+    transfer syntax, and otherwise transcoded to the first of `preference` (the node's
+    transfer_syntaxes; empty: Explicit, then Implicit VR Little Endian) that the peer accepted
+    for its SOP class and that we can make (pacsd.transcode). A file that cannot be made into
+    any of them is a failed sub-operation, with a warning. One INFO line, "`label`: sent N as
+    stored, M transcoded (...), K failed", when the association closes."""
     original = assoc.send_c_store
     if getattr(original, "pacsd_wrapped", False):
         return
+    tally = transcode.Tally()
 
     def send_c_store(dataset: Any, msg_id: int = 1, priority: int = 2,
                      originator_aet: str | None = None,
                      originator_id: int | None = None) -> Dataset:
         path = getattr(dataset, "pacsd_path", None)
-        if path is not None:
-            sop_class = dataset.SOPClassUID
-            ts = dataset.file_meta.TransferSyntaxUID
-            _park_reactor(assoc)
-            if any(cx.abstract_syntax == sop_class and cx.transfer_syntax[0] == ts and cx.as_scu
-                   for cx in assoc.accepted_contexts):
-                # Sent raw from the file (_config.STORE_SEND_CHUNKED_DATASET): unchanged bytes.
-                return original(path, msg_id, priority, originator_aet, originator_id)
-            log.debug("%s: peer did not accept %s, converting", dataset.SOPInstanceUID, ts)
-            dataset = dcmread(path)
-            if ts.is_compressed:
-                # pynetdicom converts only between uncompressed syntaxes: decode the pixel data
-                # first (same SOP Instance UID); without a decoder this sub-operation fails.
-                dataset.decompress(generate_instance_uid=False)
-        return original(dataset, msg_id, priority, originator_aet, originator_id)
+        if path is None:
+            return original(dataset, msg_id, priority, originator_aet, originator_id)
+        sop_class = dataset.SOPClassUID
+        stored = dataset.file_meta.TransferSyntaxUID
+        accepted = [cx.transfer_syntax[0] for cx in assoc.accepted_contexts
+                    if cx.abstract_syntax == sop_class and cx.as_scu]
+        target = transcode.choose(stored, accepted, preference)
+        pair = None if target == stored else (str(stored), str(target))
+        peer = assoc.acceptor if assoc.is_requestor else assoc.requestor   # C-GET: requestor
+        try:
+            if target is None:
+                raise transcode.TranscodeError(
+                    f"{transcode.short(stored)} -> "
+                    f"{', '.join(transcode.short(ts) for ts in accepted) or 'nothing'} "
+                    f"(what {peer.ae_title} accepted for {sop_class.name}): "
+                    "no decoder or encoder here makes any of them from it")
+            # Sent raw from the file (_config.STORE_SEND_CHUNKED_DATASET): unchanged bytes.
+            payload = path if pair is None else transcode.transcode(path, target)
+        except transcode.TranscodeError as e:
+            tally.fail()
+            log.warning("%s: %s not sent: %s", label, dataset.SOPInstanceUID, e)
+            raise
+        _park_reactor(assoc)
+        try:
+            rsp = original(payload, msg_id, priority, originator_aet, originator_id)
+        except Exception:
+            tally.fail()
+            if threading.current_thread() is not assoc:
+                assoc._reactor_checkpoint.set()   # parked above; pynetdicom did not unpark it
+            raise
+        if int(getattr(rsp, "Status", -1)) in _STORED:
+            tally.sent(pair)
+        else:
+            tally.fail()
+        return rsp
+
+    def summary(_: Event) -> None:
+        if tally.total:
+            log.info("%s: %s", label, tally.summary())
 
     send_c_store.pacsd_wrapped = True  # type: ignore[attr-defined]
     assoc.send_c_store = send_c_store  # type: ignore[method-assign]
+    assoc.bind(evt.EVT_CONN_CLOSE, summary)
 
 
 def nodelay(event: Event) -> None:
@@ -133,14 +165,25 @@ CONNECTION_HANDLERS: list[Any] = [(evt.EVT_CONN_OPEN, nodelay), (evt.EVT_CONN_OP
                                   (evt.EVT_CONN_CLOSE, settle)]
 
 
-def move_contexts(insts: list[query.StoredInstance]) -> list[PresentationContext]:
-    """Contexts to propose to a C-MOVE destination: each stored (class, syntax) as it is, and for
-    each class the uncompressed syntaxes pynetdicom can convert to."""
-    exact = sorted({(i.sop_class_uid, i.transfer_syntax_uid) for i in insts})
+def move_contexts(insts: list[query.StoredInstance], node: Node | None = None
+                  ) -> list[PresentationContext]:
+    """Contexts to propose to a C-MOVE destination or send target. Without the node's
+    transfer_syntaxes: each stored (class, syntax) as it is, and for each class the uncompressed
+    syntaxes pynetdicom can convert to. With them: for each class, each of the node's syntaxes
+    in a context of its own (the node says which of them it takes; a stored syntax not among
+    them is transcoded), or, past 128 contexts, one context per class offering them all."""
     classes = sorted({i.sop_class_uid for i in insts})
-    plain = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
-    cxs = [build_context(c, [ts]) for c, ts in exact if ts not in plain]
-    cxs += [build_context(c, [ExplicitVRLittleEndian, ImplicitVRLittleEndian]) for c in classes]
+    wanted = list(node.transfer_syntaxes) if node is not None else []
+    if wanted:
+        cxs = [build_context(c, [ts]) for c in classes for ts in wanted]
+        if len(cxs) > MAX_CONTEXTS:
+            cxs = [build_context(c, wanted) for c in classes]
+    else:
+        exact = sorted({(i.sop_class_uid, i.transfer_syntax_uid) for i in insts})
+        plain = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
+        cxs = [build_context(c, [ts]) for c, ts in exact if ts not in plain]
+        cxs += [build_context(c, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+                for c in classes]
     if len(cxs) > MAX_CONTEXTS:
         log.warning("C-MOVE needs %d presentation contexts; proposing the first %d",
                     len(cxs), MAX_CONTEXTS)
@@ -174,10 +217,11 @@ def self_tls(cfg: Config) -> tuple[ssl.SSLContext, str | None] | None:
 
 def _associate(ae: AE, node: Node, contexts: list[PresentationContext],
                handlers: list[Any] | None = None,
-               tls: tuple[ssl.SSLContext, str | None] | None = None) -> Association:
+               tls: tuple[ssl.SSLContext, str | None] | None = None,
+               ext_neg: list[Any] | None = None) -> Association:
     ae.requested_contexts = contexts
     assoc = ae.associate(node.host, node.port, ae_title=node.aet, tls_args=tls,  # type: ignore[arg-type]  # None is passed on to wrap_socket
-                         evt_handlers=CONNECTION_HANDLERS + list(handlers or []))
+                         ext_neg=ext_neg, evt_handlers=CONNECTION_HANDLERS + list(handlers or []))
     if not assoc.is_established:
         ae.shutdown()
         raise RemoteError(f"{node.name or node.aet} ({node.aet}@{node.host}:{node.port}) did "
@@ -201,33 +245,37 @@ def send(cfg: Config, node: Node, instances: list[query.StoredInstance], store: 
         return 0, 0
     _config.STORE_SEND_CHUNKED_DATASET = True   # as build_ae: stored files are sent by path
     ae = _ae(cfg)
-    assoc = _associate(ae, node, move_contexts(instances))
-    send_stored(assoc)
+    assoc = _associate(ae, node, move_contexts(instances, node))
+    send_stored(assoc, f"send to {node.name} ({node.aet})", node.transfer_syntaxes)
     completed = failed = 0
     try:
-        for inst in instances:
+        for n, inst in enumerate(instances):
             if not assoc.is_established:
-                failed += 1
-                continue
+                log.warning("send to %s: the association ended; %d instance(s) not sent",
+                            node.aet, len(instances) - n)
+                failed += len(instances) - n
+                if progress is not None:
+                    progress(completed, failed, len(instances))
+                break
+            status = -1
             try:
                 rsp = assoc.send_c_store(stored_ref(inst, store))
+                status = int(getattr(rsp, "Status", -1)) if rsp else -1
+                if status not in _STORED:
+                    log.warning("C-STORE of %s to %s: status 0x%04X", inst.sop_instance_uid,
+                                node.aet, status & 0xFFFF)
+            except transcode.TranscodeError:   # logged by send_stored
+                pass
             except (ValueError, RuntimeError, OSError, AttributeError) as e:
-                # No accepted context for this class, or a file that cannot be converted.
                 log.warning("C-STORE of %s to %s failed: %s", inst.sop_instance_uid, node.aet, e)
-                failed += 1
-                continue
-            status = int(getattr(rsp, "Status", -1)) if rsp else -1
             if status in _STORED:
                 completed += 1
             else:
-                log.warning("C-STORE of %s to %s: status 0x%04X", inst.sop_instance_uid,
-                            node.aet, status & 0xFFFF)
                 failed += 1
             if progress is not None:
                 progress(completed, failed, len(instances))
     finally:
-        _close(ae, assoc)
-    log.info("sent %d instance(s) to %s (%d failed)", completed, node.aet, failed)
+        _close(ae, assoc)   # send_stored logs the summary as the connection closes
     return completed, failed
 
 

@@ -4,8 +4,10 @@ Both look up the stored instances with query.instances() and hand pynetdicom one
 per instance: a data set holding only its UIDs plus the path of the stored file. The sending
 association's send_c_store is wrapped (`send_stored`) so that the file's bytes go out as they
 are, in chunks, when the peer accepted the stored transfer syntax; only otherwise is the file
-decoded and converted by pynetdicom. Those helpers live in pacsd.remote, which sends stored
-files to remote nodes for the XML-RPC side too.
+transcoded (pacsd.transcode): for C-GET to what the requestor accepted, for C-MOVE to the
+destination node's transfer_syntaxes. Those helpers live in pacsd.remote, which sends stored
+files to remote nodes for the XML-RPC side and routing too. Each sending association logs one
+summary line (sent as stored / transcoded / failed) when it closes.
 """
 
 from __future__ import annotations
@@ -50,7 +52,6 @@ def _send(event: Event, insts: list[query.StoredInstance], store: Store, verb: s
             yield 0xFE00, None
             return
         yield 0xFF00, stored_ref(inst, store)
-    log.info("%s from %s: %d instance(s) sent", verb, event.assoc.requestor.ae_title, len(insts))
 
 
 def handle_get(event: Event, index: Index, store: Store) -> Iterator[Any]:
@@ -59,7 +60,7 @@ def handle_get(event: Event, index: Index, store: Store) -> Iterator[Any]:
         yield 1
         yield 0xA900, None   # Identifier does not match SOP Class
         return
-    send_stored(event.assoc)
+    send_stored(event.assoc, f"C-GET from {event.assoc.requestor.ae_title}")
     yield len(insts)
     yield from _send(event, insts, store, "C-GET")
 
@@ -80,12 +81,14 @@ def handle_move(event: Event, directory: Directory, index: Index, store: Store
         yield 0xA900, None
         return
 
+    label = f"C-MOVE to {node.aet} from {event.assoc.requestor.ae_title}"
+
     def on_accepted(ev: Event) -> None:
-        send_stored(ev.assoc)
+        send_stored(ev.assoc, label, node.transfer_syntaxes)
 
     yield node.host, node.port, {
         "ae_title": node.aet,
-        "contexts": move_contexts(insts) or None,
+        "contexts": move_contexts(insts, node) or None,
         "evt_handlers": [*CONNECTION_HANDLERS, (evt.EVT_ACCEPTED, on_accepted)],
     }
     yield len(insts)
