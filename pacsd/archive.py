@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pynetdicom.dsutils import split_dataset
 
@@ -36,11 +37,20 @@ class Stored:
     series_instance_uid: str = ""
 
 
+# Given the header of an instance being stored and its calling AE title: the routing jobs
+# ((route, destination) pairs) to queue with its row (pacsd.routing.Router.for_instance).
+RoutesFor = Callable[[Dataset, str], list[tuple[str, str]]]
+# Told of each instance once it is durable (hooks' on_instance_stored); must not block.
+OnStored = Callable[["Stored", Dataset, str], None]
+
+
 class Archive:
     def __init__(self, store: Store, index: Index, overwrite: bool = False) -> None:
         self.store = store
         self.index = index
         self.overwrite = overwrite
+        self.routes_for: RoutesFor | None = None   # set by the daemon when [[routes]] exist
+        self.on_stored: OnStored | None = None
 
     def put(self, dataset: bytes, *, transfer_syntax: str, sop_class: str | None = None,
             sop_instance: str | None = None, calling_aet: str = "",
@@ -52,8 +62,8 @@ class Archive:
                            ("Transfer Syntax", transfer_syntax)):
             if uid is not None and not is_valid_uid(uid):
                 raise InvalidDataset(f"{label} UID {uid[:80]!r} is not a valid UID (PS3.5 9.1)")
-        record = check_and_extract(read_dataset_header(dataset, transfer_syntax),
-                                   sop_class=sop_class, sop_instance=sop_instance)
+        header = read_dataset_header(dataset, transfer_syntax)
+        record = check_and_extract(header, sop_class=sop_class, sop_instance=sop_instance)
         if study is not None and record.values["study_instance_uid"] != study:
             raise StudyMismatch(f"the instance is of study {record.values['study_instance_uid']}"
                                 f", not {study[:80]}")
@@ -62,10 +72,12 @@ class Archive:
         meta = file_meta_bytes(record.values["sop_class_uid"], record.sop_instance_uid,
                                transfer_syntax, calling_aet)
         uids = (record.values["study_instance_uid"], record.values["series_instance_uid"])
+        routes = self.routes_for(header, calling_aet) if self.routes_for else []
         rel, size = self.store.write(meta, dataset)
         try:
             added = self.index.add(record, path=rel, size=size, transfer_syntax=transfer_syntax,
-                                   calling_aet=calling_aet, overwrite=self.overwrite)
+                                   calling_aet=calling_aet, overwrite=self.overwrite,
+                                   routes=routes)
         except TimeoutError:
             # The row may still commit: keep the file (a later reindex or duplicate check
             # settles it) rather than risk a row that points at nothing.
@@ -85,7 +97,10 @@ class Archive:
             self.store.delete(added.replaced_path)
             log.info("SOP Instance %s from %s replaced the stored copy",
                      record.sop_instance_uid, calling_aet or "import")
-        return Stored(record.sop_instance_uid, rel, False, *uids)
+        stored = Stored(record.sop_instance_uid, rel, False, *uids)
+        if self.on_stored is not None:
+            self.on_stored(stored, header, calling_aet)
+        return stored
 
     def put_file(self, path: Path) -> Stored:
         """Import a DICOM Part 10 file from anywhere (the bytes after its meta group are kept)."""

@@ -5,7 +5,8 @@ once, and when that node dies another takes over once the lease has expired.
 The chores:
 - tmp-sweep: temporary files older than a day in STORAGE/.tmp (a node that died mid-write and
   never came back; a running node cleans its own folder at start-up);
-- alive-marks: health-probe marks (pacsd_meta alive:NODE) of nodes silent for a week.
+- alive-marks: health-probe marks (pacsd_meta alive:NODE) of nodes silent for a week;
+- outbox-prune: routing jobs done more than a week ago (the dead ones stay until someone acts).
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from dataclasses import dataclass
 
 from pacsd.index import Index
 from pacsd.models import Meta_, starts_with
+from pacsd.outbox import RouteQueue
 from pacsd.store import Store
 
 log = logging.getLogger(__name__)
 
 TMP_MAX_AGE_S = 24 * 3600
 ALIVE_MAX_AGE_S = 7 * 24 * 3600
+DONE_JOBS_KEPT_S = 7 * 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,8 @@ class Chores:
     def __init__(self, index: Index, store: Store, interval: float) -> None:
         self.index, self.store, self.interval = index, store, interval
         self.chores = (Chore("tmp-sweep", lambda: store.sweep(TMP_MAX_AGE_S)),
-                       Chore("alive-marks", self._forget_silent_nodes))
+                       Chore("alive-marks", self._forget_silent_nodes),
+                       Chore("outbox-prune", lambda: RouteQueue(index).prune(DONE_JOBS_KEPT_S)))
         self.rounds = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="chores", daemon=True)

@@ -415,6 +415,91 @@ def cmd_index_copy(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Check each node (or only NODE) and our own listener; plain words, OK / WARN / FAIL."""
+    from pacsd import doctor
+    cfg = _load(args)
+    # pynetdicom narrates rejections and timeouts at ERROR: the findings say it in plain words.
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL + 1)
+    logging.basicConfig(level=logging.WARNING, format="pacsd: %(message)s")
+    notes: list[str] = []
+    try:
+        with _directory(cfg) as directory:
+            nodes = directory.nodes()
+            if args.node:
+                node = directory.node(args.node)
+                nodes = [(n, s) for n, s in nodes if n == node]
+    except PacsError as e:   # the index is unavailable: the config file's nodes still count
+        notes.append(f"nodes added on the admin page not checked: {e}")
+        nodes = [(n, "config") for n in cfg.nodes]
+        if args.node:
+            nodes = [(n, s) for n, s in nodes if args.node in (n.name, n.aet)]
+    if args.node and not nodes:
+        print(f"pacsd: no node named {args.node!r} (see `pacsd nodes`)", file=sys.stderr)
+        return EXIT_FAILURE
+    me = doctor.here(cfg, args.timeout)
+    reports = []
+    if not args.json:
+        print(doctor.render_here(me), flush=True)
+        for note in notes:
+            print(f"  WARN  {'nodes':<10} {note}", flush=True)
+        if not nodes:
+            print("no nodes: add [[nodes]] to the config file or use the admin page")
+    for report in doctor.check_all(cfg, nodes, me, args.timeout):
+        reports.append(report)
+        if not args.json:
+            print(doctor.render(report), flush=True)
+    failed = [r for r in reports if r.failed]
+    here_failed = me.finding is not None and me.finding.level == doctor.FAIL
+    if args.json:
+        print(json.dumps({"ok": not failed and not here_failed, "aet": cfg.dicom_aet,
+                          "listener": me.finding.as_dict() if me.finding else None,
+                          "notes": notes, "nodes": [r.as_dict() for r in reports]}, indent=1))
+    elif reports:
+        print(f"{len(reports)} node(s) checked: {len(reports) - len(failed)} passed"
+              + (f", {len(failed)} failed: " + ", ".join(r.node.name for r in failed)
+                 if failed else ""))
+    return EXIT_FAILURE if failed or here_failed else EXIT_OK
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    """The routing queue ([[routes]]): list jobs of a state, queue dead ones again, forget."""
+    from pacsd.outbox import RouteQueue
+    if args.action != "list" and not args.ids and not (args.action == "retry" and args.dead):
+        print(f"pacsd queue {args.action}: name the job numbers"
+              + (" (or --dead)" if args.action == "retry" else ""), file=sys.stderr)
+        return EXIT_USAGE
+    cfg = _load(args)
+    setup_logging(cfg, to_file=False)
+    index = _index(cfg)
+    try:
+        outbox = RouteQueue(index)
+        if args.action == "retry":
+            n = outbox.retry(None if args.dead else args.ids)
+            print(f"{n} job(s) queued again")
+            return EXIT_OK if n or args.dead else EXIT_FAILURE
+        if args.action == "forget":
+            n = outbox.forget(args.ids)
+            print(f"{n} job(s) forgotten")
+            return EXIT_OK if n else EXIT_FAILURE
+        counts = outbox.counts()
+        jobs = outbox.jobs(None if args.state == "all" else args.state, args.limit)
+        if args.json:
+            print(json.dumps({"counts": counts, "jobs": [j.as_dict() for j in jobs]}, indent=1))
+            return EXIT_OK
+        print(", ".join(f"{n} {state}" for state, n in counts.items()))
+        for j in jobs:
+            what = f"{j.study_uid}" + (f" / {j.sop_uid}" if j.sop_uid else "")
+            due = "" if j.state != "queued" else \
+                (" due now" if j.next_try_in <= 0 else f" next try in {j.next_try_in:.0f} s")
+            print(f"#{j.id} {j.state} route {j.route} -> {j.destination}: {what}; "
+                  f"{j.attempts} failed tr{'y' if j.attempts == 1 else 'ies'}{due}"
+                  + (f"; last error: {j.last_error}" if j.last_error else ""))
+        return EXIT_OK
+    finally:
+        index.close()
+
+
 def cmd_passwd(args: argparse.Namespace) -> int:
     import getpass
     from pacsd.web.auth import hash_password
@@ -513,6 +598,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="rows per transaction (default 5000)")
     cp.set_defaults(func=cmd_index_copy)
 
+    qu = common(sub.add_parser("queue", help="the routing queue: list jobs (default: the dead "
+                                             "letters), queue them again, forget them"))
+    qu.add_argument("action", nargs="?", choices=("list", "retry", "forget"), default="list")
+    qu.add_argument("ids", nargs="*", type=int, metavar="ID", help="job numbers")
+    qu.add_argument("--state", choices=("queued", "done", "dead", "all"), default="dead",
+                    help="which jobs to list (default dead)")
+    qu.add_argument("--dead", action="store_true", help="retry: every dead job")
+    qu.add_argument("--limit", type=_positive_int, default=200, metavar="N")
+    qu.add_argument("--json", action="store_true")
+    qu.set_defaults(func=cmd_queue)
+
     pw = sub.add_parser("passwd", help="print a [[users]] entry with a hashed password")
     pw.add_argument("name")
     pw.add_argument("--admin", action="store_true", help="may delete and send to nodes")
@@ -522,6 +618,14 @@ def build_parser() -> argparse.ArgumentParser:
     st = common(sub.add_parser("status", help="is the server up; what does it hold"))
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
+
+    dr = common(sub.add_parser("doctor", help="check the nodes: name, network, AE titles, "
+                                              "C-ECHO, the way back to us, what they accept"))
+    dr.add_argument("node", nargs="?", help="only this node (name or AE title)")
+    dr.add_argument("--json", action="store_true", help="a machine-readable report")
+    dr.add_argument("--timeout", type=float, default=5.0, metavar="S",
+                    help="seconds each network step may take (default 5)")
+    dr.set_defaults(func=cmd_doctor)
     return p
 
 

@@ -11,7 +11,7 @@ import ipaddress
 import os
 import re
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -173,6 +173,24 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("index", "auto_migrate", bool, True,
             "Bring the index's schema up to date at start-up; false: refuse to start until "
             "`pacsd migrate` has been run (for clusters upgraded node by node)."),
+    Setting("hooks", "plugins", tuple, (),
+            "Python plugins to load: module names (pacsd.plugins.webhook) or .py files. Plugins "
+            "installed as packages with a `pacsd.plugins` entry point load too. Settings of a "
+            "plugin go in its own [plugin.NAME] table."),
+    Setting("hooks", "timeout", float, 5.0,
+            "Seconds a hook may take: a filter that takes longer is overruled (the image is "
+            "accepted as it is) and a notification that takes longer is logged.", _positive),
+    Setting("hooks", "study_stable_after", float, 60.0,
+            "Seconds without a new instance after which a study is stable: the on_study_stable "
+            "hooks run and the routes with when = \"stable\" send it.", _positive),
+    Setting("routing", "max_attempts", int, 20,
+            "Tries of a routing job before it goes to the dead-letter list (admin page, "
+            "`pacsd queue`).", _range(1, 1000)),
+    Setting("routing", "retry_delay", float, 30.0,
+            "Seconds before the second try of a failed routing job; doubled at each further "
+            "try, up to an hour.", _positive),
+    Setting("routing", "concurrency", int, 2,
+            "Associations this node opens at once to each routing destination.", _range(1, 64)),
     Setting("log", "level", str, "INFO", "DEBUG, INFO, WARNING or ERROR.", _log_level),
     Setting("log", "file", str, "",
             "Log file; empty means DATA/pacsd.log. '-' logs to standard error only.", None),
@@ -222,6 +240,21 @@ class Node:
     aet: str
     host: str
     port: int
+    # Transfer syntax UIDs in order of preference ([[nodes]] transfer_syntaxes); empty: the
+    # stored syntax when the node accepts it, else Explicit then Implicit VR Little Endian.
+    transfer_syntaxes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Route:
+    """A routing rule ([[routes]]): what matches goes to `to` (a node's name or AE title),
+    as soon as it is stored or once its study is stable."""
+
+    name: str
+    to: str
+    when: str = "stable"                 # "stored" (each instance) or "stable" (the study)
+    calling_aets: tuple[str, ...] = ()   # any of these callers; empty: any
+    match: tuple[tuple[str, tuple[str, ...]], ...] = ()   # (keyword, any of these patterns)
 
 
 @dataclass(frozen=True)
@@ -277,8 +310,16 @@ class Config:
     watchdog_on_kill: str = ""
     watchdog_launchd_label: str = ""
     watchdog_log_file: str = ""
+    hooks_plugins: tuple[str, ...] = ()
+    hooks_timeout: float = 5.0
+    hooks_study_stable_after: float = 60.0
+    routing_max_attempts: int = 20
+    routing_retry_delay: float = 30.0
+    routing_concurrency: int = 2
     nodes: tuple[Node, ...] = ()
     users: tuple[User, ...] = ()
+    routes: tuple[Route, ...] = ()
+    plugin_settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     source: str = "defaults"   # the config file it came from, for messages
 
     def node_by_aet(self, aet: str) -> Node | None:
@@ -375,7 +416,28 @@ def node_from(item: dict[str, Any]) -> Node:
     name = str(item.get("name") or aet).strip()
     if not name or len(name) > 64:
         raise ValueError("name must be 1-64 characters")
-    return Node(name=name, aet=aet, host=host, port=port)
+    syntaxes = _transfer_syntaxes(name, item.get("transfer_syntaxes") or [])
+    return Node(name=name, aet=aet, host=host, port=port, transfer_syntaxes=syntaxes)
+
+
+def _transfer_syntaxes(node: str, raw: Any) -> tuple[str, ...]:
+    """[[nodes]] transfer_syntaxes: UIDs or pydicom names ("ExplicitVRLittleEndian") of known
+    transfer syntaxes, in order of preference; ValueError naming the node otherwise."""
+    if not isinstance(raw, list) or not all(isinstance(v, str) for v in raw):
+        raise ValueError(f"node {node!r}: transfer_syntaxes must be a list of strings")
+    if not raw:
+        return ()
+    from pydicom import uid  # only when used: pydicom is slow to import for `pacsd --help`
+    out: list[str] = []
+    for value in raw:
+        found = getattr(uid, value.strip(), None) if value.strip().isidentifier() else None
+        ts = found if isinstance(found, uid.UID) else uid.UID(value.strip())
+        if not (ts in uid.UID_dictionary and ts.is_transfer_syntax):
+            raise ValueError(f"node {node!r}: transfer_syntaxes: {value!r} is not a transfer "
+                             "syntax UID or name pydicom knows")
+        if str(ts) not in out:
+            out.append(str(ts))
+    return tuple(out)
 
 
 def _tables(raw: Any, origin: str, kind: str, keys: set[str]
@@ -396,7 +458,8 @@ def _tables(raw: Any, origin: str, kind: str, keys: set[str]
 
 def _nodes(raw: Any, origin: str) -> tuple[Node, ...]:
     nodes: list[Node] = []
-    for where, item in _tables(raw, origin, "nodes", {"name", "aet", "host", "port"}):
+    for where, item in _tables(raw, origin, "nodes",
+                               {"name", "aet", "host", "port", "transfer_syntaxes"}):
         try:
             node = node_from(item)
         except KeyError as e:
@@ -408,6 +471,44 @@ def _nodes(raw: Any, origin: str) -> tuple[Node, ...]:
                               "twice")
         nodes.append(node)
     return tuple(nodes)
+
+
+def _routes(raw: Any, origin: str) -> tuple[Route, ...]:
+    from pydicom.datadict import keyword_for_tag, tag_for_keyword
+    routes: list[Route] = []
+    for where, item in _tables(raw, origin, "routes",
+                               {"name", "to", "when", "calling_aet", "match"}):
+        name, to = str(item.get("name", "")).strip(), str(item.get("to", "")).strip()
+        if not name or not to:
+            raise ConfigError(f"{where}: name and to (a node's name or AE title) are required")
+        if any(r.name == name for r in routes):
+            raise ConfigError(f"{where}: route {name!r} appears twice")
+        when = str(item.get("when", "stable"))
+        if when not in ("stored", "stable"):
+            raise ConfigError(f"{where}: when must be \"stored\" or \"stable\", not {when!r}")
+        callers = item.get("calling_aet", [])
+        callers = [callers] if isinstance(callers, str) else callers
+        if not isinstance(callers, list) or not all(isinstance(c, str) for c in callers):
+            raise ConfigError(f"{where}: calling_aet must be an AE title or a list of them")
+        match = item.get("match", {})
+        if not isinstance(match, dict):
+            raise ConfigError(f"{where}: match must be a table: {{ Modality = \"CT\" }}")
+        keys = []
+        for key, patterns in match.items():
+            # A keyword (StudyDescription) or a tag (00081030, 0008,1030); any attribute.
+            tag = re.sub(r"[^0-9A-Fa-f]", "", key) if re.fullmatch(
+                r"\(?[0-9A-Fa-f]{4},?[0-9A-Fa-f]{4}\)?", key) else None
+            if tag is None and tag_for_keyword(key) is None:
+                raise ConfigError(f"{where}: {key!r} is neither a DICOM keyword nor a tag")
+            keyword = (keyword_for_tag(int(tag, 16)) or tag) if tag else key
+            values = [patterns] if isinstance(patterns, (str, int)) else patterns
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"{where}: match {key!r} must be a value or a list of values")
+            keys.append((keyword, tuple(str(v) for v in values)))
+        routes.append(Route(name=name, to=to, when=when,
+                            calling_aets=tuple(valid_aet(c) for c in callers),
+                            match=tuple(keys)))
+    return tuple(routes)
 
 
 def _users(raw: Any, origin: str) -> tuple[User, ...]:
@@ -460,12 +561,23 @@ def load(path: Path | str | None = None, env: Mapping[str, str] | None = None,
 
     nodes: tuple[Node, ...] = ()
     users: tuple[User, ...] = ()
+    routes: tuple[Route, ...] = ()
+    plugins: dict[str, dict[str, Any]] = {}
     for section, table in raw.items():
         if section == "nodes":
             nodes = _nodes(table, source)
             continue
         if section == "users":
             users = _users(table, source)
+            continue
+        if section == "routes":
+            routes = _routes(table, source)
+            continue
+        if section == "plugin":   # [plugin.NAME]: each plugin's own settings, as written
+            if not isinstance(table, dict) or not all(isinstance(v, dict)
+                                                      for v in table.values()):
+                raise ConfigError(f"{source}: [plugin.NAME] tables only, one per plugin")
+            plugins = {name: dict(v) for name, v in table.items()}
             continue
         if not isinstance(table, dict):
             raise ConfigError(f"{source}: {section!r} must be a [section]")
@@ -505,7 +617,8 @@ def load(path: Path | str | None = None, env: Mapping[str, str] | None = None,
     if not users and flat["http_bind"] not in ("127.0.0.1", "::1", "localhost"):
         raise ConfigError(f"[http] bind = {flat['http_bind']!r} reaches beyond this machine: "
                           "add [[users]] (see `pacsd passwd`) or bind to 127.0.0.1")
-    return Config(data=data, nodes=nodes, users=users, source=source, **flat)
+    return Config(data=data, nodes=nodes, users=users, routes=routes, plugin_settings=plugins,
+                  source=source, **flat)
 
 
 def describe() -> str:

@@ -26,18 +26,23 @@ import socket
 import sys
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+from pydicom.dataset import Dataset
+
 from pacsd import __version__, systemd
-from pacsd.archive import Archive
+from pacsd.archive import Archive, Stored
 from pacsd.chores import Chores
 from pacsd.config import Config
 from pacsd.dimse import DicomServer
 from pacsd.directory import Directory
 from pacsd.errors import AlreadyRunning, FolderNotWritable, IndexUnavailable
+from pacsd.hooks import Context, Hooks
 from pacsd.index import Index
 from pacsd.logbook import Logbook
+from pacsd.routing import Router
 from pacsd.store import Store, fsync_fd
 from pacsd.web import HttpServer, Runtime
 
@@ -94,6 +99,22 @@ def node_id(data: Path) -> str:
     return name
 
 
+def _notify_stored(hooks: Hooks, store: Store, stored: Stored, header: Dataset,
+                   calling_aet: str) -> None:
+    """Archive.on_stored: the on_instance_stored hooks, with what a plugin usually needs."""
+    if stored.duplicate:
+        return
+    hooks.notify("on_instance_stored", {
+        "sop_instance_uid": stored.sop_instance_uid, "study_uid": stored.study_instance_uid,
+        "series_uid": stored.series_instance_uid, "calling_aet": calling_aet,
+        "path": str(store.path(stored.path)),
+        **{key: str(header.get(kw, "") or "") for key, kw in (
+            ("sop_class_uid", "SOPClassUID"), ("patient_id", "PatientID"),
+            ("patient_name", "PatientName"), ("modality", "Modality"),
+            ("study_date", "StudyDate"), ("accession_number", "AccessionNumber"),
+            ("study_description", "StudyDescription"))}})
+
+
 class Server:
     """The whole server in one object, for `pacsd serve` and for tests (in-process)."""
 
@@ -104,6 +125,8 @@ class Server:
         self.index: Index | None = None
         self.node = ""
         self.chores: Chores | None = None
+        self.hooks: Hooks | None = None
+        self.router: Router | None = None
         self.dicom: DicomServer | None = None
         self.http: HttpServer | None = None
         self.runtime: Runtime | None = None
@@ -144,11 +167,18 @@ class Server:
                 log.warning("the previous run did not stop cleanly; checking the files it wrote")
                 archive.recover(since=unclean_since - 60, until=self.started)
             self.chores = Chores(self.index, store, cfg.housekeeping_interval).start()
-            self.dicom = DicomServer(cfg, archive, directory)
+            self.hooks = Hooks(cfg, Context(cfg.dicom_aet, cfg.data))
+            if self.hooks.has("on_instance_stored"):
+                archive.on_stored = partial(_notify_stored, self.hooks, store)
+            self.router = Router(cfg, self.index, store, directory, self.hooks).start()
+            if self.router.stored_routes:
+                archive.routes_for = self.router.for_instance
+            self.dicom = DicomServer(cfg, archive, directory, self.hooks)
             self.dicom.start()
             dicom = self.dicom
             self.runtime = Runtime(cfg, archive, directory, self.started,
-                                   lambda: dicom.active_associations, self.logbook)
+                                   lambda: dicom.active_associations, self.logbook,
+                                   hooks=self.hooks, outbox=self.router.outbox)
             self.http = HttpServer(self.runtime)
             self.http.start()
             write_atomic(cfg.runfile, json.dumps({
@@ -185,6 +215,9 @@ class Server:
         if self.dicom is not None:
             self.dicom.stop()
             self.dicom = None
+        if self.router is not None:
+            self.router.stop()
+            self.router = None
         if self.chores is not None:
             self.chores.stop()
             self.chores = None
@@ -202,6 +235,9 @@ class Server:
                         pass
             os.close(self._lock_fd)
             self._lock_fd = None
+        if self.hooks is not None:
+            self.hooks.close()
+            self.hooks = None
         self.logbook.detach()
 
     # --- `pacsd serve` ----------------------------------------------------------------------

@@ -27,7 +27,7 @@ import queue
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
@@ -79,6 +79,12 @@ class _Counters:
     studies: dict[int, list[Any]] = field(default_factory=dict)
     # patient id -> [instances, series, studies]
     patients: dict[int, list[int]] = field(default_factory=dict)
+    active: set[str] = field(default_factory=set)   # study UIDs that received an instance
+
+    def clone(self) -> "_Counters":
+        return _Counters(dict(self.series), {k: [v[0], v[1], list(v[2])]
+                                             for k, v in self.studies.items()},
+                         {k: list(v) for k, v in self.patients.items()}, set(self.active))
 
     def count(self, series_id: int, study_id: int, patient_id: int, new_series: bool,
               new_study: bool, modality: str) -> None:
@@ -240,11 +246,13 @@ class Index:
         with database.atomic():
             for work, fut in batch:
                 for attempt in (1, 2):
+                    counted = self._counters.clone()
                     try:
                         with database.atomic():   # a savepoint: one bad item spoils no other
                             results.append((fut, work(), None))
                         break
                     except Exception as e:   # handed back to the caller
+                        self._counters = counted   # what the savepoint undid is not counted
                         if backends.is_retryable(e):
                             raise   # the whole transaction is spoilt: run the batch again
                         # The cache may name rows the savepoint rolled back, or a series that
@@ -294,15 +302,41 @@ class Index:
                            f"{p}, number_of_series = number_of_series + {p}, "
                            f"number_of_studies = number_of_studies + {p} WHERE id = {p}",
                            (n_inst, n_series, n_studies, pid))
+        now = backends.now_epoch_sql(db)
+        for uid in sorted(c.active):   # when the study last grew (pacsd.routing: stable)
+            db.execute_sql(f"INSERT INTO pacsd_study_activity (study_uid, last_received) VALUES "
+                           f"({p}, {now}) ON CONFLICT (study_uid) DO UPDATE SET "
+                           "last_received = excluded.last_received", (uid,))
         self._counters = _Counters()
 
     # --- writes -----------------------------------------------------------------------------
 
     def add(self, record: Record, *, path: str, size: int, transfer_syntax: str,
-            calling_aet: str = "", overwrite: bool = False) -> Added:
-        """Index one stored instance; returns once committed."""
-        return self.submit(lambda: self._add(record.values, path, size, transfer_syntax,
-                                             calling_aet, overwrite))
+            calling_aet: str = "", overwrite: bool = False,
+            routes: Sequence[tuple[str, str]] = ()) -> Added:
+        """Index one stored instance; returns once committed. `routes` ((route, destination)
+        pairs) queue it for sending in the same transaction, so that an instance acknowledged
+        is also an instance that will be forwarded."""
+        def work() -> Added:
+            added = self._add(record.values, path, size, transfer_syntax, calling_aet,
+                              overwrite)
+            if routes and not added.duplicate:
+                self.enqueue([(r, d, record.values["study_instance_uid"],
+                               record.values["sop_instance_uid"]) for r, d in routes])
+            return added
+        return self.submit(work)
+
+    def enqueue(self, jobs: Iterable[tuple[str, str, str, str]]) -> None:
+        """Queue routing jobs (route, destination, study UID, SOP instance UID or "" for the
+        whole study). Writer thread only: call it inside submitted work."""
+        db = database.obj
+        p, now = db.param, backends.now_epoch_sql(db)
+        for route, dest, study, sop in jobs:
+            db.execute_sql(
+                "INSERT INTO pacsd_route_job (route, destination, study_uid, sop_uid, state, "
+                "attempts, next_try, claimed_by, claimed_until, last_error, created, updated) "
+                f"VALUES ({p}, {p}, {p}, {p}, 'queued', 0, {now}, '', 0, '', {now}, {now})",
+                (route, dest, study, sop))
 
     def add_many(self, items: Iterable[tuple[Record, str, int, str]]) -> int:
         """Index several instances in one transaction (reindex, recovery). Duplicates skipped."""
@@ -412,6 +446,7 @@ class Index:
             return self._known(row, v, path, size, ts, calling_aet, overwrite)
         self._counters.count(series_id, study_id, patient_id, new_series, new_study,
                              v["modality"] or "")
+        self._counters.active.add(v["study_instance_uid"])
         return Added()
 
     def _known(self, row: Any, v: dict[str, Any], path: str, size: int, ts: str,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from peewee import Database, SqliteDatabase
 
 from pacsd.errors import IndexUnavailable
-from pacsd.models import MODELS, Lease, Meta_, NodeRow, UserRow
+from pacsd.models import MODELS, Lease, Meta_, NodeRow, RouteJob, StudyActivity, UserRow
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +35,14 @@ def _v2(db: Database) -> None:
     db.create_tables([NodeRow, UserRow, Lease], safe=True)
 
 
+def _v3(db: Database) -> None:
+    db.create_tables([RouteJob, StudyActivity], safe=True)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "tables for nodes and users added on the admin page, and leases for the jobs "
                  "that one node runs alone", _v2),
+    Migration(3, "the routing queue, and when each study last received an instance", _v3),
 )
 LATEST = max(m.version for m in MIGRATIONS)
 

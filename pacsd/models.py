@@ -176,8 +176,43 @@ class Lease(BaseModel):
         table_name = "pacsd_lease"
 
 
+class RouteJob(BaseModel):
+    """A durable routing job (pacsd.routing): one study, or one instance, for one destination.
+    Claimed by a node until `claimed_until` (database clock); a node that dies leaves it to be
+    claimed again, so an instance may be sent twice (harmless in DICOM), never not at all."""
+
+    id = AutoField()
+    route = CharField(max_length=64)
+    destination = CharField(max_length=64)   # a node's name
+    study_uid = Text()
+    sop_uid = Text(default="")               # empty: the whole study
+    state = CharField(max_length=8, default="queued")   # queued, done, dead
+    attempts = IntegerField(default=0)
+    next_try = DoubleField(default=0.0)
+    claimed_by = CharField(max_length=255, default="")
+    claimed_until = DoubleField(default=0.0)
+    last_error = Text(default="")
+    created = DoubleField(default=0.0)
+    updated = DoubleField(default=0.0)
+
+    class Meta:
+        table_name = "pacsd_route_job"
+        indexes = ((("state", "next_try"), False), (("destination", "state"), False))
+
+
+class StudyActivity(BaseModel):
+    """When each study last received an instance (database clock), until it is stable: the
+    on_study_stable hooks and the when = "stable" routes then run, and the row goes."""
+
+    study_uid = Text(primary_key=True)
+    last_received = DoubleField(index=True)
+
+    class Meta:
+        table_name = "pacsd_study_activity"
+
+
 DICOM_MODELS = (Patient, Study, Series, Instance)
-MODELS = (*DICOM_MODELS, Meta_, NodeRow, UserRow, Lease)
+MODELS = (*DICOM_MODELS, Meta_, NodeRow, UserRow, Lease, RouteJob, StudyActivity)
 
 PATIENT_FIELDS = ("patient_name", "patient_birth_date", "patient_sex")
 STUDY_FIELDS = ("study_date", "study_time", "accession_number", "study_id",

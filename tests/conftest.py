@@ -67,22 +67,39 @@ def run_peer(args: list[str], timeout: float = 120, check: bool = True
     return proc
 
 
+def toml_value(v) -> str:
+    """A value in TOML: JSON's notation, but tables inline ({ key = value })."""
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{json.dumps(str(k))} = {toml_value(x)}"
+                                for k, x in v.items()) + " }"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return json.dumps(v)
+
+
 def write_config(path: Path, data: Path, nodes: list[dict] | None = None,
                  users: list[dict] | None = None, **sections) -> Path:
-    """A TOML config: sections as {"dicom": {"port": 0}} etc., plus [[nodes]] and [[users]]."""
+    """A TOML config: sections as {"dicom": {"port": 0}} etc. ("plugin.hl7" for a nested
+    table), a list for an array of tables ({"routes": [{...}, ...]}), plus [[nodes]] and
+    [[users]]."""
     lines = ["[server]", f'data = "{data}"']
+    lines += [f"{k} = {toml_value(v)}" for k, v in sections.pop("server", {}).items()]
     sections.setdefault("dicom", {})
     sections["dicom"] = {"port": 0, "bind": LOCAL, **sections["dicom"]}
     sections["http"] = {"port": 0, **sections.get("http", {})}
     sections.setdefault("log", {"file": "-"})
+    arrays = {"nodes": nodes or [], "users": users or []}
     for name, table in sections.items():
+        if isinstance(table, list):
+            arrays[name] = table
+            continue
         lines.append(f"[{name}]")
         for k, v in table.items():
-            lines.append(f"{k} = {json.dumps(v)}")
-    for table, items in (("nodes", nodes), ("users", users)):
-        for item in items or []:
+            lines.append(f"{k} = {toml_value(v)}")
+    for table, items in arrays.items():
+        for item in items:
             lines.append(f"[[{table}]]")
-            lines += [f"{k} = {json.dumps(v)}" for k, v in item.items()]
+            lines += [f"{k} = {toml_value(v)}" for k, v in item.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 

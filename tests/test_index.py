@@ -171,8 +171,9 @@ def test_an_instance_of_a_known_series_costs_few_statements(index_url):
         assert statements, "nothing was traced"
         work = [s for s in statements
                 if s.split()[0].upper() not in ("BEGIN", "SAVEPOINT", "RELEASE", "COMMIT")]
-        # duplicate check, insert, three counter updates
-        assert len(work) <= 5, work
+        # duplicate check, insert, three counter updates, the study's last activity (for
+        # the study-stable hooks and routes); the three counters and the activity are per batch
+        assert len(work) <= 6, work
         with database.connection_context():
             assert Series.get().number_of_instances == 2
             assert (Study.get().number_of_instances, Study.get().number_of_series) == (2, 1)

@@ -21,7 +21,7 @@ from pacsd.daemon import Server
 from pacsd.errors import EXIT_OK, EXIT_SOFTWARE, IndexUnavailable
 from pacsd.header import check_and_extract
 from pacsd.index import Index
-from pacsd.models import database, name_key
+from pacsd.models import MODELS, database, name_key
 
 # Schema 1 as pacsd 1's peewee models made it (`git show <v1>:pacsd/index.py`: Patient, Study,
 # Series, Instance, Meta_ with VARCHAR(n) columns), plus pacsd_node / pacsd_user, which its
@@ -343,5 +343,4 @@ def test_two_nodes_migrating_one_empty_database_at_once(postgres_url, tmp_path):
     assert len(created) == 1, outputs
     assert f"(schema {migrations.LATEST})" in created[0]
     assert meta == [("schema_version", str(migrations.LATEST))]
-    assert tables == {"patient", "study", "series", "instance", "pacsd_meta", "pacsd_node",
-                      "pacsd_user", "pacsd_lease"}
+    assert tables == {m._meta.table_name for m in MODELS}

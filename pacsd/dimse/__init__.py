@@ -31,7 +31,9 @@ from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
 from pacsd.archive import Archive
 from pacsd.config import Config
 from pacsd.directory import Directory
+from pacsd.dimse import filters
 from pacsd.dimse.access import PeerCheck
+from pacsd.dimse.commitment import PUSH_MODEL, Commitments
 from pacsd.dimse.echo import handle_echo
 from pacsd.dimse.find import handle_find
 from pacsd.dimse.limits import bound_pdus
@@ -40,6 +42,7 @@ from pacsd.dimse.retrieve import handle_get, handle_move
 from pacsd.remote import CONNECTION_HANDLERS
 from pacsd.dimse.store import handle_store
 from pacsd.errors import PortInUse
+from pacsd.hooks import Hooks
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +104,9 @@ def build_ae(cfg: Config) -> AE:
     ae.add_supported_context(Verification, PLAIN_SYNTAXES)
     for model in QR_MODELS:
         ae.add_supported_context(model, PLAIN_SYNTAXES)
+    # Storage Commitment Push Model (PS3.4 Annex J): N-ACTION in; reports go out on associations
+    # of our own (pacsd.dimse.commitment).
+    ae.add_supported_context(PUSH_MODEL, PLAIN_SYNTAXES)
     # Every storage class with every transfer syntax, as SCP (a modality stores to us) and, via
     # SCP/SCU role selection, as SCU (we store back to a C-GET requestor, PS3.4 C.4.3.1).
     for cx in AllStoragePresentationContexts:
@@ -110,11 +116,14 @@ def build_ae(cfg: Config) -> AE:
 
 
 class DicomServer:
-    def __init__(self, cfg: Config, archive: Archive, directory: Directory) -> None:
+    def __init__(self, cfg: Config, archive: Archive, directory: Directory,
+                 hooks: Hooks | None = None) -> None:
         self.cfg = cfg
         self.archive = archive
         self.directory = directory
+        self.hooks = hooks
         self.ae = build_ae(cfg)
+        self.commitments = Commitments(cfg, archive.index, archive.store, directory)
         self.tls = tls_context(cfg)   # ConfigError now, at start-up, if the files are bad
         self.server: ThreadedAssociationServer | None = None
         self._thread: threading.Thread | None = None
@@ -150,7 +159,7 @@ class DicomServer:
                      stats.get("stored", 0), stats.get("duplicates", 0), stats.get("failed", 0))
 
     def _on_store(self, event: Event) -> int:
-        return handle_store(event, self.archive, self._assoc_stats(event))
+        return handle_store(event, self.archive, self._assoc_stats(event), self.hooks)
 
     def _on_rejected(self, event: Event) -> None:
         log.warning("association from %s refused: calling AE title %r is not allowed",
@@ -163,16 +172,20 @@ class DicomServer:
             (evt.EVT_CONN_OPEN, partial(bound_pdus, max_pdu=self.cfg.dicom_max_pdu)),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, self._on_store),
-            (evt.EVT_C_FIND, partial(handle_find, index=archive.index, aet=self.cfg.dicom_aet)),
+            (evt.EVT_C_FIND, partial(handle_find, index=archive.index, aet=self.cfg.dicom_aet,
+                                     hooks=self.hooks)),
             (evt.EVT_C_GET, partial(handle_get, index=archive.index, store=archive.store)),
             (evt.EVT_C_MOVE, partial(handle_move, directory=self.directory, index=archive.index,
                                      store=archive.store)),
+            (evt.EVT_N_ACTION, self.commitments.on_n_action),
             (evt.EVT_RELEASED, self._on_end),
             (evt.EVT_ABORTED, self._on_end),
             (evt.EVT_REJECTED, self._on_rejected),
         ]
         if self.cfg.dicom_check_peer_address:
             handlers.append((evt.EVT_REQUESTED, PeerCheck(self.directory).on_requested))
+        if self.hooks is not None and self.hooks.has("on_association"):
+            handlers.append((evt.EVT_REQUESTED, partial(filters.on_requested, hooks=self.hooks)))
         address = (self.cfg.dicom_bind or "0.0.0.0", self.cfg.dicom_port)
         try:
             server = self.ae.make_server(
@@ -205,6 +218,7 @@ class DicomServer:
             log.warning("aborting association from %s at shutdown", assoc.requestor.ae_title)
             assoc.abort()
         self.ae.shutdown()
+        self.commitments.stop()
         if self._thread is not None:
             self._thread.join(5)
             self._thread = None

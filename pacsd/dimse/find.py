@@ -21,6 +21,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # names made a
     PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind)
 
 from pacsd import query
+from pacsd.dimse import filters
+from pacsd.hooks import Hooks
 from pacsd.index import Index
 
 log = logging.getLogger(__name__)
@@ -119,11 +121,17 @@ def response(requested: list[DataElement], match: dict[str, Any], level: str,
     return query.fill_dataset(ds, requested, match)
 
 
-def handle_find(event: Event, index: Index, aet: str) -> Iterator[tuple[int, Dataset | None]]:
+def handle_find(event: Event, index: Index, aet: str, hooks: Hooks | None = None
+                ) -> Iterator[tuple[int, Dataset | None]]:
     peer = event.assoc.requestor.ae_title
     try:
         req, requested = parse_identifier(event.identifier,
                                           str(event.request.AffectedSOPClassUID))
+        if hooks is not None and hooks.has("on_query"):
+            refused, req.keys = filters.query_keys(event, hooks, req.level, req.keys)
+            if refused is not None:
+                yield refused, None
+                return
     except query.QueryError as e:
         log.warning("C-FIND from %s refused: %s", peer, e)
         yield 0xA900, None   # Identifier does not match SOP Class

@@ -13,12 +13,15 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 
 from pacsd.archive import Archive
+from pacsd.dimse import filters
 from pacsd.errors import PacsError, SOPClassMismatch
+from pacsd.hooks import Hooks
 
 log = logging.getLogger(__name__)
 
 
-def handle_store(event: Event, archive: Archive, stats: dict) -> int:
+def handle_store(event: Event, archive: Archive, stats: dict, hooks: Hooks | None = None
+                 ) -> int:
     req = cast(C_STORE, event.request)
     cx = event.context
     aet = event.assoc.requestor.ae_title
@@ -26,10 +29,18 @@ def handle_store(event: Event, archive: Archive, stats: dict) -> int:
         if req.AffectedSOPClassUID != cx.abstract_syntax:
             raise SOPClassMismatch(f"request SOP Class {req.AffectedSOPClassUID} differs from "
                                    f"its presentation context's {cx.abstract_syntax}")
-        stored = archive.put(event.encoded_dataset(include_meta=False),
-                             transfer_syntax=cx.transfer_syntax,
+        encoded = event.encoded_dataset(include_meta=False)
+        sop_instance = str(req.AffectedSOPInstanceUID)
+        if hooks is not None and hooks.has("on_store"):
+            refused, encoded, changed = filters.store(event, hooks, encoded,
+                                                      cx.transfer_syntax)
+            if refused is not None:
+                stats["failed"] = stats.get("failed", 0) + 1
+                return refused
+            sop_instance = changed or sop_instance
+        stored = archive.put(encoded, transfer_syntax=cx.transfer_syntax,
                              sop_class=str(req.AffectedSOPClassUID),
-                             sop_instance=str(req.AffectedSOPInstanceUID), calling_aet=aet)
+                             sop_instance=sop_instance, calling_aet=aet)
     except PacsError as e:
         stats["failed"] = stats.get("failed", 0) + 1
         log.log(logging.WARNING if e.log_each else logging.DEBUG,

@@ -24,7 +24,9 @@ from pacsd.archive import Archive
 from pacsd.config import Config
 from pacsd.directory import Directory
 from pacsd.errors import PacsError, PortInUse
+from pacsd.hooks import Hooks
 from pacsd.logbook import Logbook
+from pacsd.outbox import RouteQueue
 from pacsd.web.auth import Auth, Sessions
 from pacsd.web.jobs import Jobs
 
@@ -42,6 +44,8 @@ class Runtime:
     associations: Callable[[], int] = lambda: 0
     logbook: Logbook = field(default_factory=Logbook)
     jobs: Jobs = field(default_factory=Jobs)
+    hooks: Hooks | None = None        # the plugins (their HTTP routes, their state)
+    outbox: RouteQueue | None = None  # the routing queue (admin page, /api/queue)
 
 
 def errors_plugin(callback: Callable) -> Callable:
@@ -109,6 +113,18 @@ def make_app(rt: Runtime) -> Callable:
     # builds its RetrieveURLs.
     sub = dicomweb.make_app(rt)
     root.mount(dicomweb.MOUNT + "/", lambda environ, start_response: sub(environ, start_response))
+    for plugin in rt.hooks.plugins if rt.hooks else []:
+        routes = plugin.hook("routes")
+        if routes is None:
+            continue
+        own = new_app()
+        try:
+            routes(own)
+        except Exception as e:  # noqa: BLE001 - the plugin's routes are left out, not the rest
+            log.error("plugin %s: its HTTP routes failed to load: %s", plugin.name, e)
+            continue
+        # Behind Auth like everything else: a plugin's page is no more open than ours.
+        root.mount(f"/plugins/{plugin.name}/", own)
     app: Callable = Auth(root, rt.directory.logins, sessions)
     if rt.cfg.http_cors_origins:
         app = Cors(app, rt.cfg.http_cors_origins)

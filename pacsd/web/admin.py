@@ -183,6 +183,51 @@ def remove_user(rt: Any, name: str) -> dict[str, Any]:
     return {"removed": name}
 
 
+# --- the routing queue (pacsd.outbox) --------------------------------------------------------
+
+def queue(rt: Any) -> str:
+    """The routing jobs of one state (default: dead, the list someone must look at)."""
+    need_admin()
+    state = bottle.request.query.get("state") or "dead"
+    if state not in ("queued", "done", "dead", "all"):
+        raise fail(400, "state must be queued, done, dead or all")
+    try:
+        limit = max(1, min(1000, int(bottle.request.query.get("limit") or 200)))
+    except ValueError:
+        raise fail(400, "limit must be an integer") from None
+    outbox = rt.outbox
+    return json_text({"counts": outbox.counts(), "jobs": [
+        j.as_dict() for j in outbox.jobs(None if state == "all" else state, limit)]})
+
+
+def _job_ids(body: dict[str, Any]) -> list[int] | None:
+    if body.get("dead") is True:
+        return None
+    ids = body.get("ids")
+    if not isinstance(ids, list) or not ids or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise fail(400, 'give {"ids": [job ids]} or {"dead": true}')
+    return ids
+
+
+def queue_retry(rt: Any) -> dict[str, Any]:
+    need_admin()
+    ids = _job_ids(json_body())
+    n = rt.outbox.retry(ids)
+    log.warning("%d routing job(s) queued again on the admin page", n)
+    return {"queued": n}
+
+
+def queue_forget(rt: Any) -> dict[str, Any]:
+    need_admin()
+    ids = _job_ids(json_body())
+    if ids is None:
+        raise fail(400, 'give {"ids": [job ids]}')
+    n = rt.outbox.forget(ids)
+    log.warning("%d routing job(s) forgotten on the admin page", n)
+    return {"forgotten": n}
+
+
 def recent_log(rt: Any) -> str:
     need_admin()
     try:
@@ -211,6 +256,9 @@ def make_app(rt: Any) -> bottle.Bottle:
         ("PUT", "/users/<name>", lambda name: save_user(rt, name)),
         ("DELETE", "/users/<name>", lambda name: remove_user(rt, name)),
         ("GET", "/log", lambda: recent_log(rt)),
+        ("GET", "/queue", lambda: queue(rt)),
+        ("POST", "/queue/retry", lambda: queue_retry(rt)),
+        ("POST", "/queue/forget", lambda: queue_forget(rt)),
     ]
     for method, path, callback in routes:
         app.route("/api" + path, method, callback)

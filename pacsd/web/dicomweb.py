@@ -184,6 +184,18 @@ def search(rt: Any, level: str, scope: dict[str, str]) -> Any:
     returned = [k for k in wanted if k != "SpecificCharacterSet"]
     # The UIDs that make up each result's RetrieveURL.
     uids = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"][:depth]
+    if rt.hooks is not None and rt.hooks.has("on_query"):
+        env = bottle.request.environ
+        verdict = rt.hooks.decide("on_query", {
+            "source": "QIDO-RS", "user": getattr(env.get("pacsd.user"), "name", ""),
+            "peer_address": env.get("REMOTE_ADDR") or "", "level": level,
+            "keys": dict(matching)})
+        if verdict.refused:
+            log.warning("QIDO-RS from %s refused by plugin %s: %s", env.get("REMOTE_ADDR"),
+                        ", ".join(verdict.by), verdict.reason)
+            raise _fail(403, f"refused: {verdict.reason}")
+        if isinstance(verdict.value, dict) and isinstance(verdict.value.get("keys"), dict):
+            matching = {str(k): str(v) for k, v in verdict.value["keys"].items()}
     req = query.Request(level, matching, limit=cap + (limit is None or limit > cap), offset=offset)
     try:
         with rt.archive.index.reading():

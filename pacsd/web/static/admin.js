@@ -1,4 +1,5 @@
-// Administration: status (refreshed every 5 s), DICOM nodes, users, recent warnings and errors.
+// Administration: status (refreshed every 5 s), DICOM nodes, users, routing's dead letters,
+// recent warnings and errors.
 "use strict";
 
 (() => {
@@ -231,6 +232,42 @@
     } catch (e) { pacs.toast(e.message, true); }
   });
 
+  // --- routing: dead letters ---------------------------------------------------------------
+  async function loadQueue() {
+    const tb = document.querySelector("#queue tbody");
+    try {
+      const q = await pacs.api("GET", "queue?state=dead");
+      const c = q.counts;
+      $("queue-counts").textContent = `${c.queued} queued, ${c.dead} dead, ${c.done} done`;
+      $("queue-retry-all").disabled = !q.jobs.length;
+      tb.innerHTML = q.jobs.length ? q.jobs.map((j) => `<tr data-id="${j.id}">
+          <td class="mono small">${j.id}</td><td>${esc(j.route)}</td><td>${esc(j.destination)}</td>
+          <td class="mono small">${esc(j.study_uid)}${j.sop_uid ? `<br>${esc(j.sop_uid)}` : ""}</td>
+          <td>${j.attempts}</td><td class="message">${esc(j.last_error)}</td>
+          <td class="actions"><button type="button" class="q-retry">Retry</button>
+            <button type="button" class="q-forget">Forget</button></td></tr>`).join("")
+        : `<tr><td colspan="7" class="empty">No dead letters.</td></tr>`;
+    } catch (e) {
+      tb.innerHTML = `<tr><td colspan="7" class="error-text">${esc(e.message)}</td></tr>`;
+    }
+  }
+  document.querySelector("#queue tbody").addEventListener("click", async (ev) => {
+    const btn = ev.target.closest("button");
+    const row = ev.target.closest("tr[data-id]");
+    if (!btn || !row) return;
+    const ids = [Number(row.dataset.id)];
+    try {
+      if (btn.classList.contains("q-retry")) await pacs.api("POST", "queue/retry", { ids });
+      else if (btn.classList.contains("q-forget")) await pacs.api("POST", "queue/forget", { ids });
+      loadQueue();
+    } catch (e) { pacs.toast(e.message, true); }
+  });
+  $("queue-retry-all").addEventListener("click", async () => {
+    try { await pacs.api("POST", "queue/retry", { dead: true }); loadQueue(); }
+    catch (e) { pacs.toast(e.message, true); }
+  });
+  $("queue-refresh").addEventListener("click", loadQueue);
+
   // --- recent errors ------------------------------------------------------------------------
   async function loadLog() {
     const tb = document.querySelector("#log tbody");
@@ -257,6 +294,7 @@
     loadStatus();
     loadNodes();
     loadUsers();
+    loadQueue();
     loadLog();
     setInterval(() => { if (!document.hidden) loadStatus(); }, REFRESH_MS);
   }).catch((e) => {
