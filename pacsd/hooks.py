@@ -20,8 +20,11 @@ caught and logged. Notifications run on a small pool of their own threads, never
 association's or the HTTP request's; one that takes longer than `[hooks] timeout` is logged,
 and when the pool is backed up new notifications are dropped with a warning. Filters run on
 another pool and are waited for at most `[hooks] timeout`: a filter that fails or is late is
-overruled, which means *accept as it is*. A hook can refuse an image, never lose one: refusals
-are answered to the sender, who still has the image.
+overruled, which means *accept as it is*, and while STUCK_LIMIT late calls of a plugin have not
+returned, that plugin is overruled without being asked. A hook can refuse an image, never lose one:
+refusals are answered to the sender, who still has the image. A filter should return a changed
+data set rather than change the one it is given: changes made in place before a failure are
+not undone.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ NOTIFICATIONS = ("on_instance_stored", "on_study_stable")
 FILTERS = ("on_association", "on_store", "on_query")
 ENTRY_POINT_GROUP = "pacsd.plugins"
 BACKLOG = 1000   # notifications waiting at most; beyond it new ones are dropped
+STUCK_LIMIT = 2  # a plugin with this many filter calls late and not returned is not asked
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,6 @@ class Context:
 
     aet: str
     data: Path
-    http_url: str = ""
 
 
 @dataclass
@@ -67,6 +70,7 @@ class Plugin:
     calls: int = 0
     failures: int = 0
     late: int = 0
+    stuck: int = 0   # filter calls past their time that have not returned yet
     last_error: str = ""
 
     def hook(self, name: str) -> Callable[..., Any] | None:
@@ -207,11 +211,34 @@ class Hooks:
             fn = plugin.hook(hook)
             if fn is None:
                 continue
+            if plugin.stuck >= STUCK_LIMIT:
+                # Hung in calls that ran out of time: overrule at once instead of queueing
+                # more work (and data sets) behind them, until one of them returns.
+                plugin.late += 1
+                if plugin.late % 100 == 1:
+                    log.warning("plugin %s: %s is still stuck in an earlier call: overruled "
+                                "(accepted) without asking", plugin.name, hook)
+                continue
             plugin.calls += 1
+            call = {"late": False, "finished": False}
+
+            def run(fn: Callable[..., Any] = fn, plugin: Plugin = plugin,
+                    call: dict[str, bool] = call, args: tuple = tuple(current)) -> Any:
+                try:
+                    return fn(*args)
+                finally:
+                    with self._lock:
+                        call["finished"] = True
+                        if call["late"]:
+                            plugin.stuck -= 1
             try:
-                future: Future = self._filter_pool.submit(fn, *current)
+                future: Future = self._filter_pool.submit(run)
                 answer = future.result(timeout=self.timeout)
             except FutureTimeout:
+                with self._lock:
+                    if not call["finished"]:
+                        call["late"] = True
+                        plugin.stuck += 1
                 plugin.late += 1
                 log.warning("plugin %s: %s did not answer within %g s: overruled (accepted)",
                             plugin.name, hook, self.timeout)
