@@ -179,7 +179,7 @@ class Archive:
         done = added = 0
         for start in range(0, len(rels), 500):
             chunk = rels[start:start + 500]
-            added += self.index.add_many(list(self._records(chunk)))
+            added += self.index.add_many(list(self._records(chunk)), new=False)
             done += len(chunk)
             if progress:
                 progress(done, len(rels))

@@ -338,15 +338,19 @@ class Index:
                 f"VALUES ({p}, {p}, {p}, {p}, 'queued', 0, {now}, '', 0, '', {now}, {now})",
                 (route, dest, study, sop))
 
-    def add_many(self, items: Iterable[tuple[Record, str, int, str]]) -> int:
-        """Index several instances in one transaction (reindex, recovery). Duplicates skipped."""
+    def add_many(self, items: Iterable[tuple[Record, str, int, str]], new: bool = True) -> int:
+        """Index several instances in one transaction (reindex, recovery). Duplicates skipped.
+        `new`: they count as just received (their studies become stable later, with hooks and
+        routes); a rebuilt index (reindex) re-reads old images, which are not news."""
         items = list(items)
 
         def work() -> int:
-            n = 0
+            n, before = 0, set(self._counters.active)   # the batch's other items' studies
             for record, path, size, ts in items:
                 if not self._add(record.values, path, size, ts, "", False).duplicate:
                     n += 1
+            if not new:
+                self._counters.active &= before
             return n
         return self.submit(work)
 
