@@ -128,6 +128,16 @@ class RouteQueue:
                 f"next_try <= {self._now()} AND claimed_until < {self._now()}").fetchall()
         return [r[0] for r in rows]
 
+    def next_due_in(self, horizon: float) -> float:
+        """Seconds until the next queued job comes due (0 if one is due), at most `horizon`."""
+        with reading():
+            db = database.obj
+            # A claimed job comes due again only when its claim expires.
+            row = db.execute_sql(
+                "SELECT MIN(CASE WHEN claimed_until > next_try THEN claimed_until ELSE next_try "
+                f"END) - {self._now()} FROM pacsd_route_job WHERE state = 'queued'").fetchone()
+        return horizon if row is None or row[0] is None else max(0.0, min(horizon, row[0]))
+
     # --- studies turning stable -------------------------------------------------------------
 
     def stable_studies(self, quiet_s: float, limit: int = 100) -> list[str]:

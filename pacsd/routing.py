@@ -45,6 +45,10 @@ log = logging.getLogger(__name__)
 POLL_S = 1.0   # the sender looks for due jobs at least this often (and at once when woken)
 
 
+class _Stopping(Exception):
+    """Raised from a send's progress when the server stops: the rest is left for later."""
+
+
 def _values(value: Any) -> list[str]:
     if value is None:
         return [""]
@@ -97,8 +101,9 @@ class Router:
                                           daemon=True)]
         for route in cfg.routes:
             if directory.node(route.to) is None:
-                log.warning("route %s: destination %r is not a known node (yet): its jobs wait "
-                            "in the outbox until it is added ([[nodes]] or the admin page)",
+                log.warning("route %s: destination %r is not a known node (yet): add it "
+                            "([[nodes]] or the admin page); until then its jobs fail and, after "
+                            "[routing] max_attempts tries, go to the dead-letter list",
                             route.name, route.to)
 
     def start(self) -> Router:
@@ -111,11 +116,18 @@ class Router:
         return self
 
     def stop(self) -> None:
+        """Stop within about one image's time: sends under way stop after the image they are
+        sending; what they had not sent, and what was claimed but not started, is given back
+        to the queue (another node, or this one at its next start, sends it)."""
         self._stop.set()
         self._wake.set()
         for t in self._threads:
             t.join(timeout=10)
         self._pool.shutdown(wait=True, cancel_futures=True)
+        try:
+            self.outbox.release_mine()
+        except Exception as e:  # noqa: BLE001 - claims expire anyway
+            log.warning("routing: claims not given back at stop: %s", e)
 
     # --- matching ---------------------------------------------------------------------------
 
@@ -208,15 +220,21 @@ class Router:
     # --- the sender -------------------------------------------------------------------------
 
     def _send_loop(self) -> None:
+        wait = POLL_S
         while not self._stop.is_set():
-            self._wake.wait(POLL_S)
+            self._wake.wait(wait)
             self._wake.clear()
             if self._stop.is_set():
                 return
             try:
                 self.dispatch()
+                # Until the next retry comes due, if sooner than the usual look. Due now means
+                # its destination is busy: a send that ends wakes us.
+                due = self.outbox.next_due_in(POLL_S)
+                wait = POLL_S if due == 0 else max(0.05, due)
             except Exception as e:  # noqa: BLE001 - the index may be away; next round
                 log.warning("routing: reading the outbox failed: %s", e)
+                wait = POLL_S
 
     def dispatch(self) -> int:
         """Claim and start what is due, within each destination's concurrency: each
@@ -240,6 +258,9 @@ class Router:
         dest = jobs[0].destination
         try:
             error = self._send(jobs)
+        except _Stopping:
+            log.info("routing: stopping; %d job(s) to %s left in the queue", len(jobs), dest)
+            return   # not a failed try: the claims are given back by stop()
         except Exception as e:  # noqa: BLE001 - a failed try, counted below
             error = f"{type(e).__name__}: {e}"
         finally:
@@ -279,6 +300,8 @@ class Router:
         renewed = [time.monotonic()]
 
         def progress(done: int, failed: int, total: int | None) -> None:
+            if self._stop.is_set():
+                raise _Stopping
             if time.monotonic() - renewed[0] > 60:   # a long send keeps its claims
                 renewed[0] = time.monotonic()
                 for job in jobs:
