@@ -38,6 +38,7 @@ from conftest import (
     free_port,
     pacsd_cmd,
     peer_env,
+    run_peer,
     serve,
     store_files,
     wait_for,
@@ -363,10 +364,13 @@ def test_rules_match_per_instance_when_stored_and_per_study_when_stable(tmp_path
         acked: dict[str, float] = {}
         assert store_files(server.dicom_port, a[:3], aet="CT1") == [0] * 3
         time.sleep(0.1)   # well within study_stable_after: still one study arriving
-        for key, paths, aet in (("a", a[3:], "CT1"), ("b", b, "CT1"), ("c", c, "CT2"),
-                                ("d", d, "CT1")):
+        for key, paths, aet in (("a", a[3:], "CT1"), ("b", b, "CT1"), ("c", c, "CT2")):
             assert store_files(server.dicom_port, paths, aet=aet) == [0] * len(paths)
             acked[key] = time.time()
+        # d from DCMTK's storescu, as a modality would send it.
+        run_peer([dcmtk("storescu"), "-aet", "CT1", "-aec", "PACSD", LOCAL,
+                  str(server.dicom_port), *map(str, d)])
+        acked["d"] = time.time()
 
         to_ai = {**sent["a"], **b_ct}
         everything = {sop: s for v in sent.values() for sop, s in v.items()}
