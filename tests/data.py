@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -167,3 +168,24 @@ def write_series(folder: Path, *, seed: int = 1, patients: int = 1, studies: int
 
 def read(path: Path) -> Dataset:
     return dcmread(path)
+
+
+@dataclass(frozen=True)
+class Sent:
+    """What a test sent: one file and the UIDs it carries."""
+
+    sop: str
+    series: str
+    study: str
+    patient: str
+    path: Path
+
+
+def describe(paths: list[Path]) -> dict[str, Sent]:
+    """SOP Instance UID -> Sent, for files about to be sent."""
+    out = {}
+    for p in paths:
+        ds = dcmread(p, stop_before_pixels=True)
+        out[str(ds.SOPInstanceUID)] = Sent(str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID),
+                                           str(ds.StudyInstanceUID), str(ds.PatientID), p)
+    return out

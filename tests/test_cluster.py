@@ -47,7 +47,7 @@ from conftest import (
     wait_for,
     write_config,
 )
-from data import dataset_bytes, write_series
+from data import Sent, dataset_bytes, describe, write_series
 from pydicom import dcmread
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import _config, build_context
@@ -126,24 +126,6 @@ def run_threads(targets: list[Callable[[], object]], timeout: float = 90) -> lis
 
 
 # --- what is in the index and in storage ------------------------------------------------------
-
-@dataclass(frozen=True)
-class Sent:
-    sop: str
-    series: str
-    study: str
-    patient: str
-    path: Path
-
-
-def describe(paths: list[Path]) -> dict[str, Sent]:
-    out = {}
-    for p in paths:
-        ds = dcmread(p, stop_before_pixels=True)
-        out[str(ds.SOPInstanceUID)] = Sent(str(ds.SOPInstanceUID), str(ds.SeriesInstanceUID),
-                                           str(ds.StudyInstanceUID), str(ds.PatientID), p)
-    return out
-
 
 def sql(url: str, query: str, params: tuple = ()) -> list[tuple]:
     with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:

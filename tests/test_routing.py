@@ -44,7 +44,7 @@ from conftest import (
     wait_for,
     write_config,
 )
-from data import dataset_bytes, write_series
+from data import Sent, dataset_bytes, describe, write_series
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
@@ -55,23 +55,6 @@ HEADERS = {"X-Requested-With": "pacsd"}
 
 
 # --- what was sent ----------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Sent:
-    path: Path
-    sop: str
-    study: str
-    series: str
-
-
-def describe(paths: list[Path]) -> dict[str, Sent]:
-    out = {}
-    for p in paths:
-        ds = dcmread(p, stop_before_pixels=True)
-        out[str(ds.SOPInstanceUID)] = Sent(p, str(ds.SOPInstanceUID), str(ds.StudyInstanceUID),
-                                           str(ds.SeriesInstanceUID))
-    return out
-
 
 def series(folder: Path, seed: int, images: int, **kw) -> list[Path]:
     """One small study of one series (64 x 64: the pixels do not matter here)."""
