@@ -71,8 +71,9 @@ class Added:
 
 @dataclass
 class _Counters:
-    """One batch's additions to the counters (PS3.4 C.3.4 Number of ... Related ...), applied
-    at the end of the batch in id order."""
+    """Additions to the counters (PS3.4 C.3.4 Number of ... Related ...): one item's, merged
+    into its batch's once the item's savepoint holds; the batch's are applied at its end in id
+    order."""
 
     series: dict[int, int] = field(default_factory=dict)
     # study id -> [instances, series, modalities of its new series]
@@ -81,10 +82,20 @@ class _Counters:
     patients: dict[int, list[int]] = field(default_factory=dict)
     active: set[str] = field(default_factory=set)   # study UIDs that received an instance
 
-    def clone(self) -> "_Counters":
-        return _Counters(dict(self.series), {k: [v[0], v[1], list(v[2])]
-                                             for k, v in self.studies.items()},
-                         {k: list(v) for k, v in self.patients.items()}, set(self.active))
+    def merge(self, other: _Counters) -> None:
+        """Add one item's counts to the batch's (the item's savepoint has been released)."""
+        for sid, n in other.series.items():
+            self.series[sid] = self.series.get(sid, 0) + n
+        for sid, (n_inst, n_series, mods) in other.studies.items():
+            st = self.studies.setdefault(sid, [0, 0, []])
+            st[0] += n_inst
+            st[1] += n_series
+            st[2] += [m for m in mods if m not in st[2]]
+        for pid, counts in other.patients.items():
+            pt = self.patients.setdefault(pid, [0, 0, 0])
+            for i, n in enumerate(counts):
+                pt[i] += n
+        self.active |= other.active
 
     def count(self, series_id: int, study_id: int, patient_id: int, new_series: bool,
               new_study: bool, modality: str) -> None:
@@ -177,7 +188,7 @@ class Index:
             with database.connection_context(), database.atomic():
                 self._counters = _Counters()
                 result = work()
-                self._apply_counters()
+                self._apply_counters(self._counters)
                 return result
         if not self._writer.is_alive():
             raise IndexUnavailable("the index writer has stopped; see the log")
@@ -242,17 +253,17 @@ class Index:
              ) -> list[tuple[Future, Any, BaseException | None]]:
         """One transaction: every item in a savepoint of its own, then the counters."""
         results: list[tuple[Future, Any, BaseException | None]] = []
-        self._counters = _Counters()
+        batch_counts = _Counters()
         with database.atomic():
             for work, fut in batch:
                 for attempt in (1, 2):
-                    counted = self._counters.clone()
+                    self._counters = _Counters()   # this item's: counted only if it stays
                     try:
                         with database.atomic():   # a savepoint: one bad item spoils no other
                             results.append((fut, work(), None))
+                        batch_counts.merge(self._counters)
                         break
                     except Exception as e:   # handed back to the caller
-                        self._counters = counted   # what the savepoint undid is not counted
                         if backends.is_retryable(e):
                             raise   # the whole transaction is spoilt: run the batch again
                         # The cache may name rows the savepoint rolled back, or a series that
@@ -261,7 +272,7 @@ class Index:
                         if attempt == 2 or not isinstance(e, IntegrityError):
                             results.append((fut, None, e))
                             break
-            self._apply_counters()
+            self._apply_counters(batch_counts)
         return results
 
     def _drop_connection(self) -> None:
@@ -270,12 +281,12 @@ class Index:
         try:
             if not database.is_closed() and not database.is_connection_usable():
                 database.close()
-        except Exception:  # noqa: BLE001 - it is being thrown away
-            pass
+        except Exception as e:  # noqa: BLE001 - it is being thrown away
+            log.debug("closing a broken index connection: %s", e)
 
-    def _apply_counters(self) -> None:
+    def _apply_counters(self, c: _Counters) -> None:
         """Add the batch's counts, locking rows in id order: series, studies, patients."""
-        c, db = self._counters, database.obj
+        db = database.obj
         p = db.param
         for sid in sorted(c.series):
             db.execute_sql("UPDATE series SET number_of_instances = number_of_instances + "
@@ -307,7 +318,6 @@ class Index:
             db.execute_sql(f"INSERT INTO pacsd_study_activity (study_uid, last_received) VALUES "
                            f"({p}, {now}) ON CONFLICT (study_uid) DO UPDATE SET "
                            "last_received = excluded.last_received", (uid,))
-        self._counters = _Counters()
 
     # --- writes -----------------------------------------------------------------------------
 
@@ -345,12 +355,12 @@ class Index:
         items = list(items)
 
         def work() -> int:
-            n, before = 0, set(self._counters.active)   # the batch's other items' studies
+            n = 0
             for record, path, size, ts in items:
                 if not self._add(record.values, path, size, ts, "", False).duplicate:
                     n += 1
             if not new:
-                self._counters.active &= before
+                self._counters.active.clear()   # this item's own counts only
             return n
         return self.submit(work)
 

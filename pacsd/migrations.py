@@ -87,8 +87,7 @@ def upgrade(db: Database, label: str) -> list[str]:
             db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
         v = version(db)   # read under the lock: another node may have just done it
         if v > LATEST:
-            raise IndexUnavailable(f"index {label} has schema {v}, newer than this pacsd "
-                                   f"({LATEST}); upgrade pacsd")
+            check(db, label)   # refuses: newer than this pacsd
         if v == LATEST:
             return []
         if v == 0:
