@@ -33,6 +33,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 SUMMED = ("associations", "stored", "kills", "bad_inputs", "lost")
+# Attack figures: the worst of any round (None when no test recorded it).
+WORST = {"bomb_peak_rss_mb": ("server peak RSS under bombs", "MB"),
+         "health_p99_ms": ("/testdbalive p99 under slow bodies", "ms"),
+         "hang_to_kill_s": ("hang (SIGSTOP) to SIGKILL", "s")}
 
 
 def run_round(n: int, scale: float, report: Path, timeout: float) -> dict[str, str]:
@@ -91,6 +95,7 @@ def main() -> int:
         if report.exists() else []
     total = {k: sum(f.get(k, 0) for f in figures) for k in SUMMED}
     peak = max((f.get("peak_rss_mb", 0) for f in figures), default=0)
+    worst = {k: max((f[k] for f in figures if k in f), default=None) for k in WORST}
     failed = sum(v for r in runs.values() for k, v in r.items() if k != "passed")
     print(f"\nsoak: {n} rounds at scale {args.scale:g} in "
           f"{(time.monotonic() - began) / 60:.1f} min")
@@ -100,6 +105,10 @@ def main() -> int:
     print(f"  bad inputs tried         {total['bad_inputs']:>10,}")
     print(f"  acknowledged but lost    {total['lost']:>10,}   (must be 0)")
     print(f"  server peak RSS          {peak:>10,.0f} MB")
+    for key, (label, unit) in WORST.items():
+        value = worst[key]
+        shown = "not measured" if value is None else f"{value:,.1f} {unit}"
+        print(f"  {label:<36} {shown} (worst)")
     print("  per test (runs passed / not passed):")
     for test, r in sorted(runs.items()):
         print(f"    {test:<60} {r.get('passed', 0):>4} / {sum(r.values()) - r.get('passed', 0)}")
