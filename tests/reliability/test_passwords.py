@@ -103,7 +103,8 @@ def test_unknown_names_take_as_long_as_known_ones(tmp_path):
     Each try comes from another address through a trusted proxy, so the throttle stays out of
     the way; tries alternate, so a load spike hits both sides alike."""
     hashed = hash_password("x")
-    hash_ms = _median_ms(lambda: check_password("y", hashed), 5)
+    # The least of a few: load only ever adds to the cost, the server's medians include it.
+    hash_ms = min(_median_ms(lambda: check_password("y", hashed), 1) for _ in range(5))
     n = 15
     with start(tmp_path, trusted_proxies=["127.0.0.1"]) as pacs:
         url = pacs.http_url
