@@ -189,6 +189,10 @@ def verify(user: User | None, password: str) -> bool:
     return check_password(password, user.password_hash)
 
 
+class Throttled(Exception):
+    """Too many failed logins from this client or for this name: refused unchecked (429)."""
+
+
 def cookie_value(environ: dict[str, Any], name: str) -> str | None:
     jar = http.cookies.SimpleCookie()
     try:
@@ -223,9 +227,9 @@ class Auth:
         self._lock = threading.Lock()
 
     def basic_user(self, header: str, users: dict[str, User], client: str = ""
-                   ) -> User | None | bool:
-        """The user of an Authorization header; None if it does not prove one; False when the
-        client or the name is throttled (too many failures: not even checked)."""
+                   ) -> User | None:
+        """The user of an Authorization header; None if it does not prove one. Throttled when
+        the client or the name has failed too often (the password is then not even checked)."""
         key = hashlib.sha256(header.encode()).digest()
         with self._lock:
             hit = self._verified.get(key)
@@ -239,7 +243,7 @@ class Auth:
         except (ValueError, UnicodeDecodeError):
             name, password = "", None
         if self.throttle.blocked(client, name):
-            return False
+            raise Throttled(client)
         user = users.get(name) if password is not None else None
         if password is None or not verify(user, password):
             if self.throttle.failed(client, name):
@@ -272,8 +276,9 @@ class Auth:
             return self.app(environ, start_response)
         user, cookie = None, None
         if environ.get("HTTP_AUTHORIZATION"):
-            user = self.basic_user(environ["HTTP_AUTHORIZATION"], users, client)
-            if user is False:
+            try:
+                user = self.basic_user(environ["HTTP_AUTHORIZATION"], users, client)
+            except Throttled:
                 log.debug("HTTP %s %s from %s: refused, too many failed logins", method, path,
                           client)
                 body = b"too many failed logins; try again in a quarter of an hour\n"
