@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote_plus, urlsplit, urlunsplit
 
 from peewee import Database, SqliteDatabase
 from playhouse.pool import PooledPostgresqlDatabase
@@ -50,16 +50,29 @@ def sqlite_path(url: str) -> Path:
     return Path(url[len("sqlite:///"):])
 
 
+# libpq connection parameters (PostgreSQL docs, 34.1.2) that hold secrets, when given in the
+# URL's query string (postgresql://u@h/db?password=...).
+_SECRET_PARAMS = ("password", "sslpassword")
+
+
 def redacted(url: str) -> str:
-    """The URL without its password, for logs and status pages."""
+    """The URL without its secrets (the password in USER:PASSWORD@, and ?password= or
+    ?sslpassword= in the query), for logs, status pages and command output: the one place
+    that says how an index URL is shown."""
     try:
         parts = urlsplit(url)
+        password = parts.password
     except ValueError:
         return "<unparseable URL>"
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    if password is not None:
+        user, _, host = parts.netloc.rpartition("@")
+        parts = parts._replace(netloc=f"{user.split(':', 1)[0]}:***@{host}")
+    pairs = [pair.partition("=") for pair in parts.query.split("&")] if parts.query else []
+    secret = [unquote_plus(k).strip().lower() in _SECRET_PARAMS for k, _, _ in pairs]
+    if any(secret):
+        parts = parts._replace(query="&".join(
+            f"{k}=***" if hide else k + eq + v for (k, eq, v), hide in zip(pairs, secret)))
+    return urlunsplit(parts) if password is not None or any(secret) else url
 
 
 def connect(url: str, pool_size: int = 20) -> Database:

@@ -73,6 +73,9 @@ def cmd_config(args: argparse.Namespace) -> int:
               f"{len(cfg.nodes)} node(s)")
         return EXIT_OK
     for key, value in sorted(vars(cfg).items()):
+        if key == "index_url":   # its password never goes to a terminal or a ticket
+            from pacsd import backends
+            value = backends.redacted(value)
         print(f"{key} = {value!r}")
     return EXIT_OK
 

@@ -79,6 +79,25 @@ def _index_url(value: str) -> str:
     return value
 
 
+def _host_list(value: tuple[str, ...]) -> tuple[str, ...]:
+    out = []
+    for v in value:
+        name = v.strip().lower().rstrip(".") if v.strip() != "." else ""
+        if name != "*" and not re.fullmatch(r"\.?[a-z0-9_\-.]+|\[?[0-9a-f:.]+\]?", name):
+            raise ValueError(f"{v!r} is not a host name, an address, '.domain' or '*'")
+        out.append(name.strip("[]"))
+    return tuple(out)
+
+
+def _network_list(value: tuple[str, ...]) -> tuple[str, ...]:
+    for v in value:
+        try:
+            ipaddress.ip_network(v.strip(), strict=False)
+        except ValueError:
+            raise ValueError(f"{v!r} is not an IP address or network (10.0.0.0/8)") from None
+    return tuple(v.strip() for v in value)
+
+
 def _log_level(value: str) -> str:
     v = value.upper()
     if v not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -153,7 +172,21 @@ SETTINGS: tuple[Setting, ...] = (
             "Largest request body (e.g. a STOW-RS upload), in MiB.", _range(1, 65536)),
     Setting("http", "cors_origins", tuple, (),
             "Origins allowed to call the web side from a browser (e.g. an OHIF viewer); "
-            "'*' for any. Empty: no CORS headers."),
+            "'*' for any (answered without credentials: no cookies, no HTTP Basic). Empty: no "
+            "CORS headers. A listed origin (not '*') may also send changes (POST, PUT, "
+            "DELETE), e.g. an OHIF viewer's STOW-RS."),
+    Setting("http", "allowed_hosts", tuple, (),
+            "Host names, besides this machine's own, under which browsers may reach the web "
+            "side (the Host header; its port is not compared), e.g. the name of a reverse "
+            "proxy; '.example.org' for a domain and its subdomains. Always allowed: "
+            "localhost, this machine's host name and FQDN, any IP address. Any other Host is "
+            "refused (421), which stops DNS rebinding. '*': any Host (the old behaviour).",
+            _host_list),
+    Setting("http", "trusted_proxies", tuple, (),
+            "Addresses or networks (10.0.0.0/8) of reverse proxies whose X-Forwarded-For, "
+            "X-Forwarded-Host and X-Forwarded-Proto are believed: the client is then the "
+            "right-most X-Forwarded-For address that is not a trusted proxy. Empty: those "
+            "headers are ignored and the client is the connecting address.", _network_list),
     Setting("storage", "path", str, "",
             "Where images are kept; empty means DATA/storage. May be a shared volume.", None),
     Setting("storage", "min_free_mb", int, 500,
@@ -298,6 +331,8 @@ class Config:
     http_timeout: float = 30.0
     http_max_body_mb: int = 1024
     http_cors_origins: tuple[str, ...] = ()
+    http_allowed_hosts: tuple[str, ...] = ()
+    http_trusted_proxies: tuple[str, ...] = ()
     storage_min_free_mb: int = 500
     watchdog_interval: float = 15.0
     watchdog_grace: float = 120.0

@@ -17,6 +17,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # The one line format of pacsd's and the watchdog's logs, and how preload() reads it back:
 # "2026-11-25 01:31:38 WARNING pacsd.web: message"
@@ -25,12 +26,47 @@ LINE = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) (WARNING|ERROR|CRITICAL) +(
 TAIL_BYTES = 1 << 20
 
 
+# Characters that end or rewrite a line for a terminal, a log reader or str.splitlines (which
+# preload uses): C0 controls but the tab, DEL, C1 controls (NEL), the Unicode separators.
+_UNPRINTABLE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def printable(text: str) -> str:
+    """`text` with line breaks and other control characters written as escapes (\\n,
+    \\x1b): whatever a client put in a path, header or AE title stays on its log line."""
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+class OneLineFormatter(logging.Formatter):
+    """FORMAT, with each record's message on one line: the root fix against forged log lines.
+
+    Escaping here, where a record becomes text, covers every call site and every library
+    (a request path, an XML-RPC method name, an AE title, a user name) without each having to
+    remember it. A traceback keeps its lines, each indented, so that no line of it can pass
+    for a record of its own.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, ei: Any) -> str:
+        return _indented(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return _indented(super().formatStack(stack_info))
+
+
+def _indented(text: str) -> str:
+    return "\n".join("  " + printable(line) for line in text.splitlines())
+
+
 def log_to(level: str, handlers: list[logging.Handler]) -> None:
-    """Make `handlers` the root logger's, all writing FORMAT."""
+    """Make `handlers` the root logger's, all writing FORMAT, one line per record."""
     root = logging.getLogger()
     root.handlers.clear()
     root.setLevel(level)
-    fmt = logging.Formatter(FORMAT, DATE_FORMAT)
+    fmt = OneLineFormatter(FORMAT, DATE_FORMAT)
     for handler in handlers:
         handler.setFormatter(fmt)
         root.addHandler(handler)
@@ -60,9 +96,10 @@ class Logbook(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            message = record.getMessage()
+            message = printable(record.getMessage())
             if record.exc_info and record.exc_info[1] is not None:
-                message += f" ({type(record.exc_info[1]).__name__}: {record.exc_info[1]})"
+                message += printable(f" ({type(record.exc_info[1]).__name__}: "
+                                     f"{record.exc_info[1]})")
             entry = Entry(record.created, record.levelname, record.name, message[:2000])
         except Exception:   # a broken log call must not break the caller
             return

@@ -27,7 +27,8 @@ from pacsd.errors import PacsError, PortInUse
 from pacsd.hooks import Hooks
 from pacsd.logbook import Logbook
 from pacsd.outbox import RouteQueue
-from pacsd.web.auth import Auth, Sessions
+from pacsd.web.auth import Auth, Sessions, Throttle
+from pacsd.web.guard import Guard, client_of
 from pacsd.web.jobs import Jobs
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,8 @@ def errors_plugin(callback: Callable) -> Callable:
         try:
             return callback(*args, **kwargs)
         except PacsError as e:
-            log.warning("HTTP %s %s: %s", bottle.request.method, bottle.request.path, e)
+            log.warning("HTTP %s %s from %s: %s", bottle.request.method, bottle.request.path,
+                        client_of(bottle.request.environ), e)
             if bottle.request.path.startswith("/api/"):   # the pages read {"error": ...}
                 raise bottle.HTTPResponse(json.dumps({"error": str(e)}), e.http_status,
                                           {"Content-Type": "application/json"}) from None
@@ -75,18 +77,29 @@ def new_app() -> bottle.Bottle:
 
 
 class Cors:
-    """WSGI middleware answering CORS preflights and tagging responses for allowed origins."""
+    """WSGI middleware answering CORS preflights and tagging responses for allowed origins.
+
+    Only origins listed by name get credentials (cookies, HTTP Basic) and their Origin
+    reflected; '*' answers `Access-Control-Allow-Origin: *` without credentials (browsers then
+    send none), so a list of '*' never lets any site read with the user's session. Whether a
+    cross-site change is let through at all is the Guard's decision (listed origins only).
+    """
 
     def __init__(self, app: Callable, origins: tuple[str, ...]) -> None:
-        self.app, self.origins = app, set(origins)
+        self.app = app
+        self.any = "*" in origins
+        self.origins = {o.rstrip("/") for o in origins if o != "*"}
 
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         origin = environ.get("HTTP_ORIGIN")
-        if not origin or not ("*" in self.origins or origin in self.origins):
+        if origin and origin in self.origins:
+            headers = [("Access-Control-Allow-Origin", origin), ("Vary", "Origin"),
+                       ("Access-Control-Allow-Credentials", "true")]
+        elif origin and self.any:
+            headers = [("Access-Control-Allow-Origin", "*")]
+        else:
             return self.app(environ, start_response)
-        headers = [("Access-Control-Allow-Origin", origin), ("Vary", "Origin"),
-                   ("Access-Control-Allow-Credentials", "true"),
-                   ("Access-Control-Expose-Headers", "Content-Type, Content-Length, Warning")]
+        headers.append(("Access-Control-Expose-Headers", "Content-Type, Content-Length, Warning"))
         if environ.get("REQUEST_METHOD") == "OPTIONS":
             asked = environ.get("HTTP_ACCESS_CONTROL_REQUEST_HEADERS", "")
             start_response("204 No Content", headers + [
@@ -108,7 +121,8 @@ def make_app(rt: Runtime) -> Callable:
     root = new_app()
     for module in (health, wado, xmlrpc, api, admin):
         root.merge(module.make_app(rt))
-    root.merge(ui.make_app(rt, sessions))
+    throttle = Throttle()   # one for the login form and HTTP Basic
+    root.merge(ui.make_app(rt, sessions, throttle))
     # Mounted as a plain WSGI app: SCRIPT_NAME then carries the prefix, from which DICOMweb
     # builds its RetrieveURLs.
     sub = dicomweb.make_app(rt)
@@ -125,10 +139,11 @@ def make_app(rt: Runtime) -> Callable:
             continue
         # Behind Auth like everything else: a plugin's page is no more open than ours.
         root.mount(f"/plugins/{plugin.name}/", own)
-    app: Callable = Auth(root, rt.directory.logins, sessions)
+    app: Callable = Auth(root, rt.directory.logins, sessions, throttle)
     if rt.cfg.http_cors_origins:
         app = Cors(app, rt.cfg.http_cors_origins)
-    return app
+    # Outermost: every request, preflights included, passes the Host and same-origin checks.
+    return Guard(app, rt.cfg)
 
 
 class _HeadFirstServer(wsgi.Server):

@@ -24,6 +24,7 @@ from pacsd import query, remote
 from pacsd.header import is_valid_uid
 from pacsd.models import Instance, Patient, Series, Study, reading
 from pacsd.web.auth import is_admin
+from pacsd.web.guard import client_of
 
 log = logging.getLogger(__name__)
 
@@ -271,7 +272,7 @@ def delete(rt: Any, level: str, uid: str) -> dict[str, int]:
         raise fail(404, f"no such {level.lower()}")
     user = bottle.request.environ.get("pacsd.user")
     log.warning("%s %s deleted (%d instances) by %s from %s", level.lower(), uid, n,
-                user.name if user else "an open-access caller", bottle.request.remote_addr)
+                user.name if user else "an open-access caller", client_of(bottle.request.environ))
     return {"deleted": n}
 
 

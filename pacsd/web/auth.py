@@ -9,6 +9,7 @@ open, and config.load has already made sure the HTTP listener is then bound to l
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import http.cookies
@@ -120,38 +121,76 @@ class Sessions:
 
 
 class Throttle:
-    """Failed logins per client address: after `limit` failures within `window_s`, that
-    address is refused until the window has passed (a password guesser gets a handful of tries
-    a quarter hour; PBKDF2 already makes each one slow)."""
+    """Failed logins (the login form and HTTP Basic alike), counted per client address and per
+    user name: after `limit` failures of an address, or `name_limit` for one name (guessing
+    spread over many addresses) within `window_s`, further attempts are refused until the
+    window has passed, even with the right password (else the refusal itself would tell a
+    guesser when a password is right). PBKDF2 already makes each try slow."""
 
-    def __init__(self, limit: int = 10, window_s: float = 900.0) -> None:
-        self.limit, self.window_s = limit, window_s
+    def __init__(self, limit: int = 10, window_s: float = 900.0, name_limit: int = 30) -> None:
+        self.limit, self.window_s, self.name_limit = limit, window_s, name_limit
         self._failures: dict[str, list[float]] = {}
         self._lock = threading.Lock()
 
-    def _recent(self, address: str, now: float) -> list[float]:
-        times = [t for t in self._failures.get(address, []) if now - t < self.window_s]
+    def _recent(self, key: str, now: float) -> list[float]:
+        times = [t for t in self._failures.get(key, []) if now - t < self.window_s]
         if times:
-            self._failures[address] = times
+            self._failures[key] = times
         else:
-            self._failures.pop(address, None)
+            self._failures.pop(key, None)
         return times
 
-    def blocked(self, address: str) -> bool:
-        with self._lock:
-            return len(self._recent(address, time.monotonic())) >= self.limit
+    @staticmethod
+    def _keys(address: str, name: str | None) -> list[str]:
+        return [f"addr {address}"] + ([f"name {name[:64]}"] if name else [])
 
-    def failed(self, address: str) -> None:
+    def blocked(self, address: str, name: str | None = None) -> bool:
         now = time.monotonic()
+        with self._lock:
+            return (len(self._recent(f"addr {address}", now)) >= self.limit
+                    or (bool(name) and len(self._recent(f"name {str(name)[:64]}", now))
+                        >= self.name_limit))
+
+    def failed(self, address: str, name: str | None = None) -> bool:
+        """Count a failure; True when it is the one that blocks the address or the name."""
+        now = time.monotonic()
+        blocked = False
         with self._lock:
             if len(self._failures) > 10_000:   # bounded memory under a spray of addresses
                 self._failures.clear()
-            self._recent(address, now)
-            self._failures.setdefault(address, []).append(now)
+            for key in self._keys(address, name):
+                times = self._recent(key, now)
+                times.append(now)
+                self._failures[key] = times
+                blocked |= len(times) == (self.limit if key.startswith("addr")
+                                          else self.name_limit)
+        return blocked
 
-    def succeeded(self, address: str) -> None:
+    def succeeded(self, address: str, name: str | None = None) -> None:
         with self._lock:
-            self._failures.pop(address, None)
+            for key in self._keys(address, name):
+                self._failures.pop(key, None)
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    """Checked when the name is unknown, at the cost `pacsd passwd` uses, so that an unknown
+    name takes as long as a wrong password of a known user (timing must not tell which names
+    exist). Made once, on first use."""
+    return hash_password(secrets.token_urlsafe(16))
+
+
+def verify(user: User | None, password: str) -> bool:
+    """The password of `user`, checked in the same time whether the user exists or not
+    (check_password compares digests in constant time)."""
+    if user is None:
+        check_password(password, _dummy_hash())
+        return False
+    return check_password(password, user.password_hash)
+
+
+class Throttled(Exception):
+    """Too many failed logins from this client or for this name: refused unchecked (429)."""
 
 
 def cookie_value(environ: dict[str, Any], name: str) -> str | None:
@@ -177,16 +216,20 @@ class Auth:
     """
 
     def __init__(self, app: Callable, users: Callable[[], dict[str, User]],
-                 sessions: Sessions) -> None:
+                 sessions: Sessions, throttle: Throttle | None = None) -> None:
         self.app = app
         self.users = users
         self.sessions = sessions
+        self.throttle = throttle or Throttle()
         # A verified Authorization header, by its SHA-256: PBKDF2 is slow on purpose, and a
         # viewer sends hundreds of requests.
         self._verified: dict[bytes, User] = {}
         self._lock = threading.Lock()
 
-    def basic_user(self, header: str, users: dict[str, User]) -> User | None:
+    def basic_user(self, header: str, users: dict[str, User], client: str = ""
+                   ) -> User | None:
+        """The user of an Authorization header; None if it does not prove one. Throttled when
+        the client or the name has failed too often (the password is then not even checked)."""
         key = hashlib.sha256(header.encode()).digest()
         with self._lock:
             hit = self._verified.get(key)
@@ -198,10 +241,16 @@ class Auth:
         try:
             name, _, password = base64.b64decode(value).decode("utf-8").partition(":")
         except (ValueError, UnicodeDecodeError):
+            name, password = "", None
+        if self.throttle.blocked(client, name):
+            raise Throttled(client)
+        user = users.get(name) if password is not None else None
+        if password is None or not verify(user, password):
+            if self.throttle.failed(client, name):
+                log.warning("HTTP Basic: too many failed logins from %s (last as %r): refused "
+                            "for %.0f minutes", client, name[:64], self.throttle.window_s / 60)
             return None
-        user = users.get(name)
-        if user is None or not check_password(password, user.password_hash):
-            return None
+        self.throttle.succeeded(client, name)
         with self._lock:
             if len(self._verified) > 1000:
                 self._verified.clear()
@@ -211,6 +260,7 @@ class Auth:
     def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         method = environ.get("REQUEST_METHOD", "GET")
+        client = str(environ.get("pacsd.client") or environ.get("REMOTE_ADDR") or "")
         environ["pacsd.user"] = None
         environ["pacsd.admin"] = False
         if (method not in ("GET", "HEAD", "OPTIONS") and path.startswith(("/api/", "/app/"))
@@ -222,11 +272,20 @@ class Auth:
             environ["pacsd.admin"] = True
             return self.app(environ, start_response)
         if (method == "OPTIONS" or path in ("/app/login",) or path.startswith("/app/static/")
-                or (path in OPEN_ON_LOOPBACK and is_loopback(environ.get("REMOTE_ADDR", "")))):
+                or (path in OPEN_ON_LOOPBACK and is_loopback(client))):
             return self.app(environ, start_response)
         user, cookie = None, None
         if environ.get("HTTP_AUTHORIZATION"):
-            user = self.basic_user(environ["HTTP_AUTHORIZATION"], users)
+            try:
+                user = self.basic_user(environ["HTTP_AUTHORIZATION"], users, client)
+            except Throttled:
+                log.debug("HTTP %s %s from %s: refused, too many failed logins", method, path,
+                          client)
+                body = b"too many failed logins; try again in a quarter of an hour\n"
+                start_response("429 Too Many Requests", [
+                    ("Content-Type", "text/plain"), ("Content-Length", str(len(body))),
+                    ("Retry-After", str(int(self.throttle.window_s)))])
+                return [body]
         else:
             cookie = cookie_value(environ, Sessions.COOKIE)
             if cookie:
@@ -236,8 +295,7 @@ class Auth:
             # watchdog's XML-RPC probe, every round): DEBUG, so the log does not grow with it.
             offered = environ.get("HTTP_AUTHORIZATION") or cookie
             log.log(logging.INFO if offered else logging.DEBUG,
-                    "HTTP %s %s from %s: authentication required", method, path,
-                    environ.get("REMOTE_ADDR"))
+                    "HTTP %s %s from %s: authentication required", method, path, client)
             if path in ("", "/") or path.startswith("/app"):
                 here = path + ("?" + environ["QUERY_STRING"] if environ.get("QUERY_STRING") else "")
                 login = ("login" if path.startswith("/app/") else "app/login")

@@ -32,6 +32,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 from pacsd import query
 from pacsd.header import is_valid_uid
 from pacsd.web import multipart, stow
+from pacsd.web.guard import client_of
 
 log = logging.getLogger(__name__)
 
@@ -188,10 +189,10 @@ def search(rt: Any, level: str, scope: dict[str, str]) -> Any:
         env = bottle.request.environ
         verdict = rt.hooks.decide("on_query", {
             "source": "QIDO-RS", "user": getattr(env.get("pacsd.user"), "name", ""),
-            "peer_address": env.get("REMOTE_ADDR") or "", "level": level,
+            "peer_address": client_of(env), "level": level,
             "keys": dict(matching)})
         if verdict.refused:
-            log.warning("QIDO-RS from %s refused by plugin %s: %s", env.get("REMOTE_ADDR"),
+            log.warning("QIDO-RS from %s refused by plugin %s: %s", client_of(env),
                         ", ".join(verdict.by), verdict.reason)
             raise _fail(403, f"refused: {verdict.reason}")
         if isinstance(verdict.value, dict) and isinstance(verdict.value.get("keys"), dict):

@@ -14,7 +14,8 @@ from typing import Any
 
 import bottle
 
-from pacsd.web.auth import Sessions, Throttle, check_password
+from pacsd.web.auth import Sessions, Throttle, verify
+from pacsd.web.guard import client_of
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +49,7 @@ def static(filename: str) -> Any:
 def login(rt: Any, sessions: Sessions, throttle: Throttle) -> Any:
     """Name and password (form or JSON) -> the session cookie."""
     req = bottle.request
-    address = req.remote_addr or ""
-    if throttle.blocked(address):
-        log.warning("login refused for %s: too many failed attempts", address)
-        return bottle.HTTPResponse(json.dumps({"error": "too many failed logins; try again in "
-                                               "a quarter of an hour"}), 429,
-                                   {"Content-Type": "application/json", "Retry-After": "900"})
+    address = client_of(req.environ)   # never the client's own X-Forwarded-For (the Guard)
     if (req.content_type or "").startswith("application/json"):
         try:
             body = json.loads(req.body.read(64 << 10) or b"{}")
@@ -63,13 +59,21 @@ def login(rt: Any, sessions: Sessions, throttle: Throttle) -> Any:
     else:
         body = {"name": req.forms.getunicode("name"), "password": req.forms.getunicode("password")}
     name, password = str(body.get("name") or ""), str(body.get("password") or "")
+    if throttle.blocked(address, name):
+        log.debug("login refused for %s (as %r): too many failed attempts", address, name[:64])
+        return bottle.HTTPResponse(json.dumps({"error": "too many failed logins; try again in "
+                                               "a quarter of an hour"}), 429,
+                                   {"Content-Type": "application/json", "Retry-After": "900"})
     user = rt.directory.user(name)
-    if user is None or not check_password(password, user.password_hash):
-        throttle.failed(address)
+    right = verify(user, password)   # as slow for an unknown name as for a known one
+    if user is None or not right:
+        if throttle.failed(address, name):
+            log.warning("too many failed logins from %s (last as %r): refused for %.0f "
+                        "minutes", address, name[:64], throttle.window_s / 60)
         log.warning("failed login for %r from %s", name[:64], address)
         return bottle.HTTPResponse(json.dumps({"error": "wrong name or password"}), 401,
                                    {"Content-Type": "application/json"})
-    throttle.succeeded(address)
+    throttle.succeeded(address, name)
     log.info("%s logged in from %s", user.name, address)
     secure = rt.cfg.http_cert != "" or req.get_header("X-Forwarded-Proto") == "https"
     return bottle.HTTPResponse(json.dumps({"user": user.name, "admin": user.admin}), 200, {
@@ -83,7 +87,7 @@ def logout(sessions: Sessions) -> Any:
         "Set-Cookie": sessions.header("", secure=False, max_age=0)})
 
 
-def make_app(rt: Any, sessions: Sessions) -> bottle.Bottle:
+def make_app(rt: Any, sessions: Sessions, throttle: Throttle | None = None) -> bottle.Bottle:
     from pacsd.web import new_app
     app = new_app()
     app.route("/", "GET", lambda: bottle.redirect("app/"))
@@ -91,7 +95,7 @@ def make_app(rt: Any, sessions: Sessions) -> bottle.Bottle:
     app.route("/app/", "GET", lambda: page(""))
     app.route("/app/<name>", "GET", page)
     app.route("/app/static/<filename:path>", "GET", static)
-    throttle = Throttle()
+    throttle = throttle or Throttle()
     app.route("/app/login", "POST", lambda: login(rt, sessions, throttle))
     app.route("/app/logout", "POST", lambda: logout(sessions))
     return app

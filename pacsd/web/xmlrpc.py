@@ -33,6 +33,7 @@ from pacsd import query, remote
 from pacsd.models import Patient, Series, Study
 from pacsd.web import osirix
 from pacsd.web.auth import is_admin
+from pacsd.web.guard import client_of
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +161,7 @@ class Methods:
         if execute == "Delete":
             answer["deleted"] = self.rt.archive.delete(osirix.LEVEL[table], uids)
             log.warning("XML-RPC DBWindowFind Delete from %s: %d %s(s), %d image(s)",
-                        bottle.request.remote_addr, count, table.lower(), answer["deleted"])
+                        client_of(bottle.request.environ), count, table.lower(), answer["deleted"])
         return answer
 
     # --- DisplayStudy / DisplaySeries (headless: answer what OsiriX would open) -------------
@@ -297,7 +298,7 @@ def make_app(rt: Any) -> bottle.Bottle:
             answer: Any = (methods.call(method, params),)
             body = xmlrpc.client.dumps(answer, methodresponse=True, allow_none=False)
         except xmlrpc.client.Fault as fault:
-            log.info("XML-RPC %s from %s: fault %s: %s", method, bottle.request.remote_addr,
+            log.info("XML-RPC %s from %s: fault %s: %s", method, client_of(bottle.request.environ),
                      fault.faultCode, fault.faultString)
             body = xmlrpc.client.dumps(fault, methodresponse=True)
         except Exception as e:  # noqa: BLE001 - the caller gets a fault, the log the details
