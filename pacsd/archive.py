@@ -10,19 +10,21 @@ unindexed, and rebuilding the index from the files.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NoReturn
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pynetdicom.dsutils import split_dataset
 
 from pacsd.errors import (ContentConflict, IndexUnavailable, InvalidDataset, PacsError,
                           StudyMismatch)
-from pacsd.header import (Record, check_and_extract, file_meta_bytes, is_valid_uid,
+from pacsd.header import (PIXEL_DATA, Record, check_and_extract, file_meta_bytes, is_valid_uid,
                           read_dataset_header, read_header)
 from pacsd.index import Added, Index
 from pacsd.store import Store
@@ -63,6 +65,36 @@ def file_content_hash(path: Path) -> str:
     return h.hexdigest()
 
 
+# Decoded pixel bytes at most, per copy, when comparing two copies in different transfer syntaxes
+# (larger: they count as different, the safe side).
+COMPARE_LIMIT = 256 * 2**20
+_PADDING = 0xFFFCFFFC   # Data Set Trailing Padding (PS3.5 7.6): not content
+
+
+def same_decoded(stored: Path, dataset: bytes, transfer_syntax: str, record: Record) -> bool:
+    """Whether a stored file and a received data set in another transfer syntax hold the same
+    attributes and the same decoded pixels (a lossless re-encoding). Any doubt: False."""
+    import numpy   # only here: the watchdog imports pacsd modules without numpy
+    v = record.values
+    frames = v.get("number_of_frames") or 1
+    if (v.get("rows") or 0) * (v.get("columns") or 0) * frames * 3 * 2 > COMPARE_LIMIT:
+        return False
+    try:
+        a = dcmread(stored)
+        b = dcmread(io.BytesIO(file_meta_bytes(v["sop_class_uid"], record.sop_instance_uid,
+                                               transfer_syntax) + dataset))
+        tags = ({e.tag for e in a} | {e.tag for e in b}) - {PIXEL_DATA, _PADDING}
+        if any(t not in a or t not in b or a[t].value != b[t].value for t in tags):
+            return False
+        if (PIXEL_DATA in a) != (PIXEL_DATA in b):
+            return False
+        return PIXEL_DATA not in a or bool(numpy.array_equal(a.pixel_array, b.pixel_array))
+    except Exception as e:  # noqa: BLE001 - undecodable either side: not shown to be the same
+        log.debug("comparing %s with its copy in %s failed: %s", record.sop_instance_uid,
+                  transfer_syntax, e)
+        return False
+
+
 class Archive:
     def __init__(self, store: Store, index: Index, overwrite: bool = False,
                  patient_mismatch: str = "refuse", on_conflict: str = "refuse") -> None:
@@ -73,8 +105,8 @@ class Archive:
         # study) is refused; "accept": filed there with a warning status and a WARNING line.
         self.refuse_mismatch = patient_mismatch != "accept"
         # A stored SOP Instance UID sent again with other content: "refuse" (0x0111) or
-        # "success" (the answer of earlier versions, for senders that stop a whole batch at a failure);
-        # either way the new copy is kept aside, logged, and not committed.
+        # "success" (the answer of earlier versions, for senders that stop a whole batch at
+        # any failure); either way the new copy is kept aside, logged, and not committed.
         self.refuse_conflict = on_conflict != "success"
         self.routes_for: RoutesFor | None = None   # set by the daemon when [[routes]] exist
         self.on_stored: OnStored | None = None
@@ -120,7 +152,7 @@ class Archive:
             self.store.delete(rel)
             raise IndexUnavailable(f"index write failed: {e}") from None
         if added.duplicate:
-            if self._same_content(added, record, content_hash):
+            if self._same_content(added, record, content_hash, dataset, transfer_syntax):
                 self.store.delete(rel)
                 log.info("duplicate SOP Instance %s from %s: the same content as the stored "
                          "copy, kept once", record.sop_instance_uid, calling_aet or "import")
@@ -151,7 +183,8 @@ class Archive:
             self.on_stored(stored, header, calling_aet)
         return stored
 
-    def _same_content(self, added: Added, record: Record, content_hash: str) -> bool:
+    def _same_content(self, added: Added, record: Record, content_hash: str, dataset: bytes,
+                      transfer_syntax: str) -> bool:
         """Whether a re-sent instance is the stored one: same SOP Class, same data set bytes.
         A copy stored before hashes were kept (schema 4) is hashed now, once."""
         stored_hash = added.stored_hash
@@ -163,8 +196,15 @@ class Archive:
                             "with a new one (%s)", record.sop_instance_uid, added.stored_path, e)
                 return False
             self.index.set_hash(record.sop_instance_uid, added.stored_path, stored_hash)
-        return stored_hash == content_hash and \
-            added.stored_class in ("", record.values["sop_class_uid"])
+        if added.stored_class not in ("", record.values["sop_class_uid"]):
+            return False
+        if stored_hash == content_hash:
+            return True
+        # The same image in another transfer syntax (a router re-sending uncompressed what a
+        # modality sent compressed) has other bytes: compare what they decode to. Rare (a
+        # re-send, in another syntax), so its cost is no concern; bounded like any decode.
+        return added.stored_syntax not in ("", transfer_syntax) and same_decoded(
+            self.store.path(added.stored_path), dataset, transfer_syntax, record)
 
     def _conflict(self, record: Record, rel: str, content_hash: str, added: Added,
                   transfer_syntax: str, calling_aet: str) -> NoReturn:

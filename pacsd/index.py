@@ -72,6 +72,7 @@ class Added:
     stored_path: str = ""
     stored_hash: str | None = None
     stored_class: str = ""
+    stored_syntax: str = ""
     # Stored, though filed under another patient or study than its own (patient_mismatch =
     # "accept"): why, in words without patient data.
     misfiled: str = ""
@@ -531,9 +532,9 @@ class Index:
         # anew, which costs more than SQLite executing it).
         db = database.obj
         p = db.param
-        row = db.execute_sql(f"SELECT id, path, content_hash, sop_class_uid FROM instance "
-                             f"WHERE sop_instance_uid = {p}", (v["sop_instance_uid"],)
-                             ).fetchone()
+        row = db.execute_sql(f"SELECT id, path, content_hash, sop_class_uid, "
+                             f"transfer_syntax_uid FROM instance WHERE sop_instance_uid = {p}",
+                             (v["sop_instance_uid"],)).fetchone()
         if row is not None:
             return self._known(row, v, path, size, ts, calling_aet, overwrite, content_hash)
         ids, filed = self._series_ids(v)
@@ -547,8 +548,9 @@ class Index:
                 "content_hash": content_hash, **{k: v[k] for k in INSTANCE_FIELDS}}
         if self._insert("instance", cols, "sop_instance_uid") is None:
             # Another node indexed it since our SELECT, and has committed.
-            row = self._row(f"SELECT id, path, content_hash, sop_class_uid FROM instance WHERE "
-                            f"sop_instance_uid = {p}", (v["sop_instance_uid"],))
+            row = self._row(f"SELECT id, path, content_hash, sop_class_uid, "
+                            f"transfer_syntax_uid FROM instance WHERE sop_instance_uid = {p}",
+                            (v["sop_instance_uid"],))
             return self._known(row, v, path, size, ts, calling_aet, overwrite, content_hash)
         self._counters.count(series_id, study_id, patient_id, new_series, new_study,
                              v["modality"] or "")
@@ -564,7 +566,7 @@ class Index:
             return Added()
         if not overwrite:
             return Added(duplicate=True, stored_path=row[1], stored_hash=row[2],
-                         stored_class=row[3])
+                         stored_class=row[3], stored_syntax=row[4])
         Instance.update(path=path, size=size, transfer_syntax_uid=ts, calling_aet=calling_aet,
                         content_hash=content_hash, **{k: v[k] for k in INSTANCE_FIELDS}).where(
             Instance.id == row[0]).execute()
