@@ -109,25 +109,68 @@ def root_and_group_of(ids: Callable[[], tuple[int, int] | None]
 
 
 def owner_ids(path: Path) -> tuple[int, int, int]:
-    st = path.stat()
+    st = path.stat()   # planted symbolic links are refused before (refuse_planted_link)
     return st.st_uid, st.st_gid, st.st_mode & 0o7777
+
+
+def refuse_planted_link(path: PurePosixPath, local: Path) -> None:
+    """InstallError if `local` is a symbolic link in a folder that someone other than root
+    owns (the service user can plant one in its data folder, pointing at /etc): we run as
+    root, and following it would hand the target to the service user. A link that only root
+    could have made (an admin's /var/lib/pacsd -> /data/pacsd) is followed as before."""
+    if not local.is_symlink():
+        return
+    try:
+        parent_owner = local.parent.lstat().st_uid
+    except OSError:
+        parent_owner = -1
+    if parent_owner != 0:
+        raise InstallError(f"{path} is a symbolic link (to {os.readlink(local)}) in a folder "
+                           f"that uid {parent_owner} owns: not following it as root, and "
+                           "changing nothing. Remove the link (or make it a real folder) and "
+                           "run the installer again")
+
+
+def _open_nofollow(local: Path, path: PurePosixPath, flags: int, mode: int = 0o600) -> int:
+    """os.open that refuses a symbolic link at the last component (ELOOP), with our words."""
+    try:
+        return os.open(local, flags | os.O_NOFOLLOW, mode)
+    except OSError as e:
+        if local.is_symlink():
+            raise InstallError(f"{path} became a symbolic link (to {os.readlink(local)}): "
+                               "not following it as root") from None
+        raise e
+
+
+def _give(fd: int, want: tuple[int, int], mode: int) -> None:
+    """Owner and mode through an open descriptor: what was opened is what changes."""
+    os.fchown(fd, *want)
+    os.fchmod(fd, mode)
 
 
 def ensure_dir(plan: Plan, host: Host, path: PurePosixPath, mode: int,
                ids: Callable[[], tuple[int, int] | None], owner: str) -> None:
     """Create a folder (and its parents) or mend its owner and mode."""
     local = host.path(path)
+    refuse_planted_link(path, local)
     now = ids()
     if local.is_dir() and now is not None and owner_ids(local) == (*now, mode):
         return
 
     def do() -> None:
+        refuse_planted_link(path, local)
         local.mkdir(parents=True, exist_ok=True)
         want = ids()
         if want is None:
             raise InstallError(f"{owner} does not exist, so {path} cannot be given to it")
-        os.chown(local, *want)
-        os.chmod(local, mode)
+        if local.is_symlink():   # one only root could make (refuse_planted_link): followed
+            fd = os.open(local, os.O_RDONLY | os.O_DIRECTORY)
+        else:
+            fd = _open_nofollow(local, path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            _give(fd, want, mode)
+        finally:
+            os.close(fd)
     state = "create" if not local.exists() else "set owner and mode of"
     plan.add(f"{state} folder {path} ({mode:04o}, {owner})", do)
 
@@ -137,6 +180,7 @@ def ensure_file(plan: Plan, host: Host, path: PurePosixPath, content: bytes, mod
                 why: str = "") -> bool:
     """Write a file atomically when its content, owner or mode differ; True if it will."""
     local = host.path(path)
+    refuse_planted_link(path, local)
     now = ids()
     try:
         same = local.read_bytes() == content and now is not None \
@@ -150,16 +194,20 @@ def ensure_file(plan: Plan, host: Host, path: PurePosixPath, content: bytes, mod
         want = ids()
         if want is None:
             raise InstallError(f"{owner} does not exist, so {path} cannot be given to it")
+        refuse_planted_link(path, local)
         local.parent.mkdir(parents=True, exist_ok=True)
         tmp = local.with_name(local.name + ".pacsd-install")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:   # a leftover, or a link planted there: removed, never written through
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        fd = _open_nofollow(tmp, path, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
         with os.fdopen(fd, "wb") as f:
             f.write(content)
             f.flush()
             os.fsync(f.fileno())
-        os.chown(tmp, *want)
-        os.chmod(tmp, mode)
-        os.replace(tmp, local)
+            _give(f.fileno(), want, mode)
+        os.replace(tmp, local)   # replaces a link at `local` itself, never its target
     verb = "write" if not local.exists() else "update"
     plan.add(f"{verb} {path} ({mode:04o}, {owner}){' ' + why if why else ''}", do)
     return True

@@ -9,20 +9,24 @@ unindexed, and rebuilding the index from the files.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, NoReturn
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pynetdicom.dsutils import split_dataset
 
-from pacsd.errors import IndexUnavailable, InvalidDataset, PacsError, StudyMismatch
-from pacsd.header import (check_and_extract, file_meta_bytes, is_valid_uid, read_dataset_header,
-                          read_header)
-from pacsd.index import Index
+from pacsd.errors import (ContentConflict, IndexUnavailable, InvalidDataset, PacsError,
+                          StudyMismatch)
+from pacsd.header import (PIXEL_DATA, Record, check_and_extract, file_meta_bytes, is_valid_uid,
+                          read_dataset_header, read_header)
+from pacsd.index import Added, Index
 from pacsd.store import Store
 
 log = logging.getLogger(__name__)
@@ -35,6 +39,9 @@ class Stored:
     duplicate: bool = False
     study_instance_uid: str = ""
     series_instance_uid: str = ""
+    # A DICOM warning status (0xB000) when stored with a reservation, and why (no patient data)
+    warning: int = 0
+    comment: str = ""
 
 
 # Given the header of an instance being stored and its calling AE title: the routing jobs
@@ -44,11 +51,63 @@ RoutesFor = Callable[[Dataset, str], list[tuple[str, str]]]
 OnStored = Callable[["Stored", Dataset, str], None]
 
 
+def file_content_hash(path: Path) -> str:
+    """SHA-256 of a stored Part 10 file's data set (the bytes after its File Meta group)."""
+    try:
+        _meta, offset = split_dataset(path)
+    except (InvalidDicomError, AttributeError, ValueError, EOFError, KeyError) as e:
+        raise InvalidDataset(f"not a DICOM Part 10 file ({e})") from None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# Decoded pixel bytes at most, per copy, when comparing two copies in different transfer syntaxes
+# (larger: they count as different, the safe side).
+COMPARE_LIMIT = 256 * 2**20
+_PADDING = 0xFFFCFFFC   # Data Set Trailing Padding (PS3.5 7.6): not content
+
+
+def same_decoded(stored: Path, dataset: bytes, transfer_syntax: str, record: Record) -> bool:
+    """Whether a stored file and a received data set in another transfer syntax hold the same
+    attributes and the same decoded pixels (a lossless re-encoding). Any doubt: False."""
+    import numpy   # only here: the watchdog imports pacsd modules without numpy
+    v = record.values
+    frames = v.get("number_of_frames") or 1
+    if (v.get("rows") or 0) * (v.get("columns") or 0) * frames * 3 * 2 > COMPARE_LIMIT:
+        return False
+    try:
+        a = dcmread(stored)
+        b = dcmread(io.BytesIO(file_meta_bytes(v["sop_class_uid"], record.sop_instance_uid,
+                                               transfer_syntax) + dataset))
+        tags = ({e.tag for e in a} | {e.tag for e in b}) - {PIXEL_DATA, _PADDING}
+        if any(t not in a or t not in b or a[t].value != b[t].value for t in tags):
+            return False
+        if (PIXEL_DATA in a) != (PIXEL_DATA in b):
+            return False
+        return PIXEL_DATA not in a or bool(numpy.array_equal(a.pixel_array, b.pixel_array))
+    except Exception as e:  # noqa: BLE001 - undecodable either side: not shown to be the same
+        log.debug("comparing %s with its copy in %s failed: %s", record.sop_instance_uid,
+                  transfer_syntax, e)
+        return False
+
+
 class Archive:
-    def __init__(self, store: Store, index: Index, overwrite: bool = False) -> None:
+    def __init__(self, store: Store, index: Index, overwrite: bool = False,
+                 patient_mismatch: str = "refuse", on_conflict: str = "refuse") -> None:
         self.store = store
         self.index = index
         self.overwrite = overwrite
+        # "refuse": an instance whose study (or series) is filed under another patient (or
+        # study) is refused; "accept": filed there with a warning status and a WARNING line.
+        self.refuse_mismatch = patient_mismatch != "accept"
+        # A stored SOP Instance UID sent again with other content: "refuse" (0x0111) or
+        # "success" (the answer of earlier versions, for senders that stop a whole batch at
+        # any failure); either way the new copy is kept aside, logged, and not committed.
+        self.refuse_conflict = on_conflict != "success"
         self.routes_for: RoutesFor | None = None   # set by the daemon when [[routes]] exist
         self.on_stored: OnStored | None = None
 
@@ -73,11 +132,15 @@ class Archive:
                                transfer_syntax, calling_aet)
         uids = (record.values["study_instance_uid"], record.values["series_instance_uid"])
         routes = self.routes_for(header, calling_aet) if self.routes_for else []
+        # The content, as every receiver of these bytes would hash them (the File Meta group,
+        # which each rewrites, left out); SHA-256 runs at over 1 GB/s and releases the GIL.
+        content_hash = hashlib.sha256(dataset).hexdigest()
         rel, size = self.store.write(meta, dataset)
         try:
             added = self.index.add(record, path=rel, size=size, transfer_syntax=transfer_syntax,
                                    calling_aet=calling_aet, overwrite=self.overwrite,
-                                   routes=routes)
+                                   routes=routes, content_hash=content_hash,
+                                   refuse_mismatch=self.refuse_mismatch)
         except TimeoutError:
             # The row may still commit: keep the file (a later reindex or duplicate check
             # settles it) rather than risk a row that points at nothing.
@@ -89,18 +152,82 @@ class Archive:
             self.store.delete(rel)
             raise IndexUnavailable(f"index write failed: {e}") from None
         if added.duplicate:
-            self.store.delete(rel)
-            log.info("duplicate SOP Instance %s from %s: kept the first copy",
-                     record.sop_instance_uid, calling_aet or "import")
-            return Stored(record.sop_instance_uid, "", True, *uids)
+            if self._same_content(added, record, content_hash, dataset, transfer_syntax):
+                self.store.delete(rel)
+                log.info("duplicate SOP Instance %s from %s: the same content as the stored "
+                         "copy, kept once", record.sop_instance_uid, calling_aet or "import")
+                return Stored(record.sop_instance_uid, "", True, *uids)
+            try:
+                self._conflict(record, rel, content_hash, added, transfer_syntax, calling_aet)
+            except ContentConflict as e:
+                if self.refuse_conflict:
+                    raise
+                log.warning("SOP Instance %s from %s answered Success ([storage] on_conflict = "
+                            "\"success\"), though %s", record.sop_instance_uid,
+                            calling_aet or "import", e)
+                return Stored(record.sop_instance_uid, "", True, *uids)
         if added.replaced_path:
             self.store.delete(added.replaced_path)
             log.info("SOP Instance %s from %s replaced the stored copy",
                      record.sop_instance_uid, calling_aet or "import")
-        stored = Stored(record.sop_instance_uid, rel, False, *uids)
+        warning, comment = 0, ""
+        if added.misfiled:
+            # Coercion of Data Elements (PS3.4 B.2.3): as the archive reports it (C-FIND,
+            # QIDO-RS), the instance's patient or study is not the one its data set names.
+            warning, comment = 0xB000, "filed under another patient or study"
+            log.warning("SOP Instance %s from %s stored with warning 0xB000 ([storage] "
+                        "patient_mismatch = \"accept\"), though %s", record.sop_instance_uid,
+                        calling_aet or "import", added.misfiled)
+        stored = Stored(record.sop_instance_uid, rel, False, *uids, warning, comment)
         if self.on_stored is not None:
             self.on_stored(stored, header, calling_aet)
         return stored
+
+    def _same_content(self, added: Added, record: Record, content_hash: str, dataset: bytes,
+                      transfer_syntax: str) -> bool:
+        """Whether a re-sent instance is the stored one: same SOP Class, same data set bytes.
+        A copy stored before hashes were kept (schema 4) is hashed now, once."""
+        stored_hash = added.stored_hash
+        if stored_hash is None:
+            try:
+                stored_hash = file_content_hash(self.store.path(added.stored_path))
+            except (OSError, ValueError, InvalidDataset) as e:
+                log.warning("SOP Instance %s: the stored copy %s cannot be read to compare it "
+                            "with a new one (%s)", record.sop_instance_uid, added.stored_path, e)
+                return False
+            self.index.set_hash(record.sop_instance_uid, added.stored_path, stored_hash)
+        if added.stored_class not in ("", record.values["sop_class_uid"]):
+            return False
+        if stored_hash == content_hash:
+            return True
+        # The same image in another transfer syntax (a router re-sending uncompressed what a
+        # modality sent compressed) has other bytes: compare what they decode to. Rare (a
+        # re-send, in another syntax), so its cost is no concern; bounded like any decode.
+        return added.stored_syntax not in ("", transfer_syntax) and same_decoded(
+            self.store.path(added.stored_path), dataset, transfer_syntax, record)
+
+    def _conflict(self, record: Record, rel: str, content_hash: str, added: Added,
+                  transfer_syntax: str, calling_aet: str) -> NoReturn:
+        """A stored SOP Instance UID came with other content: keep the new copy aside (never
+        lose what was handed over), record it, say so once, and refuse (0x0111)."""
+        uid = record.sop_instance_uid
+        try:
+            aside = self.store.set_aside(rel)
+        except PacsError:
+            self.store.delete(rel)
+            raise
+        try:
+            new = self.index.add_conflict(uid, content_hash, aside, transfer_syntax, calling_aet)
+        except TimeoutError:
+            raise IndexUnavailable("the index did not commit within the time limit") from None
+        if not new:   # this very content was kept aside before
+            self.store.delete(aside)
+            aside = "an identical copy kept before"
+        raise ContentConflict(
+            f"SOP Instance {uid} is stored here with other content (stored copy {added.stored_path}"
+            f", sha256 {(added.stored_hash or '?')[:12]}; this one sha256 {content_hash[:12]}, "
+            f"kept aside as {aside}); storage commitment fails for it until the instance is "
+            "deleted")
 
     def put_file(self, path: Path) -> Stored:
         """Import a DICOM Part 10 file from anywhere (the bytes after its meta group are kept)."""

@@ -113,8 +113,33 @@ def _postgresql(url: str, pool_size: int) -> PooledPostgresqlDatabase:
         options="-c synchronous_commit=on")
 
 
+def _chain(error: BaseException) -> list[BaseException]:
+    """The error and what caused it (peewee wraps the driver's error)."""
+    seen: list[BaseException] = []
+    e: BaseException | None = error
+    while e is not None and all(e is not x for x in seen):
+        seen.append(e)
+        e = e.__cause__ or e.__context__
+    return seen
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """The index's volume is full: SQLite's SQLITE_FULL ("database or disk is full"),
+    PostgreSQL's SQLSTATE 53100 (disk_full: "could not extend file")."""
+    for e in _chain(error):
+        state = getattr(e, "sqlstate", None) or getattr(getattr(e, "diag", None), "sqlstate",
+                                                         None)
+        if state == "53100" or getattr(e, "sqlite_errorcode", None) == 13:   # SQLITE_FULL
+            return True
+        if type(e).__name__ == "OperationalError" and "database or disk is full" in str(e):
+            return True
+    return False
+
+
 def is_retryable(error: BaseException) -> bool:
     """A failed transaction that may be tried again as it is (deadlock, lost connection)."""
+    if is_disk_full(error):
+        return False   # it would fail the same way: see pacsd.index, IndexFull
     seen: set[int] = set()
     e: BaseException | None = error
     while e is not None and id(e) not in seen:   # peewee wraps the driver's error

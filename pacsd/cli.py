@@ -217,7 +217,9 @@ def _archive(cfg: Config):
     # Temporary files in a folder of their own: a node starting meanwhile cleans only its own.
     store = Store(cfg.storage_path, cfg.storage_min_free_mb, node="cli")
     store.open(clean=False)   # a running server may have temporary files in flight
-    return Archive(store, _index(cfg), overwrite=cfg.storage_overwrite)
+    return Archive(store, _index(cfg), overwrite=cfg.storage_overwrite,
+                   patient_mismatch=cfg.storage_patient_mismatch,
+                   on_conflict=cfg.storage_on_conflict)
 
 
 def cmd_import(args: argparse.Namespace) -> int:

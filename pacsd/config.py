@@ -98,6 +98,14 @@ def _network_list(value: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(v.strip() for v in value)
 
 
+def _one_of(*choices: str) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if value not in choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+        return value
+    return check
+
+
 def _log_level(value: str) -> str:
     v = value.upper()
     if v not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -195,8 +203,21 @@ SETTINGS: tuple[Setting, ...] = (
             "index, its journal and the logs never meet a full disk. Nothing is ever deleted "
             "to make room. 0: no floor (only a really full disk refuses).", _range(0, 2**40)),
     Setting("storage", "overwrite", bool, False,
-            "A second copy of a stored SOP Instance UID replaces the first (default: keep the "
-            "first, answer Success, log it)."),
+            "A second copy of a stored SOP Instance UID replaces the first. Default: keep the "
+            "first; a copy with the same content answers Success, one with other content is "
+            "refused (C-STORE 0x0111, see on_conflict) and kept aside in STORAGE/.conflicts, "
+            "and storage commitment fails for that instance until it is deleted."),
+    Setting("storage", "patient_mismatch", str, "refuse",
+            "An instance whose study is filed under another patient (other Patient ID or "
+            "Issuer), or whose series under another study: 'refuse' (C-STORE 0xC40A, STOW-RS "
+            "409) or 'accept' (filed there as before, with warning 0xB000 and a log line).",
+            _one_of("refuse", "accept")),
+    Setting("storage", "on_conflict", str, "refuse",
+            "A stored SOP Instance UID sent again with other content: 'refuse' (C-STORE 0x0111 "
+            "Duplicate SOP Instance, STOW-RS 409) or 'success' (the old answer, for senders "
+            "that stop a batch at any failure). Either way the new copy is kept aside in "
+            "STORAGE/.conflicts, a WARNING names both, and storage commitment fails for it.",
+            _one_of("refuse", "success")),
     Setting("index", "url", str, "",
             "Index database URL; empty means sqlite:///DATA/index.sqlite3. Several nodes share "
             "one PostgreSQL index: postgresql://USER:PASSWORD@HOST:PORT/DATABASE.", _index_url),
@@ -334,6 +355,8 @@ class Config:
     http_allowed_hosts: tuple[str, ...] = ()
     http_trusted_proxies: tuple[str, ...] = ()
     storage_min_free_mb: int = 500
+    storage_patient_mismatch: str = "refuse"
+    storage_on_conflict: str = "refuse"
     watchdog_interval: float = 15.0
     watchdog_grace: float = 120.0
     watchdog_failures: int = 3

@@ -38,7 +38,7 @@ from pacsd.chores import Chores
 from pacsd.config import Config
 from pacsd.dimse import DicomServer
 from pacsd.directory import Directory
-from pacsd.errors import AlreadyRunning, FolderNotWritable, IndexUnavailable
+from pacsd.errors import AlreadyRunning, FolderNotWritable, IndexFull, IndexUnavailable
 from pacsd.hooks import Context, Hooks
 from pacsd.index import Index
 from pacsd.logbook import Logbook
@@ -161,7 +161,9 @@ class Server:
             store.open()
             self.index = Index(cfg.index_url, node=self.node, pool_size=cfg.index_pool_size,
                                auto_migrate=cfg.index_auto_migrate).open()
-            archive = Archive(store, self.index, overwrite=cfg.storage_overwrite)
+            archive = Archive(store, self.index, overwrite=cfg.storage_overwrite,
+                              patient_mismatch=cfg.storage_patient_mismatch,
+                              on_conflict=cfg.storage_on_conflict)
             directory = Directory(cfg, self.index).open()
             if unclean_since is not None:
                 log.warning("the previous run did not stop cleanly; checking the files it wrote")
@@ -316,6 +318,10 @@ class Server:
                     f"{timeout:g} s (locked by another program, or the disk is stuck)")
         except IndexUnavailable as e:
             return f"the index {self.cfg.index_label} is unavailable: {e}"
+        except IndexFull:
+            # The server is alive; its index volume is full (logged where it arises). A
+            # restart by systemd would meet the same full volume: keep telling it we live.
+            return None
         return None
 
 

@@ -91,3 +91,37 @@ class StorageFull(OutOfResources):
     """The storage volume is below [storage] min_free_mb, or really full (ENOSPC/EDQUOT)."""
 
     log_each = False
+
+
+class IndexFull(OutOfResources):
+    """The index's own volume is full (SQLite: SQLITE_FULL; PostgreSQL: SQLSTATE 53100): no
+    row can be committed, so nothing is stored (PS3.4 B.2.3: 0xA700). A restart cannot help;
+    /testdbalive says so (507) and the watchdog does not kill for it."""
+
+    log_each = False   # pacsd.index logs once when it begins and once when it ends
+
+
+# --- patient safety on ingest ------------------------------------------------------------------
+
+class PatientMismatch(InvalidDataset):
+    """The instance names a study (or series) that the index files under another patient (or
+    study): storing it would file one patient's image under another's. Refused by default
+    ([storage] patient_mismatch = "refuse"). 0xC40A: in the Cxxx (Error: Cannot understand)
+    range that PS3.4 B.2.3 leaves to the implementation, beside StudyMismatch's 0xC409: a
+    failure a modality does not retry on its own (dcm4chee-arc uses 0xA778, in the A7xx
+    "Out of Resources" range, which senders retry as if the condition would pass)."""
+
+    dicom_status = 0xC40A
+    http_status = 409
+    comment = "study of another patient in this archive"   # Error Comment (LO, 64 chars)
+
+
+class ContentConflict(PacsError):
+    """A SOP Instance UID that is stored here came again with other content. PS3.7 C.4
+    0x0111 (Duplicate SOP Instance): the UID is taken; the sender keeps its copy (a failure,
+    never a Success that storage commitment would later vouch for). pacsd keeps the new bytes
+    aside all the same (STORAGE/.conflicts), so nothing handed over is lost."""
+
+    dicom_status = 0x0111
+    http_status = 409
+    comment = "SOP Instance UID stored here with other content"

@@ -36,13 +36,14 @@ from typing import Any
 from peewee import IntegrityError, fn
 
 from pacsd import backends, migrations
-from pacsd.errors import IndexUnavailable
+from pacsd.errors import IndexFull, IndexUnavailable, PatientMismatch
 from pacsd.header import Record
 from pacsd.models import (
     INSTANCE_FIELDS,
     PATIENT_FIELDS,
     SERIES_FIELDS,
     STUDY_FIELDS,
+    Conflict,
     Instance,
     Meta_,
     Patient,
@@ -67,6 +68,24 @@ class Added:
 
     duplicate: bool = False
     replaced_path: str | None = None
+    # A duplicate: the stored copy's path, content hash (None before schema 4) and SOP Class.
+    stored_path: str = ""
+    stored_hash: str | None = None
+    stored_class: str = ""
+    stored_syntax: str = ""
+    # Stored, though filed under another patient or study than its own (patient_mismatch =
+    # "accept"): why, in words without patient data.
+    misfiled: str = ""
+
+
+@dataclass(frozen=True)
+class _Filed:
+    """Where an existing series or study is filed: its study, and that study's patient."""
+
+    study_uid: str
+    patient_id: str
+    issuer: str
+    patient_row: int
 
 
 @dataclass
@@ -125,9 +144,10 @@ class Index:
         self._queue: queue.Queue[tuple[Callable[[], Any], Future] | None] = queue.Queue()
         self._writer: threading.Thread | None = None
         # series UID -> (series, study, patient) ids; touched only by the thread that writes.
-        self._cache: dict[str, tuple[int, int, int]] = {}
+        self._cache: dict[str, tuple[tuple[int, int, int], _Filed]] = {}
         self._counters = _Counters()
         self.commits = 0   # transactions committed by the writer (group commit shows here)
+        self.full = False  # the index's volume is full: commits fail until space is freed
         self.retries = 0   # batches run again after a deadlock or a lost connection
 
     # --- life cycle -------------------------------------------------------------------------
@@ -236,13 +256,20 @@ class Index:
                     self._drop_connection()
                     time.sleep(0.05 * attempt * attempt)   # at most 1.5 s in all
                     continue
-                log.error("index commit of %d item(s) failed: %s", len(batch), e)
                 self._drop_connection()
+                if backends.is_disk_full(e):
+                    error: Exception = self._volume_full(e)
+                else:
+                    log.error("index commit of %d item(s) failed: %s", len(batch), e)
+                    error = IndexUnavailable(f"index commit failed: {e}")
                 for _, fut in batch:
                     if not fut.done():
-                        fut.set_exception(IndexUnavailable(f"index commit failed: {e}"))
+                        fut.set_exception(error)
                 return
         self.commits += 1
+        if self.full:
+            self.full = False
+            log.warning("the index %s accepts writes again: storing resumes", self.label)
         for fut, value, error in results:
             if error is not None:
                 fut.set_exception(error)
@@ -264,7 +291,7 @@ class Index:
                         batch_counts.merge(self._counters)
                         break
                     except Exception as e:   # handed back to the caller
-                        if backends.is_retryable(e):
+                        if backends.is_retryable(e) or backends.is_disk_full(e):
                             raise   # the whole transaction is spoilt: run the batch again
                         # The cache may name rows the savepoint rolled back, or a series that
                         # another node deleted (a foreign key error): once more without it.
@@ -274,6 +301,19 @@ class Index:
                             break
             self._apply_counters(batch_counts)
         return results
+
+    def _volume_full(self, e: Exception) -> IndexFull:
+        """A commit failed for want of space on the index's volume: the error every item gets;
+        logged once when it begins (never per image), and once when it ends (_commit)."""
+        where = f"the volume of {self.label}" if self.backend == backends.SQLITE \
+            else f"the PostgreSQL server's volume ({self.label})"
+        if not self.full:
+            self.full = True
+            log.error("the index volume is full (%s: %s): nothing can be stored (C-STORE "
+                      "0xA700, STOW-RS 507) until space is freed there; a restart would not "
+                      "help. Queries and retrieves go on", where,
+                      str(e).strip().splitlines()[0][:200])
+        return IndexFull(f"the index volume is full ({where})")
 
     def _drop_connection(self) -> None:
         """After a failed transaction: a broken connection is closed, so the next batch takes
@@ -323,13 +363,15 @@ class Index:
 
     def add(self, record: Record, *, path: str, size: int, transfer_syntax: str,
             calling_aet: str = "", overwrite: bool = False,
-            routes: Sequence[tuple[str, str]] = ()) -> Added:
+            routes: Sequence[tuple[str, str]] = (), content_hash: str | None = None,
+            refuse_mismatch: bool = False) -> Added:
         """Index one stored instance; returns once committed. `routes` ((route, destination)
         pairs) queue it for sending in the same transaction, so that an instance acknowledged
-        is also an instance that will be forwarded."""
+        is also an instance that will be forwarded. `refuse_mismatch`: raise PatientMismatch
+        rather than file it under another patient or study than its own."""
         def work() -> Added:
             added = self._add(record.values, path, size, transfer_syntax, calling_aet,
-                              overwrite)
+                              overwrite, content_hash, refuse_mismatch)
             if routes and not added.duplicate:
                 self.enqueue([(r, d, record.values["study_instance_uid"],
                                record.values["sop_instance_uid"]) for r, d in routes])
@@ -357,8 +399,11 @@ class Index:
         def work() -> int:
             n = 0
             for record, path, size, ts in items:
-                if not self._add(record.values, path, size, ts, "", False).duplicate:
+                added = self._add(record.values, path, size, ts, "", False)
+                if not added.duplicate:
                     n += 1
+                if added.misfiled:   # a file already in storage: index it, and say so
+                    log.warning("stored file %s indexed though %s", path, added.misfiled)
             if not new:
                 self._counters.active.clear()   # this item's own counts only
             return n
@@ -382,36 +427,40 @@ class Index:
             raise IndexUnavailable("a row was deleted while it was being indexed; try again")
         return tuple(row)
 
-    def _series_ids(self, v: dict[str, Any]) -> tuple[int, int, int, bool, bool]:
+    def _series_ids(self, v: dict[str, Any]) -> tuple[tuple[int, int, int, bool, bool], _Filed]:
         """(series, study, patient) row ids for a record, creating rows as needed; plus whether
-        the series and the study are new. Cached: a known series costs no statement."""
+        the series and the study are new; and where an existing series or study is filed, for
+        `_misfiled`. Cached: a known series costs no statement."""
         uid = v["series_instance_uid"]
         hit = self._cache.get(uid)
         if hit is not None:
-            return (*hit, False, False)
+            return (*hit[0], False, False), hit[1]
         p = database.obj.param
         row = database.obj.execute_sql(
-            f"SELECT series.id, series.study_id, study.patient_id FROM series JOIN study ON "
-            f"study.id = series.study_id WHERE series.series_instance_uid = {p}",
-            (uid,)).fetchone()
+            f"SELECT series.id, series.study_id, study.patient_id, study.study_instance_uid, "
+            f"patient.patient_id, patient.issuer_of_patient_id FROM series JOIN study ON "
+            f"study.id = series.study_id JOIN patient ON patient.id = study.patient_id "
+            f"WHERE series.series_instance_uid = {p}", (uid,)).fetchone()
         new_series = new_study = False
         if row is not None:
             ids = (row[0], row[1], row[2])
+            filed = _Filed(row[3], row[4], row[5], row[2])
         else:
-            patient_id = self._insert("patient", {
-                "patient_id": v["patient_id"], "issuer_of_patient_id": v["issuer_of_patient_id"],
-                **{k: v[k] for k in PATIENT_FIELDS},
-                "patient_name_key": name_key(v["patient_name"]), "number_of_studies": 0,
-                "number_of_series": 0, "number_of_instances": 0},
-                "patient_id, issuer_of_patient_id")
-            if patient_id is None:
-                patient_id = self._row(f"SELECT id FROM patient WHERE patient_id = {p} AND "
-                                       f"issuer_of_patient_id = {p}",
-                                       (v["patient_id"], v["issuer_of_patient_id"]))[0]
-            study_row = database.obj.execute_sql(
-                f"SELECT id, patient_id FROM study WHERE study_instance_uid = {p}",
-                (v["study_instance_uid"],)).fetchone()
-            if study_row is None:
+            study_row = self._study_of(v["study_instance_uid"])
+            if study_row is not None:   # a known study keeps its patient (see _misfiled)
+                study_id, patient_id = study_row[0], study_row[1].patient_row
+            else:
+                patient_id = self._insert("patient", {
+                    "patient_id": v["patient_id"],
+                    "issuer_of_patient_id": v["issuer_of_patient_id"],
+                    **{k: v[k] for k in PATIENT_FIELDS},
+                    "patient_name_key": name_key(v["patient_name"]), "number_of_studies": 0,
+                    "number_of_series": 0, "number_of_instances": 0},
+                    "patient_id, issuer_of_patient_id")
+                if patient_id is None:
+                    patient_id = self._row(f"SELECT id FROM patient WHERE patient_id = {p} AND "
+                                           f"issuer_of_patient_id = {p}",
+                                           (v["patient_id"], v["issuer_of_patient_id"]))[0]
                 study_id = self._insert("study", {
                     "patient_id": patient_id, "study_instance_uid": v["study_instance_uid"],
                     "referring_physician_name_key": name_key(v["referring_physician_name"]),
@@ -420,10 +469,13 @@ class Index:
                     "created": time.strftime("%Y-%m-%d %H:%M:%S")}, "study_instance_uid")
                 new_study = study_id is not None
                 if study_id is None:   # another node's, committed since our SELECT
-                    study_row = self._row(f"SELECT id, patient_id FROM study WHERE "
-                                          f"study_instance_uid = {p}", (v["study_instance_uid"],))
-            if study_row is not None:   # a known study keeps its patient
-                study_id, patient_id = study_row
+                    study_row = self._study_of(v["study_instance_uid"])
+                    if study_row is None:
+                        raise IndexUnavailable("a row was deleted while it was being indexed; "
+                                               "try again")
+                    study_id, patient_id = study_row[0], study_row[1].patient_row
+            filed = _Filed(v["study_instance_uid"], v["patient_id"], v["issuer_of_patient_id"],
+                           patient_id) if study_row is None else study_row[1]
             series_id = self._insert("series", {
                 "study_id": study_id, "series_instance_uid": uid,
                 **{k: v[k] for k in SERIES_FIELDS}, "number_of_instances": 0},
@@ -435,47 +487,124 @@ class Index:
             ids = (series_id, study_id, patient_id)
         if len(self._cache) > 100_000:
             self._cache.clear()
-        self._cache[uid] = ids
-        return (*ids, new_series, new_study)
+        self._cache[uid] = (ids, filed)
+        return (*ids, new_series, new_study), filed
+
+    def _study_of(self, study_uid: str) -> tuple[int, _Filed] | None:
+        p = database.obj.param
+        row = database.obj.execute_sql(
+            f"SELECT study.id, study.patient_id, patient.patient_id, "
+            f"patient.issuer_of_patient_id FROM study JOIN patient ON patient.id = "
+            f"study.patient_id WHERE study.study_instance_uid = {p}", (study_uid,)).fetchone()
+        return None if row is None else (row[0], _Filed(study_uid, row[2], row[3], row[1]))
+
+    def _misfiled(self, v: dict[str, Any], filed: _Filed, refuse: bool) -> str:
+        """Why the instance `v` would be filed under another patient or study than its own
+        (words without patient data, for a WARNING), or "". Raises PatientMismatch when such
+        instances are refused ([storage] patient_mismatch = "refuse")."""
+        if filed.study_uid != v["study_instance_uid"]:
+            why = (f"its series {v['series_instance_uid']} is filed under study "
+                   f"{filed.study_uid}, not under its own study {v['study_instance_uid']}")
+        elif filed.patient_id != v["patient_id"] or (
+                filed.issuer and v["issuer_of_patient_id"]
+                and filed.issuer != v["issuer_of_patient_id"]):
+            p = database.obj.param
+            own = database.obj.execute_sql(
+                f"SELECT id FROM patient WHERE patient_id = {p} AND issuer_of_patient_id = {p}",
+                (v["patient_id"], v["issuer_of_patient_id"])).fetchone()
+            why = (f"its study {v['study_instance_uid']} is filed under patient #"
+                   f"{filed.patient_row} (index row), while its own Patient ID is "
+                   + (f"patient #{own[0]}'s" if own else "another, not yet in the index"))
+            log.debug("instance %s: Patient ID %r (issuer %r) in the image, %r (issuer %r) of "
+                      "record for study %s", v["sop_instance_uid"], v["patient_id"],
+                      v["issuer_of_patient_id"], filed.patient_id, filed.issuer,
+                      v["study_instance_uid"])
+        else:
+            return ""
+        if refuse:
+            raise PatientMismatch(f"instance {v['sop_instance_uid']} refused: {why}")
+        return why
 
     def _add(self, v: dict[str, Any], path: str, size: int, ts: str, calling_aet: str,
-             overwrite: bool) -> Added:
+             overwrite: bool, content_hash: str | None = None,
+             refuse_mismatch: bool = False) -> Added:
         # The hot path of every C-STORE: plain parameterized SQL (peewee builds each query
         # anew, which costs more than SQLite executing it).
         db = database.obj
         p = db.param
-        row = db.execute_sql(f"SELECT id, path FROM instance WHERE sop_instance_uid = {p}",
+        row = db.execute_sql(f"SELECT id, path, content_hash, sop_class_uid, "
+                             f"transfer_syntax_uid FROM instance WHERE sop_instance_uid = {p}",
                              (v["sop_instance_uid"],)).fetchone()
         if row is not None:
-            return self._known(row, v, path, size, ts, calling_aet, overwrite)
-        series_id, study_id, patient_id, new_series, new_study = self._series_ids(v)
+            return self._known(row, v, path, size, ts, calling_aet, overwrite, content_hash)
+        ids, filed = self._series_ids(v)
+        series_id, study_id, patient_id, new_series, new_study = ids
+        # Is the instance filed under its own patient and study? (Raises when refused; the
+        # savepoint then drops any row made above.) Compares cached strings: no statement.
+        misfiled = self._misfiled(v, filed, refuse_mismatch)
         cols = {"series_id": series_id, "sop_instance_uid": v["sop_instance_uid"],
                 "transfer_syntax_uid": ts, "path": path, "size": size,
                 "calling_aet": calling_aet, "received": time.strftime("%Y-%m-%d %H:%M:%S"),
-                **{k: v[k] for k in INSTANCE_FIELDS}}
+                "content_hash": content_hash, **{k: v[k] for k in INSTANCE_FIELDS}}
         if self._insert("instance", cols, "sop_instance_uid") is None:
             # Another node indexed it since our SELECT, and has committed.
-            row = self._row(f"SELECT id, path FROM instance WHERE sop_instance_uid = {p}",
+            row = self._row(f"SELECT id, path, content_hash, sop_class_uid, "
+                            f"transfer_syntax_uid FROM instance WHERE sop_instance_uid = {p}",
                             (v["sop_instance_uid"],))
-            return self._known(row, v, path, size, ts, calling_aet, overwrite)
+            return self._known(row, v, path, size, ts, calling_aet, overwrite, content_hash)
         self._counters.count(series_id, study_id, patient_id, new_series, new_study,
                              v["modality"] or "")
         self._counters.active.add(v["study_instance_uid"])
-        return Added()
+        return Added(misfiled=misfiled)
 
     def _known(self, row: Any, v: dict[str, Any], path: str, size: int, ts: str,
-               calling_aet: str, overwrite: bool) -> Added:
+               calling_aet: str, overwrite: bool, content_hash: str | None = None) -> Added:
         """The instance has a row already."""
         if row[1] == path:
             # Our own file: a batch run again after its commit went through, or another node's
             # recovery indexed the file we had just written. Stored, and not twice.
             return Added()
         if not overwrite:
-            return Added(duplicate=True)
+            return Added(duplicate=True, stored_path=row[1], stored_hash=row[2],
+                         stored_class=row[3], stored_syntax=row[4])
         Instance.update(path=path, size=size, transfer_syntax_uid=ts, calling_aet=calling_aet,
-                        **{k: v[k] for k in INSTANCE_FIELDS}).where(
+                        content_hash=content_hash, **{k: v[k] for k in INSTANCE_FIELDS}).where(
             Instance.id == row[0]).execute()
         return Added(replaced_path=row[1])
+
+    def set_hash(self, sop_instance_uid: str, path: str, content_hash: str) -> None:
+        """Record the content hash of an instance stored before hashes were kept (schema 4)."""
+        def work() -> None:
+            Instance.update(content_hash=content_hash).where(
+                (Instance.sop_instance_uid == sop_instance_uid) & (Instance.path == path)
+                & Instance.content_hash.is_null()).execute()
+        self.submit(work)
+
+    def add_conflict(self, sop_instance_uid: str, content_hash: str, path: str,
+                     transfer_syntax: str, calling_aet: str) -> bool:
+        """Record a copy kept aside; False (nothing recorded) when a copy with the same
+        content is already kept for this instance."""
+        def work() -> bool:
+            known = Conflict.select(Conflict.id).where(
+                (Conflict.sop_instance_uid == sop_instance_uid)
+                & (Conflict.content_hash == content_hash)).exists()
+            if known:
+                return False
+            Conflict.insert(sop_instance_uid=sop_instance_uid, content_hash=content_hash,
+                            path=path, transfer_syntax_uid=transfer_syntax,
+                            calling_aet=calling_aet).execute()
+            return True
+        return bool(self.submit(work))
+
+    def conflicted(self, uids: Sequence[str]) -> set[str]:
+        """Which of these SOP Instance UIDs have a copy with other content kept aside."""
+        found: set[str] = set()
+        with reading():
+            for start in range(0, len(uids), 500):
+                q = Conflict.select(Conflict.sop_instance_uid).where(
+                    Conflict.sop_instance_uid.in_(list(uids[start:start + 500]))).distinct()
+                found |= {str(r[0]) for r in q.tuples()}
+        return found
 
     # --- leases: jobs that one node of several runs -----------------------------------------
 
@@ -590,15 +719,20 @@ class Index:
         def work() -> list[str]:
             # Rows are no longer only ever added: the series cache could name a deleted row.
             self._cache.clear()
-            rows: list[Any] = []   # (id, path, series id)
+            rows: list[Any] = []   # (id, path, series id, SOP Instance UID)
             for start in range(0, len(wanted), 500):   # stay below SQLite's variable limit
-                q = (Instance.select(Instance.id, Instance.path, Instance.series)
+                q = (Instance.select(Instance.id, Instance.path, Instance.series,
+                                     Instance.sop_instance_uid)
                      .join(Series).join(Study).where(column.in_(wanted[start:start + 500])))
                 rows += list(q.tuples())
             series_ids = sorted({r[2] for r in rows})
             for start in range(0, len(rows), 500):
                 Instance.delete().where(
                     Instance.id.in_([r[0] for r in rows[start:start + 500]])).execute()
+                # Deleting an instance resolves its conflicts: the copies kept aside stay on
+                # disk (STORAGE/.conflicts) for a person to import if they were the right one.
+                Conflict.delete().where(Conflict.sop_instance_uid.in_(
+                    [r[3] for r in rows[start:start + 500]])).execute()
             if level != "IMAGE":   # a study or series without instances goes too
                 empty = Series.select(Series.id).join(Study).where(column.in_(wanted)) \
                     if level == "STUDY" else Series.select(Series.id).where(column.in_(wanted))

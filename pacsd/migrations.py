@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from peewee import Database, SqliteDatabase
 
 from pacsd.errors import IndexUnavailable
-from pacsd.models import MODELS, Lease, Meta_, NodeRow, RouteJob, StudyActivity, UserRow
+from pacsd.models import MODELS, Conflict, Lease, Meta_, NodeRow, RouteJob, StudyActivity, UserRow
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +39,19 @@ def _v3(db: Database) -> None:
     db.create_tables([RouteJob, StudyActivity], safe=True)
 
 
+def _v4(db: Database) -> None:
+    # A plain nullable column: no table rewrite on either engine, whatever the index's size.
+    # Rows of older instances stay NULL until one of them is sent again (pacsd.archive).
+    db.execute_sql("ALTER TABLE instance ADD COLUMN content_hash TEXT")
+    db.create_tables([Conflict], safe=True)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "tables for nodes and users added on the admin page, and leases for the jobs "
                  "that one node runs alone", _v2),
     Migration(3, "the routing queue, and when each study last received an instance", _v3),
+    Migration(4, "a content hash per instance, and the copies that came with other content",
+              _v4),
 )
 LATEST = max(m.version for m in MIGRATIONS)
 

@@ -129,6 +129,10 @@ class Instance(BaseModel):
     size = BigIntegerField()   # whole-slide and long multi-frame files pass 2 GiB
     calling_aet = Text(default="")
     received = DateTimeField(default=_now, index=True)
+    # SHA-256 of the data set bytes after the File Meta group (which every receiver rewrites),
+    # in hex: a re-send with other content is told from a true duplicate. NULL for instances
+    # stored before schema 4 (computed when one is sent again).
+    content_hash = Text(null=True)
 
 
 class Meta_(BaseModel):
@@ -211,8 +215,27 @@ class StudyActivity(BaseModel):
         table_name = "pacsd_study_activity"
 
 
+class Conflict(BaseModel):
+    """A copy of a stored SOP Instance UID that came with other content: refused (C-STORE
+    0x0111), yet kept aside under STORAGE/.conflicts so that nothing a sender handed over is
+    lost. While one exists, storage commitment reports the instance as failed: the request
+    names no content, so pacsd cannot tell which copy the asker holds. Resolved by deleting
+    the instance (its conflicts go with it; their files stay for a person to look at)."""
+
+    id = AutoField()
+    sop_instance_uid = Text(index=True)
+    content_hash = Text()
+    path = Text()               # relative to the storage root, under .conflicts/
+    transfer_syntax_uid = Text(default="")
+    calling_aet = Text(default="")
+    received = DateTimeField(default=_now)
+
+    class Meta:
+        table_name = "pacsd_conflict"
+
+
 DICOM_MODELS = (Patient, Study, Series, Instance)
-MODELS = (*DICOM_MODELS, Meta_, NodeRow, UserRow, Lease, RouteJob, StudyActivity)
+MODELS = (*DICOM_MODELS, Meta_, NodeRow, UserRow, Lease, RouteJob, StudyActivity, Conflict)
 
 PATIENT_FIELDS = ("patient_name", "patient_birth_date", "patient_sex")
 STUDY_FIELDS = ("study_date", "study_time", "accession_number", "study_id",

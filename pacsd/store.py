@@ -32,6 +32,9 @@ from pacsd.errors import FolderNotWritable, OutOfResources, StorageFull
 log = logging.getLogger(__name__)
 
 TMP_DIR = ".tmp"
+# Copies of a stored SOP Instance UID that came with other content (pacsd.archive): kept, never
+# indexed as instances, never walked (so neither recovery nor reindex takes them for images).
+CONFLICTS_DIR = ".conflicts"
 SUFFIX = ".dcm"
 
 
@@ -233,6 +236,21 @@ class Store:
         self.space.stored()
         return rel, size
 
+    def set_aside(self, rel: str) -> str:
+        """Move a stored file into CONFLICTS_DIR, durably (rename, then fsync both folders);
+        its new relative path."""
+        new = f"{CONFLICTS_DIR}/{rel}"
+        new_dir = new.rsplit("/", 1)[0]
+        try:
+            self._ensure_dir(new_dir)
+            os.rename(self.path(rel), self.root / new)
+            fsync_dir(self.root / new_dir)
+            fsync_dir(self.path(rel).parent)
+        except OSError as e:
+            raise OutOfResources(f"cannot keep a copy aside in {self.root / CONFLICTS_DIR}: "
+                                 f"{e.strerror or e}") from None
+        return new
+
     def sweep(self, older_than_s: float) -> int:
         """Remove temporary files of any node older than `older_than_s` (a write takes seconds;
         a file that old belongs to a node that died and never came back). Files removed."""
@@ -266,7 +284,7 @@ class Store:
         """Relative paths of stored files; with `since`, only in folders changed after it."""
         for dirpath, dirnames, filenames in os.walk(self.root):
             if dirpath == str(self.root):
-                dirnames[:] = sorted(d for d in dirnames if d != TMP_DIR)
+                dirnames[:] = sorted(d for d in dirnames if d not in (TMP_DIR, CONFLICTS_DIR))
             else:
                 dirnames.sort()
             if since is not None and not dirnames:

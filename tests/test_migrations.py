@@ -344,3 +344,71 @@ def test_two_nodes_migrating_one_empty_database_at_once(postgres_url, tmp_path):
     assert f"(schema {migrations.LATEST})" in created[0]
     assert meta == [("schema_version", str(migrations.LATEST))]
     assert tables == {m._meta.table_name for m in MODELS}
+
+
+def run_sql(url: str, *statements: str) -> None:
+    if url.startswith("sqlite:///"):
+        db = sqlite3.connect(url[len("sqlite:///"):])
+        with db:
+            for sql in statements:
+                db.execute(sql)
+        db.close()
+    else:
+        with psycopg.connect(url, connect_timeout=10) as conn:
+            for sql in statements:
+                conn.execute(sql)
+
+
+def test_schema_3_gains_content_hashes_when_instances_come_again(index_url, tmp_path):
+    """Schema 4 adds instance.content_hash (NULL for what was stored before) and the conflicts
+    table; a re-sent old instance is hashed then: the same content is a duplicate, other
+    content a conflict that storage commitment will not vouch for."""
+    from pacsd.archive import Archive
+    from pacsd.errors import ContentConflict
+    from pacsd.store import Store
+
+    files = []
+    for n in (1, 2):
+        ds = ct_slice(seed=71, patient=1, study=1, series=1, number=n, size=16)
+        files.append(tmp_path / f"{n}.dcm")
+        ds.save_as(files[-1], enforce_file_format=True)
+    ds.PixelData = bytes(len(ds.PixelData))
+    other = tmp_path / "2-other.dcm"
+    ds.save_as(other, enforce_file_format=True)
+    store = Store(tmp_path / "storage")
+    store.open()
+    index = Index(index_url).open()
+    try:
+        for f in files:
+            Archive(store, index).put_file(f)
+    finally:
+        index.close()
+    # As schema 3 left it: no hash column, no conflicts table.
+    run_sql(index_url, "DROP TABLE pacsd_conflict",
+            "ALTER TABLE instance DROP COLUMN content_hash")
+    set_schema_version(index_url, 3)
+
+    index = Index(index_url).open()
+    try:
+        assert schema_version(index_url) == migrations.LATEST == 4
+        archive = Archive(store, index)
+        with index.reading():
+            hashes = dict(database.obj.execute_sql(
+                "SELECT sop_instance_uid, content_hash FROM instance").fetchall())
+        assert list(hashes.values()) == [None, None]
+        assert archive.put_file(files[0]).duplicate   # the same bytes: hashed now, equal
+        with pytest.raises(ContentConflict):
+            archive.put_file(other)
+        sop2 = str(ds.SOPInstanceUID)
+        assert index.conflicted([*hashes]) == {sop2}
+        with index.reading():
+            hashes = dict(database.obj.execute_sql(
+                "SELECT sop_instance_uid, content_hash FROM instance").fetchall())
+        assert None not in hashes.values() and len(set(hashes.values())) == 2
+        assert index.counts()["instances"] == 2
+        # Deleting the instance resolves the conflict (its copy aside stays on disk).
+        archive.delete("IMAGE", [sop2])
+        assert index.conflicted([sop2]) == set()
+        assert len(list((tmp_path / "storage" / ".conflicts").rglob("*.dcm"))) == 1
+    finally:
+        index.close()

@@ -19,7 +19,10 @@ LAYOUT = re.compile(r"\d{4}/\d{2}/\d{2}/[0-9a-f]{2}/[0-9a-f]{32}\.dcm")
 
 
 def stored_files(server) -> list[Path]:
-    return sorted(p for p in server.cfg.storage_path.rglob("*") if p.is_file())
+    """The stored images (copies with other content kept aside in .conflicts are not)."""
+    root = server.cfg.storage_path
+    return sorted(p for p in root.rglob("*")
+                  if p.is_file() and p.relative_to(root).parts[0] != ".conflicts")
 
 
 def everything_under(root: Path) -> set[Path]:
@@ -41,7 +44,10 @@ def test_bytes_kept_as_received_with_our_file_meta(server, tmp_path):
     assert [p for p in (server.cfg.storage_path / ".tmp").rglob("*") if p.is_file()] == []
 
 
-def test_duplicate_keeps_the_first_copy_and_answers_success(server, tmp_path):
+def test_duplicate_keeps_the_first_copy_and_answers_success(make_server, tmp_path):
+    # Other content under a stored UID is refused by default (tests/reliability/
+    # test_patient_safety.py); on_conflict = "success" restores the earlier answer.
+    server = make_server(storage={"on_conflict": "success"})
     first, second = tmp_path / "1.dcm", tmp_path / "2.dcm"
     ds = ct_slice(seed=2, patient=1, study=1, series=1, number=1, size=16)
     ds.save_as(first, enforce_file_format=True)

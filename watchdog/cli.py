@@ -130,7 +130,8 @@ class Watchdog:
 
     def kill(self, t: probes.Target, reason: str, now: float) -> None:
         cfg = self.cfg
-        why = act.restart_cannot_help(cfg.storage_path, cfg.data, cfg.watchdog_min_free_mb)
+        why = act.restart_cannot_help(cfg.storage_path, cfg.data, cfg.watchdog_min_free_mb) \
+            or probes.index_full(reason)
         if why:
             log.error("NOT killing pacsd pid %d: restarting cannot help: %s (it fails: %s)",
                       t.pid, why, reason)

@@ -26,6 +26,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelFind, Verification)
 
 ALIVE_TEXT = b"succeeded"
+# /testdbalive's answer when the index's volume is full: the server is alive and a restart
+# cannot free space (pacsd.web.health).
+INDEX_FULL = 507
 # A fixed instance for the round trip: stored once (later copies are duplicates, kept out).
 ROUNDTRIP_SOP = "2.25.246812175390451728096435541262411693573"
 ROUNDTRIP_STUDY = "2.25.246812175390451728096435541262411693574"
@@ -113,6 +116,13 @@ def http_alive(t: Target, timeout: float) -> Result:
                                f"{body[:120].decode('utf-8', 'replace').strip()}")
         return "200"
     return timed("http", probe)
+
+
+def index_full(reason: str) -> str | None:
+    """Why a restart cannot help, when a round failed because the index volume is full."""
+    if f"/testdbalive answered {INDEX_FULL}" in reason:
+        return "the index volume is full (pacsd answers /testdbalive with 507)"
+    return None
 
 
 def xmlrpc_ping(t: Target, timeout: float) -> Result:

@@ -23,6 +23,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # names made a
     StudyRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelMove,
     Verification)
 from pynetdicom.transport import ThreadedAssociationServer
+from pydicom.dataset import Dataset
 from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
                          ExplicitVRLittleEndian, HTJ2KLossless, HTJ2KLosslessRPCL,
                          ImplicitVRLittleEndian, JPEG2000Lossless, JPEGLosslessSV1, JPEGLossless,
@@ -158,7 +159,7 @@ class DicomServer:
                      event.assoc.requestor.ae_title, event.assoc.requestor.address,
                      stats.get("stored", 0), stats.get("duplicates", 0), stats.get("failed", 0))
 
-    def _on_store(self, event: Event) -> int:
+    def _on_store(self, event: Event) -> int | Dataset:
         return handle_store(event, self.archive, self._assoc_stats(event), self.hooks)
 
     def _on_rejected(self, event: Event) -> None:

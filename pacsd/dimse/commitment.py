@@ -4,7 +4,9 @@ A modality asks, with an N-ACTION (Action Type 1) naming a Transaction UID and t
 sent, whether we keep them safely; once told yes it may delete its own copies. We answer the
 N-ACTION at once (J.3.2: Success means "request received and will be processed") and decide in
 the background. An instance is committed only if the archive holds it durably: its row is in the
-index, with the SOP Class the modality names, and its file is in storage. The archive answers
+index, with the SOP Class the modality names, its file is in storage, and no copy with other
+content came under its UID (pacsd.archive keeps those aside; the request names no content, so
+such an instance is never vouched for until the conflict is resolved). The archive answers
 C-STORE Success only after both were fsync'd and committed, so nothing weaker is ever promised.
 
 The result goes back as an N-EVENT-REPORT (J.3.3) on a new association from us to the node whose
@@ -260,7 +262,8 @@ class Commitments:
             result = self.check(job.items)
             reasons = [reason for _, _, reason in result.failed]
             log.info("storage commitment %s from %s: %d committed, %d failed (%d not stored, "
-                     "%d of another SOP class, %d with their file missing)",
+                     "%d of another SOP class, %d with their file missing or their content "
+                     "disputed)",
                      job.transaction_uid, job.aet, len(result.committed), len(result.failed),
                      reasons.count(NO_SUCH_INSTANCE), reasons.count(CLASS_INSTANCE_CONFLICT),
                      reasons.count(PROCESSING_FAILURE))
@@ -282,6 +285,7 @@ class Commitments:
                 for i in range(0, len(uids), CHUNK):
                     req = query.Request("IMAGE", {"SOPInstanceUID": "\\".join(uids[i:i + CHUNK])})
                     found.update((s.sop_instance_uid, s) for s in query.instances(req))
+            conflicted = self.index.conflicted(sorted(found))
         except Exception as e:  # noqa: BLE001 - the database's errors, whichever backend
             if self._stop.is_set():   # the index closes at shutdown: not a failure to report
                 raise ShuttingDown from None
@@ -292,6 +296,7 @@ class Commitments:
         committed: list[tuple[str, str]] = []
         failed: list[tuple[str, str, int]] = []
         lost: list[query.StoredInstance] = []
+        disputed: list[str] = []
         for cls, inst in items:
             row = found.get(inst)
             if row is None:
@@ -300,6 +305,11 @@ class Commitments:
                 log.debug("storage commitment: %s is stored as %s, not %s", inst,
                           row.sop_class_uid, cls)
                 failed.append((cls, inst, CLASS_INSTANCE_CONFLICT))
+            elif inst in conflicted:
+                # A copy with other content came under this UID: the request names no content,
+                # so we cannot tell which copy the asker holds. It keeps its copy.
+                disputed.append(inst)
+                failed.append((cls, inst, PROCESSING_FAILURE))
             elif not self._on_disk(row):
                 lost.append(row)
                 failed.append((cls, inst, PROCESSING_FAILURE))
@@ -311,6 +321,11 @@ class Commitments:
                         "from storage (first: %s, %s); reported as failed (0x0110). Check the "
                         "storage volume; `pacsd reindex` rebuilds the index from the files",
                         len(lost), lost[0].sop_instance_uid, lost[0].path)
+        if disputed:
+            log.warning("storage commitment: %d instance(s) were also sent with other content "
+                        "(first: %s; copies kept in STORAGE/.conflicts); reported as failed "
+                        "(0x0110) until the instance is deleted and sent again",
+                        len(disputed), disputed[0])
         return Result(tuple(committed), tuple(failed))
 
     def _on_disk(self, row: query.StoredInstance) -> bool:

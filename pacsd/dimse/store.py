@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import cast
 
+from pydicom.dataset import Dataset
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 
@@ -20,8 +21,18 @@ from pacsd.hooks import Hooks
 log = logging.getLogger(__name__)
 
 
+def _status(code: int, comment: str) -> int | Dataset:
+    """The C-STORE status, with an Error Comment (PS3.7 C.4) the modality can show."""
+    if not comment:
+        return code
+    ds = Dataset()
+    ds.Status = code
+    ds.ErrorComment = comment[:64]
+    return ds
+
+
 def handle_store(event: Event, archive: Archive, stats: dict, hooks: Hooks | None = None
-                 ) -> int:
+                 ) -> int | Dataset:
     req = cast(C_STORE, event.request)
     cx = event.context
     aet = event.assoc.requestor.ae_title
@@ -45,7 +56,7 @@ def handle_store(event: Event, archive: Archive, stats: dict, hooks: Hooks | Non
         stats["failed"] = stats.get("failed", 0) + 1
         log.log(logging.WARNING if e.log_each else logging.DEBUG,
                 "C-STORE from %s refused with 0x%04X: %s", aet, e.dicom_status, e)
-        return e.dicom_status
+        return _status(e.dicom_status, getattr(e, "comment", ""))
     except Exception:  # a bug must cost one image, not the association or the server
         stats["failed"] = stats.get("failed", 0) + 1
         log.exception("C-STORE from %s failed", aet)
@@ -53,4 +64,4 @@ def handle_store(event: Event, archive: Archive, stats: dict, hooks: Hooks | Non
     key = "duplicates" if stored.duplicate else "stored"
     stats[key] = stats.get(key, 0) + 1
     log.debug("stored %s from %s as %s", stored.sop_instance_uid, aet, stored.path or "-")
-    return 0x0000
+    return _status(stored.warning, stored.comment)

@@ -9,7 +9,7 @@ from typing import Any
 import bottle
 
 from pacsd import __version__
-from pacsd.errors import IndexUnavailable
+from pacsd.errors import IndexFull, IndexUnavailable
 
 ALIVE_TEXT = "Test DB Alive succeeded"
 
@@ -24,6 +24,11 @@ def make_app(rt: Any) -> bottle.Bottle:
         # dead writer fails here within a second, and the watchdog acts on it.
         try:
             rt.archive.index.probe(timeout=1.0)
+        except IndexFull as e:
+            # Not a hang: 507 (Insufficient Storage, RFC 4918), which the watchdog reads as
+            # "a restart cannot help" (pacsd_watchdog.probes.INDEX_FULL).
+            raise bottle.HTTPError(507, f"Test DB Alive failed: index volume full: {e}. A "
+                                        "restart would not help") from None
         except (IndexUnavailable, TimeoutError) as e:
             raise bottle.HTTPError(503, f"Test DB Alive failed: {e}") from None
         bottle.response.content_type = "text/plain; charset=utf-8"

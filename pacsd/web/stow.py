@@ -56,6 +56,10 @@ def store_part(rt: Any, view: memoryview, study: str | None, result: dict[str, A
     result["RetrieveURL"] = url(stored.study_instance_uid, stored.series_instance_uid,
                                 stored.sop_instance_uid)
     result["study"] = stored.study_instance_uid
+    if stored.warning:   # stored with a reservation (PS3.18 I.2.2: Warning Reason)
+        result["WarningReason"] = stored.warning
+        log.info("STOW-RS: instance %s stored with warning 0x%04X: %s",
+                 stored.sop_instance_uid, stored.warning, stored.comment)
 
 
 def stow(rt: Any, study: str | None, url: Url) -> str:
@@ -117,7 +121,7 @@ def _stow_response(results: list[dict[str, Any]], url: Url) -> str:
         ds.add_new(0x00081190, "UR", url(studies.pop()))
     if ok:
         ds.ReferencedSOPSequence = [_item(r, ("ReferencedSOPClassUID", "ReferencedSOPInstanceUID",
-                                              "RetrieveURL")) for r in ok]
+                                              "RetrieveURL", "WarningReason")) for r in ok]
     if failed:
         ds.FailedSOPSequence = [_item(r, ("ReferencedSOPClassUID", "ReferencedSOPInstanceUID",
                                           "FailureReason")) for r in failed]
@@ -130,7 +134,8 @@ def _stow_response(results: list[dict[str, Any]], url: Url) -> str:
     if not ok and all(r.get("http_status") == 507 for r in failed):
         bottle.response.status = 507
     else:
-        bottle.response.status = 200 if not failed else 202 if ok else 409
+        warned = any("WarningReason" in r for r in ok)
+        bottle.response.status = 200 if not failed and not warned else 202 if ok else 409
     bottle.response.content_type = DICOM_JSON
     return json.dumps(ds.to_json_dict(suppress_invalid_tags=True), ensure_ascii=False,
                       separators=(",", ":"))
@@ -142,6 +147,6 @@ def _item(result: dict[str, Any], keywords: tuple[str, ...]) -> Dataset:
         value = result.get(kw)
         if value in (None, "") and kw != "FailureReason":
             continue
-        vr = {"RetrieveURL": "UR", "FailureReason": "US"}.get(kw, "UI")
+        vr = {"RetrieveURL": "UR", "FailureReason": "US", "WarningReason": "US"}.get(kw, "UI")
         item.add_new(Tag(kw), vr, value)
     return item
