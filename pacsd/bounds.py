@@ -46,7 +46,7 @@ class Limits:
     max_pixel_bytes: int = 4096 * MB
 
     @classmethod
-    def from_config(cls, cfg: Any) -> "Limits":
+    def from_config(cls, cfg: Any) -> Limits:
         return cls(max_inflated=cfg.dicom_max_inflated_mb * MB,
                    max_frame_pixels=cfg.dicom_max_frame_pixels,
                    max_pixel_bytes=cfg.dicom_max_pixel_mb * MB)
@@ -193,7 +193,7 @@ def _int(ds: Any, keyword: str, default: int) -> int:
     try:
         value = ds.get(keyword)
         return default if value in (None, "") else int(value)
-    except Exception:   # garbage reads as the default, as the renderer reads it
+    except Exception:  # noqa: BLE001 (garbage reads as the default, as the renderer reads it)
         return default
 
 

@@ -12,7 +12,7 @@ import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, cast
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
@@ -111,7 +111,7 @@ def _inflating(source: Any, max_read: int = bounds.MAX_HEADER_READ) -> bounds.In
     start = source.tell()
     limit = bounds.limits().max_inflated
     probe = bounds.Inflating(source, limit)
-    ds = read_dataset(probe, False, True, defer_size=4096,
+    ds = read_dataset(cast(BinaryIO, probe), False, True, defer_size=4096,
                       stop_when=lambda tag, vr, length: tag > 0x0028FFFF)
     d = bounds.declared(ds)
     source.seek(start)
@@ -135,7 +135,8 @@ def read_header(fileobj: Any, defer_size: int | None = 4096) -> Dataset:
         if UID(meta.get("TransferSyntaxUID", "")).is_deflated:
             name = getattr(fileobj, "name", "<deflated file>")
             stream = _inflating(fileobj)
-            ds = read_dataset(stream, False, True, stop_when=_at_pixels, defer_size=defer_size)
+            ds = read_dataset(cast(BinaryIO, stream), False, True, stop_when=_at_pixels,
+                              defer_size=defer_size)
             out = FileDataset(name, _without_deferred(ds, defer_size), preamble, meta,
                               False, True)
             return _touch(out)
@@ -171,7 +172,7 @@ def read_full(path: Path | str) -> Dataset:
             preamble = read_preamble(f, False)
             read_dataset(f, False, True, stop_when=_not_meta)
             stream = _inflating(f, max_read=bounds.limits().max_inflated)
-            ds = read_dataset(stream, False, True)
+            ds = read_dataset(cast(BinaryIO, stream), False, True)
         except _ERRORS as e:
             raise InvalidDataset(f"cannot read the data set: {type(e).__name__}: {e}") from None
         return FileDataset(str(path), ds, preamble, meta, False, True)

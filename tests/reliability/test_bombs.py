@@ -47,7 +47,16 @@ from pynetdicom.sop_class import Verification
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent))
 
-from conftest import LOCAL, associate, c_get, dcmtk, run_peer, serve, wait_for, write_config  # noqa: E402
+from conftest import (  # noqa: E402
+    LOCAL,
+    associate,
+    c_get,
+    dcmtk,
+    run_peer,
+    serve,
+    wait_for,
+    write_config,
+)
 from data import ct_slice, uid  # noqa: E402
 from pacsd.header import file_meta_bytes  # noqa: E402
 from report import PeakMemory, record  # noqa: E402
@@ -366,8 +375,8 @@ def bombed(tmp_path):
 def _urls(http_url: str, n: int) -> list[str]:
     study, series, sop = uid(160, n, "study"), uid(160, n, "series"), uid(160, n, "sop")
     inst = f"{http_url}/dicom-web/studies/{study}/series/{series}/instances/{sop}"
-    return [f"{http_url}/wado?requestType=WADO&studyUID={study}&seriesUID={series}"
-            f"&objectUID={sop}&contentType=image/jpeg",
+    return [(f"{http_url}/wado?requestType=WADO&studyUID={study}&seriesUID={series}"
+             f"&objectUID={sop}&contentType=image/jpeg"),
             inst + "/rendered", inst + "/thumbnail", inst + "/frames/1/rendered",
             f"{http_url}/dicom-web/studies/{study}/series/{series}/thumbnail",
             f"{http_url}/dicom-web/studies/{study}/thumbnail",
@@ -405,7 +414,7 @@ def test_stored_bombs_are_never_decoded(bombed):
 
 
 def test_memory_stays_bounded_with_bombs_at_once_and_others_are_served(bombed, tmp_path):
-    data, cfg, files = bombed
+    data, cfg, _files = bombed
     bombs = tmp_path / "more"
     cstore = [(write(bombs, "d1.dcm", deflate_bomb_image(30)), SecondaryCaptureImageStorage,
                DeflatedExplicitVRLittleEndian),
@@ -431,8 +440,8 @@ def test_memory_stays_bounded_with_bombs_at_once_and_others_are_served(bombed, t
             slowest, rounds, number = 0.0, 0, 2
             while not all(f.done() for f in attacks + renders) or rounds < 3:
                 for what, call in (("C-ECHO", lambda: echo(port) == 0),
-                                   ("C-STORE", lambda: c_store_raw(
-                                       port, real_image(tmp_path, number), CTImageStorage,
+                                   ("C-STORE", lambda n=number: c_store_raw(
+                                       port, real_image(tmp_path, n), CTImageStorage,
                                        ExplicitVRLittleEndian) == 0),
                                    ("/testdbalive", lambda: requests.get(
                                        url + "/testdbalive", timeout=PROMPT_S).ok)):
