@@ -126,7 +126,7 @@ def transcode(path: str, target: UID) -> Dataset:
     """The stored file at `path` as a data set encoded in `target`, same SOP Instance UID.
 
     Raises TranscodeError when the file cannot be read or its pixel data decoded or encoded."""
-    source = "unreadable file"
+    source = "stored file"
     try:
         ds = read_full(path)   # within the pixel budget (and, deflated, the inflation cap)
         stored = UID(ds.file_meta.TransferSyntaxUID)

@@ -8,8 +8,9 @@ memory STOW-RS needs per part (class 7).
 - Pixel bombs: an RLE object of a few bytes declaring 10000 frames of 65535 x 65535, the same
   uncompressed, one declaring 100 frames and carrying one, a JPEG whose own bitstream says
   32768 x 32768 where the header says 64 x 64. Refused at ingest (C-STORE from pynetdicom and
-  DCMTK, STOW-RS); stored before the limits existed, they are never decoded (render,
-  thumbnail, frames, transcoding on C-GET): 422 and one log line.
+  DCMTK, STOW-RS); stored before the limits existed (or a deflate bomb planted in the storage
+  folder and indexed by `pacsd reindex`), they are never decoded (render, thumbnail, frames,
+  transcoding on C-GET): 422 and one log line.
 - Several bombs at once, C-STORE, STOW-RS and renders together: the server's peak RSS stays
   under a documented ceiling while a normal C-ECHO, C-STORE and /testdbalive answer promptly.
 - STOW-RS of a 200 MB part costs about that much memory, not twice.
@@ -52,6 +53,7 @@ from conftest import (  # noqa: E402
     associate,
     c_get,
     dcmtk,
+    pacsd_cmd,
     run_peer,
     serve,
     wait_for,
@@ -369,7 +371,12 @@ def bombed(tmp_path):
         assert c_store_raw(proc.port, files["rle"], SecondaryCaptureImageStorage,
                            RLELossless) == 0
         assert stow(proc.http_url, [files["jpeg"].read_bytes()]).status_code == 200
-    return data, write_config(tmp_path / "pacsd.toml", data), files
+    # A deflate bomb no setting lets in (an image inflates to no more than its header and
+    # pixels need): planted in the storage folder, found by `pacsd reindex`.
+    files["deflated"] = write(data / "storage" / "planted", "bomb.dcm", deflate_bomb_image(22))
+    cfg = write_config(tmp_path / "pacsd.toml", data)
+    run_peer(pacsd_cmd("reindex", "--config", str(cfg)), timeout=120)
+    return data, cfg, files
 
 
 def _urls(http_url: str, n: int) -> list[str]:
@@ -394,7 +401,7 @@ def test_stored_bombs_are_never_decoded(bombed):
     with serve(cfg, data) as proc:
         before = rss_mb(proc.proc.pid)
         with PeakMemory(proc.proc.pid) as peak:
-            for n in (20, 21):
+            for n in (20, 21, 22):
                 for url in _urls(proc.http_url, n):
                     r = _get(url)
                     assert r.status_code == 422, (url, r.status_code, r.text[:300])
@@ -407,6 +414,7 @@ def test_stored_bombs_are_never_decoded(bombed):
         lines = log_lines(proc, "HTTP GET")
         assert sum("max_frame_pixels" in line for line in lines) == 7, proc.output()
         assert sum("bitstream declares 32768 x 32768" in line for line in lines) == 7
+        assert sum("in a deflated data set" in line for line in lines) == 7, proc.output()
         # Still served as stored: the bytes are the client's to decode.
         r = requests.get(_urls(proc.http_url, 20)[0].replace("image/jpeg", "application/dicom"),
                          timeout=30)
