@@ -209,9 +209,9 @@ class Progress:
 
 
 def _archive(cfg: Config):
+    from pacsd import bounds
     from pacsd.archive import Archive
     from pacsd.store import Store
-    from pacsd import bounds
     bounds.configure(bounds.Limits.from_config(cfg))   # import and reindex read headers
     # Temporary files in a folder of their own: a node starting meanwhile cleans only its own.
     store = Store(cfg.storage_path, cfg.storage_min_free_mb, node="cli")
