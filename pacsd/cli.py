@@ -212,8 +212,10 @@ class Progress:
 
 
 def _archive(cfg: Config):
+    from pacsd import bounds
     from pacsd.archive import Archive
     from pacsd.store import Store
+    bounds.configure(bounds.Limits.from_config(cfg))   # import and reindex read headers
     # Temporary files in a folder of their own: a node starting meanwhile cleans only its own.
     store = Store(cfg.storage_path, cfg.storage_min_free_mb, node="cli")
     store.open(clean=False)   # a running server may have temporary files in flight

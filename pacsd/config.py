@@ -167,6 +167,25 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("dicom", "tls_ca", str, "",
             "CA certificate(s) (PEM) file: when set, DICOM TLS clients must present a "
             "certificate signed by it. Empty: no client certificate asked."),
+    Setting("dicom", "max_inflated_mb", int, 1024,
+            "Largest size, in MB, a Deflated Explicit VR Little Endian data set (PS3.5 A.5) may "
+            "inflate to, over C-STORE, STOW-RS or import; beyond it the object is refused "
+            "(0xC422). A deflated image may besides inflate to no more than its header and its "
+            "declared pixel data (+ 64 MB). Counted as it streams, nothing kept (the object is "
+            "stored deflated, as received); later reads are held to the same.",
+            _range(1, 2**20)),
+    Setting("dicom", "max_frame_pixels", int, 1 << 26,
+            "Largest Rows x Columns of one frame accepted (C-STORE, STOW-RS, import) and "
+            "decoded (rendered, thumbnails, frames, transcoding): a frame declaring more is "
+            "refused (0xC422 / HTTP 422). 67108864 = 8192 x 8192; real modalities stay well "
+            "below (mammography 4096 x 5120; whole-slide images are tiled).",
+            _range(1, 65535 * 65535)),
+    Setting("dicom", "max_pixel_mb", int, 4096,
+            "Largest decoded size, in MB, of an object's pixel data (Rows x Columns x Frames x "
+            "Samples x BitsAllocated / 8) accepted and decoded: beyond it the object is refused "
+            "(0xC422 / HTTP 422). 4096 holds anything a native Pixel Data element can (under "
+            "4 GiB), e.g. a 2000-frame ultrasound clip or a breast tomosynthesis volume.",
+            _range(1, 2**40)),
     Setting("http", "port", int, 8080, "HTTP port of the web side.", _port, "--http-port"),
     Setting("http", "bind", str, "127.0.0.1",
             "Address the HTTP listener binds to. Beyond loopback, [[users]] are required.",
@@ -346,6 +365,9 @@ class Config:
     dicom_tls_cert: str = ""
     dicom_tls_key: str = ""
     dicom_tls_ca: str = ""
+    dicom_max_inflated_mb: int = 1024
+    dicom_max_frame_pixels: int = 1 << 26
+    dicom_max_pixel_mb: int = 4096
     http_cert: str = ""
     http_key: str = ""
     http_threads: int = 16

@@ -32,7 +32,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from pacsd import __version__, systemd
+from pacsd import __version__, bounds, systemd
 from pacsd.archive import Archive, Stored
 from pacsd.chores import Chores
 from pacsd.config import Config
@@ -157,6 +157,7 @@ class Server:
             self.started = time.time()
             write_atomic(cfg.pidfile, f"{os.getpid()}\n")
             self.node = node_id(cfg.data)
+            bounds.configure(bounds.Limits.from_config(cfg))
             store = Store(cfg.storage_path, cfg.storage_min_free_mb, node=self.node)
             store.open()
             self.index = Index(cfg.index_url, node=self.node, pool_size=cfg.index_pool_size,

@@ -80,6 +80,18 @@ class StudyMismatch(InvalidDataset):
     http_status = 409
 
 
+class DataSetTooLarge(InvalidDataset):
+    """A data set beyond this server's limits: it inflates to more than [dicom]
+    max_inflated_mb, or declares more pixels than [dicom] max_frame_pixels / max_pixel_mb
+    (pacsd.bounds). Refused at ingest with 0xC422, a code of ours in the Cxxx range (PS3.4 B.2.3:
+    Cannot understand; not A7xx, Out of Resources, which invites a retry); a stored one is not
+    decoded: 422 (the request is understood, this object cannot be processed; 413 would blame a
+    request body), and it can still be retrieved as stored."""
+
+    dicom_status = 0xC422
+    http_status = 422
+
+
 class OutOfResources(PacsError):
     """Disk full or similar (PS3.4 B.2.3: Refused, Out of Resources)."""
 

@@ -1,27 +1,28 @@
 """What we read from a DICOM header: parse (never the pixels), validate UIDs, extract index fields.
 
 The stored bytes are never decoded into a data set we write back; pydicom reads only up to the
-Pixel Data element to fill the index.
+Pixel Data element to fill the index. A deflated data set is inflated only as far as that, and
+within the limits of pacsd.bounds (pydicom's own reader would inflate all of it first).
 """
 
 from __future__ import annotations
 
 import functools
-import io
 import re
 import zlib
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, BinaryIO, cast
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filebase import DicomBytesIO
-from pydicom.filereader import read_dataset
+from pydicom.filereader import read_dataset, read_preamble
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
 
-from pacsd import __version__
+from pacsd import __version__, bounds
 from pacsd.errors import InvalidDataset, SOPClassMismatch
 
 # Our Implementation Class UID (PS3.7 D.3.3.2): a 2.25 UID derived from a fixed UUID, which
@@ -83,26 +84,137 @@ def _touch(ds: Dataset) -> Dataset:
     return ds
 
 
-def read_header(fileobj: Any) -> Dataset:
-    """Parse a Part 10 file up to Pixel Data. Raises InvalidDataset."""
+def _at_pixels(tag: int, vr: Any, length: int) -> bool:
+    return tag == PIXEL_DATA
+
+
+def _not_meta(tag: Any, vr: Any, length: int) -> bool:
+    return tag >> 16 != 0x0002
+
+
+def _without_deferred(ds: Dataset, defer_size: int | None) -> Dataset:
+    """Drop the values a deflated read skipped: pydicom would fetch a deferred value again from
+    the file at its offset, which in a deflated file is not where it lies."""
+    if defer_size is not None:
+        for tag in list(ds.keys()):
+            raw = ds.get_item(tag)
+            if getattr(raw, "value", b"") is None and getattr(raw, "length", 0) > defer_size:
+                del ds[tag]
+    return ds
+
+
+def _inflating(source: Any, max_read: int = bounds.MAX_HEADER_READ) -> bounds.Inflating:
+    """A stream inflating the deflated data set that `source` is at, within [dicom]
+    max_inflated_mb and, for an image, within what its header and declared pixel data need
+    (a deflated data set's pixel data is native, PS3.5 A.5): a first look, up to the end of
+    group 0028, reads what it declares."""
+    start = source.tell()
+    limit = bounds.limits().max_inflated
+    probe = bounds.Inflating(source, limit)
+    ds = read_dataset(cast(BinaryIO, probe), False, True, defer_size=4096,
+                      stop_when=lambda tag, vr, length: tag > 0x0028FFFF)
+    d = bounds.declared(ds)
+    source.seek(start)
+    if d is None:
+        return bounds.Inflating(source, limit, max_read=max_read)
+    need = probe.tell() + d.decoded_bytes + bounds.FULL_READ_SLACK
+    if need >= limit:
+        return bounds.Inflating(source, limit, max_read=max_read)
+    return bounds.Inflating(source, need, max_read=min(max_read, need),
+                            why=f"its header and {d.describe()} need no more")
+
+
+def read_header(fileobj: Any, defer_size: int | None = 4096) -> Dataset:
+    """Parse a Part 10 file up to Pixel Data (values over `defer_size` bytes are read only when
+    used; None: all read). A deflated data set is inflated only that far, within limits, and
+    its skipped values are left out. Raises InvalidDataset (DataSetTooLarge)."""
     try:
-        return _touch(dcmread(fileobj, stop_before_pixels=True, defer_size=4096))
+        start = fileobj.tell()
+        preamble = read_preamble(fileobj, False)
+        meta = FileMetaDataset(read_dataset(fileobj, False, True, stop_when=_not_meta))
+        if UID(meta.get("TransferSyntaxUID", "")).is_deflated:
+            name = getattr(fileobj, "name", "<deflated file>")
+            stream = _inflating(fileobj)
+            ds = read_dataset(cast(BinaryIO, stream), False, True, stop_when=_at_pixels,
+                              defer_size=defer_size)
+            out = FileDataset(name, _without_deferred(ds, defer_size), preamble, meta,
+                              False, True)
+            return _touch(out)
+        fileobj.seek(start)
+        return _touch(dcmread(fileobj, stop_before_pixels=True, defer_size=defer_size))
     except _ERRORS as e:
         raise InvalidDataset(f"cannot parse the data set: {type(e).__name__}: {e}") from None
 
 
-def read_dataset_header(dataset: bytes, transfer_syntax: str) -> Dataset:
-    """Parse an encoded data set (no File Meta group) up to Pixel Data. Raises InvalidDataset."""
+def read_file_header(path: Path | str, defer_size: int | None = 4096) -> Dataset:
+    """read_header of the file at `path`."""
+    with open(path, "rb") as f:
+        return read_header(f, defer_size)
+
+
+def read_full(path: Path | str) -> Dataset:
+    """A stored file read whole, its pixel budget checked first. A deflated one is inflated
+    within [dicom] max_inflated_mb, and no further than its header and declared pixel data
+    need (a deflated data set's pixel data is native: PS3.5 A.5)."""
+    with open(path, "rb") as f:
+        header = read_header(f)
+        bounds.check_pixels(header)
+        meta = header.file_meta
+        if not UID(meta.get("TransferSyntaxUID", "")).is_deflated:
+            f.seek(0)
+            try:
+                return dcmread(f)
+            except _ERRORS as e:
+                raise InvalidDataset(f"cannot read the data set: {type(e).__name__}: {e}"
+                                     ) from None
+        try:
+            f.seek(0)
+            preamble = read_preamble(f, False)
+            read_dataset(f, False, True, stop_when=_not_meta)
+            stream = _inflating(f, max_read=bounds.limits().max_inflated)
+            ds = read_dataset(cast(BinaryIO, stream), False, True)
+        except _ERRORS as e:
+            raise InvalidDataset(f"cannot read the data set: {type(e).__name__}: {e}") from None
+        return FileDataset(str(path), ds, preamble, meta, False, True)
+
+
+def read_dataset_header(dataset: Any, transfer_syntax: str) -> Dataset:
+    """Parse an encoded data set (no File Meta group; bytes, bytearray or memoryview, read
+    without a copy) up to Pixel Data, and hold it against the limits of pacsd.bounds: a
+    deflated one is inflated only to its header, then counted to its end (nothing kept) within
+    [dicom] max_inflated_mb; the declared pixels within the budget, and native pixel data no
+    shorter than declared. Raises InvalidDataset (DataSetTooLarge)."""
     ts = UID(transfer_syntax)
+    pixels: list[int] = []   # the Pixel Data element's length, once met
+
+    def at_pixels(tag: int, vr: Any, length: int) -> bool:
+        if tag == PIXEL_DATA:
+            pixels.append(length)
+            return True
+        return False
+
+    reader = bounds.ViewReader(dataset)
     try:
-        if ts.is_deflated:
-            # PS3.5 A.5: raw deflate, without zlib header
-            dataset = zlib.decompressobj(-zlib.MAX_WBITS).decompress(dataset)
-        ds = read_dataset(io.BytesIO(dataset), ts.is_implicit_VR, ts.is_little_endian,
-                          stop_when=lambda tag, vr, length: tag == PIXEL_DATA, defer_size=4096)
-        return _touch(ds)
+        fp: Any = reader
+        if ts.is_deflated:   # PS3.5 A.5: raw deflate, without zlib header
+            fp = _inflating(reader)
+        ds = read_dataset(fp, ts.is_implicit_VR, ts.is_little_endian, stop_when=at_pixels,
+                          defer_size=4096)
+        _touch(ds)
+        carried = None
+        if pixels:
+            value_at = fp.tell() + (8 if ts.is_implicit_VR else 12)
+            total = fp.size() if ts.is_deflated else len(reader)
+            carried = max(0, total - value_at)
+        elif ts.is_deflated:
+            fp.size()   # the whole stream within the cap, though we need no more of it
     except _ERRORS as e:
         raise InvalidDataset(f"cannot parse the data set: {type(e).__name__}: {e}") from None
+    finally:
+        reader.close()
+    bounds.check_pixels(ds, native=not ts.is_compressed, length=pixels[0] if pixels else None,
+                        carried=carried)
+    return ds
 
 
 def _text(ds: Dataset, keyword: str, limit: int = 256) -> str:

@@ -31,10 +31,11 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from zipfile import ZIP_STORED, ZipFile, ZipInfo
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomFileLike
 from pydicom.fileset import FileSet, RecordNode, generate_filename
+
+from pacsd.header import read_header
 
 log = logging.getLogger(__name__)
 
@@ -184,8 +185,7 @@ def zip_stream(paths: Iterable[Path], *, dicomdir: bool = True) -> Iterator[byte
                     name: str | None = f"{FOLDER}/{next(flat_names)}"
                 else:
                     try:
-                        name = directory.add(dcmread(f, stop_before_pixels=True,
-                                                     defer_size=DEFER))
+                        name = directory.add(read_header(f, defer_size=DEFER))
                     except Exception as e:  # noqa: BLE001 (whatever the header's fault is)
                         # The file is what was asked for: it goes in, outside the DICOMDIR.
                         log.warning("ZIP: no DICOMDIR record for stored file %s: %s", path, e)

@@ -7,7 +7,8 @@ Grayscale follows PS3.3 C.11: Rescale Slope/Intercept (or a Modality LUT), then 
 VOI LUT Function (LINEAR, LINEAR_EXACT, SIGMOID; C.11.2.1.2-3); MONOCHROME1 is inverted so
 that it displays as intended. Colour: YBR is converted to RGB, PALETTE COLOR through its LUTs.
 Decoding is pydicom's (numpy, Pillow, GDCM, plus pacsd.jpeg12 for 12-bit JPEG); only the
-requested frame is read and decoded.
+requested frame is read and decoded, and only once the pixel budget (pacsd.bounds) has passed
+what the header declares and what a compressed frame's own bitstream declares.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
-from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.encaps import get_frame
 from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from pacsd import jpeg12
-from pacsd.errors import InvalidDataset, PacsError
+from pacsd import bounds, jpeg12
+from pacsd.errors import DataSetTooLarge, InvalidDataset, PacsError
+from pacsd.header import read_file_header, read_full, read_header
 
 log = logging.getLogger(__name__)
 
@@ -123,14 +124,36 @@ def _first_float(value: Any) -> float | None:
 
 
 def _header(path: Path) -> Dataset:
+    """The header of a stored image, its declared pixels within the budget."""
     try:
-        ds = dcmread(path, stop_before_pixels=True)
-    except (InvalidDicomError, ValueError, EOFError, KeyError) as e:
+        ds = read_file_header(path, defer_size=None)
+    except DataSetTooLarge:
+        raise
+    except InvalidDataset as e:
         raise CorruptPixelData(f"stored file cannot be parsed: {e}") from None
     if "Rows" not in ds or "Columns" not in ds or "PhotometricInterpretation" not in ds:
         raise NotAnImage(f"{ds.get('SOPClassUID', 'the object')!s} "
                          f"({getattr(ds.get('SOPClassUID'), 'name', '')}) is not an image")
+    bounds.check_pixels(ds)
     return ds
+
+
+def _check_frame(path: Path, ds: Dataset, index: int) -> None:
+    """A compressed frame's own bitstream must not declare more than the header (checked)."""
+    frames = _int(ds.get("NumberOfFrames"), 1)
+    try:
+        with open(path, "rb") as f:
+            read_header(f)   # leaves f at the Pixel Data element
+            head = f.read(12)   # (7FE0,0010) OB, undefined length (PS3.5 A.4)
+            if len(head) < 12 or head[:4] != b"\xe0\x7f\x10\x00":
+                return   # no Pixel Data: the decoder says so
+            ext = None
+            if "ExtendedOffsetTable" in ds and "ExtendedOffsetTableLengths" in ds:
+                ext = (ds.ExtendedOffsetTable, ds.ExtendedOffsetTableLengths)
+            frame = get_frame(f, index, number_of_frames=frames, extended_offsets=ext)
+    except (ValueError, EOFError, KeyError, OSError, InvalidDataset):
+        return   # let the decoder report what is wrong with the fragments
+    bounds.check_frame(frame, bounds.declared(ds))
 
 
 def _decode(path: Path, ds: Dataset, index: int) -> np.ndarray:
@@ -143,10 +166,12 @@ def _decode(path: Path, ds: Dataset, index: int) -> np.ndarray:
     if not decoder.is_available:
         raise UnsupportedPixelData(f"no decoder installed for {ts.name}: "
                                    f"{decoder.missing_dependencies}")
+    if ts.is_compressed:
+        _check_frame(path, ds, index)
     try:
         if ts == DeflatedExplicitVRLittleEndian:
             # The whole data set is compressed; pixel_array(path) cannot seek into it.
-            arr = pixel_array(dcmread(path), index=index)
+            arr = pixel_array(read_full(path), index=index)
         else:
             # Reads the header again and then only this frame's bytes.
             arr = pixel_array(str(path), index=index)

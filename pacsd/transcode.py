@@ -20,6 +20,7 @@ from collections.abc import Iterable, Sequence
 
 from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset
+from pydicom.encaps import generate_frames
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.encoders.base import get_encoder
 from pydicom.uid import (
@@ -41,7 +42,8 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from pacsd import jpeg12
+from pacsd import bounds, jpeg12
+from pacsd.header import read_full
 
 jpeg12.register()
 
@@ -124,12 +126,17 @@ def transcode(path: str, target: UID) -> Dataset:
     """The stored file at `path` as a data set encoded in `target`, same SOP Instance UID.
 
     Raises TranscodeError when the file cannot be read or its pixel data decoded or encoded."""
-    source = "unreadable file"
+    source = "stored file"
     try:
-        ds = dcmread(path)
+        ds = read_full(path)   # within the pixel budget (and, deflated, the inflation cap)
         stored = UID(ds.file_meta.TransferSyntaxUID)
         source = short(stored)
         has_pixels = any(k in ds for k in _PIXELS)
+        if stored.is_compressed and "PixelData" in ds:
+            # Each frame's own bitstream within what the header declares, before decoding all.
+            d = bounds.declared(ds)
+            for frame in generate_frames(ds.PixelData, number_of_frames=d.frames if d else 1):
+                bounds.check_frame(frame, d)
         if stored.is_compressed and has_pixels:
             # A lossy source stays lossy (LossyImageCompression is kept); YBR becomes RGB.
             ds.decompress(generate_instance_uid=False, decoding_plugin=_plugin(stored, ds))

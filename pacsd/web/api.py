@@ -14,14 +14,14 @@ from typing import Any, Callable, Iterator
 
 import bottle
 from peewee import fn
-from pydicom import dcmread
 from pydicom.datadict import dictionary_description
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from pacsd import query, remote
-from pacsd.header import is_valid_uid
+from pacsd.errors import InvalidDataset
+from pacsd.header import is_valid_uid, read_file_header
 from pacsd.models import Instance, Patient, Series, Study, reading
 from pacsd.web.auth import is_admin
 from pacsd.web.guard import client_of
@@ -228,8 +228,9 @@ def instance_tags(rt: Any, sop: str) -> list[dict[str, Any]]:
     if path is None:
         raise fail(404, "no such instance")
     try:
-        ds = dcmread(rt.archive.store.path(path), stop_before_pixels=True)
-    except (InvalidDicomError, OSError, ValueError) as e:
+        # a deflated one is inflated only as far as its header, within limits
+        ds = read_file_header(rt.archive.store.path(path), defer_size=None)
+    except (InvalidDicomError, OSError, ValueError, InvalidDataset) as e:
         raise fail(500, f"the stored file cannot be read: {e}") from None
     return tag_list(ds.file_meta) + tag_list(ds)
 

@@ -21,7 +21,6 @@ from typing import Any, Iterator
 from urllib.parse import parse_qsl
 
 import bottle
-from pydicom import dcmread
 from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
@@ -29,8 +28,9 @@ from pydicom.encaps import get_frame
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
-from pacsd import query
-from pacsd.header import is_valid_uid
+from pacsd import bounds, query
+from pacsd.errors import PacsError
+from pacsd.header import is_valid_uid, read_file_header, read_full, read_header
 from pacsd.web import multipart, stow
 from pacsd.web.guard import client_of
 
@@ -321,7 +321,7 @@ def _without_bulk(ds: Dataset, threshold: int = 1024) -> None:
 
 def instance_metadata(path: Path, inst: query.StoredInstance) -> dict[str, Any]:
     """A stored file's data set as DICOM JSON (PS3.18 F.2), without its bulk data."""
-    ds = dcmread(str(path), stop_before_pixels=True, defer_size=1024)
+    ds = read_file_header(path, defer_size=1024)   # a deflated one: inflated that far only
     _without_bulk(ds)
     ds.add_new(0x00083002, "UI", inst.transfer_syntax_uid)   # Available Transfer Syntax UID
     return ds.to_json_dict(suppress_invalid_tags=True)
@@ -339,7 +339,7 @@ def metadata(rt: Any, insts: list[query.StoredInstance]) -> Iterator[str]:
         for inst in insts:
             try:
                 item = instance_metadata(store.path(inst.path), inst)
-            except (OSError, InvalidDicomError, ValueError, EOFError) as e:
+            except (OSError, InvalidDicomError, ValueError, EOFError, PacsError) as e:
                 log.error("WADO-RS metadata: stored file %s of %s cannot be read: %s",
                           inst.path, inst.sop_instance_uid, e)
                 continue
@@ -398,7 +398,8 @@ def read_frames(path: Path, ts: str, numbers: list[int], decode: bool = False
     uid = UID(ts)
     if decode and uid.is_compressed:
         from pacsd.render import decode_frame   # lazily: decoders load only when asked
-        ds = dcmread(path, stop_before_pixels=True)
+        ds = read_file_header(path)
+        bounds.check_pixels(ds)   # (decode_frame checks again, with each frame's bitstream)
         n_frames = int(ds.get("NumberOfFrames") or 1)
         bad = [n for n in numbers if n > n_frames]
         if bad:
@@ -407,13 +408,15 @@ def read_frames(path: Path, ts: str, numbers: list[int], decode: bool = False
             yield decode_frame(path, n).tobytes()
         return
     with open(path, "rb") as f:
-        ds = dcmread(f, stop_before_pixels=True)
+        ds = read_header(f, defer_size=None)   # leaves f at the Pixel Data element
+        # Frames are read into memory (native) or decoded: the same budget as a decode.
+        bounds.check_pixels(ds)
         n_frames = int(ds.get("NumberOfFrames") or 1)
         bad = [n for n in numbers if n > n_frames]
         if bad:
             raise _fail(404, f"frame {bad[0]} does not exist: the instance has {n_frames}")
         if uid.is_deflated:   # no seeking inside a deflated stream: read it whole (rare)
-            full = dcmread(str(path))
+            full = read_full(path)
             pixels, offset, length = io.BytesIO(full.PixelData), 0, len(full.PixelData)
             f = pixels  # type: ignore[assignment]
             little = True

@@ -1,8 +1,8 @@
 """STOW-RS (PS3.18 10.5): store instances sent as multipart/related; type="application/dicom".
 
-The body is read part by part (at most one part in memory, plus a read chunk); each part is a
-Part 10 file whose data set bytes are kept exactly as sent and stored with Archive.put, the one
-durable path. The answer is the Store Instances Response Module (Annex I) as DICOM JSON.
+The body is read part by part (at most one part in memory, plus a read chunk, and never
+copied); each part is a Part 10 file whose data set bytes are kept exactly as sent and stored
+with Archive.put, the one durable path. The answer is the Store Instances Response Module (Annex I) as DICOM JSON.
 """
 
 from __future__ import annotations
@@ -49,10 +49,13 @@ def store_part(rt: Any, view: memoryview, study: str | None, result: dict[str, A
     ts = str(meta.TransferSyntaxUID)
     result["ReferencedSOPClassUID"] = str(meta.get("MediaStorageSOPClassUID", "") or "")
     result["ReferencedSOPInstanceUID"] = str(meta.get("MediaStorageSOPInstanceUID", "") or "")
-    data = bytes(view[offset:])   # the data set exactly as sent: the one copy we keep
-    stored = rt.archive.put(data, transfer_syntax=ts, study=study,
-                            sop_class=result["ReferencedSOPClassUID"] or None,
-                            sop_instance=result["ReferencedSOPInstanceUID"] or None)
+    # The data set exactly as sent, not copied: the part is held once, in the reader's buffer
+    # (Archive.put reads the header from it and writes it out as it is). Released before the
+    # reader moves on to the next part.
+    with view[offset:] as data:
+        stored = rt.archive.put(data, transfer_syntax=ts, study=study,
+                                sop_class=result["ReferencedSOPClassUID"] or None,
+                                sop_instance=result["ReferencedSOPInstanceUID"] or None)
     result["RetrieveURL"] = url(stored.study_instance_uid, stored.series_instance_uid,
                                 stored.sop_instance_uid)
     result["study"] = stored.study_instance_uid
