@@ -154,6 +154,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("http", "cors_origins", tuple, (),
             "Origins allowed to call the web side from a browser (e.g. an OHIF viewer); "
             "'*' for any. Empty: no CORS headers."),
+    Setting("http", "body_timeout", float, 20.0,
+            "Seconds a request body may take to arrive, plus one second for each "
+            "`body_min_rate` bytes received (Apache's mod_reqtimeout body=20,MinRate=500): a "
+            "slower body is cut with 408 and its connection closed, so slow clients cannot hold "
+            "the worker threads.", _positive),
+    Setting("http", "body_min_rate", int, 500,
+            "Bytes per second a request body must keep up after `body_timeout` (each such many "
+            "bytes received earn one more second). 0: a fixed `body_timeout` for any body.",
+            _range(0, 2**30)),
     Setting("storage", "path", str, "",
             "Where images are kept; empty means DATA/storage. May be a shared volume.", None),
     Setting("storage", "min_free_mb", int, 500,
@@ -298,6 +307,8 @@ class Config:
     http_timeout: float = 30.0
     http_max_body_mb: int = 1024
     http_cors_origins: tuple[str, ...] = ()
+    http_body_timeout: float = 20.0
+    http_body_min_rate: int = 500
     storage_min_free_mb: int = 500
     watchdog_interval: float = 15.0
     watchdog_grace: float = 120.0
