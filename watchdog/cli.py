@@ -53,6 +53,7 @@ class Watchdog:
         self.stop = threading.Event()
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="probe")
         self.watching: int | None = None
+        self.missing_since: float | None = None   # monotonic start of a streak with no pacsd
         self.alerted = False
         try:   # the C-ECHO probes speak TLS when the listener does
             self.tls = remote.self_tls(cfg)
@@ -83,14 +84,43 @@ class Watchdog:
             self._reported[event] = now
             act.run_on_kill(self.cfg.watchdog_on_kill, event, reason, pid)
 
+    def _absent(self) -> str | None:
+        """Why there is no pacsd to watch (in plain words), or None when there is one."""
+        runfile = self.cfg.runfile
+        t = probes.Target.read(runfile)
+        if t is None:
+            where = "missing" if not runfile.exists() else "unreadable"
+            return (f"{runfile} is {where}: pacsd is not running, or it runs with another data "
+                    f"folder than [server] data = {self.cfg.data} in {self.cfg.source}")
+        if not psutil.pid_exists(t.pid):
+            return f"{runfile} names pid {t.pid}, which is not running"
+        other = act.not_our_server(t)
+        return f"{runfile} names pid {t.pid}, but {other}" if other else None
+
     def find(self) -> probes.Target | None:
-        t = probes.Target.read(self.cfg.runfile)
-        if t is not None and psutil.pid_exists(t.pid) and act.not_our_server(t) is None:
-            return dataclasses.replace(t, tls=self.tls)
-        if self.watching is not None:
-            log.warning("pacsd pid %d is not running; waiting for it to be started again",
-                        self.watching)
-            self.watching = None
+        """The server to probe; when there is none, a WARNING once per streak (a wrong data
+        folder must not watch nothing for ever in silence) and an INFO when it is back."""
+        why = self._absent()
+        if why is None:
+            t = probes.Target.read(self.cfg.runfile)
+            if t is not None:
+                if self.missing_since is not None:
+                    log.info("pacsd found again (pid %d) after %.0f s without a server to watch",
+                             t.pid, time.monotonic() - self.missing_since)
+                    self.missing_since = None
+                return dataclasses.replace(t, tls=self.tls)
+            why = f"{self.cfg.runfile} vanished while it was read"
+        if self.missing_since is None:
+            self.missing_since = time.monotonic()
+            if self.watching is not None:
+                log.warning("pacsd pid %d is not running; waiting for it to be started again "
+                            "(%s)", self.watching, why)
+            else:
+                log.warning("no pacsd to watch: %s. Looking again every %g s; said once until "
+                            "it is found", why, self.cfg.watchdog_interval)
+        else:
+            log.debug("still no pacsd to watch: %s", why)
+        self.watching = None
         return None
 
     def round(self) -> None:
@@ -142,7 +172,8 @@ class Watchdog:
             log.warning("not killing pid %d: %s", t.pid, other)
             return
         log.warning("killing pacsd pid %d: %s", t.pid, reason)
-        how = act.kill(t, cfg.watchdog_term_wait, cfg.watchdog_launchd_label)
+        how = act.kill(t, cfg.watchdog_term_wait, cfg.watchdog_launchd_label,
+                       react_wait=cfg.watchdog_react_wait)
         log.warning("%s", how)
         self.policy.killed(time.time())
         act.run_on_kill(cfg.watchdog_on_kill, "kill", reason, t.pid)
