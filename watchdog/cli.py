@@ -105,7 +105,7 @@ class Watchdog:
             t = probes.Target.read(self.cfg.runfile)
             if t is not None:
                 if self.missing_since is not None:
-                    log.info("pacsd found again (pid %d) after %.0f s without a server to watch",
+                    log.info("pacsd found (pid %d) after %.0f s with no server to watch",
                              t.pid, time.monotonic() - self.missing_since)
                     self.missing_since = None
                 return dataclasses.replace(t, tls=self.tls)
