@@ -194,7 +194,7 @@ class _Gateway(wsgi.Gateway_10):
         env = self.env
         log.warning("HTTP %s %s from %s: request body too slow (%d bytes in %.1f s; the floor is "
                     "%d bytes/s after %g s): 408, connection closed", env.get("REQUEST_METHOD"),
-                    ascii(env.get("PATH_INFO", "")), env.get("REMOTE_ADDR", "?"), d.received,
+                    ascii(env.get("SCRIPT_NAME", "") + env.get("PATH_INFO", "")), env.get("REMOTE_ADDR", "?"), d.received,
                     time.monotonic() - d.started, d.rate, d.timeout)
         if req.sent_headers:
             return []   # too late for a status: closing the connection says it
