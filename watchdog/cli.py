@@ -84,32 +84,29 @@ class Watchdog:
             self._reported[event] = now
             act.run_on_kill(self.cfg.watchdog_on_kill, event, reason, pid)
 
-    def _absent(self) -> str | None:
-        """Why there is no pacsd to watch (in plain words), or None when there is one."""
+    def _lookup(self) -> tuple[probes.Target | None, str]:
+        """The server pacsd.json names, or None and why there is none (in plain words)."""
         runfile = self.cfg.runfile
         t = probes.Target.read(runfile)
         if t is None:
             where = "missing" if not runfile.exists() else "unreadable"
-            return (f"{runfile} is {where}: pacsd is not running, or it runs with another data "
-                    f"folder than [server] data = {self.cfg.data} in {self.cfg.source}")
+            return None, (f"{runfile} is {where}: pacsd is not running, or it runs with another "
+                          f"data folder than [server] data = {self.cfg.data} in {self.cfg.source}")
         if not psutil.pid_exists(t.pid):
-            return f"{runfile} names pid {t.pid}, which is not running"
+            return None, f"{runfile} names pid {t.pid}, which is not running"
         other = act.not_our_server(t)
-        return f"{runfile} names pid {t.pid}, but {other}" if other else None
+        return (None, f"{runfile} names pid {t.pid}, but {other}") if other else (t, "")
 
     def find(self) -> probes.Target | None:
         """The server to probe; when there is none, a WARNING once per streak (a wrong data
         folder must not watch nothing for ever in silence) and an INFO when it is back."""
-        why = self._absent()
-        if why is None:
-            t = probes.Target.read(self.cfg.runfile)
-            if t is not None:
-                if self.missing_since is not None:
-                    log.info("pacsd found (pid %d) after %.0f s with no server to watch",
-                             t.pid, time.monotonic() - self.missing_since)
-                    self.missing_since = None
-                return dataclasses.replace(t, tls=self.tls)
-            why = f"{self.cfg.runfile} vanished while it was read"
+        t, why = self._lookup()
+        if t is not None:
+            if self.missing_since is not None:
+                log.info("pacsd found (pid %d) after %.0f s with no server to watch",
+                         t.pid, time.monotonic() - self.missing_since)
+                self.missing_since = None
+            return dataclasses.replace(t, tls=self.tls)
         if self.missing_since is None:
             self.missing_since = time.monotonic()
             if self.watching is not None:
