@@ -217,11 +217,13 @@ class _HealthLane:
     def __init__(self, server: Any, threads: int = HEALTH_THREADS) -> None:
         self.server = server
         self.queue: queue.Queue[Any] = queue.Queue(HEALTH_BACKLOG)
-        self.threads = [threading.Thread(target=self._run, name=f"http-health-{i}", daemon=True)
-                        for i in range(threads)]
+        self.size = threads
+        self.threads: list[threading.Thread] = []
         self.full_since: float | None = None
 
     def start(self) -> None:
+        self.threads = [threading.Thread(target=self._run, name=f"http-health-{i}", daemon=True)
+                        for i in range(self.size)]
         for t in self.threads:
             t.start()
 
@@ -321,8 +323,8 @@ class PacsdServer(wsgi.Server):
             head = self._head_ready(conn)
             if head is None:
                 return
+            conn.pacsd_head_since = None
             if is_health_probe(head) and self.lane.put(conn):
-                conn.pacsd_head_since = None
                 return
         conn.pacsd_head_since = None
         super().process_conn(conn)
