@@ -181,6 +181,8 @@ class _Gateway(wsgi.Gateway_10):
         would do it itself (to keep the connection) while sending the headers, where a body
         too slow could only end the connection without a word."""
         rfile = self.req.rfile
+        if (getattr(self.req, "status", b"") or b"")[:3] == b"413":
+            return   # cheroot closes the connection after a 413 instead of reading on
         while getattr(rfile, "remaining", 0) > 0 and not self.req.close_connection:
             if not rfile.read(min(rfile.remaining, 1 << 16)):
                 break
