@@ -353,10 +353,13 @@ class PacsdServer(wsgi.Server):
         pending = 0
         if readable:
             pending = small_body_pending(head)
-            if not 0 < pending <= limit and (not head or b"\r\n\r\n" in head
-                                              or b"\n\n" in head or len(head) >= limit):
+            # Readable with nothing new since the last peek: the client closed its side (EOF).
+            ended = len(head) <= getattr(conn, "pacsd_peeked", -1)
+            if ended or not 0 < pending <= limit and (not head or b"\r\n\r\n" in head
+                                                       or b"\n\n" in head or len(head) >= limit):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
-                return head
+                conn.pacsd_peeked = -1
+                return head   # the worker reads it (and meets the end of it)
         now = time.monotonic()
         since = getattr(conn, "pacsd_head_since", None) or now
         if pending and now - since > self.body_timeout:
@@ -368,7 +371,7 @@ class PacsdServer(wsgi.Server):
                      getattr(conn, "remote_addr", "?"), self.timeout)
             conn.close()
             return None
-        conn.pacsd_head_since = since
+        conn.pacsd_head_since, conn.pacsd_peeked = since, len(head)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, len(head) + 1)
         # Back to the selector (cheroot has no public way); it expires the connection if silent.
         self._connections.put(conn)  # type: ignore[attr-defined]
