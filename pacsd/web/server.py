@@ -19,6 +19,16 @@ socket and the selector), so every route (STOW, XML-RPC, the JSON API, plugins) 
   fails when the index or the process is stuck; and it is bounded: when its queue is full,
   probes go to the pool as before, where a real hang still shows.
 
+The body deadline starts when a worker takes the request. A small XML-RPC body (a Ping is
+a few hundred bytes) is waited for in the selector, like a head, before any thread takes it:
+it is cut there with 408 after [http] body_timeout if it dribbles in.
+
+Why a lane of threads rather than answering in the selector: the probes must go through the same
+application as everyone else (authentication, the request guard, the index check within 1 s),
+and nothing slow may ever run in the selector thread. The price, accepted: a pool whose every
+worker is stuck for ever inside the application no longer fails the watchdog's HTTP probes
+(they never need the pool); a stuck index, process, selector or DICOM side still does.
+
 Over TLS the selector cannot peek at the bytes (they are encrypted): heads and the health lane
 then work as cheroot does it; the body deadline holds over TLS too.
 """
