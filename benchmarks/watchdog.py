@@ -3,11 +3,11 @@
 
 Not a test (pytest never collects it). Run it from the repository with the project's venv:
 
-    .venv/bin/python benchmarks/watchdog.py                  # interval 15 s, sampled 120 s
+    .venv/bin/python benchmarks/watchdog.py                  # interval 10 s, sampled 120 s
     .venv/bin/python benchmarks/watchdog.py --interval 1 --seconds 30
 
-1. Idle cost: a `pacsd serve` and a `pacsd-watchdog` at --interval (default 15 s, the default
-   setting) and its INFO log; the watchdog process is sampled with psutil every --sample
+1. Idle cost: a `pacsd serve` and a `pacsd-watchdog` at --interval (default: the default
+   setting, 10 s) and its INFO log; the watchdog process is sampled with psutil every --sample
    seconds for --seconds: CPU as a percentage of one core (cpu_times delta / wall time), peak
    RSS and peak USS (memory_full_info). It logs at INFO, as in production (DEBUG writes three
    lines a round).
@@ -36,6 +36,8 @@ from pathlib import Path
 import psutil
 
 from common import LOCAL, REPO, terminate
+
+from pacsd.config import Config
 
 
 def watchdog_cmd(*args: str) -> list[str]:
@@ -172,7 +174,9 @@ def freeze_to_kill(folder: Path) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--interval", type=float, default=15.0, help="watchdog interval, idle phase")
+    p.add_argument("--interval", type=float,
+                   default=Config.__dataclass_fields__["watchdog_interval"].default,
+                   help="watchdog interval, idle phase (default: the setting's default)")
     p.add_argument("--seconds", type=float, default=120.0, help="how long to sample it")
     p.add_argument("--sample", type=float, default=1.0, help="seconds between samples")
     p.add_argument("--workdir", type=Path, help="keep the data folders and logs here")

@@ -214,6 +214,15 @@ SETTINGS: tuple[Setting, ...] = (
             "X-Forwarded-Host and X-Forwarded-Proto are believed: the client is then the "
             "right-most X-Forwarded-For address that is not a trusted proxy. Empty: those "
             "headers are ignored and the client is the connecting address.", _network_list),
+    Setting("http", "body_timeout", float, 20.0,
+            "Seconds a request body may take to arrive, plus one second for each "
+            "`body_min_rate` bytes received (Apache's mod_reqtimeout body=20,MinRate=500): a "
+            "slower body is cut with 408 and its connection closed, so slow clients cannot hold "
+            "the worker threads.", _positive),
+    Setting("http", "body_min_rate", int, 500,
+            "Bytes per second a request body must keep up after `body_timeout` (each such many "
+            "bytes received earn one more second). 0: a fixed `body_timeout` for any body.",
+            _range(0, 2**30)),
     Setting("storage", "path", str, "",
             "Where images are kept; empty means DATA/storage. May be a shared volume.", None),
     Setting("storage", "min_free_mb", int, 500,
@@ -268,7 +277,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("log", "file", str, "",
             "Log file; empty means DATA/pacsd.log. '-' logs to standard error only.", None),
     # pacsd-watchdog reads these (the server ignores them).
-    Setting("watchdog", "interval", float, 15.0, "Seconds between two rounds of probes.",
+    # Defaults chosen so that a hang is killed within 60 s (the worst case is a hang just after a
+    # round passed): `failures` x `interval` + `timeout` = 3 x 10 + 5 = 35 s to the third failed
+    # round; then a stopped server is killed at once (35 s), one showing no sign of stopping
+    # 0.5 s (stack dump) + `react_wait` 5 s after SIGTERM (40.5 s), one stopping cleanly gets
+    # up to `term_wait` 20 s (55.5 s). systemd restarts it `RestartSec` = 5 s later.
+    Setting("watchdog", "interval", float, 10.0, "Seconds between two rounds of probes.",
             _positive),
     Setting("watchdog", "grace", float, 120.0,
             "Seconds after the server (re)started during which it is never killed.",
@@ -276,11 +290,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("watchdog", "failures", int, 3,
             "Consecutive failed rounds (any probe failing) before the server is killed.",
             _range(1, 100)),
-    Setting("watchdog", "timeout", float, 10.0,
+    Setting("watchdog", "timeout", float, 5.0,
             "Seconds each probe (HTTP, XML-RPC, C-ECHO) may take before it counts as failed.",
             _positive),
-    Setting("watchdog", "term_wait", float, 30.0,
-            "Seconds between SIGTERM and SIGKILL when killing a hung server.", _positive),
+    Setting("watchdog", "term_wait", float, 20.0,
+            "Seconds between SIGTERM and SIGKILL when killing a hung server that is stopping "
+            "(see `react_wait`). A stopped (SIGSTOP) server gets SIGKILL at once.", _positive),
     Setting("watchdog", "max_kills_per_hour", int, 3,
             "Kills allowed in any hour; beyond it the watchdog only alerts (no kill loop).",
             _range(0, 100)),
@@ -298,6 +313,10 @@ SETTINGS: tuple[Setting, ...] = (
             "signals."),
     Setting("watchdog", "log_file", str, "",
             "The watchdog's log; empty means DATA/watchdog.log, '-' standard error only."),
+    Setting("watchdog", "react_wait", float, 5.0,
+            "Seconds after SIGTERM within which a hung server must show that it is stopping "
+            "(its HTTP listener closes); one that shows nothing (hung, or SIGTERM ignored) gets "
+            "SIGKILL then instead of after `term_wait`.", _positive),
 )
 
 _BY_NAME = {(s.section, s.key): s for s in SETTINGS}
@@ -376,20 +395,23 @@ class Config:
     http_cors_origins: tuple[str, ...] = ()
     http_allowed_hosts: tuple[str, ...] = ()
     http_trusted_proxies: tuple[str, ...] = ()
+    http_body_timeout: float = 20.0
+    http_body_min_rate: int = 500
     storage_min_free_mb: int = 500
     storage_patient_mismatch: str = "refuse"
     storage_on_conflict: str = "refuse"
-    watchdog_interval: float = 15.0
+    watchdog_interval: float = 10.0
     watchdog_grace: float = 120.0
     watchdog_failures: int = 3
-    watchdog_timeout: float = 10.0
-    watchdog_term_wait: float = 30.0
+    watchdog_timeout: float = 5.0
+    watchdog_term_wait: float = 20.0
     watchdog_max_kills_per_hour: int = 3
     watchdog_min_free_mb: int = 200
     watchdog_roundtrip: bool = False
     watchdog_on_kill: str = ""
     watchdog_launchd_label: str = ""
     watchdog_log_file: str = ""
+    watchdog_react_wait: float = 5.0
     hooks_plugins: tuple[str, ...] = ()
     hooks_timeout: float = 5.0
     hooks_study_stable_after: float = 60.0

@@ -53,6 +53,7 @@ class Watchdog:
         self.stop = threading.Event()
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="probe")
         self.watching: int | None = None
+        self.missing_since: float | None = None   # monotonic start of a streak with no pacsd
         self.alerted = False
         try:   # the C-ECHO probes speak TLS when the listener does
             self.tls = remote.self_tls(cfg)
@@ -83,14 +84,40 @@ class Watchdog:
             self._reported[event] = now
             act.run_on_kill(self.cfg.watchdog_on_kill, event, reason, pid)
 
+    def _lookup(self) -> tuple[probes.Target | None, str]:
+        """The server pacsd.json names, or None and why there is none (in plain words)."""
+        runfile = self.cfg.runfile
+        t = probes.Target.read(runfile)
+        if t is None:
+            where = "missing" if not runfile.exists() else "unreadable"
+            return None, (f"{runfile} is {where}: pacsd is not running, or it runs with another "
+                          f"data folder than [server] data = {self.cfg.data} in {self.cfg.source}")
+        if not psutil.pid_exists(t.pid):
+            return None, f"{runfile} names pid {t.pid}, which is not running"
+        other = act.not_our_server(t)
+        return (None, f"{runfile} names pid {t.pid}, but {other}") if other else (t, "")
+
     def find(self) -> probes.Target | None:
-        t = probes.Target.read(self.cfg.runfile)
-        if t is not None and psutil.pid_exists(t.pid) and act.not_our_server(t) is None:
+        """The server to probe; when there is none, a WARNING once per streak (a wrong data
+        folder must not watch nothing for ever in silence) and an INFO when it is back."""
+        t, why = self._lookup()
+        if t is not None:
+            if self.missing_since is not None:
+                log.info("pacsd found (pid %d) after %.0f s with no server to watch",
+                         t.pid, time.monotonic() - self.missing_since)
+                self.missing_since = None
             return dataclasses.replace(t, tls=self.tls)
-        if self.watching is not None:
-            log.warning("pacsd pid %d is not running; waiting for it to be started again",
-                        self.watching)
-            self.watching = None
+        if self.missing_since is None:
+            self.missing_since = time.monotonic()
+            if self.watching is not None:
+                log.warning("pacsd pid %d is not running; waiting for it to be started again "
+                            "(%s)", self.watching, why)
+            else:
+                log.warning("no pacsd to watch: %s. Looking again every %g s; said once until "
+                            "it is found", why, self.cfg.watchdog_interval)
+        else:
+            log.debug("still no pacsd to watch: %s", why)
+        self.watching = None
         return None
 
     def round(self) -> None:
@@ -143,7 +170,8 @@ class Watchdog:
             log.warning("not killing pid %d: %s", t.pid, other)
             return
         log.warning("killing pacsd pid %d: %s", t.pid, reason)
-        how = act.kill(t, cfg.watchdog_term_wait, cfg.watchdog_launchd_label)
+        how = act.kill(t, cfg.watchdog_term_wait, cfg.watchdog_launchd_label,
+                       react_wait=cfg.watchdog_react_wait)
         log.warning("%s", how)
         self.policy.killed(time.time())
         act.run_on_kill(cfg.watchdog_on_kill, "kill", reason, t.pid)

@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -59,8 +60,48 @@ def _wait_gone(pid: int, seconds: float) -> bool:
     return True
 
 
-def kill(t: Target, term_wait: float, launchd_label: str = "") -> str:
-    """Stop the hung server; how it ended, for the log."""
+def stopped(pid: int) -> bool:
+    """Whether the process is stopped (SIGSTOP, SIGTSTP, a tracer): it cannot run a SIGTERM
+    handler, or anything else, until it is continued."""
+    try:
+        return psutil.Process(pid).status() in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
+    except psutil.Error:
+        return False
+
+
+def listening(t: Target) -> bool:
+    """Whether the server's HTTP listener still accepts a connection: the first thing pacsd
+    closes when it handles SIGTERM, so the sign that it is stopping."""
+    try:
+        with socket.create_connection((t.http_host, t.http_port), timeout=0.5):
+            return True
+    except ConnectionRefusedError:
+        return False
+    except OSError:
+        return True   # no answer at all (a full backlog): no sign of stopping either
+
+
+def _sigkill(pid: int) -> bool:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    _wait_gone(pid, 10)
+    return True
+
+
+def kill(t: Target, term_wait: float, launchd_label: str = "", react_wait: float = 5.0) -> str:
+    """Stop the hung server; how it ended, for the log.
+
+    A stopped process gets SIGKILL at once: it cannot handle SIGTERM. Otherwise SIGUSR1 (stack
+    dump) and SIGTERM; a server that shows within `react_wait` s that it is stopping (its HTTP
+    listener closes) gets the rest of `term_wait` to finish its clean stop, one that shows
+    nothing (hung threads, SIGTERM ignored) gets SIGKILL then."""
+    if stopped(t.pid):
+        if _sigkill(t.pid):
+            return (f"pacsd pid {t.pid} killed with SIGKILL at once: it was stopped (SIGSTOP) "
+                    f"and could not have handled SIGTERM")
+        return "gone before it was signalled"
     if launchd_label:
         # launchd restarts it itself, with its own stop sequence.
         done = subprocess.run(["launchctl", "kickstart", "-k", launchd_label],
@@ -76,14 +117,19 @@ def kill(t: Target, term_wait: float, launchd_label: str = "") -> str:
         os.kill(t.pid, signal.SIGTERM)
     except ProcessLookupError:
         return "gone before it was signalled"
-    if _wait_gone(t.pid, term_wait):
+    react = min(react_wait, term_wait)
+    if _wait_gone(t.pid, react):
         return f"pacsd pid {t.pid} stopped after SIGTERM"
-    try:
-        os.kill(t.pid, signal.SIGKILL)
-    except ProcessLookupError:
+    if listening(t):
+        if _sigkill(t.pid):
+            return (f"pacsd pid {t.pid} killed with SIGKILL: no sign of stopping {react:g} s "
+                    f"after SIGTERM (its HTTP listener still accepts)")
         return f"pacsd pid {t.pid} stopped after SIGTERM"
-    _wait_gone(t.pid, 10)
-    return f"pacsd pid {t.pid} killed with SIGKILL"
+    if _wait_gone(t.pid, term_wait - react):
+        return f"pacsd pid {t.pid} stopped after SIGTERM"
+    if _sigkill(t.pid):
+        return f"pacsd pid {t.pid} killed with SIGKILL"
+    return f"pacsd pid {t.pid} stopped after SIGTERM"
 
 
 def run_on_kill(command: str, event: str, reason: str, pid: int) -> None:

@@ -10,15 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
-import select
-import socket
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import bottle
-from cheroot import wsgi
 
 from pacsd.archive import Archive
 from pacsd.config import Config
@@ -30,6 +26,7 @@ from pacsd.outbox import RouteQueue
 from pacsd.web.auth import Auth, Sessions, Throttle
 from pacsd.web.guard import Guard, client_of
 from pacsd.web.jobs import Jobs
+from pacsd.web.server import PacsdServer
 
 log = logging.getLogger(__name__)
 
@@ -146,62 +143,18 @@ def make_app(rt: Runtime) -> Callable:
     return Guard(app, rt.cfg)
 
 
-class _HeadFirstServer(wsgi.Server):
-    """cheroot, handing a connection to a worker thread only once its request head has arrived.
-
-    cheroot gives every new (or readable keep-alive) connection to a worker at once, and the
-    worker blocks reading the request line and headers: `threads` clients that connect and send
-    their headers a byte at a time (slowloris), or nothing at all, hold every worker and the
-    server stops answering. Here the selector thread first peeks at what has arrived; until it
-    holds the blank line ending the head, the connection goes back to the selector, which wakes
-    it only when more bytes arrive (SO_RCVLOWAT), and a head taking longer than [http] timeout
-    closes the connection. Over TLS the bytes cannot be peeked: connections go to the workers as
-    cheroot does it.
-    """
-
-    def process_conn(self, conn: Any) -> None:
-        if self.ssl_adapter is None and not conn.rfile.has_data() and not self._head_ready(conn):
-            return
-        conn.pacsd_head_since = None
-        super().process_conn(conn)
-
-    def _head_ready(self, conn: Any) -> bool:
-        sock = conn.socket
-        limit = self.max_request_header_size + 4
-        try:
-            # select() first: the socket has a timeout, so recv() would wait for data.
-            readable = select.select([sock], [], [], 0)[0]
-            head = sock.recv(limit, socket.MSG_PEEK) if readable else b""
-        except OSError:
-            return True   # let the worker meet the error and close the connection
-        if readable:
-            if not head or b"\r\n\r\n" in head or b"\n\n" in head or len(head) >= limit:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
-                return True   # complete, closed (EOF) or too long (the worker answers 431)
-        now = time.monotonic()
-        since = getattr(conn, "pacsd_head_since", None) or now
-        if now - since > self.timeout:
-            log.info("HTTP client %s closed: no complete request head in %.0f s",
-                     getattr(conn, "remote_addr", "?"), self.timeout)
-            conn.close()
-            return False
-        conn.pacsd_head_since = since
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, len(head) + 1)
-        # Back to the selector (cheroot has no public way); it expires the connection if silent.
-        self._connections.put(conn)  # type: ignore[attr-defined]
-        return False
-
-
 class HttpServer:
-    """cheroot: a pool of worker threads, socket timeouts, a cap on request bodies, TLS."""
+    """cheroot: a pool of worker threads, socket timeouts, a cap on request bodies, TLS; guarded
+    against slow heads and bodies, with a lane of its own for the health probes (server.py)."""
 
     def __init__(self, rt: Runtime) -> None:
         cfg = rt.cfg
         self.cfg = cfg
-        self.server = _HeadFirstServer(
+        self.server = PacsdServer(
             (cfg.http_bind or "127.0.0.1", cfg.http_port), make_app(rt),
             numthreads=cfg.http_threads, timeout=int(cfg.http_timeout), server_name="pacsd",
-            shutdown_timeout=2)
+            shutdown_timeout=2, body_timeout=cfg.http_body_timeout,
+            body_min_rate=cfg.http_body_min_rate)
         self.server.max_request_body_size = cfg.http_max_body_mb << 20   # 413 beyond it
         self.server.max_request_header_size = 64 << 10
         if cfg.http_cert:
