@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 
-from pacsd.config import Config, Node, User, node_from
+from pacsd.config import NODE_RIGHTS, Config, Node, User, node_from
 from pacsd.errors import PacsError
 from pacsd.index import Index
 from pacsd.models import NodeRow, UserRow, reading
@@ -66,8 +66,9 @@ class Directory:
             rows = list(NodeRow.select().order_by(NodeRow.name))
             user_rows = list(UserRow.select().order_by(UserRow.name))
         nodes = [(n, CONFIG) for n in self.cfg.nodes]
-        nodes += [(Node(name=r.name, aet=r.aet, host=r.host, port=r.port), ADMIN) for r in rows
-                  if not any(n.name == r.name for n in self.cfg.nodes)]
+        nodes += [(Node(name=r.name, aet=r.aet, host=r.host, port=r.port,
+                        **{k: bool(getattr(r, k)) for k in NODE_RIGHTS}), ADMIN)
+                  for r in rows if not any(n.name == r.name for n in self.cfg.nodes)]
         users = {u.name: (u, CONFIG) for u in self.cfg.users}
         for r in user_rows:
             users.setdefault(r.name, (User(r.name, r.password_hash, bool(r.admin)), ADMIN))
@@ -154,7 +155,8 @@ class Directory:
         def work() -> None:
             if replacing is not None:
                 NodeRow.delete().where(NodeRow.name == replacing).execute()
-            NodeRow.create(name=node.name, aet=node.aet, host=node.host, port=node.port)
+            NodeRow.create(name=node.name, aet=node.aet, host=node.host, port=node.port,
+                           **{k: getattr(node, k) for k in NODE_RIGHTS})
         self._write(work)
         return node
 
