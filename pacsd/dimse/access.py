@@ -172,6 +172,13 @@ class PeerCheck:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
+def from_this_machine(address: str, local: str) -> bool:
+    """Whether a caller at `address`, connected to our `local` address, runs on this machine:
+    loopback, or it called from the very address it called (a remote TCP peer cannot complete
+    a handshake with our own address as its source)."""
+    return is_loopback(address) or (bool(address) and address == local)
+
+
 def _local_address(event: Event) -> str:
     """Our end of the association's connection ("" if unknown)."""
     try:
@@ -204,9 +211,7 @@ class AssociationGuard:
         self._lock = threading.Lock()
 
     def _same_host(self, event: Event, address: str) -> bool:
-        """The caller runs on this machine: loopback, or it called from the address it called
-        (a TCP peer cannot complete a handshake with our own address as its source)."""
-        return is_loopback(address) or (bool(address) and address == _local_address(event))
+        return from_this_machine(address, _local_address(event))
 
     def rights(self, aet: str, address: str, same_host: bool) -> frozenset[str]:
         """What a caller may ask of us (C-ECHO aside, which anyone may)."""
