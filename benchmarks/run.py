@@ -310,7 +310,11 @@ class Pacsd(Server):
             "[http]", "port = 0", f"bind = {q(LOCAL)}",
             "[log]", 'file = "-"', 'level = "INFO"',
             "[[nodes]]", 'name = "movedest"', f"aet = {q(MOVE_AET)}", f"host = {q(LOCAL)}",
-            f"port = {self.move_port}"]) + "\n")
+            f"port = {self.move_port}",
+            # The benchmark's DCMTK clients query and retrieve as CLIENT_AET: a workstation,
+            # registered as a node (C-FIND/C-GET/C-MOVE are for nodes only).
+            "[[nodes]]", 'name = "bench"', f"aet = {q(CLIENT_AET)}", f"host = {q(LOCAL)}",
+            "port = 104"]) + "\n")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
         for k in [k for k in env if k.startswith("PACSD_")]:

@@ -16,7 +16,7 @@ from typing import Any
 import bottle
 
 from pacsd import remote
-from pacsd.config import Node
+from pacsd.config import NODE_RIGHTS, Node
 from pacsd.models import Instance, reading
 from pacsd.web.api import (check_uid, fail, json_body, json_response, json_text, need_admin,
                            parse_date)
@@ -61,7 +61,7 @@ def status(rt: Any) -> dict[str, Any]:
 
 def _node_dict(node: Node, source: str) -> dict[str, Any]:
     return {"name": node.name, "aet": node.aet, "host": node.host, "port": node.port,
-            "source": source}
+            "source": source, **{k: getattr(node, k) for k in NODE_RIGHTS}}
 
 
 def _node(rt: Any, name: str) -> Node:

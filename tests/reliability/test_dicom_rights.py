@@ -173,15 +173,26 @@ def test_open_query_retrieve_restores_the_old_behaviour(tmp_path: Path) -> None:
 
 
 def test_nodes_added_on_the_admin_page_carry_their_switches(make_server) -> None:
+    import requests
     server = make_server(qr_clients=False)
-    port = server.dicom_port
+    port, api = server.dicom_port, f"{server.http_url}/api/nodes"
+    h = {"X-Requested-With": "pacsd"}   # what the admin page sends (tests/test_api.py)
     assert find(port, "LATER") == (None, 0)
-    server.runtime.directory.save_node({"name": "later", "aet": "LATER", "host": LOCAL,
-                                        "port": 104, "allow_get": False})
-    assert find(port, "LATER")[0] == 0
+    r = requests.post(api, json={"name": "later", "aet": "LATER", "host": LOCAL, "port": 104,
+                                 "allow_get": False}, headers=h, timeout=10)
+    assert r.status_code == 201, r.text
+    assert find(port, "LATER")[0] == 0   # at once, without a restart
     assert accepted(port, "LATER", [str(FIND), str(GET), str(MOVE)]) == {str(FIND), str(MOVE)}
-    node = server.runtime.directory.node("later")
-    assert node is not None and (node.allow_find, node.allow_get) == (True, False)
+    listed = {n["name"]: n for n in requests.get(api, timeout=10).json()}["later"]
+    assert (listed["allow_find"], listed["allow_get"], listed["allow_store"]) == (True, False,
+                                                                                  True)
+    r = requests.post(api, json={"name": "bad", "aet": "BAD", "host": LOCAL, "port": 104,
+                                 "allow_find": "yes"}, headers=h, timeout=10)
+    assert r.status_code == 400 and "allow_find must be true or false" in r.text
+    r = requests.put(f"{api}/later", json={**listed, "allow_find": False}, headers=h,
+                     timeout=10)
+    assert r.status_code == 200, r.text
+    assert find(port, "LATER") == (None, 0)
 
 
 def test_own_ae_title_is_exempt_only_from_this_machine(make_server, monkeypatch) -> None:

@@ -62,6 +62,12 @@
     renderNodes();
   }
 
+  // What a node may ask of us, in words (the tooltip of its AE title).
+  function mayDo(n) {
+    const may = ["find", "get", "move", "store"].filter((k) => n["allow_" + k] !== false);
+    return may.length ? "May " + may.map((k) => "C-" + k.toUpperCase()).join(", ") : "May only C-ECHO";
+  }
+
   function renderNodes() {
     const tb = document.querySelector("#nodes tbody");
     if (!nodes.length) { tb.innerHTML = `<tr><td colspan="7" class="empty">No nodes yet.</td></tr>`; return; }
@@ -78,7 +84,7 @@
         </tr>`;
       }
       return `<tr data-name="${esc(n.name)}">
-        <td class="name">${esc(n.name)}</td><td class="mono">${esc(n.aet)}</td><td>${esc(n.host)}</td>
+        <td class="name">${esc(n.name)}</td><td class="mono" title="${esc(mayDo(n))}">${esc(n.aet)}</td><td>${esc(n.host)}</td>
         <td class="num">${esc(n.port)}</td>
         <td>${ro ? `<span class="badge" title="Defined in the configuration file: read-only here">config file</span>`
                  : `<span class="badge info">admin</span>`}</td>
@@ -113,8 +119,13 @@
     } else if (act === "cancel") {
       editing = null; renderNodes();
     } else if (act === "save") {
+      // What the node may ask of us (allow_find/get/move/store, set through the API or the
+      // config file) is kept as it was.
+      const was = nodes.find((n) => n.name === name) || {};
+      const rights = Object.fromEntries(["allow_find", "allow_get", "allow_move", "allow_store"]
+        .filter((k) => k in was).map((k) => [k, was[k]]));
       const body = { name, aet: tr.querySelector(".e-aet").value.trim(), host: tr.querySelector(".e-host").value.trim(),
-                     port: parseInt(tr.querySelector(".e-port").value, 10) };
+                     port: parseInt(tr.querySelector(".e-port").value, 10), ...rights };
       try {
         await pacs.api("PUT", path, body);
         editing = null;
