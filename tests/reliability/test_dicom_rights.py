@@ -14,12 +14,12 @@ import subprocess
 from contextlib import ExitStack
 from pathlib import Path
 
-from conftest import (LOCAL, dcmtk, pacsd_cmd, run_peer, serve, store_files, wait_for,
+from conftest import (LOCAL, dcmtk, pacsd_cmd, run_peer, serve, wait_for,
                       write_config)
 from data import sample
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pynetdicom import AE, build_context
+from pynetdicom import AE
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage, StudyRootQueryRetrieveInformationModelFind as FIND,
     StudyRootQueryRetrieveInformationModelGet as GET,
