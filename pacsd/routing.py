@@ -9,7 +9,8 @@ series' modalities, any of its callers), and queue the whole study.
 
 The Router runs two threads on each node:
 - the sender claims due jobs per destination, at most `[routing] concurrency` associations at
-  once to each, sends them (pacsd.remote.send: stored bytes as they are, or transcoded for a
+  once to each, each in a thread of its own (a destination that stops reading holds only its
+  own; every send is bounded by the network timeout, pacsd.remote.send_deadline), sends them (pacsd.remote.send: stored bytes as they are, or transcoded for a
   destination that wants another syntax), and marks them done, or failed: retried with
   back-off, then dead;
 - the stable watcher (one node at a time, under the lease "study-stable") turns quiet studies

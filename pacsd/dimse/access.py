@@ -31,7 +31,7 @@ Presentation Contexts" / "No presentation context", which tells the caller to lo
 server's side, where one log line names the AE title, the address and what was refused.
 Storage (and storage commitment) for a node that may not store: the contexts must stay, since
 a C-GET's sub-operations use the same storage contexts in the other role, so the C-STORE or
-N-ACTION itself is answered 0x0124 "Refused: Not Authorized" (PS3.7 C.5.x, general status;
+N-ACTION itself is answered 0x0124 "Refused: Not Authorized" (a general status, PS3.7 Annex C;
 dcm4che uses it the same way), with one log line.
 
 Node hosts may be names: they are resolved with a bound on the time (a resolver that hangs
