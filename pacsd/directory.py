@@ -11,6 +11,7 @@ processes may write) and at once after our own writes.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass
@@ -146,6 +147,11 @@ class Directory:
             raise DirectoryError(str(e)) from None
         if replacing is not None:
             self._writable("node", replacing)
+            # A change that does not mention a switch keeps it (the admin page edits only the
+            # address; the switches are set through the API).
+            old = next((n for n, _ in self.snapshot().nodes if n.name == replacing), None)
+            kept = {k: getattr(old, k) for k in NODE_RIGHTS if k not in item and old is not None}
+            node = dataclasses.replace(node, **kept)
         for other, _ in self.snapshot().nodes:
             if other.name == replacing:
                 continue

@@ -60,8 +60,9 @@ def status(rt: Any) -> dict[str, Any]:
 # --- nodes ------------------------------------------------------------------------------------
 
 def _node_dict(node: Node, source: str) -> dict[str, Any]:
+    # A switch appears only when it is off (absent: true), so the list keeps its shape.
     return {"name": node.name, "aet": node.aet, "host": node.host, "port": node.port,
-            "source": source, **{k: getattr(node, k) for k in NODE_RIGHTS}}
+            "source": source, **{k: False for k in NODE_RIGHTS if not getattr(node, k)}}
 
 
 def _node(rt: Any, name: str) -> Node:

@@ -184,8 +184,7 @@ def test_nodes_added_on_the_admin_page_carry_their_switches(make_server) -> None
     assert find(port, "LATER")[0] == 0   # at once, without a restart
     assert accepted(port, "LATER", [str(FIND), str(GET), str(MOVE)]) == {str(FIND), str(MOVE)}
     listed = {n["name"]: n for n in requests.get(api, timeout=10).json()}["later"]
-    assert (listed["allow_find"], listed["allow_get"], listed["allow_store"]) == (True, False,
-                                                                                  True)
+    assert listed["allow_get"] is False and "allow_find" not in listed   # absent: true
     r = requests.post(api, json={"name": "bad", "aet": "BAD", "host": LOCAL, "port": 104,
                                  "allow_find": "yes"}, headers=h, timeout=10)
     assert r.status_code == 400 and "allow_find must be true or false" in r.text
@@ -193,6 +192,11 @@ def test_nodes_added_on_the_admin_page_carry_their_switches(make_server) -> None
                      timeout=10)
     assert r.status_code == 200, r.text
     assert find(port, "LATER") == (None, 0)
+    # What the admin page sends when the host changes: the switches are kept.
+    r = requests.put(f"{api}/later", json={"name": "later", "aet": "LATER", "host": "localhost",
+                                           "port": 104}, headers=h, timeout=10)
+    assert r.status_code == 200, r.text
+    assert accepted(port, "LATER", [str(FIND), str(GET), str(MOVE)]) == {str(MOVE)}
 
 
 def test_own_ae_title_is_exempt_only_from_this_machine(make_server, monkeypatch) -> None:

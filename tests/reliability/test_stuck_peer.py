@@ -25,6 +25,8 @@ from conftest import (LOCAL, associate, dcmtk, free_port, peer_env, serve, store
 from data import write_series
 from pydicom import dcmread
 
+from reliability.report import record
+
 # Short timeouts, so that a bounded wait is seconds here (defaults: 120 s).
 NETWORK_TIMEOUT = 3.0
 # One C-STORE must be larger than the socket buffers (up to 4 MiB for the sender here), or it
@@ -146,6 +148,8 @@ def test_c_move_to_a_peer_that_stops_reading_ends_in_bounded_time(tmp_path: Path
             # The server goes on: another association is served at once.
             with associate(srv.port, [build_context("1.2.840.10008.1.1")]) as echo:
                 assert echo.send_c_echo().Status == 0
+        record("test_c_move_to_a_peer_that_stops_reading_ends_in_bounded_time",
+               associations=3, bad_inputs=1)
     finally:
         peer.close()
 
@@ -198,6 +202,8 @@ def test_routing_to_healthy_node_is_not_held_by_stuck_ones(tmp_path: Path) -> No
                                  f"to stuck{i} failed" in srv.output() for i in range(1, 5)),
                      SLOW_TIMEOUT + BOUND_S, "the sends to the stuck destinations to fail")
             assert delivered_s < SLOW_TIMEOUT / 2
+        record("test_routing_to_healthy_node_is_not_held_by_stuck_ones",
+               associations=len(stuck) + 2, bad_inputs=len(stuck))
     finally:
         peer.close()
         storescp.terminate()

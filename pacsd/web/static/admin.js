@@ -119,13 +119,8 @@
     } else if (act === "cancel") {
       editing = null; renderNodes();
     } else if (act === "save") {
-      // What the node may ask of us (allow_find/get/move/store, set through the API or the
-      // config file) is kept as it was.
-      const was = nodes.find((n) => n.name === name) || {};
-      const rights = Object.fromEntries(["allow_find", "allow_get", "allow_move", "allow_store"]
-        .filter((k) => k in was).map((k) => [k, was[k]]));
       const body = { name, aet: tr.querySelector(".e-aet").value.trim(), host: tr.querySelector(".e-host").value.trim(),
-                     port: parseInt(tr.querySelector(".e-port").value, 10), ...rights };
+                     port: parseInt(tr.querySelector(".e-port").value, 10) };
       try {
         await pacs.api("PUT", path, body);
         editing = null;
