@@ -307,6 +307,9 @@ class Pacsd(Server):
             # Shorter than the defaults (120 s): a stalled C-MOVE sub-association costs the
             # benchmark half a minute, not several.
             "dimse_timeout = 30", "network_timeout = 60",
+            # Every benchmark client runs on this one host, standing for many modalities (up
+            # to 16 storescu at once): no per-host cap on associations.
+            "max_associations_per_host = 0",
             "[http]", "port = 0", f"bind = {q(LOCAL)}",
             "[log]", 'file = "-"', 'level = "INFO"',
             "[[nodes]]", 'name = "movedest"', f"aet = {q(MOVE_AET)}", f"host = {q(LOCAL)}",
