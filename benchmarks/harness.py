@@ -486,9 +486,16 @@ class Pacsd:
         q = json.dumps   # a JSON string is a valid TOML basic string here
         lines = ["[server]", f"data = {q(str(self.data))}",
                  "[dicom]", f"aet = {q(self.aet)}", "port = 0", f"bind = {q(LOCAL)}",
+                 # Every benchmark client runs on this one host, standing for many
+                 # modalities: no per-host cap on associations.
+                 "max_associations_per_host = 0",
                  "[http]", "port = 0", f"bind = {q(LOCAL)}",
                  "[storage]", f"path = {q(str(self.storage))}",
                  "[log]", f"file = {q(str(self.log))}"]
+        # The benchmarks query and retrieve as BENCH (scale.py): a workstation, registered as a
+        # node (C-FIND/C-GET/C-MOVE are for nodes only).
+        lines += ["[[nodes]]", 'name = "bench"', 'aet = "BENCH"', f"host = {q(LOCAL)}",
+                  "port = 104"]
         if self.index_url:
             lines += ["[index]", f"url = {q(self.index_url)}"]
         self.config.write_text("\n".join(lines) + "\n")

@@ -307,10 +307,17 @@ class Pacsd(Server):
             # Shorter than the defaults (120 s): a stalled C-MOVE sub-association costs the
             # benchmark half a minute, not several.
             "dimse_timeout = 30", "network_timeout = 60",
+            # Every benchmark client runs on this one host, standing for many modalities (up
+            # to 16 storescu at once): no per-host cap on associations.
+            "max_associations_per_host = 0",
             "[http]", "port = 0", f"bind = {q(LOCAL)}",
             "[log]", 'file = "-"', 'level = "INFO"',
             "[[nodes]]", 'name = "movedest"', f"aet = {q(MOVE_AET)}", f"host = {q(LOCAL)}",
-            f"port = {self.move_port}"]) + "\n")
+            f"port = {self.move_port}",
+            # The benchmark's DCMTK clients query and retrieve as CLIENT_AET: a workstation,
+            # registered as a node (C-FIND/C-GET/C-MOVE are for nodes only).
+            "[[nodes]]", 'name = "bench"', f"aet = {q(CLIENT_AET)}", f"host = {q(LOCAL)}",
+            "port = 104"]) + "\n")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
         for k in [k for k in env if k.startswith("PACSD_")]:

@@ -186,6 +186,16 @@ SETTINGS: tuple[Setting, ...] = (
             "(0xC422 / HTTP 422). 4096 holds anything a native Pixel Data element can (under "
             "4 GiB), e.g. a 2000-frame ultrasound clip or a breast tomosynthesis volume.",
             _range(1, 2**40)),
+    Setting("dicom", "open_query_retrieve", bool, False,
+            "Let any calling AE title query and retrieve (C-FIND, C-GET, C-MOVE), as pacsd "
+            "did before. Off by default: only nodes ([[nodes]], the admin page) may, each as "
+            "its allow_find / allow_get / allow_move say. C-ECHO and C-STORE are open to any "
+            "caller either way."),
+    Setting("dicom", "max_associations_per_host", int, 16,
+            "Associations one peer address may hold at once; beyond it the association is "
+            "rejected (transient, local limit exceeded), so that one host cannot take all of "
+            "`max_associations`. Loopback is a host like any other. 0: no cap.",
+            _range(0, 1000)),
     Setting("http", "port", int, 8080, "HTTP port of the web side.", _port, "--http-port"),
     Setting("http", "bind", str, "127.0.0.1",
             "Address the HTTP listener binds to. Beyond loopback, [[users]] are required.",
@@ -335,6 +345,13 @@ class Node:
     # Transfer syntax UIDs in order of preference ([[nodes]] transfer_syntaxes); empty: the
     # stored syntax when the node accepts it, else Explicit then Implicit VR Little Endian.
     transfer_syntaxes: tuple[str, ...] = ()
+    # What this node may ask of us when it calls as `aet` (Orthanc's AllowFind / AllowGet /
+    # AllowMove / AllowStore). Callers that are not nodes may only echo and store (and ask
+    # storage commitment), unless [dicom] open_query_retrieve.
+    allow_find: bool = True
+    allow_get: bool = True
+    allow_move: bool = True
+    allow_store: bool = True
 
 
 @dataclass(frozen=True)
@@ -387,6 +404,8 @@ class Config:
     dicom_max_inflated_mb: int = 1024
     dicom_max_frame_pixels: int = 1 << 26
     dicom_max_pixel_mb: int = 4096
+    dicom_open_query_retrieve: bool = False
+    dicom_max_associations_per_host: int = 16
     http_cert: str = ""
     http_key: str = ""
     http_threads: int = 16
@@ -519,7 +538,16 @@ def node_from(item: dict[str, Any]) -> Node:
     if not name or len(name) > 64:
         raise ValueError("name must be 1-64 characters")
     syntaxes = _transfer_syntaxes(name, item.get("transfer_syntaxes") or [])
-    return Node(name=name, aet=aet, host=host, port=port, transfer_syntaxes=syntaxes)
+    rights = {}
+    for key in NODE_RIGHTS:
+        value = item.get(key, True)
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false, not {value!r}")
+        rights[key] = value
+    return Node(name=name, aet=aet, host=host, port=port, transfer_syntaxes=syntaxes, **rights)
+
+
+NODE_RIGHTS = ("allow_find", "allow_get", "allow_move", "allow_store")
 
 
 def _transfer_syntaxes(node: str, raw: Any) -> tuple[str, ...]:
@@ -561,7 +589,7 @@ def _tables(raw: Any, origin: str, kind: str, keys: set[str]
 def _nodes(raw: Any, origin: str) -> tuple[Node, ...]:
     nodes: list[Node] = []
     for where, item in _tables(raw, origin, "nodes",
-                               {"name", "aet", "host", "port", "transfer_syntaxes"}):
+                               {"name", "aet", "host", "port", "transfer_syntaxes", *NODE_RIGHTS}):
         try:
             node = node_from(item)
         except KeyError as e:

@@ -11,13 +11,14 @@ processes may write) and at once after our own writes.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
 
-from pacsd.config import Config, Node, User, node_from
+from pacsd.config import NODE_RIGHTS, Config, Node, User, node_from
 from pacsd.errors import PacsError
 from pacsd.index import Index
 from pacsd.models import NodeRow, UserRow, reading
@@ -66,8 +67,9 @@ class Directory:
             rows = list(NodeRow.select().order_by(NodeRow.name))
             user_rows = list(UserRow.select().order_by(UserRow.name))
         nodes = [(n, CONFIG) for n in self.cfg.nodes]
-        nodes += [(Node(name=r.name, aet=r.aet, host=r.host, port=r.port), ADMIN) for r in rows
-                  if not any(n.name == r.name for n in self.cfg.nodes)]
+        nodes += [(Node(name=r.name, aet=r.aet, host=r.host, port=r.port,
+                        **{k: bool(getattr(r, k)) for k in NODE_RIGHTS}), ADMIN)
+                  for r in rows if not any(n.name == r.name for n in self.cfg.nodes)]
         users = {u.name: (u, CONFIG) for u in self.cfg.users}
         for r in user_rows:
             users.setdefault(r.name, (User(r.name, r.password_hash, bool(r.admin)), ADMIN))
@@ -145,6 +147,11 @@ class Directory:
             raise DirectoryError(str(e)) from None
         if replacing is not None:
             self._writable("node", replacing)
+            # A change that does not mention a switch keeps it (the admin page edits only the
+            # address; the switches are set through the API).
+            old = next((n for n, _ in self.snapshot().nodes if n.name == replacing), None)
+            kept = {k: getattr(old, k) for k in NODE_RIGHTS if k not in item and old is not None}
+            node = dataclasses.replace(node, **kept)
         for other, _ in self.snapshot().nodes:
             if other.name == replacing:
                 continue
@@ -154,7 +161,8 @@ class Directory:
         def work() -> None:
             if replacing is not None:
                 NodeRow.delete().where(NodeRow.name == replacing).execute()
-            NodeRow.create(name=node.name, aet=node.aet, host=node.host, port=node.port)
+            NodeRow.create(name=node.name, aet=node.aet, host=node.host, port=node.port,
+                           **{k: getattr(node, k) for k in NODE_RIGHTS})
         self._write(work)
         return node
 

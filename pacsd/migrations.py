@@ -46,12 +46,26 @@ def _v4(db: Database) -> None:
     db.create_tables([Conflict], safe=True)
 
 
+def _v5(db: Database) -> None:
+    # Columns with a constant default: SQLite and PostgreSQL both add them without rewriting
+    # the rows. Existing nodes keep every right they had (all true).
+    from playhouse.migrate import SchemaMigrator, migrate
+    migrator = SchemaMigrator.from_database(db)
+    table = NodeRow._meta.table_name
+    have = {c.name for c in db.get_columns(table)}
+    migrate(*(migrator.add_column(table, name, getattr(NodeRow, name))
+              for name in ("allow_find", "allow_get", "allow_move", "allow_store")
+              if name not in have))
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "tables for nodes and users added on the admin page, and leases for the jobs "
                  "that one node runs alone", _v2),
     Migration(3, "the routing queue, and when each study last received an instance", _v3),
     Migration(4, "a content hash per instance, and the copies that came with other content",
               _v4),
+    Migration(5, "what each node added on the admin page may ask of us (find, get, move, "
+                 "store)", _v5),
 )
 LATEST = max(m.version for m in MIGRATIONS)
 

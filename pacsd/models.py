@@ -152,6 +152,11 @@ class NodeRow(BaseModel):
     aet = CharField(max_length=16, unique=True)
     host = CharField(max_length=255)
     port = IntegerField()
+    # What the node may ask of us (config.Node); schema 5.
+    allow_find = BooleanField(default=True)
+    allow_get = BooleanField(default=True)
+    allow_move = BooleanField(default=True)
+    allow_store = BooleanField(default=True)
 
     class Meta:
         table_name = "pacsd_node"

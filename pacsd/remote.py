@@ -159,9 +159,34 @@ def nodelay(event: Event) -> None:
         pass
 
 
-# How every association of ours is set up, accepted or requested: Nagle off, and pynetdicom's
-# loops waiting for work instead of polling (pacsd.pace).
+def send_deadline(event: Event) -> None:
+    """EVT_CONN_OPEN handler: a send to a peer that stops reading fails after the association's
+    network_timeout instead of blocking for ever.
+
+    pynetdicom connects a requestor's socket with connection_timeout and then sets it blocking
+    with no timeout (transport.AssociationSocket.connect: settimeout(None)): once the peer's TCP
+    window is full, socket.send() waits for ever, in the DUL thread or, for P-DATA, in the
+    thread that sends (pacsd.pace), and no timer of pynetdicom's can end it (its idle timer's
+    A-ABORT is itself a send). With a timeout the send raises, pynetdicom reads that as the
+    connection closing (Evt17) and the association ends: a C-MOVE counts the sub-operation
+    failed, a routing job is retried. Accepted sockets already have network_timeout (pynetdicom
+    sets it on the listening socket, accepted ones inherit it)."""
+    assoc = event.assoc
+    if not assoc.is_requestor:
+        return
+    timeout = assoc.network_timeout
+    try:
+        sock = assoc.dul.socket.socket  # type: ignore[union-attr]
+        if timeout is not None and sock is not None:
+            sock.settimeout(float(timeout))
+    except (AttributeError, OSError):
+        pass
+
+
+# How every association of ours is set up, accepted or requested: Nagle off, pynetdicom's
+# loops waiting for work instead of polling (pacsd.pace), and a bound on every send.
 CONNECTION_HANDLERS: list[Any] = [(evt.EVT_CONN_OPEN, nodelay), (evt.EVT_CONN_OPEN, brisk),
+                                  (evt.EVT_CONN_OPEN, send_deadline),
                                   (evt.EVT_CONN_CLOSE, settle)]
 
 

@@ -9,7 +9,8 @@ series' modalities, any of its callers), and queue the whole study.
 
 The Router runs two threads on each node:
 - the sender claims due jobs per destination, at most `[routing] concurrency` associations at
-  once to each, sends them (pacsd.remote.send: stored bytes as they are, or transcoded for a
+  once to each, each in a thread of its own (a destination that stops reading holds only its
+  own; every send is bounded by the network timeout, pacsd.remote.send_deadline), sends them (pacsd.remote.send: stored bytes as they are, or transcoded for a
   destination that wants another syntax), and marks them done, or failed: retried with
   back-off, then dead;
 - the stable watcher (one node at a time, under the lease "study-stable") turns quiet studies
@@ -24,7 +25,6 @@ import re
 import threading
 import time
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -43,6 +43,7 @@ from pacsd.store import Store
 log = logging.getLogger(__name__)
 
 POLL_S = 1.0   # the sender looks for due jobs at least this often (and at once when woken)
+STOP_WAIT_S = 15.0   # at stop, how long sends under way may take to finish their image
 
 
 class _Stopping(Exception):
@@ -93,8 +94,11 @@ class Router:
         self._wake = threading.Event()
         self._busy: dict[str, int] = {}   # destination -> jobs in flight on this node
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(max(4, cfg.routing_concurrency * 4),
-                                        thread_name_prefix="route-send")
+        # One thread per association under way, not a shared pool: a pool's threads can all
+        # be taken by destinations that stopped reading, and the jobs to healthy ones would
+        # wait behind them. There are at most `concurrency` per destination, and destinations
+        # are the routes' nodes, so this stays bounded.
+        self._senders: set[threading.Thread] = set()
         self._threads = [threading.Thread(target=self._send_loop, name="route-sender",
                                           daemon=True),
                          threading.Thread(target=self._stable_loop, name="study-stable",
@@ -123,7 +127,14 @@ class Router:
         self._wake.set()
         for t in self._threads:
             t.join(timeout=10)
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        deadline = time.monotonic() + STOP_WAIT_S
+        with self._lock:
+            senders = list(self._senders)
+        for t in senders:
+            t.join(max(0.0, deadline - time.monotonic()))
+        if any(t.is_alive() for t in senders):
+            log.warning("routing: a send still waits on its destination at stop; its jobs are "
+                        "given back to the queue (sent again later)")
         try:
             self.outbox.release_mine()
         except Exception as e:  # noqa: BLE001 - claims expire anyway
@@ -248,9 +259,12 @@ class Router:
                 jobs = self.outbox.claim(dest)
                 if not jobs:
                     break
+                t = threading.Thread(target=self._run, args=(jobs,), daemon=True,
+                                     name=f"route-send-{dest}")
                 with self._lock:
                     self._busy[dest] = self._busy.get(dest, 0) + 1
-                self._pool.submit(self._run, jobs)
+                    self._senders.add(t)
+                t.start()
                 started += 1
         return started
 
@@ -266,6 +280,7 @@ class Router:
         finally:
             with self._lock:
                 self._busy[dest] -= 1
+                self._senders.discard(threading.current_thread())
         for job in jobs:
             if error is None:
                 self.outbox.done(job.id)

@@ -77,11 +77,29 @@ def toml_value(v) -> str:
     return json.dumps(v)
 
 
+# The calling AE titles the tests query and retrieve as (pynetdicom's default in `associate`,
+# DCMTK's findscu / getscu / movescu defaults). Since C-FIND, C-GET and C-MOVE are for nodes only
+# ([dicom] open_query_retrieve = false), write_config registers them as nodes on this machine,
+# as a site registers its workstations. Port 104: a workstation's store SCP; none listens here.
+QR_CLIENTS = ("PYNETDICOM", "FINDSCU", "GETSCU", "MOVESCU")
+
+
+def client_nodes(nodes: list[dict]) -> list[dict]:
+    """QR_CLIENTS as nodes on 127.0.0.1, except those `nodes` already has."""
+    taken = {str(n.get("aet", "")).strip() for n in nodes} | {str(n.get("name") or "")
+                                                               for n in nodes}
+    return [{"name": aet, "aet": aet, "host": LOCAL, "port": 104}
+            for aet in QR_CLIENTS if aet not in taken]
+
+
 def write_config(path: Path, data: Path, nodes: list[dict] | None = None,
-                 users: list[dict] | None = None, **sections) -> Path:
+                 users: list[dict] | None = None, qr_clients: bool = True, **sections) -> Path:
     """A TOML config: sections as {"dicom": {"port": 0}} etc. ("plugin.hl7" for a nested
     table), a list for an array of tables ({"routes": [{...}, ...]}), plus [[nodes]] and
-    [[users]]."""
+    [[users]]. Unless `qr_clients` is False, the test clients (QR_CLIENTS) are nodes too."""
+    nodes = list(nodes or [])
+    if qr_clients:
+        nodes += client_nodes(nodes)
     lines = ["[server]", f'data = "{data}"']
     lines += [f"{k} = {toml_value(v)}" for k, v in sections.pop("server", {}).items()]
     sections.setdefault("dicom", {})

@@ -324,12 +324,14 @@ def test_status(cfg: Path, tmp_path: Path):
 # --- nodes ------------------------------------------------------------------------------------
 
 def test_nodes_list_and_echo(cfg: Path, tmp_path: Path):
+    # The lists below are the configs' own nodes: without the test clients (QR_CLIENTS).
+    cfg = write_config(cfg, tmp_path / "data", qr_clients=False)
     r = pacsd("nodes", "--config", str(cfg))
     assert r.returncode == 0 and "no nodes" in r.stdout
 
     data = tmp_path / "data"
     with serve(cfg, data) as p:
-        nodes_cfg = write_config(tmp_path / "nodes.toml", tmp_path / "other", nodes=[
+        nodes_cfg = write_config(tmp_path / "nodes.toml", tmp_path / "other", qr_clients=False, nodes=[
             {"name": "archive", "aet": "PACSD", "host": LOCAL, "port": p.port},
             {"name": "viewer", "aet": "VIEWER", "host": LOCAL, "port": 4242}])
         r = pacsd("nodes", "--config", str(nodes_cfg))
@@ -339,14 +341,14 @@ def test_nodes_list_and_echo(cfg: Path, tmp_path: Path):
         assert lines[0].split() == ["archive", "PACSD", f"{LOCAL}:{p.port}", "(config)"]
         assert lines[1].split() == ["viewer", "VIEWER", f"{LOCAL}:4242", "(config)"]
 
-        live_only = write_config(tmp_path / "live.toml", tmp_path / "other", nodes=[
+        live_only = write_config(tmp_path / "live.toml", tmp_path / "other", qr_clients=False, nodes=[
             {"name": "archive", "aet": "PACSD", "host": LOCAL, "port": p.port}])
         r = pacsd("nodes", "--echo", "--config", str(live_only))
         assert r.returncode == 0, (r.stdout, r.stderr)
         assert "archive" in r.stdout and "C-ECHO ok" in r.stdout
 
         dead = free_port()
-        both = write_config(tmp_path / "both.toml", tmp_path / "other", nodes=[
+        both = write_config(tmp_path / "both.toml", tmp_path / "other", qr_clients=False, nodes=[
             {"name": "archive", "aet": "PACSD", "host": LOCAL, "port": p.port},
             {"name": "gone", "aet": "GONE", "host": LOCAL, "port": dead}])
         r = pacsd("nodes", "--echo", "--config", str(both))

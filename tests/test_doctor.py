@@ -135,7 +135,9 @@ def test_move_destination_known_or_not(make_server, tmp_path):
     """A real pacsd as the node. With the in-process server's own config the doctor also finds
     our listener running (pacsd.json, pid alive, C-ECHO to ourselves)."""
     port = free_port()
-    server = make_server(dicom={"aet": "PACSD", "port": port},
+    # Open query/retrieve: the doctor calls as STRANGER below, which must get as far as the
+    # move destination check (a caller that is not a node is refused C-MOVE otherwise).
+    server = make_server(dicom={"aet": "PACSD", "port": port, "open_query_retrieve": True},
                          nodes=[{"name": "itself", "aet": "PACSD", "host": LOCAL,
                                  "port": port}])
     node = Node("pacs", "PACSD", LOCAL, port)
@@ -217,7 +219,7 @@ def test_pacsd_doctor_command(make_server, tmp_path):
     """`python -m pacsd doctor` as a real process, beside a running pacsd (found through its
     pacsd.json) that has a node added on the admin page."""
     with storescp(tmp_path) as scp:
-        server = make_server(nodes=[
+        server = make_server(qr_clients=False, nodes=[   # the nodes checked: these only
             {"name": "ghost", "aet": "GHOST", "host": "pacsd-doctor.invalid", "port": 104},
             {"name": "closed", "aet": "CLOSED", "host": LOCAL, "port": free_port()}])
         server.runtime.directory.save_node({"name": "archive", "aet": "STORESCP",

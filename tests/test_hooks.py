@@ -277,7 +277,10 @@ def test_on_query_restricts_or_refuses_c_find_and_qido(make_server, tmp_path: Pa
             if event["source"] == "QIDO-RS" and event["keys"].get("PatientID") == "PID5-002":
                 return False
     """)
-    server = make_server(hooks={"plugins": [ward]})
+    # The callers are the site's nodes (only nodes may C-FIND); the plugin narrows them.
+    server = make_server(hooks={"plugins": [ward]}, nodes=[
+        {"name": aet, "aet": aet, "host": LOCAL, "port": 104}
+        for aet in ("OTHER", "WARD1", "NOBODY")])
     assert store_files(server.dicom_port, [image(tmp_path / "in", n) for n in (1, 2, 3)]) \
         == [0, 0, 0]
 

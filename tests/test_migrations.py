@@ -390,7 +390,7 @@ def test_schema_3_gains_content_hashes_when_instances_come_again(index_url, tmp_
 
     index = Index(index_url).open()
     try:
-        assert schema_version(index_url) == migrations.LATEST == 4
+        assert schema_version(index_url) == migrations.LATEST == 5
         archive = Archive(store, index)
         with index.reading():
             hashes = dict(database.obj.execute_sql(

@@ -62,7 +62,8 @@ def env(tmp_path_factory):
     from pacsd.daemon import Server
     tmp = tmp_path_factory.mktemp("viewer")
     scp = Scp()
-    cfg = config.load(write_config(tmp / "c.toml", tmp / "data", nodes=[
+    # No DICOM query/retrieve here, and the page lists the nodes: without the test clients.
+    cfg = config.load(write_config(tmp / "c.toml", tmp / "data", qr_clients=False, nodes=[
         {"name": "ws", "aet": "WS", "host": LOCAL, "port": scp.port}]), env={})
     server = Server(cfg).start()
     main = write_series(tmp / "main", seed=7, series=2, images=IMAGES, size=SIZE)

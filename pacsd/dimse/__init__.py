@@ -33,8 +33,9 @@ from pacsd.archive import Archive
 from pacsd.config import Config
 from pacsd.directory import Directory
 from pacsd.dimse import filters
-from pacsd.dimse.access import PeerCheck
+from pacsd.dimse.access import NOT_AUTHORIZED, AssociationGuard
 from pacsd.dimse.commitment import PUSH_MODEL, Commitments
+from pacsd.dimse.commitment import status as commitment_status
 from pacsd.dimse.echo import handle_echo
 from pacsd.dimse.find import handle_find
 from pacsd.dimse.limits import bound_pdus
@@ -98,10 +99,8 @@ def build_ae(cfg: Config) -> AE:
     ae.dimse_timeout = cfg.dicom_dimse_timeout
     ae.network_timeout = cfg.dicom_network_timeout
     ae.maximum_pdu_size = cfg.dicom_max_pdu
-    # With an allow-list, our own AE title may still call us: `pacsd status` and the watchdog
-    # check the listener with a C-ECHO from it.
-    allowed = list(cfg.dicom_allowed_calling_aets)
-    ae.require_calling_aet = allowed + [cfg.dicom_aet] if allowed else []
+    # Who may call, and what they may ask: pacsd.dimse.access.AssociationGuard, not
+    # pynetdicom's require_calling_aet (which cannot see the caller's address).
     ae.add_supported_context(Verification, PLAIN_SYNTAXES)
     for model in QR_MODELS:
         ae.add_supported_context(model, PLAIN_SYNTAXES)
@@ -125,6 +124,9 @@ class DicomServer:
         self.hooks = hooks
         self.ae = build_ae(cfg)
         self.commitments = Commitments(cfg, archive.index, archive.store, directory)
+        then = (partial(filters.on_requested, hooks=hooks)
+                if hooks is not None and hooks.has("on_association") else None)
+        self.guard = AssociationGuard(cfg, directory, then)
         self.tls = tls_context(cfg)   # ConfigError now, at start-up, if the files are bad
         self.server: ThreadedAssociationServer | None = None
         self._thread: threading.Thread | None = None
@@ -160,11 +162,23 @@ class DicomServer:
                      stats.get("stored", 0), stats.get("duplicates", 0), stats.get("failed", 0))
 
     def _on_store(self, event: Event) -> int | Dataset:
+        if not self.guard.may_store(event, "C-STORE"):
+            stats = self._assoc_stats(event)
+            stats["failed"] = stats.get("failed", 0) + 1
+            return NOT_AUTHORIZED
         return handle_store(event, self.archive, self._assoc_stats(event), self.hooks)
 
+    def _on_n_action(self, event: Event) -> Any:
+        if not self.guard.may_store(event, "storage commitment request"):
+            return commitment_status(NOT_AUTHORIZED, "not authorized to store here"), None
+        return self.commitments.on_n_action(event)
+
     def _on_rejected(self, event: Event) -> None:
-        log.warning("association from %s refused: calling AE title %r is not allowed",
-                    event.assoc.requestor.address, event.assoc.requestor.ae_title)
+        # pynetdicom's own rejections (the guard logs its own): all associations in use.
+        log.warning("association from %s (%s) refused: all %d associations are in use "
+                    "([dicom] max_associations; local limit exceeded)",
+                    event.assoc.requestor.address, event.assoc.requestor.ae_title,
+                    self.cfg.dicom_max_associations)
 
     def start(self) -> None:
         archive = self.archive
@@ -178,15 +192,14 @@ class DicomServer:
             (evt.EVT_C_GET, partial(handle_get, index=archive.index, store=archive.store)),
             (evt.EVT_C_MOVE, partial(handle_move, directory=self.directory, index=archive.index,
                                      store=archive.store)),
-            (evt.EVT_N_ACTION, self.commitments.on_n_action),
+            (evt.EVT_N_ACTION, self._on_n_action),
             (evt.EVT_RELEASED, self._on_end),
             (evt.EVT_ABORTED, self._on_end),
             (evt.EVT_REJECTED, self._on_rejected),
+            # The one guard in front of every service (pacsd.dimse.access); it hands over to
+            # the plugins' on_association once it has accepted.
+            (evt.EVT_REQUESTED, self.guard.on_requested),
         ]
-        if self.cfg.dicom_check_peer_address:
-            handlers.append((evt.EVT_REQUESTED, PeerCheck(self.directory).on_requested))
-        if self.hooks is not None and self.hooks.has("on_association"):
-            handlers.append((evt.EVT_REQUESTED, partial(filters.on_requested, hooks=self.hooks)))
         address = (self.cfg.dicom_bind or "0.0.0.0", self.cfg.dicom_port)
         try:
             server = self.ae.make_server(
@@ -220,6 +233,7 @@ class DicomServer:
             assoc.abort()
         self.ae.shutdown()
         self.commitments.stop()
+        self.guard.close()
         if self._thread is not None:
             self._thread.join(5)
             self._thread = None

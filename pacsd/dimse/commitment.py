@@ -149,6 +149,11 @@ def _status(code: int, comment: str = "") -> Dataset:
     return ds
 
 
+def status(code: int, comment: str = "") -> Dataset:
+    """An N-ACTION response status (for the association guard's refusals)."""
+    return _status(code, comment)
+
+
 def event_information(transaction_uid: str, result: Result, aet: str) -> Dataset:
     """The N-EVENT-REPORT's Event Information (PS3.4 Table J.3-2)."""
     ds = Dataset()

@@ -16,7 +16,7 @@ from typing import Any
 import bottle
 
 from pacsd import remote
-from pacsd.config import Node
+from pacsd.config import NODE_RIGHTS, Node
 from pacsd.models import Instance, reading
 from pacsd.web.api import (check_uid, fail, json_body, json_response, json_text, need_admin,
                            parse_date)
@@ -60,8 +60,9 @@ def status(rt: Any) -> dict[str, Any]:
 # --- nodes ------------------------------------------------------------------------------------
 
 def _node_dict(node: Node, source: str) -> dict[str, Any]:
+    # A switch appears only when it is off (absent: true), so the list keeps its shape.
     return {"name": node.name, "aet": node.aet, "host": node.host, "port": node.port,
-            "source": source}
+            "source": source, **{k: False for k in NODE_RIGHTS if not getattr(node, k)}}
 
 
 def _node(rt: Any, name: str) -> Node:

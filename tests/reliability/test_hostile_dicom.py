@@ -217,8 +217,12 @@ class EchoLoop(threading.Thread):
 def pacs(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile")
     data = root / "data"
+    # No per-host cap: every attacker here, and the C-ECHO loop that stands for everyone else,
+    # runs on this one host, and the attacks' dropped associations linger for network_timeout
+    # (the cap itself is tested in test_dicom_rights.py).
     cfg = write_config(root / "pacsd.toml", data,
-                       dicom={"max_pdu": MAX_PDU, "acse_timeout": 5, "network_timeout": 15},
+                       dicom={"max_pdu": MAX_PDU, "acse_timeout": 5, "network_timeout": 15,
+                              "max_associations_per_host": 0},
                        log={"file": "-", "level": "INFO"})
     with serve(cfg, data) as proc:
         proc.root = root

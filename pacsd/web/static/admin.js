@@ -62,6 +62,12 @@
     renderNodes();
   }
 
+  // What a node may ask of us, in words (the tooltip of its AE title).
+  function mayDo(n) {
+    const may = ["find", "get", "move", "store"].filter((k) => n["allow_" + k] !== false);
+    return may.length ? "May " + may.map((k) => "C-" + k.toUpperCase()).join(", ") : "May only C-ECHO";
+  }
+
   function renderNodes() {
     const tb = document.querySelector("#nodes tbody");
     if (!nodes.length) { tb.innerHTML = `<tr><td colspan="7" class="empty">No nodes yet.</td></tr>`; return; }
@@ -78,7 +84,7 @@
         </tr>`;
       }
       return `<tr data-name="${esc(n.name)}">
-        <td class="name">${esc(n.name)}</td><td class="mono">${esc(n.aet)}</td><td>${esc(n.host)}</td>
+        <td class="name">${esc(n.name)}</td><td class="mono" title="${esc(mayDo(n))}">${esc(n.aet)}</td><td>${esc(n.host)}</td>
         <td class="num">${esc(n.port)}</td>
         <td>${ro ? `<span class="badge" title="Defined in the configuration file: read-only here">config file</span>`
                  : `<span class="badge info">admin</span>`}</td>
