@@ -68,7 +68,8 @@ class Directory:
             user_rows = list(UserRow.select().order_by(UserRow.name))
         nodes = [(n, CONFIG) for n in self.cfg.nodes]
         nodes += [(Node(name=r.name, aet=r.aet, host=r.host, port=r.port,
-                        **{k: bool(getattr(r, k)) for k in NODE_RIGHTS}), ADMIN)
+                        allow_find=bool(r.allow_find), allow_get=bool(r.allow_get),
+                        allow_move=bool(r.allow_move), allow_store=bool(r.allow_store)), ADMIN)
                   for r in rows if not any(n.name == r.name for n in self.cfg.nodes)]
         users = {u.name: (u, CONFIG) for u in self.cfg.users}
         for r in user_rows:

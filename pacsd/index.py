@@ -258,7 +258,7 @@ class Index:
                     continue
                 self._drop_connection()
                 if backends.is_disk_full(e):
-                    error: Exception = self._volume_full(e)
+                    error: BaseException = self._volume_full(e)
                 else:
                     log.error("index commit of %d item(s) failed: %s", len(batch), e)
                     error = IndexUnavailable(f"index commit failed: {e}")
@@ -270,9 +270,9 @@ class Index:
         if self.full:
             self.full = False
             log.warning("the index %s accepts writes again: storing resumes", self.label)
-        for fut, value, error in results:
-            if error is not None:
-                fut.set_exception(error)
+        for fut, value, failure in results:
+            if failure is not None:
+                fut.set_exception(failure)
             else:
                 fut.set_result(value)
 
@@ -442,6 +442,8 @@ class Index:
             f"study.id = series.study_id JOIN patient ON patient.id = study.patient_id "
             f"WHERE series.series_instance_uid = {p}", (uid,)).fetchone()
         new_series = new_study = False
+        study_id: int | None
+        patient_id: int | None   # None only until the SELECT after a lost insert race
         if row is not None:
             ids = (row[0], row[1], row[2])
             filed = _Filed(row[3], row[4], row[5], row[2])
@@ -603,7 +605,7 @@ class Index:
             for start in range(0, len(uids), 500):
                 q = Conflict.select(Conflict.sop_instance_uid).where(
                     Conflict.sop_instance_uid.in_(list(uids[start:start + 500]))).distinct()
-                found |= {str(r[0]) for r in q.tuples()}
+                found |= {str(c.sop_instance_uid) for c in q}
         return found
 
     # --- leases: jobs that one node of several runs -----------------------------------------

@@ -245,7 +245,7 @@ class Auth:
         if self.throttle.blocked(client, name):
             raise Throttled(client)
         user = users.get(name) if password is not None else None
-        if password is None or not verify(user, password):
+        if password is None or not verify(user, password) or user is None:
             if self.throttle.failed(client, name):
                 log.warning("HTTP Basic: too many failed logins from %s (last as %r): refused "
                             "for %.0f minutes", client, name[:64], self.throttle.window_s / 60)

@@ -44,7 +44,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, Literal
 
 from cheroot import server as cheroot_server
 from cheroot import wsgi
@@ -87,7 +87,7 @@ class _DeadlineSocketIO(socket.SocketIO):
     """The raw socket reader under cheroot's buffered reader: when a body deadline is armed,
     each recv waits at most until the deadline (never longer than the idle timeout)."""
 
-    def __init__(self, sock: socket.socket, mode: str) -> None:
+    def __init__(self, sock: socket.socket, mode: Literal["rb", "wb", "rwb"]) -> None:
         super().__init__(sock, mode)
         self.sock = sock
         self.deadline: _Deadline | None = None
@@ -121,7 +121,8 @@ class _BodyReader(StreamReader):
 
     def __init__(self, sock: socket.socket, mode: str = "rb",
                  bufsize: int = _pyio.DEFAULT_BUFFER_SIZE) -> None:
-        _pyio.BufferedReader.__init__(self, _DeadlineSocketIO(sock, mode), bufsize)
+        raw = _DeadlineSocketIO(sock, "rwb" if "w" in mode else "rb")
+        _pyio.BufferedReader.__init__(self, raw, bufsize)
         self.bytes_read = 0
 
 
