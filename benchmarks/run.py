@@ -13,12 +13,13 @@ Servers (each started by this script on 127.0.0.1 with a fresh data folder and p
 free; Orthanc and dcmqrscp only when installed):
   pacsd         `python -m pacsd serve`, its defaults (fsync of every file and folder,
                 synchronous index) but for ports 0, 127.0.0.1, shorter DIMSE/network timeouts
-                (30/60 s) and a [[nodes]] entry for the C-MOVE destination. No [[users]]: the
+                (30/60 s), [[nodes]] entries for the C-MOVE destination and the client AE, no
+                per-host association cap (every client runs here). No [[users]]: the
                 web side is then open and bound to loopback only (pacsd's rule).
   orthanc       /usr/sbin/Orthanc with the DICOMweb plugin, Orthanc's defaults but for a JSON
                 config with its folders, AE, ports, RemoteAccessAllowed false,
                 AuthenticationEnabled false (the same open web side as pacsd),
-                DicomAlwaysAllowFind/Get/Move true (pacsd answers any calling AE too) and the
+                DicomAlwaysAllowFind/Get/Move true (the client AE is a node of pacsd) and the
                 C-MOVE destination in DicomModalities. Orthanc 1.10 has no bind-address
                 option: it listens on every interface, and is only ever called on 127.0.0.1.
   dcmqrscp      DCMTK's Q/R SCP (forks per association), Debian's example settings
