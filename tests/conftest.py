@@ -632,8 +632,10 @@ def index_url(request, tmp_path: Path) -> str:
 #   postgres     a PostgreSQL server (the index's other backend)
 #   reliability  tests/reliability/: attacks, storms, exhaustion, kill -9
 # Nobody has to remember them: they come from what a test reaches (its fixtures, the helpers it
-# calls, followed through tests/), from its parameters and its folder. An explicit
-# @pytest.mark.<tier> adds to them. `pytest -m unit` is the fast loop.
+# calls, followed through tests/: `tiers_of`), from its parameters and its folder; an explicit
+# @pytest.mark.<tier> adds to them. The reading errs towards integration; the other way round,
+# a test read as unit that starts something fails. `pytest -m unit` is the fast loop, and the
+# run ends with each tier's count and seconds (setup + call + teardown).
 
 TIERS = ("unit", "integration", "peers", "browser", "postgres", "reliability")
 TESTS = Path(__file__).parent
@@ -701,7 +703,7 @@ def _reach(func) -> tuple[frozenset[str], frozenset[str]]:
 
 def tiers_of(item: pytest.Item) -> set[str]:
     fixtures = set(getattr(item, "fixturenames", ()))
-    params = set()
+    params: set[str] = set()
     callspec = getattr(item, "callspec", None)
     if callspec is not None:
         params = {v for v in callspec.params.values() if isinstance(v, str)}
@@ -731,10 +733,15 @@ def tiers_of(item: pytest.Item) -> set[str]:
     return tiers
 
 
+_tiers_by_test: dict[str, set[str]] = {}
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
-        for tier in sorted(tiers_of(item) - {m.name for m in item.iter_markers()}):
+        tiers = tiers_of(item)
+        for tier in sorted(tiers - {m.name for m in item.iter_markers()}):
             item.add_marker(tier)
+        _tiers_by_test[item.nodeid] = tiers
 
 
 @pytest.fixture(autouse=True)
@@ -756,13 +763,12 @@ def unit_stays_in_process(request, monkeypatch):
     yield
 
 
-
 _tier_times: dict[str, list[float]] = {}
 
 
 def pytest_runtest_logreport(report) -> None:
     """Setup + call + teardown of each test, added to each of its tiers."""
-    tiers = [k for k in report.keywords if k in TIERS] or ["untiered"]
+    tiers = _tiers_by_test.get(report.nodeid) or {"untiered"}
     for tier in tiers:
         count, seconds = _tier_times.setdefault(tier, [0, 0.0])
         _tier_times[tier] = [count + (report.when == "setup"), seconds + report.duration]
