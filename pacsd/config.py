@@ -635,8 +635,11 @@ def _routes(raw: Any, origin: str) -> tuple[Route, ...]:
             if not isinstance(values, list) or not values:
                 raise ConfigError(f"{where}: match {key!r} must be a value or a list of values")
             keys.append((keyword, tuple(str(v) for v in values)))
-        routes.append(Route(name=name, to=to, when=when,
-                            calling_aets=tuple(valid_aet(c) for c in callers),
+        try:
+            calling_aets = tuple(valid_aet(c) for c in callers)
+        except ValueError as e:
+            raise ConfigError(f"{where}: calling_aet {e}") from None
+        routes.append(Route(name=name, to=to, when=when, calling_aets=calling_aets,
                             match=tuple(keys)))
     return tuple(routes)
 

@@ -65,7 +65,9 @@ def matches(route: Route, values: dict[str, Any], callers: Iterable[str]) -> boo
         return False
     for keyword, patterns in route.match:
         have = _values(values.get(keyword))
-        if not any(fnmatch.fnmatchcase(v.strip(), pat) for v in have for pat in patterns):
+        # DICOM's wildcards are * and ? only (PS3.4 C.2.2.2.4): '[' is fnmatch's, made literal.
+        globs = [pat.replace("[", "[[]") for pat in patterns]
+        if not any(fnmatch.fnmatchcase(v.strip(), pat) for v in have for pat in globs):
             return False
     return True
 

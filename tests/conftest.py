@@ -6,12 +6,14 @@ failure.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+import types
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator, NoReturn
@@ -614,3 +616,171 @@ def index_url(request, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/index.sqlite3"
     return request.getfixturevalue("postgres_url")
+
+
+# --- test tiers: markers assigned at collection, times per tier at the end ---------------------
+#
+# Every test is exactly one of
+#   unit         in-process: starts no pacsd (in a thread or as a process), no subprocess, no
+#                browser, no database server, and opens no listening or outgoing socket
+#                (enforced while it runs: see `unit_stays_in_process`);
+#   integration  everything else: a real pacsd on port 0 talked to by pynetdicom/requests, a
+#                `pacsd ...` subprocess, a socket server of its own;
+# and may also be any of these, which say what else it needs:
+#   peers        DCMTK, dicom3tools, Orthanc, openssl, systemd-analyze (real command-line peers)
+#   browser      Chromium, Firefox or WebKitGTK
+#   postgres     a PostgreSQL server (the index's other backend)
+#   reliability  tests/reliability/: attacks, storms, exhaustion, kill -9
+# Nobody has to remember them: they come from what a test reaches (its fixtures, the helpers it
+# calls, followed through tests/: `tiers_of`), from its parameters and its folder; an explicit
+# @pytest.mark.<tier> adds to them. The reading errs towards integration; the other way round,
+# a test read as unit that starts something fails. `pytest -m unit` is the fast loop, and the
+# run ends with each tier's count and seconds (setup + call + teardown).
+
+TIERS = ("unit", "integration", "peers", "browser", "postgres", "reliability")
+TESTS = Path(__file__).parent
+BROWSER_FIXTURES = {"browser", "firefox", "webkit", "chromium_paths", "xvfb_display"}
+POSTGRES_FIXTURES = {"postgres_server", "postgres_url", "make_postgres_url"}
+POSTGRES_NAMES = {"throwaway_cluster", "postgres_bindir", "PostgresServer"}
+# What a test calls to run a real peer (dcmtk() also finds dicom3tools and systemd-analyze);
+# openssl and Orthanc are run by name.
+PEER_NAMES = {"dcmtk", "orthanc_binary", "peer_env"}
+PEER_PROGRAMS = {"openssl"}
+# Anything that starts a pacsd, a process or a socket: not unit.
+PROCESS_FIXTURES = {"make_server", "server", "remote_pacsd"}
+PROCESS_NAMES = {"Server", "serve", "pacsd_cmd", "remote_pacsd", "Process", "subprocess",
+                 "Popen", "associate", "store_files", "c_find", "c_get", "free_port", "socket",
+                 "run_peer", "AE", "requests", "urlopen", "make_server"}
+
+
+def _in_tests(func: types.FunctionType) -> bool:
+    return func.__code__.co_filename.startswith(str(TESTS))
+
+
+_reached: dict[object, tuple[frozenset[str], frozenset[str]]] = {}
+
+
+def _reach(func) -> tuple[frozenset[str], frozenset[str]]:
+    """(names, string constants) that `func` uses, followed through every function and class
+    defined in tests/ (the helpers a test calls, their nested functions and methods)."""
+    if func in _reached:
+        return _reached[func]
+    seen: set[int] = set()
+    names: set[str] = set()
+    strings: set[str] = set()
+    todo = [func]
+    while todo:
+        obj = todo.pop()
+        obj = getattr(obj, "__wrapped__", obj)
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, type):
+            todo += [v for v in vars(obj).values() if inspect.isfunction(v)
+                     or isinstance(v, property)]
+            continue
+        if isinstance(obj, property):
+            todo += [f for f in (obj.fget, obj.fset) if f]
+            continue
+        if not inspect.isfunction(obj) or not _in_tests(obj):
+            continue
+        codes = [obj.__code__]
+        while codes:
+            code = codes.pop()
+            names.update(code.co_names)
+            for c in code.co_consts:
+                if isinstance(c, types.CodeType):
+                    codes.append(c)
+                elif isinstance(c, str):
+                    strings.add(c)
+            for name in code.co_names:
+                target = obj.__globals__.get(name)
+                if inspect.isfunction(target) or isinstance(target, type):
+                    todo.append(target)
+    _reached[func] = result = (frozenset(names), frozenset(strings))
+    return result
+
+
+def tiers_of(item: pytest.Item) -> set[str]:
+    fixtures = set(getattr(item, "fixturenames", ()))
+    params: set[str] = set()
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None:
+        params = {v for v in callspec.params.values() if isinstance(v, str)}
+    funcs = [item.function] if isinstance(item, pytest.Function) else []
+    info = getattr(item, "_fixtureinfo", None)
+    for defs in (info.name2fixturedefs.values() if info else ()):
+        funcs += [d.func for d in defs if d.argname != "unit_stays_in_process"]
+    names: set[str] = set()
+    strings: set[str] = set()
+    for func in funcs:
+        n, s = _reach(func)
+        names |= n
+        strings |= s
+    tiers = {m.name for m in item.iter_markers() if m.name in TIERS}
+    if Path(str(item.fspath)).resolve().is_relative_to(TESTS / "reliability"):
+        tiers.add("reliability")
+    if fixtures & BROWSER_FIXTURES or params & BROWSER_FIXTURES:
+        tiers.add("browser")
+    if fixtures & POSTGRES_FIXTURES or "postgresql" in params or names & POSTGRES_NAMES:
+        tiers.add("postgres")
+    if names & PEER_NAMES or strings & PEER_PROGRAMS:
+        tiers.add("peers")
+    started = (fixtures & PROCESS_FIXTURES or names & PROCESS_NAMES
+               or tiers & {"peers", "browser", "postgres"})
+    if "unit" not in tiers:
+        tiers.add("integration" if started else "unit")
+    return tiers
+
+
+_tiers_by_test: dict[str, set[str]] = {}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        tiers = tiers_of(item)
+        for tier in sorted(tiers - {m.name for m in item.iter_markers()}):
+            item.add_marker(tier)
+        _tiers_by_test[item.nodeid] = tiers
+
+
+@pytest.fixture(autouse=True)
+def unit_stays_in_process(request, monkeypatch):
+    """A unit test that starts a pacsd, a process or a socket is misclassified: it fails."""
+    if request.node.get_closest_marker("unit") is None:
+        yield
+        return
+    import socket
+
+    def refuse(what):
+        def refused(*args, **kwargs):
+            raise AssertionError(f"a unit test must not {what}: mark it integration")
+        return refused
+    monkeypatch.setattr(Server, "start", refuse("start a pacsd"))
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse("start a process"))
+    monkeypatch.setattr(socket.socket, "connect", refuse("open a connection"))
+    monkeypatch.setattr(socket.socket, "listen", refuse("listen on a socket"))
+    yield
+
+
+_tier_times: dict[str, list[float]] = {}
+
+
+def pytest_runtest_logreport(report) -> None:
+    """Setup + call + teardown of each test, added to each of its tiers."""
+    tiers = _tiers_by_test.get(report.nodeid) or {"untiered"}
+    for tier in tiers:
+        count, seconds = _tier_times.setdefault(tier, [0, 0.0])
+        _tier_times[tier] = [count + (report.when == "setup"), seconds + report.duration]
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    if not _tier_times:
+        return
+    tr = terminalreporter
+    tr.write_sep("-", "time per tier (a test in several tiers counts in each)")
+    tr.write_line(f"{'tier':<12} {'tests':>6} {'seconds':>9}")
+    for tier in (*TIERS, "untiered"):
+        if tier in _tier_times:
+            count, seconds = _tier_times[tier]
+            tr.write_line(f"{tier:<12} {count:>6} {seconds:>9.1f}")
