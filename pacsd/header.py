@@ -8,6 +8,7 @@ within the limits of pacsd.bounds (pydicom's own reader would inflate all of it 
 from __future__ import annotations
 
 import functools
+import io
 import re
 import zlib
 from dataclasses import dataclass
@@ -193,7 +194,10 @@ def read_dataset_header(dataset: Any, transfer_syntax: str) -> Dataset:
             return True
         return False
 
-    reader = bounds.ViewReader(dataset)
+    # bytes (C-STORE): BytesIO shares them without a copy and reads in C; a view (STOW-RS,
+    # part of a larger body) is read in place by ViewReader, which BytesIO would copy.
+    reader: Any = (io.BytesIO(dataset) if isinstance(dataset, bytes)
+                   else bounds.ViewReader(dataset))
     try:
         fp: Any = reader
         if ts.is_deflated:   # PS3.5 A.5: raw deflate, without zlib header
@@ -204,7 +208,7 @@ def read_dataset_header(dataset: Any, transfer_syntax: str) -> Dataset:
         carried = None
         if pixels:
             value_at = fp.tell() + (8 if ts.is_implicit_VR else 12)
-            total = fp.size() if ts.is_deflated else len(reader)
+            total = fp.size() if ts.is_deflated else memoryview(dataset).nbytes
             carried = max(0, total - value_at)
         elif ts.is_deflated:
             fp.size()   # the whole stream within the cap, though we need no more of it
