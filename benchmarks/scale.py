@@ -724,7 +724,7 @@ def pynetdicom_find(port: int, qs: list[Query], runs: int) -> dict[str, dict[str
     from pynetdicom import AE, evt
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND  # type: ignore[attr-defined]
 
-    from pacsd.remote import nodelay  # else each small PDU waits for a delayed ACK
+    from pacsd.nodes.remote import nodelay  # else each small PDU waits for a delayed ACK
 
     ae = AE(ae_title="BENCH")
     ae.add_requested_context(FIND)

@@ -25,7 +25,8 @@ MODALITIES = ("CT", "MR", "US", "CR", "DX", "MG", "PT")
 
 
 def fill(data: Path, n: int) -> None:
-    from pacsd.index import Index, Patient, Series, Study, database, name_key
+    from pacsd.index import Index
+    from pacsd.index.models import Patient, Series, Study, database, name_key
     index = Index(f"sqlite:///{data / 'index.sqlite3'}").open(writer=False)
     rnd = random.Random(7)
     patients = max(1, n // 3)

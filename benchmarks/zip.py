@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Throughput of pacsd.media.zip_stream: a series as a ZIP with a DICOMDIR, in process.
+"""Throughput of pacsd.imaging.media.zip_stream: a series as a ZIP with a DICOMDIR, in process.
 
 Not a test (pytest never collects it). Run it from the repository with the project's venv:
 
@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 from pydicom import dcmread  # noqa: E402
 
 from data import write_series  # noqa: E402
-from pacsd.media import Directory, zip_stream  # noqa: E402
+from pacsd.imaging.media import Directory, zip_stream  # noqa: E402
 
 
 def consume(paths: list[Path], dicomdir: bool) -> tuple[float, float, int]:

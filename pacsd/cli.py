@@ -19,7 +19,7 @@ from pacsd.config import Config
 from pacsd.errors import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, IndexUnavailable, PacsError
 
 if TYPE_CHECKING:
-    from pacsd.directory import Directory
+    from pacsd.accounts import Accounts
     from pacsd.index import Index
 
 log = logging.getLogger("pacsd")
@@ -74,7 +74,7 @@ def cmd_config(args: argparse.Namespace) -> int:
         return EXIT_OK
     for key, value in sorted(vars(cfg).items()):
         if key == "index_url":   # its password never goes to a terminal or a ticket
-            from pacsd import backends
+            from pacsd.index import backends
             value = backends.redacted(value)
         print(f"{key} = {value!r}")
     return EXIT_OK
@@ -89,22 +89,22 @@ def _index(cfg: Config) -> "Index":
 
 
 @contextmanager
-def _directory(cfg: Config) -> Iterator["Directory"]:
+def _accounts(cfg: Config) -> Iterator["Accounts"]:
     """Nodes and users of the config file plus those added on the admin page (in the index).
     Opened without a writer: a running server may hold the index; SQLite lets us read."""
-    from pacsd.directory import Directory
+    from pacsd.accounts import Accounts
     index = _index(cfg)
     try:
-        yield Directory(cfg, index).open()
+        yield Accounts(cfg, index).open()
     finally:
         index.close()
 
 
 def cmd_nodes(args: argparse.Namespace) -> int:
-    from pacsd import remote
+    from pacsd.nodes import remote
     cfg = _load(args)
-    with _directory(cfg) as directory:
-        nodes = directory.nodes()
+    with _accounts(cfg) as accounts:
+        nodes = accounts.nodes()
     if not nodes:
         print("no nodes: add [[nodes]] to the config file or use the admin page")
         return EXIT_OK
@@ -123,11 +123,11 @@ def cmd_nodes(args: argparse.Namespace) -> int:
 def cmd_retrieve(args: argparse.Namespace) -> int:
     """C-FIND the studies a node holds that match, then C-MOVE each to our own AE title:
     the running pacsd receives them (the node must list us as a destination)."""
-    from pacsd import remote
+    from pacsd.nodes import remote
     cfg = _load(args)
     logging.basicConfig(level=logging.WARNING, format="pacsd: %(message)s")
-    with _directory(cfg) as directory:
-        node = directory.node(args.node)
+    with _accounts(cfg) as accounts:
+        node = accounts.node(args.node)
     if node is None:
         print(f"pacsd: no node named {args.node!r} (see `pacsd nodes`)", file=sys.stderr)
         return EXIT_FAILURE
@@ -212,9 +212,9 @@ class Progress:
 
 
 def _archive(cfg: Config):
-    from pacsd import bounds
-    from pacsd.archive import Archive
-    from pacsd.store import Store
+    from pacsd.imaging import bounds
+    from pacsd.storage.archive import Archive
+    from pacsd.storage.store import Store
     bounds.configure(bounds.Limits.from_config(cfg))   # import and reindex read headers
     # Temporary files in a folder of their own: a node starting meanwhile cleans only its own.
     store = Store(cfg.storage_path, cfg.storage_min_free_mb, node="cli")
@@ -299,7 +299,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     report["running"] = running
     if running:
         host = "127.0.0.1" if run["dicom_bind"] in ("", "0.0.0.0") else run["dicom_bind"]
-        from pacsd import remote
+        from pacsd.nodes import remote
         from pacsd.config import Node
         ok, ms, message = remote.echo(cfg, Node("self", run["aet"], host, int(run["dicom_port"])),
                                        timeout=5.0, tls=remote.self_tls(cfg))
@@ -326,8 +326,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_migrate(args: argparse.Namespace) -> int:
     """Bring the index's schema to this pacsd's version (what `serve` does at start-up unless
     [index] auto_migrate = false), or with --status only say where it stands."""
-    from pacsd import backends, migrations
-    from pacsd.models import database
+    from pacsd.index import backends
+    from pacsd.index import migrations
+    from pacsd.index.models import database
     cfg = _load(args)
     setup_logging(cfg, to_file=False)
     db = backends.connect(cfg.index_url, pool_size=2)
@@ -360,9 +361,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_index_copy(args: argparse.Namespace) -> int:
     """Copy the configured index, rows with their ids, into the database `--to` names; then say
     how to switch to it. Resumable; verified by counts (exit 1 if they differ)."""
-    from pacsd import backends
+    from pacsd.index import backends
     from pacsd.daemon import lock_data_folder
-    from pacsd.index_copy import IndexCopy
+    from pacsd.index.copy import IndexCopy
     cfg = _load(args)
     setup_logging(cfg, to_file=False)
     try:
@@ -431,10 +432,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="pacsd: %(message)s")
     notes: list[str] = []
     try:
-        with _directory(cfg) as directory:
-            nodes = directory.nodes()
+        with _accounts(cfg) as accounts:
+            nodes = accounts.nodes()
             if args.node:
-                node = directory.node(args.node)
+                node = accounts.node(args.node)
                 nodes = [(n, s) for n, s in nodes if n == node]
     except PacsError as e:   # the index is unavailable: the config file's nodes still count
         notes.append(f"nodes added on the admin page not checked: {e}")
@@ -471,7 +472,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def cmd_queue(args: argparse.Namespace) -> int:
     """The routing queue ([[routes]]): list jobs of a state, queue dead ones again, forget."""
-    from pacsd.outbox import RouteQueue
+    from pacsd.index.outbox import RouteQueue
     if args.action != "list" and not args.ids and not (args.action == "retry" and args.dead):
         print(f"pacsd queue {args.action}: name the job numbers"
               + (" (or --dead)" if args.action == "retry" else ""), file=sys.stderr)

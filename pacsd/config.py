@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
-from pacsd import backends
+from pacsd.index import backends
 from pacsd.errors import ConfigError
 
 CONFIG_FILE_NAME = "pacsd.toml"

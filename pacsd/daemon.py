@@ -4,7 +4,7 @@ Start: take an exclusive lock on the data folder (two servers on one SQLite inde
 run) -> if a pidfile is there, the previous run did not stop cleanly: note when it began ->
 write our pidfile -> our node id (DATA/node-id) -> open the store (drop our temporary files) and
 the index (migrating its schema) -> index the files an unclean run wrote but did not commit ->
-housekeeping (pacsd.chores) -> open the listeners -> write pacsd.json (pid, ports, node).
+housekeeping (pacsd.storage.housekeeping) -> open the listeners -> write pacsd.json (pid, ports, node).
 Several nodes may share one PostgreSQL index and one storage folder, each with its own DATA.
 Stop (SIGTERM/SIGINT): stop accepting, let associations finish within a bound, flush the index
 writer, and only then remove the pidfile and pacsd.json. SIGUSR1 dumps every thread's stack.
@@ -32,18 +32,19 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from pacsd import __version__, bounds, systemd
-from pacsd.archive import Archive, Stored
-from pacsd.chores import Chores
+from pacsd import __version__, systemd
+from pacsd.imaging import bounds
+from pacsd.storage.archive import Archive, Stored
+from pacsd.storage.housekeeping import Housekeeping
 from pacsd.config import Config
 from pacsd.dimse import DicomServer
-from pacsd.directory import Directory
+from pacsd.accounts import Accounts
 from pacsd.errors import AlreadyRunning, FolderNotWritable, IndexFull, IndexUnavailable
-from pacsd.hooks import Context, Hooks
+from pacsd.plugins.hooks import Context, Hooks
 from pacsd.index import Index
 from pacsd.logbook import Logbook
-from pacsd.routing import Router
-from pacsd.store import Store, fsync_fd
+from pacsd.nodes.routing import Router
+from pacsd.storage.store import Store, fsync_fd
 from pacsd.web import HttpServer, Runtime
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ class Server:
         self._lock_fd: int | None = None
         self.index: Index | None = None
         self.node = ""
-        self.chores: Chores | None = None
+        self.housekeeping: Housekeeping | None = None
         self.hooks: Hooks | None = None
         self.router: Router | None = None
         self.dicom: DicomServer | None = None
@@ -165,21 +166,21 @@ class Server:
             archive = Archive(store, self.index, overwrite=cfg.storage_overwrite,
                               patient_mismatch=cfg.storage_patient_mismatch,
                               on_conflict=cfg.storage_on_conflict)
-            directory = Directory(cfg, self.index).open()
+            accounts = Accounts(cfg, self.index).open()
             if unclean_since is not None:
                 log.warning("the previous run did not stop cleanly; checking the files it wrote")
                 archive.recover(since=unclean_since - 60, until=self.started)
-            self.chores = Chores(self.index, store, cfg.housekeeping_interval).start()
+            self.housekeeping = Housekeeping(self.index, store, cfg.housekeeping_interval).start()
             self.hooks = Hooks(cfg, Context(cfg.dicom_aet, cfg.data))
             if self.hooks.has("on_instance_stored"):
                 archive.on_stored = partial(_notify_stored, self.hooks, store)
-            self.router = Router(cfg, self.index, store, directory, self.hooks).start()
+            self.router = Router(cfg, self.index, store, accounts, self.hooks).start()
             if self.router.stored_routes:
                 archive.routes_for = self.router.for_instance
-            self.dicom = DicomServer(cfg, archive, directory, self.hooks)
+            self.dicom = DicomServer(cfg, archive, accounts, self.hooks)
             self.dicom.start()
             dicom = self.dicom
-            self.runtime = Runtime(cfg, archive, directory, self.started,
+            self.runtime = Runtime(cfg, archive, accounts, self.started,
                                    lambda: dicom.active_associations, self.logbook,
                                    hooks=self.hooks, outbox=self.router.outbox)
             self.http = HttpServer(self.runtime)
@@ -221,9 +222,9 @@ class Server:
         if self.router is not None:
             self.router.stop()
             self.router = None
-        if self.chores is not None:
-            self.chores.stop()
-            self.chores = None
+        if self.housekeeping is not None:
+            self.housekeeping.stop()
+            self.housekeeping = None
         if self.index is not None:
             flushed = self.index.close()   # flushes the writer queue first
             self.index = None

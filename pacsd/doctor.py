@@ -44,7 +44,7 @@ from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 
 from pacsd.config import Config, Node
-from pacsd.remote import CONNECTION_HANDLERS, MAX_CONTEXTS, self_tls
+from pacsd.nodes.remote import CONNECTION_HANDLERS, MAX_CONTEXTS, self_tls
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 TIMEOUT = 5.0   # seconds, per step

@@ -83,7 +83,7 @@ class StudyMismatch(InvalidDataset):
 class DataSetTooLarge(InvalidDataset):
     """A data set beyond this server's limits: it inflates to more than [dicom]
     max_inflated_mb, or declares more pixels than [dicom] max_frame_pixels / max_pixel_mb
-    (pacsd.bounds). Refused at ingest with 0xC422, a code of ours in the Cxxx range (PS3.4 B.2.3:
+    (pacsd.imaging.bounds). Refused at ingest with 0xC422, a code of ours in the Cxxx range (PS3.4 B.2.3:
     Cannot understand; not A7xx, Out of Resources, which invites a retry); a stored one is not
     decoded: 422 (the request is understood, this object cannot be processed; 413 would blame a
     request body), and it can still be retrieved as stored."""

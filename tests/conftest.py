@@ -224,7 +224,7 @@ def associate(port: int, contexts, aet: str = "PYNETDICOM", called: str = "PACSD
     for cx in contexts:
         ae.add_requested_context(*cx) if isinstance(cx, tuple) else ae.requested_contexts.append(cx)
     # Like every real client should: without TCP_NODELAY each small PDU waits for a delayed ACK.
-    from pacsd.remote import nodelay
+    from pacsd.nodes.remote import nodelay
     from pynetdicom import evt
     handlers = [(evt.EVT_CONN_OPEN, nodelay)] + list(evt_handlers or [])
     assoc = ae.associate(LOCAL, port, ae_title=called, ext_neg=ext_neg, evt_handlers=handlers)

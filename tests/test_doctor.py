@@ -222,7 +222,7 @@ def test_pacsd_doctor_command(make_server, tmp_path):
         server = make_server(qr_clients=False, nodes=[   # the nodes checked: these only
             {"name": "ghost", "aet": "GHOST", "host": "pacsd-doctor.invalid", "port": 104},
             {"name": "closed", "aet": "CLOSED", "host": LOCAL, "port": free_port()}])
-        server.runtime.directory.save_node({"name": "archive", "aet": "STORESCP",
+        server.runtime.accounts.save_node({"name": "archive", "aet": "STORESCP",
                                             "host": "localhost", "port": scp})
         config = str(server.cfg.source)
 

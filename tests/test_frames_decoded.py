@@ -114,7 +114,7 @@ def test_bitstream_unless_native_asked(pacs):
 
 
 def test_decode_frame_function():
-    from pacsd.render import decode_frame
+    from pacsd.imaging.render import decode_frame
     arr = decode_frame(sample("SC_rgb_rle_2frame.dcm"), 2)
     assert arr.shape == (100, 100, 3) and arr.dtype == np.uint8
     arr = decode_frame(sample("MR_small_RLE.dcm"))

@@ -1,4 +1,4 @@
-"""Hooks (pacsd.hooks): plugins written by the tests into .py files, loaded by path through
+"""Hooks (pacsd.plugins.hooks): plugins written by the tests into .py files, loaded by path through
 [hooks] plugins, against a real pacsd with real associations. What is checked is isolation: a
 plugin that fails to load, raises, or is slow never stops, slows or loses a C-STORE; filters
 that answer in time do refuse or change what they are asked about."""

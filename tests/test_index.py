@@ -26,9 +26,9 @@ from data import ct_slice, uid
 from peewee import SqliteDatabase
 from psycopg import pq
 
-from pacsd.header import check_and_extract
+from pacsd.imaging.header import check_and_extract
 from pacsd.index import Index
-from pacsd.models import Patient, Series, Study, database
+from pacsd.index.models import Patient, Series, Study, database
 
 TS = "1.2.840.10008.1.2.1"
 SEED = 21
@@ -203,7 +203,7 @@ import json, sys, traceback
 from concurrent.futures import ThreadPoolExecutor
 sys.path.insert(0, sys.argv[3])
 from data import ct_slice
-from pacsd.header import check_and_extract
+from pacsd.imaging.header import check_and_extract
 from pacsd.index import Index
 
 index = Index(sys.argv[1], node=sys.argv[2]).open()

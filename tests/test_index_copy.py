@@ -61,9 +61,9 @@ def archive(tmp_path_factory) -> SimpleNamespace:
     try:
         assert store_files(server.dicom_port, files) == [0] * len(files)
         assert server.runtime is not None and server.index is not None
-        server.runtime.directory.save_node({"name": "viewer", "aet": "VIEWER",
+        server.runtime.accounts.save_node({"name": "viewer", "aet": "VIEWER",
                                             "host": "127.0.0.1", "port": 11112})
-        server.runtime.directory.save_user("alice", password_hash=hash_password("a password"),
+        server.runtime.accounts.save_user("alice", password_hash=hash_password("a password"),
                                            admin=True, new=True)
         counts = server.index.counts()
         found = studies(server.dicom_port)
@@ -141,8 +141,8 @@ def test_copy_to_postgresql_then_serve_from_it(archive, tmp_path, make_server, p
     server = make_server(data=data, index={"url": postgres_url})
     assert server.index.counts() == archive.counts
     assert studies(server.dicom_port) == archive.studies
-    assert server.runtime.directory.node("viewer").aet == "VIEWER"
-    assert "alice" in server.runtime.directory.logins()
+    assert server.runtime.accounts.node("viewer").aet == "VIEWER"
+    assert "alice" in server.runtime.accounts.logins()
     study_uid = str(ct_slice(seed=71, patient=1, study=2, series=1, number=1,
                              size=16).StudyInstanceUID)
     status, got = c_get(server.dicom_port, {"QueryRetrieveLevel": "STUDY",

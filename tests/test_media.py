@@ -1,4 +1,4 @@
-"""pacsd.media: a ZIP holding a PS3.10 File-set and its DICOMDIR, streamed.
+"""pacsd.imaging.media: a ZIP holding a PS3.10 File-set and its DICOMDIR, streamed.
 
 Checked with zipfile (opens, CRCs, bytes unchanged), pydicom (FileSet reads the DICOMDIR and
 finds every instance where the hierarchy says), DCMTK (dcmdump parses it; dcmmkdir accepts the
@@ -25,7 +25,7 @@ from pydicom.uid import BasicTextSRStorage, ExplicitVRLittleEndian
 
 from conftest import dcmtk, run_peer
 from data import uid, write_series
-from pacsd.media import zip_stream
+from pacsd.imaging.media import zip_stream
 
 FILE_ID = re.compile(r"[A-Z0-9_]{1,8}(/[A-Z0-9_]{1,8}){0,7}")
 

@@ -1,4 +1,4 @@
-"""Schema versions (pacsd.migrations) through the real CLI and server: an index written by the
+"""Schema versions (pacsd.index.migrations) through the real CLI and server: an index written by the
 previous pacsd (schema 1, SQLite only) is upgraded by `pacsd migrate` or at start-up and keeps
 its rows; `[index] auto_migrate = false` refuses an old index; an index newer than this pacsd
 is refused on both backends; two nodes migrating one PostgreSQL database at once create it once.
@@ -16,16 +16,17 @@ import pytest
 from conftest import c_find, pacsd_cmd, store_files, write_config
 from data import ct_slice
 
-from pacsd import config, migrations
+from pacsd import config
+from pacsd.index import migrations
 from pacsd.daemon import Server
 from pacsd.errors import EXIT_OK, EXIT_SOFTWARE, IndexUnavailable
-from pacsd.header import check_and_extract
+from pacsd.imaging.header import check_and_extract
 from pacsd.index import Index
-from pacsd.models import MODELS, database, name_key
+from pacsd.index.models import MODELS, database, name_key
 
 # Schema 1 as pacsd 1's peewee models made it (`git show <v1>:pacsd/index.py`: Patient, Study,
 # Series, Instance, Meta_ with VARCHAR(n) columns), plus pacsd_node / pacsd_user, which its
-# pacsd.directory made when a server first started. No pacsd_lease.
+# pacsd.accounts made when a server first started. No pacsd_lease.
 V1_TABLES = """
 CREATE TABLE "patient" (
     "id" INTEGER NOT NULL PRIMARY KEY, "patient_id" VARCHAR(64) NOT NULL,
@@ -230,10 +231,10 @@ def test_a_version_1_index_is_upgraded_and_keeps_its_rows(tmp_path, how, served)
         _, studies = c_find(server.dicom_port, "STUDY", PatientID="PID31-001",
                             NumberOfStudyRelatedInstances="")
         assert studies[0].NumberOfStudyRelatedInstances == 3
-        directory = server.runtime.directory
+        accounts = server.runtime.accounts
         if served:
-            assert directory.node("oldnode").aet == "OLDAE"
-            assert directory.user("olduser") is not None
+            assert accounts.node("oldnode").aet == "OLDAE"
+            assert accounts.user("olduser") is not None
         assert server.index.lease("tmp-sweep", 60)   # the new table works
     finally:
         server.stop()
@@ -363,9 +364,9 @@ def test_schema_3_gains_content_hashes_when_instances_come_again(index_url, tmp_
     """Schema 4 adds instance.content_hash (NULL for what was stored before) and the conflicts
     table; a re-sent old instance is hashed then: the same content is a duplicate, other
     content a conflict that storage commitment will not vouch for."""
-    from pacsd.archive import Archive
+    from pacsd.storage.archive import Archive
     from pacsd.errors import ContentConflict
-    from pacsd.store import Store
+    from pacsd.storage.store import Store
 
     files = []
     for n in (1, 2):

@@ -5,7 +5,7 @@ SQLite: its plan must SEARCH (an index lookup), never SCAN. PostgreSQL: with tab
 its planner rightly prefers reading them whole, so the test asks whether an index CAN serve each
 key: with sequential scans disabled for the session, the plan must reach the key's table
 through an index whose condition names the key's column. That is what the columns' C collation
-is for: a btree index serves `LIKE 'DOE^J%'` (pacsd.query._glob) and the range bounds only in
+is for: a btree index serves `LIKE 'DOE^J%'` (pacsd.query.matching._glob) and the range bounds only in
 byte order.
 """
 
@@ -21,7 +21,7 @@ from peewee import SqliteDatabase
 
 from pacsd import query
 from pacsd.index import Index
-from pacsd.models import Patient, Series, Study, database
+from pacsd.index.models import Patient, Series, Study, database
 
 SAMPLES = {query.UID: "1.2.3", query.DA: "20240101-20240131", query.TM: "080000-120000",
            query.PN: "DOE^J*", query.ST: "ABC*", query.IS: "3", query.MODALITIES: "CT"}

@@ -1,4 +1,4 @@
-"""Auto-routing ([[routes]]) and its durable queue (pacsd.routing, pacsd.outbox), with real
+"""Auto-routing ([[routes]]) and its durable queue (pacsd.nodes.routing, pacsd.index.outbox), with real
 peers: DCMTK's storescp as the destination where bytes on disk are what counts, and pynetdicom
 storage SCPs written here where the destination must misbehave (refuse associations, answer
 0xA700 Out of Resources, hold each C-STORE) or say who sent what on which association.

@@ -108,7 +108,7 @@ def test_missing_series_uid_is_refused(server):
 
 def test_sop_class_not_matching_the_data_set_is_refused(server, tmp_path):
     # The file meta (hence the request and its context) says MR; the data set says CT.
-    from pacsd.header import file_meta_bytes
+    from pacsd.imaging.header import file_meta_bytes
     ds = ct_slice(seed=6, patient=1, study=1, series=1, number=1, size=8)
     honest, path = tmp_path / "honest.dcm", tmp_path / "liar.dcm"
     ds.save_as(honest, enforce_file_format=True)
@@ -139,7 +139,7 @@ def test_many_instances_spread_over_folders_and_index_agrees(server, tmp_path):
             p, enforce_file_format=True)
         paths.append(p)
     assert store_files(server.dicom_port, paths) == [0] * 20
-    from pacsd.models import Instance
+    from pacsd.index.models import Instance
     with server.index.reading():
         rows = {r.path for r in Instance.select(Instance.path)}
     on_disk = {p.relative_to(server.cfg.storage_path).as_posix() for p in stored_files(server)}
@@ -156,7 +156,7 @@ def test_file_meta_matches_pydicom_for_every_uid_length(sop):
     from pydicom.dataset import FileMetaDataset
     from pydicom.filewriter import write_file_meta_info
 
-    from pacsd.header import (IMPLEMENTATION_UID, IMPLEMENTATION_VERSION, PREAMBLE,
+    from pacsd.imaging.header import (IMPLEMENTATION_UID, IMPLEMENTATION_VERSION, PREAMBLE,
                               file_meta_bytes)
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.99"

@@ -51,7 +51,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 
 from pacsd import config as config_mod
-from pacsd import query, remote
+from pacsd import query
+from pacsd.nodes import remote
 from pacsd.config import ConfigError
 
 MOVE, GET = StudyRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelGet
@@ -68,7 +69,7 @@ CORPUS = {
     "SC_rgb_jpeg_gdcm.dcm": (JPEGLosslessSV1, "SC_rgb_rle.dcm"),
     "SC_rgb_rle_2frame.dcm": (RLELossless, None),
     "SC_rgb_jpeg_dcmtk.dcm": (JPEGBaseline8Bit, None),   # lossy, YBR_FULL
-    "JPEG-lossy.dcm": (JPEGExtended12Bit, None),         # lossy, 12 bits (pacsd.jpeg12)
+    "JPEG-lossy.dcm": (JPEGExtended12Bit, None),         # lossy, 12 bits (pacsd.imaging.jpeg12)
 }
 
 
@@ -169,7 +170,7 @@ def move(port: int, destination: str, study: str) -> Dataset:
 
 def summaries(caplog, label: str) -> list[str]:
     return [r.getMessage() for r in caplog.records
-            if r.name == "pacsd.remote" and r.getMessage().startswith(label + ": sent ")]
+            if r.name == "pacsd.nodes.remote" and r.getMessage().startswith(label + ": sent ")]
 
 
 def check_pixels(study: Study, received: dict[str, tuple[str, Dataset]]) -> None:
@@ -346,7 +347,7 @@ def test_an_image_that_cannot_be_decoded_fails_and_the_rest_arrive(make_server, 
     assert final.identifier.FailedSOPInstanceUIDList == bad   # C.4.2.1.4.1
     assert set(dest.received) == set(study.files) - {bad}
     warnings = [r.getMessage() for r in caplog.records
-                if r.levelno == logging.WARNING and r.name == "pacsd.remote"]
+                if r.levelno == logging.WARNING and r.name == "pacsd.nodes.remote"]
     assert any(bad in w and "RLE Lossless -> Explicit VR LE" in w for w in warnings), warnings
     lines = wait_for(lambda: summaries(caplog, "C-MOVE to PLAIN from PYNETDICOM"), 5, "summary")
     assert lines == [("C-MOVE to PLAIN from PYNETDICOM: sent 1 as stored, 1 transcoded "
@@ -365,7 +366,7 @@ def test_a_syntax_we_cannot_make_is_a_failure_not_a_drop(make_server, scp, corpu
     assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (1, 8)
     assert {ts for ts, _ in dest.received.values()} == {JPEGBaseline8Bit}
     not_sent = [r for r in caplog.records if r.levelno == logging.WARNING
-                and r.name == "pacsd.remote" and "not sent" in r.getMessage()]
+                and r.name == "pacsd.nodes.remote" and "not sent" in r.getMessage()]
     assert len(not_sent) == 8
     lines = wait_for(lambda: summaries(caplog, "C-MOVE to LOSSY from PYNETDICOM"), 5, "summary")
     assert lines[0].endswith("sent 1 as stored, 0 transcoded, 8 failed")

@@ -16,7 +16,7 @@ import pytest
 
 from pacsd import query
 from pacsd.index import Index
-from pacsd.models import Patient, Series, Study, database, name_key
+from pacsd.index.models import Patient, Series, Study, database, name_key
 from pacsd.web import osirix
 
 PATIENTS = {

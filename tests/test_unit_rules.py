@@ -1,4 +1,4 @@
-"""Rules, table-driven and in-process: which instances a routing rule takes (pacsd.routing), what
+"""Rules, table-driven and in-process: which instances a routing rule takes (pacsd.nodes.routing), what
 the web guard believes of a request (pacsd.web.guard), and what the config accepts
 (pacsd.config's validators, through `load` as a site writes them)."""
 
@@ -12,7 +12,7 @@ from pydicom.multival import MultiValue
 
 from pacsd import config
 from pacsd.config import ConfigError, Route
-from pacsd.routing import matches
+from pacsd.nodes.routing import matches
 from pacsd.web import guard
 
 

@@ -15,7 +15,7 @@ from pydicom.uid import ImplicitVRLittleEndian
 
 from pacsd import config as config_mod
 from pacsd.daemon import Server
-from pacsd.models import Instance
+from pacsd.index.models import Instance
 
 from conftest import store_files, write_config
 from data import ct_slice, dataset_bytes, sample, uid

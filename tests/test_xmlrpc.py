@@ -197,7 +197,7 @@ def test_delete_removes_rows_files_and_fixes_counters(make_server, tmp_path):
                        StudyInstanceUID=first.StudyInstanceUID,
                        NumberOfPatientRelatedInstances="")
     with server.index.reading():
-        from pacsd.models import Patient
+        from pacsd.index.models import Patient
         p = Patient.get(Patient.patient_id == first.PatientID)
         assert (p.number_of_studies, p.number_of_series, p.number_of_instances) == (2, 3, 8)
 

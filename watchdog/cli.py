@@ -27,7 +27,8 @@ for _name in ("numpy", "gdcm", "PIL", "imagecodecs", "pylibjpeg", "openjpeg", "j
 import psutil  # noqa: E402
 
 from pacsd import config as config_mod  # noqa: E402
-from pacsd import logbook, remote  # noqa: E402
+from pacsd import logbook  # noqa: E402
+from pacsd.nodes import remote  # noqa: E402
 from pacsd.config import Config  # noqa: E402
 from pacsd.errors import PacsError  # noqa: E402
 from pacsd_watchdog import kill as act  # noqa: E402

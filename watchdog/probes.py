@@ -47,7 +47,7 @@ class Target:
     http_scheme: str
     http_host: str
     http_port: int
-    tls: Any = None   # tls_args when the DICOM listener speaks TLS (pacsd.remote.self_tls)
+    tls: Any = None   # tls_args when the DICOM listener speaks TLS (pacsd.nodes.remote.self_tls)
 
     @classmethod
     def read(cls, runfile: Path) -> "Target | None":

@@ -29,9 +29,9 @@ from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
                          ImplicitVRLittleEndian, JPEG2000Lossless, JPEGLosslessSV1, JPEGLossless,
                          JPEGLSLossless, RLELossless)
 
-from pacsd.archive import Archive
+from pacsd.storage.archive import Archive
 from pacsd.config import Config
-from pacsd.directory import Directory
+from pacsd.accounts import Accounts
 from pacsd.dimse import filters
 from pacsd.dimse.access import NOT_AUTHORIZED, AssociationGuard
 from pacsd.dimse.commitment import PUSH_MODEL, Commitments
@@ -41,10 +41,10 @@ from pacsd.dimse.find import handle_find
 from pacsd.dimse.limits import bound_pdus
 from pacsd.dimse.listener import Listener, tls_context
 from pacsd.dimse.retrieve import handle_get, handle_move
-from pacsd.remote import CONNECTION_HANDLERS
+from pacsd.nodes.remote import CONNECTION_HANDLERS
 from pacsd.dimse.store import handle_store
 from pacsd.errors import PortInUse
-from pacsd.hooks import Hooks
+from pacsd.plugins.hooks import Hooks
 
 log = logging.getLogger(__name__)
 
@@ -116,17 +116,17 @@ def build_ae(cfg: Config) -> AE:
 
 
 class DicomServer:
-    def __init__(self, cfg: Config, archive: Archive, directory: Directory,
+    def __init__(self, cfg: Config, archive: Archive, accounts: Accounts,
                  hooks: Hooks | None = None) -> None:
         self.cfg = cfg
         self.archive = archive
-        self.directory = directory
+        self.accounts = accounts
         self.hooks = hooks
         self.ae = build_ae(cfg)
-        self.commitments = Commitments(cfg, archive.index, archive.store, directory)
+        self.commitments = Commitments(cfg, archive.index, archive.store, accounts)
         then = (partial(filters.on_requested, hooks=hooks)
                 if hooks is not None and hooks.has("on_association") else None)
-        self.guard = AssociationGuard(cfg, directory, then)
+        self.guard = AssociationGuard(cfg, accounts, then)
         self.tls = tls_context(cfg)   # ConfigError now, at start-up, if the files are bad
         self.server: ThreadedAssociationServer | None = None
         self._thread: threading.Thread | None = None
@@ -190,7 +190,7 @@ class DicomServer:
             (evt.EVT_C_FIND, partial(handle_find, index=archive.index, aet=self.cfg.dicom_aet,
                                      hooks=self.hooks)),
             (evt.EVT_C_GET, partial(handle_get, index=archive.index, store=archive.store)),
-            (evt.EVT_C_MOVE, partial(handle_move, directory=self.directory, index=archive.index,
+            (evt.EVT_C_MOVE, partial(handle_move, accounts=self.accounts, index=archive.index,
                                      store=archive.store)),
             (evt.EVT_N_ACTION, self._on_n_action),
             (evt.EVT_RELEASED, self._on_end),

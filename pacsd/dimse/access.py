@@ -56,7 +56,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # names made a
     StudyRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelMove)
 
 from pacsd.config import Config, Node
-from pacsd.directory import Directory
+from pacsd.accounts import Accounts
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +113,8 @@ def node_rights(node: Node) -> frozenset[str]:
 class PeerCheck:
     """Decides whether a calling AE title may associate from an address."""
 
-    def __init__(self, directory: Directory, timeout: float = RESOLVE_TIMEOUT_S) -> None:
-        self.directory = directory
+    def __init__(self, accounts: Accounts, timeout: float = RESOLVE_TIMEOUT_S) -> None:
+        self.accounts = accounts
         self.timeout = timeout
         self._cache: dict[str, tuple[float, frozenset[str]]] = {}
         self._lock = threading.Lock()
@@ -145,7 +145,7 @@ class PeerCheck:
 
     def refusal(self, calling_aet: str, address: str) -> str | None:
         """Why `calling_aet` may not associate from `address`, or None if it may."""
-        node = self.directory.node_by_aet(calling_aet.strip())
+        node = self.accounts.node_by_aet(calling_aet.strip())
         if node is None:
             return None
         allowed = self.addresses(node.host)
@@ -199,14 +199,14 @@ def _reject(event: Event, rsd: tuple[int, int, int]) -> None:
 class AssociationGuard:
     """The one place that decides who may associate and what they may ask (module text)."""
 
-    def __init__(self, cfg: Config, directory: Directory,
+    def __init__(self, cfg: Config, accounts: Accounts,
                  then: Callable[[Event], None] | None = None) -> None:
         self.cfg = cfg
-        self.directory = directory
+        self.accounts = accounts
         self.own_aet = cfg.dicom_aet.strip()
         self.allowed = frozenset(a.strip() for a in cfg.dicom_allowed_calling_aets)
         self.per_host = cfg.dicom_max_associations_per_host
-        self.peers = PeerCheck(directory) if cfg.dicom_check_peer_address else None
+        self.peers = PeerCheck(accounts) if cfg.dicom_check_peer_address else None
         self.then = then   # the plugins' on_association, once we have accepted
         self._lock = threading.Lock()
 
@@ -218,7 +218,7 @@ class AssociationGuard:
         aet = aet.strip()
         if aet == self.own_aet and same_host:
             return ALL
-        node = self.directory.node_by_aet(aet)
+        node = self.accounts.node_by_aet(aet)
         if node is not None:   # its switches hold in the open mode too: the admin set them
             return node_rights(node)
         return ALL if self.cfg.dicom_open_query_retrieve else OPEN
@@ -277,7 +277,7 @@ class AssociationGuard:
             if str(cx.abstract_syntax) not in syntaxes]
         asked = sorted(_SERVICE[s] for s in denied if QR_SYNTAXES[s] & proposed)
         if asked:
-            node = self.directory.node_by_aet(aet)
+            node = self.accounts.node_by_aet(aet)
             log.warning("%s refused to %r from %s: %s (presentation contexts rejected)",
                         "/".join(asked), aet, address,
                         f"node {node.name!r} has allow_{'/'.join(sorted(denied))} = false"
@@ -291,7 +291,7 @@ class AssociationGuard:
         assoc = event.assoc
         aet = str(assoc.requestor.ae_title or "").strip()
         address = _normal(str(assoc.requestor.address))
-        node = self.directory.node_by_aet(aet)
+        node = self.accounts.node_by_aet(aet)
         if node is None or node.allow_store or (aet == self.own_aet
                                                 and self._same_host(event, address)):
             return True

@@ -5,7 +5,7 @@ sent, whether we keep them safely; once told yes it may delete its own copies. W
 N-ACTION at once (J.3.2: Success means "request received and will be processed") and decide in
 the background. An instance is committed only if the archive holds it durably: its row is in the
 index, with the SOP Class the modality names, its file is in storage, and no copy with other
-content came under its UID (pacsd.archive keeps those aside; the request names no content, so
+content came under its UID (pacsd.storage.archive keeps those aside; the request names no content, so
 such an instance is never vouched for until the conflict is resolved). The archive answers
 C-STORE Success only after both were fsync'd and committed, so nothing weaker is ever promised.
 
@@ -43,11 +43,11 @@ from pynetdicom.events import Event
 
 from pacsd import query
 from pacsd.config import Config, Node
-from pacsd.directory import Directory
+from pacsd.accounts import Accounts
 from pacsd.errors import PacsError
 from pacsd.index import Index
-from pacsd.remote import _ae, _associate, _close, _park_reactor
-from pacsd.store import Store
+from pacsd.nodes.remote import _ae, _associate, _close, _park_reactor
+from pacsd.storage.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -180,11 +180,11 @@ def event_information(transaction_uid: str, result: Result, aet: str) -> Dataset
 class Commitments:
     """The N-ACTION handler, the background checks and the reports."""
 
-    def __init__(self, cfg: Config, index: Index, store: Store, directory: Directory) -> None:
+    def __init__(self, cfg: Config, index: Index, store: Store, accounts: Accounts) -> None:
         self.cfg = cfg
         self.index = index
         self.store = store
-        self.directory = directory
+        self.accounts = accounts
         self.retry_delays: tuple[float, ...] = RETRY_DELAYS
         self.requestor_grace = REQUESTOR_GRACE
         # Daemon threads, started with the first request: a report being sent at exit must not
@@ -230,7 +230,7 @@ class Commitments:
         except Exception as e:  # noqa: BLE001 - whatever pydicom's decoder raises
             raise Refused(PROCESSING_FAILURE, f"unreadable Action Information: {e}") from None
         transaction, items = parse_request(info)
-        if self.directory.node_by_aet(aet) is None:
+        if self.accounts.node_by_aet(aet) is None:
             raise Refused(PROCESSING_FAILURE,
                           f"unknown calling AE title {aet}: no node to report to. Add it to "
                           "[[nodes]] (aet, host, port of its storage commitment SCU) or on the "
@@ -342,8 +342,8 @@ class Commitments:
     def report(self, job: Job, result: Result) -> bool:
         """Send the N-EVENT-REPORT, trying again after each of `retry_delays`; whether the
         modality answered Success."""
-        node = self.directory.node_by_aet(job.aet)
-        if node is None:   # removed from the directory since the request
+        node = self.accounts.node_by_aet(job.aet)
+        if node is None:   # removed from the accounts since the request
             log.warning("storage commitment %s: %s is no longer a known node; add it to "
                         "[[nodes]] or on the admin page. Result not reported",
                         job.transaction_uid, job.aet)

@@ -1,6 +1,6 @@
-"""The plugins' say on the DICOM side (pacsd.hooks): who may associate, what is stored, what is
+"""The plugins' say on the DICOM side (pacsd.plugins.hooks): who may associate, what is stored, what is
 asked. Each is a no-op unless some plugin has the hook; each overrules a failing or late hook
-by accepting (pacsd.hooks.Hooks.decide), so a broken plugin never blocks the listener.
+by accepting (pacsd.plugins.hooks.Hooks.decide), so a broken plugin never blocks the listener.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 
 from pacsd.dimse.access import REJECT_CALLING_AET
-from pacsd.hooks import Hooks
+from pacsd.plugins.hooks import Hooks
 
 log = logging.getLogger(__name__)
 

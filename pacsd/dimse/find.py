@@ -22,7 +22,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # names made a
 
 from pacsd import query
 from pacsd.dimse import filters
-from pacsd.hooks import Hooks
+from pacsd.plugins.hooks import Hooks
 from pacsd.index import Index
 
 log = logging.getLogger(__name__)

@@ -4,8 +4,8 @@ Both look up the stored instances with query.instances() and hand pynetdicom one
 per instance: a data set holding only its UIDs plus the path of the stored file. The sending
 association's send_c_store is wrapped (`send_stored`) so that the file's bytes go out as they
 are, in chunks, when the peer accepted the stored transfer syntax; only otherwise is the file
-transcoded (pacsd.transcode): for C-GET to what the requestor accepted, for C-MOVE to the
-destination node's transfer_syntaxes. Those helpers live in pacsd.remote, which sends stored
+transcoded (pacsd.imaging.transcode): for C-GET to what the requestor accepted, for C-MOVE to the
+destination node's transfer_syntaxes. Those helpers live in pacsd.nodes.remote, which sends stored
 files to remote nodes for the XML-RPC side and routing too. Each sending association logs one
 summary line (sent as stored / transcoded / failed) when it closes.
 """
@@ -20,11 +20,11 @@ from pynetdicom import evt
 from pynetdicom.events import Event
 
 from pacsd import query
-from pacsd.directory import Directory
+from pacsd.accounts import Accounts
 from pacsd.dimse.find import Cancelled, parse_identifier
 from pacsd.index import Index
-from pacsd.remote import CONNECTION_HANDLERS, move_contexts, send_stored, stored_ref
-from pacsd.store import Store
+from pacsd.nodes.remote import CONNECTION_HANDLERS, move_contexts, send_stored, stored_ref
+from pacsd.storage.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +65,10 @@ def handle_get(event: Event, index: Index, store: Store) -> Iterator[Any]:
     yield from _send(event, insts, store, "C-GET")
 
 
-def handle_move(event: Event, directory: Directory, index: Index, store: Store
+def handle_move(event: Event, accounts: Accounts, index: Index, store: Store
                 ) -> Iterator[Any]:
     dest = (event.move_destination or "").strip()
-    node = directory.node_by_aet(dest)
+    node = accounts.node_by_aet(dest)
     if node is None:
         log.warning("C-MOVE from %s to unknown destination %r refused (0xA801); add it to "
                     "[[nodes]] or on the admin page", event.assoc.requestor.ae_title, dest)

@@ -13,10 +13,10 @@ from pydicom.dataset import Dataset
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 
-from pacsd.archive import Archive
+from pacsd.storage.archive import Archive
 from pacsd.dimse import filters
 from pacsd.errors import PacsError, SOPClassMismatch
-from pacsd.hooks import Hooks
+from pacsd.plugins.hooks import Hooks
 
 log = logging.getLogger(__name__)
 

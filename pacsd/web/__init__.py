@@ -1,7 +1,7 @@
 """The web side: bottle apps built by factories, composed under one root, served by cheroot.
 
 Each concern is an app of its own (health, wado, dicomweb, xmlrpc; the pages' ui, api and
-admin), built by its `make_app` from a `Runtime` (configuration, the archive, the directory of
+admin), built by its `make_app` from a `Runtime` (configuration, the archive, the accounts of
 nodes and users, a few live figures) and merged or mounted into the root.
 Front ends call archive / query / index / store, never each other and never the daemon.
 """
@@ -16,13 +16,13 @@ from typing import Any, Callable, Iterable
 
 import bottle
 
-from pacsd.archive import Archive
+from pacsd.storage.archive import Archive
 from pacsd.config import Config
-from pacsd.directory import Directory
+from pacsd.accounts import Accounts
 from pacsd.errors import PacsError, PortInUse
-from pacsd.hooks import Hooks
+from pacsd.plugins.hooks import Hooks
 from pacsd.logbook import Logbook
-from pacsd.outbox import RouteQueue
+from pacsd.index.outbox import RouteQueue
 from pacsd.web.auth import Auth, Sessions, Throttle
 from pacsd.web.guard import Guard, client_of
 from pacsd.web.jobs import Jobs
@@ -37,7 +37,7 @@ class Runtime:
 
     cfg: Config
     archive: Archive
-    directory: Directory
+    accounts: Accounts
     started: float
     associations: Callable[[], int] = lambda: 0
     logbook: Logbook = field(default_factory=Logbook)
@@ -136,7 +136,7 @@ def make_app(rt: Runtime) -> Callable:
             continue
         # Behind Auth like everything else: a plugin's page is no more open than ours.
         root.mount(f"/plugins/{plugin.name}/", own)
-    app: Callable = Auth(root, rt.directory.logins, sessions, throttle)
+    app: Callable = Auth(root, rt.accounts.logins, sessions, throttle)
     if rt.cfg.http_cors_origins:
         app = Cors(app, rt.cfg.http_cors_origins)
     # Outermost: every request, preflights included, passes the Host and same-origin checks.

@@ -15,9 +15,9 @@ from typing import Any
 
 import bottle
 
-from pacsd import remote
+from pacsd.nodes import remote
 from pacsd.config import NODE_RIGHTS, Node
-from pacsd.models import Instance, reading
+from pacsd.index.models import Instance, reading
 from pacsd.web.api import (check_uid, fail, json_body, json_response, json_text, need_admin,
                            parse_date)
 from pacsd.web import health
@@ -66,7 +66,7 @@ def _node_dict(node: Node, source: str) -> dict[str, Any]:
 
 
 def _node(rt: Any, name: str) -> Node:
-    node = rt.directory.node(name)
+    node = rt.accounts.node(name)
     if node is None:
         raise fail(404, f"no node named {name!r}")
     return node
@@ -74,7 +74,7 @@ def _node(rt: Any, name: str) -> Node:
 
 def save_node(rt: Any, replacing: str | None) -> bottle.HTTPResponse:
     need_admin()
-    node = rt.directory.save_node(json_body(), replacing)
+    node = rt.accounts.save_node(json_body(), replacing)
     log.warning("node %s (%s@%s:%d) %s on the admin page", node.name, node.aet, node.host,
                 node.port, "changed" if replacing else "added")
     return json_response(_node_dict(node, "admin"), 200 if replacing else 201)
@@ -82,7 +82,7 @@ def save_node(rt: Any, replacing: str | None) -> bottle.HTTPResponse:
 
 def remove_node(rt: Any, name: str) -> dict[str, Any]:
     need_admin()
-    rt.directory.remove_node(name)
+    rt.accounts.remove_node(name)
     log.warning("node %s removed on the admin page", name)
     return {"removed": name}
 
@@ -161,7 +161,7 @@ def _password(body: dict[str, Any], required: bool) -> str | None:
 def users(rt: Any) -> str:
     need_admin()
     return json_text([{"name": u.name, "admin": u.admin, "source": source}
-                  for u, source in rt.directory.users().values()])
+                  for u, source in rt.accounts.users().values()])
 
 
 def save_user(rt: Any, name: str | None) -> bottle.HTTPResponse:
@@ -170,7 +170,7 @@ def save_user(rt: Any, name: str | None) -> bottle.HTTPResponse:
     new = name is None
     name = str(body.get("name") or "") if new else name
     admin = body.get("admin")
-    user = rt.directory.save_user(name or "", password_hash=_password(body, required=new),
+    user = rt.accounts.save_user(name or "", password_hash=_password(body, required=new),
                                   admin=None if admin is None else bool(admin), new=new)
     log.warning("user %s %s on the admin page", user.name, "added" if new else "changed")
     return json_response({"name": user.name, "admin": user.admin, "source": "admin"},
@@ -179,12 +179,12 @@ def save_user(rt: Any, name: str | None) -> bottle.HTTPResponse:
 
 def remove_user(rt: Any, name: str) -> dict[str, Any]:
     need_admin()
-    rt.directory.remove_user(name)
+    rt.accounts.remove_user(name)
     log.warning("user %s removed on the admin page", name)
     return {"removed": name}
 
 
-# --- the routing queue (pacsd.outbox) --------------------------------------------------------
+# --- the routing queue (pacsd.index.outbox) --------------------------------------------------------
 
 def queue(rt: Any) -> str:
     """The routing jobs of one state (default: dead, the list someone must look at)."""
@@ -245,7 +245,7 @@ def make_app(rt: Any) -> bottle.Bottle:
     routes: list[tuple[str, str, Any]] = [
         ("GET", "/me", me),
         ("GET", "/status", lambda: status(rt)),
-        ("GET", "/nodes", lambda: json_text([_node_dict(n, s) for n, s in rt.directory.nodes()])),
+        ("GET", "/nodes", lambda: json_text([_node_dict(n, s) for n, s in rt.accounts.nodes()])),
         ("POST", "/nodes", lambda: save_node(rt, None)),
         ("PUT", "/nodes/<name>", lambda name: save_node(rt, name)),
         ("DELETE", "/nodes/<name>", lambda name: remove_node(rt, name)),

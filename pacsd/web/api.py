@@ -19,10 +19,11 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from pacsd import query, remote
+from pacsd import query
+from pacsd.nodes import remote
 from pacsd.errors import InvalidDataset
-from pacsd.header import is_valid_uid, read_file_header
-from pacsd.models import Instance, Patient, Series, Study, reading
+from pacsd.imaging.header import is_valid_uid, read_file_header
+from pacsd.index.models import Instance, Patient, Series, Study, reading
 from pacsd.web.auth import is_admin
 from pacsd.web.guard import client_of
 
@@ -249,7 +250,7 @@ def stored(level: str, uid: str) -> list[query.StoredInstance]:
 
 def send(rt: Any, level: str, uid: str) -> bottle.HTTPResponse:
     name = str(json_body().get("node") or "")
-    node = rt.directory.node(name)
+    node = rt.accounts.node(name)
     if node is None:
         raise fail(404, f"no node named {name!r}")
     insts = stored(level, uid)
@@ -278,7 +279,7 @@ def delete(rt: Any, level: str, uid: str) -> dict[str, int]:
 
 
 def zip_download(rt: Any, level: str, uid: str) -> Iterator[bytes]:
-    from pacsd.media import zip_stream
+    from pacsd.imaging.media import zip_stream
     insts = stored(level, uid)
     with reading():
         row = (Study.select(Patient.patient_id, Study.study_date).join(Patient)

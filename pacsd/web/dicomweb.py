@@ -28,9 +28,10 @@ from pydicom.encaps import get_frame
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
-from pacsd import bounds, query
+from pacsd import query
+from pacsd.imaging import bounds
 from pacsd.errors import PacsError
-from pacsd.header import is_valid_uid, read_file_header, read_full, read_header
+from pacsd.imaging.header import is_valid_uid, read_file_header, read_full, read_header
 from pacsd.web import multipart, stow
 from pacsd.web.guard import client_of
 
@@ -393,11 +394,11 @@ def read_frames(path: Path, ts: str, numbers: list[int], decode: bool = False
                 ) -> Iterator[bytes]:
     """The bytes of each frame: for native pixel data a slice (little endian), for
     encapsulated pixel data the frame's fragments as stored, or with `decode` the frame
-    decoded to native little endian pixels (pacsd.render.decode_frame). Only those bytes are
+    decoded to native little endian pixels (pacsd.imaging.render.decode_frame). Only those bytes are
     read."""
     uid = UID(ts)
     if decode and uid.is_compressed:
-        from pacsd.render import decode_frame   # lazily: decoders load only when asked
+        from pacsd.imaging.render import decode_frame   # lazily: decoders load only when asked
         ds = read_file_header(path)
         bounds.check_pixels(ds)   # (decode_frame checks again, with each frame's bitstream)
         n_frames = int(ds.get("NumberOfFrames") or 1)
@@ -481,7 +482,7 @@ def _floats(text: str, name: str) -> list[float]:
 
 def rendered(rt: Any, inst: query.StoredInstance, frame: int = 1,
              thumbnail: bool = False) -> bytes:
-    from pacsd.render import render   # lazily: decoding libraries load only when asked
+    from pacsd.imaging.render import render   # lazily: decoding libraries load only when asked
     q = bottle.request.query
     accept = q.get("accept") or bottle.request.get_header("Accept") or "image/jpeg"
     fmt = None

@@ -24,7 +24,7 @@ from typing import Any
 from peewee import Expression, Field, fn
 
 from pacsd import query
-from pacsd.models import Instance, Patient, Series, Study
+from pacsd.index.models import Instance, Patient, Series, Study
 
 MAX_REQUEST = 4096   # characters of predicate
 MAX_DEPTH = 32       # nesting of parentheses / NOT

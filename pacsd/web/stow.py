@@ -20,7 +20,7 @@ from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.tag import Tag
 
 from pacsd.errors import InvalidDataset, PacsError
-from pacsd.header import is_valid_uid
+from pacsd.imaging.header import is_valid_uid
 from pacsd.web import multipart
 
 log = logging.getLogger(__name__)

@@ -64,7 +64,7 @@ def login(rt: Any, sessions: Sessions, throttle: Throttle) -> Any:
         return bottle.HTTPResponse(json.dumps({"error": "too many failed logins; try again in "
                                                "a quarter of an hour"}), 429,
                                    {"Content-Type": "application/json", "Retry-After": "900"})
-    user = rt.directory.user(name)
+    user = rt.accounts.user(name)
     right = verify(user, password)   # as slow for an unknown name as for a known one
     if user is None or not right:
         if throttle.failed(address, name):

@@ -1,7 +1,7 @@
 """WADO-URI (PS3.18 chapter 9): GET /wado?requestType=WADO&studyUID=…&seriesUID=…&objectUID=…
 
 One stored instance, either as its DICOM file (application/dicom, streamed from disk unchanged)
-or rendered as JPEG / PNG by pacsd.render (one frame, optionally windowed and scaled).
+or rendered as JPEG / PNG by pacsd.imaging.render (one frame, optionally windowed and scaled).
 The instance is found through the index, never by a path built from a UID.
 """
 
@@ -15,9 +15,9 @@ from typing import Any
 import bottle
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from pacsd import render
+from pacsd.imaging import render
 from pacsd.errors import PacsError
-from pacsd.header import is_valid_uid
+from pacsd.imaging.header import is_valid_uid
 from pacsd.query import Request, StoredInstance, instances
 
 log = logging.getLogger(__name__)

@@ -29,8 +29,9 @@ from defusedxml import DefusedXmlException
 from defusedxml.xmlrpc import DefusedExpatParser, defused_gzip_decode
 from pydicom.datadict import tag_for_keyword
 
-from pacsd import query, remote
-from pacsd.models import Patient, Series, Study
+from pacsd import query
+from pacsd.nodes import remote
+from pacsd.index.models import Patient, Series, Study
 from pacsd.web import osirix
 from pacsd.web.auth import is_admin
 from pacsd.web.guard import client_of
@@ -211,7 +212,7 @@ class Methods:
             return err(400, "give 'server' and 'accessionNumber' or 'studyInstanceUID'")
         if not self.admin():
             return err(403, "CMove needs an administrator")
-        node = self.rt.directory.node(server)
+        node = self.rt.accounts.node(server)
         if node is None:
             return err(-1, f"unknown node {server!r}: add it to [[nodes]]")
         keys = {"AccessionNumber": accession} if accession else {}
@@ -253,7 +254,7 @@ class Methods:
             return err(400, "give 'filterKey' and 'filterValue' (e.g. PatientID and its value)")
         if not self.admin():
             return err(403, "Retrieve needs an administrator")
-        node = self.rt.directory.node(server)
+        node = self.rt.accounts.node(server)
         if node is None:
             return err(-2, f"unknown node {server!r}: add it to [[nodes]]")
         try:

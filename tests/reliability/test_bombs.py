@@ -60,7 +60,7 @@ from conftest import (  # noqa: E402
     write_config,
 )
 from data import ct_slice, uid  # noqa: E402
-from pacsd.header import file_meta_bytes  # noqa: E402
+from pacsd.imaging.header import file_meta_bytes  # noqa: E402
 from report import PeakMemory, record  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from conftest import LOCAL, c_find, serve, store_files, write_config  # noqa: E402
 from data import ct_slice, uid  # noqa: E402
-from pacsd.header import file_meta_bytes  # noqa: E402
+from pacsd.imaging.header import file_meta_bytes  # noqa: E402
 from report import PeakMemory, record, scaled  # noqa: E402
 
 MAX_PDU = 262144

@@ -8,7 +8,7 @@ Two kinds of small objects grow enormous once read:
 
 Both are bounded here, before the work: `Inflating` inflates a deflated data set step by step
 (never more than it is asked to read, never past a cap), and `check_pixels` holds what a header
-declares against the pixel budget, at ingest (pacsd.header) and before any decode (render,
+declares against the pixel budget, at ingest (pacsd.imaging.header) and before any decode (render,
 frames, transcode). The limits are process-wide, set once at start-up from the configuration
 (`configure`); the defaults are the settings' defaults.
 """

@@ -1,10 +1,10 @@
 """`pacsd index copy`: the whole index into another database, rows keeping their ids, so that a
 clinic moves its SQLite index to PostgreSQL (or back) without sending its images again.
 
-The tables of pacsd.models are copied parents first (patient, study, series, instance, then
+The tables of pacsd.index.models are copied parents first (patient, study, series, instance, then
 the index's facts, nodes and users; never the leases, nor the schema version and the health
 marks, which belong to each database), in id order, in batches of one transaction each. The
-target's schema is made by pacsd.migrations, as `pacsd serve` would make it.
+target's schema is made by pacsd.index.migrations, as `pacsd serve` would make it.
 
 Resumable: a batch is committed whole or not at all, so after an interruption the target holds
 each table's rows up to some id, and the next run carries on after the highest id it finds
@@ -13,7 +13,7 @@ holds anything else (an id with another UID, a row the source does not have) is 
 before anything is written: archives are never merged.
 
 Both databases are open at once, through plain SQL on two peewee databases; the models'
-global proxy (pacsd.models.database) is only bound, for the migrations, inside `bind_ctx`.
+global proxy (pacsd.index.models.database) is only bound, for the migrations, inside `bind_ctx`.
 """
 
 from __future__ import annotations
@@ -28,9 +28,10 @@ from urllib.parse import urlsplit
 
 from peewee import BooleanField, Database, DateTimeField, Field, Model, SqliteDatabase
 
-from pacsd import backends, migrations
+from pacsd.index import backends
+from pacsd.index import migrations
 from pacsd.errors import EXIT_FAILURE, IndexUnavailable, PacsError
-from pacsd.models import (
+from pacsd.index.models import (
     DICOM_MODELS,
     MODELS,
     Instance,

@@ -35,7 +35,7 @@ from pydicom.dataset import Dataset
 from pydicom.filebase import DicomFileLike
 from pydicom.fileset import FileSet, RecordNode, generate_filename
 
-from pacsd.header import read_header
+from pacsd.imaging.header import read_header
 
 log = logging.getLogger(__name__)
 

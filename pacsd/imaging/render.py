@@ -6,8 +6,8 @@ Grayscale follows PS3.3 C.11: Rescale Slope/Intercept (or a Modality LUT), then 
 (the request's, else the first stored Window Center/Width, else the frame's min..max) with the
 VOI LUT Function (LINEAR, LINEAR_EXACT, SIGMOID; C.11.2.1.2-3); MONOCHROME1 is inverted so
 that it displays as intended. Colour: YBR is converted to RGB, PALETTE COLOR through its LUTs.
-Decoding is pydicom's (numpy, Pillow, GDCM, plus pacsd.jpeg12 for 12-bit JPEG); only the
-requested frame is read and decoded, and only once the pixel budget (pacsd.bounds) has passed
+Decoding is pydicom's (numpy, Pillow, GDCM, plus pacsd.imaging.jpeg12 for 12-bit JPEG); only the
+requested frame is read and decoded, and only once the pixel budget (pacsd.imaging.bounds) has passed
 what the header declares and what a compressed frame's own bitstream declares.
 """
 
@@ -25,9 +25,10 @@ from pydicom.encaps import get_frame
 from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from pacsd import bounds, jpeg12
+from pacsd.imaging import bounds
+from pacsd.imaging import jpeg12
 from pacsd.errors import DataSetTooLarge, InvalidDataset, PacsError
-from pacsd.header import read_file_header, read_full, read_header
+from pacsd.imaging.header import read_file_header, read_full, read_header
 
 log = logging.getLogger(__name__)
 

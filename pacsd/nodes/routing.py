@@ -10,7 +10,7 @@ series' modalities, any of its callers), and queue the whole study.
 The Router runs two threads on each node:
 - the sender claims due jobs per destination, at most `[routing] concurrency` associations at
   once to each, each in a thread of its own (a destination that stops reading holds only its
-  own; every send is bounded by the network timeout, pacsd.remote.send_deadline), sends them (pacsd.remote.send: stored bytes as they are, or transcoded for a
+  own; every send is bounded by the network timeout, pacsd.nodes.remote.send_deadline), sends them (pacsd.nodes.remote.send: stored bytes as they are, or transcoded for a
   destination that wants another syntax), and marks them done, or failed: retried with
   back-off, then dead;
 - the stable watcher (one node at a time, under the lease "study-stable") turns quiet studies
@@ -30,15 +30,16 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
-from pacsd import query, remote
+from pacsd import query
+from pacsd.nodes import remote
 from pacsd.config import Config, Route
-from pacsd.directory import Directory
-from pacsd.header import read_header
-from pacsd.hooks import Hooks
+from pacsd.accounts import Accounts
+from pacsd.imaging.header import read_header
+from pacsd.plugins.hooks import Hooks
 from pacsd.index import Index
-from pacsd.models import Instance, Patient, Series, Study, reading
-from pacsd.outbox import Job, RouteQueue
-from pacsd.store import Store
+from pacsd.index.models import Instance, Patient, Series, Study, reading
+from pacsd.index.outbox import Job, RouteQueue
+from pacsd.storage.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +86,10 @@ def _dataset_values(ds: Dataset, keys: Iterable[str]) -> dict[str, Any]:
 
 
 class Router:
-    def __init__(self, cfg: Config, index: Index, store: Store, directory: Directory,
+    def __init__(self, cfg: Config, index: Index, store: Store, accounts: Accounts,
                  hooks: Hooks | None = None) -> None:
         self.cfg, self.index, self.store = cfg, index, store
-        self.directory, self.hooks = directory, hooks
+        self.accounts, self.hooks = accounts, hooks
         self.outbox = RouteQueue(index)
         self.stored_routes = [r for r in cfg.routes if r.when == "stored"]
         self.stable_routes = [r for r in cfg.routes if r.when == "stable"]
@@ -106,7 +107,7 @@ class Router:
                          threading.Thread(target=self._stable_loop, name="study-stable",
                                           daemon=True)]
         for route in cfg.routes:
-            if directory.node(route.to) is None:
+            if accounts.node(route.to) is None:
                 log.warning("route %s: destination %r is not a known node (yet): add it "
                             "([[nodes]] or the admin page); until then its jobs fail and, after "
                             "[routing] max_attempts tries, go to the dead-letter list",
@@ -301,7 +302,7 @@ class Router:
         """Send the jobs' instances (all of one study) over one association; None on success,
         else what went wrong."""
         first = jobs[0]
-        node = self.directory.node(first.destination)
+        node = self.accounts.node(first.destination)
         if node is None:
             return f"{first.destination!r} is not a known node"
         keys = {"StudyInstanceUID": first.study_uid}

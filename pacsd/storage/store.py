@@ -32,7 +32,7 @@ from pacsd.errors import FolderNotWritable, OutOfResources, StorageFull
 log = logging.getLogger(__name__)
 
 TMP_DIR = ".tmp"
-# Copies of a stored SOP Instance UID that came with other content (pacsd.archive): kept, never
+# Copies of a stored SOP Instance UID that came with other content (pacsd.storage.archive): kept, never
 # indexed as instances, never walked (so neither recovery nor reindex takes them for images).
 CONFLICTS_DIR = ".conflicts"
 SUFFIX = ".dcm"

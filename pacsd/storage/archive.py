@@ -24,10 +24,10 @@ from pynetdicom.dsutils import split_dataset
 
 from pacsd.errors import (ContentConflict, IndexUnavailable, InvalidDataset, PacsError,
                           StudyMismatch)
-from pacsd.header import (PIXEL_DATA, Record, check_and_extract, file_meta_bytes, is_valid_uid,
+from pacsd.imaging.header import (PIXEL_DATA, Record, check_and_extract, file_meta_bytes, is_valid_uid,
                           read_dataset_header, read_header)
 from pacsd.index import Added, Index
-from pacsd.store import Store
+from pacsd.storage.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class Stored:
 
 
 # Given the header of an instance being stored and its calling AE title: the routing jobs
-# ((route, destination) pairs) to queue with its row (pacsd.routing.Router.for_instance).
+# ((route, destination) pairs) to queue with its row (pacsd.nodes.routing.Router.for_instance).
 RoutesFor = Callable[[Dataset, str], list[tuple[str, str]]]
 # Told of each instance once it is durable (hooks' on_instance_stored); must not block.
 OnStored = Callable[["Stored", Dataset, str], None]

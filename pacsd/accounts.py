@@ -1,4 +1,4 @@
-"""Who we talk to and who may log in: DICOM nodes and web users.
+"""Who we talk to and who may log in: the accounts of DICOM nodes and of web users.
 
 Two sources, merged: the config file's [[nodes]] / [[users]] (read-only here: the file is the
 IT person's, and rewriting it would lose their comments) and those added on the admin page,
@@ -21,23 +21,23 @@ from typing import Any
 from pacsd.config import NODE_RIGHTS, Config, Node, User, node_from
 from pacsd.errors import PacsError
 from pacsd.index import Index
-from pacsd.models import NodeRow, UserRow, reading
+from pacsd.index.models import NodeRow, UserRow, reading
 
 CONFIG, ADMIN = "config", "admin"
 REFRESH_S = 5.0
 
 
-class DirectoryError(PacsError):
+class AccountError(PacsError):
     """A node or user that cannot be added, changed or removed as asked."""
 
     http_status = 400
 
 
-class Conflict(DirectoryError):
+class Conflict(AccountError):
     http_status = 409
 
 
-class NotFound(DirectoryError):
+class NotFound(AccountError):
     http_status = 404
 
 
@@ -48,7 +48,7 @@ class Snapshot:
     logins: dict[str, User]                # name -> user: what every HTTP request looks at
 
 
-class Directory:
+class Accounts:
     def __init__(self, cfg: Config, index: Index) -> None:
         self.cfg = cfg
         self.index = index
@@ -56,7 +56,7 @@ class Directory:
         self._read_at = 0.0
         self._lock = threading.Lock()
 
-    def open(self) -> "Directory":
+    def open(self) -> "Accounts":
         self._reload()
         return self
 
@@ -143,9 +143,9 @@ class Directory:
         try:
             node = node_from(item)
         except KeyError as e:
-            raise DirectoryError(f"missing {e.args[0]!r}") from None
+            raise AccountError(f"missing {e.args[0]!r}") from None
         except ValueError as e:
-            raise DirectoryError(str(e)) from None
+            raise AccountError(str(e)) from None
         if replacing is not None:
             self._writable("node", replacing)
             # A change that does not mention a switch keeps it (the admin page edits only the
@@ -175,12 +175,12 @@ class Directory:
                   admin: bool | None = None, new: bool) -> User:
         name = (name or "").strip()
         if not name or len(name) > 64 or ":" in name or any(ord(c) < 0x20 for c in name):
-            raise DirectoryError("a user name is 1-64 characters, without ':'")
+            raise AccountError("a user name is 1-64 characters, without ':'")
         if new:
             if self._source("user", name) is not None:
                 raise Conflict(f"a user named {name!r} exists")
             if not password_hash:
-                raise DirectoryError("a new user needs a password")
+                raise AccountError("a new user needs a password")
             user = User(name, password_hash, bool(admin))
             self._write(lambda: UserRow.create(name=name, password_hash=password_hash,
                                                admin=bool(admin)))

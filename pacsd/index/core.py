@@ -1,8 +1,8 @@
-"""The index: the one serialized writer over the tables of pacsd.models, and the reads that
+"""The index: the one serialized writer over the tables of pacsd.index.models, and the reads that
 are not queries (counts, paths, health).
 
-`Index.open` binds the models to the database `[index] url` names (pacsd.backends: SQLite by
-default, PostgreSQL for several nodes) and brings its schema up to date (pacsd.migrations).
+`Index.open` binds the models to the database `[index] url` names (pacsd.index.backends: SQLite by
+default, PostgreSQL for several nodes) and brings its schema up to date (pacsd.index.migrations).
 
 Writes go through a single writer thread that commits whatever is queued in one transaction
 (group commit): many associations share one fsync of the database, and SQLite never sees two
@@ -35,10 +35,11 @@ from typing import Any
 
 from peewee import IntegrityError, fn
 
-from pacsd import backends, migrations
+from pacsd.index import backends
+from pacsd.index import migrations
 from pacsd.errors import IndexFull, IndexUnavailable, PatientMismatch
-from pacsd.header import Record
-from pacsd.models import (
+from pacsd.imaging.header import Record
+from pacsd.index.models import (
     INSTANCE_FIELDS,
     PATIENT_FIELDS,
     SERIES_FIELDS,
@@ -354,7 +355,7 @@ class Index:
                            f"number_of_studies = number_of_studies + {p} WHERE id = {p}",
                            (n_inst, n_series, n_studies, pid))
         now = backends.now_epoch_sql(db)
-        for uid in sorted(c.active):   # when the study last grew (pacsd.routing: stable)
+        for uid in sorted(c.active):   # when the study last grew (pacsd.nodes.routing: stable)
             db.execute_sql(f"INSERT INTO pacsd_study_activity (study_uid, last_received) VALUES "
                            f"({p}, {now}) ON CONFLICT (study_uid) DO UPDATE SET "
                            "last_received = excluded.last_received", (uid,))
@@ -673,7 +674,7 @@ class Index:
         `timeout`; raises IndexUnavailable or TimeoutError."""
         with reading():
             Meta_.get_or_none(Meta_.key == "schema_version")
-        # UTC: nodes in other time zones compare these marks (pacsd.chores).
+        # UTC: nodes in other time zones compare these marks (pacsd.storage.housekeeping).
         key, now = f"alive:{self.node}"[:64], time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
         self.submit(lambda: Meta_.insert(key=key, value=now).on_conflict(
             conflict_target=[Meta_.key], update={Meta_.value: now}).execute(), timeout=timeout)

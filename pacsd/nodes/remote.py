@@ -4,7 +4,7 @@ A service module, like archive: the DICOM front end (dimse/retrieve.py, the C-MO
 and the XML-RPC front end both send stored files through it. Stored files go out as `StoredRef`s:
 a data set holding only the UIDs plus the file's path, so that `send_stored` can hand pynetdicom
 the file's bytes unchanged when the peer accepted the stored transfer syntax, and transcode it
-(pacsd.transcode) only when it did not.
+(pacsd.imaging.transcode) only when it did not.
 
 Every association uses our AE title as calling AE and the configured timeouts, bounded by
 `MAX_WAIT` so that a web request never hangs for the two minutes a DIMSE timeout allows.
@@ -33,11 +33,12 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # names made a
     StudyRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelMove,
     Verification)
 
-from pacsd import query, transcode
+from pacsd import query
+from pacsd.imaging import transcode
 from pacsd.config import Config, Node
 from pacsd.errors import PacsError
 from pacsd.pace import brisk, settle
-from pacsd.store import Store
+from pacsd.storage.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def send_stored(assoc: Association, label: str,
     """Make `assoc.send_c_store` send a StoredRef's file unchanged when the peer accepted its
     transfer syntax, and otherwise transcoded to the first of `preference` (the node's
     transfer_syntaxes; empty: Explicit, then Implicit VR Little Endian) that the peer accepted
-    for its SOP class and that we can make (pacsd.transcode). A file that cannot be made into
+    for its SOP class and that we can make (pacsd.imaging.transcode). A file that cannot be made into
     any of them is a failed sub-operation, with a warning. One INFO line, "`label`: sent N as
     stored, M transcoded (...), K failed", when the association closes."""
     original = assoc.send_c_store

@@ -2,7 +2,7 @@
 
 The stored bytes are never decoded into a data set we write back; pydicom reads only up to the
 Pixel Data element to fill the index. A deflated data set is inflated only as far as that, and
-within the limits of pacsd.bounds (pydicom's own reader would inflate all of it first).
+within the limits of pacsd.imaging.bounds (pydicom's own reader would inflate all of it first).
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ from pydicom.filereader import read_dataset, read_preamble
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID
 
-from pacsd import __version__, bounds
+from pacsd import __version__
+from pacsd.imaging import bounds
 from pacsd.errors import InvalidDataset, SOPClassMismatch
 
 # Our Implementation Class UID (PS3.7 D.3.3.2): a 2.25 UID derived from a fixed UUID, which
@@ -181,7 +182,7 @@ def read_full(path: Path | str) -> Dataset:
 
 def read_dataset_header(dataset: Any, transfer_syntax: str) -> Dataset:
     """Parse an encoded data set (no File Meta group; bytes, bytearray or memoryview, read
-    without a copy) up to Pixel Data, and hold it against the limits of pacsd.bounds: a
+    without a copy) up to Pixel Data, and hold it against the limits of pacsd.imaging.bounds: a
     deflated one is inflated only to its header, then counted to its end (nothing kept) within
     [dicom] max_inflated_mb; the declared pixels within the budget, and native pixel data no
     shorter than declared. Raises InvalidDataset (DataSetTooLarge)."""

@@ -6,7 +6,7 @@ added on the admin page (pacsd_node, pacsd_user) and the leases that let one nod
 run a job alone (pacsd_lease).
 
 The models sit behind one DatabaseProxy, bound by `Index.open` (pacsd.index) to the database
-that pacsd.backends makes from `[index] url`. Schema changes go through pacsd.migrations.
+that pacsd.index.backends makes from `[index] url`. Schema changes go through pacsd.index.migrations.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ database = DatabaseProxy()
 
 class Text(CharField):
     """A DICOM string column: no length limit (a peer's over-long value must not fail a
-    C-STORE), compared byte by byte. PostgreSQL gets `TEXT COLLATE "C"` (pacsd.backends): DICOM
+    C-STORE), compared byte by byte. PostgreSQL gets `TEXT COLLATE "C"` (pacsd.index.backends): DICOM
     matching is case-sensitive, and only the C collation lets a btree index serve
     `LIKE 'prefix%'` and the range bounds of pacsd.query."""
 
@@ -146,7 +146,7 @@ class Meta_(BaseModel):
 
 
 class NodeRow(BaseModel):
-    """A DICOM node added on the admin page (pacsd.directory)."""
+    """A DICOM node added on the admin page (pacsd.accounts)."""
 
     name = CharField(primary_key=True, max_length=64)
     aet = CharField(max_length=16, unique=True)
@@ -163,7 +163,7 @@ class NodeRow(BaseModel):
 
 
 class UserRow(BaseModel):
-    """A web user added on the admin page (pacsd.directory)."""
+    """A web user added on the admin page (pacsd.accounts)."""
 
     name = CharField(primary_key=True, max_length=64)
     password_hash = CharField(max_length=255)
@@ -186,7 +186,7 @@ class Lease(BaseModel):
 
 
 class RouteJob(BaseModel):
-    """A durable routing job (pacsd.routing): one study, or one instance, for one destination.
+    """A durable routing job (pacsd.nodes.routing): one study, or one instance, for one destination.
     Claimed by a node until `claimed_until` (database clock); a node that dies leaves it to be
     claimed again, so an instance may be sent twice (harmless in DICOM), never not at all."""
 

@@ -2,7 +2,7 @@
 
 Used only on the way out (C-MOVE, C-GET, sending to a node); what is stored never changes.
 Decoding is pydicom's with whatever plugins are installed (GDCM, Pillow, pylibjpeg, plus
-pacsd.jpeg12 for 12-bit JPEG); encoding to a compressed syntax only where pydicom has an
+pacsd.imaging.jpeg12 for 12-bit JPEG); encoding to a compressed syntax only where pydicom has an
 encoder available for it, and only to lossless ones (RLE Lossless with pydicom alone), so that
 a transcoded image never loses more than the stored one already had.
 
@@ -42,8 +42,9 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from pacsd import bounds, jpeg12
-from pacsd.header import read_full
+from pacsd.imaging import bounds
+from pacsd.imaging import jpeg12
+from pacsd.imaging.header import read_full
 
 jpeg12.register()
 
@@ -114,7 +115,7 @@ def choose(stored: str, accepted: Iterable[str], preference: Sequence[str] = ()
 
 
 def _plugin(stored: UID, ds: Dataset) -> str:
-    """12-bit JPEG: straight to pacsd.jpeg12, rather than through GDCM and Pillow, which both
+    """12-bit JPEG: straight to pacsd.imaging.jpeg12, rather than through GDCM and Pillow, which both
     refuse it with an ERROR and a traceback in the log each time."""
     if (stored == JPEGExtended12Bit and int(ds.get("BitsStored", 8) or 8) > 8
             and jpeg12.is_available(stored)):

@@ -20,7 +20,7 @@ from playhouse.pool import PooledPostgresqlDatabase
 
 SQLITE, POSTGRESQL = "sqlite", "postgresql"
 
-# DICOM strings (pacsd.models.Text): TEXT; on PostgreSQL compared byte by byte (see Text).
+# DICOM strings (pacsd.index.models.Text): TEXT; on PostgreSQL compared byte by byte (see Text).
 _SQLITE_TYPES = {"PACSD_TEXT": "TEXT"}
 _POSTGRES_TYPES = {"PACSD_TEXT": 'TEXT COLLATE "C"'}
 
@@ -104,7 +104,7 @@ def _postgresql(url: str, pool_size: int) -> PooledPostgresqlDatabase:
     if url.lower().startswith("postgres://"):
         url = "postgresql://" + url[len("postgres://"):]
     # A pool: each HTTP request or association borrows a connection for its reads and gives it
-    # back (pacsd.models.reading); `timeout` is how long a thread waits when all are busy.
+    # back (pacsd.index.models.reading); `timeout` is how long a thread waits when all are busy.
     return PooledPostgresqlDatabase(
         url, max_connections=pool_size, stale_timeout=600, timeout=30,
         field_types=_POSTGRES_TYPES, prefer_psycopg3=True,

@@ -15,7 +15,7 @@ from peewee import SQL, Expression, Field, SqliteDatabase, fn
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
-from pacsd.models import Instance, Patient, Series, Study, database, name_key, starts_with
+from pacsd.index.models import Instance, Patient, Series, Study, database, name_key, starts_with
 
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 MODELS: dict[str, Any] = {"PATIENT": Patient, "STUDY": Study, "SERIES": Series,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from peewee import Database, SqliteDatabase
 
 from pacsd.errors import IndexUnavailable
-from pacsd.models import MODELS, Conflict, Lease, Meta_, NodeRow, RouteJob, StudyActivity, UserRow
+from pacsd.index.models import MODELS, Conflict, Lease, Meta_, NodeRow, RouteJob, StudyActivity, UserRow
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def _v3(db: Database) -> None:
 
 def _v4(db: Database) -> None:
     # A plain nullable column: no table rewrite on either engine, whatever the index's size.
-    # Rows of older instances stay NULL until one of them is sent again (pacsd.archive).
+    # Rows of older instances stay NULL until one of them is sent again (pacsd.storage.archive).
     db.execute_sql("ALTER TABLE instance ADD COLUMN content_hash TEXT")
     db.create_tables([Conflict], safe=True)
 

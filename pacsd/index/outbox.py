@@ -17,9 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pacsd import backends
+from pacsd.index import backends
 from pacsd.index import Index
-from pacsd.models import database, reading
+from pacsd.index.models import database, reading
 
 LEASE_S = 600.0      # a claim lasts this long unless renewed
 MAX_DELAY_S = 3600.0

@@ -1,0 +1,13 @@
+"""The read layer: every read of the index goes through here.
+
+`matching` turns DICOM query keys (PS3.4 C.2.2.2) into SQL for C-FIND, C-MOVE / C-GET and
+QIDO-RS; its names are re-exported here, so callers write `query.find(...)`.
+"""
+
+from pacsd.query.matching import (DA, IS, KEYS, LEVELS, MODALITIES, MODELS, PN, RETURN, ST, TM,
+                                  UID, UNIQUE_KEYS, Key, QueryError, Request, StoredInstance,
+                                  condition, fill_dataset, find, glob, instances, select)
+
+__all__ = ["DA", "IS", "KEYS", "LEVELS", "MODALITIES", "MODELS", "PN", "RETURN", "ST", "TM", "UID",
+           "UNIQUE_KEYS", "Key", "QueryError", "Request", "StoredInstance", "condition",
+           "fill_dataset", "find", "glob", "instances", "select"]
