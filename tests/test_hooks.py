@@ -353,3 +353,61 @@ def test_installed_plugin_found_by_its_entry_point(make_server, tmp_path: Path,
     server = make_server(**{"plugin.demo": {"greeting": "hi"}})
     assert [p.name for p in server.hooks.plugins] == ["demo"]
     assert module(server, "demo").SETTINGS == {"greeting": "hi"}
+
+
+# --- the contract: pacsd/plugins/specs.py and the hooks reference ------------------------------
+
+def test_every_hook_has_a_payload_typeddict_and_a_section_in_the_reference() -> None:
+    from typing import is_typeddict
+
+    from test_docs import manual_generator
+
+    from pacsd.plugins import hooks, specs
+    page = manual_generator().hooks_page()
+    assert set(specs.PAYLOADS) == {*hooks.NOTIFICATIONS, *hooks.FILTERS}
+    for hook in (*hooks.NOTIFICATIONS, *hooks.FILTERS):
+        kind, payload = specs.PAYLOADS[hook]
+        assert kind == ("notification" if hook in hooks.NOTIFICATIONS else "filter"), hook
+        assert is_typeddict(payload), hook
+        assert f"\n## `{hook}`\n" in page and f"\n### {payload.__name__}\n" in page, hook
+        assert all(f"| `{key}` |" in page for key in payload.__annotations__), hook
+    # setup and routes are no payloads, but a plugin defines them too.
+    assert [f.__name__ for f in specs.SIGNATURES] == ["setup", *hooks.NOTIFICATIONS,
+                                                      *hooks.FILTERS, "routes"]
+    assert "\n## `setup`\n" in page and "\n## `routes`\n" in page
+
+
+def test_payloads_carry_exactly_the_keys_of_their_typeddicts(make_server, tmp_path: Path) -> None:
+    """Every hook fired by a real server: the keys of each payload are those its TypedDict
+    declares (NotRequired ones only where the docs say: C-FIND or QIDO-RS)."""
+    from pacsd.plugins import specs
+    recorder = plugin(tmp_path / "plugins", "recorder", """
+        SEEN = []
+        def on_instance_stored(event):
+            SEEN.append(("on_instance_stored", event))
+        def on_study_stable(event):
+            SEEN.append(("on_study_stable", event))
+        def on_association(event):
+            SEEN.append(("on_association", dict(event)))
+        def on_store(dataset, event):
+            SEEN.append(("on_store", dict(event)))
+        def on_query(event):
+            SEEN.append(("on_query", dict(event)))
+    """)
+    server = make_server(hooks={"plugins": [recorder], "study_stable_after": 0.5},
+                         nodes=[{"name": "ws", "aet": "WS", "host": LOCAL, "port": 104}])
+    assert store_files(server.dicom_port, [image(tmp_path / "in", 7)]) == [0]
+    status, _ = find_as(server.dicom_port, "WS", "STUDY", PatientID="")
+    assert status == 0
+    with urllib.request.urlopen(f"{server.http_url}/dicom-web/studies?PatientID=*",
+                                timeout=10) as r:
+        assert r.status == 200
+    seen = module(server, "recorder").SEEN
+    wait_for(lambda: {h for h, _ in seen} >= set(specs.PAYLOADS), 20, "every hook fired")
+    for hook, event in list(seen):
+        payload = specs.PAYLOADS[hook][1]
+        keys = set(event)
+        assert payload.__required_keys__ <= keys <= set(payload.__annotations__), (hook, keys)
+        if hook == "on_query":
+            extra = {"C-FIND": {"calling_aet", "called_aet"}, "QIDO-RS": {"user"}}
+            assert keys - payload.__required_keys__ == extra[event["source"]], keys

@@ -3,16 +3,17 @@
 A plugin is a module: named in `[hooks] plugins` (a module name or a .py file), or installed
 as a package with an entry point in the group `pacsd.plugins`. Its name is its `NAME`, else
 the last part of its module name or file stem; its settings are the `[plugin.NAME]` table.
-A plugin defines any of these functions (all optional):
+A plugin defines any of these functions (all optional; each payload's keys are a TypedDict
+of pacsd.plugins.specs, from which the manual's hooks reference is generated):
 
     setup(settings: dict, context: Context) -> None        once, at start-up
-    on_instance_stored(event: dict) -> None                 notification, after the commit
-    on_study_stable(event: dict) -> None                    notification: no new instance for
+    on_instance_stored(event: InstanceStored) -> None       notification, after the commit
+    on_study_stable(event: StudyStable) -> None             notification: no new instance for
                                                             [hooks] study_stable_after seconds
-    on_association(event: dict) -> None | bool | str        filter: False or a reason refuses
-    on_store(dataset: Dataset, event: dict) -> None | bool | str | Dataset
+    on_association(event: Association) -> None | bool | str filter: False or a reason refuses
+    on_store(dataset: Dataset, event: StoreRequest) -> None | bool | str | Dataset
                                                             filter: refuse, or a changed data set
-    on_query(event: dict) -> None | bool | str | dict       filter: refuse, or the keys to match
+    on_query(event: Query) -> None | bool | str | Query     filter: refuse, or the keys to match
     routes(app: bottle.Bottle) -> None                      HTTP routes under /plugins/NAME/
 
 Isolation. A plugin that fails to load is logged and left out; the server starts. Every call is
@@ -34,16 +35,20 @@ import importlib.util
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from pacsd.config import Config
+from pacsd.plugins.specs import Association, InstanceStored, Query, StoreRequest, StudyStable
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +160,16 @@ class Hooks:
 
     # --- notifications ----------------------------------------------------------------------
 
-    def notify(self, hook: str, event: dict[str, Any]) -> None:
+    # The payload each hook is given (pacsd.plugins.specs); the last form takes any hook, for
+    # callers that build their payload as a plain dict.
+    @overload
+    def notify(self, hook: Literal["on_instance_stored"], event: InstanceStored) -> None: ...
+    @overload
+    def notify(self, hook: Literal["on_study_stable"], event: StudyStable) -> None: ...
+    @overload
+    def notify(self, hook: str, event: Mapping[str, Any]) -> None: ...
+
+    def notify(self, hook: str, event: Mapping[str, Any]) -> None:
         """Call `hook(event)` of every plugin that has it, on the notification pool; returns at
         once."""
         for plugin in self.plugins:
@@ -177,7 +191,7 @@ class Hooks:
                     self._pending -= 1
 
     def _run_notification(self, plugin: Plugin, hook: str, fn: Callable[..., Any],
-                          event: dict[str, Any]) -> None:
+                          event: Mapping[str, Any]) -> None:
         began = time.monotonic()
         try:
             plugin.calls += 1
@@ -199,6 +213,16 @@ class Hooks:
         log.warning("plugin %s: %s failed: %s: %s", plugin.name, hook, type(e).__name__, e)
 
     # --- filters ----------------------------------------------------------------------------
+
+    @overload
+    def decide(self, hook: Literal["on_association"], event: Association, /) -> Verdict: ...
+    @overload
+    def decide(self, hook: Literal["on_store"], dataset: Dataset, event: StoreRequest, /
+               ) -> Verdict: ...
+    @overload
+    def decide(self, hook: Literal["on_query"], event: Query, /) -> Verdict: ...
+    @overload
+    def decide(self, hook: str, *args: Any) -> Verdict: ...
 
     def decide(self, hook: str, *args: Any) -> Verdict:
         """Ask every plugin with `hook`, in order. The first refusal (False or a reason) wins;
