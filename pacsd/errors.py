@@ -1,10 +1,22 @@
 """Errors that carry the answer they deserve: a DICOM status, an HTTP status, an exit code.
 
 Front ends turn these into responses in one place each; nothing else maps errors to codes.
-DICOM statuses are from PS3.4 Annex B (Storage) and C (Query/Retrieve) and PS3.7 Annex C.
+DICOM statuses are from PS3.4 Annex B (Storage) and C (Query/Retrieve) and PS3.7 Annex C, by
+name (pacsd.dicom_status).
 """
 
 from __future__ import annotations
+
+from pacsd.dicom_status import (
+    CANNOT_UNDERSTAND,
+    DATA_SET_DOES_NOT_MATCH_SOP_CLASS,
+    DATA_SET_TOO_LARGE,
+    DUPLICATE_SOP_INSTANCE,
+    OUT_OF_RESOURCES,
+    PATIENT_MISMATCH,
+    PROCESSING_FAILURE,
+    STUDY_MISMATCH,
+)
 
 # Exit codes of `pacsd` (sysexits.h values, so that launchd/systemd units can stop a restart loop
 # on a configuration error: RestartPreventExitStatus=78 73).
@@ -21,7 +33,7 @@ EXIT_CONFIG = 78          # the configuration is invalid
 class PacsError(Exception):
     """Base class. `dicom_status`, `http_status` and `exit_code` say how each front end answers."""
 
-    dicom_status = 0x0110  # PS3.7 C.4: Processing failure
+    dicom_status = PROCESSING_FAILURE  # PS3.7 C.4
     http_status = 500
     exit_code = EXIT_FAILURE
     # False: the condition is logged once when it begins and once when it ends (where it
@@ -51,7 +63,7 @@ class IndexUnavailable(PacsError):
     """The index cannot be opened, or a write to it failed."""
 
     exit_code = EXIT_SOFTWARE
-    dicom_status = 0x0110
+    dicom_status = PROCESSING_FAILURE
     http_status = 503
 
 
@@ -60,14 +72,14 @@ class IndexUnavailable(PacsError):
 class InvalidDataset(PacsError):
     """Unparseable data set, missing or malformed UIDs (PS3.4 B.2.3: Cannot understand)."""
 
-    dicom_status = 0xC000
+    dicom_status = CANNOT_UNDERSTAND
     http_status = 400
 
 
 class SOPClassMismatch(InvalidDataset):
     """The data set's SOP Class differs from the request's (PS3.4 B.2.3: 0xA900)."""
 
-    dicom_status = 0xA900
+    dicom_status = DATA_SET_DOES_NOT_MATCH_SOP_CLASS
     http_status = 409
 
 
@@ -76,7 +88,7 @@ class StudyMismatch(InvalidDataset):
     /studies/{uid}); 0xC409 is a code of ours in the Cxxx range that PS3.18 Annex I leaves to
     the implementation."""
 
-    dicom_status = 0xC409
+    dicom_status = STUDY_MISMATCH
     http_status = 409
 
 
@@ -88,14 +100,14 @@ class DataSetTooLarge(InvalidDataset):
     decoded: 422 (the request is understood, this object cannot be processed; 413 would blame a
     request body), and it can still be retrieved as stored."""
 
-    dicom_status = 0xC422
+    dicom_status = DATA_SET_TOO_LARGE
     http_status = 422
 
 
 class OutOfResources(PacsError):
     """Disk full or similar (PS3.4 B.2.3: Refused, Out of Resources)."""
 
-    dicom_status = 0xA700
+    dicom_status = OUT_OF_RESOURCES
     http_status = 507
 
 
@@ -123,7 +135,7 @@ class PatientMismatch(InvalidDataset):
     failure a modality does not retry on its own (dcm4chee-arc uses 0xA778, in the A7xx
     "Out of Resources" range, which senders retry as if the condition would pass)."""
 
-    dicom_status = 0xC40A
+    dicom_status = PATIENT_MISMATCH
     http_status = 409
     comment = "study of another patient in this archive"   # Error Comment (LO, 64 chars)
 
@@ -134,6 +146,19 @@ class ContentConflict(PacsError):
     never a Success that storage commitment would later vouch for). pacsd keeps the new bytes
     aside all the same (STORAGE/.conflicts), so nothing handed over is lost."""
 
-    dicom_status = 0x0111
+    dicom_status = DUPLICATE_SOP_INSTANCE
     http_status = 409
     comment = "SOP Instance UID stored here with other content"
+
+
+# --- sending ----------------------------------------------------------------------------------
+
+class TranscodeError(PacsError, ValueError):
+    """A stored file that cannot be sent in any syntax the peer accepted (pacsd.imaging.transcode):
+    unreadable, or no decoder or encoder here makes one of them from it. A failed sub-operation
+    of C-GET / C-MOVE or of a send (PS3.7 C.4: Processing failure); over HTTP 406, as when a
+    client accepts none of the syntaxes an instance is stored in (PS3.18 8.7). Still a ValueError,
+    as it was, for callers that catch those."""
+
+    dicom_status = PROCESSING_FAILURE
+    http_status = 406

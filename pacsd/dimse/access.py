@@ -56,6 +56,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # names made a
     StudyRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelMove)
 
 from pacsd.config import Config, Node
+from pacsd.dicom_status import NOT_AUTHORIZED as NOT_AUTHORIZED  # pacsd.dimse imports it here
 from pacsd.accounts import Accounts
 
 log = logging.getLogger(__name__)
@@ -68,7 +69,6 @@ REJECT_CALLING_AET = (0x01, 0x01, 0x03)
 # PS3.8 9.3.4: rejected-transient, DICOM UL service-provider (presentation related function),
 # local-limit-exceeded.
 REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
-NOT_AUTHORIZED = 0x0124   # PS3.7 C.4 / Annex C: "Refused: Not authorized"
 
 FIND, GET, MOVE, STORE = "find", "get", "move", "store"
 ALL = frozenset({FIND, GET, MOVE, STORE})

@@ -43,6 +43,16 @@ from pynetdicom.events import Event
 
 from pacsd import query
 from pacsd.config import Config, Node
+from pacsd.dicom_status import (
+    CLASS_INSTANCE_CONFLICT,
+    INVALID_ARGUMENT_VALUE,
+    NO_SUCH_ACTION,
+    NO_SUCH_SOP_CLASS,
+    NO_SUCH_SOP_INSTANCE,
+    PROCESSING_FAILURE,
+    RESOURCE_LIMITATION,
+    SUCCESS,
+)
 from pacsd.accounts import Accounts
 from pacsd.errors import PacsError
 from pacsd.index import Index
@@ -56,15 +66,9 @@ WELL_KNOWN = UID("1.2.840.10008.1.20.1.1")       # its well-known SOP Instance (
 REQUEST_COMMITMENT = 1                                   # Action Type ID (J.3.2.1)
 ALL_COMMITTED, FAILURES_EXIST = 1, 2                     # Event Type IDs (J.3.3.1)
 
-# Statuses: N-ACTION (PS3.7 10.1.4.1.10) and Failure Reasons (PS3.4 J.3.3.1.1).
-SUCCESS = 0x0000
-PROCESSING_FAILURE = 0x0110
-NO_SUCH_INSTANCE = 0x0112      # N-ACTION: not the well-known instance; reason: not stored here
-INVALID_ARGUMENT = 0x0115
-NO_SUCH_CLASS = 0x0118
-CLASS_INSTANCE_CONFLICT = 0x0119
-NO_SUCH_ACTION = 0x0123
-RESOURCE_LIMITATION = 0x0213
+# Statuses (pacsd.dicom_status): N-ACTION (PS3.7 10.1.4.1.10) and Failure Reasons (PS3.4
+# J.3.3.1.1). NO_SUCH_SOP_INSTANCE: an N-ACTION to another than the well-known instance; as a
+# Failure Reason, an instance not stored here.
 
 WORKERS = 4              # transactions checked and reported at once
 MAX_PENDING = 64         # transactions queued or running; more are refused (0x0213)
@@ -112,9 +116,9 @@ class Result:
 def _uid(value: Any, what: str) -> str:
     text = str(value if value is not None else "").strip().rstrip("\0").strip()
     if not text:
-        raise Refused(INVALID_ARGUMENT, f"{what} is missing or empty")
+        raise Refused(INVALID_ARGUMENT_VALUE, f"{what} is missing or empty")
     if len(text) > 64 or not _UID.fullmatch(text):
-        raise Refused(INVALID_ARGUMENT, f"{what} {text[:80]!r} is not a UID")
+        raise Refused(INVALID_ARGUMENT_VALUE, f"{what} {text[:80]!r} is not a UID")
     return text
 
 
@@ -125,8 +129,8 @@ def parse_request(info: Dataset) -> tuple[str, tuple[tuple[str, str], ...]]:
         transaction = _uid(info.get("TransactionUID"), "Transaction UID (0008,1195)")
         seq = info.get("ReferencedSOPSequence")
         if not seq:
-            raise Refused(INVALID_ARGUMENT, "Referenced SOP Sequence (0008,1199) is missing "
-                                            "or empty")
+            raise Refused(INVALID_ARGUMENT_VALUE,
+                          "Referenced SOP Sequence (0008,1199) is missing or empty")
         if len(seq) > MAX_ITEMS:
             raise Refused(RESOURCE_LIMITATION, f"{len(seq)} instances in one request; at most "
                                                f"{MAX_ITEMS}")
@@ -219,9 +223,10 @@ class Commitments:
     def _job(self, event: Event, aet: str) -> Job:
         req = cast(N_ACTION, event.request)
         if str(req.RequestedSOPClassUID) != PUSH_MODEL:
-            raise Refused(NO_SUCH_CLASS, f"N-ACTION for {req.RequestedSOPClassUID}")
+            raise Refused(NO_SUCH_SOP_CLASS, f"N-ACTION for {req.RequestedSOPClassUID}")
         if str(req.RequestedSOPInstanceUID).strip() != WELL_KNOWN:
-            raise Refused(NO_SUCH_INSTANCE, f"Requested SOP Instance UID must be {WELL_KNOWN}")
+            raise Refused(NO_SUCH_SOP_INSTANCE,
+                          f"Requested SOP Instance UID must be {WELL_KNOWN}")
         if event.action_type != REQUEST_COMMITMENT:
             raise Refused(NO_SUCH_ACTION, f"Action Type ID {event.action_type}; only 1 "
                                           "(Request Storage Commitment) exists")
@@ -270,7 +275,8 @@ class Commitments:
                      "%d of another SOP class, %d with their file missing or their content "
                      "disputed)",
                      job.transaction_uid, job.aet, len(result.committed), len(result.failed),
-                     reasons.count(NO_SUCH_INSTANCE), reasons.count(CLASS_INSTANCE_CONFLICT),
+                     reasons.count(NO_SUCH_SOP_INSTANCE),
+                     reasons.count(CLASS_INSTANCE_CONFLICT),
                      reasons.count(PROCESSING_FAILURE))
             if job.requestor is not None and job.requestor.is_alive():
                 job.requestor.join(self.requestor_grace)
@@ -305,7 +311,7 @@ class Commitments:
         for cls, inst in items:
             row = found.get(inst)
             if row is None:
-                failed.append((cls, inst, NO_SUCH_INSTANCE))
+                failed.append((cls, inst, NO_SUCH_SOP_INSTANCE))
             elif row.sop_class_uid != cls:
                 log.debug("storage commitment: %s is stored as %s, not %s", inst,
                           row.sop_class_uid, cls)

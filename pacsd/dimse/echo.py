@@ -6,9 +6,11 @@ import logging
 
 from pynetdicom.events import Event
 
+from pacsd.dicom_status import SUCCESS
+
 log = logging.getLogger(__name__)
 
 
 def handle_echo(event: Event) -> int:
     log.debug("C-ECHO from %s", event.assoc.requestor.ae_title)
-    return 0x0000
+    return SUCCESS

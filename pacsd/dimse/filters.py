@@ -17,12 +17,11 @@ from pydicom.uid import UID
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 
+from pacsd.dicom_status import NOT_AUTHORIZED
 from pacsd.dimse.access import REJECT_CALLING_AET
 from pacsd.plugins.hooks import Hooks
 
 log = logging.getLogger(__name__)
-
-NOT_AUTHORIZED = 0x0124   # PS3.7 C.4 "Refused: Not authorized"
 
 
 def peer(event: Event) -> dict[str, Any]:

@@ -21,6 +21,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # names made a
     PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind)
 
 from pacsd import query
+from pacsd.dicom_status import (CANCEL, IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, PENDING,
+                                UNABLE_TO_PROCESS)
 from pacsd.dimse import filters
 from pacsd.plugins.hooks import Hooks
 from pacsd.index import Index
@@ -134,11 +136,11 @@ def handle_find(event: Event, index: Index, aet: str, hooks: Hooks | None = None
                 return
     except query.QueryError as e:
         log.warning("C-FIND from %s refused: %s", peer, e)
-        yield 0xA900, None   # Identifier does not match SOP Class
+        yield IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, None
         return
     except Exception as e:
         log.warning("C-FIND from %s: unreadable identifier: %s", peer, e)
-        yield 0xC000, None
+        yield UNABLE_TO_PROCESS, None
         return
     # The study's own character set comes back with each match (not at PATIENT level, where
     # a patient's studies may differ): response() encodes the values with it.
@@ -151,13 +153,13 @@ def handle_find(event: Event, index: Index, aet: str, hooks: Hooks | None = None
                 n += 1
                 if n % 16 == 0:
                     drain(event.assoc)
-                yield 0xFF00, response(requested, match, req.level, aet)
+                yield PENDING, response(requested, match, req.level, aet)
     except query.QueryError as e:
         log.warning("C-FIND from %s refused: %s", peer, e)
-        yield 0xA900, None
+        yield IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, None
         return
     if cancelled():
         log.info("C-FIND from %s cancelled after %d match(es)", peer, n)
-        yield 0xFE00, None
+        yield CANCEL, None
         return
     log.info("C-FIND %s level from %s: %d match(es)", req.level, peer, n)

@@ -20,6 +20,7 @@ from pynetdicom import evt
 from pynetdicom.events import Event
 
 from pacsd import query
+from pacsd.dicom_status import CANCEL, IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, PENDING
 from pacsd.accounts import Accounts
 from pacsd.dimse.find import Cancelled, parse_identifier
 from pacsd.index import Index
@@ -49,16 +50,16 @@ def _send(event: Event, insts: list[query.StoredInstance], store: Store, verb: s
         if cancelled():
             log.info("%s from %s cancelled after %d of %d", verb,
                      event.assoc.requestor.ae_title, n, len(insts))
-            yield 0xFE00, None
+            yield CANCEL, None
             return
-        yield 0xFF00, stored_ref(inst, store)
+        yield PENDING, stored_ref(inst, store)
 
 
 def handle_get(event: Event, index: Index, store: Store) -> Iterator[Any]:
     insts = _lookup(event, index, "C-GET")
     if insts is None:
         yield 1
-        yield 0xA900, None   # Identifier does not match SOP Class
+        yield IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, None
         return
     send_stored(event.assoc, f"C-GET from {event.assoc.requestor.ae_title}")
     yield len(insts)
@@ -78,7 +79,7 @@ def handle_move(event: Event, accounts: Accounts, index: Index, store: Store
     if insts is None:
         yield node.host, node.port
         yield 1
-        yield 0xA900, None
+        yield IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, None
         return
 
     label = f"C-MOVE to {node.aet} from {event.assoc.requestor.ae_title}"

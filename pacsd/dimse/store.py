@@ -14,6 +14,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
 
 from pacsd.storage.archive import Archive
+from pacsd.dicom_status import PROCESSING_FAILURE
 from pacsd.dimse import filters
 from pacsd.errors import PacsError, SOPClassMismatch
 from pacsd.plugins.hooks import Hooks
@@ -60,7 +61,7 @@ def handle_store(event: Event, archive: Archive, stats: dict, hooks: Hooks | Non
     except Exception:  # a bug must cost one image, not the association or the server
         stats["failed"] = stats.get("failed", 0) + 1
         log.exception("C-STORE from %s failed", aet)
-        return 0x0110
+        return PROCESSING_FAILURE
     key = "duplicates" if stored.duplicate else "stored"
     stats[key] = stats.get(key, 0) + 1
     log.debug("stored %s from %s as %s", stored.sop_instance_uid, aet, stored.path or "-")

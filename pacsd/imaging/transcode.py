@@ -42,6 +42,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from pacsd.errors import TranscodeError
 from pacsd.imaging import bounds
 from pacsd.imaging import jpeg12
 from pacsd.imaging.header import read_full
@@ -67,9 +68,8 @@ _SHORT = {ExplicitVRLittleEndian: "Explicit VR LE", ImplicitVRLittleEndian: "Imp
           RLELossless: "RLE Lossless", HTJ2KLossless: "HTJ2K Lossless"}
 _PIXELS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 
-
-class TranscodeError(ValueError):
-    """A stored file that cannot be sent in any syntax the peer accepted."""
+__all__ = ["DEFAULT_PREFERENCE", "Tally", "TranscodeError", "can_decode", "can_encode",
+           "choose", "short", "transcode"]
 
 
 def short(ts: str) -> str:

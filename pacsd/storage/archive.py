@@ -22,6 +22,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pynetdicom.dsutils import split_dataset
 
+from pacsd.dicom_status import SUCCESS, WARNING_COERCION
 from pacsd.errors import (ContentConflict, IndexUnavailable, InvalidDataset, PacsError,
                           StudyMismatch)
 from pacsd.imaging.header import (PIXEL_DATA, Record, check_and_extract, file_meta_bytes, is_valid_uid,
@@ -170,11 +171,11 @@ class Archive:
             self.store.delete(added.replaced_path)
             log.info("SOP Instance %s from %s replaced the stored copy",
                      record.sop_instance_uid, calling_aet or "import")
-        warning, comment = 0, ""
+        warning, comment = SUCCESS, ""
         if added.misfiled:
             # Coercion of Data Elements (PS3.4 B.2.3): as the archive reports it (C-FIND,
             # QIDO-RS), the instance's patient or study is not the one its data set names.
-            warning, comment = 0xB000, "filed under another patient or study"
+            warning, comment = WARNING_COERCION, "filed under another patient or study"
             log.warning("SOP Instance %s from %s stored with warning 0xB000 ([storage] "
                         "patient_mismatch = \"accept\"), though %s", record.sop_instance_uid,
                         calling_aet or "import", added.misfiled)

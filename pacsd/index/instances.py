@@ -1,44 +1,31 @@
-"""The index: the one serialized writer over the tables of pacsd.index.models, and the reads that
-are not queries (counts, paths, health).
+"""The instances in the index: adding them (the hot path of every C-STORE and STOW-RS), the
+rows above them (patient, study, series) made as needed, duplicates and overwrites, copies kept
+aside with other content (conflicts), the routing jobs queued with an instance's row, counts,
+and deleting (the counters recomputed from what remains).
 
-`Index.open` binds the models to the database `[index] url` names (pacsd.index.backends: SQLite by
-default, PostgreSQL for several nodes) and brings its schema up to date (pacsd.index.migrations).
-
-Writes go through a single writer thread that commits whatever is queued in one transaction
-(group commit): many associations share one fsync of the database, and SQLite never sees two
-writers from this process. `Index.add` returns only once the row is committed.
-
-Several nodes may share one PostgreSQL index, so nothing here relies on being alone:
+Several nodes may share one PostgreSQL index:
 - rows are created with INSERT ... ON CONFLICT DO NOTHING and read back, so two nodes storing
   the same SOP Instance (or the first images of one series) at once make one row;
-- counters are added up per batch and applied at its end in id order, so that two nodes'
-  batches touching the same studies lock them in the same order;
-- a batch that meets a deadlock or a lost connection is run again: every item is idempotent
-  (an instance already indexed under the same path is ours, not a duplicate);
-- the series cache only saves look-ups and is dropped on any error;
-- leases in the database decide which node runs a must-run-once job.
+- an instance already indexed under the same path is ours, not a duplicate (a batch the writer
+  runs again is idempotent);
+- an instance whose study is filed under another patient is refused or stored with a warning
+  (`_misfiled`, [storage] patient_mismatch).
+Everything that writes runs on the writer thread (pacsd.index.writer).
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import queue
-import socket
-import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future
-from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from peewee import IntegrityError, fn
+from peewee import fn
 
-from pacsd.index import backends
-from pacsd.index import migrations
-from pacsd.errors import IndexFull, IndexUnavailable, PatientMismatch
+from pacsd.errors import IndexUnavailable, PatientMismatch
 from pacsd.imaging.header import Record
+from pacsd.index import backends
 from pacsd.index.models import (
     INSTANCE_FIELDS,
     PATIENT_FIELDS,
@@ -46,7 +33,6 @@ from pacsd.index.models import (
     STUDY_FIELDS,
     Conflict,
     Instance,
-    Meta_,
     Patient,
     Series,
     Study,
@@ -55,10 +41,9 @@ from pacsd.index.models import (
     reading,
     starts_with,
 )
+from pacsd.index.writer import Filed, Writer
 
 log = logging.getLogger(__name__)
-
-ATTEMPTS = 5   # tries of one batch that met a deadlock or a lost connection
 
 
 @dataclass
@@ -79,286 +64,8 @@ class Added:
     misfiled: str = ""
 
 
-@dataclass(frozen=True)
-class _Filed:
-    """Where an existing series or study is filed: its study, and that study's patient."""
-
-    study_uid: str
-    patient_id: str
-    issuer: str
-    patient_row: int
-
-
-@dataclass
-class _Counters:
-    """Additions to the counters (PS3.4 C.3.4 Number of ... Related ...): one item's, merged
-    into its batch's once the item's savepoint holds; the batch's are applied at its end in id
-    order."""
-
-    series: dict[int, int] = field(default_factory=dict)
-    # study id -> [instances, series, modalities of its new series]
-    studies: dict[int, list[Any]] = field(default_factory=dict)
-    # patient id -> [instances, series, studies]
-    patients: dict[int, list[int]] = field(default_factory=dict)
-    active: set[str] = field(default_factory=set)   # study UIDs that received an instance
-
-    def merge(self, other: _Counters) -> None:
-        """Add one item's counts to the batch's (the item's savepoint has been released)."""
-        for sid, n in other.series.items():
-            self.series[sid] = self.series.get(sid, 0) + n
-        for sid, (n_inst, n_series, mods) in other.studies.items():
-            st = self.studies.setdefault(sid, [0, 0, []])
-            st[0] += n_inst
-            st[1] += n_series
-            st[2] += [m for m in mods if m not in st[2]]
-        for pid, counts in other.patients.items():
-            pt = self.patients.setdefault(pid, [0, 0, 0])
-            for i, n in enumerate(counts):
-                pt[i] += n
-        self.active |= other.active
-
-    def count(self, series_id: int, study_id: int, patient_id: int, new_series: bool,
-              new_study: bool, modality: str) -> None:
-        self.series[series_id] = self.series.get(series_id, 0) + 1
-        st = self.studies.setdefault(study_id, [0, 0, []])
-        st[0] += 1
-        st[1] += int(new_series)
-        if new_series and modality and modality not in st[2]:
-            st[2].append(modality)
-        pt = self.patients.setdefault(patient_id, [0, 0, 0])
-        pt[0] += 1
-        pt[1] += int(new_series)
-        pt[2] += int(new_study)
-
-
-class Index:
-    def __init__(self, url: str, *, node: str = "", pool_size: int = 20,
-                 auto_migrate: bool = True) -> None:
-        self.url = url
-        self.backend = backends.kind(url)
-        self.label = str(backends.sqlite_path(url)) if self.backend == backends.SQLITE \
-            else backends.redacted(url)
-        # Who we are in leases and health probes; unique among the nodes of one index.
-        self.node = node or f"{socket.gethostname()}:{os.getpid()}"
-        self.pool_size = pool_size
-        self.auto_migrate = auto_migrate
-        self._queue: queue.Queue[tuple[Callable[[], Any], Future] | None] = queue.Queue()
-        self._writer: threading.Thread | None = None
-        # series UID -> (series, study, patient) ids; touched only by the thread that writes.
-        self._cache: dict[str, tuple[tuple[int, int, int], _Filed]] = {}
-        self._counters = _Counters()
-        self.commits = 0   # transactions committed by the writer (group commit shows here)
-        self.full = False  # the index's volume is full: commits fail until space is freed
-        self.retries = 0   # batches run again after a deadlock or a lost connection
-
-    # --- life cycle -------------------------------------------------------------------------
-
-    def open(self, writer: bool = True) -> Index:
-        if database.obj is not None:
-            raise IndexUnavailable("an index is already open in this process")
-        try:
-            if self.backend == backends.SQLITE:
-                backends.sqlite_path(self.url).parent.mkdir(parents=True, exist_ok=True)
-            db = backends.connect(self.url, self.pool_size)
-            database.initialize(db)
-            with database.connection_context():
-                if self.auto_migrate or not migrations.version(db):
-                    migrations.upgrade(db, self.label)
-                else:
-                    migrations.check(db, self.label)
-        except IndexUnavailable:
-            database.initialize(None)
-            raise
-        except Exception as e:  # noqa: BLE001 - any driver error: say which index, and why
-            database.initialize(None)
-            raise IndexUnavailable(f"cannot open index {self.label}: {e}") from None
-        if writer:
-            self._writer = threading.Thread(target=self._write_loop, name="index-writer",
-                                            daemon=True)
-            self._writer.start()
-        return self
-
-    def close(self) -> bool:
-        """Flush the writer and close; False if the writer did not finish in time."""
-        flushed = True
-        if self._writer is not None:
-            self._queue.put(None)
-            self._writer.join(timeout=30)
-            flushed = not self._writer.is_alive()
-            if not flushed:
-                log.error("the index writer did not finish within 30 s")
-            self._writer = None
-        if database.obj is not None:
-            if not database.is_closed():
-                database.close()
-            close_all = getattr(database.obj, "close_all", None)
-            if close_all is not None:
-                close_all()   # the pool's idle connections
-            database.initialize(None)
-        return flushed
-
-    def reading(self) -> AbstractContextManager[None]:
-        return reading()
-
-    # --- the writer thread ------------------------------------------------------------------
-
-    def submit(self, work: Callable[[], Any], timeout: float = 120.0) -> Any:
-        """Run `work` inside the writer's next transaction; return its result once committed."""
-        if self._writer is None:
-            # No writer thread (one-shot CLI commands): run it in a transaction of our own.
-            with database.connection_context(), database.atomic():
-                self._counters = _Counters()
-                result = work()
-                self._apply_counters(self._counters)
-                return result
-        if not self._writer.is_alive():
-            raise IndexUnavailable("the index writer has stopped; see the log")
-        fut: Future = Future()
-        self._queue.put((work, fut))
-        return fut.result(timeout=timeout)
-
-    def _write_loop(self) -> None:
-        try:
-            while True:
-                item = self._queue.get()
-                if item is None:
-                    return
-                batch = [item]
-                stop = False
-                while len(batch) < 500:
-                    try:
-                        nxt = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if nxt is None:
-                        stop = True
-                        break
-                    batch.append(nxt)
-                self._commit(batch)
-                if stop:
-                    return
-        finally:
-            if not database.is_closed():
-                database.close()
-
-    def _commit(self, batch: list[tuple[Callable[[], Any], Future]]) -> None:
-        for attempt in range(1, ATTEMPTS + 1):
-            try:
-                if database.is_closed():
-                    database.connect()
-                results = self._run(batch)
-                break
-            except Exception as e:  # noqa: BLE001 - the commit failed: nothing is durable
-                self._cache.clear()
-                if attempt < ATTEMPTS and backends.is_retryable(e):
-                    self.retries += 1
-                    log.info("index batch of %d item(s) meets %s; running it again",
-                             len(batch), str(e).strip().splitlines()[0][:200])
-                    self._drop_connection()
-                    time.sleep(0.05 * attempt * attempt)   # at most 1.5 s in all
-                    continue
-                self._drop_connection()
-                if backends.is_disk_full(e):
-                    error: BaseException = self._volume_full(e)
-                else:
-                    log.error("index commit of %d item(s) failed: %s", len(batch), e)
-                    error = IndexUnavailable(f"index commit failed: {e}")
-                for _, fut in batch:
-                    if not fut.done():
-                        fut.set_exception(error)
-                return
-        self.commits += 1
-        if self.full:
-            self.full = False
-            log.warning("the index %s accepts writes again: storing resumes", self.label)
-        for fut, value, failure in results:
-            if failure is not None:
-                fut.set_exception(failure)
-            else:
-                fut.set_result(value)
-
-    def _run(self, batch: list[tuple[Callable[[], Any], Future]]
-             ) -> list[tuple[Future, Any, BaseException | None]]:
-        """One transaction: every item in a savepoint of its own, then the counters."""
-        results: list[tuple[Future, Any, BaseException | None]] = []
-        batch_counts = _Counters()
-        with database.atomic():
-            for work, fut in batch:
-                for attempt in (1, 2):
-                    self._counters = _Counters()   # this item's: counted only if it stays
-                    try:
-                        with database.atomic():   # a savepoint: one bad item spoils no other
-                            results.append((fut, work(), None))
-                        batch_counts.merge(self._counters)
-                        break
-                    except Exception as e:   # handed back to the caller
-                        if backends.is_retryable(e) or backends.is_disk_full(e):
-                            raise   # the whole transaction is spoilt: run the batch again
-                        # The cache may name rows the savepoint rolled back, or a series that
-                        # another node deleted (a foreign key error): once more without it.
-                        self._cache.clear()
-                        if attempt == 2 or not isinstance(e, IntegrityError):
-                            results.append((fut, None, e))
-                            break
-            self._apply_counters(batch_counts)
-        return results
-
-    def _volume_full(self, e: Exception) -> IndexFull:
-        """A commit failed for want of space on the index's volume: the error every item gets;
-        logged once when it begins (never per image), and once when it ends (_commit)."""
-        where = f"the volume of {self.label}" if self.backend == backends.SQLITE \
-            else f"the PostgreSQL server's volume ({self.label})"
-        if not self.full:
-            self.full = True
-            log.error("the index volume is full (%s: %s): nothing can be stored (C-STORE "
-                      "0xA700, STOW-RS 507) until space is freed there; a restart would not "
-                      "help. Queries and retrieves go on", where,
-                      str(e).strip().splitlines()[0][:200])
-        return IndexFull(f"the index volume is full ({where})")
-
-    def _drop_connection(self) -> None:
-        """After a failed transaction: a broken connection is closed, so the next batch takes
-        a fresh one."""
-        try:
-            if not database.is_closed() and not database.is_connection_usable():
-                database.close()
-        except Exception as e:  # noqa: BLE001 - it is being thrown away
-            log.debug("closing a broken index connection: %s", e)
-
-    def _apply_counters(self, c: _Counters) -> None:
-        """Add the batch's counts, locking rows in id order: series, studies, patients."""
-        db = database.obj
-        p = db.param
-        for sid in sorted(c.series):
-            db.execute_sql("UPDATE series SET number_of_instances = number_of_instances + "
-                           f"{p} WHERE id = {p}", (c.series[sid], sid))
-        lock = " FOR UPDATE" if self.backend == backends.POSTGRESQL else ""
-        for sid in sorted(c.studies):
-            n_inst, n_series, mods = c.studies[sid]
-            if mods:
-                row = db.execute_sql(f"SELECT modalities_in_study FROM study WHERE id = {p}"
-                                     f"{lock}", (sid,)).fetchone()
-                known = [m for m in (row[0] if row else "").split("\\") if m]
-                merged = "\\".join(known + [m for m in mods if m not in known])
-                db.execute_sql("UPDATE study SET number_of_instances = number_of_instances + "
-                               f"{p}, number_of_series = number_of_series + {p}, "
-                               f"modalities_in_study = {p} WHERE id = {p}",
-                               (n_inst, n_series, merged, sid))
-            else:
-                db.execute_sql("UPDATE study SET number_of_instances = number_of_instances + "
-                               f"{p}, number_of_series = number_of_series + {p} WHERE id = {p}",
-                               (n_inst, n_series, sid))
-        for pid in sorted(c.patients):
-            n_inst, n_series, n_studies = c.patients[pid]
-            db.execute_sql("UPDATE patient SET number_of_instances = number_of_instances + "
-                           f"{p}, number_of_series = number_of_series + {p}, "
-                           f"number_of_studies = number_of_studies + {p} WHERE id = {p}",
-                           (n_inst, n_series, n_studies, pid))
-        now = backends.now_epoch_sql(db)
-        for uid in sorted(c.active):   # when the study last grew (pacsd.nodes.routing: stable)
-            db.execute_sql(f"INSERT INTO pacsd_study_activity (study_uid, last_received) VALUES "
-                           f"({p}, {now}) ON CONFLICT (study_uid) DO UPDATE SET "
-                           "last_received = excluded.last_received", (uid,))
+class Instances(Writer):
+    """Adding, finding and deleting instances; part of pacsd.index.Index."""
 
     # --- writes -----------------------------------------------------------------------------
 
@@ -428,7 +135,7 @@ class Index:
             raise IndexUnavailable("a row was deleted while it was being indexed; try again")
         return tuple(row)
 
-    def _series_ids(self, v: dict[str, Any]) -> tuple[tuple[int, int, int, bool, bool], _Filed]:
+    def _series_ids(self, v: dict[str, Any]) -> tuple[tuple[int, int, int, bool, bool], Filed]:
         """(series, study, patient) row ids for a record, creating rows as needed; plus whether
         the series and the study are new; and where an existing series or study is filed, for
         `_misfiled`. Cached: a known series costs no statement."""
@@ -447,7 +154,7 @@ class Index:
         patient_id: int | None   # None only until the SELECT after a lost insert race
         if row is not None:
             ids = (row[0], row[1], row[2])
-            filed = _Filed(row[3], row[4], row[5], row[2])
+            filed = Filed(row[3], row[4], row[5], row[2])
         else:
             study_row = self._study_of(v["study_instance_uid"])
             if study_row is not None:   # a known study keeps its patient (see _misfiled)
@@ -477,7 +184,7 @@ class Index:
                         raise IndexUnavailable("a row was deleted while it was being indexed; "
                                                "try again")
                     study_id, patient_id = study_row[0], study_row[1].patient_row
-            filed = _Filed(v["study_instance_uid"], v["patient_id"], v["issuer_of_patient_id"],
+            filed = Filed(v["study_instance_uid"], v["patient_id"], v["issuer_of_patient_id"],
                            patient_id) if study_row is None else study_row[1]
             series_id = self._insert("series", {
                 "study_id": study_id, "series_instance_uid": uid,
@@ -493,15 +200,15 @@ class Index:
         self._cache[uid] = (ids, filed)
         return (*ids, new_series, new_study), filed
 
-    def _study_of(self, study_uid: str) -> tuple[int, _Filed] | None:
+    def _study_of(self, study_uid: str) -> tuple[int, Filed] | None:
         p = database.obj.param
         row = database.obj.execute_sql(
             f"SELECT study.id, study.patient_id, patient.patient_id, "
             f"patient.issuer_of_patient_id FROM study JOIN patient ON patient.id = "
             f"study.patient_id WHERE study.study_instance_uid = {p}", (study_uid,)).fetchone()
-        return None if row is None else (row[0], _Filed(study_uid, row[2], row[3], row[1]))
+        return None if row is None else (row[0], Filed(study_uid, row[2], row[3], row[1]))
 
-    def _misfiled(self, v: dict[str, Any], filed: _Filed, refuse: bool) -> str:
+    def _misfiled(self, v: dict[str, Any], filed: Filed, refuse: bool) -> str:
         """Why the instance `v` would be filed under another patient or study than its own
         (words without patient data, for a WARNING), or "". Raises PatientMismatch when such
         instances are refused ([storage] patient_mismatch = "refuse")."""
@@ -609,57 +316,6 @@ class Index:
                 found |= {str(c.sop_instance_uid) for c in q}
         return found
 
-    # --- leases: jobs that one node of several runs -----------------------------------------
-
-    def lease(self, name: str, seconds: float) -> bool:
-        """Take, or renew, the lease `name` for this node for `seconds`; whether we hold it.
-        A lease whose holder stopped renewing (killed, hung) passes to the next taker once it
-        has expired, by the database's clock."""
-        def work() -> bool:
-            db = database.obj
-            p, now = db.param, backends.now_epoch_sql(db)
-            db.execute_sql(
-                f"INSERT INTO pacsd_lease (name, holder, expires) VALUES ({p}, {p}, {now} + {p}) "
-                "ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, "
-                "expires = excluded.expires WHERE pacsd_lease.holder = excluded.holder "
-                f"OR pacsd_lease.expires < {now}", (name, self.node, float(seconds)))
-            row = db.execute_sql(f"SELECT holder FROM pacsd_lease WHERE name = {p}",
-                                 (name,)).fetchone()
-            return row is not None and row[0] == self.node
-        return bool(self.submit(work))
-
-    def release(self, name: str) -> None:
-        def work() -> None:
-            p = database.obj.param
-            database.obj.execute_sql(f"DELETE FROM pacsd_lease WHERE name = {p} AND "
-                                     f"holder = {p}", (name, self.node))
-        self.submit(work)
-
-    def leases(self) -> list[tuple[str, str, float]]:
-        """The leases held now: (name, holder, seconds until they expire)."""
-        with reading():
-            db = database.obj
-            return [(n, h, float(left)) for n, h, left in db.execute_sql(
-                f"SELECT name, holder, expires - {backends.now_epoch_sql(db)} FROM pacsd_lease "
-                f"WHERE expires >= {backends.now_epoch_sql(db)} ORDER BY name").fetchall()]
-
-    def shared_value(self, key: str, first: str) -> str:
-        """pacsd_meta[key], set to `first` unless a node set it before: one value (a secret,
-        say) for every node of an index."""
-        def work() -> str:
-            Meta_.insert(key=key, value=first).on_conflict_ignore().execute()
-            return str(Meta_.get(Meta_.key == key).value)
-        return self.submit(work)
-
-    def lease_holder(self, name: str) -> str | None:
-        """Who holds `name` now (an expired lease counts as nobody's)."""
-        with reading():
-            db = database.obj
-            p = db.param
-            row = db.execute_sql(f"SELECT holder FROM pacsd_lease WHERE name = {p} AND "
-                                 f"expires >= {backends.now_epoch_sql(db)}", (name,)).fetchone()
-        return None if row is None else row[0]
-
     def clear(self) -> None:
         def work() -> None:
             self._cache.clear()
@@ -668,16 +324,6 @@ class Index:
         self.submit(work)
 
     # --- reads ------------------------------------------------------------------------------
-
-    def probe(self, timeout: float = 1.0) -> None:
-        """A read, and a small write through the writer (this node's last probe time), within
-        `timeout`; raises IndexUnavailable or TimeoutError."""
-        with reading():
-            Meta_.get_or_none(Meta_.key == "schema_version")
-        # UTC: nodes in other time zones compare these marks (pacsd.storage.housekeeping).
-        key, now = f"alive:{self.node}"[:64], time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())
-        self.submit(lambda: Meta_.insert(key=key, value=now).on_conflict(
-            conflict_target=[Meta_.key], update={Meta_.value: now}).execute(), timeout=timeout)
 
     def indexed_paths(self, prefix: str) -> set[str]:
         with reading():
@@ -690,24 +336,6 @@ class Index:
                     "series": Series.select().count(),
                     "instances": Instance.select().count(),
                     "bytes": int(Instance.select(fn.COALESCE(fn.SUM(Instance.size), 0)).scalar())}
-
-    def size_bytes(self) -> int:
-        """The index's size on disk: SQLite's file and journals, or PostgreSQL's database."""
-        if self.backend == backends.SQLITE:
-            path, total = backends.sqlite_path(self.url), 0
-            for suffix in ("", "-wal", "-shm"):
-                try:
-                    total += os.stat(f"{path}{suffix}").st_size
-                except OSError:
-                    pass
-            return total
-        with reading():
-            return int(database.execute_sql(
-                "SELECT pg_database_size(current_database())").fetchone()[0])
-
-    def integrity_check(self) -> str:
-        with reading():
-            return backends.integrity_check(database.obj)
 
     # --- deleting ---------------------------------------------------------------------------
 

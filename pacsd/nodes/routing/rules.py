@@ -1,0 +1,104 @@
+"""Which instances a routing rule ([[routes]]) takes.
+
+A rule matches on the calling AE title and on any attribute of the data set (a keyword or a
+tag, DICOM wildcards `*` and `?`, a list meaning any of them). `when = "stored"` rules are
+checked against each instance's header as it is stored (`for_instance`); `when = "stable"`
+rules against the study as a whole (`study_view`: any of its series' modalities, any of its
+callers).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
+from pacsd.config import Route
+from pacsd.imaging.header import read_header
+from pacsd.query import routing as reads
+from pacsd.storage.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def _values(value: Any) -> list[str]:
+    if value is None:
+        return [""]
+    if isinstance(value, (MultiValue, list, tuple, set)):
+        return [str(v) for v in value] or [""]
+    return [str(value)]
+
+
+def matches(route: Route, values: dict[str, Any], callers: Iterable[str]) -> bool:
+    """Whether `route` takes what has these attribute `values` (keyword -> value or values),
+    sent by these calling AE titles."""
+    if route.calling_aets and not set(route.calling_aets) & {c.strip() for c in callers}:
+        return False
+    for keyword, patterns in route.match:
+        have = _values(values.get(keyword))
+        # DICOM's wildcards are * and ? only (PS3.4 C.2.2.2.4): '[' is fnmatch's, made literal.
+        globs = [pat.replace("[", "[[]") for pat in patterns]
+        if not any(fnmatch.fnmatchcase(v.strip(), pat) for v in have for pat in globs):
+            return False
+    return True
+
+
+def _dataset_values(ds: Dataset, keys: Iterable[str]) -> dict[str, Any]:
+    """The values of these keys (keywords, or 8 hex digits for a tag pydicom has no name for)."""
+    out: dict[str, Any] = {}
+    for key in keys:
+        try:
+            elem = ds[int(key, 16)] if re.fullmatch(r"[0-9A-Fa-f]{8}", key) else ds[key]
+        except (KeyError, ValueError):
+            continue
+        out[key] = elem.value
+    return out
+
+
+def for_instance(routes: Sequence[Route], header: Dataset, calling_aet: str
+                 ) -> list[tuple[str, str]]:
+    """(route, destination) of every one of these (`stored`) rules this instance matches."""
+    out = []
+    for route in routes:
+        values = _dataset_values(header, (k for k, _ in route.match))
+        if matches(route, values, [calling_aet]):
+            out.append((route.name, route.to))
+    return out
+
+
+def study_view(store: Store, study_uid: str) -> tuple[dict[str, Any], list[str], dict[str, Any]]:
+    """A stable study as rules and hooks see it: its attributes (the index's, every series'
+    modality, the first instance's header for anything else), its callers, and the event
+    given to on_study_stable."""
+    study = reads.study_for_rules(study_uid)
+    if study is None:
+        return {}, [], {}
+    values: dict[str, Any] = {}
+    if study.first_path is not None:
+        try:
+            with open(store.path(study.first_path), "rb") as f:
+                header = read_header(f)
+            for e in header:
+                if e.VR != "SQ":
+                    values[e.keyword or f"{e.tag:08X}"] = e.value
+        except (OSError, ValueError) as e:
+            log.warning("study %s: header of its first instance unreadable: %s", study_uid, e)
+    modalities = [m for m in study.series_modalities if m]
+    values["Modality"] = modalities or values.get("Modality", "")
+    values["ModalitiesInStudy"] = modalities
+    event = {"study_uid": study_uid, "patient_id": study.patient_id,
+             "patient_name": study.patient_name, "study_date": study.study_date,
+             "study_time": study.study_time, "accession_number": study.accession_number,
+             "study_description": study.study_description,
+             "modalities": sorted(set(modalities)), "series": len(study.series_modalities),
+             "instances": study.number_of_instances, "calling_aets": study.callers,
+             "referring_physician_name": study.referring_physician_name,
+             "issuer_of_patient_id": study.issuer_of_patient_id,
+             "patient_birth_date": study.patient_birth_date,
+             "patient_sex": study.patient_sex}
+    return values, study.callers, event
