@@ -134,7 +134,7 @@ def handle_find(event: Event, index: Index, aet: str, hooks: Hooks | None = None
                 return
     except query.QueryError as e:
         log.warning("C-FIND from %s refused: %s", peer, e)
-        yield 0xA900, None   # Identifier does not match SOP Class
+        yield e.dicom_status, None   # 0xA900: Identifier does not match SOP Class
         return
     except Exception as e:
         log.warning("C-FIND from %s: unreadable identifier: %s", peer, e)
@@ -154,7 +154,7 @@ def handle_find(event: Event, index: Index, aet: str, hooks: Hooks | None = None
                 yield 0xFF00, response(requested, match, req.level, aet)
     except query.QueryError as e:
         log.warning("C-FIND from %s refused: %s", peer, e)
-        yield 0xA900, None
+        yield e.dicom_status, None
         return
     if cancelled():
         log.info("C-FIND from %s cancelled after %d match(es)", peer, n)

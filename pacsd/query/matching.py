@@ -15,6 +15,7 @@ from peewee import SQL, Expression, Field, SqliteDatabase, fn
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
+from pacsd.errors import PacsError
 from pacsd.index.models import Instance, Patient, Series, Study, database, name_key, starts_with
 
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
@@ -89,8 +90,14 @@ UNIQUE_KEYS = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID",
                "SERIES": "SeriesInstanceUID", "IMAGE": "SOPInstanceUID"}
 
 
-class QueryError(ValueError):
-    """The request cannot be answered as asked (bad level, malformed range)."""
+class QueryError(PacsError, ValueError):
+    """The request cannot be answered as asked (bad level, malformed range).
+
+    C-FIND answers it with 0xA900 (PS3.4 Table C.4-1: Identifier does not match SOP Class), the
+    web with 400. Still a ValueError, as it was before it carried its statuses."""
+
+    dicom_status = 0xA900
+    http_status = 400
 
 
 @dataclass
