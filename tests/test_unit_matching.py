@@ -1,5 +1,5 @@
 """Matching, table-driven and in-process: DICOM query keys (PS3.4 C.2.2.2, pacsd.query) and
-OsiriX predicates (pacsd.web.osirix), each run against one small SQLite index whose rows are
+OsiriX predicates (pacsd.query.predicate), each run against one small SQLite index whose rows are
 chosen so that every case has a row it must find and a row it must not.
 
 The rows (study: patient, date, time, accession, description, series modalities):
@@ -17,6 +17,7 @@ import pytest
 from pacsd import query
 from pacsd.index import Index
 from pacsd.index.models import Patient, Series, Study, database, name_key
+from pacsd.query import predicate as predicates
 from pacsd.web import osirix
 
 PATIENTS = {
@@ -178,9 +179,9 @@ def test_the_level_is_read_as_a_code_string(level, expected):
 # --- OsiriX predicates (DBWindowFind) ---------------------------------------------------------
 
 def osirix_studies(predicate: str) -> set[str]:
-    cond = osirix.parse("Study", predicate)
+    cond = predicates.parse("Study", predicate)
     with database.connection_context():
-        return {s.study_instance_uid for s in osirix.select("Study", cond)}
+        return {s.study_instance_uid for s in predicates.select("Study", cond)}
 
 
 @pytest.mark.parametrize("predicate,expected", [
@@ -254,9 +255,9 @@ def test_osirix_predicates_on_studies(index, predicate, expected):
     ("Series", "study.name BEGINSWITH 'YAMADA'", {"1.2.3.3.1"}),
 ])
 def test_osirix_predicates_on_series(index, table, predicate, expected):
-    cond = osirix.parse(table, predicate)
+    cond = predicates.parse(table, predicate)
     with database.connection_context():
-        assert {s.series_instance_uid for s in osirix.select(table, cond)} == expected
+        assert {s.series_instance_uid for s in predicates.select(table, cond)} == expected
 
 
 @pytest.mark.parametrize("table,keypath,field", [
@@ -270,7 +271,7 @@ def test_osirix_predicates_on_series(index, table, predicate, expected):
     ("Image", "study.date", Study.study_date),
 ])
 def test_key_paths_resolve_upwards(table, keypath, field):
-    assert osirix.resolve(table, keypath).field is field
+    assert predicates.resolve(table, keypath).field is field
 
 
 @pytest.mark.parametrize("table,predicate,fragment", [
@@ -302,8 +303,8 @@ def test_key_paths_resolve_upwards(table, keypath, field):
     ("Patient", "patientID == 'P1'", "is not one of"),
 ])
 def test_malformed_predicates_are_refused(table, predicate, fragment):
-    with pytest.raises(osirix.PredicateError) as e:
-        osirix.parse(table, predicate)
+    with pytest.raises(predicates.PredicateError) as e:
+        predicates.parse(table, predicate)
     assert fragment in str(e.value)
 
 

@@ -358,6 +358,7 @@ def test_oversized_and_malformed_bodies(server):
 
 def test_elements_cost_one_query_whatever_the_table(populated):
     import logging
+    from pacsd.query import predicate
     from pacsd.web import osirix
     server, _ = populated
     statements: list[str] = []
@@ -369,9 +370,9 @@ def test_elements_cost_one_query_whatever_the_table(populated):
     logger.setLevel(logging.DEBUG)
     try:
         with server.index.reading():
-            for table in osirix.TABLES:
+            for table in predicate.TABLES:
                 statements.clear()
-                rows = osirix.select(table, osirix.parse(table, "patientID LIKE 'PID?-00*'"))
+                rows = predicate.select(table, predicate.parse(table, "patientID LIKE 'PID?-00*'"))
                 elements = [osirix.ELEMENT[table](row) for row in rows]
                 assert len(elements) == {"Study": 5, "Series": 9, "Image": 19}[table]
                 assert len(statements) == 1, statements

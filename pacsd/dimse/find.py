@@ -21,8 +21,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # names made a
     PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind)
 
 from pacsd import query
-from pacsd.dicom_status import (CANCEL, IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, PENDING,
-                                UNABLE_TO_PROCESS)
+from pacsd.dicom_status import CANCEL, PENDING, UNABLE_TO_PROCESS
 from pacsd.dimse import filters
 from pacsd.plugins.hooks import Hooks
 from pacsd.index import Index
@@ -136,7 +135,7 @@ def handle_find(event: Event, index: Index, aet: str, hooks: Hooks | None = None
                 return
     except query.QueryError as e:
         log.warning("C-FIND from %s refused: %s", peer, e)
-        yield IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, None
+        yield e.dicom_status, None   # Identifier does not match SOP Class (QueryError)
         return
     except Exception as e:
         log.warning("C-FIND from %s: unreadable identifier: %s", peer, e)
@@ -156,7 +155,7 @@ def handle_find(event: Event, index: Index, aet: str, hooks: Hooks | None = None
                 yield PENDING, response(requested, match, req.level, aet)
     except query.QueryError as e:
         log.warning("C-FIND from %s refused: %s", peer, e)
-        yield IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, None
+        yield e.dicom_status, None
         return
     if cancelled():
         log.info("C-FIND from %s cancelled after %d match(es)", peer, n)

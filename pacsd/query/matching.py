@@ -15,6 +15,8 @@ from peewee import SQL, Expression, Field, SqliteDatabase, fn
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
+from pacsd.dicom_status import IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+from pacsd.errors import PacsError
 from pacsd.index.models import Instance, Patient, Series, Study, database, name_key, starts_with
 
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
@@ -89,8 +91,14 @@ UNIQUE_KEYS = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID",
                "SERIES": "SeriesInstanceUID", "IMAGE": "SOPInstanceUID"}
 
 
-class QueryError(ValueError):
-    """The request cannot be answered as asked (bad level, malformed range)."""
+class QueryError(PacsError, ValueError):
+    """The request cannot be answered as asked (bad level, malformed range).
+
+    C-FIND answers it with 0xA900 (PS3.4 Table C.4-1: Identifier does not match SOP Class), the
+    web with 400. Still a ValueError, as it was before it carried its statuses."""
+
+    dicom_status = IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
+    http_status = 400
 
 
 @dataclass

@@ -1,76 +1,30 @@
 """The web side: bottle apps built by factories, composed under one root, served by cheroot.
 
 Each concern is an app of its own (health, wado, dicomweb, xmlrpc; the pages' ui, api and
-admin), built by its `make_app` from a `Runtime` (configuration, the archive, the accounts of
-nodes and users, a few live figures) and merged or mounted into the root.
-Front ends call archive / query / index / store, never each other and never the daemon.
+admin), built by its `make_app` from a `Runtime` (runtime.py: configuration, the archive, the
+accounts of nodes and users, a few live figures) and merged or mounted into the root; each
+starts from `new_app()` (app.py), which turns our errors into answers in one place.
+Front ends call archive / query / index / store, never each other and never the daemon; every
+read of the index goes through pacsd.query (no module here imports the models).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-import bottle
-
-from pacsd.storage.archive import Archive
-from pacsd.config import Config
-from pacsd.accounts import Accounts
-from pacsd.errors import PacsError, PortInUse
-from pacsd.plugins.hooks import Hooks
-from pacsd.logbook import Logbook
-from pacsd.index.outbox import RouteQueue
+from pacsd.errors import PortInUse
+from pacsd.web import admin, api, dicomweb, health, ui, wado, xmlrpc
+from pacsd.web.app import errors_plugin, new_app
 from pacsd.web.auth import Auth, Sessions, Throttle
-from pacsd.web.guard import Guard, client_of
-from pacsd.web.jobs import Jobs
+from pacsd.web.guard import Guard
+from pacsd.web.runtime import Runtime
 from pacsd.web.server import PacsdServer
 
+__all__ = ["Cors", "HttpServer", "Runtime", "errors_plugin", "make_app", "new_app"]
+
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Runtime:
-    """What the web side may know of the running server."""
-
-    cfg: Config
-    archive: Archive
-    accounts: Accounts
-    started: float
-    associations: Callable[[], int] = lambda: 0
-    logbook: Logbook = field(default_factory=Logbook)
-    jobs: Jobs = field(default_factory=Jobs)
-    hooks: Hooks | None = None        # the plugins (their HTTP routes, their state)
-    outbox: RouteQueue | None = None  # the routing queue (admin page, /api/queue)
-
-
-def errors_plugin(callback: Callable) -> Callable:
-    """Turn our errors into HTTP answers, in one place: each carries its status."""
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return callback(*args, **kwargs)
-        except PacsError as e:
-            log.warning("HTTP %s %s from %s: %s", bottle.request.method, bottle.request.path,
-                        client_of(bottle.request.environ), e)
-            if bottle.request.path.startswith("/api/"):   # the pages read {"error": ...}
-                raise bottle.HTTPResponse(json.dumps({"error": str(e)}), e.http_status,
-                                          {"Content-Type": "application/json"}) from None
-            raise bottle.HTTPError(e.http_status, str(e)) from None
-    return wrapper
-
-
-def new_app() -> bottle.Bottle:
-    app = bottle.Bottle(catchall=True)
-    app.install(errors_plugin)
-
-    def plain_error(err: bottle.HTTPError) -> str:
-        bottle.response.content_type = "text/plain; charset=utf-8"
-        return f"{err.status_line}: {err.body}\n"
-    for code in (400, 401, 403, 404, 405, 406, 409, 413, 415, 500, 503, 507):
-        app.error_handler[code] = plain_error
-    return app
 
 
 class Cors:
@@ -112,7 +66,6 @@ class Cors:
 
 def make_app(rt: Runtime) -> Callable:
     """The whole web side as one WSGI application."""
-    from pacsd.web import admin, api, dicomweb, health, ui, wado, xmlrpc
     local = Sessions.local_key(rt.cfg.data / "session.key").hex()
     sessions = Sessions(bytes.fromhex(rt.archive.index.shared_value(Sessions.KEY, local)))
     root = new_app()

@@ -17,11 +17,15 @@ import bottle
 
 from pacsd.nodes import remote
 from pacsd.config import NODE_RIGHTS, Node
-from pacsd.index.models import Instance, reading
+from pacsd.errors import PacsError
+from pacsd.index.outbox import RouteQueue
+from pacsd.query import studies
 from pacsd.web.api import (check_uid, fail, json_body, json_response, json_text, need_admin,
                            parse_date)
 from pacsd.web import health
+from pacsd.web.app import new_app
 from pacsd.web.auth import hash_password, is_admin
+from pacsd.web.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -35,14 +39,13 @@ def me() -> dict[str, Any]:
             "auth": user is not None}
 
 
-def status(rt: Any) -> dict[str, Any]:
+def status(rt: Runtime) -> dict[str, Any]:
     """/status, flattened for the page, plus what only the page shows."""
     cfg = rt.cfg
     base = health.status(rt)
     counts = base.pop("index")
     today = time.strftime("%Y-%m-%d 00:00:00")
-    with reading():
-        stored_today = Instance.select().where(Instance.received >= today).count()
+    stored_today = studies.instances_received_since(today)
     index_bytes = rt.archive.index.size_bytes()
     try:   # the bound ports (the configured ones may be 0)
         run = json.loads(cfg.runfile.read_text())
@@ -65,14 +68,14 @@ def _node_dict(node: Node, source: str) -> dict[str, Any]:
             "source": source, **{k: False for k in NODE_RIGHTS if not getattr(node, k)}}
 
 
-def _node(rt: Any, name: str) -> Node:
+def _node(rt: Runtime, name: str) -> Node:
     node = rt.accounts.node(name)
     if node is None:
         raise fail(404, f"no node named {name!r}")
     return node
 
 
-def save_node(rt: Any, replacing: str | None) -> bottle.HTTPResponse:
+def save_node(rt: Runtime, replacing: str | None) -> bottle.HTTPResponse:
     need_admin()
     node = rt.accounts.save_node(json_body(), replacing)
     log.warning("node %s (%s@%s:%d) %s on the admin page", node.name, node.aet, node.host,
@@ -80,14 +83,14 @@ def save_node(rt: Any, replacing: str | None) -> bottle.HTTPResponse:
     return json_response(_node_dict(node, "admin"), 200 if replacing else 201)
 
 
-def remove_node(rt: Any, name: str) -> dict[str, Any]:
+def remove_node(rt: Runtime, name: str) -> dict[str, Any]:
     need_admin()
     rt.accounts.remove_node(name)
     log.warning("node %s removed on the admin page", name)
     return {"removed": name}
 
 
-def echo(rt: Any, name: str) -> dict[str, Any]:
+def echo(rt: Runtime, name: str) -> dict[str, Any]:
     ok, ms, message = remote.echo(rt.cfg, _node(rt, name))
     return {"ok": ok, "ms": round(ms, 1), "message": message}
 
@@ -97,7 +100,7 @@ REMOTE_RETURN_KEYS = ("StudyInstanceUID", "PatientName", "PatientID", "StudyDate
                       "NumberOfStudyRelatedInstances")
 
 
-def remote_studies(rt: Any, name: str) -> dict[str, Any]:
+def remote_studies(rt: Runtime, name: str) -> dict[str, Any]:
     """C-FIND at study level on a node, from the Q/R page's fields."""
     node = _node(rt, name)
     q = bottle.request.query
@@ -128,7 +131,7 @@ def remote_studies(rt: Any, name: str) -> dict[str, Any]:
     return {"studies": studies}
 
 
-def retrieve(rt: Any, name: str) -> bottle.HTTPResponse:
+def retrieve(rt: Runtime, name: str) -> bottle.HTTPResponse:
     """C-MOVE the chosen studies from a node to our own AE title, as a job."""
     node = _node(rt, name)
     uids = json_body().get("studies")
@@ -158,13 +161,13 @@ def _password(body: dict[str, Any], required: bool) -> str | None:
     return hash_password(password)
 
 
-def users(rt: Any) -> str:
+def users(rt: Runtime) -> str:
     need_admin()
     return json_text([{"name": u.name, "admin": u.admin, "source": source}
                   for u, source in rt.accounts.users().values()])
 
 
-def save_user(rt: Any, name: str | None) -> bottle.HTTPResponse:
+def save_user(rt: Runtime, name: str | None) -> bottle.HTTPResponse:
     need_admin()
     body = json_body()
     new = name is None
@@ -177,7 +180,7 @@ def save_user(rt: Any, name: str | None) -> bottle.HTTPResponse:
                          201 if new else 200)
 
 
-def remove_user(rt: Any, name: str) -> dict[str, Any]:
+def remove_user(rt: Runtime, name: str) -> dict[str, Any]:
     need_admin()
     rt.accounts.remove_user(name)
     log.warning("user %s removed on the admin page", name)
@@ -186,7 +189,14 @@ def remove_user(rt: Any, name: str) -> dict[str, Any]:
 
 # --- the routing queue (pacsd.index.outbox) --------------------------------------------------------
 
-def queue(rt: Any) -> str:
+def _outbox(rt: Runtime) -> RouteQueue:
+    # The daemon always hands one over; a Runtime built without routing answers 500.
+    if rt.outbox is None:
+        raise PacsError("the routing queue is not running")
+    return rt.outbox
+
+
+def queue(rt: Runtime) -> str:
     """The routing jobs of one state (default: dead, the list someone must look at)."""
     need_admin()
     state = bottle.request.query.get("state") or "dead"
@@ -196,7 +206,7 @@ def queue(rt: Any) -> str:
         limit = max(1, min(1000, int(bottle.request.query.get("limit") or 200)))
     except ValueError:
         raise fail(400, "limit must be an integer") from None
-    outbox = rt.outbox
+    outbox = _outbox(rt)
     return json_text({"counts": outbox.counts(), "jobs": [
         j.as_dict() for j in outbox.jobs(None if state == "all" else state, limit)]})
 
@@ -211,25 +221,25 @@ def _job_ids(body: dict[str, Any]) -> list[int] | None:
     return ids
 
 
-def queue_retry(rt: Any) -> dict[str, Any]:
+def queue_retry(rt: Runtime) -> dict[str, Any]:
     need_admin()
     ids = _job_ids(json_body())
-    n = rt.outbox.retry(ids)
+    n = _outbox(rt).retry(ids)
     log.warning("%d routing job(s) queued again on the admin page", n)
     return {"queued": n}
 
 
-def queue_forget(rt: Any) -> dict[str, Any]:
+def queue_forget(rt: Runtime) -> dict[str, Any]:
     need_admin()
     ids = _job_ids(json_body())
     if ids is None:
         raise fail(400, 'give {"ids": [job ids]}')
-    n = rt.outbox.forget(ids)
+    n = _outbox(rt).forget(ids)
     log.warning("%d routing job(s) forgotten on the admin page", n)
     return {"forgotten": n}
 
 
-def recent_log(rt: Any) -> str:
+def recent_log(rt: Runtime) -> str:
     need_admin()
     try:
         limit = max(1, min(500, int(bottle.request.query.get("limit") or 200)))
@@ -239,8 +249,7 @@ def recent_log(rt: Any) -> str:
                   for e in rt.logbook.recent(limit)])
 
 
-def make_app(rt: Any) -> bottle.Bottle:
-    from pacsd.web import new_app
+def make_app(rt: Runtime) -> bottle.Bottle:
     app = new_app()
     routes: list[tuple[str, str, Any]] = [
         ("GET", "/me", me),

@@ -1,8 +1,8 @@
 """The pages' JSON API for studies: the list, one study, its tags, ZIP, send, delete, jobs.
 
-Matching reuses `pacsd.query.condition` (the C-FIND / QIDO-RS semantics) on the indexed
-columns; the list is sorted and paged in SQL, so a page of 50 out of half a million studies
-costs what a page of 50 costs. Administration (nodes, users, status, log) is in admin.py.
+The reads are `pacsd.query.studies` (matching as C-FIND / QIDO-RS does, sorted and paged in
+SQL); this module turns the query string into their arguments and their answers into JSON.
+Administration (nodes, users, status, log) is in admin.py.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import re
 from typing import Any, Callable, Iterator
 
 import bottle
-from peewee import fn
 from pydicom.datadict import dictionary_description
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
@@ -23,32 +22,15 @@ from pacsd import query
 from pacsd.nodes import remote
 from pacsd.errors import InvalidDataset
 from pacsd.imaging.header import is_valid_uid, read_file_header
-from pacsd.index.models import Instance, Patient, Series, Study, reading
+from pacsd.query import studies
+from pacsd.web.app import new_app
 from pacsd.web.auth import is_admin
 from pacsd.web.guard import client_of
+from pacsd.web.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 MAX_LIMIT = 500
-SORTS: dict[str, tuple[Any, ...]] = {
-    "date": (Study.study_date, Study.study_time),
-    "patient": (Patient.patient_name_key,),
-    "patient_id": (Patient.patient_id,),
-    "accession": (Study.accession_number,),
-    "description": (Study.study_description,),
-    "modalities": (Study.modalities_in_study,),
-    "instances": (Study.number_of_instances,),
-    "received": (Study.created,),
-}
-STUDY_FIELDS = (Study.study_instance_uid, Patient.patient_name, Patient.patient_id,
-                Patient.patient_birth_date, Patient.patient_sex, Study.study_date,
-                Study.study_time, Study.accession_number, Study.study_description,
-                Study.modalities_in_study, Study.number_of_series, Study.number_of_instances,
-                Study.study_id, Study.referring_physician_name, Study.institution_name,
-                Study.created)
-STUDY_NAMES = ("study_uid", "patient_name", "patient_id", "birth_date", "sex", "study_date",
-               "study_time", "accession", "description", "modalities", "series", "instances",
-               "study_id", "referring", "institution", "received")
 TAG_VALUE_MAX = 256
 TAG_DEPTH_MAX = 8
 TAG_ITEMS_MAX = 100
@@ -117,13 +99,10 @@ def study_conditions(q: Any) -> list[Any]:
     if first or last:
         keys["StudyDate"] = f"{first}-{last}" if first != last else first
     try:
-        conds = [c for k, v in keys.items() if (c := query.condition(k, v)) is not None]
+        # The description: a case-insensitive substring, what people expect of that box.
+        return studies.conditions(keys, q.get("description", "").strip())
     except query.QueryError as e:
-        raise fail(400, str(e)) from None
-    if q.get("description", "").strip():
-        # Case-insensitive substring: what people expect of a description box.
-        conds.append(Study.study_description.contains(q.get("description").strip()))
-    return conds
+        raise fail(e.http_status, str(e)) from None
 
 
 def _int(q: Any, name: str, default: int, low: int, high: int) -> int:
@@ -134,53 +113,23 @@ def _int(q: Any, name: str, default: int, low: int, high: int) -> int:
     return max(low, min(high, value))
 
 
-def _study_dict(row: tuple) -> dict[str, Any]:
-    d = dict(zip(STUDY_NAMES, row, strict=True))
-    d["received"] = str(d["received"] or "")
-    return d
-
-
 def list_studies(q: Any) -> dict[str, Any]:
     conds = study_conditions(q)
     sort = q.get("sort") or "date"
-    if sort not in SORTS:
-        raise fail(400, f"sort must be one of {', '.join(SORTS)}")
+    if sort not in studies.SORTS:
+        raise fail(400, f"sort must be one of {', '.join(studies.SORTS)}")
     desc = (q.get("order") or ("desc" if sort in ("date", "received") else "asc")) == "desc"
     limit = _int(q, "limit", 50, 1, MAX_LIMIT)
     offset = _int(q, "offset", 0, 0, 1 << 40)
-    order = [f.desc() if desc else f.asc() for f in SORTS[sort]]
-    order.append(Study.id.desc() if desc else Study.id.asc())
-    with reading():
-        base = Study.select().join(Patient)
-        for c in conds:
-            base = base.where(c)
-        total = base.count()
-        rows: Any = base.select(*STUDY_FIELDS).order_by(*order).limit(limit).offset(offset)
-        studies = [_study_dict(r) for r in rows.tuples()]
-    return {"total": total, "offset": offset, "limit": limit, "studies": studies}
+    total, page = studies.study_page(conds, sort, desc, limit, offset)
+    return {"total": total, "offset": offset, "limit": limit, "studies": page}
 
 
 def one_study(uid: str) -> dict[str, Any]:
     check_uid(uid)
-    with reading():
-        row = (Study.select(*STUDY_FIELDS).join(Patient)
-               .where(Study.study_instance_uid == uid).tuples().first())
-        if row is None:
-            raise fail(404, "no such study")
-        study = _study_dict(row)
-        first_sop = (Instance.select(Instance.sop_instance_uid)
-                     .where(Instance.series == Series.id)
-                     .order_by(fn.COALESCE(Instance.instance_number, 1 << 30), Instance.id)
-                     .limit(1))
-        series: Any = (Series.select(Series.series_instance_uid, Series.series_number,
-                                Series.modality, Series.series_description,
-                                Series.body_part_examined, Series.number_of_instances,
-                                first_sop.alias("first_sop"))
-                  .join(Study).where(Study.study_instance_uid == uid)
-                  .order_by(fn.COALESCE(Series.series_number, 1 << 30), Series.id).tuples())
-        study["series"] = [dict(zip(("series_uid", "number", "modality", "description",
-                                     "body_part", "instances", "first_sop"), r, strict=True))
-                           for r in series]
+    study = studies.study_summary(uid)
+    if study is None:
+        raise fail(404, "no such study")
     return study
 
 
@@ -221,11 +170,9 @@ def tag_list(ds: Dataset, depth: int = 0) -> list[dict[str, Any]]:
     return out
 
 
-def instance_tags(rt: Any, sop: str) -> list[dict[str, Any]]:
+def instance_tags(rt: Runtime, sop: str) -> list[dict[str, Any]]:
     check_uid(sop)
-    with reading():
-        path = (Instance.select(Instance.path).where(Instance.sop_instance_uid == sop)
-                .scalar())
+    path = studies.instance_path(sop)
     if path is None:
         raise fail(404, "no such instance")
     try:
@@ -240,15 +187,13 @@ def instance_tags(rt: Any, sop: str) -> list[dict[str, Any]]:
 
 def stored(level: str, uid: str) -> list[query.StoredInstance]:
     check_uid(uid)
-    key = {"STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID"}[level]
-    with reading():
-        insts = query.instances(query.Request(level, {key: uid}))
+    insts = studies.stored_in(level, uid)
     if not insts:
         raise fail(404, f"no such {level.lower()}")
     return insts
 
 
-def send(rt: Any, level: str, uid: str) -> bottle.HTTPResponse:
+def send(rt: Runtime, level: str, uid: str) -> bottle.HTTPResponse:
     name = str(json_body().get("node") or "")
     node = rt.accounts.node(name)
     if node is None:
@@ -266,7 +211,7 @@ def send(rt: Any, level: str, uid: str) -> bottle.HTTPResponse:
     return json_response({"job": job.id}, 202)
 
 
-def delete(rt: Any, level: str, uid: str) -> dict[str, int]:
+def delete(rt: Runtime, level: str, uid: str) -> dict[str, int]:
     need_admin()
     check_uid(uid)
     n = rt.archive.delete(level, [uid])
@@ -278,13 +223,10 @@ def delete(rt: Any, level: str, uid: str) -> dict[str, int]:
     return {"deleted": n}
 
 
-def zip_download(rt: Any, level: str, uid: str) -> Iterator[bytes]:
+def zip_download(rt: Runtime, level: str, uid: str) -> Iterator[bytes]:
     from pacsd.imaging.media import zip_stream
     insts = stored(level, uid)
-    with reading():
-        row = (Study.select(Patient.patient_id, Study.study_date).join(Patient)
-               .switch(Study).join(Series).join(Instance)
-               .where(Instance.sop_instance_uid == insts[0].sop_instance_uid).tuples().first())
+    row = studies.patient_and_date(insts[0].sop_instance_uid)
     stem = "-".join(p for p in (row or ()) if p) or "study"
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem)[:60] + ("" if level == "STUDY" else "-series")
     with_dicomdir = bottle.request.query.get("dicomdir", "1") not in ("0", "no", "false")
@@ -294,8 +236,7 @@ def zip_download(rt: Any, level: str, uid: str) -> Iterator[bytes]:
     return zip_stream([store.path(i.path) for i in insts], dicomdir=with_dicomdir)
 
 
-def make_app(rt: Any) -> bottle.Bottle:
-    from pacsd.web import new_app
+def make_app(rt: Runtime) -> bottle.Bottle:
     app = new_app()
 
     def route(method: str, path: str, fn_: Callable) -> None:

@@ -10,12 +10,13 @@ import bottle
 
 from pacsd import __version__
 from pacsd.errors import IndexFull, IndexUnavailable
+from pacsd.web.app import new_app
+from pacsd.web.runtime import Runtime
 
 ALIVE_TEXT = "Test DB Alive succeeded"
 
 
-def make_app(rt: Any) -> bottle.Bottle:
-    from pacsd.web import new_app
+def make_app(rt: Runtime) -> bottle.Bottle:
     app = new_app()
 
     @app.get("/testdbalive")
@@ -38,7 +39,7 @@ def make_app(rt: Any) -> bottle.Bottle:
     return app
 
 
-def status(rt: Any) -> dict[str, Any]:
+def status(rt: Runtime) -> dict[str, Any]:
     """What `/status` says; the admin page's figures start from it."""
     cfg = rt.cfg
     disk = shutil.disk_usage(cfg.storage_path)

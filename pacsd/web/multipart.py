@@ -12,6 +12,8 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
+from pacsd.errors import PacsError
+
 CHUNK = 1 << 20
 SMALL = 1 << 16   # a first chunk shorter than this is sent with its part's headers
 
@@ -136,8 +138,10 @@ def file_chunks(f, size: int = CHUNK) -> Iterator[bytes]:  # type: ignore[no-unt
         yield chunk
 
 
-class MalformedBody(ValueError):
-    """The body is not the multipart/related it says it is."""
+class MalformedBody(PacsError, ValueError):
+    """The body is not the multipart/related it says it is (HTTP 400; a ValueError too)."""
+
+    http_status = 400
 
 
 def read_parts(read: Callable[[int], bytes], length: int | None, boundary: str,

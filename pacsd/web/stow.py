@@ -11,7 +11,7 @@ import io
 import json
 import logging
 import struct
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import bottle
 from pydicom.dataset import Dataset
@@ -22,6 +22,7 @@ from pydicom.tag import Tag
 from pacsd.errors import InvalidDataset, PacsError
 from pacsd.imaging.header import is_valid_uid
 from pacsd.web import multipart
+from pacsd.web.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ def _split_part10(view: memoryview) -> tuple[Dataset, int]:
     return meta, head.tell()
 
 
-def store_part(rt: Any, view: memoryview, study: str | None, result: dict[str, Any],
+def store_part(rt: Runtime, view: memoryview, study: str | None, result: dict[str, Any],
                url: Url) -> None:
     """Store one Part 10 file; fill `result` with what the response says of it."""
     meta, offset = _split_part10(view)
@@ -53,7 +54,8 @@ def store_part(rt: Any, view: memoryview, study: str | None, result: dict[str, A
     # (Archive.put reads the header from it and writes it out as it is). Released before the
     # reader moves on to the next part.
     with view[offset:] as data:
-        stored = rt.archive.put(data, transfer_syntax=ts, study=study,
+        # A view where put says bytes: it reads any buffer without a copy (header, hash, write).
+        stored = rt.archive.put(cast(bytes, data), transfer_syntax=ts, study=study,
                                 sop_class=result["ReferencedSOPClassUID"] or None,
                                 sop_instance=result["ReferencedSOPInstanceUID"] or None)
     result["RetrieveURL"] = url(stored.study_instance_uid, stored.series_instance_uid,
@@ -65,7 +67,7 @@ def store_part(rt: Any, view: memoryview, study: str | None, result: dict[str, A
                  stored.sop_instance_uid, stored.warning, stored.comment)
 
 
-def stow(rt: Any, study: str | None, url: Url) -> str:
+def stow(rt: Runtime, study: str | None, url: Url) -> str:
     if study is not None and not is_valid_uid(study):
         raise bottle.HTTPError(400, f"{study[:80]!r} is not a valid UID")
     ctype = multipart.parse_media_type(bottle.request.environ.get("CONTENT_TYPE", ""))
@@ -102,7 +104,7 @@ def stow(rt: Any, study: str | None, url: Url) -> str:
                         result.get("ReferencedSOPInstanceUID") or "?", result["error"])
     except multipart.MalformedBody as e:
         if not results:
-            raise bottle.HTTPError(400, str(e)) from None
+            raise bottle.HTTPError(e.http_status, str(e)) from None
         log.warning("STOW-RS: body cut short after %d part(s): %s", len(results), e)
     except Exception as e:
         if type(e).__name__ == "MaxSizeExceeded":   # cheroot: a chunked body over the cap

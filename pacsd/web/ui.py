@@ -14,8 +14,10 @@ from typing import Any
 
 import bottle
 
+from pacsd.web.app import new_app
 from pacsd.web.auth import Sessions, Throttle, verify
 from pacsd.web.guard import client_of
+from pacsd.web.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ def static(filename: str) -> Any:
     return rsp
 
 
-def login(rt: Any, sessions: Sessions, throttle: Throttle) -> Any:
+def login(rt: Runtime, sessions: Sessions, throttle: Throttle) -> Any:
     """Name and password (form or JSON) -> the session cookie."""
     req = bottle.request
     address = client_of(req.environ)   # never the client's own X-Forwarded-For (the Guard)
@@ -87,8 +89,7 @@ def logout(sessions: Sessions) -> Any:
         "Set-Cookie": sessions.header("", secure=False, max_age=0)})
 
 
-def make_app(rt: Any, sessions: Sessions, throttle: Throttle | None = None) -> bottle.Bottle:
-    from pacsd.web import new_app
+def make_app(rt: Runtime, sessions: Sessions, throttle: Throttle | None = None) -> bottle.Bottle:
     app = new_app()
     app.route("/", "GET", lambda: bottle.redirect("app/"))
     app.route("/app", "GET", lambda: bottle.redirect("app/"))

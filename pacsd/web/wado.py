@@ -19,6 +19,8 @@ from pacsd.imaging import render
 from pacsd.errors import PacsError
 from pacsd.imaging.header import is_valid_uid
 from pacsd.query import Request, StoredInstance, instances
+from pacsd.web.app import new_app
+from pacsd.web.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +80,7 @@ def _content_type(raw: str | None) -> str | None:
                     f"{', '.join(IMAGES)}")
 
 
-def _lookup(rt: Any, study: str, series: str, obj: str) -> StoredInstance:
+def _lookup(rt: Runtime, study: str, series: str, obj: str) -> StoredInstance:
     req = Request("IMAGE", {"StudyInstanceUID": study, "SeriesInstanceUID": series,
                             "SOPInstanceUID": obj})
     with rt.archive.index.reading():
@@ -88,7 +90,7 @@ def _lookup(rt: Any, study: str, series: str, obj: str) -> StoredInstance:
     return found[0]
 
 
-def _stream(rt: Any, inst: StoredInstance, transfer_syntax: str | None) -> Any:
+def _stream(rt: Runtime, inst: StoredInstance, transfer_syntax: str | None) -> Any:
     path = rt.archive.store.path(inst.path)
     bottle.response.content_type = DICOM
     bottle.response.set_header("Content-Disposition",
@@ -121,8 +123,7 @@ def _convert(path: Any, transfer_syntax: str) -> bytes:
     return out.getvalue()
 
 
-def make_app(rt: Any) -> bottle.Bottle:
-    from pacsd.web import new_app
+def make_app(rt: Runtime) -> bottle.Bottle:
     app = new_app()
 
     @app.get("/wado")

@@ -31,10 +31,12 @@ from pydicom.datadict import tag_for_keyword
 
 from pacsd import query
 from pacsd.nodes import remote
-from pacsd.index.models import Patient, Series, Study
+from pacsd.query import predicate
 from pacsd.web import osirix
+from pacsd.web.app import new_app
 from pacsd.web.auth import is_admin
 from pacsd.web.guard import client_of
+from pacsd.web.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +112,7 @@ def _param(p: dict[str, Any], *names: str) -> str:
 class Methods:
     """The XML-RPC methods; each takes the call's struct and returns the answer struct."""
 
-    def __init__(self, rt: Any) -> None:
+    def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.cfg = rt.cfg
         self.table: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
@@ -136,71 +138,55 @@ class Methods:
         execute = str(p.get("execute") or "Select").strip().capitalize()
         if not isinstance(request, str) or not request.strip():
             return err(400, "'request' (a predicate such as \"patientID == 'X'\") is missing")
-        if table not in osirix.TABLES:
-            return err(400, f"'table' must be one of {', '.join(osirix.TABLES)}")
+        if table not in predicate.TABLES:
+            return err(400, f"'table' must be one of {', '.join(predicate.TABLES)}")
         if execute not in ("Select", "Open", "Nothing", "Delete"):
             return err(400, "'execute' must be Select, Open, Nothing or Delete")
         if execute == "Delete" and not self.admin():
             return err(403, "Delete needs an administrator")
         try:
-            cond = osirix.parse(table, request)
-        except osirix.PredicateError as e:
-            return err(400, f"request: {e}")
-        index = self.rt.archive.index
-        with index.reading():
-            q = osirix.select(table, cond)
-            rows = list(q.limit(MAX_ELEMENTS + 1))
-            count = len(rows) if len(rows) <= MAX_ELEMENTS else q.count()
-            elements = [osirix.ELEMENT[table](r) for r in rows[:MAX_ELEMENTS]]
-            uids = ([str(u) for (u,) in q.select(osirix.UID_FIELD[table]).tuples()]
-                    if execute == "Delete" and count else [])
+            cond = predicate.parse(table, request)
+        except predicate.PredicateError as e:
+            return err(e.http_status, f"request: {e}")
+        found = predicate.find(table, cond, MAX_ELEMENTS, uids=execute == "Delete")
+        count, uids = found.count, found.uids
+        elements = [osirix.ELEMENT[table](r) for r in found.rows]
         if not count:
             return err(-1, "nothing matches", elements=[], count=0)
         answer = ok(elements=elements, count=count)
         if count > MAX_ELEMENTS:
             answer["truncated"] = "1"
         if execute == "Delete":
-            answer["deleted"] = self.rt.archive.delete(osirix.LEVEL[table], uids)
+            answer["deleted"] = self.rt.archive.delete(predicate.LEVEL[table], uids)
             log.warning("XML-RPC DBWindowFind Delete from %s: %d %s(s), %d image(s)",
                         client_of(bottle.request.environ), count, table.lower(), answer["deleted"])
         return answer
 
     # --- DisplayStudy / DisplaySeries (headless: answer what OsiriX would open) -------------
 
-    def _display(self, table: str, conds: list[Any]) -> dict[str, Any]:
-        if not conds:
+    def _display(self, table: str, p: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+        """The rows whose columns hold exactly the values given; each parameter is named by
+        its DICOM keyword, or by it with a lower-case initial."""
+        keys = {}
+        for keyword in names:
+            value = _param(p, keyword, keyword[0].lower() + keyword[1:])
+            if value:
+                keys[keyword] = value
+        if not keys:
             return err(400, "give at least one of the identifying parameters")
-        cond = conds[0]
-        for c in conds[1:]:
-            cond = cond & c
-        with self.rt.archive.index.reading():
-            rows = list(osirix.select(table, cond).limit(MAX_ELEMENTS))
-            elements = [osirix.ELEMENT[table](r) for r in rows]
+        rows = predicate.first_rows(table, predicate.exact(keys), MAX_ELEMENTS)
+        elements = [osirix.ELEMENT[table](r) for r in rows]
         if not elements:
             return err(-1, "nothing matches", elements=[])
         return ok(elements=elements)
 
     def display_study(self, p: dict[str, Any]) -> dict[str, Any]:
-        conds = []
-        for names, field in ((("PatientID", "patientID"), Patient.patient_id),
-                             (("StudyInstanceUID", "studyInstanceUID"), Study.study_instance_uid),
-                             (("AccessionNumber", "accessionNumber"), Study.accession_number),
-                             (("StudyID", "studyID"), Study.study_id)):
-            value = _param(p, *names)
-            if value:
-                conds.append(field == value)
-        return self._display("Study", conds)
+        return self._display("Study", p, ("PatientID", "StudyInstanceUID", "AccessionNumber",
+                                          "StudyID"))
 
     def display_series(self, p: dict[str, Any]) -> dict[str, Any]:
-        conds = []
-        for names, field in ((("PatientID", "patientID"), Patient.patient_id),
-                             (("StudyInstanceUID", "studyInstanceUID"), Study.study_instance_uid),
-                             (("SeriesInstanceUID", "seriesInstanceUID"),
-                              Series.series_instance_uid)):
-            value = _param(p, *names)
-            if value:
-                conds.append(field == value)
-        return self._display("Series", conds)
+        return self._display("Series", p, ("PatientID", "StudyInstanceUID",
+                                           "SeriesInstanceUID"))
 
     # --- CMove: send a stored study to a configured node ------------------------------------
 
@@ -286,8 +272,7 @@ class Methods:
         return handler(dict(params[0]) if params else {})
 
 
-def make_app(rt: Any) -> bottle.Bottle:
-    from pacsd.web import new_app
+def make_app(rt: Runtime) -> bottle.Bottle:
     app = new_app()
     methods = Methods(rt)
 
