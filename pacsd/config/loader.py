@@ -309,12 +309,12 @@ def load(path: Path | str | None = None, env: Mapping[str, str] | None = None,
 
 
 def check(path: Path | str | None = None, env: Mapping[str, str] | None = None,
-          overrides: Mapping[str, Any] | None = None) -> tuple[Config | None, list[ConfigError]]:
-    """As `load()`, but every problem rather than the first: (the Config, or None when
-    something is wrong, and the problems, one line each)."""
+          overrides: Mapping[str, Any] | None = None) -> tuple[Config, list[ConfigError]]:
+    """As `load()`, but every problem rather than the first: (the Config built from the values
+    that were good, the others left at their defaults; the problems, one line each)."""
     problems = _Problems(gather=True)
     cfg = _build(path, env, overrides, problems)
-    return (None if problems.found else cfg), problems.found
+    return cfg, problems.found
 
 
 def _not_writable(folder: Path) -> str | None:
