@@ -40,10 +40,10 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     if args.node and not nodes:
         print(f"pacsd: no node named {args.node!r} (see `pacsd nodes`)", file=sys.stderr)
         return EXIT_FAILURE
-    me = doctor.here(cfg, args.timeout)
+    me = doctor.own_listener(cfg, args.timeout)
     reports = []
     if not args.json:
-        print(doctor.render_here(me), flush=True)
+        print(doctor.render_listener(me), flush=True)
         for note in notes:
             print(f"  WARN  {'nodes':<10} {note}", flush=True)
         if not nodes:
@@ -53,13 +53,11 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         if not args.json:
             print(doctor.render(report), flush=True)
     failed = [r for r in reports if r.failed]
-    here_failed = me.finding is not None and me.finding.level == doctor.FAIL
+    listener_failed = me.finding is not None and me.finding.level == doctor.FAIL
     if args.json:
-        print(json.dumps({"ok": not failed and not here_failed, "aet": cfg.dicom_aet,
-                          "listener": me.finding.as_dict() if me.finding else None,
-                          "notes": notes, "nodes": [r.as_dict() for r in reports]}, indent=1))
+        print(json.dumps(doctor.as_json(cfg.dicom_aet, me, notes, reports), indent=1))
     elif reports:
         print(f"{len(reports)} node(s) checked: {len(reports) - len(failed)} passed"
               + (f", {len(failed)} failed: " + ", ".join(r.node.name for r in failed)
                  if failed else ""))
-    return EXIT_FAILURE if failed or here_failed else EXIT_OK
+    return EXIT_FAILURE if failed or listener_failed else EXIT_OK
