@@ -88,7 +88,7 @@ def open_archive(cfg: Config) -> "Archive":
     from pacsd.imaging import bounds
     from pacsd.storage.archive import Archive
     from pacsd.storage.store import Store
-    bounds.configure(bounds.Limits.from_config(cfg))   # import and reindex read headers
+    bounds.configure(bounds.Limits.from_settings(cfg.dicom))   # import and reindex read headers
     # Temporary files in a folder of their own: a node starting meanwhile cleans only its own.
     store = Store(cfg.storage_path, cfg.storage_min_free_mb, node="cli")
     store.open(clean=False)   # a running server may have temporary files in flight
