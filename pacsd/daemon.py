@@ -158,7 +158,7 @@ class Server:
             self.started = time.time()
             write_atomic(cfg.pidfile, f"{os.getpid()}\n")
             self.node = node_id(cfg.data)
-            bounds.configure(bounds.Limits.from_config(cfg))
+            bounds.configure(bounds.Limits.from_settings(cfg.dicom))
             store = Store(cfg.storage_path, cfg.storage_min_free_mb, node=self.node)
             store.open()
             self.index = Index(cfg.index_url, node=self.node, pool_size=cfg.index_pool_size,

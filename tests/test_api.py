@@ -285,8 +285,8 @@ def test_pages_and_their_files_and_nothing_else(server):
         assert requests.get(f"{url}/app/{name}", timeout=10).status_code == 200, name
     assert requests.get(f"{url}/app/static/common.js", timeout=10).status_code == 200
     host, port = url.split("//")[1].split(":")
-    for path in ("/app/static/../../config.py", "/app/static/%2e%2e/%2e%2e/config.py",
-                 "/app/static/..%2f..%2fconfig.py", "/app/../pacsd.json", "/app/nothing"):
+    for path in ("/app/static/../../errors.py", "/app/static/%2e%2e/%2e%2e/errors.py",
+                 "/app/static/..%2f..%2ferrors.py", "/app/../pacsd.json", "/app/nothing"):
         with socket.create_connection((host, int(port)), timeout=10) as c:   # sent verbatim
             c.sendall(f"GET {path} HTTP/1.0\r\n\r\n".encode())
             status = c.recv(64).split(b"\r\n")[0]

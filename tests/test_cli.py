@@ -98,6 +98,48 @@ def test_config_file_that_does_not_exist(tmp_path: Path):
     assert "does not exist" in one_line(r.stderr)
 
 
+def test_config_check_reports_every_problem(tmp_path: Path):
+    """Two bad values (and a bad environment value): each on its own line, not only the first."""
+    path = tmp_path / "bad.toml"
+    path.write_text(f'[server]\ndata = "{tmp_path / "data"}"\n'
+                    '[dicom]\nport = 70000\naet = "ABCDEFGHIJKLMNOPQ"\n[http]\nthreads = 1\n')
+    r = pacsd("config", "--check", "--config", str(path), env={"PACSD_ROUTING_CONCURRENCY": "x"})
+    assert r.returncode == EXIT_CONFIG, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 4, r.stderr
+    assert all(line.startswith("pacsd: ") for line in lines), lines
+    for words, line in zip([("[dicom] port", "70000"), ("[dicom] aet", "ABCDEFGHIJKLMNOPQ"),
+                            ("[http] threads", "1"), ("[routing] concurrency",
+                                                      "$PACSD_ROUTING_CONCURRENCY")], lines):
+        assert all(w in line for w in words), line
+    assert r.stdout == ""
+
+
+def test_config_check_finds_folders_it_cannot_write(tmp_path: Path):
+    """A storage folder and a log folder that cannot be created (a regular file where a folder
+    should be: root may write anywhere else), beside a bad value: three lines."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    path = tmp_path / "folders.toml"
+    path.write_text(f'[server]\ndata = "{tmp_path / "data"}"\n'
+                    f'[storage]\npath = "{blocker / "storage"}"\n'
+                    f'[log]\nfile = "{blocker / "logs" / "pacsd.log"}"\n'
+                    '[dicom]\nport = -1\n')
+    r = pacsd("config", "--check", "--config", str(path))
+    assert r.returncode == EXIT_CONFIG, (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 3, r.stderr
+    assert "[dicom] port" in lines[0]
+    assert lines[1] == (f"pacsd: [storage] path: {blocker / 'storage'}: cannot be created: "
+                        f"{blocker} is not a folder")
+    assert lines[2].startswith(f"pacsd: [log] file (its folder): {blocker / 'logs'}: ")
+    # The same folders, fixed: OK (the data folder need not exist yet: serve creates it).
+    path.write_text(f'[server]\ndata = "{tmp_path / "data"}"\n'
+                    f'[storage]\npath = "{tmp_path / "nas" / "storage"}"\n')
+    r = pacsd("config", "--check", "--config", str(path))
+    assert r.returncode == 0 and "configuration OK" in r.stdout, r.stderr
+
+
 def test_precedence_file_then_environment(tmp_path: Path):
     cfg = write_config(tmp_path / "pacsd.toml", tmp_path / "data",
                        dicom={"aet": "FILEAE", "port": 1104})

@@ -37,7 +37,7 @@ def _cfg(tmp_path: Path, aet: str = "PACSD", **dicom) -> Config:
 
 
 def _check(cfg: Config, node: Node) -> dict[str, doctor.Finding]:
-    report = doctor.check_node(cfg, node, "config", doctor.here(cfg, TIMEOUT), TIMEOUT)
+    report = doctor.check_node(cfg, node, "config", doctor.own_listener(cfg, TIMEOUT), TIMEOUT)
     return {f.check: f for f in report.findings}
 
 
@@ -141,7 +141,7 @@ def test_move_destination_known_or_not(make_server, tmp_path):
                          nodes=[{"name": "itself", "aet": "PACSD", "host": LOCAL,
                                  "port": port}])
     node = Node("pacs", "PACSD", LOCAL, port)
-    me = doctor.here(server.cfg, TIMEOUT)
+    me = doctor.own_listener(server.cfg, TIMEOUT)
     assert me.running and me.finding is not None and me.finding.level == doctor.OK
     assert (f"listening on 127.0.0.1 only (only this machine can reach it), port {port}; it "
             "answers C-ECHO") in me.finding.message
@@ -167,7 +167,7 @@ def test_move_destination_known_or_not(make_server, tmp_path):
 
 def test_dns_and_tcp_failures_are_told_apart(tmp_path):
     cfg = _cfg(tmp_path)
-    ok, _ = doctor._bounded(lambda: socket.getaddrinfo("pacsd-doctor.invalid", 104), TIMEOUT)
+    ok, _ = doctor.checks._bounded(lambda: socket.getaddrinfo("pacsd-doctor.invalid", 104), TIMEOUT)
     if not ok:
         peer_missing("this machine's resolver takes more than 2 s to refuse a .invalid name")
     t0 = time.monotonic()
@@ -200,12 +200,12 @@ def test_return_path_words(tmp_path):
     """The listener's address against the node's (no network: the decision alone)."""
     remote = Node("ct", "CT1", "10.1.2.3", 104)
     cfg = _cfg(tmp_path)
-    loopback = doctor.Here("PACSD", 11112, "127.0.0.1", running=True, pid=1)
+    loopback = doctor.OwnListener("PACSD", 11112, "127.0.0.1", running=True, pid=1)
     found = doctor.return_path(cfg, remote, loopback, ["10.1.2.3"], "10.9.9.9")
     assert found.level == doctor.WARN
     assert found.message.startswith("pacsd listens on 127.0.0.1 only: CT1 at 10.1.2.3 cannot "
                                     "reach it; set [dicom] bind = \"0.0.0.0\"")
-    everywhere = doctor.Here("PACSD", 11112, "0.0.0.0", running=False)
+    everywhere = doctor.OwnListener("PACSD", 11112, "0.0.0.0", running=False)
     found = doctor.return_path(cfg, remote, everywhere, ["10.1.2.3"], "10.9.9.9")
     assert found.level == doctor.OK
     assert found.message == "the node should send to PACSD at 10.9.9.9:11112"

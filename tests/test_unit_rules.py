@@ -211,7 +211,7 @@ def app(environ, start_response):
 ])
 def test_hosts_a_browser_may_use(tmp_path, allowed, host, ok):
     hosts = ", ".join(f'"{h}"' for h in allowed)
-    g = guard.Guard(app, load(tmp_path, f"[http]\nallowed_hosts = [{hosts}]\n"))
+    g = guard.Guard(app, load(tmp_path, f"[http]\nallowed_hosts = [{hosts}]\n").http)
     assert g.host_allowed(host) is ok
 
 

@@ -49,8 +49,9 @@ def setup_logging(cfg: Config, level: str) -> None:
 class Watchdog:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.policy = Policy(grace=cfg.watchdog_grace, failures=cfg.watchdog_failures,
-                             max_kills_per_hour=cfg.watchdog_max_kills_per_hour)
+        self.settings = w = cfg.watchdog   # [watchdog]; cfg for the server's folders and TLS
+        self.policy = Policy(grace=w.grace, failures=w.failures,
+                             max_kills_per_hour=w.max_kills_per_hour)
         self.stop = threading.Event()
         self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="probe")
         self.watching: int | None = None
@@ -65,9 +66,9 @@ class Watchdog:
 
     def probe(self, t: probes.Target) -> list[probes.Result]:
         """All probes at once: a round takes the longest timeout, not their sum."""
-        timeout = self.cfg.watchdog_timeout
+        timeout = self.settings.timeout
         chosen = [probes.http_alive, probes.xmlrpc_ping, probes.c_echo]
-        if self.cfg.watchdog_roundtrip:
+        if self.settings.roundtrip:
             chosen.append(probes.roundtrip)
         results = list(self.pool.map(lambda probe: probe(t, timeout), chosen))
         for r in results:
@@ -83,7 +84,7 @@ class Watchdog:
         now = time.monotonic()
         if now - self._reported.get(event, -REPORT_EVERY_S) >= REPORT_EVERY_S:
             self._reported[event] = now
-            act.run_on_kill(self.cfg.watchdog_on_kill, event, reason, pid)
+            act.run_on_kill(self.settings.on_kill, event, reason, pid)
 
     def _lookup(self) -> tuple[probes.Target | None, str]:
         """The server pacsd.json names, or None and why there is none (in plain words)."""
@@ -115,7 +116,7 @@ class Watchdog:
                             "(%s)", self.watching, why)
             else:
                 log.warning("no pacsd to watch: %s. Looking again every %g s; said once until "
-                            "it is found", why, self.cfg.watchdog_interval)
+                            "it is found", why, self.settings.interval)
         else:
             log.debug("still no pacsd to watch: %s", why)
         self.watching = None
@@ -144,13 +145,13 @@ class Watchdog:
         if d.in_grace:
             log.warning("round failed during the grace period: %s", reason)
             return
-        log.warning("round failed (%d/%d): %s", d.failed, self.cfg.watchdog_failures, reason)
+        log.warning("round failed (%d/%d): %s", d.failed, self.settings.failures, reason)
         if d.action == ALERT:
             if not self.alerted:   # once per failing streak; the rounds above go on
                 n = self.policy.kills_last_hour(now)
                 log.critical("NOT killing pacsd pid %d: %d kill(s) in the last hour "
                              "(max_kills_per_hour=%d); alert only. It keeps failing: %s",
-                             t.pid, n, self.cfg.watchdog_max_kills_per_hour, reason)
+                             t.pid, n, self.settings.max_kills_per_hour, reason)
                 self.alerted = True
                 self._report("alert", reason, t.pid)
         elif d.action == KILL:
@@ -158,7 +159,7 @@ class Watchdog:
 
     def kill(self, t: probes.Target, reason: str, now: float) -> None:
         cfg = self.cfg
-        why = act.restart_cannot_help(cfg.storage_path, cfg.data, cfg.watchdog_min_free_mb) \
+        why = act.restart_cannot_help(cfg.storage_path, cfg.data, self.settings.min_free_mb) \
             or probes.index_full(reason)
         if why:
             log.error("NOT killing pacsd pid %d: restarting cannot help: %s (it fails: %s)",
@@ -171,24 +172,24 @@ class Watchdog:
             log.warning("not killing pid %d: %s", t.pid, other)
             return
         log.warning("killing pacsd pid %d: %s", t.pid, reason)
-        how = act.kill(t, cfg.watchdog_term_wait, cfg.watchdog_launchd_label,
-                       react_wait=cfg.watchdog_react_wait)
+        how = act.kill(t, self.settings.term_wait, self.settings.launchd_label,
+                       react_wait=self.settings.react_wait)
         log.warning("%s", how)
         self.policy.killed(time.time())
-        act.run_on_kill(cfg.watchdog_on_kill, "kill", reason, t.pid)
+        act.run_on_kill(self.settings.on_kill, "kill", reason, t.pid)
 
     def run(self) -> None:
         cfg = self.cfg
         log.info("pacsd-watchdog started for %s (interval %g s, %d failed rounds, grace "
-                 "%g s, at most %d kills an hour)", cfg.source, cfg.watchdog_interval,
-                 cfg.watchdog_failures, cfg.watchdog_grace, cfg.watchdog_max_kills_per_hour)
+                 "%g s, at most %d kills an hour)", cfg.source, self.settings.interval,
+                 self.settings.failures, self.settings.grace, self.settings.max_kills_per_hour)
         while not self.stop.is_set():
             started = time.monotonic()
             try:
                 self.round()
             except Exception:  # noqa: BLE001 - the watchdog itself must not die of a bad round
                 log.exception("watchdog round failed")
-            self.stop.wait(max(0.0, cfg.watchdog_interval - (time.monotonic() - started)))
+            self.stop.wait(max(0.0, self.settings.interval - (time.monotonic() - started)))
         self.pool.shutdown(wait=False, cancel_futures=True)
         log.info("pacsd-watchdog stopped")
 

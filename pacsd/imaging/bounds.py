@@ -19,9 +19,12 @@ import logging
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pacsd.errors import DataSetTooLarge, InvalidDataset
+
+if TYPE_CHECKING:
+    from pacsd.config import DicomSettings
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +49,10 @@ class Limits:
     max_pixel_bytes: int = 4096 * MB
 
     @classmethod
-    def from_config(cls, cfg: Any) -> Limits:
-        return cls(max_inflated=cfg.dicom_max_inflated_mb * MB,
-                   max_frame_pixels=cfg.dicom_max_frame_pixels,
-                   max_pixel_bytes=cfg.dicom_max_pixel_mb * MB)
+    def from_settings(cls, dicom: DicomSettings) -> Limits:
+        return cls(max_inflated=dicom.max_inflated_mb * MB,
+                   max_frame_pixels=dicom.max_frame_pixels,
+                   max_pixel_bytes=dicom.max_pixel_mb * MB)
 
 
 _limits = Limits()

@@ -93,7 +93,7 @@ def make_app(rt: Runtime) -> Callable:
     if rt.cfg.http_cors_origins:
         app = Cors(app, rt.cfg.http_cors_origins)
     # Outermost: every request, preflights included, passes the Host and same-origin checks.
-    return Guard(app, rt.cfg)
+    return Guard(app, rt.cfg.http)
 
 
 class HttpServer:

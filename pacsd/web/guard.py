@@ -24,7 +24,7 @@ import time
 from typing import Any, Callable, Iterable
 from urllib.parse import urlsplit
 
-from pacsd.config import Config
+from pacsd.config import HttpSettings
 
 log = logging.getLogger(__name__)
 
@@ -119,9 +119,9 @@ def own_names() -> set[str]:
 class Guard:
     """WSGI middleware, outermost: Host check, same-origin check of changes, client address."""
 
-    def __init__(self, app: Callable, cfg: Config) -> None:
+    def __init__(self, app: Callable, http: HttpSettings) -> None:
         self.app = app
-        allowed = cfg.http_allowed_hosts
+        allowed = http.allowed_hosts
         self.any_host = "*" in allowed
         # Why these are safe by default: DNS rebinding needs a name the attacker controls that
         # resolves to us, and the browser then sends that name as Host. Loopback names and
@@ -130,8 +130,8 @@ class Guard:
         # by address works on day one. A reverse proxy's public name must be added.
         self.names = own_names() | {h for h in allowed if not h.startswith(".")}
         self.domains = tuple(h for h in allowed if h.startswith("."))
-        self.proxies = Proxies(cfg.http_trusted_proxies)
-        self.cors = {o for o in (_origin(c) for c in cfg.http_cors_origins if c != "*") if o}
+        self.proxies = Proxies(http.trusted_proxies)
+        self.cors = {o for o in (_origin(c) for c in http.cors_origins if c != "*") if o}
         # (client, kind) -> (since, lines logged, refusals not logged)
         self._logged: dict[tuple[str, str], tuple[float, int, int]] = {}
         self._lock = threading.Lock()

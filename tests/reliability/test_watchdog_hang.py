@@ -4,7 +4,7 @@
   round), at INFO when the server appears, and once more when it goes away.
 * With the DEFAULT settings (only the start-up grace shortened: it is not what is measured), a
   server frozen with SIGSTOP right after a healthy round (the worst phase) is SIGKILLed within
-  60 s, the bound the defaults' arithmetic gives (config.py, [watchdog]).
+  60 s, the bound the defaults' arithmetic gives (config/sections.py, WatchdogSettings).
 * A hung server that ignores SIGTERM is SIGKILLed once it shows no sign of stopping within
   `react_wait`, not after the whole `term_wait`.
 """

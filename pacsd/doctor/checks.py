@@ -1,4 +1,4 @@
-"""`pacsd doctor`: check, node by node, everything that must hold for images to flow.
+"""What `pacsd doctor` probes: check, node by node, everything that must hold for images to flow.
 
 Each check ends in one finding, OK / WARN / FAIL, worded for the IT person who has to act on it:
 1. DNS: the node's host resolves (to which addresses);
@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import psutil
@@ -44,9 +44,9 @@ from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 
 from pacsd.config import Config, Node
+from pacsd.doctor.report import FAIL, OK, WARN, Finding, NodeReport
 from pacsd.nodes.remote import CONNECTION_HANDLERS, MAX_CONTEXTS, self_tls
 
-OK, WARN, FAIL = "OK", "WARN", "FAIL"
 TIMEOUT = 5.0   # seconds, per step
 
 # The storage classes proposed, with the short names shown. Images get every transfer syntax
@@ -92,38 +92,10 @@ VERIFICATION = "1.2.840.10008.1.1"
 MOVE_DESTINATION_UNKNOWN = 0xA801   # PS3.4 C.4.2.1.5
 
 
-@dataclass
-class Finding:
-    check: str
-    level: str
-    message: str
-    data: dict[str, Any] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"check": self.check, "level": self.level, "message": self.message, **self.data}
-
-
-@dataclass
-class NodeReport:
-    node: Node
-    source: str
-    findings: list[Finding] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def failed(self) -> bool:
-        return any(f.level == FAIL for f in self.findings)
-
-    def as_dict(self) -> dict[str, Any]:
-        n = self.node
-        return {"name": n.name, "aet": n.aet, "host": n.host, "port": n.port,
-                "source": self.source, "ok": not self.failed, "seconds": round(self.seconds, 2),
-                "checks": [f.as_dict() for f in self.findings]}
-
-
 @dataclass(frozen=True)
-class Here:
-    """Our own listener, as `pacsd serve` announced it in pacsd.json."""
+class OwnListener:
+    """Our own DICOM listener, as `pacsd serve` announced it in pacsd.json (or as the config
+    says it would listen, when it is not running), with the finding of a C-ECHO to it."""
 
     aet: str
     port: int
@@ -164,7 +136,7 @@ def _bounded(fn: Any, timeout: float) -> tuple[bool, Any]:
 
 # --- 4a: our own listener ---------------------------------------------------------------------
 
-def here(cfg: Config, timeout: float = TIMEOUT) -> Here:
+def own_listener(cfg: Config, timeout: float = TIMEOUT) -> OwnListener:
     """Is our listener running (pacsd.json and its pid), on which address, answering C-ECHO."""
     try:
         run = json.loads(cfg.runfile.read_text())
@@ -172,7 +144,7 @@ def here(cfg: Config, timeout: float = TIMEOUT) -> Here:
     except (OSError, ValueError, KeyError, TypeError):
         run, pid = None, None
     if run is None or pid is None or not psutil.pid_exists(pid):
-        return Here(cfg.dicom_aet, cfg.dicom_port, cfg.dicom_bind, False, finding=Finding(
+        return OwnListener(cfg.dicom_aet, cfg.dicom_port, cfg.dicom_bind, False, finding=Finding(
             "listener", WARN, f"pacsd is not running here (no live {cfg.runfile.name} in "
             f"{cfg.data}): nodes cannot send to us until it runs; start it (`pacsd serve` or "
             "the service)"))
@@ -199,7 +171,7 @@ def here(cfg: Config, timeout: float = TIMEOUT) -> Here:
         finding = Finding("listener", FAIL, f"pacsd runs (pid {pid}) but its DICOM listener "
                           f"{aet} on {bind} port {port} does not answer C-ECHO "
                           f"({error or 'no Success'}): see its log, restart it", data)
-    return Here(aet, port, bind, True, pid, finding)
+    return OwnListener(aet, port, bind, True, pid, finding)
 
 
 # --- 1, 2: DNS and TCP ------------------------------------------------------------------------
@@ -437,7 +409,7 @@ def capability_findings(accepted: set[tuple[str, str]], problems: list[str]) -> 
 
 # --- 4: the way back --------------------------------------------------------------------------
 
-def _us(me: Here, local: str | None) -> str:
+def _us(me: OwnListener, local: str | None) -> str:
     """Our AE title, address and port as the node must know them."""
     address = local if me.bind in ("0.0.0.0", "::", "") else me.bind
     where = address or "this machine"
@@ -446,7 +418,7 @@ def _us(me: Here, local: str | None) -> str:
     return f"{me.aet} at {where}:{me.port}"
 
 
-def return_path(cfg: Config, node: Node, me: Here, addresses: list[str],
+def return_path(cfg: Config, node: Node, me: OwnListener, addresses: list[str],
                 local: str | None) -> Finding:
     """Can the node reach our listener: bound address, allowed calling AE titles."""
     advertised = local if me.bind in ("0.0.0.0", "::", "") else me.bind
@@ -470,7 +442,7 @@ def return_path(cfg: Config, node: Node, me: Here, addresses: list[str],
     return Finding("return", OK, f"the node should send to {_us(me, local)}", data)
 
 
-def check_move(cfg: Config, node: Node, me: Here, local: str | None,
+def check_move(cfg: Config, node: Node, me: OwnListener, local: str | None,
                timeout: float) -> Finding:
     """4b. A Study Root C-MOVE of a study that cannot exist, to our AE title."""
     assoc, why = _associate(cfg, node, [build_context(STUDY_MOVE)], timeout)
@@ -503,7 +475,7 @@ def check_move(cfg: Config, node: Node, me: Here, local: str | None,
 
 # --- one node, all nodes ----------------------------------------------------------------------
 
-def check_node(cfg: Config, node: Node, source: str, me: Here,
+def check_node(cfg: Config, node: Node, source: str, me: OwnListener,
                timeout: float = TIMEOUT) -> NodeReport:
     t0 = time.monotonic()
     report = NodeReport(node, source)
@@ -532,7 +504,7 @@ def check_node(cfg: Config, node: Node, source: str, me: Here,
     return report
 
 
-def check_all(cfg: Config, nodes: list[tuple[Node, str]], me: Here, timeout: float = TIMEOUT,
+def check_all(cfg: Config, nodes: list[tuple[Node, str]], me: OwnListener, timeout: float = TIMEOUT,
               workers: int = 8) -> Iterator[NodeReport]:
     """Check the nodes side by side; reports come back in the nodes' order, each as soon as it
     and those before it are done."""
@@ -543,15 +515,3 @@ def check_all(cfg: Config, nodes: list[tuple[Node, str]], me: Here, timeout: flo
         futures = [pool.submit(check_node, cfg, n, source, me, timeout) for n, source in nodes]
         for f in futures:
             yield f.result()
-
-
-def render_here(me: Here) -> str:
-    assert me.finding is not None
-    return f"pacsd here ({me.aet})\n  {me.finding.level:<5} {'listener':<10} {me.finding.message}"
-
-
-def render(report: NodeReport) -> str:
-    n = report.node
-    lines = [f"node {n.name!r} ({report.source}): {n.aet} at {n.host}:{n.port}"]
-    lines += [f"  {f.level:<5} {f.check:<10} {f.message}" for f in report.findings]
-    return "\n".join(lines)

@@ -1,0 +1,334 @@
+"""Every setting, declared once: one frozen dataclass per TOML section, one field per setting.
+
+A field's default is the setting's default, its annotation the type, and its metadata (made by
+`setting()`) the help text, the validator, and the `pacsd serve` flag if any; the environment
+variable is PACSD_<SECTION>_<KEY>. The loader, the flat view (`cfg.dicom_port`), the serve flags
+and `pacsd config --list` (the settings reference) are all derived from these classes
+(`SETTINGS`), in the manner of gunicorn's `config.Setting`.
+
+A new setting: add a field to its section here (and read it as `cfg.SECTION.KEY`, or the flat
+`cfg.SECTION_KEY`); nothing else to declare. A new section: a new class, listed in SECTIONS.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from pacsd.config import validators as v
+
+DEFAULT_DATA = "~/pacsd-data"
+_META = "pacsd.setting"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting as the loader, the command line and the reference see it (derived)."""
+
+    section: str
+    key: str
+    type: type
+    default: Any
+    help: str
+    validate: Callable[[Any], Any] | None = None
+    cli: str | None = None   # the `pacsd serve` flag that overrides it, if any
+    metavar: str | None = None
+    env_aliases: tuple[str, ...] = ()   # older environment names still read
+
+    @property
+    def env(self) -> str:
+        return f"PACSD_{self.section}_{self.key}".upper()
+
+    @property
+    def dotted(self) -> str:
+        """"section.key", as `load(overrides=...)` takes it."""
+        return f"{self.section}.{self.key}"
+
+
+def setting(default: Any, help: str, validate: Callable[[Any], Any] | None = None, *,
+            flag: str | None = None, metavar: str | None = None,
+            env_aliases: tuple[str, ...] = ()) -> Any:
+    """A section field: its default, plus what the loader, the flags and the reference need."""
+    return dataclasses.field(default=default, metadata={_META: dict(
+        help=help, validate=validate, cli=flag, metavar=metavar, env_aliases=env_aliases)})
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """[server]: the data folder and what the server does on its own."""
+
+    data: str = setting(DEFAULT_DATA,
+        "The server's own folder: pidfile, logs, lock, the SQLite index by default, and the "
+        "images unless [storage] path is set.", flag="--data", metavar="DIR",
+        env_aliases=("PACSD_DATA",))
+    housekeeping_interval: float = setting(3600.0,
+        "Seconds between two rounds of housekeeping (temporary files left by a node that "
+        "died). Of the nodes sharing an index, one at a time does it.", v.positive)
+
+
+@dataclass(frozen=True)
+class DicomSettings:
+    """[dicom]: the DICOM listener, its limits, and who may do what."""
+
+    aet: str = setting("PACSD",
+        "This server's AE title.", v.valid_aet, flag="--aet")
+    port: int = setting(11112,
+        "DICOM listening port (0: any free port).", v.port, flag="--dicom-port", metavar="N")
+    bind: str = setting("0.0.0.0",
+        "Address the DICOM listener binds to. All interfaces by default, since modalities "
+        "must reach it; use 127.0.0.1 for a local-only server.",
+        v.bind, flag="--bind", metavar="ADDR")
+    max_associations: int = setting(64,
+        "Associations served at once.", v.in_range(1, 1000))
+    allowed_calling_aets: tuple[str, ...] = setting((),
+        "Calling AE titles allowed to associate; empty allows any.", v.aet_list)
+    check_peer_address: bool = setting(False,
+        "A calling AE title that is a known node ([[nodes]] or the admin page) must come "
+        "from that node's host (names resolved, cached a minute), else the association "
+        "is rejected. Calling AE titles that are not nodes are left to "
+        "`allowed_calling_aets`.")
+    acse_timeout: float = setting(30.0,
+        "Seconds to wait for association negotiation messages.", v.positive)
+    dimse_timeout: float = setting(120.0,
+        "Seconds to wait for a DIMSE message (e.g. a C-STORE response during C-MOVE).",
+        v.positive)
+    network_timeout: float = setting(120.0,
+        "Seconds of silence after which an association is dropped.", v.positive)
+    max_pdu: int = setting(262144,
+        "Largest PDU we accept, in bytes (0: no limit).", v.in_range(0, 2**32 - 1))
+    tls_cert: str = setting("",
+        "TLS certificate (PEM) file: set it and `tls_key` and the DICOM listener speaks "
+        "only TLS (PS3.15 B.9); plain TCP clients are refused.")
+    tls_key: str = setting("",
+        "TLS private key (PEM) file of `tls_cert`.")
+    tls_ca: str = setting("",
+        "CA certificate(s) (PEM) file: when set, DICOM TLS clients must present a "
+        "certificate signed by it. Empty: no client certificate asked.")
+    max_inflated_mb: int = setting(1024,
+        "Largest size, in MB, a Deflated Explicit VR Little Endian data set (PS3.5 A.5) may "
+        "inflate to, over C-STORE, STOW-RS or import; beyond it the object is refused "
+        "(0xC422). A deflated image may besides inflate to no more than its header and its "
+        "declared pixel data (+ 64 MB). Counted as it streams, nothing kept (the object is "
+        "stored deflated, as received); later reads are held to the same.", v.in_range(1, 2**20))
+    max_frame_pixels: int = setting(1 << 26,
+        "Largest Rows x Columns of one frame accepted (C-STORE, STOW-RS, import) and "
+        "decoded (rendered, thumbnails, frames, transcoding): a frame declaring more is "
+        "refused (0xC422 / HTTP 422). 67108864 = 8192 x 8192; real modalities stay well "
+        "below (mammography 4096 x 5120; whole-slide images are tiled).",
+        v.in_range(1, 65535 * 65535))
+    max_pixel_mb: int = setting(4096,
+        "Largest decoded size, in MB, of an object's pixel data (Rows x Columns x Frames x "
+        "Samples x BitsAllocated / 8) accepted and decoded: beyond it the object is refused "
+        "(0xC422 / HTTP 422). 4096 holds anything a native Pixel Data element can (under "
+        "4 GiB), e.g. a 2000-frame ultrasound clip or a breast tomosynthesis volume.",
+        v.in_range(1, 2**40))
+    open_query_retrieve: bool = setting(False,
+        "Let any calling AE title query and retrieve (C-FIND, C-GET, C-MOVE), as pacsd "
+        "did before. Off by default: only nodes ([[nodes]], the admin page) may, each as "
+        "its allow_find / allow_get / allow_move say. C-ECHO and C-STORE are open to any "
+        "caller either way.")
+    max_associations_per_host: int = setting(16,
+        "Associations one peer address may hold at once; beyond it the association is "
+        "rejected (transient, local limit exceeded), so that one host cannot take all of "
+        "`max_associations`. Loopback is a host like any other. 0: no cap.", v.in_range(0, 1000))
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """[http]: the web side's listener (WADO, DICOMweb, XML-RPC, the pages)."""
+
+    port: int = setting(8080,
+        "HTTP port of the web side.", v.port, flag="--http-port", metavar="N")
+    bind: str = setting("127.0.0.1",
+        "Address the HTTP listener binds to. Beyond loopback, [[users]] are required.",
+        v.bind)
+    cert: str = setting("",
+        "TLS certificate (PEM) file: set it and `key` for HTTPS.")
+    key: str = setting("",
+        "TLS private key (PEM) file.")
+    threads: int = setting(16,
+        "HTTP worker threads.", v.in_range(2, 512))
+    timeout: float = setting(30.0,
+        "Seconds a silent HTTP connection is kept before it is closed.", v.positive)
+    max_body_mb: int = setting(1024,
+        "Largest request body (e.g. a STOW-RS upload), in MiB.", v.in_range(1, 65536))
+    cors_origins: tuple[str, ...] = setting((),
+        "Origins allowed to call the web side from a browser (e.g. an OHIF viewer); "
+        "'*' for any (answered without credentials: no cookies, no HTTP Basic). Empty: no "
+        "CORS headers. A listed origin (not '*') may also send changes (POST, PUT, "
+        "DELETE), e.g. an OHIF viewer's STOW-RS.")
+    allowed_hosts: tuple[str, ...] = setting((),
+        "Host names, besides this machine's own, under which browsers may reach the web "
+        "side (the Host header; its port is not compared), e.g. the name of a reverse "
+        "proxy; '.example.org' for a domain and its subdomains. Always allowed: "
+        "localhost, this machine's host name and FQDN, any IP address. Any other Host is "
+        "refused (421), which stops DNS rebinding. '*': any Host (the old behaviour).", v.host_list)
+    trusted_proxies: tuple[str, ...] = setting((),
+        "Addresses or networks (10.0.0.0/8) of reverse proxies whose X-Forwarded-For, "
+        "X-Forwarded-Host and X-Forwarded-Proto are believed: the client is then the "
+        "right-most X-Forwarded-For address that is not a trusted proxy. Empty: those "
+        "headers are ignored and the client is the connecting address.", v.network_list)
+    body_timeout: float = setting(20.0,
+        "Seconds a request body may take to arrive, plus one second for each "
+        "`body_min_rate` bytes received (Apache's mod_reqtimeout body=20,MinRate=500): a "
+        "slower body is cut with 408 and its connection closed, so slow clients cannot hold "
+        "the worker threads.", v.positive)
+    body_min_rate: int = setting(500,
+        "Bytes per second a request body must keep up after `body_timeout` (each such many "
+        "bytes received earn one more second). 0: a fixed `body_timeout` for any body.",
+        v.in_range(0, 2**30))
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """[storage]: where images are kept, and what a second copy does."""
+
+    path: str = setting("",
+        "Where images are kept; empty means DATA/storage. May be a shared volume.")
+    min_free_mb: int = setting(500,
+        "Free space (MiB) kept on the storage volume: below it new images are refused "
+        "(C-STORE 0xA700 Out of Resources, STOW-RS 507) until space is freed, so the "
+        "index, its journal and the logs never meet a full disk. Nothing is ever deleted "
+        "to make room. 0: no floor (only a really full disk refuses).", v.in_range(0, 2**40))
+    overwrite: bool = setting(False,
+        "A second copy of a stored SOP Instance UID replaces the first. Default: keep the "
+        "first; a copy with the same content answers Success, one with other content is "
+        "refused (C-STORE 0x0111, see on_conflict) and kept aside in STORAGE/.conflicts, "
+        "and storage commitment fails for that instance until it is deleted.")
+    patient_mismatch: str = setting("refuse",
+        "An instance whose study is filed under another patient (other Patient ID or "
+        "Issuer), or whose series under another study: 'refuse' (C-STORE 0xC40A, STOW-RS "
+        "409) or 'accept' (filed there as before, with warning 0xB000 and a log line).",
+        v.one_of("refuse", "accept"))
+    on_conflict: str = setting("refuse",
+        "A stored SOP Instance UID sent again with other content: 'refuse' (C-STORE 0x0111 "
+        "Duplicate SOP Instance, STOW-RS 409) or 'success' (the old answer, for senders "
+        "that stop a batch at any failure). Either way the new copy is kept aside in "
+        "STORAGE/.conflicts, a WARNING names both, and storage commitment fails for it.",
+        v.one_of("refuse", "success"))
+
+
+@dataclass(frozen=True)
+class IndexSettings:
+    """[index]: the index database (SQLite, or a shared PostgreSQL)."""
+
+    url: str = setting("",
+        "Index database URL; empty means sqlite:///DATA/index.sqlite3. Several nodes share "
+        "one PostgreSQL index: postgresql://USER:PASSWORD@HOST:PORT/DATABASE.", v.index_url)
+    pool_size: int = setting(20,
+        "PostgreSQL: connections this node keeps at most (requests wait for a free one).",
+        v.in_range(2, 1000))
+    auto_migrate: bool = setting(True,
+        "Bring the index's schema up to date at start-up; false: refuse to start until "
+        "`pacsd migrate` has been run (for clusters upgraded node by node).")
+
+
+@dataclass(frozen=True)
+class HooksSettings:
+    """[hooks]: plugins and how long their hooks may take."""
+
+    plugins: tuple[str, ...] = setting((),
+        "Python plugins to load: module names (pacsd.plugins.webhook) or .py files. Plugins "
+        "installed as packages with a `pacsd.plugins` entry point load too. Settings of a "
+        "plugin go in its own [plugin.NAME] table.")
+    timeout: float = setting(5.0,
+        "Seconds a hook may take: a filter that takes longer is overruled (the image is "
+        "accepted as it is) and a notification that takes longer is logged.", v.positive)
+    study_stable_after: float = setting(60.0,
+        "Seconds without a new instance after which a study is stable: the on_study_stable "
+        "hooks run and the routes with when = \"stable\" send it.", v.positive)
+
+
+@dataclass(frozen=True)
+class RoutingSettings:
+    """[routing]: how routing jobs ([[routes]]) are sent and retried."""
+
+    max_attempts: int = setting(20,
+        "Tries of a routing job before it goes to the dead-letter list (admin page, "
+        "`pacsd queue`).", v.in_range(1, 1000))
+    retry_delay: float = setting(30.0,
+        "Seconds before the second try of a failed routing job; doubled at each further "
+        "try, up to an hour.", v.positive)
+    concurrency: int = setting(2,
+        "Associations this node opens at once to each routing destination.", v.in_range(1, 64))
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    """[log]: the server's log."""
+
+    level: str = setting("INFO",
+        "DEBUG, INFO, WARNING or ERROR.", v.log_level)
+    file: str = setting("",
+        "Log file; empty means DATA/pacsd.log. '-' logs to standard error only.")
+
+
+@dataclass(frozen=True)
+class WatchdogSettings:
+    """[watchdog]: read by pacsd-watchdog (the server ignores them)."""
+
+    # Defaults chosen so that a hang is killed within 60 s (the worst case is a hang just after a
+    # round passed): `failures` x `interval` + `timeout` = 3 x 10 + 5 = 35 s to the third failed
+    # round; then a stopped server is killed at once (35 s), one showing no sign of stopping
+    # 0.5 s (stack dump) + `react_wait` 5 s after SIGTERM (40.5 s), one stopping cleanly gets
+    # up to `term_wait` 20 s (55.5 s). systemd restarts it `RestartSec` = 5 s later.
+    interval: float = setting(10.0,
+        "Seconds between two rounds of probes.", v.positive)
+    grace: float = setting(120.0,
+        "Seconds after the server (re)started during which it is never killed.",
+        v.not_negative)
+    failures: int = setting(3,
+        "Consecutive failed rounds (any probe failing) before the server is killed.",
+        v.in_range(1, 100))
+    timeout: float = setting(5.0,
+        "Seconds each probe (HTTP, XML-RPC, C-ECHO) may take before it counts as failed.",
+        v.positive)
+    term_wait: float = setting(20.0,
+        "Seconds between SIGTERM and SIGKILL when killing a hung server that is stopping "
+        "(see `react_wait`). A stopped (SIGSTOP) server gets SIGKILL at once.", v.positive)
+    max_kills_per_hour: int = setting(3,
+        "Kills allowed in any hour; beyond it the watchdog only alerts (no kill loop).",
+        v.in_range(0, 100))
+    min_free_mb: int = setting(200,
+        "Below this much free space on the storage volume a restart cannot help: the "
+        "watchdog reports instead of killing.", v.in_range(0, 2**40))
+    roundtrip: bool = setting(False,
+        "Also store a tiny instance to the server and find it in the index (C-STORE + "
+        "C-FIND) each round.")
+    on_kill: str = setting("",
+        "A command run after each kill (and each refused kill), e.g. a mail or webhook "
+        "script; it gets PACSD_WATCHDOG_EVENT and PACSD_WATCHDOG_REASON.")
+    launchd_label: str = setting("",
+        "Under launchd: restart with `launchctl kickstart -k` on this label instead of "
+        "signals.")
+    log_file: str = setting("",
+        "The watchdog's log; empty means DATA/watchdog.log, '-' standard error only.")
+    react_wait: float = setting(5.0,
+        "Seconds after SIGTERM within which a hung server must show that it is stopping "
+        "(its HTTP listener closes); one that shows nothing (hung, or SIGTERM ignored) gets "
+        "SIGKILL then instead of after `term_wait`.", v.positive)
+
+
+# The TOML sections, in the order the reference lists them.
+SECTIONS: dict[str, type] = {
+    "server": ServerSettings, "dicom": DicomSettings, "http": HttpSettings,
+    "storage": StorageSettings, "index": IndexSettings, "hooks": HooksSettings,
+    "routing": RoutingSettings, "log": LogSettings, "watchdog": WatchdogSettings,
+}
+
+
+def _settings() -> tuple[Setting, ...]:
+    out = []
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            hint = hints[f.name]
+            kind = tuple if typing.get_origin(hint) is tuple else hint
+            out.append(Setting(section, f.name, kind, f.default, **f.metadata[_META]))
+    return tuple(out)
+
+
+SETTINGS: tuple[Setting, ...] = _settings()
+BY_NAME: dict[tuple[str, str], Setting] = {(s.section, s.key): s for s in SETTINGS}

@@ -1,0 +1,185 @@
+"""The arrays of tables of the config file: [[nodes]], [[routes]], [[users]], each read into
+frozen dataclasses, each bad entry refused with a ConfigError naming it."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from pacsd.config.validators import valid_aet
+from pacsd.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Node:
+    """A remote DICOM node: a C-MOVE destination or a send target."""
+
+    name: str
+    aet: str
+    host: str
+    port: int
+    # Transfer syntax UIDs in order of preference ([[nodes]] transfer_syntaxes); empty: the
+    # stored syntax when the node accepts it, else Explicit then Implicit VR Little Endian.
+    transfer_syntaxes: tuple[str, ...] = ()
+    # What this node may ask of us when it calls as `aet` (Orthanc's AllowFind / AllowGet /
+    # AllowMove / AllowStore). Callers that are not nodes may only echo and store (and ask
+    # storage commitment), unless [dicom] open_query_retrieve.
+    allow_find: bool = True
+    allow_get: bool = True
+    allow_move: bool = True
+    allow_store: bool = True
+
+
+@dataclass(frozen=True)
+class Route:
+    """A routing rule ([[routes]]): what matches goes to `to` (a node's name or AE title),
+    as soon as it is stored or once its study is stable."""
+
+    name: str
+    to: str
+    when: str = "stable"                 # "stored" (each instance) or "stable" (the study)
+    calling_aets: tuple[str, ...] = ()   # any of these callers; empty: any
+    match: tuple[tuple[str, tuple[str, ...]], ...] = ()   # (keyword, any of these patterns)
+
+
+@dataclass(frozen=True)
+class User:
+    """A web / XML-RPC user; `password_hash` as made by `pacsd passwd`."""
+
+    name: str
+    password_hash: str
+    admin: bool = False
+
+
+def node_from(item: dict[str, Any]) -> Node:
+    """A Node from a table (TOML [[nodes]], the admin page): KeyError or ValueError if bad."""
+    aet = valid_aet(str(item["aet"]))
+    host = str(item["host"]).strip()
+    port = item["port"]
+    if not host or any(c.isspace() for c in host):
+        raise ValueError(f"host {host!r} is not a host name or address")
+    if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65535:
+        raise ValueError(f"port {port!r} is not 1-65535")
+    name = str(item.get("name") or aet).strip()
+    if not name or len(name) > 64:
+        raise ValueError("name must be 1-64 characters")
+    syntaxes = _transfer_syntaxes(name, item.get("transfer_syntaxes") or [])
+    rights = {}
+    for key in NODE_RIGHTS:
+        value = item.get(key, True)
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false, not {value!r}")
+        rights[key] = value
+    return Node(name=name, aet=aet, host=host, port=port, transfer_syntaxes=syntaxes, **rights)
+
+
+NODE_RIGHTS = ("allow_find", "allow_get", "allow_move", "allow_store")
+
+
+def _transfer_syntaxes(node: str, raw: Any) -> tuple[str, ...]:
+    """[[nodes]] transfer_syntaxes: UIDs or pydicom names ("ExplicitVRLittleEndian") of known
+    transfer syntaxes, in order of preference; ValueError naming the node otherwise."""
+    if not isinstance(raw, list) or not all(isinstance(v, str) for v in raw):
+        raise ValueError(f"node {node!r}: transfer_syntaxes must be a list of strings")
+    if not raw:
+        return ()
+    from pydicom import uid  # only when used: pydicom is slow to import for `pacsd --help`
+    out: list[str] = []
+    for value in raw:
+        found = getattr(uid, value.strip(), None) if value.strip().isidentifier() else None
+        ts = found if isinstance(found, uid.UID) else uid.UID(value.strip())
+        if not (ts in uid.UID_dictionary and ts.is_transfer_syntax):
+            raise ValueError(f"node {node!r}: transfer_syntaxes: {value!r} is not a transfer "
+                             "syntax UID or name pydicom knows")
+        if str(ts) not in out:
+            out.append(str(ts))
+    return tuple(out)
+
+
+def _tables(raw: Any, origin: str, kind: str, keys: set[str]
+            ) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Each table of an array of tables ([[nodes]], [[users]]), with where it is for messages,
+    once it is known to be a table holding only `keys`."""
+    if not isinstance(raw, list):
+        raise ConfigError(f"[[{kind}]] in {origin} must be an array of tables")
+    for i, item in enumerate(raw, 1):
+        where = f"[[{kind}]] #{i} in {origin}"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where}: not a table")
+        unknown = set(item) - keys
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+        yield where, item
+
+
+def nodes(raw: Any, origin: str) -> tuple[Node, ...]:
+    nodes: list[Node] = []
+    for where, item in _tables(raw, origin, "nodes",
+                               {"name", "aet", "host", "port", "transfer_syntaxes", *NODE_RIGHTS}):
+        try:
+            node = node_from(item)
+        except KeyError as e:
+            raise ConfigError(f"{where}: missing {e.args[0]!r}") from None
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        if any(n.name == node.name or n.aet == node.aet for n in nodes):
+            raise ConfigError(f"{where}: name {node.name!r} or AE title {node.aet!r} appears "
+                              "twice")
+        nodes.append(node)
+    return tuple(nodes)
+
+
+def routes(raw: Any, origin: str) -> tuple[Route, ...]:
+    from pydicom.datadict import keyword_for_tag, tag_for_keyword
+    routes: list[Route] = []
+    for where, item in _tables(raw, origin, "routes",
+                               {"name", "to", "when", "calling_aet", "match"}):
+        name, to = str(item.get("name", "")).strip(), str(item.get("to", "")).strip()
+        if not name or not to:
+            raise ConfigError(f"{where}: name and to (a node's name or AE title) are required")
+        if any(r.name == name for r in routes):
+            raise ConfigError(f"{where}: route {name!r} appears twice")
+        when = str(item.get("when", "stable"))
+        if when not in ("stored", "stable"):
+            raise ConfigError(f"{where}: when must be \"stored\" or \"stable\", not {when!r}")
+        callers = item.get("calling_aet", [])
+        callers = [callers] if isinstance(callers, str) else callers
+        if not isinstance(callers, list) or not all(isinstance(c, str) for c in callers):
+            raise ConfigError(f"{where}: calling_aet must be an AE title or a list of them")
+        match = item.get("match", {})
+        if not isinstance(match, dict):
+            raise ConfigError(f"{where}: match must be a table: {{ Modality = \"CT\" }}")
+        keys = []
+        for key, patterns in match.items():
+            # A keyword (StudyDescription) or a tag (00081030, 0008,1030); any attribute.
+            tag = re.sub(r"[^0-9A-Fa-f]", "", key) if re.fullmatch(
+                r"\(?[0-9A-Fa-f]{4},?[0-9A-Fa-f]{4}\)?", key) else None
+            if tag is None and tag_for_keyword(key) is None:
+                raise ConfigError(f"{where}: {key!r} is neither a DICOM keyword nor a tag")
+            keyword = (keyword_for_tag(int(tag, 16)) or tag) if tag else key
+            values = [patterns] if isinstance(patterns, (str, int)) else patterns
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"{where}: match {key!r} must be a value or a list of values")
+            keys.append((keyword, tuple(str(v) for v in values)))
+        try:
+            calling_aets = tuple(valid_aet(c) for c in callers)
+        except ValueError as e:
+            raise ConfigError(f"{where}: calling_aet {e}") from None
+        routes.append(Route(name=name, to=to, when=when, calling_aets=calling_aets,
+                            match=tuple(keys)))
+    return tuple(routes)
+
+
+def users(raw: Any, origin: str) -> tuple[User, ...]:
+    users: list[User] = []
+    for where, item in _tables(raw, origin, "users", {"name", "password_hash", "admin"}):
+        name, hashed = item.get("name"), item.get("password_hash")
+        if not isinstance(name, str) or not name.strip() or ":" in name:
+            raise ConfigError(f"{where}: name must be a non-empty string without ':'")
+        if not isinstance(hashed, str) or not hashed.startswith("pbkdf2_sha256$"):
+            raise ConfigError(f"{where}: password_hash must come from `pacsd passwd`")
+        if any(u.name == name for u in users):
+            raise ConfigError(f"{where}: user {name!r} appears twice")
+        users.append(User(name=name, password_hash=hashed, admin=bool(item.get("admin"))))
+    return tuple(users)
