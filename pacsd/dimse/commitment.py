@@ -44,9 +44,10 @@ from pynetdicom.events import Event
 from pacsd import query
 from pacsd.config import Config, Node
 from pacsd.accounts import Accounts
+from pacsd.compat import pynetdicom as compat
 from pacsd.errors import PacsError
 from pacsd.index import Index
-from pacsd.nodes.remote import _ae, _associate, _close, _park_reactor
+from pacsd.nodes.remote import _ae, _associate, _close
 from pacsd.storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -394,7 +395,7 @@ class Commitments:
                        for cx in assoc.accepted_contexts):
                 # Many modalities ignore role selection yet take the report: send it anyway.
                 log.debug("%s did not accept our SCP role; sending the report anyway", node.aet)
-            _park_reactor(assoc)
+            compat.park_reactor(assoc)   # pynetdicom's race (see there)
             status, _ = assoc.send_n_event_report(info, event_type, PUSH_MODEL, WELL_KNOWN)
             return int(status.Status) if "Status" in status else None
         finally:
