@@ -32,7 +32,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 
-from pacsd import __version__, systemd
+from pacsd import __version__, compat, systemd
 from pacsd.imaging import bounds
 from pacsd.storage.archive import Archive, Stored
 from pacsd.storage.housekeeping import Housekeeping
@@ -152,6 +152,10 @@ class Server:
         self.logbook.preload(cfg.log_path)
         self.logbook.attach()
         try:
+            # What pacsd patches in pynetdicom, pydicom and cheroot, against the installed
+            # versions: a speed patch that no longer fits is logged and falls back; a safety
+            # patch that no longer fits stops the start here (LibraryMismatch).
+            compat.enforce()
             # The pidfile is written before anything can be stored and removed only after a
             # clean stop, so finding one means: recover what that run may have left half done.
             unclean_since = self._previous_run()

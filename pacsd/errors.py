@@ -59,6 +59,13 @@ class AlreadyRunning(PacsError):
     exit_code = EXIT_TEMPFAIL
 
 
+class LibraryMismatch(PacsError):
+    """An installed library (pynetdicom, pydicom, cheroot) no longer fits a safety patch of
+    pacsd.compat: restarting will not help, installing the pinned version will."""
+
+    exit_code = EXIT_CONFIG
+
+
 class IndexUnavailable(PacsError):
     """The index cannot be opened, or a write to it failed."""
 

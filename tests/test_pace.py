@@ -1,4 +1,4 @@
-"""pacsd/pace.py: associations wait for work instead of polling, and leave nothing behind."""
+"""pacsd/compat/pynetdicom_pace.py: associations wait for work instead of polling, and leave nothing behind."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from data import write_series
 from pynetdicom import build_context
 from pynetdicom.sop_class import Verification
 
-from pacsd.pace import BriskDUL
+from pacsd.compat.pynetdicom_pace import BriskDUL
 
 
 def _idle(server, timeout: float = 10.0) -> None:

@@ -76,7 +76,7 @@ def test_move_a_study_to_a_configured_node(make_server, dest, tmp_path):
 def test_move_sub_associations_wait_for_work_and_leave_nothing_open(make_server, dest, tmp_path):
     import psutil
 
-    from pacsd.pace import BriskDUL
+    from pacsd.compat.pynetdicom_pace import BriskDUL
     server = make_server(nodes=[{"aet": "DEST", "host": LOCAL, "port": dest.port}])
     files = write_series(tmp_path / "in", seed=12, images=3, size=32)
     assert store_files(server.dicom_port, files) == [0] * 3

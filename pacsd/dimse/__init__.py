@@ -14,7 +14,7 @@ import time
 from functools import partial
 from typing import Any
 
-from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AE, AllStoragePresentationContexts, evt
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # names made at import
@@ -32,6 +32,7 @@ from pydicom.uid import (DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian,
 from pacsd.storage.archive import Archive
 from pacsd.config import Config
 from pacsd.accounts import Accounts
+from pacsd.compat import pynetdicom as compat
 from pacsd.dimse import filters
 from pacsd.dimse.access import NOT_AUTHORIZED, AssociationGuard
 from pacsd.dimse.commitment import PUSH_MODEL, Commitments
@@ -92,7 +93,7 @@ def _cheap_copies(contexts: list[PresentationContext]) -> list[PresentationConte
 
 def build_ae(cfg: Config) -> AE:
     # Retrieve sends stored files by path, raw and in chunks, without decoding them.
-    _config.STORE_SEND_CHUNKED_DATASET = True
+    compat.send_files_as_stored()
     ae = AE(ae_title=cfg.dicom_aet)
     ae.maximum_associations = cfg.dicom_max_associations
     ae.acse_timeout = cfg.dicom_acse_timeout
@@ -212,8 +213,8 @@ class DicomServer:
             raise
         # What ae.start_server(block=False) does, but keeping the accept thread: the health
         # check watches it (a test connection would hold an association slot for acse_timeout).
-        # server.shutdown() takes the server off ae._servers again.
-        self.ae._servers.append(server)
+        # Listed with the AE as start_server lists its own; server.shutdown() unlists it.
+        compat.register_server(self.ae, server)
         self.server = server
         self._thread = threading.Thread(target=server.serve_forever, name="dicom", daemon=True)
         self._thread.start()

@@ -54,9 +54,10 @@ from pacsd.dicom_status import (
     SUCCESS,
 )
 from pacsd.accounts import Accounts
+from pacsd.compat import pynetdicom as compat
 from pacsd.errors import PacsError
 from pacsd.index import Index
-from pacsd.nodes.remote import _ae, _associate, _close, _park_reactor
+from pacsd.nodes.remote import _ae, _associate, _close
 from pacsd.storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -400,7 +401,7 @@ class Commitments:
                        for cx in assoc.accepted_contexts):
                 # Many modalities ignore role selection yet take the report: send it anyway.
                 log.debug("%s did not accept our SCP role; sending the report anyway", node.aet)
-            _park_reactor(assoc)
+            compat.park_reactor(assoc)   # pynetdicom's race (see there)
             status, _ = assoc.send_n_event_report(info, event_type, PUSH_MODEL, WELL_KNOWN)
             return int(status.Status) if "Status" in status else None
         finally:

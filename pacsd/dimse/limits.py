@@ -8,6 +8,10 @@ is more than we allow, before reading any of the body.
 
 The same socket also reads a PDU body in few large reads: pynetdicom reads 4 KiB at a time, 128
 system calls (and GIL hand-overs) for one 512 KiB CT slice.
+
+A SAFETY patch of pynetdicom: the socket's class is swapped at run time and follows how the DUL
+reads a PDU; pacsd.compat.pynetdicom (PDU_BOUND) checks both, and `pacsd serve` refuses to
+start when the installed pynetdicom no longer fits.
 """
 
 from __future__ import annotations
@@ -15,10 +19,11 @@ from __future__ import annotations
 import logging
 import socket
 import struct
-from typing import cast
 
 from pynetdicom.events import Event
 from pynetdicom.transport import AssociationSocket
+
+from pacsd.compat.pynetdicom import adopt_socket
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +50,11 @@ class BoundedSocket(AssociationSocket):
 
     @classmethod
     def adopt(cls, sock: AssociationSocket, max_pdu: int) -> None:
-        sock.__class__ = cls
-        bounded = cast(BoundedSocket, sock)
-        bounded.max_p_data = max_pdu + PDV_HEADER if max_pdu else 0
-        bounded._next_is_body = False
+        adopt_socket(sock, cls).limit(max_pdu)
+
+    def limit(self, max_pdu: int) -> None:
+        self.max_p_data = max_pdu + PDV_HEADER if max_pdu else 0
+        self._next_is_body = False
 
     def recv(self, nr_bytes: int) -> bytearray:
         if self._next_is_body:

@@ -39,6 +39,6 @@ def decode_frame(src: bytes, runner: Any) -> bytes:
 def register() -> None:
     """Add the plugin to pydicom's JPEG decoders once (not thread-safe: call at import)."""
     from pydicom.pixels.decoders import JPEGExtended12BitDecoder
-    dec = JPEGExtended12BitDecoder
-    if LABEL not in dec._available and LABEL not in dec._unavailable:
-        dec.add_plugin(LABEL, (__name__, "decode_frame"))
+
+    from pacsd.compat.pydicom import add_decoder_plugin
+    add_decoder_plugin(JPEGExtended12BitDecoder, LABEL, (__name__, "decode_frame"))

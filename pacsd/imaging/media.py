@@ -17,13 +17,13 @@ directory record per instance, whatever the size of the pixel data.
 The directory records are pydicom's (pydicom.fileset: record types by SOP Class, the attributes
 of each record, offsets in the encoding); pacsd only keeps the record tree in dictionaries, since
 FileSet.add() looks every instance up in a list (2000 instances take 25 s) and stages a copy of
-each file on disk. This uses three private members of FileSet (`_recordify`, `_tree`,
-`_write_dicomdir`); tests/test_media.py notices if a pydicom release changes them.
+each file on disk. That uses private members of FileSet, through
+pacsd.compat.pydicom.DirectoryRecords; when the installed pydicom no longer fits
+(DICOMDIR_RECORDS), the ZIP goes out with flat names and no DICOMDIR, after one WARNING.
 """
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 import time
@@ -32,9 +32,9 @@ from pathlib import Path
 from zipfile import ZIP_STORED, ZipFile, ZipInfo
 
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomFileLike
-from pydicom.fileset import FileSet, RecordNode, generate_filename
+from pydicom.fileset import RecordNode, generate_filename
 
+from pacsd.compat import pydicom as compat
 from pacsd.imaging.header import read_header
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class Directory:
     """The DICOMDIR's record tree, grown one instance at a time; encoded by pydicom."""
 
     def __init__(self) -> None:
-        self._fs = FileSet()
+        self._fs = compat.DirectoryRecords()
         # (key of each record from the top down) -> its node: PatientID, Study Instance UID,
         # Series Instance UID, SOP Instance UID for the usual four levels.
         self._nodes: dict[tuple[str, ...], tuple[RecordNode, str]] = {}   # + File ID component
@@ -112,14 +112,14 @@ class Directory:
 
     def _recordify(self, ds: Dataset) -> list[Dataset]:
         try:
-            return list(self._fs._recordify(ds))
+            return self._fs.records(ds)
         except (ValueError, KeyError, AttributeError) as first:
             invented = {"InstanceNumber": str(self.count + 1), **INVENTED}
             missing = [kw for kw in invented if kw not in ds or ds[kw].VM == 0]
             for kw in missing:
                 setattr(ds, kw, invented[kw])
             try:
-                records = list(self._fs._recordify(ds))
+                records = self._fs.records(ds)
             except (ValueError, KeyError, AttributeError):
                 raise first from None
             self.invented += 1
@@ -132,7 +132,7 @@ class Directory:
         path ("DICOM/PT000000/ST000000/SE000000/IM000000"), or None if the File-set holds
         that SOP Instance already. Raises (pydicom's error) if no record can be made for it."""
         records = self._records(ds)
-        parent: RecordNode = self._fs._tree
+        parent: RecordNode = self._fs.root
         keys: tuple[str, ...] = ()
         components = [FOLDER]
         for record in records:
@@ -146,15 +146,13 @@ class Directory:
                 return None
             parent = known[0]
             components.append(known[1])
-        parent._record.ReferencedFileID = components
+        self._fs.set_file_id(parent, components)
         self.count += 1
         return "/".join(components)
 
     def encode(self) -> bytes:
         """The DICOMDIR file (Part 10, Explicit VR Little Endian; PS3.10 8.6)."""
-        buffer = io.BytesIO()   # pydicom seeks back to fill in the root offsets
-        self._fs._write_dicomdir(DicomFileLike(buffer))
-        return buffer.getvalue()
+        return self._fs.encode()
 
 
 def _member(name: str, size: int, mtime: float) -> ZipInfo:
@@ -174,7 +172,7 @@ def zip_stream(paths: Iterable[Path], *, dicomdir: bool = True) -> Iterator[byte
     Headers have gone out by the time a file turns out unreadable: the error is raised and
     the archive ends without its central directory, so the client sees it is incomplete."""
     sink = _Sink()
-    directory = Directory() if dicomdir else None
+    directory = Directory() if dicomdir and compat.DICOMDIR_RECORDS.fits else None
     flat_names = generate_filename(prefix="IM")
     unlisted_names = generate_filename(prefix="IM")
     with ZipFile(sink, "w", ZIP_STORED, allowZip64=True) as zf:   # type: ignore[call-overload]

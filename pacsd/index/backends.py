@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote_plus, urlsplit, urlunsplit
+from urllib.parse import SplitResult, unquote_plus, urlsplit, urlunsplit
 
 from peewee import Database, SqliteDatabase
 from playhouse.pool import PooledPostgresqlDatabase
@@ -66,12 +66,14 @@ def redacted(url: str) -> str:
         return "<unparseable URL>"
     if password is not None:
         user, _, host = parts.netloc.rpartition("@")
-        parts = parts._replace(netloc=f"{user.split(':', 1)[0]}:***@{host}")
+        parts = SplitResult(parts.scheme, f"{user.split(':', 1)[0]}:***@{host}", parts.path,
+                            parts.query, parts.fragment)
     pairs = [pair.partition("=") for pair in parts.query.split("&")] if parts.query else []
     secret = [unquote_plus(k).strip().lower() in _SECRET_PARAMS for k, _, _ in pairs]
     if any(secret):
-        parts = parts._replace(query="&".join(
-            f"{k}=***" if hide else k + eq + v for (k, eq, v), hide in zip(pairs, secret)))
+        query = "&".join(f"{k}=***" if hide else k + eq + v
+                         for (k, eq, v), hide in zip(pairs, secret))
+        parts = SplitResult(parts.scheme, parts.netloc, parts.path, query, parts.fragment)
     return urlunsplit(parts) if password is not None or any(secret) else url
 
 

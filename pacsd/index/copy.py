@@ -28,6 +28,7 @@ from urllib.parse import urlsplit
 
 from peewee import BooleanField, Database, DateTimeField, Field, Model, SqliteDatabase
 
+from pacsd.compat import peewee as peewee_meta
 from pacsd.index import backends
 from pacsd.index import migrations
 from pacsd.errors import EXIT_FAILURE, IndexUnavailable, PacsError
@@ -256,7 +257,7 @@ class IndexCopy:
         src, dst = self._dbs
         tables = set(dst.get_tables())
         for model in DICOM_MODELS:
-            table = model._meta.table_name
+            table = peewee_meta.table_name(model)
             if table not in tables:
                 continue
             n, lo, hi = dst.execute_sql(
@@ -284,7 +285,7 @@ class IndexCopy:
                     f"it has {n} {table} row(s) with ids up to {hi}, the source {mine} (if it is "
                     "an interrupted copy, the source has changed since: pacsd ran in between)")
         for small in (Meta_, NodeRow, UserRow):
-            table = small._meta.table_name
+            table = peewee_meta.table_name(small)
             if table not in tables:
                 continue
             ours = dict(self._small_rows(src, small)) if table in src.get_tables() else {}
@@ -294,11 +295,11 @@ class IndexCopy:
 
     def _small_rows(self, db: Database, model: type[Model]) -> Iterator[tuple[Any, tuple]]:
         """(primary key, row) of a small table (facts, nodes, users), as the target gets them."""
-        fields = model._meta.sorted_fields
+        fields = peewee_meta.sorted_fields(model)
         cols = ", ".join(f'"{f.column_name}"' for f in fields)
         convert = _converter(fields)
         pk = fields[0].column_name   # the primary key comes first
-        for row in db.execute_sql(f"SELECT {cols} FROM {model._meta.table_name} ORDER BY {pk}"):
+        for row in db.execute_sql(f"SELECT {cols} FROM {peewee_meta.table_name(model)} ORDER BY {pk}"):
             if model is Meta_ and not _meta_copied(row[0]):
                 continue
             yield row[0], convert(tuple(row))
@@ -311,7 +312,7 @@ class IndexCopy:
         if not isinstance(dst, SqliteDatabase):
             with dst.atomic():   # this session's scratch tables for _insert
                 for model in COPIED:
-                    table = model._meta.table_name
+                    table = peewee_meta.table_name(model)
                     dst.execute_sql(f"CREATE TEMPORARY TABLE IF NOT EXISTS pacsd_copy_{table} "
                                     f"(LIKE {table}) ON COMMIT DELETE ROWS")
         out = [self._copy_table(model, progress) for model in COPIED]
@@ -320,8 +321,8 @@ class IndexCopy:
 
     def _copy_table(self, model: type[Model], progress: OnProgress | None) -> Copied:
         src, dst = self._dbs
-        table = model._meta.table_name
-        fields = model._meta.sorted_fields
+        table = peewee_meta.table_name(model)
+        fields = peewee_meta.sorted_fields(model)
         cols = [f.column_name for f in fields]
         convert = _converter(fields)
         t0 = time.monotonic()
@@ -395,7 +396,7 @@ class IndexCopy:
             return
         with dst.atomic():
             for model in DICOM_MODELS:
-                table = model._meta.table_name
+                table = peewee_meta.table_name(model)
                 dst.execute_sql(f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), "
                                 f"COALESCE(MAX(id), 0) + 1, false) FROM {table}")
 
@@ -406,7 +407,7 @@ class IndexCopy:
         src, dst = self._dbs
         checks = []
         for model in COPIED:
-            table = model._meta.table_name
+            table = peewee_meta.table_name(model)
             if model in DICOM_MODELS:
                 sql = f"SELECT COUNT(*) FROM {table}"
                 checks.append(Check(f"{table} rows", src.execute_sql(sql).fetchone()[0],
@@ -415,7 +416,7 @@ class IndexCopy:
                 checks.append(Check(f"{table} rows", sum(1 for _ in self._small_rows(src, model)),
                                     sum(1 for _ in self._small_rows(dst, model))))
         for model, col in _SUMS:
-            table = model._meta.table_name
+            table = peewee_meta.table_name(model)
             sql = f"SELECT COALESCE(SUM({col}), 0) FROM {table}"
             checks.append(Check(f"sum of {table}.{col}", int(src.execute_sql(sql).fetchone()[0]),
                                 int(dst.execute_sql(sql).fetchone()[0])))

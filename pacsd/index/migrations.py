@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from peewee import Database, SqliteDatabase
 
+from pacsd.compat import peewee as peewee_meta
 from pacsd.errors import IndexUnavailable
 from pacsd.index.models import MODELS, Conflict, Lease, Meta_, NodeRow, RouteJob, StudyActivity, UserRow
 
@@ -51,7 +52,7 @@ def _v5(db: Database) -> None:
     # the rows. Existing nodes keep every right they had (all true).
     from playhouse.migrate import SchemaMigrator, migrate
     migrator = SchemaMigrator.from_database(db)
-    table = NodeRow._meta.table_name
+    table = peewee_meta.table_name(NodeRow)
     have = {c.name for c in db.get_columns(table)}
     migrate(*(migrator.add_column(table, name, getattr(NodeRow, name))
               for name in ("allow_find", "allow_get", "allow_move", "allow_store")
@@ -72,7 +73,7 @@ LATEST = max(m.version for m in MIGRATIONS)
 
 def version(db: Database) -> int:
     """The schema version of the open database; 0 for an empty one."""
-    if not db.table_exists(Meta_._meta.table_name):
+    if not db.table_exists(peewee_meta.table_name(Meta_)):
         return 0
     with db.bind_ctx([Meta_]):   # `db`, whatever the models' proxy is bound to
         row = Meta_.get_or_none(Meta_.key == "schema_version")

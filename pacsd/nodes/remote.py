@@ -16,7 +16,6 @@ import logging
 import os
 import socket
 import ssl
-import threading
 import time
 from typing import Any, Callable
 
@@ -25,7 +24,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, _config, build_context, evt
+from pynetdicom import AE, build_context, evt
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext
@@ -34,10 +33,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # names made a
     Verification)
 
 from pacsd import query
+from pacsd.compat import pynetdicom as compat
 from pacsd.imaging import transcode
 from pacsd.config import Config, Node
 from pacsd.errors import PacsError
-from pacsd.pace import brisk, settle
 from pacsd.storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -69,24 +68,6 @@ def stored_ref(inst: query.StoredInstance, store: Store) -> StoredRef:
     ds.file_meta.TransferSyntaxUID = UID(inst.transfer_syntax_uid)
     ds.pacsd_path = store.path(inst.path)
     return ds
-
-
-def _park_reactor(assoc: Association, timeout: float = 5.0) -> None:
-    """Return once the association's own reactor thread is blocked at its checkpoint.
-
-    pynetdicom (3.0.4, its issues #435 and #875) pauses that thread before sending a C-STORE by
-    clearing the checkpoint and waiting for `_is_paused`, which is also True for an instant
-    after the thread has passed the checkpoint; it may then take the C-STORE response for
-    itself ("unexpected C-STORE service message") and the C-MOVE stalls until the DIMSE
-    timeout. Waiting until the thread really waits on the checkpoint closes that window."""
-    if threading.current_thread() is assoc:   # C-GET: we are the reactor thread
-        return
-    gate = assoc._reactor_checkpoint
-    gate.clear()
-    deadline = time.monotonic() + timeout
-    while (not (assoc._is_paused and gate._cond._waiters)  # type: ignore[attr-defined]
-           and assoc.is_alive() and time.monotonic() < deadline):
-        time.sleep(0.0001)
 
 
 def send_stored(assoc: Association, label: str,
@@ -122,19 +103,19 @@ def send_stored(assoc: Association, label: str,
                     f"{', '.join(transcode.short(ts) for ts in accepted) or 'nothing'} "
                     f"(what {peer.ae_title} accepted for {sop_class.name}): "
                     "no decoder or encoder here makes any of them from it")
-            # Sent raw from the file (_config.STORE_SEND_CHUNKED_DATASET): unchanged bytes.
+            # Sent raw from the file (compat.send_files_as_stored): unchanged bytes.
             payload = path if pair is None else transcode.transcode(path, target)
         except transcode.TranscodeError as e:
             tally.fail()
             log.warning("%s: %s not sent: %s", label, dataset.SOPInstanceUID, e)
             raise
-        _park_reactor(assoc)
+        parked = compat.park_reactor(assoc)   # pynetdicom's race (see there)
         try:
             rsp = original(payload, msg_id, priority, originator_aet, originator_id)
         except Exception:
             tally.fail()
-            if threading.current_thread() is not assoc:
-                assoc._reactor_checkpoint.set()   # parked above; pynetdicom did not unpark it
+            if parked:
+                compat.unpark_reactor(assoc)   # parked above; pynetdicom did not unpark it
             raise
         if int(getattr(rsp, "Status", -1)) in _STORED:
             tally.sent(pair)
@@ -167,7 +148,7 @@ def send_deadline(event: Event) -> None:
     pynetdicom connects a requestor's socket with connection_timeout and then sets it blocking
     with no timeout (transport.AssociationSocket.connect: settimeout(None)): once the peer's TCP
     window is full, socket.send() waits for ever, in the DUL thread or, for P-DATA, in the
-    thread that sends (pacsd.pace), and no timer of pynetdicom's can end it (its idle timer's
+    thread that sends (pacsd.compat.pynetdicom_pace), and no timer of pynetdicom's can end it (its idle timer's
     A-ABORT is itself a send). With a timeout the send raises, pynetdicom reads that as the
     connection closing (Evt17) and the association ends: a C-MOVE counts the sub-operation
     failed, a routing job is retried. Accepted sockets already have network_timeout (pynetdicom
@@ -185,10 +166,12 @@ def send_deadline(event: Event) -> None:
 
 
 # How every association of ours is set up, accepted or requested: Nagle off, pynetdicom's
-# loops waiting for work instead of polling (pacsd.pace), and a bound on every send.
-CONNECTION_HANDLERS: list[Any] = [(evt.EVT_CONN_OPEN, nodelay), (evt.EVT_CONN_OPEN, brisk),
+# loops waiting for work instead of polling (pacsd.compat.pynetdicom_pace), and a bound on every
+# send.
+CONNECTION_HANDLERS: list[Any] = [(evt.EVT_CONN_OPEN, nodelay),
+                                  (evt.EVT_CONN_OPEN, compat.wake_on_work),
                                   (evt.EVT_CONN_OPEN, send_deadline),
-                                  (evt.EVT_CONN_CLOSE, settle)]
+                                  (evt.EVT_CONN_CLOSE, compat.drop_wakeups)]
 
 
 def move_contexts(insts: list[query.StoredInstance], node: Node | None = None
@@ -269,7 +252,7 @@ def send(cfg: Config, node: Node, instances: list[query.StoredInstance], store: 
     """C-STORE stored instances to `node` over one association; (completed, failed)."""
     if not instances:
         return 0, 0
-    _config.STORE_SEND_CHUNKED_DATASET = True   # as build_ae: stored files are sent by path
+    compat.send_files_as_stored()   # as build_ae: stored files are sent by path
     ae = _ae(cfg)
     assoc = _associate(ae, node, move_contexts(instances, node))
     send_stored(assoc, f"send to {node.name} ({node.aet})", node.transfer_syntaxes)

@@ -31,11 +31,13 @@ worker is stuck for ever inside the application no longer fails the watchdog's H
 
 Over TLS the selector cannot peek at the bytes (they are encrypted): heads and the health lane
 then work as cheroot does it; the body deadline holds over TLS too.
+
+What this relies on in cheroot is in pacsd.compat.cheroot (HEAD_GUARD, BODY_DEADLINE): when the
+installed cheroot no longer fits, that guard is off (one WARNING) and cheroot serves as shipped.
 """
 
 from __future__ import annotations
 
-import _pyio
 import logging
 import queue
 import re
@@ -48,7 +50,9 @@ from typing import Any, Literal
 
 from cheroot import server as cheroot_server
 from cheroot import wsgi
-from cheroot.makefile import MakeFile, StreamReader
+from cheroot.makefile import MakeFile
+
+from pacsd.compat import cheroot as compat
 
 log = logging.getLogger(__name__)
 
@@ -116,22 +120,23 @@ class _DeadlineSocketIO(socket.SocketIO):
         return n
 
 
-class _BodyReader(StreamReader):
+def _body_reader(sock: socket.socket, mode: str = "rb",
+                 bufsize: int = compat.DEFAULT_BUFFER_SIZE) -> compat.RawStreamReader:
     """cheroot's socket reader, over the deadline-aware raw reader."""
-
-    def __init__(self, sock: socket.socket, mode: str = "rb",
-                 bufsize: int = _pyio.DEFAULT_BUFFER_SIZE) -> None:
-        raw = _DeadlineSocketIO(sock, "rwb" if "w" in mode else "rb")
-        _pyio.BufferedReader.__init__(self, raw, bufsize)
-        self.bytes_read = 0
+    return compat.RawStreamReader(_DeadlineSocketIO(sock, "rwb" if "w" in mode else "rb"),
+                                  bufsize)
 
 
 class _Connection(cheroot_server.HTTPConnection):
     """A connection whose reads can be held to a body deadline (plain and TLS alike)."""
 
     def __init__(self, server: Any, sock: Any, makefile: Any = MakeFile) -> None:
-        def files(s: Any, mode: str = "r", bufsize: int = _pyio.DEFAULT_BUFFER_SIZE) -> Any:
-            return _BodyReader(s, mode, bufsize) if "r" in mode else makefile(s, mode, bufsize)
+        deadline = compat.BODY_DEADLINE.fits
+
+        def files(s: Any, mode: str = "r", bufsize: int = compat.DEFAULT_BUFFER_SIZE) -> Any:
+            if "r" in mode and deadline:
+                return _body_reader(s, mode, bufsize)
+            return makefile(s, mode, bufsize)
         super().__init__(server, sock, files)
 
 
@@ -332,7 +337,7 @@ class PacsdServer(wsgi.Server):
         super().stop()
 
     def process_conn(self, conn: Any) -> None:
-        if self.ssl_adapter is None and not conn.rfile.has_data():
+        if self.ssl_adapter is None and compat.HEAD_GUARD.fits and not conn.rfile.has_data():
             head = self._head_ready(conn)
             if head is None:
                 return
@@ -384,8 +389,8 @@ class PacsdServer(wsgi.Server):
             return None
         conn.pacsd_head_since, conn.pacsd_peeked = since, len(head)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, len(head) + 1)
-        # Back to the selector (cheroot has no public way); it expires the connection if silent.
-        self._connections.put(conn)  # type: ignore[attr-defined]
+        # Back to the selector, which expires the connection if silent.
+        compat.back_to_selector(self, conn)
         return None
 
     def _refuse_slow_body(self, conn: Any, head: bytes, waited: float) -> None:

@@ -16,9 +16,10 @@ from typing import Any, Callable, cast
 import bottle
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.filereader import read_preamble
 from pydicom.tag import Tag
 
+from pacsd.compat.pydicom import read_file_meta
 from pacsd.errors import InvalidDataset, PacsError
 from pacsd.imaging.header import is_valid_uid
 from pacsd.web import multipart
@@ -35,7 +36,7 @@ def _split_part10(view: memoryview) -> tuple[Dataset, int]:
     head = io.BytesIO(bytes(view[:65536]))
     try:
         read_preamble(head, False)
-        meta = _read_file_meta_info(head)
+        meta = read_file_meta(head)
     except (InvalidDicomError, EOFError, ValueError, KeyError, struct.error) as e:
         raise InvalidDataset(f"not a DICOM Part 10 file: {e}") from None
     if "TransferSyntaxUID" not in meta:

@@ -15,12 +15,18 @@ fight for the GIL. Instead:
   REACTOR_WAIT for its other checks (timeouts).
 
 An idle association so turns its loops less often than with pynetdicom's own pace, and a busy
-one answers as soon as its work is done. `brisk` is an EVT_CONN_OPEN handler, for associations
-we accept and those we request; `settle` (EVT_CONN_CLOSE) closes the wake-up sockets.
+one answers as soon as its work is done. `wake_on_work` is an EVT_CONN_OPEN handler, for
+associations we accept and those we request; `drop_wakeups` (EVT_CONN_CLOSE) closes the wake-up
+sockets.
+
+What this relies on in pynetdicom (its private `_run_loop_delay`, `_send`, the reactor's
+`dimse.get_msg(block=False)`, the DUL's class swapped at run time) is checked by `PACE`; when it
+no longer fits, both handlers do nothing and pynetdicom polls as it always did.
 """
 
 from __future__ import annotations
 
+import inspect
 import queue
 import select
 import socket
@@ -30,11 +36,14 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any, cast
 
+from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.events import Event
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
+
+from pacsd.compat.patch import Misfit, Patch, need_attr, need_params, need_source
 
 IDLE = 0.001         # pynetdicom's own delay, kept where we cannot wait for work
 IDLE_WAIT = 0.005    # s the DUL waits for work before its timer checks
@@ -135,8 +144,49 @@ def _waiting_get_msg(dimse: DIMSEServiceProvider, acse_queue: queue.Queue,
         return None, None
 
 
-def brisk(event: Event) -> None:
-    """EVT_CONN_OPEN handler: make this association wait for work (see the module's text)."""
+def _probe() -> None:
+    """What BriskDUL and `_waiting_get_msg` rely on, as pynetdicom 3.0 has it."""
+    dul = DULServiceProvider
+    for name in ("_send", "send_pdu", "run_reactor", "stop_dul"):
+        need_attr(dul, name)
+    need_params(dul._send, ("self", "pdu"), "DULServiceProvider._send")
+    need_params(dul.send_pdu, ("self", "primitive"), "DULServiceProvider.send_pdu")
+    # The loop's idle sleep reads the delay from the instance (our property answers it);
+    # __init__ sets it (our setter swallows that).
+    need_source(dul.__init__, ("self._run_loop_delay =", "self.to_provider_queue",
+                               "self.to_user_queue", "self.state_machine"),
+                "DULServiceProvider.__init__")
+    need_source(dul.run_reactor, ("time.sleep(self._run_loop_delay)",),
+                "DULServiceProvider.run_reactor")
+    if isinstance(inspect.getattr_static(dul, "_run_loop_delay", None), property):
+        raise Misfit("DULServiceProvider._run_loop_delay (now a property of its own)")
+    if getattr(dul, "__slots__", None):
+        raise Misfit("DULServiceProvider's layout (it has __slots__: its class cannot be swapped)")
+    need_params(P_DATA_TF.__init__, ("self", "primitive"), "P_DATA_TF")
+    # The acceptor's reactor looks at its messages with get_msg(block=False), in a loop that
+    # also checks the ACSE queue: what _waiting_get_msg waits in.
+    need_params(DIMSEServiceProvider.get_msg, ("self", "block"), "DIMSEServiceProvider.get_msg")
+    need_source(DIMSEServiceProvider.__init__, ("self.msg_queue",),
+                "DIMSEServiceProvider.__init__")
+    need_source(Association._run_reactor, ("self.dimse.get_msg(block=False)",),
+                "Association._run_reactor")
+    need_source(dul.send_pdu, ("to_provider_queue.put",), "DULServiceProvider.send_pdu")
+    from pynetdicom import fsm   # Sta6: data transfer, where DT-1 only sends a P-DATA
+    if "Sta6" not in getattr(fsm, "STATES", {}):
+        raise Misfit("the state machine's states (no Sta6)")
+
+
+PACE = Patch("pynetdicom.wake_on_work", "speed", "pynetdicom",
+             "associations wait for work (select on the connection and a wake-up socket) "
+             "instead of polling every millisecond",
+             "using pynetdicom's own polling", _probe)
+
+
+def wake_on_work(event: Event) -> None:
+    """EVT_CONN_OPEN handler: make this association wait for work (see the module's text).
+    Does nothing when pynetdicom no longer fits (PACE): it then polls as shipped."""
+    if not PACE.fits:
+        return
     assoc = event.assoc
     dul = assoc.dul
     wake_in, wake_out = socket.socketpair()
@@ -156,8 +206,8 @@ def brisk(event: Event) -> None:
                                 dul.to_user_queue, stir)
 
 
-def settle(event: Event) -> None:
-    """EVT_CONN_CLOSE handler: close the wake-up sockets `brisk` made."""
+def drop_wakeups(event: Event) -> None:
+    """EVT_CONN_CLOSE handler: close the wake-up sockets `wake_on_work` made."""
     dul = event.assoc.dul
     if isinstance(dul, BriskDUL):
         for sock in (dul._wake_in, dul._wake_out):

@@ -1,0 +1,160 @@
+"""What pacsd does with pynetdicom's internals, each behind one named function, each checked.
+
+- `send_files_as_stored()`: pynetdicom's configuration module (`_config`, its documented seam)
+  told to send a stored file's bytes as they are (STORE_SEND_CHUNKED_DATASET).
+- `register_server(ae, server)`: a listener we started ourselves, listed where pynetdicom lists
+  the ones it starts (`ae._servers`), because its `server.shutdown()` takes it off that list.
+- `park_reactor(assoc)` / `unpark_reactor(assoc)`: a workaround for pynetdicom's race between
+  its reactor thread and a C-STORE sent from another thread (reads `_reactor_checkpoint`,
+  `_is_paused`, and the waiters of a `threading.Event`'s condition).
+- `adopt_socket(sock, cls)`: an association's socket given a subclass at run time (the PDU size
+  bound of pacsd.dimse.limits); it relies on how the DUL reads a PDU. A SAFETY patch.
+- the pace of associations (pacsd.compat.pynetdicom_pace: `wake_on_work`, `drop_wakeups`).
+
+Each has a `Patch` whose probe says whether the installed pynetdicom still fits; PATCHES lists
+them for pacsd.compat.check().
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import TypeVar
+
+from pynetdicom import AE, _config
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
+
+from pacsd.compat.patch import Misfit, Patch, need_attr, need_params, need_source
+from pacsd.compat.pynetdicom_pace import PACE, drop_wakeups, wake_on_work
+
+__all__ = ["PATCHES", "adopt_socket", "drop_wakeups", "park_reactor", "register_server",
+           "send_files_as_stored", "unpark_reactor", "wake_on_work"]
+
+S = TypeVar("S", bound=AssociationSocket)
+
+
+# --- sending stored files unchanged -------------------------------------------------------------
+
+def _probe_chunked() -> None:
+    if not isinstance(getattr(_config, "STORE_SEND_CHUNKED_DATASET", None), bool):
+        raise Misfit("its configuration (no _config.STORE_SEND_CHUNKED_DATASET)")
+    need_source(Association.send_c_store, ("_config.STORE_SEND_CHUNKED_DATASET",),
+                "Association.send_c_store")
+
+
+CHUNKED = Patch("pynetdicom.send_files_as_stored", "speed", "pynetdicom",
+                "stored files are sent by path, their bytes unchanged and in chunks",
+                "pynetdicom reads and encodes each file it sends again", _probe_chunked)
+
+
+def send_files_as_stored() -> None:
+    """Make `send_c_store(path)` send the file's data set bytes as they are, in chunks, without
+    decoding it (pynetdicom's `_config.STORE_SEND_CHUNKED_DATASET`). Process-wide."""
+    if CHUNKED.fits:
+        _config.STORE_SEND_CHUNKED_DATASET = True
+
+
+# --- a listener of our own, known to the AE -----------------------------------------------------
+
+def _probe_servers() -> None:
+    need_source(AE.__init__, ("self._servers",), "AE.__init__")
+    need_source(AE.shutdown, ("self._servers",), "AE.shutdown")
+    need_source(ThreadedAssociationServer.shutdown, ("ae._servers.remove",),
+                "ThreadedAssociationServer.shutdown")
+
+
+SERVERS = Patch("pynetdicom.register_server", "speed", "pynetdicom",
+                "our DICOM listener is listed with the AE, as ae.start_server() lists its own",
+                "the listener is not listed with the AE; pacsd stops it itself", _probe_servers)
+
+
+def register_server(ae: AE, server: ThreadedAssociationServer) -> None:
+    """What `ae.start_server(block=False)` does with the server it makes: list it in
+    `ae._servers`, from which `server.shutdown()` removes it again (and `ae.shutdown()` stops
+    it). pacsd starts its listener's thread itself, to watch it."""
+    if SERVERS.fits:
+        ae._servers.append(server)
+
+
+# --- the reactor's checkpoint (pynetdicom issues #435, #875) ------------------------------------
+
+def _probe_reactor() -> None:
+    need_source(Association.__init__, ("self._reactor_checkpoint", "self._is_paused"),
+                "Association.__init__")
+    for send in (Association.send_c_store, Association.send_n_event_report):
+        need_source(send, ("self._reactor_checkpoint.clear()", "while not self._is_paused",
+                           "self._reactor_checkpoint.set()"), f"Association.{send.__name__}")
+    need_source(Association._run_reactor, ("self._reactor_checkpoint.wait()",),
+                "Association._run_reactor")
+    event = threading.Event()   # CPython's Event: a Condition with a deque of waiters
+    cond = getattr(event, "_cond", None)
+    if cond is None or not hasattr(cond, "_waiters"):
+        raise Misfit("(Python's threading.Event: no _cond._waiters)")
+
+
+REACTOR = Patch("pynetdicom.park_reactor", "speed", "pynetdicom",
+                "a C-STORE (or N-EVENT-REPORT) sent from another thread waits until the association's reactor "
+                "really waits at its checkpoint",
+                "pynetdicom pauses its reactor itself (a C-MOVE may then stall until the DIMSE "
+                "timeout now and then: pynetdicom issue #875)", _probe_reactor)
+
+
+def park_reactor(assoc: Association, timeout: float = 5.0) -> bool:
+    """Return once the association's own reactor thread is blocked at its checkpoint; True if
+    it was parked here (then `unpark_reactor` it if pynetdicom does not go on to do it).
+
+    pynetdicom (3.0.4, its issues #435 and #875) pauses that thread before sending a C-STORE by
+    clearing the checkpoint and waiting for `_is_paused`, which is also True for an instant
+    after the thread has passed the checkpoint; it may then take the C-STORE response for
+    itself ("unexpected C-STORE service message") and the C-MOVE stalls until the DIMSE
+    timeout. Waiting until the thread really waits on the checkpoint closes that window."""
+    if threading.current_thread() is assoc or not REACTOR.fits:   # C-GET: we are the reactor
+        return False
+    gate = assoc._reactor_checkpoint
+    gate.clear()
+    deadline = time.monotonic() + timeout
+    while (not (assoc._is_paused and gate._cond._waiters)  # type: ignore[attr-defined]
+           and assoc.is_alive() and time.monotonic() < deadline):
+        time.sleep(0.0001)
+    return True
+
+
+def unpark_reactor(assoc: Association) -> None:
+    """Let the reactor go on after `park_reactor` when pynetdicom's send did not (it failed)."""
+    assoc._reactor_checkpoint.set()
+
+
+# --- an association's socket, given a subclass at run time (SAFETY) -----------------------------
+
+def _probe_socket() -> None:
+    need_params(AssociationSocket.recv, ("self", "nr_bytes"), "AssociationSocket.recv")
+    need_source(AssociationSocket.__init__, ("self.socket",), "AssociationSocket.__init__")
+    need_attr(AssociationSocket, "assoc")
+    if getattr(AssociationSocket, "__slots__", None):
+        raise Misfit("AssociationSocket's layout (it has __slots__: its class cannot be swapped)")
+    # A PDU is read as recv(6), its header, then recv(length), its body; a header shorter than
+    # 6 bytes reads as the connection closed (Evt17). The bound follows that alternation.
+    need_attr(DULServiceProvider, "_read_pdu_data")
+    need_source(DULServiceProvider._read_pdu_data,
+                ("self.socket.recv(6)", "self.socket.recv(pdu_length)", "struct.error",
+                 "Evt17"), "DULServiceProvider._read_pdu_data")
+    need_source(DULServiceProvider.__init__, ("self.socket",), "DULServiceProvider.__init__")
+
+
+PDU_BOUND = Patch("pynetdicom.pdu_size_bound", "safety", "pynetdicom",
+                  "a PDU announcing more than [dicom] max_pdu is refused before its body is read",
+                  "the PDU size bound cannot be kept: pacsd serve refuses to start (a peer could "
+                  "make it buffer gigabytes per association)", _probe_socket)
+
+
+def adopt_socket(sock: AssociationSocket, cls: type[S]) -> S:
+    """Give an association's socket (an AssociationSocket pynetdicom made) the subclass `cls`,
+    which must add no state its methods need before the caller sets it."""
+    sock.__class__ = cls
+    return sock  # type: ignore[return-value]
+
+
+PATCHES: list[Patch] = [PDU_BOUND, PACE, CHUNKED, SERVERS, REACTOR]
+

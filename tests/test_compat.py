@@ -1,0 +1,163 @@
+"""pacsd.compat: every patch of a library's internals fits the installed versions; when a library
+changes, a speed patch warns once and falls back, and the safety patch stops `pacsd serve`."""
+
+from __future__ import annotations
+
+import io
+import logging
+import subprocess
+import sys
+import zipfile
+from collections import UserDict
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from cheroot import server as cheroot_server
+from conftest import write_config
+from pydicom import filereader
+from pydicom.data import get_testdata_file
+from pydicom.fileset import FileSet
+from pynetdicom.dul import DULServiceProvider
+
+from pacsd import compat
+from pacsd.compat import cheroot as compat_cheroot
+from pacsd.compat import pydicom as compat_pydicom
+from pacsd.compat import pynetdicom as compat_pynetdicom
+from pacsd.errors import EXIT_CONFIG, LibraryMismatch
+
+
+@pytest.fixture(autouse=True)
+def fresh_patches():
+    """Each test settles the patches anew, and leaves them unsettled for the next (whose
+    libraries are whole again)."""
+    for p in compat.patches():
+        p.reset()
+    yield
+    for p in compat.patches():
+        p.reset()
+
+
+def test_every_patch_fits_the_installed_libraries(caplog):
+    findings = compat.check()
+    assert {f.name.split(".")[0] for f in findings} == {"pynetdicom", "pydicom", "cheroot"}
+    assert [f for f in findings if not f.ok] == []
+    assert [f.kind for f in findings if f.kind == "safety"] == ["safety"]
+    with caplog.at_level(logging.WARNING):
+        assert all(f.ok for f in compat.enforce())
+    assert not caplog.records
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+
+def test_a_speed_patch_that_no_longer_fits_warns_once_and_pynetdicom_polls(monkeypatch, caplog):
+    monkeypatch.delattr(DULServiceProvider, "_send")
+    finding = compat_pynetdicom.PACE.check()
+    assert not finding.ok and finding.kind == "speed"
+    assert "DULServiceProvider._send (gone)" in finding.message
+    dul = SimpleNamespace()
+    event = SimpleNamespace(assoc=SimpleNamespace(dul=dul, is_acceptor=True))
+    with caplog.at_level(logging.WARNING):
+        compat.enforce()   # a speed misfit does not stop the start
+        compat_pynetdicom.wake_on_work(event)   # type: ignore[arg-type]
+        compat_pynetdicom.wake_on_work(event)   # type: ignore[arg-type]
+        compat_pynetdicom.drop_wakeups(event)   # type: ignore[arg-type]
+    assert type(dul) is SimpleNamespace and not vars(dul)   # left as pynetdicom made it
+    assert _warnings(caplog) == [
+        f"pynetdicom {compat.patch.version('pynetdicom')} changed DULServiceProvider._send "
+        "(gone); using pynetdicom's own polling"]
+
+
+def test_reactor_parking_falls_back_to_pynetdicom_own_pausing(monkeypatch, caplog):
+    monkeypatch.setattr(compat_pynetdicom.Association, "send_c_store", lambda self: None)
+    assoc = SimpleNamespace()   # touched, it would raise
+    with caplog.at_level(logging.WARNING):
+        assert compat_pynetdicom.park_reactor(assoc) is False   # type: ignore[arg-type]
+    assert len(_warnings(caplog)) == 1
+    assert "pynetdicom pauses its reactor itself" in _warnings(caplog)[0]
+
+
+def test_the_pdu_bound_that_no_longer_fits_refuses_to_start(monkeypatch):
+    monkeypatch.delattr(DULServiceProvider, "_read_pdu_data")
+    bad = [f for f in compat.check() if not f.ok]
+    assert [(f.name, f.kind) for f in bad] == [("pynetdicom.pdu_size_bound", "safety")]
+    with pytest.raises(LibraryMismatch) as e:
+        compat.enforce()
+    assert e.value.exit_code == EXIT_CONFIG
+    assert "_read_pdu_data (gone)" in str(e.value) and "refuses to start" in str(e.value)
+
+
+def test_cheroot_guards_fall_back_to_cheroot_own_reading(monkeypatch, caplog):
+    monkeypatch.delattr(cheroot_server.HTTPServer, "put_conn")
+    monkeypatch.setattr(compat_cheroot, "StreamReader", io.BufferedReader)
+    with caplog.at_level(logging.WARNING):
+        assert not compat_cheroot.HEAD_GUARD.fits
+        assert not compat_cheroot.BODY_DEADLINE.fits
+        assert not compat_cheroot.HEAD_GUARD.fits
+    assert len(_warnings(caplog)) == 2
+    assert "as cheroot does" in _warnings(caplog)[0]
+
+
+def test_dicomdir_records_fall_back_to_a_zip_without_dicomdir(monkeypatch, caplog):
+    from pacsd.imaging.media import zip_stream
+    path = Path(get_testdata_file("CT_small.dcm"))
+    with zipfile.ZipFile(io.BytesIO(b"".join(zip_stream([path])))) as zf:
+        assert "DICOMDIR" in zf.namelist()
+    monkeypatch.delattr(FileSet, "_write_dicomdir")
+    compat_pydicom.DICOMDIR_RECORDS.reset()
+    with caplog.at_level(logging.WARNING):
+        body = b"".join(zip_stream([path]))
+    with zipfile.ZipFile(io.BytesIO(body)) as zf:
+        assert zf.namelist() == ["DICOM/IM000000"]
+        assert zf.read("DICOM/IM000000") == path.read_bytes()
+    assert len(_warnings(caplog)) == 1 and "without a DICOMDIR" in _warnings(caplog)[0]
+
+
+def test_file_meta_is_read_alike_without_pydicom_private_reader(monkeypatch):
+    data = Path(get_testdata_file("CT_small.dcm")).read_bytes()
+
+    def read() -> tuple[dict, int]:
+        f = io.BytesIO(data)
+        filereader.read_preamble(f, False)
+        meta = compat_pydicom.read_file_meta(f)
+        return {e.keyword: e.value for e in meta}, f.tell()
+    expected = read()
+    monkeypatch.delattr(filereader, "_read_file_meta_info")
+    compat_pydicom.FILE_META.reset()
+    assert not compat_pydicom.FILE_META.fits
+    assert read() == expected
+
+
+def test_decoder_plugins_are_added_once_without_pydicom_private_lists(monkeypatch):
+    from pydicom.pixels.decoders import JPEGExtended12BitDecoder as dec
+
+    from pacsd.imaging import jpeg12
+    jpeg12.register()
+    before = dec.available_plugins
+    monkeypatch.setattr(dec, "_available", UserDict(dec._available))   # no longer a dict
+    compat_pydicom.PLUGINS.reset()
+    assert not compat_pydicom.PLUGINS.fits
+    jpeg12.register()   # pydicom refuses the second add; that is fine
+    assert dec.available_plugins == before
+
+
+SERVE_WITH_PYNETDICOM_CHANGED = """
+import sys
+from pynetdicom.dul import DULServiceProvider
+del DULServiceProvider._read_pdu_data   # as if a pynetdicom release had renamed it
+from pacsd.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_pacsd_serve_refuses_to_start_when_the_pdu_bound_no_longer_fits(tmp_path):
+    config = write_config(tmp_path / "pacsd.toml", tmp_path / "data",
+                          dicom={"port": 0}, http={"port": 0})
+    r = subprocess.run([sys.executable, "-c", SERVE_WITH_PYNETDICOM_CHANGED, "serve",
+                        "--config", str(config)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == EXIT_CONFIG, r.stderr
+    assert "DULServiceProvider._read_pdu_data (gone)" in r.stderr
+    assert "pacsd serve refuses to start" in r.stderr
+    assert not list((tmp_path / "data").glob("*.pid"))
