@@ -161,3 +161,20 @@ def test_pacsd_serve_refuses_to_start_when_the_pdu_bound_no_longer_fits(tmp_path
     assert "DULServiceProvider._read_pdu_data (gone)" in r.stderr
     assert "pacsd serve refuses to start" in r.stderr
     assert not list((tmp_path / "data").glob("*.pid"))
+
+
+def test_config_check_reports_a_library_patch_that_no_longer_fits(tmp_path):
+    """`pacsd config --check` says what `pacsd serve` would refuse, before anyone restarts it;
+    with the libraries as pinned it passes."""
+    config = write_config(tmp_path / "pacsd.toml", tmp_path / "data",
+                          dicom={"port": 0}, http={"port": 0})
+    ok = subprocess.run([sys.executable, "-m", "pacsd", "config", "--check", "--config",
+                         str(config)], capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    assert "patch" not in ok.stderr
+    r = subprocess.run([sys.executable, "-c", SERVE_WITH_PYNETDICOM_CHANGED, "config", "--check",
+                        "--config", str(config)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == EXIT_CONFIG, r.stderr
+    line = [x for x in r.stderr.splitlines() if "pynetdicom.pdu_size_bound" in x]
+    assert len(line) == 1 and "(safety patch)" in line[0], r.stderr
+    assert "DULServiceProvider._read_pdu_data (gone)" in line[0]

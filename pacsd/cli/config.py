@@ -30,10 +30,20 @@ def folders(cfg: Config) -> Iterable[Problem]:
     return [Problem(text) for text in config_mod.folder_problems(cfg)]
 
 
+def library_patches(cfg: Config) -> Iterable[Problem]:
+    """pacsd.compat: a patch of a library's internals that no longer fits the installed
+    version. A speed patch only warns (serve falls back to the library's own way); a safety
+    patch is fatal, as serve would refuse to start."""
+    from pacsd import compat
+    return [Problem(f"{f.name} ({f.kind} patch): {f.message}", fatal=f.kind == "safety")
+            for f in compat.check() if not f.ok]
+
+
 # What `config --check` looks at beyond the settings themselves, once the file is read: each
-# takes the Config and gives its problems. Library patches (pacsd.compat.check) go here.
+# takes the Config and gives its problems.
 CHECKS: list[Callable[[Config], Iterable[Problem]]] = [
     folders,
+    library_patches,
 ]
 
 
