@@ -33,11 +33,15 @@ DATA_SET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000             # Error: Cannot understand (Cxxx: senders do not retry)
 WARNING_COERCION = 0xB000              # Warning: Coercion of Data Elements (stored, with a
 #                                        reservation: pacsd.storage.archive.Stored.warning)
+WARNING_ELEMENTS_DISCARDED = 0xB006    # Warning: Elements Discarded (stored)
+WARNING_DATA_SET_DOES_NOT_MATCH = 0xB007   # Warning: Data Set does not match SOP Class (stored)
 
 # --- Query/Retrieve (PS3.4 C.4.1.1.4, C.4.2.1.5, C.4.3.1.4) ----------------------------------
 IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 UNABLE_TO_PROCESS = 0xC000             # Failed: Unable to process (C-FIND: Cxxx)
 MOVE_DESTINATION_UNKNOWN = 0xA801      # C-MOVE: Refused: Move Destination unknown
+PENDING_OPTIONAL_KEYS = 0xFF01         # C-FIND: Pending, optional keys not supported
+WARNING_SUBOPERATIONS_FAILED = 0xB000  # C-MOVE / C-GET: complete, one or more sub-operations failed
 
 # --- ours, in the Cxxx range PS3.4 B.2.3 and PS3.18 Annex I leave to the implementation -----
 STUDY_MISMATCH = 0xC409                # STOW-RS: the instance is of another study than the URL's

@@ -44,6 +44,7 @@ from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 
 from pacsd.config import Config, Node
+from pacsd.dicom_status import MOVE_DESTINATION_UNKNOWN, PENDING, PENDING_OPTIONAL_KEYS
 from pacsd.doctor.report import FAIL, OK, WARN, Finding, NodeReport
 from pacsd.nodes.remote import CONNECTION_HANDLERS, MAX_CONTEXTS, self_tls
 
@@ -89,7 +90,6 @@ SERVICES = {   # PS3.4 C.6 (Query/Retrieve), J.3 (Storage Commitment Push Model)
 }
 STUDY_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
 VERIFICATION = "1.2.840.10008.1.1"
-MOVE_DESTINATION_UNKNOWN = 0xA801   # PS3.4 C.4.2.1.5
 
 
 @dataclass(frozen=True)
@@ -457,7 +457,7 @@ def check_move(cfg: Config, node: Node, me: OwnListener, local: str | None,
             if not status or "Status" not in status:
                 break
             final = int(status.Status)
-            if final not in (0xFF00, 0xFF01):
+            if final not in (PENDING, PENDING_OPTIONAL_KEYS):
                 break
     finally:
         _release(assoc)

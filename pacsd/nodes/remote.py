@@ -36,6 +36,9 @@ from pacsd import query
 from pacsd.compat import pynetdicom as compat
 from pacsd.imaging import transcode
 from pacsd.config import Config, Node
+from pacsd.dicom_status import (CANCEL, PENDING, PENDING_OPTIONAL_KEYS, SUCCESS,
+                                WARNING_COERCION, WARNING_DATA_SET_DOES_NOT_MATCH,
+                                WARNING_ELEMENTS_DISCARDED, WARNING_SUBOPERATIONS_FAILED)
 from pacsd.errors import PacsError
 from pacsd.storage.store import Store
 
@@ -45,7 +48,7 @@ MAX_CONTEXTS = 128   # PS3.8 9.3.2.2: at most 128 presentation contexts per asso
 MAX_WAIT = 30.0      # seconds, at most, for association set-up and for each DIMSE message
 MAX_MATCHES = 10_000  # C-FIND responses kept from one query
 # PS3.4 B.2.3 / C.4.2.1.5: success, and the warnings after which the data set was kept.
-_STORED = {0x0000, 0xB000, 0xB006, 0xB007}
+_STORED = {SUCCESS, WARNING_COERCION, WARNING_ELEMENTS_DISCARDED, WARNING_DATA_SET_DOES_NOT_MATCH}
 
 
 class RemoteError(PacsError):
@@ -326,12 +329,12 @@ def find(cfg: Config, node: Node, level: str, keys: dict[str, str]) -> list[dict
             if not status:   # no answer within the DIMSE timeout, or aborted
                 break
             final = int(status.Status)
-            if final in (0xFF00, 0xFF01) and identifier is not None:
+            if final in (PENDING, PENDING_OPTIONAL_KEYS) and identifier is not None:
                 if len(matches) < MAX_MATCHES:
                     matches.append(_values(identifier))
     finally:
         _close(ae, assoc)
-    if final != 0x0000:
+    if final != SUCCESS:
         raise RemoteError(f"C-FIND on {node.aet} failed (status "
                           f"{'none' if final is None else hex(final)})")
     return matches
@@ -350,7 +353,7 @@ def move_here(cfg: Config, node: Node, keys: dict[str, str], level: str = "STUDY
             if not status:
                 break
             final = status
-            if progress is not None and int(status.Status) == 0xFF00:   # pending (C.4.2.1.6)
+            if progress is not None and int(status.Status) == PENDING:   # C.4.2.1.6
                 done, failed, remaining = (
                     int(status.get(k, 0) or 0) for k in ("NumberOfCompletedSuboperations",
                                                          "NumberOfFailedSuboperations",
@@ -366,7 +369,7 @@ def move_here(cfg: Config, node: Node, keys: dict[str, str], level: str = "STUDY
                       ("failed", "NumberOfFailedSuboperations"),
                       ("warning", "NumberOfWarningSuboperations")):
         counts[name] = int(final.get(key, 0) or 0)
-    if counts["status"] not in (0x0000, 0xB000, 0xFE00):
+    if counts["status"] not in (SUCCESS, WARNING_SUBOPERATIONS_FAILED, CANCEL):
         raise RemoteError(f"C-MOVE from {node.aet} to {cfg.dicom_aet} failed (status "
                           f"0x{counts['status']:04X}); does {node.aet} list {cfg.dicom_aet} "
                           "as a destination?")
