@@ -35,7 +35,7 @@ from pacsd.config.sections import (
 )
 from pacsd.config.tables import Node, Route, User
 from pacsd.errors import ConfigError
-from pacsd.index import backends
+from pacsd.config import index_url
 
 CONFIG_FILE_NAME = "pacsd.toml"
 
@@ -95,17 +95,17 @@ class Config:
 
     @property
     def index_is_sqlite(self) -> bool:
-        return backends.kind(self.index_url) == backends.SQLITE
+        return index_url.kind(self.index_url) == index_url.SQLITE
 
     @property
     def index_path(self) -> Path:
         """The SQLite index file (only when index_is_sqlite)."""
-        return backends.sqlite_path(self.index_url)
+        return index_url.sqlite_path(self.index_url)
 
     @property
     def index_label(self) -> str:
         """The index as logs and status show it: its file, or its URL without the password."""
-        return str(self.index_path) if self.index_is_sqlite else backends.redacted(self.index_url)
+        return str(self.index_path) if self.index_is_sqlite else index_url.redacted(self.index_url)
 
     @property
     def log_path(self) -> Path | None:

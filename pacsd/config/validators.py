@@ -7,7 +7,7 @@ import ipaddress
 import re
 from typing import Callable
 
-from pacsd.index import backends
+from pacsd.config import index_url as urls
 
 
 def valid_aet(value: str) -> str:
@@ -61,7 +61,7 @@ def aet_list(value: tuple[str, ...]) -> tuple[str, ...]:
 
 def index_url(value: str) -> str:
     if value:
-        backends.kind(value)   # ValueError: what a good URL looks like
+        urls.kind(value)   # ValueError: what a good URL looks like
     return value
 
 
