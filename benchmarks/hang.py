@@ -43,7 +43,7 @@ from pathlib import Path
 
 from common import LOCAL, REPO, terminate
 
-from pacsd.config import Config
+from pacsd.config import WatchdogSettings
 
 UNIT = REPO / "systemd" / "pacsd.service"
 IGNORE_SIGTERM = ("import runpy, signal, sys; _set = signal.signal; "
@@ -143,8 +143,7 @@ def answers(info: dict) -> bool:
 
 
 def variant(name: str, folder: Path, restart: str, restart_sec: float) -> dict:
-    defaults = Config.__dataclass_fields__
-    grace = defaults["watchdog_grace"].default
+    grace = WatchdogSettings().grace
     folder.mkdir(parents=True)
     data = folder / "data"
     cfg = folder / "pacsd.toml"
@@ -211,8 +210,8 @@ def main() -> None:
     p.add_argument("--workdir", type=Path, help="keep the data folders and logs here")
     args = p.parse_args()
     restart, restart_sec = unit_restart(UNIT)
-    f = Config.__dataclass_fields__
-    w = {k: f[f"watchdog_{k}"].default for k in
+    defaults = WatchdogSettings()
+    w = {k: getattr(defaults, k) for k in
          ("interval", "failures", "timeout", "term_wait", "react_wait", "grace")}
     print(f"watchdog defaults: {w}")
     print(f"restart supervisor: EMULATED (no systemd as PID 1 here), from {UNIT.name}: "

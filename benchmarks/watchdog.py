@@ -37,7 +37,7 @@ import psutil
 
 from common import LOCAL, REPO, terminate
 
-from pacsd.config import Config
+from pacsd.config import WatchdogSettings
 
 
 def watchdog_cmd(*args: str) -> list[str]:
@@ -175,7 +175,7 @@ def freeze_to_kill(folder: Path) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--interval", type=float,
-                   default=Config.__dataclass_fields__["watchdog_interval"].default,
+                   default=WatchdogSettings().interval,
                    help="watchdog interval, idle phase (default: the setting's default)")
     p.add_argument("--seconds", type=float, default=120.0, help="how long to sample it")
     p.add_argument("--sample", type=float, default=1.0, help="seconds between samples")

@@ -22,14 +22,14 @@ from conftest import write_config
 from reliability.report import record
 from test_watchdog import SLACK, Supervisor, Watchdog, alive, cont, freeze, healthy_round
 
-from pacsd.config import Config
+from pacsd.config import WatchdogSettings
 
 ISSUE_BOUND_S = 60.0   # issue 16: a hang detected and the server killed within 60 s
 
 
 def defaults() -> dict[str, float]:
-    fields = Config.__dataclass_fields__
-    return {k: fields[f"watchdog_{k}"].default
+    w = WatchdogSettings()   # the defaults, as declared
+    return {k: getattr(w, k)
             for k in ("interval", "timeout", "failures", "term_wait", "react_wait", "grace")}
 
 
