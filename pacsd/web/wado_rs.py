@@ -73,7 +73,7 @@ def _wanted_syntaxes() -> set[str] | None:
     for r in ranges:
         ts = r.transfer_syntax
         if ts is None or ts == "*":
-            # We send what was stored: pacsd never transcodes on retrieve (see README).
+            # We send what was stored: pacsd never transcodes on retrieve (see the manual, web.md).
             return None
         syntaxes.add(ts)
     return syntaxes
