@@ -381,7 +381,9 @@ def test_busy_server_is_not_killed(pacs, tmp_path: Path):
 
 
 def test_no_kill_during_the_grace_period(pacs):
-    w = {**FAST, "grace": 4.0, "failures": 1, "timeout": 0.5}
+    # A grace long enough that a loaded machine (a watchdog a few seconds to start) still
+    # freezes the server well inside it: what is asserted does not depend on it.
+    w = {**FAST, "grace": 8.0, "failures": 1, "timeout": 0.5}
     sup, dog, info = pacs(w)
     pid, started = info["pid"], info["started"]
     dog.wait(rf"watching pacsd pid {pid}\b", 10)
