@@ -33,9 +33,10 @@ def get_here(cfg: Config, node: Node, keys: dict[str, str], archive: Archive,
     model = StudyRootQueryRetrieveInformationModelGet
     # One context for the C-GET, the rest (up to 128, PS3.8 9.3.2.2) for the storage classes
     # we take back, each in the SCP role.
-    storage = StoragePresentationContexts[:MAX_CONTEXTS - 1]
-    contexts = [build_context(model)] + [build_context(cx.abstract_syntax) for cx in storage]
-    roles = [build_role(cx.abstract_syntax, scp_role=True) for cx in storage]
+    storage = [str(cx.abstract_syntax) for cx in StoragePresentationContexts
+               if cx.abstract_syntax][:MAX_CONTEXTS - 1]
+    contexts = [build_context(model)] + [build_context(uid) for uid in storage]
+    roles = [build_role(uid, scp_role=True) for uid in storage]
     stored = {"stored": 0, "refused": 0}
 
     def on_store(event: Event) -> int | Dataset:
