@@ -41,6 +41,24 @@ def uids(answer: dict, key: str) -> set[str]:
     return {e[key] for e in answer["elements"]}
 
 
+def bad_request(call) -> None:
+    """OsiriX answers bad parameters with HTTP 400 (Horos: ReturnWithCode(400))."""
+    with pytest.raises(xmlrpc.client.ProtocolError) as e:
+        call()
+    assert e.value.errcode == 400
+
+
+def wait_until(check, timeout: float = 60.0):
+    """Poll `check()` until it answers something true (background retrieves)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = check()
+        if result:
+            return result
+        time.sleep(0.05)
+    raise AssertionError(f"not true within {timeout} s")
+
+
 def stored_paths(server) -> list[Path]:
     return sorted(server.cfg.storage_path.rglob("*.dcm"))
 
@@ -146,14 +164,19 @@ def test_dbwindowfind_errors(populated):
     rpc = proxy(server)
     for request in ("bogus == 'x'", "patientID == ", "(patientID == 'x'", "patientID ~ 'x'",
                     "patientID == 'x' AND", "name == 'a' OR ; DROP TABLE study"):
-        answer = rpc.DBWindowFind({"request": request, "table": "Study", "execute": "Select"})
+        # Issue 18: HTTP 400 as OsiriX, where pacsd answered {error: "400"} with HTTP 200.
+        rsp = post(server, xmlrpc.client.dumps(
+            ({"request": request, "table": "Study", "execute": "Select"},),
+            "DBWindowFind").encode())
+        assert rsp.status_code == 400, request
+        answer = xmlrpc.client.loads(rsp.content)[0][0]
         assert answer["error"] == "400", (request, answer)
         assert answer["message"]
-    assert rpc.DBWindowFind({"request": "patientID == 'x'", "table": "Patient"})["error"] == "400"
-    assert rpc.DBWindowFind({"table": "Study"})["error"] == "400"
+    bad_request(lambda: rpc.DBWindowFind({"request": "patientID == 'x'", "table": "Patient"}))
+    bad_request(lambda: rpc.DBWindowFind({"table": "Study"}))
     assert rpc.DBWindowFind({"request": "patientID == 'nobody'", "table": "Study"}
                             )["error"] == "-1"
-    assert rpc.DisplayStudy({})["error"] == "400"
+    bad_request(lambda: rpc.DisplayStudy({}))
     assert rpc.DisplayStudy({"PatientID": "nobody"})["error"] == "-1"
     answer = rpc.DisplayStudy({"PatientID": "PID5-002", "AccessionNumber": "ACC500201"})
     assert answer["error"] == "0" and [e["accessionNumber"] for e in answer["elements"]] == \
@@ -163,7 +186,7 @@ def test_dbwindowfind_errors(populated):
     with pytest.raises(xmlrpc.client.Fault) as fault:
         rpc.NoSuchMethod({})
     assert fault.value.faultCode == -32601
-    assert rpc.DBWindowFind("not a struct")["error"] == "400"
+    bad_request(lambda: rpc.DBWindowFind("not a struct"))
 
 
 def test_delete_removes_rows_files_and_fixes_counters(make_server, tmp_path):
@@ -241,7 +264,8 @@ def test_only_administrators_change_things(make_server, tmp_path):
         dest.close()
 
 
-def test_cmove_sends_a_study_unchanged_to_a_configured_node(make_server, tmp_path):
+def test_sendstudy_sends_a_study_unchanged_to_a_configured_node(make_server, tmp_path):
+    # pacsd's push, CMove's behaviour before issue 18 (OsiriX's CMove pulls: test_xmlrpc_osirix).
     dest = Destination()
     try:
         server = make_server(nodes=[{"name": "viewer", "aet": "DEST", "host": LOCAL,
@@ -250,28 +274,28 @@ def test_cmove_sends_a_study_unchanged_to_a_configured_node(make_server, tmp_pat
         assert store_files(server.dicom_port, files) == [0] * 12
         rpc = proxy(server)
         study1 = [f for f in files if dcmread(f).AccessionNumber == "ACC900101"]
-        answer = rpc.CMove({"accessionNumber": "ACC900101", "server": "viewer"})
+        answer = rpc.SendStudy({"accessionNumber": "ACC900101", "server": "viewer"})
         assert answer == {"error": "0", "completed": 6, "failed": 0}
         assert dest.received == {str(dcmread(f).SOPInstanceUID): dataset_bytes(f)
                                  for f in study1}
         # By Study Instance UID and by AE title.
         uid = str(dcmread(files[-1]).StudyInstanceUID)
-        assert rpc.CMove({"studyInstanceUID": uid, "server": "DEST"})["completed"] == 6
+        assert rpc.SendStudy({"studyInstanceUID": uid, "server": "DEST"})["completed"] == 6
         assert len(dest.received) == 12
-        assert rpc.CMove({"accessionNumber": "ACC900101", "server": "nowhere"})["error"] == "-1"
-        assert rpc.CMove({"accessionNumber": "NONE", "server": "viewer"})["error"] == "-3"
-        assert rpc.CMove({"server": "viewer"})["error"] == "400"
+        assert rpc.SendStudy({"accessionNumber": "ACC900101", "server": "nowhere"})["error"] == "-1"
+        assert rpc.SendStudy({"accessionNumber": "NONE", "server": "viewer"})["error"] == "-3"
+        bad_request(lambda: rpc.SendStudy({"server": "viewer"}))
     finally:
         dest.close()
 
 
-def test_cmove_to_a_node_that_is_down(make_server, tmp_path):
+def test_sendstudy_to_a_node_that_is_down(make_server, tmp_path):
     server = make_server(nodes=[{"name": "down", "aet": "DOWN", "host": LOCAL,
                                  "port": free_port()}])
     files = write_series(tmp_path / "in", seed=10, images=1, size=16)
     assert store_files(server.dicom_port, files) == [0]
     started = time.monotonic()
-    answer = proxy(server).CMove({"accessionNumber": "ACC1000101", "server": "down"})
+    answer = proxy(server).SendStudy({"accessionNumber": "ACC1000101", "server": "down"})
     assert answer["error"] == "-2" and "DOWN" in answer["message"]
     assert time.monotonic() - started < 10
 
@@ -285,9 +309,14 @@ def test_retrieve_from_another_pacsd(make_server, tmp_path):
         rpc = proxy(server, "/")
         answer = rpc.Retrieve({"serverName": "the other", "filterKey": "PatientID",
                                "filterValue": "PID12-001"})
-        assert answer == {"error": "0", "studies": 2, "completed": 6, "failed": 0}
-        with server.index.reading():
-            got = query.instances(query.Request("PATIENT", {"PatientID": "PID12-001"}))
+        # Issue 18: answered once started, as OsiriX; the retrieve runs in the background.
+        assert answer["error"] == "0" and set(answer) == {"error", "job"}
+
+        def arrived(n: int):
+            with server.index.reading():
+                got = query.instances(query.Request("PATIENT", {"PatientID": "PID12-001"}))
+            return got if len(got) >= n else None
+        got = wait_until(lambda: arrived(6))
         assert {i.sop_instance_uid: dataset_bytes(server.cfg.storage_path / i.path)
                 for i in got} == {str(dcmread(f).SOPInstanceUID): dataset_bytes(f)
                                   for f in files}
@@ -295,13 +324,16 @@ def test_retrieve_from_another_pacsd(make_server, tmp_path):
         answer = rpc.Retrieve({"serverName": "REMOTE", "filterKey": "PatientID",
                                "filterValue": "PID12-001", "filterKey2": "AccessionNumber",
                                "filterValue2": "ACC1200102"})
-        assert (answer["error"], answer["studies"], answer["completed"]) == ("0", 1, 3)
+        assert answer["error"] == "0"
+        job = wait_until(lambda: server.runtime.jobs.get(answer["job"]).ended and
+                         server.runtime.jobs.get(answer["job"]))
+        assert (job.state, job.done, job.failed) == ("done", 3, 0)
         assert rpc.Retrieve({"serverName": "the other", "filterKey": "PatientID",
                              "filterValue": "nobody"})["error"] == "-3"
         assert rpc.Retrieve({"serverName": "nowhere", "filterKey": "PatientID",
                              "filterValue": "x"})["error"] == "-2"
-        assert rpc.Retrieve({"serverName": "the other", "filterKey": "Bogus",
-                             "filterValue": "x"})["error"] == "400"
+        bad_request(lambda: rpc.Retrieve({"serverName": "the other", "filterKey": "Bogus",
+                                          "filterValue": "x"}))
 
 
 BOMB = b"""<?xml version="1.0"?>

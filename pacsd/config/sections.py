@@ -175,6 +175,13 @@ class HttpSettings:
         "`body_min_rate` bytes received (Apache's mod_reqtimeout body=20,MinRate=500): a "
         "slower body is cut with 408 and its connection closed, so slow clients cannot hold "
         "the worker threads.", v.positive)
+    osirix_port: int = setting(0,
+        "A second HTTP port serving the same web side (XML-RPC, /testdbalive, WADO...), for "
+        "scripts and monitors written for OsiriX's web portal port (3333 in OsiriX/Horos). "
+        "0: off.", v.port)
+    download_max_mb: int = setting(1024,
+        "Largest file, in MiB, that XML-RPC DownloadURL fetches from a node.",
+        v.in_range(1, 65536))
     body_min_rate: int = setting(500,
         "Bytes per second a request body must keep up after `body_timeout` (each such many "
         "bytes received earn one more second). 0: a fixed `body_timeout` for any body.",

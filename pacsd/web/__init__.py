@@ -103,21 +103,36 @@ class HttpServer:
     def __init__(self, rt: Runtime) -> None:
         cfg = rt.cfg
         self.cfg = cfg
-        self.server = PacsdServer(
-            (cfg.http_bind or "127.0.0.1", cfg.http_port), make_app(rt),
+        app = make_app(rt)
+        self.server = self._server(app, cfg.http_port)
+        # [http] osirix_port: the same application on OsiriX's web portal port, for monitors
+        # and scripts that probe it (same guards, its own worker pool and health lane).
+        self.osirix = self._server(app, cfg.http_osirix_port) if cfg.http_osirix_port else None
+        self._thread: threading.Thread | None = None
+        self._osirix_thread: threading.Thread | None = None
+
+    def _server(self, app: Callable, port: int) -> PacsdServer:
+        cfg = self.cfg
+        server = PacsdServer(
+            (cfg.http_bind or "127.0.0.1", port), app,
             numthreads=cfg.http_threads, timeout=int(cfg.http_timeout), server_name="pacsd",
             shutdown_timeout=2, body_timeout=cfg.http_body_timeout,
             body_min_rate=cfg.http_body_min_rate)
-        self.server.max_request_body_size = cfg.http_max_body_mb << 20   # 413 beyond it
-        self.server.max_request_header_size = 64 << 10
+        server.max_request_body_size = cfg.http_max_body_mb << 20   # 413 beyond it
+        server.max_request_header_size = 64 << 10
         if cfg.http_cert:
             from cheroot.ssl.builtin import BuiltinSSLAdapter
-            self.server.ssl_adapter = BuiltinSSLAdapter(cfg.http_cert, cfg.http_key)
-        self._thread: threading.Thread | None = None
+            server.ssl_adapter = BuiltinSSLAdapter(cfg.http_cert, cfg.http_key)
+        return server
 
     @property
     def port(self) -> int:
         return int(self.server.bind_addr[1])
+
+    @property
+    def osirix_port(self) -> int:
+        """The OsiriX-compatible port, 0 when off."""
+        return int(self.osirix.bind_addr[1]) if self.osirix is not None else 0
 
     @property
     def alive(self) -> bool:
@@ -128,18 +143,36 @@ class HttpServer:
     def scheme(self) -> str:
         return "https" if self.cfg.http_cert else "http"
 
-    def start(self) -> None:
+    def _prepare(self, server: PacsdServer, port: int) -> None:
         try:
-            self.server.prepare()   # binds; port 0 is resolved here
+            server.prepare()   # binds; port 0 is resolved here
         except OSError as e:   # cheroot folds the errno into its message
             reason = e.strerror or str(e).rsplit("]", 1)[-1].strip(" )") or str(e)
             raise PortInUse(f"cannot listen for HTTP on {self.cfg.http_bind}:"
-                            f"{self.cfg.http_port}: {reason}") from None
+                            f"{port}: {reason}") from None
+
+    def start(self) -> None:
+        self._prepare(self.server, self.cfg.http_port)
+        if self.osirix is not None:
+            try:
+                self._prepare(self.osirix, self.cfg.http_osirix_port)
+            except PortInUse:
+                self.server.stop()
+                raise
+            self._osirix_thread = threading.Thread(target=self.osirix.serve, name="http-osirix",
+                                                   daemon=True)
+            self._osirix_thread.start()
+            log.info("HTTP listener (OsiriX port) on %s://%s:%d", self.scheme,
+                     self.cfg.http_bind, self.osirix_port)
         self._thread = threading.Thread(target=self.server.serve, name="http", daemon=True)
         self._thread.start()
         log.info("HTTP listener on %s://%s:%d", self.scheme, self.cfg.http_bind, self.port)
 
     def stop(self) -> None:
+        if self._osirix_thread is not None and self.osirix is not None:
+            self.osirix.stop()
+            self._osirix_thread.join(10)
+            self._osirix_thread = None
         if self._thread is not None:
             self.server.stop()
             self._thread.join(10)

@@ -32,7 +32,8 @@ def make_app(rt: Runtime) -> bottle.Bottle:
                                         "restart would not help") from None
         except (IndexUnavailable, TimeoutError) as e:
             raise bottle.HTTPError(503, f"Test DB Alive failed: {e}") from None
-        bottle.response.content_type = "text/plain; charset=utf-8"
+        # As OsiriX's web portal answers it (WebPortalConnection.mm): text/html, this text.
+        bottle.response.content_type = "text/html; charset=utf-8"
         return ALIVE_TEXT
 
     app.get("/status", callback=lambda: status(rt))

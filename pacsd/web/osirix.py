@@ -5,6 +5,7 @@ to the patient, so reading them costs no query).
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from typing import Any
 
@@ -20,6 +21,19 @@ def osirix_date(date: str, time_: str = "") -> str:
         return ""
     t = re.sub(r"[^\d]", "", (time_ or "").split(".")[0]).ljust(6, "0")[:6]
     return f"{date[:4]}-{date[4:6]}-{date[6:]} {t[:2]}:{t[2:4]}:{t[4:]} +0000"
+
+
+def osirix_moment(value: Any) -> str:
+    """A local time the index wrote (datetime, or "YYYY-MM-DD HH:MM:SS") -> NSDate's
+    description, in UTC as OsiriX shows it."""
+    if isinstance(value, str):
+        try:
+            value = dt.datetime.strptime(value[:19], "%Y-%m-%d %H:%M:%S")
+        except ValueError:
+            return ""
+    if not isinstance(value, dt.datetime):
+        return ""
+    return value.astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S +0000")
 
 
 def _text(value: Any) -> str:
@@ -38,6 +52,8 @@ def study_element(study: Any) -> dict[str, str]:
         "referringPhysician": osirix_name(study.referring_physician_name),
         "numberOfImages": _text(study.number_of_instances),
         "numberOfSeries": _text(study.number_of_series),
+        # Horos's DicomStudy attributes pacsd can fill: when it arrived; it holds DICOM.
+        "dateAdded": osirix_moment(study.created), "hasDICOM": "1",
     }
 
 

@@ -1,15 +1,25 @@
 """OsiriX / Horos compatible XML-RPC, served at `/RPC2` and at `/` (where OsiriX listens).
 
-Each method takes one struct and answers a struct whose "error" is "0" on success and an
-OsiriX-style code otherwise (with a "message" saying why):
+The methods are Horos's (Horos/Sources/XMLRPCMethods.mm, `selectorStringForXMLRPCRequestMethodName:`
+lower-cases the name, so names are case-insensitive), plus pacsd's `Ping` and `SendStudy`. Each
+takes one struct and answers a struct whose "error" is "0" on success; every value is a string,
+as OsiriX's (its answers are built with `[NSString stringWithFormat:@"%d", code]`).
 
-    400   bad or missing parameters, or a request the predicate parser cannot read
-    403   the caller is not an administrator (Delete, CMove, Retrieve)
+Missing or malformed parameters answer HTTP 400, as OsiriX's `ReturnWithCode(400)` does (N2XMLRPC-
+Connection writes the error's code as the HTTP status); the body here still holds
+`{error: "400", message}` for clients that read it. Other codes are in the struct, with a
+"message" saying why:
+
+    403   the caller is not an administrator (Delete, CMove, Retrieve, DownloadURL, SendStudy)
     -1    nothing matches (DBWindowFind, DisplayStudy, DisplaySeries), an unknown node (CMove),
-          or the remote node failed (Retrieve)
-    -2    an unknown node (Retrieve; OsiriX's code), or the node could not be reached (CMove)
-    -3    the node (Retrieve) or this archive (CMove) has nothing matching
-    -4    some images could not be sent or retrieved (the counts say how many)
+          the node's C-FIND failed (Retrieve), too many retrieves waiting
+    -2    an unknown node (Retrieve; OsiriX's code), a URL host that is no node's
+          (DownloadURL), the node could not be reached (SendStudy)
+    -3    the node (Retrieve) or this archive (SendStudy) has nothing matching
+    -4    some images could not be sent (SendStudy)
+
+The methods that only drive OsiriX's windows (Horos's GUI methods) answer "0" and do nothing:
+pacsd has no screen, and old scripts must not break.
 
 Bodies are parsed with defusedxml's expat parser, DTDs forbidden (so no entity expansion and
 no external entity is ever read), and only up to MAX_BODY bytes. A body that is not XML-RPC
@@ -27,16 +37,14 @@ from xml.parsers.expat import ExpatError
 import bottle
 from defusedxml import DefusedXmlException
 from defusedxml.xmlrpc import DefusedExpatParser, defused_gzip_decode
-from pydicom.datadict import tag_for_keyword
 
-from pacsd import query
-from pacsd.nodes import remote
 from pacsd.query import predicate
 from pacsd.web import osirix
 from pacsd.web.app import new_app
 from pacsd.web.auth import is_admin
 from pacsd.web.guard import client_of
 from pacsd.web.runtime import Runtime
+from pacsd.web.xmlrpc_remote import BadParams, RemoteMethods, err, ok, param
 
 log = logging.getLogger(__name__)
 
@@ -92,21 +100,16 @@ def _read_body() -> bytes:
     return data
 
 
-def ok(**values: Any) -> dict[str, Any]:
-    return {"error": "0", **values}
 
-
-def err(code: int, message: str, **values: Any) -> dict[str, Any]:
-    return {"error": str(code), "message": message, **values}
-
-
-def _param(p: dict[str, Any], *names: str) -> str:
-    """The first non-empty parameter among `names`, as a string (OsiriX accepts both cases)."""
-    for name in names:
-        value = p.get(name)
-        if value is not None and str(value).strip():
-            return str(value).strip()
-    return ""
+def _gui(*required: str) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A Horos method that only acts on OsiriX's windows: its required parameters are checked
+    as Horos checks them (400 when empty), then "0"."""
+    def method(p: dict[str, Any]) -> dict[str, Any]:
+        for name in required:
+            if not param(p, name):
+                raise BadParams(f"'{name}' is missing")
+        return ok()
+    return method
 
 
 class Methods:
@@ -115,20 +118,52 @@ class Methods:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.cfg = rt.cfg
+        moves = RemoteMethods(rt)
+        admin = self.admin_only
+        # Horos's table (selectorStringForXMLRPCRequestMethodName:), lower-cased names.
         self.table: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
-            "ping": self.ping, "dbwindowfind": self.find_object,
-            "findobject": self.find_object, "displaystudy": self.display_study,
-            "displayseries": self.display_series, "cmove": self.cmove,
-            "retrieve": self.retrieve,
+            "killosirix": self.kill_osirix,
+            "downloadurl": admin("DownloadURL", moves.download_url),
+            "displaystudy": self.display_study, "displayseries": self.display_series,
+            "dbwindowfind": self.find_object, "findobject": self.find_object,
+            "switchtodefaultdbifneeded": _gui(), "selectdefaultdatabase": _gui(),
+            "opendb": _gui("path"), "opendatabase": _gui("path"),
+            "selectalbum": _gui("name"), "closeallwindows": _gui(),
+            "getdisplayed2dviewerseries": lambda p: ok(elements=[]),
+            "getdisplayed2dviewerstudies": lambda p: ok(elements=[]),
+            "close2dviewerwithseriesuid": _gui("uid"),
+            "close2dviewerwithstudyuid": _gui("uid"),
+            "retrieve": admin("Retrieve", moves.retrieve),
+            "cmove": admin("CMove", moves.cmove),
+            "displaystudylistbypatientname": _gui("PatientName"),
+            "displaystudylistbypatientid": _gui("PatientID"),
+            "pathtofrontdcm": lambda p: ok(currentDCMPath=""),
+            # pacsd's own
+            "ping": self.ping, "sendstudy": admin("SendStudy", moves.send_study),
         }
+
+    def admin_only(self, name: str, method: Callable[[dict[str, Any]], dict[str, Any]]
+                   ) -> Callable[[dict[str, Any]], dict[str, Any]]:
+        def checked(p: dict[str, Any]) -> dict[str, Any]:
+            if not self.admin():
+                return err(403, f"{name} needs an administrator")
+            return method(p)
+        return checked
 
     def admin(self) -> bool:
         return is_admin(bottle.request.environ)
 
-    # --- Ping -------------------------------------------------------------------------------
+    # --- Ping, KillOsiriX ---------------------------------------------------------------------
 
     def ping(self, p: dict[str, Any]) -> dict[str, Any]:
         """What the watchdog calls: cheap, touches nothing."""
+        return ok()
+
+    def kill_osirix(self, p: dict[str, Any]) -> dict[str, Any]:
+        """OsiriX quits; pacsd does not let a network call stop it (its service manager and
+        `pacsd stop` do that): answered "0", logged."""
+        log.warning("XML-RPC KillOsiriX from %s ignored: stop pacsd with its service manager",
+                    client_of(bottle.request.environ))
         return ok()
 
     # --- DBWindowFind / FindObject ----------------------------------------------------------
@@ -137,16 +172,18 @@ class Methods:
         request, table = p.get("request"), p.get("table")
         execute = str(p.get("execute") or "Select").strip().capitalize()
         if not isinstance(request, str) or not request.strip():
-            return err(400, "'request' (a predicate such as \"patientID == 'X'\") is missing")
+            raise BadParams("'request' (a predicate such as \"patientID == 'X'\") is missing")
         if table not in predicate.TABLES:
-            return err(400, f"'table' must be one of {', '.join(predicate.TABLES)}")
+            raise BadParams(f"'table' must be one of {', '.join(predicate.TABLES)}")
         if execute not in ("Select", "Open", "Nothing", "Delete"):
-            return err(400, "'execute' must be Select, Open, Nothing or Delete")
+            raise BadParams("'execute' must be Select, Open, Nothing or Delete")
         if execute == "Delete" and not self.admin():
             return err(403, "Delete needs an administrator")
         try:
             cond = predicate.parse(table, request)
         except predicate.PredicateError as e:
+            if e.http_status == 400:
+                raise BadParams(f"request: {e}") from None
             return err(e.http_status, f"request: {e}")
         found = predicate.find(table, cond, MAX_ELEMENTS, uids=execute == "Delete")
         count, uids = found.count, found.uids
@@ -169,11 +206,11 @@ class Methods:
         its DICOM keyword, or by it with a lower-case initial."""
         keys = {}
         for keyword in names:
-            value = _param(p, keyword, keyword[0].lower() + keyword[1:])
+            value = param(p, keyword, keyword[0].lower() + keyword[1:])
             if value:
                 keys[keyword] = value
         if not keys:
-            return err(400, "give at least one of the identifying parameters")
+            raise BadParams("give at least one of the identifying parameters")
         rows = predicate.first_rows(table, predicate.exact(keys), MAX_ELEMENTS)
         elements = [osirix.ELEMENT[table](r) for r in rows]
         if not elements:
@@ -188,87 +225,15 @@ class Methods:
         return self._display("Series", p, ("PatientID", "StudyInstanceUID",
                                            "SeriesInstanceUID"))
 
-    # --- CMove: send a stored study to a configured node ------------------------------------
-
-    def cmove(self, p: dict[str, Any]) -> dict[str, Any]:
-        accession = _param(p, "accessionNumber", "AccessionNumber")
-        study_uid = _param(p, "studyInstanceUID", "StudyInstanceUID")
-        server = _param(p, "server")
-        if not (accession or study_uid) or not server:
-            return err(400, "give 'server' and 'accessionNumber' or 'studyInstanceUID'")
-        if not self.admin():
-            return err(403, "CMove needs an administrator")
-        node = self.rt.accounts.node(server)
-        if node is None:
-            return err(-1, f"unknown node {server!r}: add it to [[nodes]]")
-        keys = {"AccessionNumber": accession} if accession else {}
-        if study_uid:
-            keys["StudyInstanceUID"] = study_uid
-        with self.rt.archive.index.reading():
-            studies = [m["StudyInstanceUID"] for m in query.find(
-                query.Request("STUDY", keys), ["StudyInstanceUID"])]
-            instances = query.instances(query.Request(
-                "STUDY", {"StudyInstanceUID": "\\".join(studies)})) if studies else []
-        if not instances:
-            return err(-3, "no stored image matches", completed=0, failed=0)
-        try:
-            completed, failed = remote.send(self.cfg, node, instances, self.rt.archive.store)
-        except remote.RemoteError as e:
-            return err(-2, str(e), completed=0, failed=len(instances))
-        log.info("XML-RPC CMove: %d study(ies) to %s: %d sent, %d failed", len(studies),
-                 node.aet, completed, failed)
-        if failed:
-            return err(-4, f"{failed} of {len(instances)} image(s) could not be sent",
-                       completed=completed, failed=failed)
-        return ok(completed=completed, failed=0)
-
-    # --- Retrieve: C-FIND a node, then C-MOVE what it has to us -----------------------------
-
-    def retrieve(self, p: dict[str, Any]) -> dict[str, Any]:
-        server = _param(p, "serverName")
-        if not server:
-            return err(400, "'serverName' is missing")
-        filters: dict[str, str] = {}
-        for i in range(1, 10):
-            suffix = "" if i == 1 else str(i)
-            key, value = _param(p, "filterKey" + suffix), _param(p, "filterValue" + suffix)
-            if key and value:
-                if tag_for_keyword(key) is None or key == "QueryRetrieveLevel":
-                    return err(400, f"filterKey{suffix} {key!r} is not a DICOM keyword")
-                filters[key] = value
-        if not filters:
-            return err(400, "give 'filterKey' and 'filterValue' (e.g. PatientID and its value)")
-        if not self.admin():
-            return err(403, "Retrieve needs an administrator")
-        node = self.rt.accounts.node(server)
-        if node is None:
-            return err(-2, f"unknown node {server!r}: add it to [[nodes]]")
-        try:
-            matches = remote.find(self.cfg, node, "STUDY", {"StudyInstanceUID": "", **filters})
-            studies = list(dict.fromkeys(m.get("StudyInstanceUID", "") for m in matches))
-            studies = [s for s in studies if s]
-            if not studies:
-                return err(-3, f"{node.aet} has no study matching", studies=0)
-            completed, failed = remote.move_studies(self.cfg, node, studies)
-        except remote.RemoteError as e:
-            return err(-1, str(e))
-        log.info("XML-RPC Retrieve from %s: %d study(ies), %d image(s), %d failed", node.aet,
-                 len(studies), completed, failed)
-        if failed:
-            return err(-4, f"{failed} image(s) could not be retrieved", studies=len(studies),
-                       completed=completed, failed=failed)
-        return ok(studies=len(studies), completed=completed, failed=0)
-
     # --- dispatch ---------------------------------------------------------------------------
 
     def call(self, method: str | None, params: tuple[Any, ...]) -> dict[str, Any]:
-        handler = self.table.get((method or "").lower())
+        handler = self.table.get((method or "").strip().lower())
         if handler is None:
-            raise xmlrpc.client.Fault(NO_METHOD, f"no method {method!r}; known: Ping, "
-                                                 "DBWindowFind (FindObject), DisplayStudy, "
-                                                 "DisplaySeries, CMove, Retrieve")
+            raise xmlrpc.client.Fault(NO_METHOD, f"no method {method!r}; see the manual's "
+                                                 "Compatibility page for the list")
         if params and not isinstance(params[0], dict):
-            return err(400, f"{method} takes one struct parameter")
+            raise BadParams(f"{method} takes one struct parameter")
         return handler(dict(params[0]) if params else {})
 
 
@@ -281,7 +246,15 @@ def make_app(rt: Runtime) -> bottle.Bottle:
         method = None
         try:
             params, method = loads(data)
-            answer: Any = (methods.call(method, params),)
+            try:
+                answer: Any = (methods.call(method, params),)
+            except BadParams as e:
+                # OsiriX: HTTP 400 (ReturnWithCode(400)); the struct in the body for those who
+                # read it.
+                log.info("XML-RPC %s from %s: 400: %s", method,
+                         client_of(bottle.request.environ), e)
+                bottle.response.status = 400
+                answer = (err(400, str(e)),)
             body = xmlrpc.client.dumps(answer, methodresponse=True, allow_none=False)
         except xmlrpc.client.Fault as fault:
             log.info("XML-RPC %s from %s: fault %s: %s", method, client_of(bottle.request.environ),
