@@ -287,3 +287,51 @@ def test_big_endian_converted_for_move_get_and_wado(make_server, tmp_path):
         assert got_ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
         assert np.array_equal(got_ds.pixel_array, expected[sop])
         assert got_ds.SOPClassUID in (MRImageStorage, ds.SOPClassUID)
+
+
+def test_contexts_stored_syntax_first_within_128():
+    """Each stored (class, syntax) in a context of its own plus a conversion context with the
+    plain syntaxes not yet offered; past 128, a conversion context per class first (Explicit and
+    Implicit both), then the stored syntaxes' own contexts, most instances first."""
+    from pacsd.nodes import remote
+    from pacsd.query import StoredInstance
+
+    def inst(n: int, cls: str, ts: str) -> StoredInstance:
+        return StoredInstance(f"1.2.3.{n}", cls, ts, f"{n}.dcm")
+    ct, mr = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.4"
+    jpeg = "1.2.840.10008.1.2.4.50"
+    cxs = remote.move_contexts([inst(1, ct, ImplicitVRLittleEndian),
+                                inst(2, ct, ExplicitVRLittleEndian),
+                                inst(3, mr, ImplicitVRLittleEndian), inst(4, mr, jpeg)])
+    got = sorted((str(cx.abstract_syntax), tuple(map(str, cx.transfer_syntax))) for cx in cxs)
+    assert got == sorted([(ct, (ImplicitVRLittleEndian,)), (ct, (ExplicitVRLittleEndian,)),
+                          (mr, (ImplicitVRLittleEndian,)), (mr, (jpeg,)),
+                          (mr, (ExplicitVRLittleEndian,))])
+    # 100 classes, each stored in two syntaxes, one of them by more instances.
+    many = []
+    for c in range(100):
+        cls = f"1.2.840.10008.5.1.4.1.1.{1000 + c}"
+        many += [inst(c * 10 + k, cls, ImplicitVRLittleEndian) for k in range(1 + (c == 7) * 5)]
+        many.append(inst(c * 10 + 9, cls, jpeg))
+    cxs = remote.move_contexts(many)
+    assert len(cxs) == remote.MAX_CONTEXTS
+    plain = [cx for cx in cxs if len(cx.transfer_syntax) == 2]
+    assert len(plain) == 100 and len({cx.abstract_syntax for cx in plain}) == 100
+    own = [cx for cx in cxs if len(cx.transfer_syntax) == 1]
+    assert own[0].abstract_syntax == "1.2.840.10008.5.1.4.1.1.1007"   # the most instances
+    assert own[0].transfer_syntax == [ImplicitVRLittleEndian]
+
+
+def test_rle_of_an_odd_sized_image_does_not_kill_the_process(tmp_path):
+    """GDCM's RLE encoder aborts the process (an uncaught C++ exception) on an image of an odd
+    number of bytes; transcode uses pydicom's. Run apart: on failure only that process dies."""
+    import sys
+    script = ("import sys, numpy as np; from pydicom import dcmread; "
+              "from pydicom.uid import RLELossless; from pacsd.imaging import transcode; "
+              "out = transcode.transcode(sys.argv[1], RLELossless); "
+              "assert out.file_meta.TransferSyntaxUID == RLELossless; "
+              "assert np.array_equal(out.pixel_array, dcmread(sys.argv[1]).pixel_array); "
+              "print('same pixels')")
+    proc = subprocess.run([sys.executable, "-c", script, str(sample("SC_rgb_small_odd.dcm"))],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "same pixels" in proc.stdout, proc.stderr[-2000:]

@@ -166,7 +166,10 @@ def transcode(path: str, target: UID) -> Dataset:
         if stored == ExplicitVRBigEndian:
             _to_little(ds)
         if target.is_compressed and has_pixels:
-            ds.compress(target, generate_instance_uid=False)
+            # RLE with pydicom's own encoder: GDCM's aborts the whole process (a C++
+            # exception, uncaught) on an image of an odd number of bytes, such as 3x3 RGB.
+            ds.compress(target, generate_instance_uid=False,
+                        encoding_plugin="pydicom" if target == RLELossless else "")
         ds.file_meta.TransferSyntaxUID = target
         # Written and read back in the target syntax, the data set's own encoding matches it,
         # so pynetdicom uses the exactly matching presentation context and converts nothing
