@@ -40,6 +40,9 @@ WARNING_DATA_SET_DOES_NOT_MATCH = 0xB007   # Warning: Data Set does not match SO
 IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 UNABLE_TO_PROCESS = 0xC000             # Failed: Unable to process (C-FIND: Cxxx)
 MOVE_DESTINATION_UNKNOWN = 0xA801      # C-MOVE: Refused: Move Destination unknown
+UNABLE_TO_PERFORM_SUBOPERATIONS = 0xA702   # C-MOVE / C-GET: Refused: Out of Resources -
+#                                        Unable to perform sub-operations (none could be: the
+#                                        destination is down or refused every context)
 PENDING_OPTIONAL_KEYS = 0xFF01         # C-FIND: Pending, optional keys not supported
 WARNING_SUBOPERATIONS_FAILED = 0xB000  # C-MOVE / C-GET: complete, one or more sub-operations failed
 

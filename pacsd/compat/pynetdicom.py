@@ -9,6 +9,9 @@
   `_is_paused`, and the waiters of a `threading.Event`'s condition).
 - `adopt_socket(sock, cls)`: an association's socket given a subclass at run time (the PDU size
   bound of pacsd.dimse.limits); it relies on how the DUL reads a PDU. A SAFETY patch.
+- `HandOverAE`: an AE whose associate() returns the C-MOVE sub-association the handler already
+  requested (pynetdicom's C-MOVE SCP otherwise requests it itself, after the handler's first
+  yields, and answers any failure 0xA801 "Move Destination unknown").
 - the pace of associations (pacsd.compat.pynetdicom_pace: `wake_on_work`, `drop_wakeups`).
 
 Each has a `Patch` whose probe says whether the installed pynetdicom still fits; PATCHES lists
@@ -19,18 +22,20 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.service_class import QueryRetrieveServiceClass
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
 from pacsd.compat.patch import Misfit, Patch, need_attr, need_params, need_source
 from pacsd.compat.pynetdicom_pace import PACE, drop_wakeups, wake_on_work
 
-__all__ = ["PATCHES", "adopt_socket", "drop_wakeups", "park_reactor", "register_server",
-           "send_files_as_stored", "unpark_reactor", "wake_on_work"]
+__all__ = ["HANDOVER", "MADE", "NOT_SENT", "PATCHES", "HandOverAE", "adopt_socket",
+           "drop_wakeups", "park_reactor", "register_server", "send_files_as_stored",
+           "unpark_reactor", "wake_on_work"]
 
 S = TypeVar("S", bound=AssociationSocket)
 
@@ -126,6 +131,53 @@ def unpark_reactor(assoc: Association) -> None:
     assoc._reactor_checkpoint.set()
 
 
+# --- the C-MOVE sub-association, requested by pacsd's handler ---------------------------------
+
+MADE = "pacsd_association"   # the key, in the destination's kwargs, of the association made
+
+
+def _probe_handover() -> None:
+    need_source(QueryRetrieveServiceClass._move_scp,
+                ("kwargs.update(destination[2])", "self.ae.associate(",
+                 "if not store_assoc.is_established:", "store_assoc.release()"),
+                "QueryRetrieveServiceClass._move_scp")
+
+
+HANDOVER = Patch("pynetdicom.move_handover", "speed", "pynetdicom",
+                 "a C-MOVE destination that is down or refuses every presentation context is "
+                 "answered 0xA702 with the sub-operation counts and the reason",
+                 "pynetdicom requests the C-MOVE sub-association itself and answers every "
+                 "failure to associate 0xA801 (Move Destination unknown)", _probe_handover)
+
+
+class _NotSent:
+    """The sub-association pynetdicom is handed when there is none (the destination is down,
+    or nothing is to be sent): it only asks whether it is established and releases it, and the
+    handler's next yield is the final failure, which pynetdicom then sends with the counts."""
+
+    is_established = True
+
+    def release(self) -> None:
+        pass
+
+
+NOT_SENT: Any = _NotSent()
+
+
+class HandOverAE(AE):
+    """pacsd's listening AE. pynetdicom's C-MOVE SCP calls `self.ae.associate(host, port,
+    **kwargs)` with the kwargs the EVT_C_MOVE handler yields after the destination's address
+    (documented: "passed to AE.associate()"); when they carry MADE, that association (already
+    requested by the handler, pacsd.dimse.retrieve) is handed back instead of a new one, so
+    that the handler, not pynetdicom, decides what a failed request is answered."""
+
+    def associate(self, addr: Any, port: int, *args: Any, **kwargs: Any) -> Any:
+        made = kwargs.pop(MADE, None)
+        if made is not None:
+            return made
+        return super().associate(addr, port, *args, **kwargs)
+
+
 # --- an association's socket, given a subclass at run time (SAFETY) -----------------------------
 
 def _probe_socket() -> None:
@@ -156,5 +208,5 @@ def adopt_socket(sock: AssociationSocket, cls: type[S]) -> S:
     return sock  # type: ignore[return-value]
 
 
-PATCHES: list[Patch] = [PDU_BOUND, PACE, CHUNKED, SERVERS, REACTOR]
+PATCHES: list[Patch] = [PDU_BOUND, PACE, CHUNKED, SERVERS, REACTOR, HANDOVER]
 

@@ -94,9 +94,12 @@ def _cheap_copies(contexts: list[PresentationContext]) -> list[PresentationConte
 def build_ae(cfg: Config) -> AE:
     # Retrieve sends stored files by path, raw and in chunks, without decoding them.
     compat.send_files_as_stored()
-    ae = AE(ae_title=cfg.dicom_aet)
+    ae = compat.HandOverAE(ae_title=cfg.dicom_aet)   # C-MOVE: see pacsd.dimse.retrieve
     ae.maximum_associations = cfg.dicom_max_associations
     ae.acse_timeout = cfg.dicom_acse_timeout
+    # C-MOVE sub-associations: a destination whose host drops the connection request fails
+    # after this, not after the system's TCP connect timeout (about two minutes).
+    ae.connection_timeout = cfg.dicom_acse_timeout
     ae.dimse_timeout = cfg.dicom_dimse_timeout
     ae.network_timeout = cfg.dicom_network_timeout
     ae.maximum_pdu_size = cfg.dicom_max_pdu

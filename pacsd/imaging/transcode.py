@@ -18,6 +18,8 @@ import threading
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
+import numpy as np
+
 from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
@@ -51,8 +53,10 @@ jpeg12.register()
 
 # What we send when the node states no preference: what every receiver reads (PS3.5 10.1).
 DEFAULT_PREFERENCE: tuple[UID, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-# Uncompressed little endian targets: made from any little endian data set by re-encoding.
-# Big endian is neither made nor unmade (pydicom would not swap the pixel bytes); it is retired.
+# Uncompressed little endian targets: made from any data set by re-encoding. Explicit VR Big
+# Endian (retired, PS3.5 A.3) is read but never made; pydicom re-encodes the values it decodes
+# (US, FL, ...) but writes the words of OW / OF / OL / OD / OV values as they are: `_to_little`
+# swaps them.
 _PLAIN = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian,
                     DeflatedExplicitVRLittleEndian})
 # Compressed targets we may encode to: lossless only, and only with an encoder installed.
@@ -80,7 +84,7 @@ def short(ts: str) -> str:
 
 def can_decode(ts: UID) -> bool:
     if not ts.is_compressed:
-        return ts != ExplicitVRBigEndian
+        return True
     try:
         return bool(get_decoder(ts).is_available)
     except NotImplementedError:   # video and other syntaxes pydicom has no decoder for
@@ -123,6 +127,24 @@ def _plugin(stored: UID, ds: Dataset) -> str:
     return ""
 
 
+# Value representations whose values pydicom keeps as raw bytes: words of this many bytes.
+_WORDS = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
+
+
+def _to_little(ds: Dataset) -> None:
+    """Swap the words of every OW / OF / OL / OD / OV value, nested sequences included, of a
+    data set read from Explicit VR Big Endian, so that written little endian it holds the same
+    values (pixel data of 16 bits and more, but also 8-bit pixel data encoded as OW, whose byte
+    pairs big endian reverses: PS3.5 A.3). OB and UN values are byte streams: unchanged."""
+    for elem in ds.iterall():
+        size = _WORDS.get(str(elem.VR))
+        if size and isinstance(elem.value, (bytes, bytearray)) and len(elem.value) % size == 0:
+            elem.value = np.frombuffer(elem.value, dtype=f"u{size}").byteswap().tobytes()
+    # From here on the data set's raw values are little endian: read them so.
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.set_original_encoding(False, True)
+
+
 def transcode(path: str, target: UID) -> Dataset:
     """The stored file at `path` as a data set encoded in `target`, same SOP Instance UID.
 
@@ -141,8 +163,13 @@ def transcode(path: str, target: UID) -> Dataset:
         if stored.is_compressed and has_pixels:
             # A lossy source stays lossy (LossyImageCompression is kept); YBR becomes RGB.
             ds.decompress(generate_instance_uid=False, decoding_plugin=_plugin(stored, ds))
+        if stored == ExplicitVRBigEndian:
+            _to_little(ds)
         if target.is_compressed and has_pixels:
-            ds.compress(target, generate_instance_uid=False)
+            # RLE with pydicom's own encoder: GDCM's aborts the whole process (a C++
+            # exception, uncaught) on an image of an odd number of bytes, such as 3x3 RGB.
+            ds.compress(target, generate_instance_uid=False,
+                        encoding_plugin="pydicom" if target == RLELossless else "")
         ds.file_meta.TransferSyntaxUID = target
         # Written and read back in the target syntax, the data set's own encoding matches it,
         # so pynetdicom uses the exactly matching presentation context and converts nothing

@@ -17,6 +17,7 @@ import os
 import socket
 import ssl
 import time
+from collections import Counter
 from typing import Any, Callable
 
 from pydicom.datadict import tag_for_keyword
@@ -40,6 +41,7 @@ from pacsd.dicom_status import (CANCEL, PENDING, PENDING_OPTIONAL_KEYS, SUCCESS,
                                 WARNING_COERCION, WARNING_DATA_SET_DOES_NOT_MATCH,
                                 WARNING_ELEMENTS_DISCARDED, WARNING_SUBOPERATIONS_FAILED)
 from pacsd.errors import PacsError
+from pacsd.nodes.attempt import Attempt
 from pacsd.storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -100,6 +102,9 @@ def send_stored(assoc: Association, label: str,
         pair = None if target == stored else (str(stored), str(target))
         peer = assoc.acceptor if assoc.is_requestor else assoc.requestor   # C-GET: requestor
         try:
+            if not accepted:
+                raise transcode.TranscodeError(
+                    f"{peer.ae_title} accepted no presentation context for {sop_class.name}")
             if target is None:
                 raise transcode.TranscodeError(
                     f"{transcode.short(stored)} -> "
@@ -179,11 +184,21 @@ CONNECTION_HANDLERS: list[Any] = [(evt.EVT_CONN_OPEN, nodelay),
 
 def move_contexts(insts: list[query.StoredInstance], node: Node | None = None
                   ) -> list[PresentationContext]:
-    """Contexts to propose to a C-MOVE destination or send target. Without the node's
-    transfer_syntaxes: each stored (class, syntax) as it is, and for each class the uncompressed
-    syntaxes pynetdicom can convert to. With them: for each class, each of the node's syntaxes
-    in a context of its own (the node says which of them it takes; a stored syntax not among
-    them is transcoded), or, past 128 contexts, one context per class offering them all."""
+    """Contexts to propose to a C-MOVE destination or send target.
+
+    Without the node's transfer_syntaxes: each stored (SOP class, transfer syntax) in a
+    context of its own, so that a peer that takes the stored syntax gets the stored bytes
+    unchanged (a peer accepts one syntax per context, PS3.8 9.3.2.2: offered Explicit and
+    Implicit VR in one, it would take one and the files stored in the other would be
+    re-encoded); and for each class one conversion context with the uncompressed syntaxes
+    (Explicit, then Implicit VR Little Endian) that no context of the class offers already.
+    Within MAX_CONTEXTS (PS3.8 9.3.2.2, pynetdicom's limit): the conversion contexts come
+    first, one per class, each then offering Explicit and Implicit VR Little Endian both; then
+    the stored syntaxes' own contexts, those of the most instances first, as many as fit.
+
+    With them: for each class, each of the node's syntaxes in a context of its own (the node
+    says which of them it takes; a stored syntax not among them is transcoded), or, past 128
+    contexts, one context per class offering them all."""
     classes = sorted({i.sop_class_uid for i in insts})
     wanted = list(node.transfer_syntaxes) if node is not None else []
     if wanted:
@@ -191,15 +206,53 @@ def move_contexts(insts: list[query.StoredInstance], node: Node | None = None
         if len(cxs) > MAX_CONTEXTS:
             cxs = [build_context(c, wanted) for c in classes]
     else:
-        exact = sorted({(i.sop_class_uid, i.transfer_syntax_uid) for i in insts})
-        plain = {ExplicitVRLittleEndian, ImplicitVRLittleEndian}
-        cxs = [build_context(c, [ts]) for c, ts in exact if ts not in plain]
-        cxs += [build_context(c, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-                for c in classes]
+        plain: list[str | UID] = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+        counts = Counter((i.sop_class_uid, i.transfer_syntax_uid) for i in insts)
+        own = sorted(counts, key=lambda pair: (-counts[pair], pair))
+        rest: dict[str, list[str | UID]] = {
+            c: [ts for ts in plain if (c, ts) not in counts] for c in classes}
+        if len(own) + sum(1 for c in classes if rest[c]) <= MAX_CONTEXTS:
+            cxs = [build_context(c, [ts]) for c, ts in sorted(own)]
+            cxs += [build_context(c, rest[c]) for c in classes if rest[c]]
+        else:
+            cxs = [build_context(c, plain) for c in classes]
+            room = max(0, MAX_CONTEXTS - len(cxs))
+            cxs += [build_context(c, [ts]) for c, ts in own[:room]]
+            if room < len(own):
+                log.info("%d stored (SOP class, transfer syntax) pairs: %d proposed in a "
+                         "context of their own, the rest sent through the conversion contexts",
+                         len(own), room)
     if len(cxs) > MAX_CONTEXTS:
         log.warning("C-MOVE needs %d presentation contexts; proposing the first %d",
                     len(cxs), MAX_CONTEXTS)
     return cxs[:MAX_CONTEXTS]
+
+
+def associate_to_send(ae: AE, node: Node, insts: list[query.StoredInstance], label: str
+                      ) -> tuple[Association | None, tuple[str, str]]:
+    """An association with `node` for sending `insts` (the C-MOVE sub-association: `ae` is the
+    listening AE, whose timeouts pynetdicom's own request would use), with `send_stored` in
+    place; or None and why not: (in words, for the log line; in at most 64 characters, for
+    the Error Comment)."""
+    attempt = Attempt(ae.connection_timeout, ae.acse_timeout)
+    assoc = ae.associate(node.host, node.port, contexts=move_contexts(insts, node),
+                         ae_title=node.aet,
+                         evt_handlers=[*CONNECTION_HANDLERS, *attempt.handlers])
+    if not assoc.is_established:
+        _drop(assoc)
+        return None, attempt.failure(assoc)
+    send_stored(assoc, label, node.transfer_syntaxes)
+    return assoc, ("", "")
+
+
+def _drop(assoc: Association) -> None:
+    """What pynetdicom's C-MOVE SCP does with a request that failed: close its socket."""
+    sock = getattr(assoc.dul, "socket", None)
+    if sock is not None:
+        try:
+            sock.close()
+        except OSError:
+            pass
 
 
 # --- associations as SCU ----------------------------------------------------------------------
@@ -232,12 +285,14 @@ def _associate(ae: AE, node: Node, contexts: list[PresentationContext],
                tls: tuple[ssl.SSLContext, str | None] | None = None,
                ext_neg: list[Any] | None = None) -> Association:
     ae.requested_contexts = contexts
+    attempt = Attempt(ae.connection_timeout, ae.acse_timeout)
     assoc = ae.associate(node.host, node.port, ae_title=node.aet, tls_args=tls,  # type: ignore[arg-type]  # None is passed on to wrap_socket
-                         ext_neg=ext_neg, evt_handlers=CONNECTION_HANDLERS + list(handlers or []))
+                         ext_neg=ext_neg, evt_handlers=CONNECTION_HANDLERS + list(handlers or [])
+                         + attempt.handlers)
     if not assoc.is_established:
         ae.shutdown()
         raise RemoteError(f"{node.name or node.aet} ({node.aet}@{node.host}:{node.port}) did "
-                          "not accept the association")
+                          f"not accept the association: {attempt.failure(assoc)[0]}")
     return assoc
 
 

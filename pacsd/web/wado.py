@@ -13,9 +13,9 @@ import os
 from typing import Any
 
 import bottle
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from pacsd.imaging import render
+from pacsd.imaging import render, transcode
 from pacsd.errors import PacsError
 from pacsd.imaging.header import is_valid_uid
 from pacsd.query import Request, StoredInstance, instances
@@ -27,9 +27,11 @@ log = logging.getLogger(__name__)
 DICOM = "application/dicom"
 IMAGES = {"image/jpeg": "jpeg", "image/png": "png"}
 EXTENSIONS = {"jpeg": "jpg", "png": "png"}
-# Stored as one, asked for as the other: re-encoded in memory (PS3.18 9.1.2.1.6 allows any
-# syntax the server supports); every other change of syntax is refused with 406.
+# Stored uncompressed, asked for in another uncompressed little endian syntax: re-encoded in
+# memory by pacsd.imaging.transcode (PS3.18 9.1.2.1.6 allows any syntax the server supports;
+# big endian, retired, is read but never made); every other change of syntax is refused with 406.
 CONVERTIBLE = {ImplicitVRLittleEndian, ExplicitVRLittleEndian}
+CONVERTIBLE_FROM = CONVERTIBLE | {ExplicitVRBigEndian}
 IMAGE_ONLY = ("rows", "columns", "windowCenter", "windowWidth", "frameNumber", "imageQuality",
               "region")
 CACHE = "private, max-age=3600"   # patient data: never in shared caches
@@ -97,7 +99,7 @@ def _stream(rt: Runtime, inst: StoredInstance, transfer_syntax: str | None) -> A
                                f'attachment; filename="{inst.sop_instance_uid}.dcm"')
     bottle.response.set_header("Cache-Control", CACHE)
     if transfer_syntax and transfer_syntax != inst.transfer_syntax_uid:
-        if not (transfer_syntax in CONVERTIBLE and inst.transfer_syntax_uid in CONVERTIBLE):
+        if not (transfer_syntax in CONVERTIBLE and inst.transfer_syntax_uid in CONVERTIBLE_FROM):
             raise fail(406, f"object {inst.sop_instance_uid} is stored as "
                             f"{inst.transfer_syntax_uid}; it can be served only in that "
                             "transfer syntax (omit transferSyntax, or ask for it)")
@@ -113,13 +115,14 @@ def _stream(rt: Runtime, inst: StoredInstance, transfer_syntax: str | None) -> A
 
 
 def _convert(path: Any, transfer_syntax: str) -> bytes:
-    """Re-encode an uncompressed file in the other little-endian syntax (small files only)."""
-    from pydicom import dcmread
-    ds = dcmread(path)
-    ds.file_meta.TransferSyntaxUID = UID(transfer_syntax)
+    """Re-encode an uncompressed file in a little endian syntax, in memory (within the pixel
+    budget of pacsd.imaging.bounds)."""
+    try:
+        ds = transcode.transcode(str(path), UID(transfer_syntax))
+    except transcode.TranscodeError as e:
+        raise PacsError(f"cannot convert the stored file: {e}") from None
     out = io.BytesIO()
-    ds.save_as(out, implicit_vr=transfer_syntax == ImplicitVRLittleEndian, little_endian=True,
-               enforce_file_format=True)
+    ds.save_as(out, enforce_file_format=True)
     return out.getvalue()
 
 
