@@ -10,6 +10,10 @@
 - `adopt_socket(sock, cls)`: an association's socket given a subclass at run time (the PDU size
   bound of pacsd.dimse.limits); it relies on how the DUL reads a PDU. A SAFETY patch.
 - the pace of associations (pacsd.compat.pynetdicom_pace: `wake_on_work`, `drop_wakeups`).
+- `UNKNOWN_STORAGE`: no patch, a reliance: pacsd.dimse.contexts maps private and unknown
+  storage classes to the Storage Service through pynetdicom's EVT_SOP_COMMON handler, which
+  pynetdicom calls for every association request (not only those that carry such items) and
+  whose accepted items pick the service class of a DIMSE request.
 
 Each has a `Patch` whose probe says whether the installed pynetdicom still fits; PATCHES lists
 them for pacsd.compat.check().
@@ -22,6 +26,7 @@ import time
 from typing import TypeVar
 
 from pynetdicom import AE, _config
+from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
@@ -29,7 +34,7 @@ from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 from pacsd.compat.patch import Misfit, Patch, need_attr, need_params, need_source
 from pacsd.compat.pynetdicom_pace import PACE, drop_wakeups, wake_on_work
 
-__all__ = ["PATCHES", "adopt_socket", "drop_wakeups", "park_reactor", "register_server",
+__all__ = ["PATCHES", "UNKNOWN_STORAGE", "adopt_socket", "drop_wakeups", "park_reactor", "register_server",
            "send_files_as_stored", "unpark_reactor", "wake_on_work"]
 
 S = TypeVar("S", bound=AssociationSocket)
@@ -156,5 +161,25 @@ def adopt_socket(sock: AssociationSocket, cls: type[S]) -> S:
     return sock  # type: ignore[return-value]
 
 
-PATCHES: list[Patch] = [PDU_BOUND, PACE, CHUNKED, SERVERS, REACTOR]
+# --- private and unknown storage classes (pacsd.dimse.contexts) ---------------------------------
+
+def _probe_unknown_storage() -> None:
+    need_source(ACSE._negotiate_as_acceptor,
+                ("self.acceptor._common_ext = self._check_sop_class_common_extended()",
+                 "negotiate_as_acceptor("), "ACSE._negotiate_as_acceptor")
+    need_source(ACSE._check_sop_class_common_extended, ("evt.EVT_SOP_COMMON",),
+                "ACSE._check_sop_class_common_extended")
+    need_source(Association._serve_request,
+                ("self.acceptor.accepted_common_extended[class_uid][0]",
+                 "uid_to_service_class(class_uid)"), "Association._serve_request")
+
+
+UNKNOWN_STORAGE = Patch("pynetdicom.unknown_storage_classes", "speed", "pynetdicom",
+                        "private and unknown storage SOP classes are accepted and stored "
+                        "([dicom] accept_unknown_sop_classes)",
+                        "private and unknown storage SOP classes are refused at association "
+                        "(each logged)", _probe_unknown_storage)
+
+
+PATCHES: list[Patch] = [PDU_BOUND, PACE, CHUNKED, SERVERS, REACTOR, UNKNOWN_STORAGE]
 
