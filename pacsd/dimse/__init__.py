@@ -162,10 +162,15 @@ class DicomServer:
     def _on_end(self, event: Event) -> None:
         with self._lock:
             stats = self._stats.pop(id(event.assoc), None)
+        how = "ended" if event.event is evt.EVT_RELEASED else "aborted"
         if stats:
-            log.info("association from %s (%s) ended: %d stored, %d duplicate, %d refused",
-                     event.assoc.requestor.ae_title, event.assoc.requestor.address,
+            log.info("association from %s (%s) %s: %d stored, %d duplicate, %d refused",
+                     event.assoc.requestor.ae_title, event.assoc.requestor.address, how,
                      stats.get("stored", 0), stats.get("duplicates", 0), stats.get("failed", 0))
+        elif how == "aborted":
+            # pynetdicom's own lines (connection reset, A-ABORT) are DEBUG (pacsd.logbook).
+            log.info("association from %s (%s) aborted (A-ABORT, or the connection was lost)",
+                     event.assoc.requestor.ae_title, event.assoc.requestor.address)
 
     def _on_store(self, event: Event) -> int | Dataset:
         if not self.guard.may_store(event, "C-STORE"):
