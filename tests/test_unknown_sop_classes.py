@@ -130,3 +130,15 @@ def test_a_pynetdicom_scu_stores_an_unknown_class_over_a_known_syntax_order(serv
         assoc.release()
         ae.shutdown()
     assert server.index.counts()["instances"] == 1
+
+
+def test_the_reliance_on_pynetdicom_is_checked(monkeypatch):
+    """pacsd config --check says so if a pynetdicom release stops picking the service class
+    from the accepted SOP Class Common Extended items; pacsd then refuses these classes."""
+    from pacsd.compat import pynetdicom as compat
+    assert compat.UNKNOWN_STORAGE.check().ok
+    monkeypatch.setattr(compat.Association, "_serve_request", lambda self, msg, cx_id: None)
+    finding = compat.UNKNOWN_STORAGE.check()
+    assert not finding.ok and finding.kind == "speed"
+    assert "Association._serve_request" in finding.message
+    assert "private and unknown storage SOP classes are refused" in finding.message
