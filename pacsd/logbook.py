@@ -61,15 +61,67 @@ def _indented(text: str) -> str:
     return "\n".join("  " + printable(line) for line in text.splitlines())
 
 
+# Libraries whose warnings and errors are noise in pacsd's log: pynetdicom's TCP and PDU errors
+# (a peer that resets the connection after a normal release, CTN does), pydicom's VR warnings
+# on ingest, the codecs' messages for images that decode. pacsd says what happened in its own
+# words (refused with 0xC000: ..., association aborted, ...); theirs stay for DEBUG. Python
+# warnings come through logging.captureWarnings as "py.warnings".
+NOISY = ("pynetdicom", "pydicom", "pylibjpeg", "openjpeg", "libjpeg", "PIL", "py.warnings")
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
+
+
+def _ours(record: logging.LogRecord) -> bool:
+    """Whether a library's record is about a fault of pacsd's own code, reported through the
+    library (an exception raised in one of our pynetdicom handlers): that stays an error.
+    Transport failures (OSError) are the peer's doing, wherever the stack passed through."""
+    if "handler bound to" in record.getMessage():
+        return True
+    exc = record.exc_info[1] if record.exc_info else None
+    if exc is None or isinstance(exc, OSError):
+        return False
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def is_noise(record: logging.LogRecord) -> bool:
+    name = record.name
+    return (record.levelno > logging.DEBUG
+            and any(name == lib or name.startswith(lib + ".") for lib in NOISY)
+            and not _ours(record))
+
+
+class LibraryNoise(logging.Filter):
+    """Demote the records of NOISY libraries to DEBUG (unless `_ours`), then let a record
+    through only if it reaches `level`. One filter on every handler of pacsd's log and on the
+    Logbook: no call site has to remember it. A record is demoted once; the handlers after the
+    first see it as DEBUG."""
+
+    def __init__(self, level: int | str = logging.INFO) -> None:
+        super().__init__()
+        self.level = logging.getLevelName(level) if isinstance(level, str) else level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if is_noise(record):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return record.levelno >= self.level
+
+
 def log_to(level: str, handlers: list[logging.Handler]) -> None:
-    """Make `handlers` the root logger's, all writing FORMAT, one line per record."""
+    """Make `handlers` the root logger's, all writing FORMAT, one line per record, with the
+    libraries' noise demoted (LibraryNoise)."""
     root = logging.getLogger()
     root.handlers.clear()
     root.setLevel(level)
     fmt = OneLineFormatter(FORMAT, DATE_FORMAT)
     for handler in handlers:
         handler.setFormatter(fmt)
+        handler.addFilter(LibraryNoise(level))
         root.addHandler(handler)
+    logging.captureWarnings(True)   # pydicom's warnings.warn too, as records (then demoted)
 
 
 def rotating_file(path: Path, max_mb: int, backups: int) -> logging.Handler:
@@ -91,6 +143,7 @@ class Entry:
 class Logbook(logging.Handler):
     def __init__(self, capacity: int = 500, level: int = logging.WARNING) -> None:
         super().__init__(level)
+        self.addFilter(LibraryNoise(level))   # "recent errors" are pacsd's, not the libraries'
         self._entries: collections.deque[Entry] = collections.deque(maxlen=capacity)
         self._guard = threading.Lock()
 

@@ -316,7 +316,6 @@ def test_findscu_study_level(loaded):
     for r in responses:
         assert r["QueryRetrieveLevel"] == "STUDY"
         assert r["RetrieveAETitle"] == AET
-        assert r["SpecificCharacterSet"]
 
     got = {r["StudyInstanceUID"]: r for r in responses}
     for study, files in by_study(data["a"] + data["b"]).items():
@@ -328,7 +327,12 @@ def test_findscu_study_level(loaded):
         assert r["ModalitiesInStudy"] == first.Modality
         assert r["PatientID"] == first.PatientID
         assert r["StudyDate"] == first.StudyDate
-        assert r["SpecificCharacterSet"] == "ISO_IR 100"
+        # PS3.4 C.4.1.1.3.2: a Specific Character Set only when a value is not ASCII; the
+        # query named none, so UTF-8 then.
+        if str(first.PatientName).isascii():
+            assert "SpecificCharacterSet" not in r
+        else:
+            assert r["SpecificCharacterSet"] == "ISO_IR 192"
 
 
 def test_findscu_wildcard_person_name_is_case_insensitive(loaded):
@@ -408,10 +412,11 @@ def test_findscu_non_ascii_patients(loaded, tmp_path):
     server, _ = loaded
     fren, x1 = (dcmread(sample(n), stop_before_pixels=True) for n in ("chrFren.dcm", "chrX1.dcm"))
 
-    # Found by a lower-case wildcard; the name comes back in the study's own character set.
+    # Found by a lower-case wildcard; a query naming no character set gets the name in UTF-8
+    # (PS3.4 C.4.1.1.3.2: the default repertoire cannot carry it).
     _, [ds] = findscu(server.dicom_port, [*STUDY_KEYS[:4], "PatientName=buc^j*"],
                       extract=tmp_path / "fren")
-    assert ds.SpecificCharacterSet == "ISO_IR 100"
+    assert ds.SpecificCharacterSet == "ISO_IR 192"
     assert str(ds.PatientName) == "Buc^Jérôme" == str(fren.PatientName)
     assert ds.PatientID == fren.PatientID
     assert ds.StudyInstanceUID == fren.StudyInstanceUID
@@ -437,6 +442,7 @@ def test_findscu_non_ascii_patients(loaded, tmp_path):
         _, found = findscu(server.dicom_port, extract=tmp_path / name, query_file=query_file)
         assert [(d.PatientID, str(d.PatientName)) for d in found] == [
             (patient.PatientID, str(patient.PatientName))], name
+        assert [d.SpecificCharacterSet for d in found] == [charset], name   # as asked
 
 
 # --- 4. C-GET ---------------------------------------------------------------------------------

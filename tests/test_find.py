@@ -67,7 +67,8 @@ def test_study_level_returns_one_response_per_study_with_counts(archive):
     assert list(jan.ModalitiesInStudy) == ["CT", "MR"]
     assert by_date["20230610"].ModalitiesInStudy == "CT"
     assert all(m.QueryRetrieveLevel == "STUDY" and m.RetrieveAETitle == "PACSD" for m in ms)
-    assert all("SpecificCharacterSet" in m for m in ms)
+    # Every value returned is ASCII: no Specific Character Set (PS3.4 C.4.1.1.3.2).
+    assert not any("SpecificCharacterSet" in m for m in ms)
 
 
 @pytest.mark.parametrize("pattern,expected", [
@@ -148,7 +149,14 @@ def test_unknown_keys_come_back_empty(archive):
 def test_non_ascii_names_come_back_intact(archive, name, pattern):
     from pydicom import dcmread
     original = dcmread(sample(name))
-    _, ms = find(archive.dicom_port, "STUDY", PatientName=pattern, SpecificCharacterSet="")
+    # A query that names no character set gets non-ASCII values in UTF-8 (C.4.1.1.3.2) ...
+    _, ms = find(archive.dicom_port, "STUDY", PatientName=pattern)
+    assert len(ms) == 1
+    assert ms[0].SpecificCharacterSet == "ISO_IR 192"
+    assert str(ms[0].PatientName) == str(original.PatientName)
+    # ... and one that asks for the stored character set gets them in it.
+    _, ms = find(archive.dicom_port, "STUDY", PatientName=pattern,
+                 SpecificCharacterSet=original.SpecificCharacterSet)
     assert len(ms) == 1
     assert ms[0].SpecificCharacterSet == original.SpecificCharacterSet
     assert str(ms[0].PatientName) == str(original.PatientName)

@@ -13,6 +13,10 @@
   requested (pynetdicom's C-MOVE SCP otherwise requests it itself, after the handler's first
   yields, and answers any failure 0xA801 "Move Destination unknown").
 - the pace of associations (pacsd.compat.pynetdicom_pace: `wake_on_work`, `drop_wakeups`).
+- `UNKNOWN_STORAGE`: no patch, a reliance: pacsd.dimse.contexts maps private and unknown
+  storage classes to the Storage Service through pynetdicom's EVT_SOP_COMMON handler, which
+  pynetdicom calls for every association request (not only those that carry such items) and
+  whose accepted items pick the service class of a DIMSE request.
 
 Each has a `Patch` whose probe says whether the installed pynetdicom still fits; PATCHES lists
 them for pacsd.compat.check().
@@ -25,6 +29,7 @@ import time
 from typing import Any, TypeVar
 
 from pynetdicom import AE, _config
+from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.service_class import QueryRetrieveServiceClass
@@ -33,9 +38,9 @@ from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 from pacsd.compat.patch import Misfit, Patch, need_attr, need_params, need_source
 from pacsd.compat.pynetdicom_pace import PACE, drop_wakeups, wake_on_work
 
-__all__ = ["HANDOVER", "MADE", "NOT_SENT", "PATCHES", "HandOverAE", "adopt_socket",
-           "drop_wakeups", "park_reactor", "register_server", "send_files_as_stored",
-           "unpark_reactor", "wake_on_work"]
+__all__ = ["HANDOVER", "MADE", "NOT_SENT", "PATCHES", "UNKNOWN_STORAGE", "HandOverAE",
+           "adopt_socket", "drop_wakeups", "park_reactor", "register_server",
+           "send_files_as_stored", "unpark_reactor", "wake_on_work"]
 
 S = TypeVar("S", bound=AssociationSocket)
 
@@ -208,5 +213,25 @@ def adopt_socket(sock: AssociationSocket, cls: type[S]) -> S:
     return sock  # type: ignore[return-value]
 
 
-PATCHES: list[Patch] = [PDU_BOUND, PACE, CHUNKED, SERVERS, REACTOR, HANDOVER]
+# --- private and unknown storage classes (pacsd.dimse.contexts) ---------------------------------
+
+def _probe_unknown_storage() -> None:
+    need_source(ACSE._negotiate_as_acceptor,
+                ("self.acceptor._common_ext = self._check_sop_class_common_extended()",
+                 "negotiate_as_acceptor("), "ACSE._negotiate_as_acceptor")
+    need_source(ACSE._check_sop_class_common_extended, ("evt.EVT_SOP_COMMON",),
+                "ACSE._check_sop_class_common_extended")
+    need_source(Association._serve_request,
+                ("self.acceptor.accepted_common_extended[class_uid][0]",
+                 "uid_to_service_class(class_uid)"), "Association._serve_request")
+
+
+UNKNOWN_STORAGE = Patch("pynetdicom.unknown_storage_classes", "speed", "pynetdicom",
+                        "private and unknown storage SOP classes are accepted and stored "
+                        "([dicom] accept_unknown_sop_classes)",
+                        "private and unknown storage SOP classes are refused at association "
+                        "(each logged)", _probe_unknown_storage)
+
+
+PATCHES: list[Patch] = [PDU_BOUND, PACE, CHUNKED, SERVERS, REACTOR, HANDOVER, UNKNOWN_STORAGE]
 

@@ -129,6 +129,11 @@ class DicomSettings:
         "did before. Off by default: only nodes ([[nodes]], the admin page) may, each as "
         "its allow_find / allow_get / allow_move say. C-ECHO and C-STORE are open to any "
         "caller either way.")
+    accept_unknown_sop_classes: bool = setting(True,
+        "Accept storage SOP classes pynetdicom does not know (private ones such as Siemens "
+        "CSA Non-Image 1.3.12.2.1107.5.9.1 or GE's 1.2.840.113619.4.*, and newer standard "
+        "ones) and store them as received. False: refuse them at association (each refused "
+        "presentation context is logged).")
     max_associations_per_host: int = setting(16,
         "Associations one peer address may hold at once; beyond it the association is "
         "rejected (transient, local limit exceeded), so that one host cannot take all of "

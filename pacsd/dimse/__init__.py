@@ -37,6 +37,7 @@ from pacsd.dimse import filters
 from pacsd.dimse.access import NOT_AUTHORIZED, AssociationGuard
 from pacsd.dimse.commitment import PUSH_MODEL, Commitments
 from pacsd.dimse.commitment import status as commitment_status
+from pacsd.dimse.contexts import UnknownClasses
 from pacsd.dimse.echo import handle_echo
 from pacsd.dimse.find import handle_find
 from pacsd.dimse.limits import bound_pdus
@@ -131,6 +132,10 @@ class DicomServer:
         then = (partial(filters.on_requested, hooks=hooks)
                 if hooks is not None and hooks.has("on_association") else None)
         self.guard = AssociationGuard(cfg, accounts, then)
+        # Private and unknown storage classes, and the log line of rejected contexts.
+        self.contexts = UnknownClasses(
+            cfg.dicom_accept_unknown_sop_classes,
+            (str(cx.abstract_syntax) for cx in self.ae.supported_contexts), STORAGE_SYNTAXES)
         self.tls = tls_context(cfg)   # ConfigError now, at start-up, if the files are bad
         self.server: ThreadedAssociationServer | None = None
         self._thread: threading.Thread | None = None
@@ -160,10 +165,15 @@ class DicomServer:
     def _on_end(self, event: Event) -> None:
         with self._lock:
             stats = self._stats.pop(id(event.assoc), None)
+        how = "ended" if event.event is evt.EVT_RELEASED else "aborted"
         if stats:
-            log.info("association from %s (%s) ended: %d stored, %d duplicate, %d refused",
-                     event.assoc.requestor.ae_title, event.assoc.requestor.address,
+            log.info("association from %s (%s) %s: %d stored, %d duplicate, %d refused",
+                     event.assoc.requestor.ae_title, event.assoc.requestor.address, how,
                      stats.get("stored", 0), stats.get("duplicates", 0), stats.get("failed", 0))
+        elif how == "aborted":
+            # pynetdicom's own lines (connection reset, A-ABORT) are DEBUG (pacsd.logbook).
+            log.info("association from %s (%s) aborted (A-ABORT, or the connection was lost)",
+                     event.assoc.requestor.ae_title, event.assoc.requestor.address)
 
     def _on_store(self, event: Event) -> int | Dataset:
         if not self.guard.may_store(event, "C-STORE"):
@@ -176,6 +186,11 @@ class DicomServer:
         if not self.guard.may_store(event, "storage commitment request"):
             return commitment_status(NOT_AUTHORIZED, "not authorized to store here"), None
         return self.commitments.on_n_action(event)
+
+    def _on_requested(self, event: Event) -> None:
+        # The guard first: it may reject the association, or narrow what it may negotiate.
+        self.guard.on_requested(event)
+        self.contexts.on_requested(event)
 
     def _on_rejected(self, event: Event) -> None:
         # pynetdicom's own rejections (the guard logs its own): all associations in use.
@@ -201,8 +216,11 @@ class DicomServer:
             (evt.EVT_ABORTED, self._on_end),
             (evt.EVT_REJECTED, self._on_rejected),
             # The one guard in front of every service (pacsd.dimse.access); it hands over to
-            # the plugins' on_association once it has accepted.
-            (evt.EVT_REQUESTED, self.guard.on_requested),
+            # the plugins' on_association once it has accepted. Then unknown storage classes
+            # (pacsd.dimse.contexts).
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_SOP_COMMON, self.contexts.on_sop_common),
+            (evt.EVT_ACCEPTED, self.contexts.on_accepted),
         ]
         address = (self.cfg.dicom_bind or "0.0.0.0", self.cfg.dicom_port)
         try:

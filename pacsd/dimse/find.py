@@ -1,8 +1,8 @@
 """Query/Retrieve FIND as SCP (PS3.4 C.4.1), Patient Root and Study Root.
 
 Turns the identifier into a query.Request, and each match into a response identifier that
-carries every requested key (unknown ones empty, C.2.2.1.2), the Query/Retrieve Level,
-Specific Character Set and Retrieve AE Title.
+carries every requested key (unknown ones empty, C.2.2.1.2), the Query/Retrieve Level and
+Retrieve AE Title, and a Specific Character Set only when a value needs one (C.4.1.1.3.2).
 """
 
 from __future__ import annotations
@@ -89,34 +89,65 @@ def parse_identifier(identifier: Dataset, sop_class: str
     return req, requested
 
 
-def _charset_for(values: dict[str, Any], charset: str) -> str:
-    """The study's character set when it can carry every value, else UTF-8 (ISO_IR 192).
+# The default repertoire (PS3.5 6.1.2.1): ASCII only, whatever Python's "iso8859" pydicom maps
+# it to would also accept.
+_DEFAULT_TERMS = {"", "ISO_IR 6", "ISO 2022 IR 6"}
+UTF8 = "ISO_IR 192"
 
-    Values of one match may come from instances sent with different character sets (the
-    patient's name from an earlier study, say)."""
+
+def asked_charset(identifier: Dataset) -> list[str]:
+    """The Specific Character Set terms of a C-FIND request ([] when it gives none)."""
+    value = identifier.get("SpecificCharacterSet", None)
+    if value is None or value == "":
+        return []
+    terms = list(value) if isinstance(value, (MultiValue, list, tuple)) else [value]
+    return [str(t or "").strip() for t in terms]
+
+
+def _can_carry(texts: list[str], terms: list[str]) -> bool:
+    """Whether the character set `terms` can write every character of `texts` (with ISO 2022
+    code extensions, each character in one of its sets: pydicom switches between them)."""
+    codecs = []
+    for term in terms:
+        codec = "ascii" if term in _DEFAULT_TERMS else python_encoding.get(term)
+        if codec is None:
+            return False   # a term we do not know: we cannot promise to write it
+        codecs.append(codec)
+    for ch in {c for text in texts for c in text if not c.isascii()}:
+        for codec in codecs:
+            try:
+                ch.encode(codec)
+                break
+            except (UnicodeEncodeError, LookupError):
+                continue
+        else:
+            return False
+    return True
+
+
+def response_charset(values: dict[str, Any], asked: list[str]) -> list[str]:
+    """The Specific Character Set of one C-FIND response, per PS3.4 C.4.1.1.3.2: none ([])
+    when every returned value is ASCII ("shall not be included otherwise"); the one the query
+    asked for when it can carry the values; else UTF-8 (ISO_IR 192), which carries all.
+
+    The values may come from instances stored in different character sets (the patient's
+    name from an earlier study, say): the stored one does not decide, the values do."""
     texts = [v for v in values.values() if isinstance(v, str) and not v.isascii()]
     if not texts:
-        return charset
-    if not charset:
-        return "ISO_IR 192"   # the default repertoire is ASCII only
-    codec = python_encoding.get(charset) if "\\" not in charset else None
-    if codec is None:
-        return charset   # ISO 2022 code extensions: pydicom switches sets as needed
-    try:
-        for text in texts:
-            text.encode(codec)
-        return charset
-    except (UnicodeEncodeError, LookupError):
-        return "ISO_IR 192"
+        return []
+    if asked and _can_carry(texts, asked):
+        return asked
+    return [UTF8]
 
 
 def response(requested: list[DataElement], match: dict[str, Any], level: str,
-             aet: str) -> Dataset:
+             aet: str, asked: list[str] | None = None) -> Dataset:
     ds = Dataset()
-    charset = match.pop("SpecificCharacterSet", "") or ""
-    charset = _charset_for(match, charset)
-    # Set first: pydicom encodes text with it (PS3.5 6.1.2.5.3).
-    ds.SpecificCharacterSet = charset.split("\\") if "\\" in charset else charset
+    match.pop("SpecificCharacterSet", None)   # the stored one, if the peer asked for it
+    charset = response_charset(match, asked or [])
+    if charset:
+        # Set first: pydicom encodes text with it (PS3.5 6.1.2.5.3).
+        ds.SpecificCharacterSet = charset if len(charset) > 1 else charset[0]
     ds.QueryRetrieveLevel = level
     ds.RetrieveAETitle = aet
     return query.fill_dataset(ds, requested, match)
@@ -128,6 +159,7 @@ def handle_find(event: Event, index: Index, aet: str, hooks: Hooks | None = None
     try:
         req, requested = parse_identifier(event.identifier,
                                           str(event.request.AffectedSOPClassUID))
+        asked = asked_charset(event.identifier)
         if hooks is not None and hooks.has("on_query"):
             refused, req.keys = filters.query_keys(event, hooks, req.level, req.keys)
             if refused is not None:
@@ -141,9 +173,7 @@ def handle_find(event: Event, index: Index, aet: str, hooks: Hooks | None = None
         log.warning("C-FIND from %s: unreadable identifier: %s", peer, e)
         yield UNABLE_TO_PROCESS, None
         return
-    # The study's own character set comes back with each match (not at PATIENT level, where
-    # a patient's studies may differ): response() encodes the values with it.
-    keys = [e.keyword for e in requested if e.keyword] + ["SpecificCharacterSet"]
+    keys = [e.keyword for e in requested if e.keyword]
     n = 0
     cancelled = Cancelled(event)
     try:
@@ -152,7 +182,7 @@ def handle_find(event: Event, index: Index, aet: str, hooks: Hooks | None = None
                 n += 1
                 if n % 16 == 0:
                     drain(event.assoc)
-                yield PENDING, response(requested, match, req.level, aet)
+                yield PENDING, response(requested, match, req.level, aet, asked)
     except query.QueryError as e:
         log.warning("C-FIND from %s refused: %s", peer, e)
         yield e.dicom_status, None

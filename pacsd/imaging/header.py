@@ -75,8 +75,9 @@ def file_meta_bytes(sop_class: str, sop_instance: str, transfer_syntax: str,
     return head + sop_instance.encode() + tail
 
 
+# RecursionError: sequences nested deeper than Python's stack (pydicom reads them recursively).
 _ERRORS = (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OverflowError,
-           NotImplementedError, LookupError, AttributeError, zlib.error)
+           NotImplementedError, LookupError, AttributeError, zlib.error, RecursionError)
 
 
 def _touch(ds: Dataset) -> Dataset:
