@@ -13,12 +13,13 @@ conversion of its own), and `Tally` counts what one association sent for its sum
 
 from __future__ import annotations
 
+import array
+
 import io
 import threading
 from collections import Counter
 from collections.abc import Iterable, Sequence
 
-import numpy as np
 
 from pydicom import dcmread, dcmwrite
 from pydicom.dataset import Dataset
@@ -129,6 +130,9 @@ def _plugin(stored: UID, ds: Dataset) -> str:
 
 # Value representations whose values pydicom keeps as raw bytes: words of this many bytes.
 _WORDS = {"OW": 2, "OF": 4, "OL": 4, "OD": 8, "OV": 8}
+# array's unsigned type of each word size (the standard library's: numpy stays unloaded in the
+# watchdog, which imports this module through pacsd.nodes.remote).
+_TYPECODE = {array.array(c).itemsize: c for c in "QLIH"}
 
 
 def _to_little(ds: Dataset) -> None:
@@ -139,7 +143,9 @@ def _to_little(ds: Dataset) -> None:
     for elem in ds.iterall():
         size = _WORDS.get(str(elem.VR))
         if size and isinstance(elem.value, (bytes, bytearray)) and len(elem.value) % size == 0:
-            elem.value = np.frombuffer(elem.value, dtype=f"u{size}").byteswap().tobytes()
+            words = array.array(_TYPECODE[size], elem.value)
+            words.byteswap()
+            elem.value = words.tobytes()
     # From here on the data set's raw values are little endian: read them so.
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.set_original_encoding(False, True)
