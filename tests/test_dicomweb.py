@@ -171,14 +171,36 @@ def test_qido_limit_offset_includefield(pacs):
 
 
 @pytest.mark.parametrize("query,status", [
-    ("PatientName=Nobody*", 204), ("StudyDate=2024x", 400), ("limit=-1", 400),
+    ("PatientName=Nobody*", 200), ("StudyDate=2024x", 400), ("limit=-1", 400),
     ("limit=x", 400), ("NoSuchKeyword=1", 400), ("GGGG0010=1", 400)])
 def test_qido_empty_and_bad_parameters(pacs, query, status):
     r = requests.get(f"{pacs.dw}/studies?{query}", timeout=10)
     assert r.status_code == status, r.text
-    if status == 204:
-        assert r.content == b"" and client(pacs).search_for_studies(
-            search_filters={"PatientName": "Nobody*"}) == []
+    if status == 200:
+        # No match: 200 and [] (CP-2473; it was 204 before issue 18).
+        assert r.json() == [] and r.headers["Content-Type"] == "application/dicom+json"
+        assert client(pacs).search_for_studies(search_filters={"PatientName": "Nobody*"}) == []
+        for level in ("series", "instances", f"studies/{STUDY_A}/series?Modality=XA"):
+            r = requests.get(f"{pacs.dw}/{level}{'' if '?' in level else '?Modality=XA'}",
+                             timeout=10)
+            assert (r.status_code, r.json()) == (200, [])
+
+
+def test_qido_sop_classes_in_study(pacs):
+    """SOP Classes in Study (0008,0062): the distinct SOP classes of the study's instances, by
+    default and when asked for (PS3.18 Table 10.6.3-3)."""
+    expected: dict[str, set[str]] = {}
+    for path in pacs.files:
+        ds = dcmread(path, stop_before_pixels=True)
+        expected.setdefault(ds.StudyInstanceUID, set()).add(ds.SOPClassUID)
+    got = requests.get(pacs.dw + "/studies", timeout=10).json()
+    answered = {d["0020000D"]["Value"][0]: set(d["00080062"]["Value"]) for d in got}
+    assert {k: v for k, v in answered.items() if k in expected} == expected
+    one = client(pacs).search_for_studies(search_filters={"StudyInstanceUID": STUDY_A},
+                                          fields=["00080062"])
+    assert one[0]["00080062"] == {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.2"]}
+    series = requests.get(f"{pacs.dw}/studies/{STUDY_A}/series", timeout=10).json()
+    assert all("00080062" not in s for s in series)   # a study attribute, not a series one
 
 
 # --- WADO-RS ----------------------------------------------------------------------------------
@@ -208,6 +230,9 @@ def test_wado_retrieve_is_byte_identical(pacs):
             sop, ts, data = split10(content)
             assert (ts, data) == originals[sop]
             assert headers["Content-Type"] == f"application/dicom; transfer-syntax={ts}"
+            # Each part names its instance (PS3.18 8.7.3.5).
+            assert re.fullmatch(re.escape(f"{pacs.dw}/studies/{STUDY_A}/series/") + r"[0-9.]+"
+                                + re.escape(f"/instances/{sop}"), headers["Content-Location"])
     # Every sample too, whatever its transfer syntax.
     for path in pacs.files[-len(SAMPLES):]:
         ds = dcmread(path, stop_before_pixels=True)
@@ -277,6 +302,7 @@ def test_frames(pacs):
     assert r.status_code == 200 and 'type="image/dicom-rle"' in r.headers["Content-Type"]
     expected = list(generate_frames(rle.PixelData, number_of_frames=2))
     assert [c for _, c in parts(r)] == [expected[1], expected[0]]
+    assert [h["Content-Location"] for h, _ in parts(r)] == [url + "/2", url + "/1"]
     r = requests.get(url + "/1", timeout=10, headers={
         "Accept": "multipart/related; type=application/octet-stream; transfer-syntax=*"})
     assert parts(r)[0][0]["Content-Type"] == (
@@ -470,3 +496,26 @@ def test_the_requests_an_ohif_viewer_makes(pacs):
     thumb = requests.get(f"{pacs.dw}/studies/{STUDY_A}/series/{se_uid}/thumbnail",
                          headers={"Origin": VIEWER, "Accept": "image/jpeg"}, timeout=10)
     assert thumb.status_code == 200 and thumb.content[:2] == b"\xff\xd8"
+
+
+def test_empty_attributes_have_no_value(pacs, tmp_path):
+    """PS3.18 F.2.5: an attribute without a value carries only its "vr", in metadata (also
+    an empty sequence) and in QIDO-RS results."""
+    ds = ct_slice(seed=9, patient=1, study=1, series=1, number=1, size=16)
+    ds.ReferencedImageSequence = []
+    ds.AdditionalPatientHistory = ""
+    ds.StudyDescription = ""
+    path = tmp_path / "empty.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    body, ctype = multipart_body([path.read_bytes()])
+    assert requests.post(pacs.dw + "/studies", data=body, headers={"Content-Type": ctype},
+                         timeout=30).status_code == 200
+    meta = requests.get(f"{pacs.dw}/studies/{ds.StudyInstanceUID}/series/"
+                        f"{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}/metadata",
+                        timeout=10).json()[0]
+    assert meta["00081140"] == {"vr": "SQ"} and meta["001021B0"] == {"vr": "LT"}
+    assert meta["00081030"] == {"vr": "LO"}
+    study = requests.get(f"{pacs.dw}/studies?StudyInstanceUID={ds.StudyInstanceUID}"
+                         "&includefield=StudyDescription", timeout=10).json()[0]
+    assert study["00081030"] == {"vr": "LO"}
+    assert all(v.get("Value") not in ([], [""], [None]) for v in study.values())

@@ -44,6 +44,23 @@ def dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
+def without_empty_values(obj: dict[str, Any]) -> dict[str, Any]:
+    """DICOM JSON with no "Value" on an attribute that has none (PS3.18 F.2.5: an empty
+    attribute carries only its "vr"); pydicom writes an empty sequence as "Value": []. In place,
+    at any depth; returns `obj`."""
+    for attr in obj.values():
+        value = attr.get("Value")
+        if value is None:
+            continue
+        if not value or value in ([None], [""]):
+            del attr["Value"]
+        elif attr.get("vr") == "SQ":
+            for item in value:
+                if isinstance(item, dict):
+                    without_empty_values(item)
+    return obj
+
+
 def accepts_json() -> bool:
     """Whether the request's Accept header takes DICOM JSON (or plain JSON)."""
     return any(r.matches(DICOM_JSON) or r.matches("application/json")

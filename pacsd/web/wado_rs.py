@@ -25,7 +25,8 @@ from pacsd.errors import PacsError
 from pacsd.imaging import frames as cut
 from pacsd.imaging.header import read_file_header
 from pacsd.web import multipart
-from pacsd.web.dicomweb_common import DICOM_JSON, accepts_json, check_uids, dumps, fail
+from pacsd.web.dicomweb_common import (DICOM_JSON, accepts_json, check_uids, dumps, fail, url,
+                                       without_empty_values)
 from pacsd.web.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,10 @@ FRAME_MEDIA = {
     "1.2.840.10008.1.2.4.201": "image/jphc", "1.2.840.10008.1.2.4.202": "image/jphc",
     "1.2.840.10008.1.2.4.203": "image/jphc", "1.2.840.10008.1.2.5": "image/dicom-rle",
 }
+
+
+def instance_url(inst: query.StoredInstance) -> str:
+    return url(inst.study_instance_uid, inst.series_instance_uid, inst.sop_instance_uid)
 
 
 # --- instances and metadata (PS3.18 10.4.1.1.1 / 10.4.1.1.2) ----------------------------------
@@ -90,8 +95,9 @@ def retrieve(rt: Runtime, insts: list[query.StoredInstance]) -> Iterator[bytes]:
     boundary = multipart.new_boundary()
     bottle.response.content_type = multipart.content_type("application/dicom", boundary)
     store = rt.archive.store
-    heads = [f"Content-Type: application/dicom; transfer-syntax={i.transfer_syntax_uid}"
-             for i in insts]
+    # Each part says which instance it is (PS3.18 8.7.3.5, 10.4.1.2: Content-Location).
+    heads = [f"Content-Type: application/dicom; transfer-syntax={i.transfer_syntax_uid}\r\n"
+             f"Content-Location: {instance_url(i)}" for i in insts]
     try:
         sizes = [os.stat(store.path(i.path)).st_size for i in insts]
     except OSError as e:
@@ -145,7 +151,7 @@ def instance_metadata(path: Path, inst: query.StoredInstance) -> dict[str, Any]:
     ds = read_file_header(path, defer_size=1024)   # a deflated one: inflated that far only
     _without_bulk(ds)
     ds.add_new(0x00083002, "UI", inst.transfer_syntax_uid)   # Available Transfer Syntax UID
-    return ds.to_json_dict(suppress_invalid_tags=True)
+    return without_empty_values(ds.to_json_dict(suppress_invalid_tags=True))
 
 
 def metadata(rt: Runtime, insts: list[query.StoredInstance]) -> Iterator[str]:
@@ -226,12 +232,14 @@ def frames(rt: Runtime, inst: query.StoredInstance, numbers_text: str) -> Iterat
     first = next(chunks)   # errors (no such frame, no pixels) become answers, not cut bodies
     boundary = multipart.new_boundary()
     bottle.response.content_type = multipart.content_type(part_type, boundary)
+    where = instance_url(inst) + "/frames/"
 
     def all_frames() -> Iterator[bytes]:
         yield first
         yield from chunks
-    return multipart.stream(((f"Content-Type: {part_ctype}", [data])
-                             for data in all_frames()), boundary)
+    return multipart.stream(
+        ((f"Content-Type: {part_ctype}\r\nContent-Location: {where}{n}", [data])
+         for n, data in zip(numbers, all_frames())), boundary)
 
 
 # --- rendered and thumbnail (PS3.18 10.4.1.1.3, 10.4.1.1.4) ------------------------------------
