@@ -519,3 +519,35 @@ def test_empty_attributes_have_no_value(pacs, tmp_path):
                          "&includefield=StudyDescription", timeout=10).json()[0]
     assert study["00081030"] == {"vr": "LO"}
     assert all(v.get("Value") not in ([], [""], [None]) for v in study.values())
+
+
+def test_truncated_pixel_data_is_refused_with_a_reason(pacs, tmp_path, caplog):
+    """A stored file cut short inside its Pixel Data (a damaged disk, a copy cut off: ingest
+    refuses such objects, the disk may still make one) renders as 422 with the reason (WADO-RS
+    rendered and thumbnail, WADO-URI), one log line, not a 500; it is still retrievable as
+    stored."""
+    from pacsd.query.studies import instance_path
+    ds = ct_slice(seed=10, patient=1, study=1, series=1, number=1, size=64)
+    path = tmp_path / "short.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    body, ctype = multipart_body([path.read_bytes()])
+    assert requests.post(pacs.dw + "/studies", data=body, headers={"Content-Type": ctype},
+                         timeout=30).status_code == 200
+    stored = pacs.runtime.archive.store.path(instance_path(ds.SOPInstanceUID))
+    with open(stored, "r+b") as f:
+        f.truncate(stored.stat().st_size - 4096)   # half of the 64 x 64 x 16-bit frame
+    inst = (f"{pacs.dw}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/"
+            f"instances/{ds.SOPInstanceUID}")
+    wado_uri = (f"{pacs.http_url}/wado?requestType=WADO&studyUID={ds.StudyInstanceUID}&"
+                f"seriesUID={ds.SeriesInstanceUID}&objectUID={ds.SOPInstanceUID}")
+    for url in (inst + "/rendered", inst + "/frames/1/rendered", inst + "/thumbnail",
+                wado_uri, wado_uri + "&contentType=image/png"):
+        caplog.clear()
+        with caplog.at_level("DEBUG", logger="pacsd"):
+            r = requests.get(url, timeout=10)
+        assert r.status_code == 422, (url, r.status_code, r.text)
+        assert "truncated: frame 1 needs 8192 bytes of it, 4096 are stored" in r.text
+        lines = [rec for rec in caplog.records if rec.levelno >= 30]
+        assert len(lines) == 1 and "truncated" in lines[0].getMessage(), lines
+    r = requests.get(inst, timeout=10)
+    assert r.status_code == 200 and split10(parts(r)[0][1])[0] == ds.SOPInstanceUID
