@@ -23,7 +23,7 @@ from data import ct_slice, dataset_bytes, sample, uid  # noqa: E402
 
 VIEWER = "http://viewer.example"
 SAMPLES = ["SC_rgb_rle_2frame.dcm", "MR_small_bigendian.dcm", "JPEG2000.dcm",
-           "CT_small.dcm"]
+           "CT_small.dcm", "waveform_ecg.dcm"]
 
 
 def write(folder: Path, **kw) -> Path:
@@ -278,7 +278,8 @@ def test_metadata(pacs):
     meta = dw.retrieve_series_metadata(STUDY_A, series)
     assert len(meta) == 4
     for item in meta:
-        assert "7FE00010" not in item                              # no pixels
+        # No pixels: their BulkDataURI (PS3.18 F.2.6; before issue 18 Pixel Data was left out).
+        assert set(item["7FE00010"]) == {"vr", "BulkDataURI"}
         assert item["00083002"]["Value"] == ["1.2.840.10008.1.2.1"]
         ds = Dataset.from_json(item)
         assert ds.Rows == 32 and ds.SeriesInstanceUID == series and ds.WindowWidth == 400
@@ -551,3 +552,46 @@ def test_truncated_pixel_data_is_refused_with_a_reason(pacs, tmp_path, caplog):
         assert len(lines) == 1 and "truncated" in lines[0].getMessage(), lines
     r = requests.get(inst, timeout=10)
     assert r.status_code == 200 and split10(parts(r)[0][1])[0] == ds.SOPInstanceUID
+
+
+def test_bulk_data_uris_and_the_bulk_data_they_name(pacs):
+    """Metadata gives Pixel Data, Waveform Data and large binary values as BulkDataURI (PS3.18
+    F.2.6); dicomweb-client's retrieve_bulkdata gets their bytes, little endian, from pacsd."""
+    dw = client(pacs)
+    ct = dcmread(pacs.files[0])
+    base = (f"{pacs.dw}/studies/{ct.StudyInstanceUID}/series/{ct.SeriesInstanceUID}/"
+            f"instances/{ct.SOPInstanceUID}")
+    meta = dw.retrieve_instance_metadata(ct.StudyInstanceUID, ct.SeriesInstanceUID,
+                                         ct.SOPInstanceUID)
+    assert meta["7FE00010"] == {"vr": "OW", "BulkDataURI": base + "/bulkdata/7FE00010"}
+    assert dw.retrieve_bulkdata(meta["7FE00010"]["BulkDataURI"]) == [ct.PixelData]
+    # A waveform: WaveformData inside WaveformSequence items, by its path.
+    ecg = dcmread(sample("waveform_ecg.dcm"))
+    ecg_meta = dw.retrieve_instance_metadata(ecg.StudyInstanceUID, ecg.SeriesInstanceUID,
+                                             ecg.SOPInstanceUID)
+    items = ecg_meta["54000100"]["Value"]
+    assert len(items) == len(ecg.WaveformSequence) == 2
+    for i, item in enumerate(items):
+        uri = item["54001010"]["BulkDataURI"]
+        assert uri.endswith(f"/bulkdata/54000100/{i}/54001010") and "Value" not in item["54001010"]
+        assert dw.retrieve_bulkdata(uri) == [ecg.WaveformSequence[i].WaveformData]
+    # Big endian OW pixels come little endian; RLE frames come one part each, as stored.
+    be = dcmread(sample("MR_small_bigendian.dcm"))
+    uri = dw.retrieve_instance_metadata(be.StudyInstanceUID, be.SeriesInstanceUID,
+                                        be.SOPInstanceUID)["7FE00010"]["BulkDataURI"]
+    assert dw.retrieve_bulkdata(uri) == [be.pixel_array.astype("<i2").tobytes()]
+    rle = dcmread(sample("SC_rgb_rle_2frame.dcm"))
+    uri = dw.retrieve_instance_metadata(rle.StudyInstanceUID, rle.SeriesInstanceUID,
+                                        rle.SOPInstanceUID)["7FE00010"]["BulkDataURI"]
+    r = requests.get(uri, timeout=10, headers={
+        "Accept": "multipart/related; type=application/octet-stream; transfer-syntax=*"})
+    assert [c for _, c in parts(r)] == list(generate_frames(rle.PixelData, number_of_frames=2))
+    # Every part says what it is; bad paths and what is not bulk data are refused.
+    r = requests.get(base + "/bulkdata/7FE00010", timeout=10)
+    assert parts(r)[0][0]["Content-Location"] == base + "/bulkdata/7FE00010"
+    for path, status in [("00100010", 404), ("7FE0001", 400), ("00081140/x/00081150", 400),
+                         ("00081140/0/00081150", 404), ("54000100/0/54001010", 404),
+                         ("/".join(["54000100/0"] * 12) + "/54001010", 400)]:
+        assert requests.get(f"{base}/bulkdata/{path}", timeout=10).status_code == status, path
+    assert requests.get(f"{base.replace(ct.SOPInstanceUID, '1.2.3')}/bulkdata/7FE00010",
+                        timeout=10).status_code == 404

@@ -18,8 +18,10 @@ from pydicom.dataset import Dataset
 
 from pacsd import query
 from pacsd.query import studies
-from pacsd.web.dicomweb_common import (DICOM_JSON, accepts_json, check_uids, dumps, fail, url,
-                                       without_empty_values)
+from pacsd.imaging.dicom_json import without_empty_values
+from pacsd.imaging.dicom_xml import native_xml
+from pacsd.web.dicomweb_common import (DICOM_JSON, check_uids, dumps, fail, representation, url,
+                                       xml_parts)
 from pacsd.web.guard import client_of
 from pacsd.web.runtime import Runtime
 
@@ -82,8 +84,7 @@ def search(rt: Runtime, level: str, scope: dict[str, str]) -> Any:
     """One QIDO-RS search at `level` ("STUDY", "SERIES", "IMAGE") within `scope` (UIDs from
     the path); the query parameters come from the request."""
     check_uids(*scope.values())
-    if not accepts_json():
-        raise fail(406, "search results are available as application/dicom+json only")
+    form = representation("search results")
     params = parse_qsl(bottle.request.environ.get("QUERY_STRING", ""), keep_blank_values=True)
     depth = query.LEVELS.index(level)
     keys: dict[str, list[str]] = {}
@@ -169,6 +170,8 @@ def search(rt: Runtime, level: str, scope: dict[str, str]) -> Any:
         bottle.response.add_header("Warning", f'299 pacsd: "{text}"')
     # No match: 200 and an empty array (CP-2473 aligned PS3.18 10.6.3.1 with RFC 9110; 204 was
     # the older text, and DICOMweb clients and conformance suites expect 200 []).
+    if form == "xml":   # PS3.18 10.6.3: one NativeDicomModel part per result
+        return xml_parts(("", native_xml(r)) for r in results)
     bottle.response.content_type = DICOM_JSON
     return dumps(results)
 
