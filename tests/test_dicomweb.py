@@ -595,3 +595,108 @@ def test_bulk_data_uris_and_the_bulk_data_they_name(pacs):
         assert requests.get(f"{base}/bulkdata/{path}", timeout=10).status_code == status, path
     assert requests.get(f"{base.replace(ct.SOPInstanceUID, '1.2.3')}/bulkdata/7FE00010",
                         timeout=10).status_code == 404
+
+
+# --- XML (PS3.19 Native DICOM Model) ------------------------------------------------------------
+
+NATIVE = "{http://dicom.nema.org/PS3.19/models/NativeDICOM}"
+XML_ACCEPT = 'multipart/related; type="application/dicom+xml"'
+_NUMBERS = {"DS", "IS", "FL", "FD", "US", "SS", "UL", "SL", "UV", "SV"}
+
+
+def _native(root) -> dict[str, tuple[str, list]]:
+    """tag -> (VR, values) of a NativeDicomModel's top-level attributes (numbers as floats,
+    person names as their components, bulk data as ("BulkData", uri))."""
+    out = {}
+    for attr in root.findall(NATIVE + "DicomAttribute"):
+        vr = attr.get("vr")
+        values: list = []
+        for child in attr:
+            name = child.tag.removeprefix(NATIVE)
+            if name == "Value":
+                text = child.text or ""
+                values.append(float(text) if vr in _NUMBERS and text else text)
+            elif name == "PersonName":
+                values.append([(g.tag.removeprefix(NATIVE), c.tag.removeprefix(NATIVE), c.text)
+                               for g in child for c in g])
+            elif name == "BulkData":
+                values.append(("BulkData", child.get("uri")))
+            elif name == "Item":
+                values.append(len(child))
+        out[attr.get("tag")] = (vr, values)
+    return out
+
+
+def test_xml_metadata_and_search_as_dcmtk_writes_it(pacs, tmp_path):
+    """application/dicom+xml (PS3.18 8.7.3.4): metadata, one NativeDicomModel part per instance,
+    with what DCMTK's dcm2xml -nat writes of the same file; QIDO-RS results likewise; other
+    media types 406."""
+    import subprocess
+    import xml.etree.ElementTree as ET
+    original = pacs.files[0]
+    ds = dcmread(original, stop_before_pixels=True)
+    url = (f"{pacs.dw}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/"
+           f"instances/{ds.SOPInstanceUID}")
+    r = requests.get(url + "/metadata", timeout=10, headers={"Accept": XML_ACCEPT})
+    assert r.status_code == 200 and 'type="application/dicom+xml"' in r.headers["Content-Type"]
+    [(headers, body)] = parts(r)
+    assert headers["Content-Type"].startswith("application/dicom+xml")
+    assert headers["Content-Location"] == url
+    ours = _native(ET.fromstring(body))
+    dcmtk = subprocess.run(["/usr/bin/dcm2xml", "-nat", "+Xn", str(original)], check=True,
+                           capture_output=True).stdout
+    theirs = _native(ET.fromstring(dcmtk))
+    compared = [t for t, (vr, _) in theirs.items() if vr not in ("OB", "OW", "UN")]
+    assert len(compared) > 30
+    for tag in compared:
+        assert ours[tag] == theirs[tag], tag
+    assert ours["7FE00010"] == ("OW", [("BulkData", url + "/bulkdata/7FE00010")])
+    # Several instances: one part each.
+    r = requests.get(f"{pacs.dw}/studies/{STUDY_A}/metadata", timeout=10,
+                     headers={"Accept": XML_ACCEPT})
+    assert len(parts(r)) == 6
+    # QIDO-RS: one part per result, the same attributes as in JSON.
+    q = f"{pacs.dw}/studies?PatientID=PID5-001"
+    as_json = requests.get(q, timeout=10).json()
+    r = requests.get(q, timeout=10, headers={"Accept": XML_ACCEPT})
+    got = [_native(ET.fromstring(b)) for _, b in parts(r)]
+    assert len(got) == len(as_json) == 2
+    for doc, obj in zip(got, as_json):
+        assert set(doc) == set(obj)
+        assert doc["0020000D"] == ("UI", obj["0020000D"]["Value"])
+        assert doc["00100010"][1] == [[("Alphabetic", "FamilyName", "Test"),
+                                       ("Alphabetic", "GivenName", "Patient001")]]
+    for target in (q, url + "/metadata"):
+        r = requests.get(target, timeout=10, headers={"Accept": "text/html"})
+        assert r.status_code == 406 and "application/dicom+xml" in r.text
+        assert requests.get(target, timeout=10, headers={
+            "Accept": "text/html, application/dicom+json"}).status_code == 200
+
+
+def test_metadata_cache_follows_the_stored_file(pacs, tmp_path):
+    """Each instance's metadata is built once into STORAGE/.cache/metadata; a stored file
+    rewritten gets its metadata built again, and a deleted one loses its entry."""
+    from pacsd.query.studies import instance_path
+    ds = ct_slice(seed=11, patient=1, study=1, series=1, number=1, size=16)
+    path = tmp_path / "cached.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    body, ctype = multipart_body([path.read_bytes()])
+    assert requests.post(pacs.dw + "/studies", data=body, headers={"Content-Type": ctype},
+                         timeout=30).status_code == 200
+    url = (f"{pacs.dw}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/"
+           f"instances/{ds.SOPInstanceUID}/metadata")
+    store = pacs.runtime.archive.store
+    rel = instance_path(ds.SOPInstanceUID)
+    entry = store.root / ".cache" / "metadata" / (rel + ".json")
+    assert not entry.exists()
+    first = requests.get(url, timeout=10).json()[0]
+    assert entry.exists() and first["00081030"]["Value"] == ["CT CHEST 1"]
+    assert requests.get(url, timeout=10).json()[0] == first
+    # The stored file rewritten in place (a repair, a restore): the entry is not used.
+    ds.StudyDescription = "CT CHEST REPAIRED"
+    ds.save_as(store.path(rel), enforce_file_format=True)
+    assert requests.get(url, timeout=10).json()[0]["00081030"]["Value"] == ["CT CHEST REPAIRED"]
+    # Deleted with its study.
+    assert requests.delete(f"{pacs.http_url}/api/studies/{ds.StudyInstanceUID}", timeout=10,
+                           headers={"X-Requested-With": "pacsd"}).status_code == 200
+    assert not entry.exists() and not store.path(rel).exists()
