@@ -15,7 +15,7 @@ import os
 import re
 import struct
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
@@ -104,13 +104,11 @@ def parse_path(text: str) -> Steps:
     return tuple(int(s, 16) if i % 2 == 0 else int(s) for i, s in enumerate(text.split("/")))
 
 
-def _pixel_data_vr(path: Path, ts: UID, ds: Dataset) -> str | None:
-    """The VR of the file's Pixel Data, or None when it has none."""
+def _pixel_data_vr(f: BinaryIO, ts: UID, ds: Dataset) -> str | None:
+    """The VR of the file's Pixel Data (`f` just read up to it), or None when it has none."""
     if ts.is_deflated:   # no seeking in a deflated stream: an image has pixels (PS3.5 A.5)
         return "OW" if "Rows" in ds else None
-    with open(path, "rb") as f:
-        read_header(f)   # leaves f at the Pixel Data element, if any
-        head = f.read(8)
+    head = f.read(8)
     fmt = "<" if ts.is_little_endian else ">"
     if len(head) < 8 or struct.unpack(fmt + "HH", head[:4]) != (0x7FE0, 0x0010):
         return None
@@ -123,12 +121,13 @@ def metadata_json(path: Path, ts: str) -> dict[str, Any]:
     """The stored file's data set as DICOM JSON, its bulk data as BulkDataURI (INSTANCE standing
     for the instance's URL), and AvailableTransferSyntaxUID (0008,3002) the stored syntax."""
     uid = UID(ts)
-    ds = read_file_header(path, defer_size=THRESHOLD)   # a deflated one: inflated that far only
+    with open(path, "rb") as f:
+        ds = read_header(f, defer_size=THRESHOLD)   # a deflated one: inflated that far only
+        pixels = _pixel_data_vr(f, uid, ds)          # what follows the header
     bulk: list[tuple[Steps, str]] = []
     _take_bulk(ds, (), bulk)
     ds.add_new(0x00083002, "UI", ts)
     out = without_empty_values(ds.to_json_dict(suppress_invalid_tags=True))
-    pixels = _pixel_data_vr(path, uid, ds)
     if pixels is not None:
         bulk.append(((PIXEL_DATA,), pixels))
     touched: list[dict[str, Any]] = []
