@@ -586,6 +586,31 @@ def test_bulk_data_uris_and_the_bulk_data_they_name(pacs):
     r = requests.get(uri, timeout=10, headers={
         "Accept": "multipart/related; type=application/octet-stream; transfer-syntax=*"})
     assert [c for _, c in parts(r)] == list(generate_frames(rle.PixelData, number_of_frames=2))
+    # Large private values, at the top and inside a sequence, explicit and implicit VR: their
+    # bytes read from where they lie in the file (implicit: VR UN, as the dictionary has none).
+    for seed, implicit in ((12, False), (13, True)):
+        ds = ct_slice(seed=seed, patient=1, study=1, series=1, number=1, size=16)
+        ds.private_block(0x0009, "PACSD TEST", create=True).add_new(0x01, "OB", b"\x01\x02" * 2500)
+        item = Dataset()
+        item.ReferencedSOPClassUID = ds.SOPClassUID
+        item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+        item.private_block(0x0009, "PACSD TEST", create=True).add_new(0x02, "OB", b"\x07" * 3000)
+        ds.ReferencedImageSequence = [item]
+        if implicit:
+            ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2"
+        path = Path(pacs.files[0]).parent / f"private-{seed}.dcm"
+        ds.save_as(path, enforce_file_format=True, implicit_vr=implicit, little_endian=True)
+        body, ctype = multipart_body([path.read_bytes()])
+        assert requests.post(pacs.dw + "/studies", data=body, headers={"Content-Type": ctype},
+                             timeout=30).status_code == 200
+        m = dw.retrieve_instance_metadata(ds.StudyInstanceUID, ds.SeriesInstanceUID,
+                                          ds.SOPInstanceUID)
+        top, nested = m["00091001"], m["00081140"]["Value"][0]["00091002"]
+        assert (top["vr"], nested["vr"]) == (("UN", "UN") if implicit else ("OB", "OB"))
+        assert dw.retrieve_bulkdata(top["BulkDataURI"]) == [b"\x01\x02" * 2500]
+        assert nested["BulkDataURI"].endswith("/bulkdata/00081140/0/00091002")
+        assert dw.retrieve_bulkdata(nested["BulkDataURI"]) == [b"\x07" * 3000]
+        assert m["00090010"] == {"vr": "LO", "Value": ["PACSD TEST"]}   # its creator
     # Every part says what it is; bad paths and what is not bulk data are refused.
     r = requests.get(base + "/bulkdata/7FE00010", timeout=10)
     assert parts(r)[0][0]["Content-Location"] == base + "/bulkdata/7FE00010"
@@ -651,6 +676,20 @@ def test_xml_metadata_and_search_as_dcmtk_writes_it(pacs, tmp_path):
     for tag in compared:
         assert ours[tag] == theirs[tag], tag
     assert ours["7FE00010"] == ("OW", [("BulkData", url + "/bulkdata/7FE00010")])
+    # Private attributes name their creator, as dcm2xml writes them.
+    ecg = sample("waveform_ecg.dcm")
+    e = dcmread(ecg, stop_before_pixels=True)
+    r = requests.get(f"{pacs.dw}/studies/{e.StudyInstanceUID}/series/{e.SeriesInstanceUID}/"
+                     f"instances/{e.SOPInstanceUID}/metadata", timeout=10,
+                     headers={"Accept": XML_ACCEPT})
+    ours = {a.get("tag"): a.get("privateCreator")
+            for a in ET.fromstring(parts(r)[0][1]).findall(NATIVE + "DicomAttribute")}
+    dcmtk = ET.fromstring(subprocess.run(["/usr/bin/dcm2xml", "-nat", "+Xn", str(ecg)],
+                                         check=True, capture_output=True).stdout)
+    theirs = {a.get("tag"): a.get("privateCreator")
+              for a in dcmtk.findall(NATIVE + "DicomAttribute")}
+    private = {t: c for t, c in theirs.items() if int(t[:4], 16) % 2}
+    assert len(private) > 3 and {t: ours[t] for t in private} == private
     # Several instances: one part each.
     r = requests.get(f"{pacs.dw}/studies/{STUDY_A}/metadata", timeout=10,
                      headers={"Accept": XML_ACCEPT})

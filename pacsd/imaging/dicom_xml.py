@@ -42,11 +42,21 @@ def _person_name(number: int, value: Any) -> Iterator[str]:
 def _attributes(obj: dict[str, Any]) -> Iterator[str]:
     for tag, attr in obj.items():
         vr = attr.get("vr", "UN")
-        keyword = keyword_for_tag(int(tag, 16))
+        number = int(tag, 16)
+        keyword = keyword_for_tag(number)
         kw = f' keyword="{keyword}"' if keyword else ""
-        yield f'<DicomAttribute tag="{tag.upper()}" vr="{vr}"{kw}>'
+        shown = tag.upper()
+        if number >> 16 & 1 and number & 0xFFFF >= 0x1000:
+            # A private data element: its Private Creator named, its block left out of the
+            # tag (PS3.19 A.1.5: gggg00ee with privateCreator; as dcm2xml -nat writes it).
+            creator = obj.get(f"{number >> 16:04X}00{(number >> 8) & 0xFF:02X}", {})
+            values = creator.get("Value") or []
+            if values and values[0]:
+                kw += f" privateCreator={quoteattr(_NOT_XML.sub('', str(values[0])))}"
+            shown = f"{number >> 16:04X}00{number & 0xFF:02X}"
+        yield f'<DicomAttribute tag="{shown}" vr="{vr}"{kw}>'
         if "BulkDataURI" in attr:
-            yield f"<BulkData uri={quoteattr(attr['BulkDataURI'])}/>"
+            yield f"<BulkData uri={quoteattr(_NOT_XML.sub('', attr['BulkDataURI']))}/>"
         elif "InlineBinary" in attr:
             yield f"<InlineBinary>{_text(attr['InlineBinary'])}</InlineBinary>"
         for n, value in enumerate(attr.get("Value") or [], start=1):
