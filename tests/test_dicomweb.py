@@ -187,20 +187,24 @@ def test_qido_empty_and_bad_parameters(pacs, query, status):
 
 
 def test_qido_sop_classes_in_study(pacs):
-    """SOP Classes in Study (0008,0062): the distinct SOP classes of the study's instances, by
-    default and when asked for (PS3.18 Table 10.6.3-3)."""
+    """SOP Classes in Study (0008,0062): the distinct SOP classes of the study's instances,
+    when asked for by keyword, tag or includefield=all."""
     expected: dict[str, set[str]] = {}
     for path in pacs.files:
         ds = dcmread(path, stop_before_pixels=True)
         expected.setdefault(ds.StudyInstanceUID, set()).add(ds.SOPClassUID)
-    got = requests.get(pacs.dw + "/studies", timeout=10).json()
-    answered = {d["0020000D"]["Value"][0]: set(d["00080062"]["Value"]) for d in got}
-    assert {k: v for k, v in answered.items() if k in expected} == expected
+    for asked in ("SOPClassesInStudy", "00080062", "all"):
+        got = requests.get(pacs.dw + "/studies?includefield=" + asked, timeout=10).json()
+        answered = {d["0020000D"]["Value"][0]: set(d["00080062"]["Value"]) for d in got}
+        assert {k: v for k, v in answered.items() if k in expected} == expected, asked
     one = client(pacs).search_for_studies(search_filters={"StudyInstanceUID": STUDY_A},
                                           fields=["00080062"])
     assert one[0]["00080062"] == {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.2"]}
-    series = requests.get(f"{pacs.dw}/studies/{STUDY_A}/series", timeout=10).json()
-    assert all("00080062" not in s for s in series)   # a study attribute, not a series one
+    # Not by default (it reads every instance row of the studies), nor at the series level.
+    assert all("00080062" not in d for d in requests.get(pacs.dw + "/studies", timeout=10).json())
+    series = requests.get(f"{pacs.dw}/studies/{STUDY_A}/series?includefield=00080062",
+                          timeout=10).json()
+    assert len(series) == 2 and all("00080062" not in s for s in series)
 
 
 # --- WADO-RS ----------------------------------------------------------------------------------

@@ -87,7 +87,8 @@ def test_orthanc_qido_no_match_and_matches(peers):
     assert none == []
     ct = dcmread(peers.files[0], stop_before_pixels=True)
     found = json.loads(rest("/dicom-web/servers/pacsd/qido", {
-        "Uri": "/studies", "Arguments": {"StudyInstanceUID": ct.StudyInstanceUID}}))
+        "Uri": "/studies", "Arguments": {"StudyInstanceUID": ct.StudyInstanceUID,
+                                         "includefield": "SOPClassesInStudy"}}))
     # (Orthanc gives each attribute its own way: {"Name", "vr", "Value": text, ...})
     assert [s["0020000D"]["Value"] for s in found] == [ct.StudyInstanceUID]
     assert found[0]["00080062"]["Value"] == ct.SOPClassUID

@@ -33,9 +33,10 @@ MAX_RESULTS = 10_000      # per QIDO-RS response; more are had with offset (PS3.
 STUDY_KEYS = ["StudyDate", "StudyTime", "AccessionNumber", "ModalitiesInStudy",
               "ReferringPhysicianName", "PatientName", "PatientID", "PatientBirthDate",
               "PatientSex", "StudyInstanceUID", "StudyID", "StudyDescription",
-              "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances",
-              "SOPClassesInStudy"]
-# Returned with study results, not a matching key: read from the study's instances.
+              "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances"]
+# SOP Classes in Study (0008,0062): returned with study results when asked for (includefield,
+# or all), never matched. Read from the study's instances, so not by default: every instance row
+# of the studies is read (300 ms for 101 studies of 2,000 instances).
 SOP_CLASSES = "SOPClassesInStudy"
 SERIES_KEYS = ["Modality", "SeriesDescription", "SeriesInstanceUID", "SeriesNumber",
                "NumberOfSeriesRelatedInstances"]
