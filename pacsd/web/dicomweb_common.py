@@ -1,5 +1,6 @@
-"""What the DICOMweb services (PS3.18) share: the DICOM JSON media type, URLs as the client
-sees them (the mount point is in SCRIPT_NAME), UID checks, and their way of failing.
+"""What the DICOMweb services (PS3.18) share: the DICOM JSON and XML media types and the choice
+between them, URLs as the client sees them (the mount point is in SCRIPT_NAME), UID checks, and
+their way of failing.
 """
 
 from __future__ import annotations
@@ -54,12 +55,6 @@ def check_uids(*uids: str | None) -> None:
 
 def dumps(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-
-
-def accepts_json() -> bool:
-    """Whether the request's Accept header takes DICOM JSON (or plain JSON)."""
-    return any(r.matches(DICOM_JSON) or r.matches("application/json")
-               for r in multipart.parse_accept(bottle.request.get_header("Accept")))
 
 
 def representation(what: str) -> str:
