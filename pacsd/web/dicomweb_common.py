@@ -22,10 +22,14 @@ def fail(status: int, message: str) -> bottle.HTTPError:
 
 
 def base_url() -> str:
-    """This app's root as the client sees it (the mount point is in SCRIPT_NAME)."""
+    """This app's root as the client sees it (the mount point is in SCRIPT_NAME); worked out
+    once per request (a search builds one URL per result)."""
+    env = bottle.request.environ
+    known = env.get("pacsd.base_url")
+    if known is not None:
+        return str(known)
     parts = bottle.request.urlparts
     netloc = parts.netloc
-    env = bottle.request.environ
     # A Host header without the port while we listen on another than the scheme's default
     # (dicomweb-client leaves it out): the URLs we hand out (RetrieveURL, BulkDataURI) must name
     # the port that was reached. Not behind a proxy, whose Host is its own (X-Forwarded-*).
@@ -35,7 +39,9 @@ def base_url() -> str:
             and not any(k.startswith("HTTP_X_FORWARDED_") or k == "HTTP_FORWARDED"
                         for k in env)):
         netloc += f":{port}"
-    return f"{parts.scheme}://{netloc}{bottle.request.script_name.rstrip('/')}"
+    base = f"{parts.scheme}://{netloc}{bottle.request.script_name.rstrip('/')}"
+    env["pacsd.base_url"] = base
+    return base
 
 
 def url(study: str, series: str | None = None, sop: str | None = None) -> str:
