@@ -165,8 +165,11 @@ def _check_frame(path: Path, ds: Dataset, index: int) -> None:
 def _check_native(path: Path, ds: Dataset, index: int, implicit: bool, little: bool) -> None:
     """Native Pixel Data must hold the frame asked for: a truncated object (its Pixel Data
     element, or the file, shorter than the header's frames) is refused with the reason."""
-    size = (_int(ds.get("Rows"), 0) * _int(ds.get("Columns"), 0)
-            * _int(ds.get("SamplesPerPixel"), 1) * _int(ds.get("BitsAllocated"), 8))
+    samples = _int(ds.get("SamplesPerPixel"), 1)
+    if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
+        samples = 2   # two chroma samples shared by each pair of pixels (PS3.3 C.7.6.3.1.2)
+    size = (_int(ds.get("Rows"), 0) * _int(ds.get("Columns"), 0) * samples
+            * _int(ds.get("BitsAllocated"), 8))
     needed = ((index + 1) * size + 7) // 8
     try:
         with open(path, "rb") as f:
