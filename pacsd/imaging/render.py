@@ -166,7 +166,8 @@ def _check_native(path: Path, ds: Dataset, index: int, implicit: bool, little: b
     """Native Pixel Data must hold the frame asked for: a truncated object (its Pixel Data
     element, or the file, shorter than the header's frames) is refused with the reason."""
     samples = _int(ds.get("SamplesPerPixel"), 1)
-    if str(ds.get("PhotometricInterpretation", "")).strip() == "YBR_FULL_422":
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    if photometric in ("YBR_FULL_422", "YBR_PARTIAL_422"):
         samples = 2   # two chroma samples shared by each pair of pixels (PS3.3 C.7.6.3.1.2)
     size = (_int(ds.get("Rows"), 0) * _int(ds.get("Columns"), 0) * samples
             * _int(ds.get("BitsAllocated"), 8))
