@@ -23,7 +23,7 @@ from data import ct_slice, dataset_bytes, sample, uid  # noqa: E402
 
 VIEWER = "http://viewer.example"
 SAMPLES = ["SC_rgb_rle_2frame.dcm", "MR_small_bigendian.dcm", "JPEG2000.dcm",
-           "CT_small.dcm"]
+           "CT_small.dcm", "waveform_ecg.dcm"]
 
 
 def write(folder: Path, **kw) -> Path:
@@ -171,14 +171,40 @@ def test_qido_limit_offset_includefield(pacs):
 
 
 @pytest.mark.parametrize("query,status", [
-    ("PatientName=Nobody*", 204), ("StudyDate=2024x", 400), ("limit=-1", 400),
+    ("PatientName=Nobody*", 200), ("StudyDate=2024x", 400), ("limit=-1", 400),
     ("limit=x", 400), ("NoSuchKeyword=1", 400), ("GGGG0010=1", 400)])
 def test_qido_empty_and_bad_parameters(pacs, query, status):
     r = requests.get(f"{pacs.dw}/studies?{query}", timeout=10)
     assert r.status_code == status, r.text
-    if status == 204:
-        assert r.content == b"" and client(pacs).search_for_studies(
-            search_filters={"PatientName": "Nobody*"}) == []
+    if status == 200:
+        # No match: 200 and [] (CP-2473; it was 204 before issue 18).
+        assert r.json() == [] and r.headers["Content-Type"] == "application/dicom+json"
+        assert client(pacs).search_for_studies(search_filters={"PatientName": "Nobody*"}) == []
+        for level in ("series", "instances", f"studies/{STUDY_A}/series?Modality=XA"):
+            r = requests.get(f"{pacs.dw}/{level}{'' if '?' in level else '?Modality=XA'}",
+                             timeout=10)
+            assert (r.status_code, r.json()) == (200, [])
+
+
+def test_qido_sop_classes_in_study(pacs):
+    """SOP Classes in Study (0008,0062): the distinct SOP classes of the study's instances,
+    when asked for by keyword, tag or includefield=all."""
+    expected: dict[str, set[str]] = {}
+    for path in pacs.files:
+        ds = dcmread(path, stop_before_pixels=True)
+        expected.setdefault(ds.StudyInstanceUID, set()).add(ds.SOPClassUID)
+    for asked in ("SOPClassesInStudy", "00080062", "all"):
+        got = requests.get(pacs.dw + "/studies?includefield=" + asked, timeout=10).json()
+        answered = {d["0020000D"]["Value"][0]: set(d["00080062"]["Value"]) for d in got}
+        assert {k: v for k, v in answered.items() if k in expected} == expected, asked
+    one = client(pacs).search_for_studies(search_filters={"StudyInstanceUID": STUDY_A},
+                                          fields=["00080062"])
+    assert one[0]["00080062"] == {"vr": "UI", "Value": ["1.2.840.10008.5.1.4.1.1.2"]}
+    # Not by default (it reads every instance row of the studies), nor at the series level.
+    assert all("00080062" not in d for d in requests.get(pacs.dw + "/studies", timeout=10).json())
+    series = requests.get(f"{pacs.dw}/studies/{STUDY_A}/series?includefield=00080062",
+                          timeout=10).json()
+    assert len(series) == 2 and all("00080062" not in s for s in series)
 
 
 # --- WADO-RS ----------------------------------------------------------------------------------
@@ -208,6 +234,9 @@ def test_wado_retrieve_is_byte_identical(pacs):
             sop, ts, data = split10(content)
             assert (ts, data) == originals[sop]
             assert headers["Content-Type"] == f"application/dicom; transfer-syntax={ts}"
+            # Each part names its instance (PS3.18 8.7.3.5).
+            assert re.fullmatch(re.escape(f"{pacs.dw}/studies/{STUDY_A}/series/") + r"[0-9.]+"
+                                + re.escape(f"/instances/{sop}"), headers["Content-Location"])
     # Every sample too, whatever its transfer syntax.
     for path in pacs.files[-len(SAMPLES):]:
         ds = dcmread(path, stop_before_pixels=True)
@@ -253,7 +282,8 @@ def test_metadata(pacs):
     meta = dw.retrieve_series_metadata(STUDY_A, series)
     assert len(meta) == 4
     for item in meta:
-        assert "7FE00010" not in item                              # no pixels
+        # No pixels: their BulkDataURI (PS3.18 F.2.6; before issue 18 Pixel Data was left out).
+        assert set(item["7FE00010"]) == {"vr", "BulkDataURI"}
         assert item["00083002"]["Value"] == ["1.2.840.10008.1.2.1"]
         ds = Dataset.from_json(item)
         assert ds.Rows == 32 and ds.SeriesInstanceUID == series and ds.WindowWidth == 400
@@ -277,6 +307,7 @@ def test_frames(pacs):
     assert r.status_code == 200 and 'type="image/dicom-rle"' in r.headers["Content-Type"]
     expected = list(generate_frames(rle.PixelData, number_of_frames=2))
     assert [c for _, c in parts(r)] == [expected[1], expected[0]]
+    assert [h["Content-Location"] for h, _ in parts(r)] == [url + "/2", url + "/1"]
     r = requests.get(url + "/1", timeout=10, headers={
         "Accept": "multipart/related; type=application/octet-stream; transfer-syntax=*"})
     assert parts(r)[0][0]["Content-Type"] == (
@@ -470,3 +501,254 @@ def test_the_requests_an_ohif_viewer_makes(pacs):
     thumb = requests.get(f"{pacs.dw}/studies/{STUDY_A}/series/{se_uid}/thumbnail",
                          headers={"Origin": VIEWER, "Accept": "image/jpeg"}, timeout=10)
     assert thumb.status_code == 200 and thumb.content[:2] == b"\xff\xd8"
+
+
+def test_empty_attributes_have_no_value(pacs, tmp_path):
+    """PS3.18 F.2.5: an attribute without a value carries only its "vr", in metadata (also
+    an empty sequence) and in QIDO-RS results."""
+    ds = ct_slice(seed=9, patient=1, study=1, series=1, number=1, size=16)
+    ds.ReferencedImageSequence = []
+    ds.AdditionalPatientHistory = ""
+    ds.StudyDescription = ""
+    path = tmp_path / "empty.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    body, ctype = multipart_body([path.read_bytes()])
+    assert requests.post(pacs.dw + "/studies", data=body, headers={"Content-Type": ctype},
+                         timeout=30).status_code == 200
+    meta = requests.get(f"{pacs.dw}/studies/{ds.StudyInstanceUID}/series/"
+                        f"{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}/metadata",
+                        timeout=10).json()[0]
+    assert meta["00081140"] == {"vr": "SQ"} and meta["001021B0"] == {"vr": "LT"}
+    assert meta["00081030"] == {"vr": "LO"}
+    study = requests.get(f"{pacs.dw}/studies?StudyInstanceUID={ds.StudyInstanceUID}"
+                         "&includefield=StudyDescription", timeout=10).json()[0]
+    assert study["00081030"] == {"vr": "LO"}
+    assert all(v.get("Value") not in ([], [""], [None]) for v in study.values())
+
+
+def test_truncated_pixel_data_is_refused_with_a_reason(pacs, tmp_path, caplog):
+    """A stored file cut short inside its Pixel Data (a damaged disk, a copy cut off: ingest
+    refuses such objects, the disk may still make one) renders as 422 with the reason (WADO-RS
+    rendered and thumbnail, WADO-URI), one log line, not a 500; it is still retrievable as
+    stored."""
+    from pacsd.query.studies import instance_path
+    ds = ct_slice(seed=10, patient=1, study=1, series=1, number=1, size=64)
+    path = tmp_path / "short.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    body, ctype = multipart_body([path.read_bytes()])
+    assert requests.post(pacs.dw + "/studies", data=body, headers={"Content-Type": ctype},
+                         timeout=30).status_code == 200
+    stored = pacs.runtime.archive.store.path(instance_path(ds.SOPInstanceUID))
+    with open(stored, "r+b") as f:
+        f.truncate(stored.stat().st_size - 4096)   # half of the 64 x 64 x 16-bit frame
+    inst = (f"{pacs.dw}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/"
+            f"instances/{ds.SOPInstanceUID}")
+    wado_uri = (f"{pacs.http_url}/wado?requestType=WADO&studyUID={ds.StudyInstanceUID}&"
+                f"seriesUID={ds.SeriesInstanceUID}&objectUID={ds.SOPInstanceUID}")
+    for url in (inst + "/rendered", inst + "/frames/1/rendered", inst + "/thumbnail",
+                wado_uri, wado_uri + "&contentType=image/png"):
+        caplog.clear()
+        with caplog.at_level("DEBUG", logger="pacsd"):
+            r = requests.get(url, timeout=10)
+        assert r.status_code == 422, (url, r.status_code, r.text)
+        assert "truncated: frame 1 needs 8192 bytes of it, 4096 are stored" in r.text
+        lines = [rec for rec in caplog.records if rec.levelno >= 30]
+        assert len(lines) == 1 and "truncated" in lines[0].getMessage(), lines
+    r = requests.get(inst, timeout=10)
+    assert r.status_code == 200 and split10(parts(r)[0][1])[0] == ds.SOPInstanceUID
+    # Native YBR_FULL_422 holds two bytes a pixel, not three: not taken for a truncated one.
+    # (stored here: it shares its study with other samples of the fixture's)
+    body, ctype = multipart_body([sample("SC_ybr_full_422_uncompressed.dcm").read_bytes()])
+    assert requests.post(pacs.dw + "/studies", data=body, headers={"Content-Type": ctype},
+                         timeout=30).status_code == 200
+    ybr = dcmread(sample("SC_ybr_full_422_uncompressed.dcm"), stop_before_pixels=True)
+    r = requests.get(f"{pacs.dw}/studies/{ybr.StudyInstanceUID}/series/{ybr.SeriesInstanceUID}/"
+                     f"instances/{ybr.SOPInstanceUID}/rendered", timeout=10)
+    assert r.status_code == 200 and r.content[:2] == b"\xff\xd8"
+
+
+def test_bulk_data_uris_and_the_bulk_data_they_name(pacs):
+    """Metadata gives Pixel Data, Waveform Data and large binary values as BulkDataURI (PS3.18
+    F.2.6); dicomweb-client's retrieve_bulkdata gets their bytes, little endian, from pacsd."""
+    dw = client(pacs)
+    ct = dcmread(pacs.files[0])
+    base = (f"{pacs.dw}/studies/{ct.StudyInstanceUID}/series/{ct.SeriesInstanceUID}/"
+            f"instances/{ct.SOPInstanceUID}")
+    meta = dw.retrieve_instance_metadata(ct.StudyInstanceUID, ct.SeriesInstanceUID,
+                                         ct.SOPInstanceUID)
+    assert meta["7FE00010"] == {"vr": "OW", "BulkDataURI": base + "/bulkdata/7FE00010"}
+    assert dw.retrieve_bulkdata(meta["7FE00010"]["BulkDataURI"]) == [ct.PixelData]
+    # A waveform: WaveformData inside WaveformSequence items, by its path.
+    ecg = dcmread(sample("waveform_ecg.dcm"))
+    ecg_meta = dw.retrieve_instance_metadata(ecg.StudyInstanceUID, ecg.SeriesInstanceUID,
+                                             ecg.SOPInstanceUID)
+    items = ecg_meta["54000100"]["Value"]
+    assert len(items) == len(ecg.WaveformSequence) == 2
+    for i, item in enumerate(items):
+        uri = item["54001010"]["BulkDataURI"]
+        assert uri.endswith(f"/bulkdata/54000100/{i}/54001010") and "Value" not in item["54001010"]
+        assert dw.retrieve_bulkdata(uri) == [ecg.WaveformSequence[i].WaveformData]
+    # Big endian OW pixels come little endian; RLE frames come one part each, as stored.
+    be = dcmread(sample("MR_small_bigendian.dcm"))
+    uri = dw.retrieve_instance_metadata(be.StudyInstanceUID, be.SeriesInstanceUID,
+                                        be.SOPInstanceUID)["7FE00010"]["BulkDataURI"]
+    assert dw.retrieve_bulkdata(uri) == [be.pixel_array.astype("<i2").tobytes()]
+    rle = dcmread(sample("SC_rgb_rle_2frame.dcm"))
+    uri = dw.retrieve_instance_metadata(rle.StudyInstanceUID, rle.SeriesInstanceUID,
+                                        rle.SOPInstanceUID)["7FE00010"]["BulkDataURI"]
+    r = requests.get(uri, timeout=10, headers={
+        "Accept": "multipart/related; type=application/octet-stream; transfer-syntax=*"})
+    assert [c for _, c in parts(r)] == list(generate_frames(rle.PixelData, number_of_frames=2))
+    # Large private values, at the top and inside a sequence, explicit and implicit VR: their
+    # bytes read from where they lie in the file (implicit: VR UN, as the dictionary has none).
+    for seed, implicit in ((12, False), (13, True)):
+        ds = ct_slice(seed=seed, patient=1, study=1, series=1, number=1, size=16)
+        ds.private_block(0x0009, "PACSD TEST", create=True).add_new(0x01, "OB", b"\x01\x02" * 2500)
+        item = Dataset()
+        item.ReferencedSOPClassUID = ds.SOPClassUID
+        item.ReferencedSOPInstanceUID = ds.SOPInstanceUID
+        item.private_block(0x0009, "PACSD TEST", create=True).add_new(0x02, "OB", b"\x07" * 3000)
+        ds.ReferencedImageSequence = [item]
+        if implicit:
+            ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2"
+        path = Path(pacs.files[0]).parent / f"private-{seed}.dcm"
+        ds.save_as(path, enforce_file_format=True, implicit_vr=implicit, little_endian=True)
+        body, ctype = multipart_body([path.read_bytes()])
+        assert requests.post(pacs.dw + "/studies", data=body, headers={"Content-Type": ctype},
+                             timeout=30).status_code == 200
+        m = dw.retrieve_instance_metadata(ds.StudyInstanceUID, ds.SeriesInstanceUID,
+                                          ds.SOPInstanceUID)
+        top, nested = m["00091001"], m["00081140"]["Value"][0]["00091002"]
+        assert (top["vr"], nested["vr"]) == (("UN", "UN") if implicit else ("OB", "OB"))
+        assert dw.retrieve_bulkdata(top["BulkDataURI"]) == [b"\x01\x02" * 2500]
+        assert nested["BulkDataURI"].endswith("/bulkdata/00081140/0/00091002")
+        assert dw.retrieve_bulkdata(nested["BulkDataURI"]) == [b"\x07" * 3000]
+        assert m["00090010"] == {"vr": "LO", "Value": ["PACSD TEST"]}   # its creator
+    # Every part says what it is; bad paths and what is not bulk data are refused.
+    r = requests.get(base + "/bulkdata/7FE00010", timeout=10)
+    assert parts(r)[0][0]["Content-Location"] == base + "/bulkdata/7FE00010"
+    for path, status in [("00100010", 404), ("7FE0001", 400), ("00081140/x/00081150", 400),
+                         ("00081140/0/00081150", 404), ("54000100/0/54001010", 404),
+                         ("/".join(["54000100/0"] * 12) + "/54001010", 400)]:
+        assert requests.get(f"{base}/bulkdata/{path}", timeout=10).status_code == status, path
+    assert requests.get(f"{base.replace(ct.SOPInstanceUID, '1.2.3')}/bulkdata/7FE00010",
+                        timeout=10).status_code == 404
+
+
+# --- XML (PS3.19 Native DICOM Model) ------------------------------------------------------------
+
+NATIVE = "{http://dicom.nema.org/PS3.19/models/NativeDICOM}"
+XML_ACCEPT = 'multipart/related; type="application/dicom+xml"'
+_NUMBERS = {"DS", "IS", "FL", "FD", "US", "SS", "UL", "SL", "UV", "SV"}
+
+
+def _native(root) -> dict[str, tuple[str, list]]:
+    """tag -> (VR, values) of a NativeDicomModel's top-level attributes (numbers as floats,
+    person names as their components, bulk data as ("BulkData", uri))."""
+    out = {}
+    for attr in root.findall(NATIVE + "DicomAttribute"):
+        vr = attr.get("vr")
+        values: list = []
+        for child in attr:
+            name = child.tag.removeprefix(NATIVE)
+            if name == "Value":
+                text = child.text or ""
+                values.append(float(text) if vr in _NUMBERS and text else text)
+            elif name == "PersonName":
+                values.append([(g.tag.removeprefix(NATIVE), c.tag.removeprefix(NATIVE), c.text)
+                               for g in child for c in g])
+            elif name == "BulkData":
+                values.append(("BulkData", child.get("uri")))
+            elif name == "Item":
+                values.append(len(child))
+        out[attr.get("tag")] = (vr, values)
+    return out
+
+
+def test_xml_metadata_and_search_as_dcmtk_writes_it(pacs, tmp_path):
+    """application/dicom+xml (PS3.18 8.7.3.4): metadata, one NativeDicomModel part per instance,
+    with what DCMTK's dcm2xml -nat writes of the same file; QIDO-RS results likewise; other
+    media types 406."""
+    import subprocess
+    import xml.etree.ElementTree as ET
+    original = pacs.files[0]
+    ds = dcmread(original, stop_before_pixels=True)
+    url = (f"{pacs.dw}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/"
+           f"instances/{ds.SOPInstanceUID}")
+    r = requests.get(url + "/metadata", timeout=10, headers={"Accept": XML_ACCEPT})
+    assert r.status_code == 200 and 'type="application/dicom+xml"' in r.headers["Content-Type"]
+    [(headers, body)] = parts(r)
+    assert headers["Content-Type"].startswith("application/dicom+xml")
+    assert headers["Content-Location"] == url
+    ours = _native(ET.fromstring(body))
+    dcmtk = subprocess.run(["/usr/bin/dcm2xml", "-nat", "+Xn", str(original)], check=True,
+                           capture_output=True).stdout
+    theirs = _native(ET.fromstring(dcmtk))
+    compared = [t for t, (vr, _) in theirs.items() if vr not in ("OB", "OW", "UN")]
+    assert len(compared) > 30
+    for tag in compared:
+        assert ours[tag] == theirs[tag], tag
+    assert ours["7FE00010"] == ("OW", [("BulkData", url + "/bulkdata/7FE00010")])
+    # Private attributes name their creator, as dcm2xml writes them.
+    ecg = sample("waveform_ecg.dcm")
+    e = dcmread(ecg, stop_before_pixels=True)
+    r = requests.get(f"{pacs.dw}/studies/{e.StudyInstanceUID}/series/{e.SeriesInstanceUID}/"
+                     f"instances/{e.SOPInstanceUID}/metadata", timeout=10,
+                     headers={"Accept": XML_ACCEPT})
+    ours = {a.get("tag"): a.get("privateCreator")
+            for a in ET.fromstring(parts(r)[0][1]).findall(NATIVE + "DicomAttribute")}
+    dcmtk = ET.fromstring(subprocess.run(["/usr/bin/dcm2xml", "-nat", "+Xn", str(ecg)],
+                                         check=True, capture_output=True).stdout)
+    theirs = {a.get("tag"): a.get("privateCreator")
+              for a in dcmtk.findall(NATIVE + "DicomAttribute")}
+    private = {t: c for t, c in theirs.items() if int(t[:4], 16) % 2}
+    assert len(private) > 3 and {t: ours[t] for t in private} == private
+    # Several instances: one part each.
+    r = requests.get(f"{pacs.dw}/studies/{STUDY_A}/metadata", timeout=10,
+                     headers={"Accept": XML_ACCEPT})
+    assert len(parts(r)) == 6
+    # QIDO-RS: one part per result, the same attributes as in JSON.
+    q = f"{pacs.dw}/studies?PatientID=PID5-001"
+    as_json = requests.get(q, timeout=10).json()
+    r = requests.get(q, timeout=10, headers={"Accept": XML_ACCEPT})
+    got = [_native(ET.fromstring(b)) for _, b in parts(r)]
+    assert len(got) == len(as_json) == 2
+    for doc, obj in zip(got, as_json):
+        assert set(doc) == set(obj)
+        assert doc["0020000D"] == ("UI", obj["0020000D"]["Value"])
+        assert doc["00100010"][1] == [[("Alphabetic", "FamilyName", "Test"),
+                                       ("Alphabetic", "GivenName", "Patient001")]]
+    for target in (q, url + "/metadata"):
+        r = requests.get(target, timeout=10, headers={"Accept": "text/html"})
+        assert r.status_code == 406 and "application/dicom+xml" in r.text
+        assert requests.get(target, timeout=10, headers={
+            "Accept": "text/html, application/dicom+json"}).status_code == 200
+
+
+def test_metadata_cache_follows_the_stored_file(pacs, tmp_path):
+    """Each instance's metadata is built once into STORAGE/.cache/metadata; a stored file
+    rewritten gets its metadata built again, and a deleted one loses its entry."""
+    from pacsd.query.studies import instance_path
+    ds = ct_slice(seed=11, patient=1, study=1, series=1, number=1, size=16)
+    path = tmp_path / "cached.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    body, ctype = multipart_body([path.read_bytes()])
+    assert requests.post(pacs.dw + "/studies", data=body, headers={"Content-Type": ctype},
+                         timeout=30).status_code == 200
+    url = (f"{pacs.dw}/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/"
+           f"instances/{ds.SOPInstanceUID}/metadata")
+    store = pacs.runtime.archive.store
+    rel = instance_path(ds.SOPInstanceUID)
+    entry = store.root / ".cache" / "metadata" / (rel + ".json")
+    assert not entry.exists()
+    first = requests.get(url, timeout=10).json()[0]
+    assert entry.exists() and first["00081030"]["Value"] == ["CT CHEST 1"]
+    assert requests.get(url, timeout=10).json()[0] == first
+    # The stored file rewritten in place (a repair, a restore): the entry is not used.
+    ds.StudyDescription = "CT CHEST REPAIRED"
+    ds.save_as(store.path(rel), enforce_file_format=True)
+    assert requests.get(url, timeout=10).json()[0]["00081030"]["Value"] == ["CT CHEST REPAIRED"]
+    # Deleted with its study.
+    assert requests.delete(f"{pacs.http_url}/api/studies/{ds.StudyInstanceUID}", timeout=10,
+                           headers={"X-Requested-With": "pacsd"}).status_code == 200
+    assert not entry.exists() and not store.path(rel).exists()

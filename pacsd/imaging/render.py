@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +52,12 @@ class UnsupportedPixelData(PacsError):
 
 
 class CorruptPixelData(PacsError):
-    """A decoder exists but failed on these bytes."""
+    """A decoder exists but failed on these bytes, or the stored Pixel Data is shorter than
+    the frames its header declares (a truncated object). The request is understood and this
+    object cannot be rendered: 422 with the reason, as for a pixel bomb (the object can still
+    be retrieved as stored); not 500, which says the server is at fault."""
 
-    http_status = 500
+    http_status = 422
 
 
 def render(path: Path, *, frame: int = 1, rows: int | None = None, columns: int | None = None,
@@ -157,6 +162,36 @@ def _check_frame(path: Path, ds: Dataset, index: int) -> None:
     bounds.check_frame(frame, bounds.declared(ds))
 
 
+def _check_native(path: Path, ds: Dataset, index: int, implicit: bool, little: bool) -> None:
+    """Native Pixel Data must hold the frame asked for: a truncated object (its Pixel Data
+    element, or the file, shorter than the header's frames) is refused with the reason."""
+    samples = _int(ds.get("SamplesPerPixel"), 1)
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    if photometric in ("YBR_FULL_422", "YBR_PARTIAL_422"):
+        samples = 2   # two chroma samples shared by each pair of pixels (PS3.3 C.7.6.3.1.2)
+    size = (_int(ds.get("Rows"), 0) * _int(ds.get("Columns"), 0) * samples
+            * _int(ds.get("BitsAllocated"), 8))
+    needed = ((index + 1) * size + 7) // 8
+    try:
+        with open(path, "rb") as f:
+            read_header(f)   # leaves f at the Pixel Data element
+            head = f.read(8 if implicit else 12)
+            offset = f.tell()
+            stored = os.fstat(f.fileno()).st_size - offset
+    except (OSError, ValueError, EOFError, InvalidDataset):
+        return   # let the decoder report what is wrong
+    fmt = "<" if little else ">"
+    if len(head) < 8 or struct.unpack(fmt + "HH", head[:4]) != (0x7FE0, 0x0010):
+        raise NotAnImage("the object has no Pixel Data")
+    length = struct.unpack(fmt + "I", head[-4:])[0]
+    if length == 0xFFFFFFFF:
+        return   # undefined length in a native syntax: malformed, the decoder says so
+    available = min(length, stored)
+    if needed > available:
+        raise CorruptPixelData(f"the stored Pixel Data is truncated: frame {index + 1} needs "
+                               f"{needed} bytes of it, {available} are stored")
+
+
 def _decode(path: Path, ds: Dataset, index: int) -> np.ndarray:
     from pydicom.pixels.decoders.base import get_decoder
     ts = ds.file_meta.get("TransferSyntaxUID", "")
@@ -169,6 +204,8 @@ def _decode(path: Path, ds: Dataset, index: int) -> np.ndarray:
                                    f"{decoder.missing_dependencies}")
     if ts.is_compressed:
         _check_frame(path, ds, index)
+    elif not ts.is_deflated:
+        _check_native(path, ds, index, ts.is_implicit_VR, ts.is_little_endian)
     try:
         if ts == DeflatedExplicitVRLittleEndian:
             # The whole data set is compressed; pixel_array(path) cannot seek into it.
@@ -179,7 +216,8 @@ def _decode(path: Path, ds: Dataset, index: int) -> np.ndarray:
     except AttributeError as e:   # pydicom's word for "no Pixel Data element"
         raise NotAnImage(str(e)) from None
     except (RuntimeError, ValueError, NotImplementedError, TypeError, KeyError, OSError) as e:
-        log.warning("cannot decode %s (%s): %s", path, ts.name, e)
+        # The web's error handler logs the one line, with this reason.
+        log.debug("cannot decode %s (%s): %s", path, ts.name, e)
         raise CorruptPixelData(f"pixel data cannot be decoded ({ts.name}): "
                                f"{str(e).splitlines()[0][:300]}") from None
     return arr

@@ -294,6 +294,9 @@ class StoredInstance:
     sop_class_uid: str
     transfer_syntax_uid: str
     path: str
+    # Where it belongs: WADO-RS names each part by its URL (PS3.18 8.7.3.5, Content-Location).
+    study_instance_uid: str = ""
+    series_instance_uid: str = ""
 
 
 def instances(req: Request) -> list[StoredInstance]:
@@ -305,9 +308,9 @@ def instances(req: Request) -> list[StoredInstance]:
     unique = UNIQUE_KEYS[req.level]
     if unique not in given:
         raise QueryError(f"a {req.level} level retrieve needs {unique}")
-    q = _joined("IMAGE", set(given) | {"SOPInstanceUID"}).select(
+    q = _joined("IMAGE", set(given) | {"SOPInstanceUID", "StudyInstanceUID"}).select(
         Instance.sop_instance_uid, Instance.sop_class_uid, Instance.transfer_syntax_uid,
-        Instance.path)
+        Instance.path, Study.study_instance_uid, Series.series_instance_uid)
     for cond in _conditions(given):
         q = q.where(cond)
     q = q.order_by(Instance.series, Instance.instance_number, Instance.id)

@@ -120,3 +120,21 @@ def instances_received_since(when: str) -> int:
     """How many stored instances were received at or after `when` ("YYYY-MM-DD HH:MM:SS")."""
     with reading():
         return Instance.select().where(Instance.received >= when).count()
+
+
+def sop_classes_in_studies(study_uids: list[str]) -> dict[str, list[str]]:
+    """SOP Classes in Study (0008,0062) of each study named: the distinct SOP Class UIDs of its
+    stored instances (PS3.18 Table 10.6.3-3 returns it with a study). Read on the SOP class
+    column's index, a bounded number of studies per statement."""
+    out: dict[str, list[str]] = {u: [] for u in study_uids}
+    with reading():
+        for i in range(0, len(study_uids), 500):
+            batch = study_uids[i:i + 500]
+            rows: Any = (Instance.select(Study.study_instance_uid, Instance.sop_class_uid)
+                         .join(Series).join(Study)
+                         .where(Study.study_instance_uid.in_(batch))
+                         .group_by(Study.study_instance_uid, Instance.sop_class_uid)
+                         .order_by(Study.study_instance_uid, Instance.sop_class_uid).tuples())
+            for study, sop_class in rows:
+                out[study].append(sop_class)
+    return out

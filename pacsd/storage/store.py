@@ -36,6 +36,9 @@ TMP_DIR = ".tmp"
 # indexed as instances, never walked (so neither recovery nor reindex takes them for images).
 CONFLICTS_DIR = ".conflicts"
 SUFFIX = ".dcm"
+# Text derived from stored files (pacsd.storage.derived): never walked, removed with its file.
+CACHE_DIR = ".cache"
+DERIVED_KINDS = ("metadata",)
 
 
 def fsync_fd(fd: int) -> None:
@@ -271,6 +274,11 @@ class Store:
             os.unlink(self.path(rel))
         except FileNotFoundError:
             pass
+        for kind in DERIVED_KINDS:   # what was derived from it (pacsd.storage.derived)
+            try:
+                os.unlink(self.root / CACHE_DIR / kind / (rel + ".json"))
+            except OSError:
+                pass
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -284,7 +292,8 @@ class Store:
         """Relative paths of stored files; with `since`, only in folders changed after it."""
         for dirpath, dirnames, filenames in os.walk(self.root):
             if dirpath == str(self.root):
-                dirnames[:] = sorted(d for d in dirnames if d not in (TMP_DIR, CONFLICTS_DIR))
+                dirnames[:] = sorted(d for d in dirnames
+                                     if d not in (TMP_DIR, CONFLICTS_DIR, CACHE_DIR))
             else:
                 dirnames.sort()
             if since is not None and not dirnames:

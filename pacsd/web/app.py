@@ -40,6 +40,6 @@ def new_app() -> bottle.Bottle:
     def plain_error(err: bottle.HTTPError) -> str:
         bottle.response.content_type = "text/plain; charset=utf-8"
         return f"{err.status_line}: {err.body}\n"
-    for code in (400, 401, 403, 404, 405, 406, 409, 413, 415, 500, 503, 507):
+    for code in (400, 401, 403, 404, 405, 406, 409, 413, 415, 422, 500, 503, 507):
         app.error_handler[code] = plain_error
     return app

@@ -1,37 +1,29 @@
-"""WADO-RS (PS3.18 10.4): instances, metadata, frames, rendered images and thumbnails, under
-/dicom-web.
+"""WADO-RS (PS3.18 10.4): instances, frames, rendered images and thumbnails, under /dicom-web
+(metadata and bulk data: wado_metadata.py).
 
 Instances are streamed as stored (multipart/related, one part per file, read in chunks);
-metadata comes from each file's header, never its pixels; frames are cut from the file by
-pacsd.imaging.frames (and decoded only when a client asks for native frames of a compressed
-instance); rendered images are pacsd.imaging.render's.
+frames are cut from the file by pacsd.imaging.frames (and decoded only when a client asks for
+native frames of a compressed instance); rendered images are pacsd.imaging.render's.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import bottle
-from pydicom.datadict import dictionary_VR
-from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from pacsd import query
-from pacsd.errors import PacsError
 from pacsd.imaging import frames as cut
-from pacsd.imaging.header import read_file_header
 from pacsd.web import multipart
-from pacsd.web.dicomweb_common import DICOM_JSON, accepts_json, check_uids, dumps, fail
+from pacsd.web.dicomweb_common import check_uids, fail, url
 from pacsd.web.runtime import Runtime
 
 log = logging.getLogger(__name__)
 
 THUMBNAIL_SIZE = 128
-_BULK_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
 
 # PS3.18 Table 8.7.3-5 (and 8.7.4): the media type of a frame in each compressed syntax.
 FRAME_MEDIA = {
@@ -45,9 +37,13 @@ FRAME_MEDIA = {
 }
 
 
-# --- instances and metadata (PS3.18 10.4.1.1.1 / 10.4.1.1.2) ----------------------------------
+def instance_url(inst: query.StoredInstance) -> str:
+    return url(inst.study_instance_uid, inst.series_instance_uid, inst.sop_instance_uid)
 
-def _stored(rt: Runtime, study: str, series: str | None = None, sop: str | None = None
+
+# --- instances (PS3.18 10.4.1.1.1) ---------------------------------------------------------
+
+def stored(rt: Runtime, study: str, series: str | None = None, sop: str | None = None
             ) -> list[query.StoredInstance]:
     check_uids(study, series, sop)
     keys = {"StudyInstanceUID": study}
@@ -90,8 +86,9 @@ def retrieve(rt: Runtime, insts: list[query.StoredInstance]) -> Iterator[bytes]:
     boundary = multipart.new_boundary()
     bottle.response.content_type = multipart.content_type("application/dicom", boundary)
     store = rt.archive.store
-    heads = [f"Content-Type: application/dicom; transfer-syntax={i.transfer_syntax_uid}"
-             for i in insts]
+    # Each part says which instance it is (PS3.18 8.7.3.5, 10.4.1.2: Content-Location).
+    heads = [f"Content-Type: application/dicom; transfer-syntax={i.transfer_syntax_uid}\r\n"
+             f"Content-Location: {instance_url(i)}" for i in insts]
     try:
         sizes = [os.stat(store.path(i.path)).st_size for i in insts]
     except OSError as e:
@@ -118,60 +115,9 @@ def retrieve(rt: Runtime, insts: list[query.StoredInstance]) -> Iterator[bytes]:
     return multipart.stream(parts(), boundary)
 
 
-def _without_bulk(ds: Dataset, threshold: int = 1024) -> None:
-    """Drop binary elements longer than `threshold` (not read from disk), at any depth."""
-    for tag in list(ds.keys()):
-        raw = ds.get_item(tag)
-        vr = raw.VR
-        if vr is None:   # implicit VR, not yet converted
-            try:
-                vr = dictionary_VR(tag)
-            except KeyError:
-                vr = "UN"
-        if vr.split(" ")[0] in _BULK_VRS:
-            length = getattr(raw, "length", None)
-            if length is None:
-                value = raw.value
-                length = len(value) if isinstance(value, (bytes, bytearray)) else 0
-            if length > threshold:
-                del ds[tag]
-        elif vr == "SQ":
-            for item in ds[tag].value or []:
-                _without_bulk(item, threshold)
-
-
-def instance_metadata(path: Path, inst: query.StoredInstance) -> dict[str, Any]:
-    """A stored file's data set as DICOM JSON (PS3.18 F.2), without its bulk data."""
-    ds = read_file_header(path, defer_size=1024)   # a deflated one: inflated that far only
-    _without_bulk(ds)
-    ds.add_new(0x00083002, "UI", inst.transfer_syntax_uid)   # Available Transfer Syntax UID
-    return ds.to_json_dict(suppress_invalid_tags=True)
-
-
-def metadata(rt: Runtime, insts: list[query.StoredInstance]) -> Iterator[str]:
-    if not accepts_json():
-        raise fail(406, "metadata is available as application/dicom+json only")
-    bottle.response.content_type = DICOM_JSON
-    store = rt.archive.store
-
-    def body() -> Iterator[str]:
-        sep = "["
-        for inst in insts:
-            try:
-                item = instance_metadata(store.path(inst.path), inst)
-            except (OSError, InvalidDicomError, ValueError, EOFError, PacsError) as e:
-                log.error("WADO-RS metadata: stored file %s of %s cannot be read: %s",
-                          inst.path, inst.sop_instance_uid, e)
-                continue
-            yield sep + dumps(item)
-            sep = ","
-        yield "[]" if sep == "[" else "]"
-    return body()
-
-
 # --- frames (PS3.18 10.4.1.1.5 / 8.7.3.3.2) ---------------------------------------------------
 
-def _frame_type(ts: str) -> tuple[str, str, bool]:
+def frame_type(ts: str) -> tuple[str, str, bool]:
     """(multipart type, part Content-Type, decode?) for frames stored in `ts`, by the Accept
     header. Compressed frames are sent as stored, unless the client names octet-stream with
     transfer-syntax=1.2.840.10008.1.2.1 explicitly: then they are decoded to native little
@@ -209,7 +155,7 @@ def _frame_numbers(text: str) -> list[int]:
     return numbers
 
 
-def _answered(chunks: Iterator[bytes]) -> Iterator[bytes]:
+def answered(chunks: Iterator[bytes]) -> Iterator[bytes]:
     """The frames, with what makes them unavailable as the HTTP error it carries (raised as
     bottle's, as it always was: a refusal the client caused, not logged as our warning)."""
     try:
@@ -220,18 +166,20 @@ def _answered(chunks: Iterator[bytes]) -> Iterator[bytes]:
 
 def frames(rt: Runtime, inst: query.StoredInstance, numbers_text: str) -> Iterator[bytes]:
     numbers = _frame_numbers(numbers_text)
-    part_type, part_ctype, decode = _frame_type(inst.transfer_syntax_uid)
+    part_type, part_ctype, decode = frame_type(inst.transfer_syntax_uid)
     path = rt.archive.store.path(inst.path)
-    chunks = _answered(cut.read_frames(path, inst.transfer_syntax_uid, numbers, decode))
+    chunks = answered(cut.read_frames(path, inst.transfer_syntax_uid, numbers, decode))
     first = next(chunks)   # errors (no such frame, no pixels) become answers, not cut bodies
     boundary = multipart.new_boundary()
     bottle.response.content_type = multipart.content_type(part_type, boundary)
+    where = instance_url(inst) + "/frames/"
 
     def all_frames() -> Iterator[bytes]:
         yield first
         yield from chunks
-    return multipart.stream(((f"Content-Type: {part_ctype}", [data])
-                             for data in all_frames()), boundary)
+    return multipart.stream(
+        ((f"Content-Type: {part_ctype}\r\nContent-Location: {where}{n}", [data])
+         for n, data in zip(numbers, all_frames())), boundary)
 
 
 # --- rendered and thumbnail (PS3.18 10.4.1.1.3, 10.4.1.1.4) ------------------------------------
@@ -291,26 +239,21 @@ def _middle(insts: list[query.StoredInstance]) -> query.StoredInstance:
 def add_routes(app: bottle.Bottle, rt: Runtime) -> None:
     """WADO-RS's resources (PS3.18 10.4.1), on the DICOMweb app."""
     S, SE, I = "/studies/<study>", "/series/<series>", "/instances/<sop>"   # noqa: E741
-    app.get(S, callback=lambda study: retrieve(rt, _stored(rt, study)))
-    app.get(S + SE, callback=lambda study, series: retrieve(rt, _stored(rt, study, series)))
+    app.get(S, callback=lambda study: retrieve(rt, stored(rt, study)))
+    app.get(S + SE, callback=lambda study, series: retrieve(rt, stored(rt, study, series)))
     app.get(S + SE + I, callback=lambda study, series, sop: retrieve(
-        rt, _stored(rt, study, series, sop)))
-    app.get(S + "/metadata", callback=lambda study: metadata(rt, _stored(rt, study)))
-    app.get(S + SE + "/metadata", callback=lambda study, series: metadata(
-        rt, _stored(rt, study, series)))
-    app.get(S + SE + I + "/metadata", callback=lambda study, series, sop: metadata(
-        rt, _stored(rt, study, series, sop)))
+        rt, stored(rt, study, series, sop)))
     app.get(S + SE + I + "/frames/<numbers>", callback=lambda study, series, sop, numbers:
-            frames(rt, _stored(rt, study, series, sop)[0], numbers))
+            frames(rt, stored(rt, study, series, sop)[0], numbers))
     app.get(S + SE + I + "/rendered", callback=lambda study, series, sop: rendered(
-        rt, _stored(rt, study, series, sop)[0]))
+        rt, stored(rt, study, series, sop)[0]))
     app.get(S + SE + I + "/frames/<frame:int>/rendered", callback=lambda study, series, sop,
-            frame: rendered(rt, _stored(rt, study, series, sop)[0], frame))
+            frame: rendered(rt, stored(rt, study, series, sop)[0], frame))
     app.get(S + SE + I + "/thumbnail", callback=lambda study, series, sop: rendered(
-        rt, _stored(rt, study, series, sop)[0], thumbnail=True))
+        rt, stored(rt, study, series, sop)[0], thumbnail=True))
     app.get(S + SE + I + "/frames/<frame:int>/thumbnail", callback=lambda study, series, sop,
-            frame: rendered(rt, _stored(rt, study, series, sop)[0], frame, thumbnail=True))
+            frame: rendered(rt, stored(rt, study, series, sop)[0], frame, thumbnail=True))
     app.get(S + SE + "/thumbnail", callback=lambda study, series: rendered(
-        rt, _middle(_stored(rt, study, series)), thumbnail=True))
+        rt, _middle(stored(rt, study, series)), thumbnail=True))
     app.get(S + "/thumbnail", callback=lambda study: rendered(
-        rt, _middle(_stored(rt, study)), thumbnail=True))
+        rt, _middle(stored(rt, study)), thumbnail=True))
