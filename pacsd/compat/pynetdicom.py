@@ -39,7 +39,7 @@ from pacsd.compat.patch import Misfit, Patch, need_attr, need_params, need_sourc
 from pacsd.compat.pynetdicom_pace import PACE, drop_wakeups, wake_on_work
 
 __all__ = ["HANDOVER", "MADE", "NOT_SENT", "PATCHES", "UNKNOWN_STORAGE", "HandOverAE",
-           "adopt_socket", "drop_wakeups", "park_reactor", "register_server",
+           "adopt_socket", "drop_wakeups", "keep_alive", "park_reactor", "register_server",
            "send_files_as_stored", "unpark_reactor", "wake_on_work"]
 
 S = TypeVar("S", bound=AssociationSocket)
@@ -86,6 +86,32 @@ def register_server(ae: AE, server: ThreadedAssociationServer) -> None:
     it). pacsd starts its listener's thread itself, to watch it."""
     if SERVERS.fits:
         ae._servers.append(server)
+
+
+# --- the requestor's idle timer during a long retrieve --------------------------------------------
+
+def _probe_idle_timer() -> None:
+    need_attr(DULServiceProvider, "idle_timer_expired")
+    need_source(DULServiceProvider.run_reactor, ("self._idle_timer.restart()",),
+                "DULServiceProvider.run_reactor")
+    need_source(Association._run_reactor, ("self.dul.idle_timer_expired()",),
+                "Association._run_reactor")
+
+
+KEEP_ALIVE = Patch("pynetdicom.retrieve_keep_alive", "speed", "pynetdicom",
+                   "a C-MOVE / C-GET requestor is not taken for idle while its sub-operations "
+                   "are being sent",
+                   "a retrieve that takes longer than [dicom] network_timeout is aborted once "
+                   "it has answered (pynetdicom counts only what it receives)", _probe_idle_timer)
+
+
+def keep_alive(assoc: Association) -> None:
+    """The association is busy on our side (a C-MOVE or C-GET sending its sub-operations, in
+    the reactor's own thread): restart its idle timer. pynetdicom restarts it only for what it
+    receives, so a retrieve longer than the network timeout ended with an A-ABORT right after
+    its final response, and the requestor waited for its release to time out."""
+    if KEEP_ALIVE.fits:
+        assoc.dul._idle_timer.restart()
 
 
 # --- the reactor's checkpoint (pynetdicom issues #435, #875) ------------------------------------
@@ -233,5 +259,6 @@ UNKNOWN_STORAGE = Patch("pynetdicom.unknown_storage_classes", "speed", "pynetdic
                         "(each logged)", _probe_unknown_storage)
 
 
-PATCHES: list[Patch] = [PDU_BOUND, PACE, CHUNKED, SERVERS, REACTOR, HANDOVER, UNKNOWN_STORAGE]
+PATCHES: list[Patch] = [PDU_BOUND, PACE, CHUNKED, SERVERS, REACTOR, HANDOVER, UNKNOWN_STORAGE,
+                        KEEP_ALIVE]
 

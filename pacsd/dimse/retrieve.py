@@ -62,12 +62,14 @@ def _send(event: Event, insts: list[query.StoredInstance], store: Store, verb: s
           ) -> Iterator[tuple[int, Dataset | None]]:
     cancelled = Cancelled(event)
     for n, inst in enumerate(insts):
+        compat.keep_alive(event.assoc)   # sending for it is not being idle
         if cancelled():
             log.info("%s from %s cancelled after %d of %d", verb,
                      event.assoc.requestor.ae_title, n, len(insts))
             yield CANCEL, None
             return
         yield PENDING, stored_ref(inst, store)
+    compat.keep_alive(event.assoc)   # the last sub-operation, before the final response
 
 
 def handle_get(event: Event, index: Index, store: Store) -> Iterator[Any]:
