@@ -27,11 +27,12 @@ class Pacsd:
 
 
 @contextmanager
-def pacsd(workdir: Path, timeout: float = 60) -> Iterator[Pacsd]:
-    """Run `pacsd serve` with a fresh data folder in `workdir`, ports 0; stop it afterwards."""
+def pacsd(workdir: Path, timeout: float = 60, extra: str = "") -> Iterator[Pacsd]:
+    """Run `pacsd serve` with a fresh data folder in `workdir`, ports 0; stop it afterwards.
+    `extra`: more TOML (whole sections other than [server], [dicom], [http], [log])."""
     data, log, cfg = workdir / "data", workdir / "pacsd.log", workdir / "pacsd.toml"
     cfg.write_text(f'[server]\ndata = "{data}"\n[dicom]\nport = 0\nbind = "{LOCAL}"\n'
-                   f'[http]\nport = 0\nbind = "{LOCAL}"\n[log]\nfile = "{log}"\n')
+                   f'[http]\nport = 0\nbind = "{LOCAL}"\n[log]\nfile = "{log}"\n{extra}')
     proc = subprocess.Popen([sys.executable, "-m", "pacsd", "serve", "--config", str(cfg)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, cwd=REPO)

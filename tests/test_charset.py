@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import urllib.error
-import urllib.request
-from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import build_context
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
 
-from conftest import (LOCAL, associate, dcmtk, free_port, peer_env, peer_missing,
-                      store_files, wait_for)
+from conftest import LOCAL, associate, dcmtk, free_port, peer_env, store_files
 from data import ct_slice, sample
+from orthanc import orthanc
 
 
 def test_values_that_the_study_charset_cannot_carry_come_back_in_utf8(make_server, tmp_path):
@@ -111,66 +108,32 @@ def test_findscu_ascii_answer_from_an_iso2022_study(make_server, tmp_path):
 
 # --- Orthanc 1.10 as the C-FIND SCU ------------------------------------------------------------
 
-def orthanc_binary() -> str:
-    for path in ("/usr/sbin/Orthanc", "/usr/bin/Orthanc", "/usr/local/bin/Orthanc"):
-        if Path(path).exists():
-            return path
-    peer_missing("Orthanc is not installed (apt-get install orthanc)")
-
-
 def test_orthanc_queries_an_iso2022_study(make_server, tmp_path):
     """Orthanc 1.10 (its REST /modalities/{id}/query) rejected every answer that named
     \\ISO 2022 IR 87 while carrying ASCII only; the Japanese name itself comes back too."""
-    binary = orthanc_binary()
-    http, dicom = free_port(), free_port()
+    dicom = free_port()
     server = make_server(nodes=[{"name": "orthanc", "aet": "ORTHANC", "host": LOCAL,
                                  "port": dicom}])
     original = dcmread(sample(H31))
     assert store_files(server.dicom_port, [sample(H31)]) == [0]
-    config = tmp_path / "orthanc.json"
-    config.write_text(json.dumps({
-        "Name": "pacsd-tests", "DicomAet": "ORTHANC", "DicomPort": dicom, "HttpPort": http,
-        "StorageDirectory": str(tmp_path / "orthanc"), "IndexDirectory": str(tmp_path / "orthanc"),
-        "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [],
-        # Its queries then ask for ISO_IR 192; with its default (Latin1) it asks for ISO_IR
-        # 100, gets UTF-8 answers (Latin-1 cannot carry kanji) and keeps their Latin-1 part.
-        "DefaultEncoding": "Utf8",
-        "DicomModalities": {"pacsd": {"AET": "PACSD", "Host": LOCAL,
-                                      "Port": server.dicom_port}},
-    }))
-    with open(tmp_path / "orthanc.log", "w") as log:
-        proc = subprocess.Popen([binary, str(config)], stdout=log, stderr=subprocess.STDOUT,
-                                env=peer_env())
+    # Its queries then ask for ISO_IR 192; with its default (Latin1) it asks for ISO_IR 100,
+    # gets UTF-8 answers (Latin-1 cannot carry kanji) and keeps their Latin-1 part.
+    with orthanc(tmp_path / "orthanc", dicom_port=dicom, DefaultEncoding="Utf8",
+                 DicomModalities={"pacsd": {"AET": "PACSD", "Host": LOCAL,
+                                            "Port": server.dicom_port}}) as peer:
 
-    def rest(path: str, body: object = None) -> object:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(f"http://{LOCAL}:{http}{path}", data=data)
-        with urllib.request.urlopen(req, timeout=30) as rsp:
-            return json.loads(rsp.read())
+        def answers(query: dict) -> list[dict]:
+            try:
+                job = peer.rest_json("/modalities/pacsd/query", {"Level": "Study",
+                                                                 "Query": query})
+            except urllib.error.HTTPError as e:
+                raise AssertionError(f"Orthanc's query failed: {e.read()[:500]!r}") from None
+            count = len(peer.rest_json(f"{job['Path']}/answers"))
+            return [peer.rest_json(f"{job['Path']}/answers/{i}/content?simplify")
+                    for i in range(count)]
 
-    def up() -> bool:
-        try:
-            return bool(rest("/system"))
-        except OSError:
-            assert proc.poll() is None, (tmp_path / "orthanc.log").read_text()[-2000:]
-            return False
-
-    def answers(query: dict) -> list[dict]:
-        try:
-            job = rest("/modalities/pacsd/query", {"Level": "Study", "Query": query})
-        except urllib.error.HTTPError as e:
-            raise AssertionError(f"Orthanc's query failed: {e.read()[:500]!r}") from None
-        path = job["Path"]  # type: ignore[index]
-        count = len(rest(f"{path}/answers"))  # type: ignore[arg-type]
-        return [rest(f"{path}/answers/{i}/content?simplify") for i in range(count)]  # type: ignore[misc]
-
-    try:
-        wait_for(up, 15, "Orthanc's REST API")
         ascii_only = answers({"PatientID": original.PatientID, "StudyInstanceUID": "",
                               "StudyDate": ""})
         named = answers({"PatientID": original.PatientID, "PatientName": ""})
-    finally:
-        proc.kill()   # a throw-away instance: its clean stop takes 3 s
-        proc.wait(10)
     assert [a["StudyInstanceUID"] for a in ascii_only] == [original.StudyInstanceUID]
     assert [a["PatientName"] for a in named] == [str(original.PatientName)]

@@ -7,18 +7,16 @@ Orthanc (its storage commitment SCU, driven through its REST API) is the indepen
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
-import subprocess
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import LOCAL, associate, free_port, peer_env, peer_missing, store_files, wait_for
+from conftest import LOCAL, associate, free_port, store_files, wait_for
 from data import read, write_series
+from orthanc import orthanc
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, MRImageStorage, generate_uid
 from pynetdicom import AE, build_context, evt
@@ -286,58 +284,24 @@ def test_report_gives_up_after_three_tries(make_server, tmp_path, caplog):
 
 # --- Orthanc as the modality: another implementation's storage commitment SCU -----------------
 
-def orthanc_binary() -> str:
-    for path in ("/usr/sbin/Orthanc", "/usr/bin/Orthanc", "/usr/local/bin/Orthanc"):
-        if Path(path).exists():
-            return path
-    peer_missing("Orthanc is not installed (apt-get install orthanc)")
-
-
 def test_orthanc_as_storage_commitment_scu(make_server, tmp_path):
     """Orthanc (1.6+) asks through its REST API (POST /modalities/{id}/storage-commitment) and
     shows the report it received (GET /storage-commitment/{transaction})."""
-    binary = orthanc_binary()
-    http, dicom = free_port(), free_port()
+    dicom = free_port()
     srv = make_server(nodes=[{"name": "orthanc", "aet": "ORTHANC", "host": LOCAL,
                               "port": dicom}])
-    config = tmp_path / "orthanc.json"
-    config.write_text(json.dumps({
-        "Name": "pacsd-tests", "DicomAet": "ORTHANC", "DicomPort": dicom, "HttpPort": http,
-        "StorageDirectory": str(tmp_path / "orthanc"), "IndexDirectory": str(tmp_path / "orthanc"),
-        "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "Plugins": [],
-        "DicomModalities": {"pacsd": {"AET": "PACSD", "Host": LOCAL, "Port": srv.dicom_port}},
-    }))
-    with open(tmp_path / "orthanc.log", "w") as log:
-        proc = subprocess.Popen([binary, str(config)], stdout=log, stderr=subprocess.STDOUT,
-                                env=peer_env())
-
-    def rest(path: str, body: object = None) -> dict:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(f"http://{LOCAL}:{http}{path}", data=data)
-        with urllib.request.urlopen(req, timeout=10) as rsp:
-            return json.loads(rsp.read())
-
-    def up() -> bool:
-        try:
-            return bool(rest("/system"))
-        except OSError:
-            assert proc.poll() is None, (tmp_path / "orthanc.log").read_text()[-2000:]
-            return False
-
-    try:
-        wait_for(up, 15, "Orthanc's REST API")
+    with orthanc(tmp_path / "orthanc", dicom_port=dicom, DicomModalities={
+            "pacsd": {"AET": "PACSD", "Host": LOCAL, "Port": srv.dicom_port}}) as peer:
         paths = write_series(tmp_path / "in", images=3, size=64)
         assert store_files(srv.dicom_port, paths, aet="ORTHANC") == [0] * 3
         (c1, s1), (c2, s2), (_, s3) = stored(paths)
         missing = generate_uid()
         asked = [(c1, s1), (c2, s2), (MRImageStorage, s3), (CTImageStorage, missing)]
-        job = rest("/modalities/pacsd/storage-commitment", {"Timeout": 10, "DicomInstances": [
-            {"SOPClassUID": c, "SOPInstanceUID": i} for c, i in asked]})
-        result = wait_for(lambda: (r := rest(job["Path"]))["Status"] != "Pending" and r, 10,
-                          "Orthanc to receive the report")
-    finally:
-        proc.kill()   # a throw-away instance: its clean stop takes 3 s
-        proc.wait(10)
+        job = peer.rest_json("/modalities/pacsd/storage-commitment", {
+            "Timeout": 10, "DicomInstances": [
+                {"SOPClassUID": c, "SOPInstanceUID": i} for c, i in asked]}, timeout=10)
+        result = wait_for(lambda: (r := peer.rest_json(job["Path"], timeout=10))["Status"]
+                          != "Pending" and r, 10, "Orthanc to receive the report")
     assert result["Status"] == "Failure" and result["RemoteAET"] == "PACSD"
     assert [(s["SOPClassUID"], s["SOPInstanceUID"]) for s in result["Success"]] == [
         (c1, s1), (c2, s2)]

@@ -752,3 +752,4 @@ def test_metadata_cache_follows_the_stored_file(pacs, tmp_path):
     assert requests.delete(f"{pacs.http_url}/api/studies/{ds.StudyInstanceUID}", timeout=10,
                            headers={"X-Requested-With": "pacsd"}).status_code == 200
     assert not entry.exists() and not store.path(rel).exists()
+

@@ -4,7 +4,6 @@ proxy, its WADO-RS retrieve into Orthanc, and metadata with bulk data through it
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import urllib.error
 import urllib.request
@@ -15,19 +14,9 @@ from pydicom import dcmread
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from conftest import (LOCAL, free_port, peer_env, peer_missing, store_files,  # noqa: E402
-                      wait_for, write_config)
+from conftest import store_files, write_config  # noqa: E402
 from data import dataset_bytes, sample, write_series  # noqa: E402
-
-PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
-
-
-def orthanc_binary() -> str:
-    for path in ("/usr/sbin/Orthanc", "/usr/bin/Orthanc", "/usr/local/bin/Orthanc"):
-        if Path(path).exists() and PLUGIN.exists():
-            return path
-    peer_missing("Orthanc with its DICOMweb plugin is not installed "
-                 "(apt-get install orthanc orthanc-dicomweb)")
+from orthanc import orthanc  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -36,45 +25,17 @@ def peers(tmp_path_factory):
     pacsd as the DICOMweb server "pacsd"."""
     from pacsd import config
     from pacsd.daemon import Server
-    binary = orthanc_binary()
     tmp = tmp_path_factory.mktemp("orthanc-dicomweb")
     server = Server(config.load(write_config(tmp / "c.toml", tmp / "data"), env={})).start()
-    files = write_series(tmp / "in", seed=21, images=3, size=64) + [sample("waveform_ecg.dcm")]
-    assert store_files(server.dicom_port, files) == [0] * len(files)
-    http = free_port()
-    cfg = tmp / "orthanc.json"
-    cfg.write_text(json.dumps({
-        "Name": "pacsd-tests", "DicomAet": "ORTHANC", "DicomPort": free_port(), "HttpPort": http,
-        "StorageDirectory": str(tmp / "orthanc"), "IndexDirectory": str(tmp / "orthanc"),
-        "RemoteAccessAllowed": False, "AuthenticationEnabled": False,
-        "Plugins": [str(PLUGIN)],
-        "DicomWeb": {"Enable": True, "Servers": {"pacsd": [server.http_url + "/dicom-web/"]}},
-    }))
-    log = open(tmp / "orthanc.log", "w")
-    proc = subprocess.Popen([binary, str(cfg)], stdout=log, stderr=subprocess.STDOUT,
-                            env=peer_env())
-
-    def rest(path: str, body: object = None) -> bytes:
-        data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(f"http://{LOCAL}:{http}{path}", data=data)
-        with urllib.request.urlopen(req, timeout=30) as rsp:
-            return rsp.read()
-
-    def up() -> bool:
-        try:
-            return bool(rest("/system"))
-        except OSError:
-            assert proc.poll() is None, (tmp / "orthanc.log").read_text()[-2000:]
-            return False
-
     try:
-        wait_for(up, 20, "Orthanc's REST API")
-        server.files, server.orthanc, server.tmp = files, rest, tmp
-        yield server
+        files = write_series(tmp / "in", seed=21, images=3, size=64) + [
+            sample("waveform_ecg.dcm")]
+        assert store_files(server.dicom_port, files) == [0] * len(files)
+        with orthanc(tmp / "orthanc", dicomweb=True, DicomWeb={
+                "Enable": True, "Servers": {"pacsd": [server.http_url + "/dicom-web/"]}}) as peer:
+            server.files, server.orthanc, server.tmp = files, peer.rest, tmp
+            yield server
     finally:
-        proc.kill()   # a throw-away instance: its clean stop takes 3 s
-        proc.wait(10)
-        log.close()
         server.stop()
 
 

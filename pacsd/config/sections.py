@@ -220,6 +220,11 @@ class StorageSettings:
         "that stop a batch at any failure). Either way the new copy is kept aside in "
         "STORAGE/.conflicts, a WARNING names both, and storage commitment fails for it.",
         v.one_of("refuse", "success"))
+    warm_metadata: bool = setting(True,
+        "Build each instance's DICOMweb metadata into STORAGE/.cache/metadata when its study "
+        "turns stable ([hooks] study_stable_after), so that the first WADO-RS metadata "
+        "request is as fast as the next; off: built on first use. A few KB an instance; "
+        "the folder can be deleted at any time.")
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from typing import Any, Iterator
 import bottle
 
 from pacsd.imaging.header import is_valid_uid
+from pacsd.storage import metadata
 from pacsd.web import multipart
 
 DICOM_JSON = "application/dicom+json"
@@ -59,8 +60,7 @@ def check_uids(*uids: str | None) -> None:
             raise fail(400, f"{uid[:80]!r} is not a valid UID")
 
 
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+dumps = metadata.dumps   # DICOM JSON as pacsd writes it, here and in the metadata cache
 
 
 def representation(what: str) -> str:

@@ -2,7 +2,7 @@
 under /dicom-web.
 
 Metadata is each stored file's header as DICOM JSON (pacsd.imaging.dicom_json), built once per
-file and kept in the store's derived cache (pacsd.storage.derived), so that a series' metadata
+file and kept in the store's derived cache (pacsd.storage.metadata), so that a series' metadata
 costs a stat and a read per instance; the instance's URL is put into its BulkDataURIs as the
 client reached us. As XML (PS3.19 Native DICOM Model) when asked for application/dicom+xml.
 
@@ -29,36 +29,23 @@ from pacsd.imaging import dicom_json
 from pacsd.imaging import frames as cut
 from pacsd.imaging.dicom_xml import native_xml
 from pacsd.imaging.header import read_file_header
-from pacsd.storage.derived import DerivedCache
+from pacsd.storage import metadata as cached
 from pacsd.web import multipart
-from pacsd.web.dicomweb_common import DICOM_JSON, dumps, fail, representation, xml_parts
+from pacsd.web.dicomweb_common import DICOM_JSON, fail, representation, xml_parts
 from pacsd.web.runtime import Runtime
 from pacsd.web.wado_rs import answered, frame_type, instance_url, stored
 
 log = logging.getLogger(__name__)
 
-# Bumped whenever what dicom_json.metadata_json makes changes: older entries are rebuilt.
-CACHE_VERSION = 1
-_caches: dict[Path, DerivedCache] = {}
 # How a BulkDataURI is cached (dicom_json.INSTANCE as JSON writes it); no string value can
 # produce this, since a quote inside a value is escaped.
 _PLACEHOLDER = '"BulkDataURI":' + json.dumps(dicom_json.INSTANCE)[:-1]
 _READ = 1 << 20   # bulk data read in pieces of this (a multiple of every word size)
 
 
-def _cache(rt: Runtime) -> DerivedCache:
-    root = rt.archive.store.root
-    cache = _caches.get(root)
-    if cache is None:
-        cache = _caches[root] = DerivedCache(root, "metadata", CACHE_VERSION)
-    return cache
-
-
 def instance_json_text(rt: Runtime, inst: query.StoredInstance) -> str:
     """The instance's metadata as DICOM JSON text, its BulkDataURIs pointing here."""
-    path = rt.archive.store.path(inst.path)
-    text = _cache(rt).get(path, inst.path, lambda: dumps(
-        dicom_json.metadata_json(path, inst.transfer_syntax_uid)))
+    text = cached.json_text(rt.archive.store, inst.path, inst.transfer_syntax_uid)
     return text.replace(_PLACEHOLDER, '"BulkDataURI":' + json.dumps(instance_url(inst))[:-1])
 
 

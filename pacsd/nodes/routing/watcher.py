@@ -1,6 +1,7 @@
 """The stable watcher: notices studies that have received nothing for `[hooks]
 study_stable_after` seconds (the index's study activity, pacsd.index.outbox), queues their
-`when = "stable"` routes and calls the on_study_stable hooks.
+`when = "stable"` routes, calls the on_study_stable hooks and warms the study's DICOMweb
+metadata (`[storage] warm_metadata`).
 
 One node at a time watches, under the lease "study-stable"; taking a study stable and queuing
 its jobs is one transaction (RouteQueue.take_stable), so a study turns stable once.
@@ -16,6 +17,8 @@ from pacsd.index import Index
 from pacsd.index.outbox import RouteQueue
 from pacsd.nodes.routing.rules import matches, study_view
 from pacsd.plugins.hooks import Hooks
+from pacsd.query.routing import instances_to_send
+from pacsd.storage import metadata
 from pacsd.storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -58,6 +61,18 @@ class StableWatcher:
                 log.info("study %s is stable: queued for %s", uid,
                          ", ".join(f"{d} (route {r})" for r, d in jobs))
                 self._wake.set()
+            if self.cfg.storage.warm_metadata:   # before the hooks: "available" means fast
+                self._warm(uid)
             if self.hooks and event:
                 self.hooks.notify("on_study_stable", event)
         return n
+
+    def _warm(self, uid: str) -> None:
+        """The study's DICOMweb metadata into the cache (pacsd.storage.metadata), now that it
+        is complete: its first WADO-RS metadata request then reads no header."""
+        try:
+            stored = [(i.path, i.transfer_syntax_uid) for i in instances_to_send(uid)]
+            n = metadata.warm(self.store, stored)
+            log.debug("study %s: metadata of %d instance(s) cached", uid, n)
+        except Exception as e:  # noqa: BLE001 - the cache is only an aid; first use builds it
+            log.debug("study %s: metadata not cached: %s", uid, e)
