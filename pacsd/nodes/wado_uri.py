@@ -3,7 +3,7 @@ XML-RPC `Retrieve` with retrieveMode 2 (OsiriX's WADORetrieveMode).
 
 As Horos does it (DCMTKQueryNode.mm, WADORetrieve:): a C-FIND down to the IMAGE level, then one
 `GET wado_url?requestType=WADO&studyUID=&seriesUID=&objectUID=&contentType=application/dicom`
-per object (PS3.18 9.1). Unlike Horos, the query walks the levels (PS3.4 C.4.1.3.1: a
+per object (WADO-URI, PS3.18 chapter 9). Unlike Horos, the query walks the levels (PS3.4 C.4.1.2.1: a
 hierarchical query names one unique key per level above the one asked), and every GET goes
 through pacsd.nodes.download.fetch, DownloadURL's bounded fetch: the node's own host only, no
 redirects, a size cap, a time bound, a DICOM Part 10 body. Each file goes to `Archive.put_file`,
