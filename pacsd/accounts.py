@@ -11,7 +11,6 @@ processes may write) and at once after our own writes.
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from dataclasses import dataclass
@@ -69,7 +68,8 @@ class Accounts:
         nodes = [(n, CONFIG) for n in self.cfg.nodes]
         nodes += [(Node(name=r.name, aet=r.aet, host=r.host, port=r.port,
                         allow_find=bool(r.allow_find), allow_get=bool(r.allow_get),
-                        allow_move=bool(r.allow_move), allow_store=bool(r.allow_store)), ADMIN)
+                        allow_move=bool(r.allow_move), allow_store=bool(r.allow_store),
+                        wado_url=r.wado_url or ""), ADMIN)
                   for r in rows if not any(n.name == r.name for n in self.cfg.nodes)]
         users = {u.name: (u, CONFIG) for u in self.cfg.users}
         for r in user_rows:
@@ -140,19 +140,20 @@ class Accounts:
 
     def save_node(self, item: dict[str, Any], replacing: str | None = None) -> Node:
         """Add a node (replacing=None) or change the admin-page node named `replacing`."""
+        if replacing is not None:
+            self._writable("node", replacing)
+            # A change that does not mention a switch or the WADO address keeps it (the admin
+            # page edits only the address; the rest is set through the API). Checked again
+            # below: a kept wado_url must still be on the node's host.
+            old = next((n for n, _ in self.snapshot().nodes if n.name == replacing), None)
+            if isinstance(item, dict) and old is not None:
+                item = {**{k: getattr(old, k) for k in (*NODE_RIGHTS, "wado_url")}, **item}
         try:
             node = node_from(item)
         except KeyError as e:
             raise AccountError(f"missing {e.args[0]!r}") from None
         except ValueError as e:
             raise AccountError(str(e)) from None
-        if replacing is not None:
-            self._writable("node", replacing)
-            # A change that does not mention a switch keeps it (the admin page edits only the
-            # address; the switches are set through the API).
-            old = next((n for n, _ in self.snapshot().nodes if n.name == replacing), None)
-            kept = {k: getattr(old, k) for k in NODE_RIGHTS if k not in item and old is not None}
-            node = dataclasses.replace(node, **kept)
         for other, _ in self.snapshot().nodes:
             if other.name == replacing:
                 continue
@@ -163,6 +164,7 @@ class Accounts:
             if replacing is not None:
                 NodeRow.delete().where(NodeRow.name == replacing).execute()
             NodeRow.create(name=node.name, aet=node.aet, host=node.host, port=node.port,
+                           wado_url=node.wado_url or None,
                            **{k: getattr(node, k) for k in NODE_RIGHTS})
         self._write(work)
         return node

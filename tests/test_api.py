@@ -325,3 +325,38 @@ def test_recent_errors_include_those_of_the_previous_run(tmp_path):
         moved = [e for e in log if "unknown destination 'NOWHERE'" in e["message"]]
         assert len(moved) == 1 and moved[0]["level"] == "WARNING", log
         assert moved[0]["logger"] == "pacsd.dimse.retrieve" and moved[0]["time"] < time.time()
+
+
+def test_a_node_s_wado_url_on_the_admin_api(make_server, tmp_path):
+    """An admin-page node may have a WADO-URI address (XML-RPC Retrieve, retrieveMode 2), on
+    its own host only: a wado_url elsewhere is refused with 400 and nothing saved."""
+    data = tmp_path / "pacsd"
+    server = make_server(data=data, qr_clients=False)
+    url = server.http_url
+    node = {"name": "ws", "aet": "WS", "host": LOCAL, "port": 104,
+            "wado_url": f"http://{LOCAL}:8080/wado"}
+    for wado_url in ("http://192.0.2.1:8080/wado", "http://localhost:8080/wado",
+                     f"file://{LOCAL}/etc/passwd", f"http://{LOCAL}/wado?x=1"):
+        r = requests.post(f"{url}/api/nodes", json={**node, "wado_url": wado_url}, headers=H,
+                          timeout=10)
+        assert r.status_code == 400 and "wado_url" in r.text, (wado_url, r.text)
+    r = requests.post(f"{url}/api/nodes", json={**node, "wado_url": "http://192.0.2.1/wado"},
+                      headers=H, timeout=10)
+    assert "is not the node's host" in r.text
+    assert requests.get(f"{url}/api/nodes", timeout=10).json() == []
+    r = requests.post(f"{url}/api/nodes", json=node, headers=H, timeout=10)
+    assert r.status_code == 201 and r.json()["wado_url"] == node["wado_url"]
+    # A change that does not mention it keeps it, checked against the (new) host.
+    change = {"name": "ws", "aet": "WS", "host": LOCAL, "port": 105}
+    r = requests.put(f"{url}/api/nodes/ws", json=change, headers=H, timeout=10)
+    assert r.status_code == 200 and r.json()["wado_url"] == node["wado_url"]
+    r = requests.put(f"{url}/api/nodes/ws", json={**change, "host": "localhost"}, headers=H,
+                     timeout=10)
+    assert r.status_code == 400 and "is not the node's host" in r.text
+    server.stop()
+    # Kept in the index.
+    again = make_server(data=data, qr_clients=False)
+    assert requests.get(f"{again.http_url}/api/nodes", timeout=10).json() == [
+        {"name": "ws", "aet": "WS", "host": LOCAL, "port": 105, "source": "admin",
+         "wado_url": node["wado_url"]}]
+    assert again.runtime.accounts.node("ws").wado_url == node["wado_url"]

@@ -62,6 +62,17 @@ port = 104
     assert cfg.node_by_aet("NOBODY") is None
 
 
+def test_a_node_s_wado_url(tmp_path):
+    cfg = load(tmp_path, '''
+[[nodes]]
+aet = "OSIRIX"
+host = "PACS.example.org"
+port = 11112
+wado_url = "https://pacs.example.org:8443/wado"
+''')
+    assert cfg.node_by_aet("OSIRIX").wado_url == "https://pacs.example.org:8443/wado"
+
+
 @pytest.mark.parametrize("text,env,fragment", [
     ("[dicom]\nport = 70000\n", {}, "[dicom] port"),
     ("[dicom]\nport = \"x\"\n", {}, "[dicom] port"),
@@ -77,6 +88,15 @@ port = 104
     ("[[nodes]]\naet = \"X\"\nhost = \"h\"\n", {}, "missing 'port'"),
     ("[[nodes]]\naet = \"X\"\nhost = \"h\"\nport = 1\n[[nodes]]\naet = \"X\"\nhost = \"g\"\nport = 2\n",
      {}, "appears twice"),
+    # A node's WADO server is on the node itself: no caller makes pacsd fetch from elsewhere.
+    ("[[nodes]]\naet = \"X\"\nhost = \"h\"\nport = 1\nwado_url = \"http://evil:80/wado\"\n",
+     {}, "wado_url's host 'evil' is not the node's host 'h'"),
+    ("[[nodes]]\naet = \"X\"\nhost = \"h\"\nport = 1\nwado_url = \"http://h.evil/wado\"\n",
+     {}, "is not the node's host"),
+    ("[[nodes]]\naet = \"X\"\nhost = \"h\"\nport = 1\nwado_url = \"ftp://h/wado\"\n",
+     {}, "wado_url must be http"),
+    ("[[nodes]]\naet = \"X\"\nhost = \"h\"\nport = 1\nwado_url = \"http://u:p@h/wado\"\n",
+     {}, "credentials"),
 ])
 def test_bad_values_are_refused_with_one_clear_line(tmp_path, text, env, fragment):
     with pytest.raises(ConfigError) as e:

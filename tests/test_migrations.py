@@ -391,7 +391,7 @@ def test_schema_3_gains_content_hashes_when_instances_come_again(index_url, tmp_
 
     index = Index(index_url).open()
     try:
-        assert schema_version(index_url) == migrations.LATEST == 5
+        assert schema_version(index_url) == migrations.LATEST == 6
         archive = Archive(store, index)
         with index.reading():
             hashes = dict(database.obj.execute_sql(
@@ -411,5 +411,32 @@ def test_schema_3_gains_content_hashes_when_instances_come_again(index_url, tmp_
         archive.delete("IMAGE", [sop2])
         assert index.conflicted([sop2]) == set()
         assert len(list((tmp_path / "storage" / ".conflicts").rglob("*.dcm"))) == 1
+    finally:
+        index.close()
+
+
+def test_schema_5_nodes_gain_a_wado_url(index_url, tmp_path):
+    """Schema 6 adds pacsd_node.wado_url (NULL: no WADO address) and keeps every node."""
+    from pacsd.accounts import Accounts
+    index = Index(index_url).open()
+    index.close()
+    # As schema 5 left it: a node added on the admin page, no wado_url column.
+    run_sql(index_url, "ALTER TABLE pacsd_node DROP COLUMN wado_url",
+            "INSERT INTO pacsd_node (name, aet, host, port, allow_find, allow_get, allow_move, "
+            "allow_store) VALUES ('ws', 'WS', '127.0.0.1', 104, TRUE, FALSE, TRUE, TRUE)")
+    set_schema_version(index_url, 5)
+
+    index = Index(index_url).open()
+    try:
+        assert schema_version(index_url) == migrations.LATEST == 6
+        cfg = config.load(None, env={"PACSD_DATA": str(tmp_path / "d")})
+        accounts = Accounts(cfg, index).open()
+        node = accounts.node("ws")
+        assert (node.aet, node.port, node.allow_get, node.wado_url) == ("WS", 104, False, "")
+        changed = accounts.save_node({"name": "ws", "aet": "WS", "host": "127.0.0.1",
+                                      "port": 104, "wado_url": "http://127.0.0.1:8080/wado"},
+                                     replacing="ws")
+        assert (changed.allow_get, changed.wado_url) == (False, "http://127.0.0.1:8080/wado")
+        assert accounts._reload() and accounts.node("ws") == changed
     finally:
         index.close()

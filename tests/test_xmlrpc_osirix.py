@@ -170,12 +170,46 @@ def test_retrieve_modes(make_server, tmp_path, mode, caplog):
         by = "C-GET" if mode == 1 else "C-MOVE"
         assert any(f"by {by}: 3 image(s) received" in line for line in lines), lines
         assert any("WADO retrieve is not available" in line for line in lines) == (mode == "2")
+        # A node without wado_url: WADO falls back to C-MOVE, and the line at the end says so.
+        assert any("(WADO asked; the node has no wado_url)" in line
+                   for line in lines) == (mode == "2")
         # -2 unknown server, -3 nothing matches (Horos's codes), 400 without serverName.
         assert rpc.Retrieve({"serverName": "nowhere", "filterKey": "PatientID",
                              "filterValue": "x", "retrieveMode": mode})["error"] == "-2"
         assert rpc.Retrieve({"serverName": "remote", "filterKey": "PatientID",
                              "filterValue": "nobody", "retrieveMode": mode})["error"] == "-3"
         bad_request(lambda: rpc.Retrieve({"filterKey": "PatientID", "filterValue": "x"}))
+
+
+def test_retrieve_by_wado_fetches_each_object_from_the_node_s_wado_url(make_server, tmp_path,
+                                                                      caplog):
+    """retrieveMode 2 on a node with a wado_url, as Horos's WADORetrieve: C-FIND down to the
+    images, then one WADO-URI GET per object from the node (here a second pacsd's /wado)."""
+    files = write_series(tmp_path / "in", seed=36, series=2, images=2, size=32)
+    with remote_pacsd(tmp_path, files) as (remote, _):
+        # Our DICOM port is not the one the remote knows us by: a C-MOVE could not reach us,
+        # so what arrives came by WADO.
+        server = make_server(dicom={"aet": "LOCALPACS"},
+                             nodes=[{"name": "remote", "aet": "REMOTE", "host": LOCAL,
+                                     "port": remote.port, "wado_url": f"{remote.http_url}/wado"}])
+        caplog.set_level(logging.INFO, logger="pacsd.web.xmlrpc_remote")
+        rpc = proxy(server)
+        answer = rpc.Retrieve({"serverName": "remote", "filterKey": "AccessionNumber",
+                               "filterValue": "ACC3600101", "retrieveMode": 2})
+        assert answer["error"] == "0"
+        got = wait_until(lambda: received(server, "ACC3600101", 4))
+        assert {i.sop_instance_uid: dataset_bytes(server.cfg.storage_path / i.path)
+                for i in got} == {str(dcmread(f).SOPInstanceUID): dataset_bytes(f)
+                                  for f in files}
+        job = job_of(server, answer)
+        assert (job.state, job.done, job.failed) == ("done", 4, 0)
+        lines = [r.getMessage() for r in caplog.records if r.name == "pacsd.web.xmlrpc_remote"]
+        assert lines == ["XML-RPC Retrieve from REMOTE: 1 study(ies) by WADO: 4 image(s) "
+                         "received, 0 failed"], lines
+        assert list((server.cfg.data / "incoming").iterdir()) == []
+        # The remote answered WADO-URI GETs (its access log), not a C-MOVE.
+        text = remote.log.read_text()
+        assert "C-MOVE" not in text
 
 
 def test_testdbalive_as_osirix_answers_it(server):
@@ -283,6 +317,40 @@ def test_downloadurl_imports_from_a_node_only(make_server, tmp_path, caplog):
                 lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
                 assert len(lines) == 1 and why in lines[0], lines
             assert server.index.counts()["instances"] == 1
+            assert list((server.cfg.data / "incoming").iterdir()) == []
+    finally:
+        bad.shutdown()
+        bad.server_close()
+
+
+@pytest.mark.parametrize("path,why", [("/redirect", "HTTP 302"),
+                                      ("/huge", "larger than the limit")])
+def test_retrieve_by_wado_from_a_bad_wado_server_is_bounded(make_server, tmp_path, caplog,
+                                                             path, why):
+    """A node whose WADO server redirects or sends too much: each GET refused (no redirect
+    followed, the size cap), nothing stored, and after 5 failures in a row the rest not asked."""
+    files = write_series(tmp_path / "in", seed=37, images=7, size=32)
+    bad = http.server.ThreadingHTTPServer((LOCAL, 0), Node)
+    threading.Thread(target=bad.serve_forever, daemon=True).start()
+    try:
+        with remote_pacsd(tmp_path, files) as (remote, _):
+            node = {"name": "remote", "aet": "REMOTE", "host": LOCAL, "port": remote.port,
+                    "wado_url": f"http://{LOCAL}:{bad.server_port}{path}"}
+            server = make_server(dicom={"aet": "LOCALPACS"}, http={"download_max_mb": 1},
+                                 nodes=[node])
+            caplog.set_level(logging.INFO, logger="pacsd")
+            rpc = proxy(server)
+            answer = rpc.Retrieve({"serverName": "remote", "filterKey": "AccessionNumber",
+                                   "filterValue": "ACC3700101", "retrieveMode": "2"})
+            assert answer["error"] == "0"
+            job = job_of(server, answer)
+            assert (job.state, job.done, job.failed) == ("failed", 0, 7)
+            lines = [r.getMessage() for r in caplog.records
+                     if r.name.startswith(("pacsd.nodes.wado_uri", "pacsd.web.xmlrpc_remote"))]
+            assert len(lines) == 3 and why in lines[0], lines
+            assert "5 failures in a row; 2 object(s) not asked" in lines[1]
+            assert "by WADO: 0 image(s) received, 7 failed" in lines[2]
+            assert server.index.counts()["instances"] == 0
             assert list((server.cfg.data / "incoming").iterdir()) == []
     finally:
         bad.shutdown()

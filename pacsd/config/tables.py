@@ -4,6 +4,7 @@ frozen dataclasses, each bad entry refused with a ConfigError naming it."""
 from __future__ import annotations
 
 import re
+import urllib.parse
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -29,6 +30,9 @@ class Node:
     allow_get: bool = True
     allow_move: bool = True
     allow_store: bool = True
+    # Its WADO-URI endpoint (XML-RPC Retrieve with retrieveMode 2), "" for none. Its host is
+    # the node's own host (checked in node_from), so no caller can point a fetch elsewhere.
+    wado_url: str = ""
 
 
 @dataclass(frozen=True)
@@ -71,10 +75,36 @@ def node_from(item: dict[str, Any]) -> Node:
         if not isinstance(value, bool):
             raise ValueError(f"{key} must be true or false, not {value!r}")
         rights[key] = value
-    return Node(name=name, aet=aet, host=host, port=port, transfer_syntaxes=syntaxes, **rights)
+    wado_url = wado_url_of(host, item.get("wado_url"))
+    return Node(name=name, aet=aet, host=host, port=port, transfer_syntaxes=syntaxes,
+                wado_url=wado_url, **rights)
 
 
 NODE_RIGHTS = ("allow_find", "allow_get", "allow_move", "allow_store")
+
+
+def wado_url_of(host: str, raw: Any) -> str:
+    """[[nodes]] wado_url: "" (none), or an http(s) WADO-URI endpoint on the node's own `host`
+    (compared as written, case-insensitively: no DNS), without credentials, query or fragment
+    (pacsd adds the query); ValueError otherwise."""
+    if raw is None or raw == "":
+        return ""
+    if not isinstance(raw, str) or len(raw) > 1024:
+        raise ValueError("wado_url must be a URL of at most 1024 characters")
+    url = raw.strip()
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port   # raises ValueError on a bad port
+    except ValueError as e:
+        raise ValueError(f"wado_url {url!r} is not a URL: {e}") from None
+    if parts.scheme not in ("http", "https"):
+        raise ValueError(f"wado_url must be http:// or https://, not {url!r}")
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise ValueError("wado_url must not carry credentials, a query or a fragment")
+    if (parts.hostname or "").lower() != host.lower():
+        raise ValueError(f"wado_url's host {parts.hostname or ''!r} is not the node's host "
+                         f"{host!r}: a node's WADO server must be on the node itself")
+    return url
 
 
 def _transfer_syntaxes(node: str, raw: Any) -> tuple[str, ...]:
@@ -116,7 +146,8 @@ def _tables(raw: Any, origin: str, kind: str, keys: set[str]
 def nodes(raw: Any, origin: str) -> tuple[Node, ...]:
     nodes: list[Node] = []
     for where, item in _tables(raw, origin, "nodes",
-                               {"name", "aet", "host", "port", "transfer_syntaxes", *NODE_RIGHTS}):
+                               {"name", "aet", "host", "port", "transfer_syntaxes", "wado_url",
+                                *NODE_RIGHTS}):
         try:
             node = node_from(item)
         except KeyError as e:

@@ -59,6 +59,16 @@ def _v5(db: Database) -> None:
               if name not in have))
 
 
+
+def _v6(db: Database) -> None:
+    # A nullable column: a plain ADD COLUMN on both engines; existing nodes have none (NULL).
+    from playhouse.migrate import SchemaMigrator, migrate
+    migrator = SchemaMigrator.from_database(db)
+    table = peewee_meta.table_name(NodeRow)
+    if "wado_url" not in {c.name for c in db.get_columns(table)}:
+        migrate(migrator.add_column(table, "wado_url", NodeRow.wado_url))
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "tables for nodes and users added on the admin page, and leases for the jobs "
                  "that one node runs alone", _v2),
@@ -67,6 +77,7 @@ MIGRATIONS: tuple[Migration, ...] = (
               _v4),
     Migration(5, "what each node added on the admin page may ask of us (find, get, move, "
                  "store)", _v5),
+    Migration(6, "a WADO-URI address for each node added on the admin page", _v6),
 )
 LATEST = max(m.version for m in MIGRATIONS)
 

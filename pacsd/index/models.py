@@ -157,6 +157,8 @@ class NodeRow(BaseModel):
     allow_get = BooleanField(default=True)
     allow_move = BooleanField(default=True)
     allow_store = BooleanField(default=True)
+    # Its WADO-URI endpoint on its own host (config.Node.wado_url); NULL for none; schema 6.
+    wado_url = CharField(max_length=1024, null=True)
 
     class Meta:
         table_name = "pacsd_node"

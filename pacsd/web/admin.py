@@ -65,7 +65,8 @@ def status(rt: Runtime) -> dict[str, Any]:
 def _node_dict(node: Node, source: str) -> dict[str, Any]:
     # A switch appears only when it is off (absent: true), so the list keeps its shape.
     return {"name": node.name, "aet": node.aet, "host": node.host, "port": node.port,
-            "source": source, **{k: False for k in NODE_RIGHTS if not getattr(node, k)}}
+            "source": source, **{k: False for k in NODE_RIGHTS if not getattr(node, k)},
+            **({"wado_url": node.wado_url} if node.wado_url else {})}
 
 
 def _node(rt: Runtime, name: str) -> Node:

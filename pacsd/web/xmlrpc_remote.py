@@ -8,8 +8,9 @@
 * `Retrieve {serverName, filterKey..filterKey9, filterValue.., retrieveMode}`: the C-FIND runs
   during the call ("-2" unknown node, "-3" nothing matches, as Horos), the retrieve in the
   background. retrieveMode as Horos's enum (DCMNetServiceDelegate.h): 0 C-MOVE, 1 C-GET,
-  2 WADO. pacsd's nodes have no WADO address, so 2 falls back to C-MOVE, as Horos does for any
-  mode it does not take from the call (it uses the node's own mode).
+  2 WADO: each object by WADO-URI from the node's `wado_url` (pacsd.nodes.wado_uri, as Horos's
+  WADORetrieve:); a node without one is asked with C-MOVE (said in the log), as Horos does for
+  any mode it does not take from the call (it uses the node's own mode).
 * `DownloadURL {URL, Display}`: imports one DICOM file from a configured node's HTTP server
   (pacsd.nodes.download). Horos fetches anything; pacsd refuses other hosts ("-2"), redirects,
   oversized and non-DICOM bodies. Answers "0" once started, as Horos does.
@@ -31,7 +32,7 @@ from pydicom.datadict import tag_for_keyword
 from pacsd import query
 from pacsd.config import Node
 from pacsd.errors import PacsError
-from pacsd.nodes import download, get, remote
+from pacsd.nodes import download, get, remote, wado_uri
 from pacsd.web.jobs import Job
 from pacsd.web.runtime import Runtime
 
@@ -40,7 +41,7 @@ log = logging.getLogger(__name__)
 CMOVE, CGET, WADO = 0, 1, 2     # Horos's retrieve modes (DCMNetServiceDelegate.h)
 MODE_NAMES = {CMOVE: "C-MOVE", CGET: "C-GET", WADO: "WADO"}
 MAX_QUEUED = 20                 # XML-RPC jobs waiting for a thread; beyond: "-1", busy
-DOWNLOAD_TIMEOUT = 60.0         # seconds for one DownloadURL fetch, all of it
+DOWNLOAD_TIMEOUT = 60.0         # seconds for one DownloadURL (or WADO retrieve) fetch, all of it
 
 
 class BadParams(Exception):
@@ -137,9 +138,9 @@ class RemoteMethods:
         if not studies:
             log.info("XML-RPC Retrieve: %s has no study matching", node.aet)
             return err(-3, f"{node.aet} has no study matching")
-        if mode == WADO:
-            log.info("XML-RPC Retrieve: WADO retrieve is not available (pacsd's nodes have no "
-                     "WADO address); %s is asked with C-MOVE", node.aet)
+        if mode == WADO and not node.wado_url:
+            log.info("XML-RPC Retrieve: WADO retrieve is not available (node %s has no "
+                     "wado_url); %s is asked with C-MOVE", node.name, node.aet)
         return self._start(f"XML-RPC Retrieve from {node.name} ({node.aet})",
                            lambda job: self._pull(job, "Retrieve", node, studies, mode))
 
@@ -148,7 +149,13 @@ class RemoteMethods:
         return [s for s in dict.fromkeys(m.get("StudyInstanceUID", "") for m in matches) if s]
 
     def _pull(self, job: Job, method: str, node: Node, studies: list[str], mode: int) -> str:
-        if mode == CGET:
+        note = ""
+        if mode == WADO and node.wado_url:
+            done, failed = wado_uri.wado_here(
+                self.cfg, node, studies, self.rt.archive, self.cfg.http_download_max_mb << 20,
+                DOWNLOAD_TIMEOUT, progress=job.progress)
+            used = WADO
+        elif mode == CGET:
             done = failed = 0
             for uid in studies:
                 counts = get.get_here(self.cfg, node, {"StudyInstanceUID": uid},
@@ -156,10 +163,14 @@ class RemoteMethods:
                 done += counts["stored"]
                 failed += counts["failed"] + counts["refused"]
                 job.progress(done, failed, None)
+            used = CGET
         else:
             done, failed = remote.move_studies(self.cfg, node, studies, progress=job.progress)
-        message = (f"{len(studies)} study(ies) by {MODE_NAMES[CGET if mode == CGET else CMOVE]}"
-                   f": {done} image(s) received, {failed} failed")
+            used = CMOVE
+            if mode == WADO:
+                note = " (WADO asked; the node has no wado_url)"
+        message = (f"{len(studies)} study(ies) by {MODE_NAMES[used]}: {done} image(s) "
+                   f"received, {failed} failed{note}")
         job.progress(done, failed, done + failed)
         log.info("XML-RPC %s from %s: %s", method, node.aet, message)
         return message
