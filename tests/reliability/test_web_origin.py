@@ -244,3 +244,46 @@ def test_the_index_password_never_shows(tmp_path, postgres_url):
         for secret in secrets:
             assert secret not in out, out[-2000:]
     assert any("password=***" in out for out in outputs)
+
+
+def test_the_osirix_port_is_guarded_like_the_main_port(tmp_path):
+    """[http] osirix_port serves the same application on a second listener: a cross-site
+    XML-RPC Delete and a foreign Host are refused there too, nothing is deleted, and a slow
+    request body is cut with 408 within its deadline."""
+    import socket
+    import time
+    from conftest import free_port
+    osirix = free_port()
+    cfg, data = open_server(tmp_path, http={"osirix_port": osirix, "body_timeout": 2.0})
+    with serve(cfg, data) as srv:
+        assert store_files(srv.port, [CT]) == [0]
+        url = f"http://{LOCAL}:{osirix}"
+        assert studies(url) == 1
+        r = requests.post(url + "/RPC2", data=DELETE_ALL, timeout=10,
+                          headers={**XML, "Origin": EVIL})
+        assert r.status_code == 403, r.text[:200]
+        r = requests.post(url + "/RPC2", data=DELETE_ALL, timeout=10,
+                          headers={**XML, "Host": f"evil.example:{osirix}"})
+        assert r.status_code == 421, r.text[:200]
+        assert studies(url) == 1
+        # A body a byte at a time: cut with 408 after body_timeout (+ body_min_rate slack).
+        with socket.create_connection((LOCAL, osirix), timeout=10) as s:
+            s.sendall(b"POST /RPC2 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/xml\r\n"
+                      b"Content-Length: 100000\r\n\r\n")
+            t0, answer = time.monotonic(), b""
+            while time.monotonic() - t0 < 15 and not answer:
+                try:
+                    s.sendall(b"<")
+                except OSError:
+                    break
+                s.settimeout(0.3)
+                try:
+                    answer = s.recv(200)
+                except socket.timeout:
+                    pass
+            assert answer.startswith(b"HTTP/1.1 408"), answer
+            assert time.monotonic() - t0 < 10
+        # The real client still works there.
+        rpc = xmlrpc.client.ServerProxy(url + "/RPC2")
+        assert rpc.DBWindowFind({"request": "TRUEPREDICATE", "table": "Study"})["count"] == 1
+    record("test_the_osirix_port_is_guarded_like_the_main_port", bad_inputs=3)
