@@ -57,7 +57,7 @@ from pacsd.accounts import Accounts
 from pacsd.compat import pynetdicom as compat
 from pacsd.errors import PacsError
 from pacsd.index import Index
-from pacsd.nodes.remote import _ae, _associate, _close
+from pacsd.nodes.remote import scu_ae, open_association, close_association
 from pacsd.storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -390,10 +390,10 @@ class Commitments:
 
     def _send(self, node: Node, info: Dataset, event_type: int) -> int | None:
         """One association: the N-EVENT-REPORT's status, None without an answer."""
-        ae = _ae(self.cfg)
+        ae = scu_ae(self.cfg)
         # PS3.4 J.3.3 / PS3.7 D.3.3.4: we propose to be the SCP (the peer the SCU).
-        assoc = _associate(ae, node, [build_context(PUSH_MODEL, REPORT_SYNTAXES)],
-                           ext_neg=[build_role(PUSH_MODEL, scp_role=True)])
+        assoc = open_association(ae, node, [build_context(PUSH_MODEL, REPORT_SYNTAXES)],
+                                 ext_neg=[build_role(PUSH_MODEL, scp_role=True)])
         try:
             if not any(cx.abstract_syntax == PUSH_MODEL for cx in assoc.accepted_contexts):
                 raise ConnectionError("the Storage Commitment Push Model was not accepted")
@@ -405,7 +405,7 @@ class Commitments:
             status, _ = assoc.send_n_event_report(info, event_type, PUSH_MODEL, WELL_KNOWN)
             return int(status.Status) if "Status" in status else None
         finally:
-            _close(ae, assoc)
+            close_association(ae, assoc)
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop taking requests; requests not yet checked and reports waiting to be retried are

@@ -21,7 +21,7 @@ from pacsd.config import Config, Node
 from pacsd.dicom_status import CANCEL, PENDING, PROCESSING_FAILURE, SUCCESS, \
     WARNING_SUBOPERATIONS_FAILED
 from pacsd.errors import PacsError
-from pacsd.nodes.remote import MAX_CONTEXTS, RemoteError, _ae, _associate, _close, _identifier
+from pacsd.nodes.remote import MAX_CONTEXTS, RemoteError, scu_ae, open_association, close_association, query_identifier
 from pacsd.storage.archive import Archive
 
 log = logging.getLogger(__name__)
@@ -58,18 +58,18 @@ def get_here(cfg: Config, node: Node, keys: dict[str, str], archive: Archive,
         stored["stored"] += 1
         return SUCCESS
 
-    ae = _ae(cfg)
-    assoc = _associate(ae, node, contexts, handlers=[(evt.EVT_C_STORE, on_store)],
-                       ext_neg=roles)
+    ae = scu_ae(cfg)
+    assoc = open_association(ae, node, contexts, handlers=[(evt.EVT_C_STORE, on_store)],
+                             ext_neg=roles)
     final: Dataset | None = None
     try:
-        for status, _ in assoc.send_c_get(_identifier(level, keys), model):
+        for status, _ in assoc.send_c_get(query_identifier(level, keys), model):
             if not status:
                 break
             if int(status.Status) != PENDING:
                 final = status
     finally:
-        _close(ae, assoc)
+        close_association(ae, assoc)
     if final is None:
         raise RemoteError(f"C-GET from {node.aet}: no final response within the time limit")
     counts = {"status": int(final.Status), **stored}

@@ -257,7 +257,8 @@ def _drop(assoc: Association) -> None:
 
 # --- associations as SCU ----------------------------------------------------------------------
 
-def _ae(cfg: Config) -> AE:
+def scu_ae(cfg: Config) -> AE:
+    """An AE of ours for associations we request, with our timeouts (each at most MAX_WAIT)."""
     ae = AE(ae_title=cfg.dicom_aet)
     ae.acse_timeout = min(cfg.dicom_acse_timeout, MAX_WAIT)
     ae.dimse_timeout = min(cfg.dicom_dimse_timeout, MAX_WAIT)
@@ -280,10 +281,11 @@ def self_tls(cfg: Config) -> tuple[ssl.SSLContext, str | None] | None:
     return ctx, None   # no name to check: it is us
 
 
-def _associate(ae: AE, node: Node, contexts: list[PresentationContext],
-               handlers: list[Any] | None = None,
-               tls: tuple[ssl.SSLContext, str | None] | None = None,
-               ext_neg: list[Any] | None = None) -> Association:
+def open_association(ae: AE, node: Node, contexts: list[PresentationContext],
+                     handlers: list[Any] | None = None,
+                     tls: tuple[ssl.SSLContext, str | None] | None = None,
+                     ext_neg: list[Any] | None = None) -> Association:
+    """An established association with `node`, or RemoteError saying why not in plain words."""
     ae.requested_contexts = contexts
     attempt = Attempt(ae.connection_timeout, ae.acse_timeout)
     assoc = ae.associate(node.host, node.port, ae_title=node.aet, tls_args=tls,  # type: ignore[arg-type]  # None is passed on to wrap_socket
@@ -296,7 +298,8 @@ def _associate(ae: AE, node: Node, contexts: list[PresentationContext],
     return assoc
 
 
-def _close(ae: AE, assoc: Association) -> None:
+def close_association(ae: AE, assoc: Association) -> None:
+    """Release (when still established) and shut the AE down."""
     if assoc.is_established:
         assoc.release()
     ae.shutdown()
@@ -311,8 +314,8 @@ def send(cfg: Config, node: Node, instances: list[query.StoredInstance], store: 
     if not instances:
         return 0, 0
     compat.send_files_as_stored()   # as build_ae: stored files are sent by path
-    ae = _ae(cfg)
-    assoc = _associate(ae, node, move_contexts(instances, node))
+    ae = scu_ae(cfg)
+    assoc = open_association(ae, node, move_contexts(instances, node))
     send_stored(assoc, f"send to {node.name} ({node.aet})", node.transfer_syntaxes)
     completed = failed = 0
     try:
@@ -342,7 +345,7 @@ def send(cfg: Config, node: Node, instances: list[query.StoredInstance], store: 
             if progress is not None:
                 progress(completed, failed, len(instances))
     finally:
-        _close(ae, assoc)   # send_stored logs the summary as the connection closes
+        close_association(ae, assoc)   # send_stored logs the summary as the connection closes
     return completed, failed
 
 
@@ -361,7 +364,7 @@ def _values(ds: Dataset) -> dict[str, str]:
     return out
 
 
-def _identifier(level: str, keys: dict[str, str]) -> Dataset:
+def query_identifier(level: str, keys: dict[str, str]) -> Dataset:
     ds = Dataset()
     ds.QueryRetrieveLevel = level.upper()
     for k, v in keys.items():
@@ -374,13 +377,13 @@ def _identifier(level: str, keys: dict[str, str]) -> Dataset:
 def find(cfg: Config, node: Node, level: str, keys: dict[str, str]) -> list[dict[str, str]]:
     """Study Root C-FIND on `node`: one dict (keyword -> value) per match. `keys` are matching
     keys ("" for return keys); unknown keywords raise ValueError."""
-    ae = _ae(cfg)
+    ae = scu_ae(cfg)
     model = StudyRootQueryRetrieveInformationModelFind
-    assoc = _associate(ae, node, [build_context(model)])
+    assoc = open_association(ae, node, [build_context(model)])
     matches: list[dict[str, str]] = []
     final = None
     try:
-        for status, identifier in assoc.send_c_find(_identifier(level, keys), model):
+        for status, identifier in assoc.send_c_find(query_identifier(level, keys), model):
             if not status:   # no answer within the DIMSE timeout, or aborted
                 break
             final = int(status.Status)
@@ -388,7 +391,7 @@ def find(cfg: Config, node: Node, level: str, keys: dict[str, str]) -> list[dict
                 if len(matches) < MAX_MATCHES:
                     matches.append(_values(identifier))
     finally:
-        _close(ae, assoc)
+        close_association(ae, assoc)
     if final != SUCCESS:
         raise RemoteError(f"C-FIND on {node.aet} failed (status "
                           f"{'none' if final is None else hex(final)})")
@@ -399,12 +402,12 @@ def move_here(cfg: Config, node: Node, keys: dict[str, str], level: str = "STUDY
               progress: Progress | None = None) -> dict[str, int]:
     """Ask `node` to C-MOVE what `keys` name to our own AE title (the remote must list us as a
     destination). Returns the final sub-operation counts and status."""
-    ae = _ae(cfg)
+    ae = scu_ae(cfg)
     model = StudyRootQueryRetrieveInformationModelMove
-    assoc = _associate(ae, node, [build_context(model)])
+    assoc = open_association(ae, node, [build_context(model)])
     final: Dataset | None = None
     try:
-        for status, _ in assoc.send_c_move(_identifier(level, keys), cfg.dicom_aet, model):
+        for status, _ in assoc.send_c_move(query_identifier(level, keys), cfg.dicom_aet, model):
             if not status:
                 break
             final = status
@@ -416,7 +419,7 @@ def move_here(cfg: Config, node: Node, keys: dict[str, str], level: str = "STUDY
                 progress(done, failed, done + failed + remaining
                          + int(status.get("NumberOfWarningSuboperations", 0) or 0))
     finally:
-        _close(ae, assoc)
+        close_association(ae, assoc)
     if final is None:
         raise RemoteError(f"C-MOVE from {node.aet}: no response within the time limit")
     counts = {"status": int(final.Status)}
@@ -456,19 +459,19 @@ def echo(cfg: Config, node: Node, timeout: float | None = None,
          tls: tuple[ssl.SSLContext, str | None] | None = None) -> tuple[bool, float, str]:
     """C-ECHO `node` (over TLS with `tls`): (answered with Success, milliseconds, what
     happened)."""
-    ae = _ae(cfg)
+    ae = scu_ae(cfg)
     if timeout is not None:
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = ae.connection_timeout = timeout
     t0 = time.monotonic()
     try:
-        assoc = _associate(ae, node, [build_context(Verification)], tls=tls)
+        assoc = open_association(ae, node, [build_context(Verification)], tls=tls)
     except RemoteError as e:
         return False, (time.monotonic() - t0) * 1000, str(e)
     try:
         status = assoc.send_c_echo()
         ok = bool(status) and int(status.Status) == 0
     finally:
-        _close(ae, assoc)
+        close_association(ae, assoc)
     ms = (time.monotonic() - t0) * 1000
     return ok, ms, "C-ECHO answered Success" if ok else "C-ECHO got no Success answer"
 
