@@ -218,10 +218,15 @@ def test_return_path_words(tmp_path):
 def test_pacsd_doctor_command(make_server, tmp_path):
     """`python -m pacsd doctor` as a real process, beside a running pacsd (found through its
     pacsd.json) that has a node added on the admin page."""
-    with storescp(tmp_path) as scp:
+    # The closed node's port stays bound, never listening, for the whole test (connections to
+    # it are refused): a port merely found free could be taken by the servers started here.
+    closed = socket.socket()
+    closed.bind((LOCAL, 0))
+    with closed, storescp(tmp_path) as scp:
         server = make_server(qr_clients=False, nodes=[   # the nodes checked: these only
             {"name": "ghost", "aet": "GHOST", "host": "pacsd-doctor.invalid", "port": 104},
-            {"name": "closed", "aet": "CLOSED", "host": LOCAL, "port": free_port()}])
+            {"name": "closed", "aet": "CLOSED", "host": LOCAL,
+             "port": closed.getsockname()[1]}])
         server.runtime.accounts.save_node({"name": "archive", "aet": "STORESCP",
                                             "host": "localhost", "port": scp})
         config = str(server.cfg.source)
