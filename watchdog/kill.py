@@ -112,7 +112,7 @@ def kill(t: Target, term_wait: float, launchd_label: str = "", react_wait: float
                   done.stderr.strip() or done.returncode)
     try:
         if hasattr(signal, "SIGUSR1"):
-            os.kill(t.pid, signal.SIGUSR1)   # faulthandler: every thread's stack to its log
+            os.kill(t.pid, signal.SIGUSR1)   # every thread's stack to pacsd's log
             time.sleep(0.5)
         os.kill(t.pid, signal.SIGTERM)
     except ProcessLookupError:
