@@ -7,6 +7,7 @@ import io
 import logging
 import subprocess
 import sys
+import threading
 import zipfile
 from collections import UserDict
 from pathlib import Path
@@ -68,6 +69,38 @@ def test_a_speed_patch_that_no_longer_fits_warns_once_and_pynetdicom_polls(monke
     assert _warnings(caplog) == [
         f"pynetdicom {compat.patch.version('pynetdicom')} changed DULServiceProvider._send "
         "(gone); using pynetdicom's own polling"]
+
+
+def test_the_reactor_leaves_a_paused_senders_response_alone():
+    """pynetdicom's reactor, just past its checkpoint, took the response that a send from
+    another thread waited for (issues #435, #875); the sender then got nothing for the DIMSE
+    timeout (measured: once in about 500 store-then-echo associations; a CI failure)."""
+    from pynetdicom.dimse import DIMSEServiceProvider
+
+    got: list = []
+
+    class Reactor(threading.Thread):   # what DIMSEServiceProvider reads of its association
+        dimse_timeout = 1
+
+        def __init__(self) -> None:
+            super().__init__(daemon=True)
+            self._reactor_checkpoint = threading.Event()   # cleared: a sender paused us
+
+        def run(self) -> None:
+            got.append(dimse.get_msg(block=False))
+            self._reactor_checkpoint.set()                 # the sender is done
+            got.append(dimse.get_msg(block=False))
+
+    reactor = Reactor()
+    dimse = DIMSEServiceProvider(reactor)   # type: ignore[arg-type]
+    dimse.msg_queue.put((1, "the sender's response"))
+    reactor.start()
+    reactor.join(5)
+    assert got == [(None, None), (1, "the sender's response")]
+    # The sender itself (another thread) takes it whatever the checkpoint says.
+    reactor._reactor_checkpoint.clear()
+    dimse.msg_queue.put((3, "response"))
+    assert dimse.get_msg(block=False) == (3, "response")
 
 
 def test_reactor_parking_falls_back_to_pynetdicom_own_pausing(monkeypatch, caplog):

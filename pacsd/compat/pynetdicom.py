@@ -4,9 +4,10 @@
   told to send a stored file's bytes as they are (STORE_SEND_CHUNKED_DATASET).
 - `register_server(ae, server)`: a listener we started ourselves, listed where pynetdicom lists
   the ones it starts (`ae._servers`), because its `server.shutdown()` takes it off that list.
-- `park_reactor(assoc)` / `unpark_reactor(assoc)`: a workaround for pynetdicom's race between
-  its reactor thread and a C-STORE sent from another thread (reads `_reactor_checkpoint`,
-  `_is_paused`, and the waiters of a `threading.Event`'s condition).
+- `park_reactor(assoc)` / `unpark_reactor(assoc)` and `keep_reactor_off_responses()`:
+  workarounds for pynetdicom's race between its reactor thread and a request sent from another
+  thread (reads `_reactor_checkpoint`, `_is_paused`, and the waiters of a `threading.Event`'s
+  condition; wraps `DIMSEServiceProvider.get_msg`).
 - `adopt_socket(sock, cls)`: an association's socket given a subclass at run time (the PDU size
   bound of pacsd.dimse.limits); it relies on how the DUL reads a PDU. A SAFETY patch.
 - `HandOverAE`: an AE whose associate() returns the C-MOVE sub-association the handler already
@@ -31,6 +32,7 @@ from typing import Any, TypeVar
 from pynetdicom import AE, _config
 from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.service_class import QueryRetrieveServiceClass
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
@@ -39,7 +41,8 @@ from pacsd.compat.patch import Misfit, Patch, need_attr, need_params, need_sourc
 from pacsd.compat.pynetdicom_pace import PACE, drop_wakeups, wake_on_work
 
 __all__ = ["HANDOVER", "MADE", "NOT_SENT", "PATCHES", "UNKNOWN_STORAGE", "HandOverAE",
-           "adopt_socket", "drop_wakeups", "keep_alive", "park_reactor", "register_server",
+           "adopt_socket", "drop_wakeups", "keep_alive", "keep_reactor_off_responses",
+           "park_reactor", "register_server",
            "send_files_as_stored", "unpark_reactor", "wake_on_work"]
 
 S = TypeVar("S", bound=AssociationSocket)
@@ -119,11 +122,17 @@ def keep_alive(assoc: Association) -> None:
 def _probe_reactor() -> None:
     need_source(Association.__init__, ("self._reactor_checkpoint", "self._is_paused"),
                 "Association.__init__")
-    for send in (Association.send_c_store, Association.send_n_event_report):
-        need_source(send, ("self._reactor_checkpoint.clear()", "while not self._is_paused",
-                           "self._reactor_checkpoint.set()"), f"Association.{send.__name__}")
-    need_source(Association._run_reactor, ("self._reactor_checkpoint.wait()",),
+    for send in (Association.send_c_store, Association.send_n_event_report,
+                 Association.send_c_echo, Association.send_c_find, Association.send_c_move,
+                 Association.send_c_get, Association.send_n_action):
+        # (C-FIND, C-MOVE and C-GET let the reactor go on in their response generators.)
+        need_source(send, ("self._reactor_checkpoint.clear()", "while not self._is_paused"),
+                    f"Association.{send.__name__}")
+    need_source(Association._run_reactor, ("self._reactor_checkpoint.wait()",
+                                           "self.dimse.get_msg(block=False)"),
                 "Association._run_reactor")
+    need_params(DIMSEServiceProvider.get_msg, ("self", "block"), "DIMSEServiceProvider.get_msg")
+    need_attr(DIMSEServiceProvider, "assoc")
     event = threading.Event()   # CPython's Event: a Condition with a deque of waiters
     cond = getattr(event, "_cond", None)
     if cond is None or not hasattr(cond, "_waiters"):
@@ -131,9 +140,9 @@ def _probe_reactor() -> None:
 
 
 REACTOR = Patch("pynetdicom.park_reactor", "speed", "pynetdicom",
-                "a C-STORE (or N-EVENT-REPORT) sent from another thread waits until the association's reactor "
-                "really waits at its checkpoint",
-                "pynetdicom pauses its reactor itself (a C-MOVE may then stall until the DIMSE "
+                "a request sent from another thread waits until the association's reactor really "
+                "waits at its checkpoint, and the reactor leaves the response to it",
+                "pynetdicom pauses its reactor itself (a request may then wait for the DIMSE "
                 "timeout now and then: pynetdicom issue #875)", _probe_reactor)
 
 
@@ -160,6 +169,38 @@ def park_reactor(assoc: Association, timeout: float = 5.0) -> bool:
 def unpark_reactor(assoc: Association) -> None:
     """Let the reactor go on after `park_reactor` when pynetdicom's send did not (it failed)."""
     assoc._reactor_checkpoint.set()
+
+
+def reactor_may_take(assoc: Any) -> bool:
+    """Whether the association's reactor may take a received DIMSE message off the queue: not
+    while another thread has paused it (the checkpoint cleared) to send a request and wait for
+    its response. The same check for the paced acceptor (pacsd.compat.pynetdicom_pace)."""
+    paused = not assoc._reactor_checkpoint.is_set()
+    return not paused or threading.current_thread() is not assoc
+
+
+def keep_reactor_off_responses() -> None:
+    """Make the reactor's non-blocking look at the DIMSE queue find nothing while a send from
+    another thread waits for its response (pynetdicom issues #435, #875).
+
+    Every `send_*` and `release()` of pynetdicom 3.0.4 pauses the reactor by clearing its
+    checkpoint and then waiting for `_is_paused`, which the reactor also shows for an instant
+    right after it passed the checkpoint. In that instant it may take the response for itself
+    ("Received unexpected C-ECHO service message") and the sender waits for the DIMSE timeout:
+    measured here once in about 500 store-then-echo associations (a CI failure). `park_reactor`
+    closed it for our own C-STOREs; this closes it for every request, ours and those of a
+    pynetdicom client in the same process. Installed once, on the class, when REACTOR fits."""
+    if not REACTOR.fits or getattr(DIMSEServiceProvider.get_msg, "pacsd_guarded", False):
+        return
+    original = DIMSEServiceProvider.get_msg
+
+    def get_msg(self: DIMSEServiceProvider, block: bool = False) -> Any:
+        if not block and not reactor_may_take(self.assoc):
+            return None, None   # the paused sender's response: left for it
+        return original(self, block)
+
+    get_msg.pacsd_guarded = True  # type: ignore[attr-defined]
+    DIMSEServiceProvider.get_msg = get_msg  # type: ignore[method-assign]
 
 
 # --- the C-MOVE sub-association, requested by pacsd's handler ---------------------------------
@@ -262,3 +303,4 @@ UNKNOWN_STORAGE = Patch("pynetdicom.unknown_storage_classes", "speed", "pynetdic
 PATCHES: list[Patch] = [PDU_BOUND, PACE, CHUNKED, SERVERS, REACTOR, HANDOVER, UNKNOWN_STORAGE,
                         KEEP_ALIVE]
 
+keep_reactor_off_responses()

@@ -130,6 +130,8 @@ def _waiting_get_msg(dimse: DIMSEServiceProvider, acse_queue: queue.Queue,
     REACTOR_WAIT for a message or an ACSE primitive (release, abort) to arrive."""
     if block:
         return DIMSEServiceProvider.get_msg(dimse, True)
+    if not dimse.assoc._reactor_checkpoint.is_set():
+        return None, None   # another thread paused the reactor and waits for this response
     stir.clear()   # before looking: a put after the look sets it again, so no wake is lost
     try:
         return dimse.msg_queue.get_nowait()
@@ -166,6 +168,8 @@ def _probe() -> None:
     # The acceptor's reactor looks at its messages with get_msg(block=False), in a loop that
     # also checks the ACSE queue: what _waiting_get_msg waits in.
     need_params(DIMSEServiceProvider.get_msg, ("self", "block"), "DIMSEServiceProvider.get_msg")
+    need_attr(DIMSEServiceProvider, "assoc")
+    need_source(Association.__init__, ("self._reactor_checkpoint",), "Association.__init__")
     need_source(DIMSEServiceProvider.__init__, ("self.msg_queue",),
                 "DIMSEServiceProvider.__init__")
     need_source(Association._run_reactor, ("self.dimse.get_msg(block=False)",),
