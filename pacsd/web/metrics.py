@@ -5,7 +5,8 @@ Open to callers on this machine (loopback, like /status) and to logged-in admini
 anyone else gets 401 (no credentials, from pacsd.web.auth) or 403 (a user who is not an
 administrator). Cheap at every scrape: counters kept in memory since start (the DICOM side's
 pacsd.dimse.stats, the index writer's commit times), one statvfs, one index probe (MAX of an
-indexed column), the routing queue's counts by state, and a small JSON file the watchdog keeps.
+indexed column), the routing queue's queued and dead jobs (index ranges), and a small JSON
+file the watchdog keeps.
 Written by hand: the format is a few lines of text, not worth a dependency.
 """
 
@@ -151,7 +152,7 @@ def render(rt: Runtime) -> str:
     read_ok = 1
     try:
         last = studies.last_received()
-        jobs = rt.outbox.counts() if rt.outbox is not None else None
+        jobs = rt.outbox.depths() if rt.outbox is not None else None
     except Exception as e:  # noqa: BLE001 - the scrape says so; the rest still answers
         log.debug("/metrics: cannot read the index: %s", e)
         last, jobs, read_ok = None, None, 0
@@ -164,7 +165,7 @@ def render(rt: Runtime) -> str:
     if jobs is not None:
         out.family("pacsd_route_jobs", "gauge",
                    "Routing outbox jobs by state: queued (waiting or retrying), dead (gave up: "
-                   "the dead-letter list), done (kept a while, then pruned).",
+                   "the dead-letter list).",
                    [({"state": s}, n) for s, n in sorted(jobs.items())])
 
     try:
