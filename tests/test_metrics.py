@@ -133,3 +133,21 @@ def test_exposition_escapes_what_the_parser_unescapes():
     (family,) = text_string_to_metric_families(out.text())
     assert family.documentation == "help with a \\ backslash"
     assert [(s.labels["label"], s.value) for s in family.samples] == [(odd, 3), ("plain", 1.5)]
+
+
+def test_route_jobs_by_state(make_server, tmp_path):
+    """A route to a destination where nothing listens, one try allowed: the three jobs are
+    queued with their images, fail, and end on the dead-letter list; /metrics follows."""
+    from conftest import free_port, store_files
+    server = make_server(
+        nodes=[{"name": "gone", "aet": "GONE", "host": LOCAL, "port": free_port()}],
+        routing={"retry_delay": 0.2, "max_attempts": 1},
+        routes=[{"name": "all", "to": "gone", "when": "stored"}])
+    paths = write_series(tmp_path / "images", seed=3, images=3, size=16)
+    assert store_files(server.dicom_port, paths) == [0, 0, 0]
+
+    def jobs() -> tuple[float, float]:
+        samples = scrape(server.http_url)
+        return (value(samples, "pacsd_route_jobs", state="queued"),
+                value(samples, "pacsd_route_jobs", state="dead"))
+    wait_for(lambda: jobs() == (0, 3), 30, "three dead route jobs and none queued")
