@@ -469,6 +469,10 @@ def test_no_kill_when_restarting_cannot_help(pacs, tmp_path: Path, why: str):
     while time.monotonic() < deadline and f"refused {pid}" not in _read(events):
         time.sleep(0.05)
     assert f"refused {pid}" in _read(events).splitlines(), _read(events)
+    # Counted for /metrics (pacsd_watchdog_refusals_total), before on_kill ran.
+    from pacsd_watchdog.kill import read_counts
+    counts = read_counts(sup.data / "watchdog-counts.json")
+    assert counts.get("refused", 0) >= 1 and counts.get("kill", 0) == 0, counts
 
 
 def test_on_kill_runs_after_a_kill(pacs, tmp_path: Path):
