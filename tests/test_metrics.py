@@ -128,10 +128,10 @@ def test_exposition_escapes_what_the_parser_unescapes():
     from pacsd.web.metrics import Exposition
     out = Exposition()
     odd = 'a "quoted" back\\slash\nand a new line'
-    out.family("pacsd_test_total", "counter", "help with a \\ backslash",
+    out.family("pacsd_test_total", "counter", "help with a \\ backslash\nand a line",
                [({"label": odd}, 3), ({"label": "plain"}, 1.5)])
     (family,) = text_string_to_metric_families(out.text())
-    assert family.documentation == "help with a \\ backslash"
+    assert family.documentation == "help with a \\ backslash\nand a line"
     assert [(s.labels["label"], s.value) for s in family.samples] == [(odd, 3), ("plain", 1.5)]
 
 

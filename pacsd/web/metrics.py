@@ -69,7 +69,8 @@ class Exposition:
                samples: Iterable[tuple[dict[str, str], float]], suffix: str = "") -> None:
         """One metric family; `suffix` is added to each sample's name (counters: _total is
         part of `name` already)."""
-        self.lines.append(f"# HELP {name} {help_text.replace(chr(92), chr(92) * 2)}")
+        escaped = help_text.replace("\\", "\\\\").replace("\n", "\\n")
+        self.lines.append(f"# HELP {name} {escaped}")
         self.lines.append(f"# TYPE {name} {kind}")
         for labels, value in samples:
             self.sample(name + suffix, labels, value)
@@ -123,7 +124,7 @@ def render(rt: Runtime) -> str:
     out.family("pacsd_dicom_stores_total", "counter",
                "C-STORE requests answered since start, by the DICOM status answered "
                "(0x0000 stored; 0xB000-0xBFFF stored with a warning; others refused).",
-               [({"status": f"0x{s:04X}", "result": status_class(s)}, n)
+               [({"status": f"0x{s:04X}" if s >= 0 else "none", "result": status_class(s)}, n)
                 for s, n in sorted(stores.items())])
     requests = {op: 0 for op in OPERATIONS} | dict(d.get("requests", {}))
     out.family("pacsd_dicom_requests_total", "counter",
