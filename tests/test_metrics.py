@@ -151,3 +151,18 @@ def test_route_jobs_by_state(make_server, tmp_path):
         return (value(samples, "pacsd_route_jobs", state="queued"),
                 value(samples, "pacsd_route_jobs", state="dead"))
     wait_for(lambda: jobs() == (0, 3), 30, "three dead route jobs and none queued")
+
+
+def test_last_stored_and_route_depths_on_either_index(make_server, index_url, tmp_path):
+    """The reception time reads back as Unix time from SQLite's text and PostgreSQL's
+    timestamp alike (both local time, as the index writes them)."""
+    from conftest import store_files
+    server = make_server(index={"url": index_url})
+    assert ("pacsd_last_stored_timestamp_seconds", ()) not in scrape(server.http_url)
+    t0 = time.time()
+    assert store_files(server.dicom_port, write_series(tmp_path / "i", seed=5, images=1,
+                                                       size=16)) == [0]
+    samples = scrape(server.http_url)
+    assert t0 - 2 <= value(samples, "pacsd_last_stored_timestamp_seconds") <= time.time() + 1
+    assert value(samples, "pacsd_route_jobs", state="queued") == 0
+    assert value(samples, "pacsd_index_readable") == 1
