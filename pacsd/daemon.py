@@ -193,7 +193,8 @@ class Server:
             dicom = self.dicom
             self.runtime = Runtime(cfg, archive, accounts, self.started,
                                    lambda: dicom.active_associations, self.logbook,
-                                   hooks=self.hooks, outbox=self.router.outbox)
+                                   hooks=self.hooks, outbox=self.router.outbox,
+                                   dicom_stats=dicom.figures)
             self.http = HttpServer(self.runtime)
             self.http.start()
             write_atomic(cfg.runfile, json.dumps({

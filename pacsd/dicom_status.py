@@ -50,3 +50,17 @@ WARNING_SUBOPERATIONS_FAILED = 0xB000  # C-MOVE / C-GET: complete, one or more s
 STUDY_MISMATCH = 0xC409                # STOW-RS: the instance is of another study than the URL's
 PATIENT_MISMATCH = 0xC40A              # the study is filed under another patient here
 DATA_SET_TOO_LARGE = 0xC422            # beyond [dicom] max_inflated_mb / max_frame_pixels
+
+
+def status_class(status: int) -> str:
+    """A response status's class (PS3.7 C.1, C.4): success, warning (0x0001, 0x0107, 0x0116,
+    Bxxx), pending (FF00, FF01), cancel (FE00) or failure (everything else)."""
+    if status == SUCCESS:
+        return "success"
+    if status in (0x0001, 0x0107, 0x0116) or 0xB000 <= status <= 0xBFFF:
+        return "warning"
+    if status in (PENDING, PENDING_OPTIONAL_KEYS):
+        return "pending"
+    if status == CANCEL:
+        return "cancel"
+    return "failure"

@@ -266,11 +266,18 @@ def test_frozen_server_is_killed_and_restarted(pacs, capsys, record_property):
     assert counted == [str(k) for k in range(1, n + 1)], dog.tail()
     dog.wait(rf"pacsd pid {pid} (stopped after SIGTERM|killed with SIGKILL)", 5, m.end())
 
-    new = sup.wait_ready(not_pid=pid)["pid"]
+    restarted = sup.wait_ready(not_pid=pid)
+    new = restarted["pid"]
     assert new != pid and sup.restarts == 1
     dog.wait(rf"watching pacsd pid {new}\b", 20, m.end())
     dog.wait(r"pacsd is healthy again", 20, m.end())
     assert alive(new) and sup.restarts == 1, "the healthy new server was killed too"
+    # The kill shows in the new server's /metrics (the watchdog's counts in the data folder).
+    from prometheus_client.parser import text_string_to_metric_families
+    page = requests.get(f"http://{LOCAL}:{restarted['http_port']}/metrics", timeout=10)
+    kills = [s.value for f in text_string_to_metric_families(page.text) for s in f.samples
+             if s.name == "pacsd_watchdog_kills_total"]
+    assert kills == [1.0], page.text
 
 
 def test_wedged_index_is_killed(pacs, capsys, record_property):
@@ -462,6 +469,10 @@ def test_no_kill_when_restarting_cannot_help(pacs, tmp_path: Path, why: str):
     while time.monotonic() < deadline and f"refused {pid}" not in _read(events):
         time.sleep(0.05)
     assert f"refused {pid}" in _read(events).splitlines(), _read(events)
+    # Counted for /metrics (pacsd_watchdog_refusals_total), before on_kill ran.
+    from pacsd_watchdog.kill import read_counts
+    counts = read_counts(sup.data / "watchdog-counts.json")
+    assert counts.get("refused", 0) >= 1 and counts.get("kill", 0) == 0, counts
 
 
 def test_on_kill_runs_after_a_kill(pacs, tmp_path: Path):

@@ -153,6 +153,7 @@ class Watchdog:
                              "(max_kills_per_hour=%d); alert only. It keeps failing: %s",
                              t.pid, n, self.settings.max_kills_per_hour, reason)
                 self.alerted = True
+                act.count(self.cfg.watchdog_counts, "alert")
                 self._report("alert", reason, t.pid)
         elif d.action == KILL:
             self.kill(t, reason, now)
@@ -165,6 +166,7 @@ class Watchdog:
             log.error("NOT killing pacsd pid %d: restarting cannot help: %s (it fails: %s)",
                       t.pid, why, reason)
             self.policy.reset()
+            act.count(self.cfg.watchdog_counts, "refused")
             self._report("refused", f"{why}; {reason}", t.pid)
             return
         other = act.not_our_server(t)
@@ -176,6 +178,7 @@ class Watchdog:
                        react_wait=self.settings.react_wait)
         log.warning("%s", how)
         self.policy.killed(time.time())
+        act.count(self.cfg.watchdog_counts, "kill")
         act.run_on_kill(self.settings.on_kill, "kill", reason, t.pid)
 
     def run(self) -> None:

@@ -4,6 +4,7 @@ Also: when a restart cannot help (storage gone, disk full), say so instead of ki
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -146,3 +147,34 @@ def run_on_kill(command: str, event: str, reason: str, pid: int) -> None:
                       (done.stderr or done.stdout).strip()[:300])
     except (OSError, subprocess.TimeoutExpired) as e:
         log.error("on_kill command failed: %s", e)
+
+
+COUNTED = ("kill", "refused", "alert")
+
+
+def count(path: Path, event: str, now: float | None = None) -> None:
+    """Add one `event` (kill, refused, alert) to the counts kept in DATA/watchdog-counts.json,
+    which pacsd's /metrics reads: {"kill": n, "refused": n, "alert": n, "last_kill": epoch}.
+    Written whole and renamed into place, so a reader never sees half a file; a failure is
+    logged, never fatal (the watchdog's work is done by then)."""
+    counts = read_counts(path)
+    counts[event] = int(counts.get(event, 0)) + 1
+    counts[f"last_{event}"] = now if now is not None else time.time()
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(counts, indent=1) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        log.error("cannot record the %s in %s: %s", event, path, e)
+
+
+def read_counts(path: Path) -> dict[str, float]:
+    """The counts in `path`: {} when it is missing or unreadable (never raises)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {k: float(v) for k, v in data.items()
+            if isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool)}

@@ -94,6 +94,11 @@ class Config:
         return self.data / "pacsd.json"
 
     @property
+    def watchdog_counts(self) -> Path:
+        """JSON the watchdog keeps of what it did (kills, refusals, alerts); /metrics reads it."""
+        return self.data / "watchdog-counts.json"
+
+    @property
     def index_is_sqlite(self) -> bool:
         return index_url.kind(self.index_url) == index_url.SQLITE
 

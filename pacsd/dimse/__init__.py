@@ -43,6 +43,7 @@ from pacsd.dimse.find import handle_find
 from pacsd.dimse.limits import bound_pdus
 from pacsd.dimse.listener import Listener, tls_context
 from pacsd.dimse.retrieve import handle_get, handle_move
+from pacsd.dimse.stats import DimseStats
 from pacsd.nodes.remote import CONNECTION_HANDLERS
 from pacsd.dimse.store import handle_store
 from pacsd.errors import PortInUse
@@ -141,6 +142,7 @@ class DicomServer:
         self._thread: threading.Thread | None = None
         self._stats: dict[int, dict[str, int]] = {}
         self._lock = threading.Lock()
+        self.stats = DimseStats()   # since start, for /metrics
 
     @property
     def port(self) -> int:
@@ -157,6 +159,11 @@ class DicomServer:
     @property
     def active_associations(self) -> int:
         return len(self.ae.active_associations)
+
+    def figures(self) -> dict[str, Any]:
+        """The counters since start and the queues of the DICOM side (for /metrics)."""
+        return {**self.stats.snapshot(), "associations_active": self.active_associations,
+                "commitments_pending": self.commitments.pending}
 
     def _assoc_stats(self, event: Event) -> dict[str, int]:
         with self._lock:
@@ -179,8 +186,11 @@ class DicomServer:
         if not self.guard.may_store(event, "C-STORE"):
             stats = self._assoc_stats(event)
             stats["failed"] = stats.get("failed", 0) + 1
+            self.stats.stored(NOT_AUTHORIZED)
             return NOT_AUTHORIZED
-        return handle_store(event, self.archive, self._assoc_stats(event), self.hooks)
+        result = handle_store(event, self.archive, self._assoc_stats(event), self.hooks)
+        self.stats.stored(result)
+        return result
 
     def _on_n_action(self, event: Event) -> Any:
         if not self.guard.may_store(event, "storage commitment request"):
@@ -190,10 +200,18 @@ class DicomServer:
     def _on_requested(self, event: Event) -> None:
         # The guard first: it may reject the association, or narrow what it may negotiate.
         self.guard.on_requested(event)
+        if event.assoc.is_rejected:   # A-ASSOCIATE-RJ sent by the guard or a plugin
+            self.stats.association_rejected("refused")
+            return
         self.contexts.on_requested(event)
+
+    def _on_accepted(self, event: Event) -> None:
+        self.stats.association_accepted()
+        self.contexts.on_accepted(event)
 
     def _on_rejected(self, event: Event) -> None:
         # pynetdicom's own rejections (the guard logs its own): all associations in use.
+        self.stats.association_rejected("limit")
         log.warning("association from %s (%s) refused: all %d associations are in use "
                     "([dicom] max_associations; local limit exceeded)",
                     event.assoc.requestor.address, event.assoc.requestor.ae_title,
@@ -220,7 +238,8 @@ class DicomServer:
             # (pacsd.dimse.contexts).
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_SOP_COMMON, self.contexts.on_sop_common),
-            (evt.EVT_ACCEPTED, self.contexts.on_accepted),
+            (evt.EVT_ACCEPTED, self._on_accepted),
+            (evt.EVT_DIMSE_RECV, self.stats.on_dimse_recv),   # requests by operation
         ]
         address = (self.cfg.dicom_bind or "0.0.0.0", self.cfg.dicom_port)
         try:

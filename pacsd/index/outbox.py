@@ -184,6 +184,15 @@ class RouteQueue:
                 "SELECT state, COUNT(*) FROM pacsd_route_job GROUP BY state").fetchall()
         return {s: 0 for s in STATES} | {s: int(n) for s, n in rows}
 
+    def depths(self) -> dict[str, int]:
+        """Jobs queued and dead: one range of the (state, next_try) index each, so the cost
+        is those jobs, never the finished ones kept for a week (/metrics, at every scrape)."""
+        with reading():
+            db = database.obj
+            return {state: int(db.execute_sql(
+                f"SELECT COUNT(*) FROM pacsd_route_job WHERE state = {db.param}",
+                (state,)).fetchone()[0]) for state in ("queued", "dead")}
+
     def retry(self, ids: list[int] | None = None) -> int:
         """Queue these jobs (or every dead one) again, as new: tries from zero, due now."""
         def work() -> int:

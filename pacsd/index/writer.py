@@ -40,6 +40,7 @@ from peewee import IntegrityError
 from pacsd.errors import IndexFull, IndexUnavailable
 from pacsd.index import backends, counters, migrations
 from pacsd.index.counters import Counters
+from pacsd.index.timing import CommitTimes
 from pacsd.index.models import database, reading
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,7 @@ class Writer:
         self.commits = 0   # transactions committed by the writer (group commit shows here)
         self.full = False  # the index's volume is full: commits fail until space is freed
         self.retries = 0   # batches run again after a deadlock or a lost connection
+        self.commit_times = CommitTimes()   # each committed batch, retries included (/metrics)
 
     # --- life cycle -------------------------------------------------------------------------
 
@@ -169,7 +171,13 @@ class Writer:
             if not database.is_closed():
                 database.close()
 
+    @property
+    def queue_depth(self) -> int:
+        """Writes waiting for the writer thread (approximate, as Queue.qsize is)."""
+        return self._queue.qsize()
+
     def _commit(self, batch: list[tuple[Callable[[], Any], Future]]) -> None:
+        began = time.perf_counter()
         for attempt in range(1, ATTEMPTS + 1):
             try:
                 if database.is_closed():
@@ -196,6 +204,8 @@ class Writer:
                         fut.set_exception(error)
                 return
         self.commits += 1
+        # From the batch's start to its durable commit: what the C-STOREs in it waited.
+        self.commit_times.observe(time.perf_counter() - began)
         if self.full:
             self.full = False
             log.warning("the index %s accepts writes again: storing resumes", self.label)

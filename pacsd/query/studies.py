@@ -7,6 +7,8 @@ what a page of 50 costs. Each function takes its own connection (`reading()`).
 
 from __future__ import annotations
 
+import datetime
+import time
 from typing import Any
 
 from peewee import Expression, fn
@@ -120,6 +122,23 @@ def instances_received_since(when: str) -> int:
     """How many stored instances were received at or after `when` ("YYYY-MM-DD HH:MM:SS")."""
     with reading():
         return Instance.select().where(Instance.received >= when).count()
+
+
+def last_received() -> float | None:
+    """When the newest stored instance was received (epoch seconds), None with nothing stored:
+    MAX over the indexed column, one index probe however large the archive (/metrics asks it
+    at every scrape). The column holds local time (models._now), as SQLite text or a
+    PostgreSQL timestamp."""
+    with reading():
+        value = Instance.select(fn.MAX(Instance.received)).scalar()
+    if not value:
+        return None
+    if isinstance(value, datetime.datetime):
+        return value.timestamp()   # naive: local time, as written
+    try:
+        return time.mktime(time.strptime(str(value)[:19], "%Y-%m-%d %H:%M:%S"))
+    except ValueError:
+        return None
 
 
 def sop_classes_in_studies(study_uids: list[str]) -> dict[str, list[str]]:

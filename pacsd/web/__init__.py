@@ -15,7 +15,7 @@ import threading
 from typing import Any, Callable, Iterable
 
 from pacsd.errors import PortInUse
-from pacsd.web import admin, api, dicomweb, health, ui, wado, xmlrpc
+from pacsd.web import admin, api, dicomweb, health, metrics, ui, wado, xmlrpc
 from pacsd.web.app import errors_plugin, new_app
 from pacsd.web.auth import Auth, Sessions, Throttle
 from pacsd.web.guard import Guard
@@ -69,7 +69,7 @@ def make_app(rt: Runtime) -> Callable:
     local = Sessions.local_key(rt.cfg.data / "session.key").hex()
     sessions = Sessions(bytes.fromhex(rt.archive.index.shared_value(Sessions.KEY, local)))
     root = new_app()
-    for module in (health, wado, xmlrpc, api, admin):
+    for module in (health, metrics, wado, xmlrpc, api, admin):
         root.merge(module.make_app(rt))
     throttle = Throttle()   # one for the login form and HTTP Basic
     root.merge(ui.make_app(rt, sessions, throttle))

@@ -3,7 +3,7 @@
 With no users (neither [[users]] in the config nor any added on the admin page) everything is
 open, and config.load has already made sure the HTTP listener is then bound to loopback only
 (the embedded default, as Orthanc does).
-`/testdbalive` and `/status` are open to loopback callers whatever the users.
+`/testdbalive`, `/status` and `/metrics` are open to loopback callers whatever the users.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pacsd.config import User
 log = logging.getLogger(__name__)
 
 ITERATIONS = 240_000
-OPEN_ON_LOOPBACK = ("/testdbalive", "/status")
+OPEN_ON_LOOPBACK = ("/testdbalive", "/status", "/metrics")
 
 
 def hash_password(password: str, iterations: int = ITERATIONS) -> str:

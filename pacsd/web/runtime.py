@@ -8,7 +8,7 @@ without an import cycle through the package's `__init__`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 from pacsd.accounts import Accounts
 from pacsd.config import Config
@@ -32,3 +32,6 @@ class Runtime:
     jobs: Jobs = field(default_factory=Jobs)
     hooks: Hooks | None = None        # the plugins (their HTTP routes, their state)
     outbox: RouteQueue | None = None  # the routing queue (admin page, /api/queue)
+    # The DICOM side's counters since start (pacsd.dimse.stats, plus the storage commitment
+    # requests pending), as plain data: the web side does not import the DICOM side.
+    dicom_stats: Callable[[], dict[str, Any]] = dict
