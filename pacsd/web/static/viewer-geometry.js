@@ -38,15 +38,28 @@ export function frameOf(iop) {
 // the reading stations radiologists use (OsiriX/Horos, the scanners' own consoles).
 const READ = [1, 1, -1];
 
+/** The patient axis (0 x, 1 y, 2 z) a normal is closest to. @param {Vec} normal */
+export function axisOf(normal) {
+  const a = normal.map(Math.abs);
+  return a[0] >= a[1] && a[0] >= a[2] ? 0 : a[1] >= a[2] ? 1 : 2;
+}
+
 /**
- * The signed direction the slices of a stack with this normal are read in: +1 or -1, so that
- * sign * (normal . ImagePositionPatient) grows along the reading direction.
+ * Where a slice lies in its stack, in mm: ImagePositionPatient along the normal, signed so that
+ * it reads as the patient coordinate of the normal's nearest axis (z for axial, x for sagittal,
+ * y for coronal), whichever way the row and column vectors make the normal point.
+ * @param {Vec} normal @param {number[]} ipp
+ */
+export function stackPosition(normal, ipp) {
+  return dot(normal, /** @type {Vec} */ (ipp)) * (Math.sign(normal[axisOf(normal)]) || 1);
+}
+
+/**
+ * +1 or -1: the slices of a stack are read in the order of reading sign * stackPosition.
  * @param {Vec} normal
  */
 export function readingSign(normal) {
-  const a = normal.map(Math.abs);
-  const axis = a[0] >= a[1] && a[0] >= a[2] ? 0 : a[1] >= a[2] ? 1 : 2;
-  return Math.sign(normal[axis]) * READ[axis] || 1;
+  return READ[axisOf(normal)];
 }
 
 /** "axial", "sagittal" or "coronal": the plane a normal is closest to. @param {Vec} normal */

@@ -20,7 +20,7 @@
 // Every image of a series is fetched in the background, 6 requests at a time (the browser's
 // per-host limit), nearest to the slice on screen first.
 
-import { dot, frameOf, readingSign } from "./viewer-geometry.js";
+import { dot, frameOf, readingSign, stackPosition } from "./viewer-geometry.js";
 
 export const DW = "../dicom-web/";
 const RAW_ACCEPT = 'multipart/related; type="application/octet-stream"; transfer-syntax=1.2.840.10008.1.2.1';
@@ -104,14 +104,14 @@ function describe(meta) {
 
 // Slices in the usual reading direction along the stack's normal (ImageOrientationPatient x
 // ImagePositionPatient; head first for axial, see viewer-geometry.js), else by InstanceNumber;
-// the frames of a multi-frame instance in order. `pos` is the position along the normal as
-// stored (the table position, z, for an axial stack).
+// the frames of a multi-frame instance in order. `pos` is the position along the normal, as
+// the patient coordinate of its axis (z for axial: the table position).
 function sortImages(metas) {
   const first = metas.length ? frameOf(vals(metas[0], "00200037").map(Number)) : null;
   const key = metas.map((m) => {
     const iop = vals(m, "00200037").map(Number), ipp = vals(m, "00200032").map(Number);
     const f = frameOf(iop);
-    const pos = f && ipp.length === 3 && ipp.every(Number.isFinite) ? dot(f.normal, ipp) : null;
+    const pos = f && ipp.length === 3 && ipp.every(Number.isFinite) ? stackPosition(f.normal, ipp) : null;
     // One stack: every normal (nearly) the same as the first's.
     const parallel = f !== null && first !== null && dot(f.normal, first.normal) > 0.99;
     return { m, pos, parallel, iop: f ? iop : null, ipp: pos === null ? null : ipp,

@@ -383,6 +383,8 @@ function attachPointer(vp) {
     // One slice per mouse-wheel notch (100 px in Chromium/Safari, 3 lines in Firefox);
     // trackpads send many small deltas, summed here.
     const unit = e.deltaMode === 1 ? 1 / 3 : e.deltaMode === 2 ? 10 : 1 / 100;
+    // A turn the other way starts afresh: what was left of the last notches does not eat it.
+    if ((vp.wheelAcc || 0) * e.deltaY < 0) vp.wheelAcc = 0;
     vp.wheelAcc = (vp.wheelAcc || 0) + e.deltaY * unit;
     const steps = vp.wheelAcc > 0 ? Math.floor(vp.wheelAcc) : Math.ceil(vp.wheelAcc);
     if (steps) { vp.wheelAcc -= steps; vp.setIndex(vp.index + Math.sign(steps) * Math.max(1, Math.abs(steps))); }
