@@ -34,8 +34,7 @@ export function frameOf(iop) {
 //   axial (normal ~ z)     head first, going down the body towards the feet: -z
 //   sagittal (normal ~ x)  from the patient's right to the left:              +x
 //   coronal (normal ~ y)   from anterior (front) to posterior (back):          +y
-// So slice 1 of an axial CT is the most superior and scrolling down goes to the feet, as on
-// the reading stations radiologists use (OsiriX/Horos, the scanners' own consoles).
+// So slice 1 of an axial CT is the most superior and scrolling down goes to the feet.
 const READ = [1, 1, -1];
 
 /** The patient axis (0 x, 1 y, 2 z) a normal is closest to. @param {Vec} normal */

@@ -78,6 +78,7 @@ export class Viewport {
     // The first slice in the reading direction (head first for axial; viewer-geometry.js),
     // which is where the preview was drawn (the lowest InstanceNumber) for most series.
     this.index = 0;
+    for (const m of this.measurements) m.index = s.firstIndex;   // drawn on the preview's image
     this.ov.msg.textContent = s.count ? "" : "No images in this series";
     this.slider.max = Math.max(0, s.count - 1);
     this.slider.value = this.index;

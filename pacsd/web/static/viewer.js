@@ -178,8 +178,8 @@ document.addEventListener("keydown", (e) => {
 });
 
 // ---- 1x2: linked scrolling and reference lines ----------------------------------------------
-// With "Link" on (off at first, as in OsiriX: two series side by side are often scrolled
-// apart), scrolling one viewport moves the other to the slice nearest in the patient (or by
+// With "Link" on (off at first: two series side by side are often scrolled apart, and the
+// reference lines already tell where one slice lies in the other), scrolling one viewport moves the other to the slice nearest in the patient (or by
 // as many slices when the two stacks share no geometry). Each viewport always shows where the
 // other's slice cuts it (the reference line) when their planes cross.
 let linked = false;
@@ -220,7 +220,8 @@ function updateReferenceLines() {
 
 // ---- a link to this image --------------------------------------------------------------------
 // /app/viewer?study=..&series=..&instance=SOP[&frame=n] opens the viewer at that image
-// (openAtLink below); copied to the clipboard where the browser allows it, shown either way.
+// (openAtLink below); copied to the clipboard where the browser allows it, else put into the
+// address bar (history.replaceState) to be copied from there.
 function imageLink(vp = activeVp()) {
   const img = vp.image;
   if (!img || !vp.series) return "";
@@ -236,8 +237,9 @@ async function copyImageLink() {
   try {
     await navigator.clipboard.writeText(url);
     pacs.toast("Link copied: " + url);
-  } catch (e) {   // no clipboard (plain HTTP to another host, or refused): show it to copy
-    pacs.toast("Copy this link: " + url);
+  } catch (e) {   // no clipboard (plain HTTP to another host, or refused)
+    history.replaceState(null, "", url);
+    pacs.toast("The address bar holds the link to this image: " + url);
   }
 }
 function openAtLink(vp) {
