@@ -179,9 +179,10 @@ document.addEventListener("keydown", (e) => {
 
 // ---- 1x2: linked scrolling and reference lines ----------------------------------------------
 // With "Link" on (off at first: two series side by side are often scrolled apart, and the
-// reference lines already tell where one slice lies in the other), scrolling one viewport moves the other to the slice nearest in the patient (or by
-// as many slices when the two stacks share no geometry). Each viewport always shows where the
-// other's slice cuts it (the reference line) when their planes cross.
+// reference lines already tell where one slice lies in the other), scrolling one viewport
+// moves the other to the slice nearest in the patient (or by as many slices when the two
+// stacks share no geometry). Each viewport always shows where the other's slice cuts it (the
+// reference line) when their planes cross.
 let linked = false;
 let linking = false;
 function setLinked(on) {
