@@ -1,4 +1,3 @@
-// @ts-check
 // Patient geometry of a slice (PS3.3 C.7.6.2.1.1): which way a stack is read, the orientation
 // letters on each side of the image, and where one slice's plane cuts another image (the
 // reference line). Pure functions, no DOM; used by viewer-pixels.js (slice order) and the

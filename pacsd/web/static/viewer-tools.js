@@ -1,4 +1,3 @@
-// @ts-check
 // The everyday reading tools of a viewport, as pure functions of an image and its pixels:
 // the value under the cursor in modality units, the distance / angle / elliptical region
 // measurements (computed and drawn), and the reference line and linked scrolling between two
