@@ -52,6 +52,9 @@ def test_one_path_through_the_pages(engine, request, studies):
               "window.pacsViewer.total === 12", message="the series loaded")
     mean, spread, first = page.wait(CANVAS, message="the canvas has an image")
     assert spread > 5, f"{engine}: the first image is blank (mean {mean}, spread {spread})"
+    # Orientation letters of an axial image (left, right, top, bottom), from its geometry.
+    assert page.js("return [...document.querySelectorAll('#viewport-0 .ov.side')]"
+                   ".map((e) => e.textContent)") == ["R", "L", "A", "P"]
 
     # The wheel scrolls (the viewer's own handler, in this engine's event model).
     before = page.js("return window.pacsViewer.viewports[0].index")

@@ -68,7 +68,8 @@ def env(tmp_path_factory):
     server = Server(cfg).start()
     main = write_series(tmp / "main", seed=7, series=2, images=IMAGES, size=SIZE)
     doomed = write_series(tmp / "doomed", seed=8, images=3, size=32)
-    # InstanceNumber 1 lies last along the slice normal: the first instance sorts to the end.
+    # InstanceNumber 1 is the most superior slice (z = -1), as a scanner numbers a head-first
+    # CT: the first instance is the first slice (before issue 19 it sorted to the end).
     reversed_ = write_series(tmp / "reversed", seed=9, images=5, size=32)
     for path in reversed_:
         ds = dcmread(path)
@@ -204,9 +205,10 @@ def test_scrolls_with_wheel_keys_and_slider(browser, env):
     wait(browser, "pacsViewer.viewports[0].index === 2")
     js(browser, "pacsViewer.setSlice(5)")
     assert js(browser, "document.querySelector('#viewport-0 input.slice').value") == "5"
-    # Slices are in ImagePositionPatient order (z = InstanceNumber here).
+    # Slices are in ImagePositionPatient order, head first (z = InstanceNumber here, so the
+    # highest InstanceNumber is the most superior slice and comes first).
     assert js(browser, "pacsViewer.viewports[0].series.images.map(i => i.pos)") == [
-        float(n) for n in range(1, IMAGES + 1)]
+        float(n) for n in range(IMAGES, 0, -1)]
     no_errors(browser)
 
 
@@ -412,15 +414,16 @@ def test_colour_multiframe_is_drawn(browser, env):
 
 def test_first_image_before_the_series_metadata_stays_in_place(browser, env):
     """The series' first instance (lowest InstanceNumber) is drawn from its own metadata and
-    frame; once the series is sorted the viewport shows it at its place, here the last, and its
-    frame is not fetched again."""
+    frame; once the series is sorted the viewport shows it at its place, here the first (the
+    most superior, as a head-first CT is numbered), and its frame is not fetched again."""
     open_viewer(browser, env, env.reversed)
     all_loaded(browser)
     first = js(browser, "pacsViewer.study().series[0].first_sop")
-    assert js(browser, "pacsViewer.viewports[0].index") == 4
+    assert js(browser, "pacsViewer.viewports[0].index") == 0
     assert js(browser, "pacsViewer.viewports[0].sop") == first
-    assert js(browser, "document.querySelector('#viewport-0 input.slice').value") == "4"
-    assert "Im: 5 / 5" in browser.find_element(By.CSS_SELECTOR, "#viewport-0 .ov.bl").text
+    assert js(browser, "document.querySelector('#viewport-0 input.slice').value") == "0"
+    assert "Im: 1 / 5 · #1 · -1.0 mm" in browser.find_element(
+        By.CSS_SELECTOR, "#viewport-0 .ov.bl").text
     assert canvas(browser)["std"] > 5
     requests = js(browser, "performance.getEntriesByType('resource').map(e => e.name)")
     assert sum(r.endswith(f"/instances/{first}/frames/1") for r in requests) == 1

@@ -20,6 +20,8 @@
 // Every image of a series is fetched in the background, 6 requests at a time (the browser's
 // per-host limit), nearest to the slice on screen first.
 
+import { dot, frameOf, readingSign, stackPosition } from "./viewer-geometry.js";
+
 export const DW = "../dicom-web/";
 const RAW_ACCEPT = 'multipart/related; type="application/octet-stream"; transfer-syntax=1.2.840.10008.1.2.1';
 const CONCURRENCY = 6;
@@ -100,28 +102,34 @@ function describe(meta) {
   };
 }
 
-// Slices by position along the slice normal (ImageOrientationPatient x ImagePositionPatient),
-// else InstanceNumber; the frames of a multi-frame instance in order.
+// Slices in the usual reading direction along the stack's normal (ImageOrientationPatient x
+// ImagePositionPatient; head first for axial, see viewer-geometry.js), else by InstanceNumber;
+// the frames of a multi-frame instance in order. `pos` is the position along the normal, as
+// the patient coordinate of its axis (z for axial: the table position).
 function sortImages(metas) {
+  const first = metas.length ? frameOf(vals(metas[0], "00200037").map(Number)) : null;
   const key = metas.map((m) => {
     const iop = vals(m, "00200037").map(Number), ipp = vals(m, "00200032").map(Number);
-    let pos = null;
-    if (iop.length === 6 && ipp.length === 3 && iop.concat(ipp).every(Number.isFinite)) {
-      const n = [iop[1] * iop[5] - iop[2] * iop[4], iop[2] * iop[3] - iop[0] * iop[5],
-                 iop[0] * iop[4] - iop[1] * iop[3]];
-      pos = n[0] * ipp[0] + n[1] * ipp[1] + n[2] * ipp[2];
-    }
-    return { m, pos, number: num(m, "00200013", 0), frames: Math.max(1, num(m, "00280008", 1)) };
+    const f = frameOf(iop);
+    const pos = f && ipp.length === 3 && ipp.every(Number.isFinite) ? stackPosition(f.normal, ipp) : null;
+    // One stack: every normal (nearly) the same as the first's.
+    const parallel = f !== null && first !== null && dot(f.normal, first.normal) > 0.99;
+    return { m, pos, parallel, iop: f ? iop : null, ipp: pos === null ? null : ipp,
+             number: num(m, "00200013", 0), frames: Math.max(1, num(m, "00280008", 1)) };
   });
-  const byPosition = key.every((k) => k.pos !== null && k.frames === 1) &&
+  const byPosition = key.every((k) => k.pos !== null && k.parallel && k.frames === 1) &&
     new Set(key.map((k) => k.pos.toFixed(3))).size === key.length;
-  key.sort((a, b) => (byPosition ? a.pos - b.pos : 0) || a.number - b.number);
+  const sign = byPosition ? readingSign(first.normal) : 1;
+  key.sort((a, b) => (byPosition ? sign * (a.pos - b.pos) : 0) || a.number - b.number);
   const images = [];
   for (const k of key) {
     const d = describe(k.m);
     for (let f = 1; f <= k.frames; f++) {
       images.push(Object.assign({ meta: k.m, sop: str(k.m, "00080018"), frame: f,
-                                  frames: k.frames, number: k.number, pos: k.pos }, d));
+                                  frames: k.frames, number: k.number, pos: k.pos,
+                                  iop: k.iop, ipp: k.ipp, frameOfReference: str(k.m, "00200052"),
+                                  modality: str(k.m, "00080060").toUpperCase(),
+                                  rescaleType: str(k.m, "00281054") }, d));
     }
   }
   return images;

@@ -1,11 +1,14 @@
-// One viewport: a canvas showing one slice of a series, its overlays, the mouse and touch tools
-// (window/level, zoom, pan, distance, pinch, wheel) and the measurements drawn on it.
+// One viewport: a canvas showing one slice of a series, its overlays (text, orientation
+// letters, the value under the cursor), the mouse and touch tools (window/level, zoom, pan,
+// distance, angle, elliptical ROI, pinch, wheel), the measurements and the reference line.
 // It knows the page only through `page` (see viewer.js): the current tool and layout, the
 // study, the SeriesStore, and what to tell the page (active viewport, image changed, drawn).
 // Drawing happens in requestAnimationFrame (page.scheduleRender), so a burst of wheel events
 // draws once per display frame.
 
 import { gray, lutFor, rgba } from "./viewer-pixels.js";
+import { sideLetters } from "./viewer-geometry.js";
+import { drawMeasurement, drawReferenceLine, fmtValue, label, measure, pixelValue } from "./viewer-tools.js";
 
 export class Viewport {
   constructor(n, page) {
@@ -16,11 +19,13 @@ export class Viewport {
     this.el.id = "viewport-" + n;
     this.el.innerHTML = `<canvas></canvas><div class="ov tl"></div><div class="ov tr"></div>
       <div class="ov bl"></div><div class="ov br"></div><div class="ov msg"></div>
+      <div class="ov side left"></div><div class="ov side right"></div>
+      <div class="ov side top"></div><div class="ov side bottom"></div>
       <div class="progress"></div><div class="slider-wrap"><input class="slice" type="range" min="0" max="0" value="0" aria-label="Slice"></div>`;
     this.canvas = this.el.querySelector("canvas");
     this.ctx = this.canvas.getContext("2d");
     this.ov = {};
-    for (const k of ["tl", "tr", "bl", "br", "msg"]) this.ov[k] = this.el.querySelector(".ov." + k);
+    for (const k of ["tl", "tr", "bl", "br", "msg", "left", "right", "top", "bottom"]) this.ov[k] = this.el.querySelector(".ov." + k);
     this.bar = this.el.querySelector(".progress");
     this.slider = this.el.querySelector("input.slice");
     this.off = document.createElement("canvas");   // the slice at image size
@@ -32,7 +37,9 @@ export class Viewport {
     this.windowSet = false;   // false: follow each image's default window
     this.zoom = 1; this.pan = { x: 0, y: 0 }; this.fit = true;
     this.invert = false;
-    this.measurements = [];   // {series, index, a: [x,y], b: [x,y], text, mm}
+    this.measurements = [];   // {kind, series, index, a, b | pts, text, ...figures} (viewer-tools.js)
+    this.probe = null;        // the image point under the mouse: [x, y]
+    this.refLine = null;      // where the other viewport's slice cuts this image: [[x, y], [x, y]]
     this.dirty = false;
     this.cssW = 0; this.cssH = 0;
     this.slider.addEventListener("input", () => this.setIndex(Number(this.slider.value)));
@@ -68,9 +75,10 @@ export class Viewport {
       return;
     }
     if (this.series !== s) return;
-    // Where the preview was drawn (the series' first instance), so the picture stays put.
-    this.index = s.firstIndex;
-    for (const m of this.measurements) m.index = this.index;
+    // The first slice in the reading direction (head first for axial; viewer-geometry.js),
+    // which is where the preview was drawn (the lowest InstanceNumber) for most series.
+    this.index = 0;
+    for (const m of this.measurements) m.index = s.firstIndex;   // drawn on the preview's image
     this.ov.msg.textContent = s.count ? "" : "No images in this series";
     this.slider.max = Math.max(0, s.count - 1);
     this.slider.value = this.index;
@@ -185,6 +193,7 @@ export class Viewport {
       ctx.globalCompositeOperation = "source-over";
     }
     this.drawMeasurements();
+    if (this.refLine) drawReferenceLine(ctx, (p) => this.toScreen(p), this.refLine);
     this.overlay();
     this.page.drawn(this);
   }
@@ -207,22 +216,18 @@ export class Viewport {
     return this.off;
   }
   drawMeasurements() {
-    const ctx = this.ctx;
     for (const m of this.measurements) {
-      if (m.series !== this.series || m.index !== this.index) continue;
-      const a = this.toScreen(m.a), b = this.toScreen(m.b);
-      ctx.strokeStyle = "#ffd400"; ctx.fillStyle = "#ffd400"; ctx.lineWidth = 1.5;
-      ctx.beginPath(); ctx.moveTo(a[0], a[1]); ctx.lineTo(b[0], b[1]); ctx.stroke();
-      for (const p of [a, b]) { ctx.beginPath(); ctx.arc(p[0], p[1], 3, 0, 2 * Math.PI); ctx.fill(); }
-      ctx.font = "13px sans-serif";
-      ctx.shadowColor = "#000"; ctx.shadowBlur = 3;
-      ctx.fillText(m.text, b[0] + 8, b[1] - 6);
-      ctx.shadowBlur = 0;
+      if (m.series === this.series && m.index === this.index) drawMeasurement(this.ctx, (p) => this.toScreen(p), m);
     }
   }
   overlay() {
     const s = this.series, img = this.image, study = this.page.study;
-    if (!s || !study) { for (const k of ["tl", "tr", "bl", "br"]) this.ov[k].textContent = ""; return; }
+    if (!s || !study) {
+      for (const k of ["tl", "tr", "bl", "br", "left", "right", "top", "bottom"]) this.ov[k].textContent = "";
+      return;
+    }
+    const sides = img ? sideLetters(img.iop) : null;
+    for (const k of ["left", "right", "top", "bottom"]) this.ov[k].textContent = sides ? sides[k] : "";
     const info = s.info;
     this.ov.tl.textContent = [pacs.fmtName(study.patient_name), study.patient_id,
       [pacs.fmtDate(study.birth_date), study.sex].filter(Boolean).join(" ")].filter(Boolean).join("\n");
@@ -232,12 +237,16 @@ export class Viewport {
     const lines = [`Se: ${info.number == null ? "" : info.number} ${info.description || ""}`.trim()];
     if (img) {
       // Before the series is sorted (the preview) its place is not known yet.
+      // Place in the stack, then the Instance Number (what reports and other viewers quote)
+      // and the position along the normal (the table position of an axial CT).
       const at = s.sorted ? `${this.index + 1} / ${this.count}` : `– / ${info.instances}`;
-      lines.push(`Im: ${at}` + (img.frames > 1 ? `  (frame ${img.frame}/${img.frames})` : ""));
-      if (img.pos !== null && img.pos !== undefined) lines.push(`Pos: ${img.pos.toFixed(1)} mm`);
+      const pos = img.pos !== null && img.pos !== undefined ? ` · ${img.pos.toFixed(1)} mm` : "";
+      lines.push(`Im: ${at} · #${img.number}${pos}` + (img.frames > 1 ? `  (frame ${img.frame}/${img.frames})` : ""));
     }
     const last = this.measurements.filter((m) => m.series === s && m.index === this.index).slice(-1)[0];
-    if (last) lines.push(`Dist: ${last.text}`);
+    if (last) lines.push(`${label(last)}: ${last.text}`);
+    const v = this.probe && img && s.sorted ? pixelValue(img, s.pixelsAt(this.index), this.probe[0], this.probe[1]) : null;
+    if (v) lines.push(`Val: ${fmtValue(v.value)}${v.units ? " " + v.units : ""}  (${v.col}, ${v.row})`);
     this.ov.bl.textContent = lines.join("\n");
     const br = [];
     if (img && img.gray && !img.rendered) br.push(`W: ${fmtNum(this.window.width)} L: ${fmtNum(this.window.center)}`);
@@ -265,7 +274,7 @@ function attachPointer(vp) {
     const [x, y] = local(e);
     pts.set(e.pointerId, { x, y });
     if (pts.size === 2) {   // second finger: pinch replaces the one-finger tool
-      if (drag && drag.measure) vp.measurements.pop();
+      if (drag && drag.measure || pending) vp.measurements.pop();
       drag = null; pending = null;
       const [p, q] = [...pts.values()];
       pinch = { d: Math.hypot(p.x - q.x, p.y - q.y) || 1, mx: (p.x + q.x) / 2, my: (p.y + q.y) / 2,
@@ -276,18 +285,32 @@ function attachPointer(vp) {
     const t = e.button === 1 ? "pan" : e.button === 2 ? "zoom" : vp.page.tool;
     drag = { tool: t, x0: x, y0: y, win: { ...vp.window }, zoom: vp.zoom, pan: { ...vp.pan },
              anchor: vp.toImage(x, y), moved: false };
-    if (t === "measure") {
+    if (pending && (pending.kind !== KINDS[t] || pending.series !== vp.series || pending.index !== vp.index ||
+                    !vp.measurements.includes(pending))) {
+      vp.measurements = vp.measurements.filter((m) => m !== pending);   // left unfinished
+      pending = null;
+    }
+    if (KINDS[t]) {
       const p = vp.toImage(x, y);
-      if (pending) {   // second click of a click-click measurement
-        pending.b = p; finishMeasure(pending); pending = null; drag = null; vp.invalidate();
+      if (pending) {   // the next click of a click-click measurement
+        if (pending.kind === "angle" && pending.pts.length < 3) {   // the vertex: one arm more
+          pending.pts[1] = p; pending.pts.push(p); finishMeasure(pending);
+          drag = null; vp.invalidate();
+          return;
+        }
+        setEnd(pending, p); pending = null; drag = null; vp.invalidate();
         return;
       }
-      drag.measure = addMeasure(p);
+      drag.measure = addMeasure(p, KINDS[t]);
     }
     e.preventDefault();
   });
   c.addEventListener("pointermove", (e) => {
-    if (!pts.has(e.pointerId)) return;
+    if (vp.image && e.pointerType !== "touch") { vp.probe = vp.toImage(...local(e)); vp.overlay(); }
+    if (!pts.has(e.pointerId)) {
+      if (pending && vp.image) { setEnd(pending, vp.toImage(...local(e))); vp.invalidate(); }   // rubber band
+      return;
+    }
     const [x, y] = local(e);
     pts.set(e.pointerId, { x, y });
     if (pinch && pts.size >= 2) {
@@ -311,9 +334,8 @@ function attachPointer(vp) {
     } else if (drag.tool === "pan") {
       vp.pan = { x: drag.pan.x + dx, y: drag.pan.y + dy };
       vp.invalidate();
-    } else if (drag.tool === "measure" && drag.measure) {
-      drag.measure.b = vp.toImage(x, y);
-      finishMeasure(drag.measure);
+    } else if (KINDS[drag.tool] && drag.measure) {
+      setEnd(drag.measure, vp.toImage(x, y));
       vp.invalidate();
     }
   });
@@ -321,28 +343,33 @@ function attachPointer(vp) {
     if (!pts.has(e.pointerId)) return;
     pts.delete(e.pointerId);
     if (pinch) { if (pts.size < 2) pinch = null; drag = null; return; }
-    if (drag && drag.tool === "measure" && drag.measure && !drag.moved) pending = drag.measure;
+    const m = drag && KINDS[drag.tool] && drag.measure;
+    if (m && m.kind === "angle" && m.pts.length < 3) {
+      // the first arm drawn (dragged) or started (clicked): the next click ends the angle
+      if (drag.moved) m.pts.push(m.pts[1]);
+      pending = m;
+    } else if (m && !drag.moved && m.kind !== "angle") pending = m;
     drag = null;
   };
   c.addEventListener("pointerup", end);
+  c.addEventListener("pointerleave", () => { if (vp.probe) { vp.probe = null; vp.overlay(); } });
   c.addEventListener("pointercancel", end);
 
-  function addMeasure(p) {
-    const m = { series: vp.series, index: vp.index, a: p, b: p, text: "", mm: null, px: 0 };
+  function addMeasure(p, kind) {
+    const m = kind === "angle"
+      ? { kind, series: vp.series, index: vp.index, pts: [p, p], text: "" }
+      : { kind, series: vp.series, index: vp.index, a: p, b: p, text: "", mm: null, px: 0 };
     vp.measurements.push(m);
     finishMeasure(m);
     return m;
   }
+  // The point that follows the mouse: b, or the last point of an angle.
+  function setEnd(m, p) {
+    if (m.kind === "angle") m.pts[m.pts.length - 1] = p; else m.b = p;
+    finishMeasure(m);
+  }
   function finishMeasure(m) {
-    const img = vp.image;
-    const dx = m.b[0] - m.a[0], dy = m.b[1] - m.a[1];
-    m.px = Math.hypot(dx, dy);
-    if (img.spacing) {
-      m.mm = Math.hypot(dx * img.spacing[1], dy * img.spacing[0]);
-      m.text = `${m.mm.toFixed(1)} mm`;
-    } else {
-      m.text = `${m.px.toFixed(1)} px`;
-    }
+    if (vp.image) measure(m, vp.image, vp.series.pixelsAt(vp.index));
   }
 
   c.addEventListener("wheel", (e) => {
@@ -357,11 +384,16 @@ function attachPointer(vp) {
     // One slice per mouse-wheel notch (100 px in Chromium/Safari, 3 lines in Firefox);
     // trackpads send many small deltas, summed here.
     const unit = e.deltaMode === 1 ? 1 / 3 : e.deltaMode === 2 ? 10 : 1 / 100;
+    // A turn the other way starts afresh: what was left of the last notches does not eat it.
+    if ((vp.wheelAcc || 0) * e.deltaY < 0) vp.wheelAcc = 0;
     vp.wheelAcc = (vp.wheelAcc || 0) + e.deltaY * unit;
     const steps = vp.wheelAcc > 0 ? Math.floor(vp.wheelAcc) : Math.ceil(vp.wheelAcc);
     if (steps) { vp.wheelAcc -= steps; vp.setIndex(vp.index + Math.sign(steps) * Math.max(1, Math.abs(steps))); }
   }, { passive: false });
 }
+
+// The tools that draw a measurement, and its kind.
+const KINDS = { measure: "distance", angle: "angle", ellipse: "ellipse" };
 
 // Zoom to `z`, keeping the image point under (x, y) where it is.
 function zoomAbout(vp, z, x, y) {

@@ -3,6 +3,8 @@
 // Plain ES2017 in three ES modules, no framework, no build step:
 //   viewer-pixels.js    metadata, slice order, frame fetching and decoding, LUTs, series cache
 //   viewer-viewport.js  one viewport: drawing, overlays, tools, measurements, touch
+//   viewer-geometry.js  patient geometry: reading order, orientation letters, reference lines
+//   viewer-tools.js     pixel value, distance/angle/ellipse measurements, linked scrolling
 //   viewer.js           this page, which wires them together
 // ES modules rather than classic scripts sharing globals: each file names what it takes from
 // the others (import) and what it gives (export), and nothing leaks onto window except
@@ -12,6 +14,7 @@
 
 import { DW, SeriesStore } from "./viewer-pixels.js";
 import { Viewport } from "./viewer-viewport.js";
+import { linkedIndex, referenceLine } from "./viewer-tools.js";
 
 const PRESETS = {
   lung: { center: -600, width: 1500 }, bone: { center: 400, width: 1800 },
@@ -56,7 +59,7 @@ const page = {
   get layout() { return layout; },
   setActive: (n) => setActive(n),
   showSeries: (uid, vp) => showSeries(uid, vp),
-  imageChanged: (vp) => onImageChange(vp),
+  imageChanged: (vp) => { linkViewports(vp); onImageChange(vp); },
   markThumbs: () => markThumbs(),
   scheduleRender: () => scheduleRender(),
   drawn(vp) {
@@ -118,6 +121,7 @@ function setLayout(n) {
   }
   viewports.forEach((v) => v.invalidate());
   markThumbs();
+  updateReferenceLines();
 }
 
 function showSeries(uid, vp) {
@@ -160,6 +164,10 @@ document.addEventListener("keydown", (e) => {
   else if (k === "z" || k === "Z") setTool("zoom");
   else if (k === "p" || k === "P") setTool("pan");
   else if (k === "m" || k === "M") setTool("measure");
+  else if (k === "a" || k === "A") setTool("angle");
+  else if (k === "e" || k === "E") setTool("ellipse");
+  else if (k === "l" || k === "L") setLinked(!linked);
+  else if (k === "c" || k === "C") copyImageLink();
   else if (k === "f" || k === "F") { vp.fit = true; vp.pan = { x: 0, y: 0 }; vp.invalidate(); }
   else if (k === "i" || k === "I") { vp.invert = !vp.invert; vp.invalidate(); }
   else if (k === "r" || k === "R") vp.resetView();
@@ -168,6 +176,81 @@ document.addEventListener("keydown", (e) => {
   else handled = false;
   if (handled) e.preventDefault();
 });
+
+// ---- 1x2: linked scrolling and reference lines ----------------------------------------------
+// With "Link" on (off at first: two series side by side are often scrolled apart, and the
+// reference lines already tell where one slice lies in the other), scrolling one viewport
+// moves the other to the slice nearest in the patient (or by as many slices when the two
+// stacks share no geometry). Each viewport always shows where the other's slice cuts it (the
+// reference line) when their planes cross.
+let linked = false;
+let linking = false;
+function setLinked(on) {
+  linked = on;
+  const b = $("btn-link");
+  b.classList.toggle("active", on);
+  b.setAttribute("aria-pressed", String(on));
+  for (const v of viewports) v.lastIndex = v.index;
+  updateReferenceLines();
+}
+function linkViewports(vp) {
+  const other = viewports[1 - vp.n];
+  // A series just opened follows the other viewport; a scrolled one leads it.
+  const opened = vp.lastSeries !== vp.series;
+  const before = opened ? vp.index : vp.lastIndex;
+  vp.lastSeries = vp.series;
+  vp.lastIndex = vp.index;
+  if (linked && layout === 2 && !linking) {
+    const [from, to] = opened ? [other, vp] : [vp, other];
+    const i = linkedIndex(from, to, opened ? from.index : before);
+    if (i !== null && i !== to.index) {
+      linking = true;
+      try { to.setIndex(i); } finally { linking = false; }
+    }
+  }
+  updateReferenceLines();
+}
+function updateReferenceLines() {
+  for (const v of viewports) {
+    const other = viewports[1 - v.n];
+    const line = layout === 2 && v.image && other.image && v.series && v.series.sorted &&
+      other.series && other.series.sorted ? referenceLine(other.image, v.image) : null;
+    if (JSON.stringify(line) !== JSON.stringify(v.refLine)) { v.refLine = line; v.invalidate(); }
+  }
+}
+
+// ---- a link to this image --------------------------------------------------------------------
+// /app/viewer?study=..&series=..&instance=SOP[&frame=n] opens the viewer at that image
+// (openAtLink below); copied to the clipboard where the browser allows it, else put into the
+// address bar (history.replaceState) to be copied from there.
+function imageLink(vp = activeVp()) {
+  const img = vp.image;
+  if (!img || !vp.series) return "";
+  const q = new URLSearchParams({ study: studyUid, series: vp.series.uid, instance: img.sop });
+  if (img.frames > 1) q.set("frame", String(img.frame));
+  return `${location.origin}${location.pathname}?${q}`;
+}
+let lastLink = "";
+async function copyImageLink() {
+  const url = imageLink();
+  if (!url) return;
+  lastLink = url;
+  try {
+    await navigator.clipboard.writeText(url);
+    pacs.toast("Link copied: " + url);
+  } catch (e) {   // no clipboard (plain HTTP to another host, or refused)
+    history.replaceState(null, "", url);
+    pacs.toast("The address bar holds the link to this image: " + url);
+  }
+}
+function openAtLink(vp) {
+  const sop = params.get("instance");
+  if (!sop || !vp.series) return;
+  const frame = Number(params.get("frame")) || 1;
+  const i = vp.series.images.findIndex((im) => im.sop === sop && im.frame === frame);
+  if (i >= 0) vp.setIndex(i);
+  else pacs.toast("The linked image is not in this series", true);
+}
 
 // ---- cine ----------------------------------------------------------------------------------
 let cine = null;
@@ -362,6 +445,8 @@ function wire() {
   $("btn-1to1").onclick = () => { const v = activeVp(); v.fit = false; v.zoom = 1 / (window.devicePixelRatio || 1); v.pan = { x: 0, y: 0 }; v.invalidate(); };
   $("btn-invert").onclick = () => { const v = activeVp(); v.invert = !v.invert; v.invalidate(); };
   $("btn-reset").onclick = () => activeVp().resetView();
+  $("btn-link").onclick = () => setLinked(!linked);
+  $("btn-copy-link").onclick = () => copyImageLink();
   $("cine").onclick = () => toggleCine();
   $("tags-toggle").onclick = () => toggleTags();
   $("tags-close").onclick = () => toggleTags(false);
@@ -398,7 +483,8 @@ async function main() {
   renderSeriesPanel();
   setupActions();
   if (!first) { viewports[0].ov.msg.textContent = "This study has no images"; return; }
-  showSeries(first.series_uid, viewports[0]);
+  const opened = showSeries(first.series_uid, viewports[0]);
+  if (opened && params.get("instance")) opened.then(() => openAtLink(viewports[0]));
 }
 
 // ---- for tests and benchmarks --------------------------------------------------------------
@@ -415,6 +501,8 @@ const api = {
   setSlice(i, n = active) { viewports[n].setIndex(i); },
   renderNow() { renderNow(); },       // draw what is pending now, not at the next frame
   setLayout, setTool, setPreset, setActive, showSeries: (uid, n = active) => showSeries(uid, viewports[n]),
+  get linked() { return linked; },
+  setLinked, imageLink: () => imageLink(), get lastLink() { return lastLink; },
   study: () => study,
 };
 window.pacsViewer = api;
