@@ -11,6 +11,7 @@ processes may write) and at once after our own writes.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from pacsd.config import NODE_RIGHTS, Config, ConfigError, Node, User, node_from
 from pacsd.errors import PacsError
 from pacsd.index import Index
 from pacsd.index.models import NodeRow, UserRow, reading
+
+log = logging.getLogger(__name__)
 
 CONFIG, ADMIN = "config", "admin"
 REFRESH_S = 5.0
@@ -204,7 +207,12 @@ class Accounts:
         """Refuse to serve HTTP beyond loopback unless an administrator exists, in the config
         file's [[users]] or added on the admin page (the same: both log in). Without one, the
         pages would be open to the network, or nobody could run them."""
-        if bind in LOOPBACK or self.has_admin():
+        if self.has_admin():
+            return
+        if bind in LOOPBACK:
+            if self.snapshot().users:   # log-in is on, and nobody may run the admin page
+                log.warning("there are users but no administrator, so nobody can use the admin "
+                            "page: %s", NO_ADMIN_HINT.split(", or ", 1)[1])
             return
         raise ConfigError(
             f"[http] bind = {bind!r} reaches beyond this machine, and there is no "

@@ -188,9 +188,18 @@ def test_http_bind_needs_an_administrator_and_says_how(tmp_path):
     assert r.returncode == 78 and "no administrator" in r.stderr, r.stderr
 
 
-def test_an_administrator_added_on_the_admin_page_opens_http_to_the_network(tmp_path):
+def test_users_without_an_administrator_are_told_how_to_get_one(make_server, caplog):
+    """A data folder from before (log-in on, nobody an administrator): said at start."""
+    make_server(qr_clients=False, users=[
+        {"name": "reader", "password_hash": hash_password("reader-secret"), "admin": False}])
+    said = [r.getMessage() for r in caplog.records if r.name == "pacsd.accounts"]
+    assert len(said) == 1 and "no administrator" in said[0] and "pacsd passwd" in said[0], said
+
+
+def test_an_administrator_added_on_the_admin_page_opens_http_to_the_network(tmp_path, browser):
     """The recipe of docs/security.md: add the first user on the admin page (loopback), then
-    `pacsd serve --http-bind 0.0.0.0`. Only 127.0.0.1 is contacted."""
+    `pacsd serve --http-bind 0.0.0.0`; the pages then ask to log in, and the administrator
+    runs the admin page. Only 127.0.0.1 is contacted."""
     data = tmp_path / "d"
     cfg = write_config(tmp_path / "c.toml", data, qr_clients=False)
     with serve(cfg, data) as p:
@@ -202,6 +211,11 @@ def test_an_administrator_added_on_the_admin_page_opens_http_to_the_network(tmp_
         assert users(p.http_url, ANN) == {"ann": True}
         r = requests.get(f"{p.http_url}/app/", allow_redirects=False, timeout=30)
         assert r.status_code == 302 and "login" in r.headers["Location"]
+        browser.get(p.http_url + "/app/admin")
+        log_in(browser, "ann", "ann-password")
+        wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, '#users tr[data-name="ann"]'))
+        assert "administrator" in text(browser, '#users tr[data-name="ann"]')
+        assert not browser.find_element(By.ID, "denied").is_displayed()
 
 
 # --- the admin page in Chromium -----------------------------------------------------------------
