@@ -18,6 +18,7 @@ import subprocess
 import threading
 from urllib.parse import urlsplit
 
+import pytest
 import requests
 from conftest import browser_errors, pacsd_cmd, serve, write_config
 from selenium.webdriver.common.by import By
@@ -274,3 +275,32 @@ def test_a_user_added_while_logged_in_keeps_the_role_asked(make_server, browser)
     browser.find_element(By.ID, "user-add").click()
     wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, '#users tr[data-name="bob"]'))
     assert "administrator" not in text(browser, '#users tr[data-name="bob"]')
+
+
+@pytest.mark.parametrize("engine", ["firefox", "webkit"])
+def test_no_lock_out_in_the_other_engines(engine, request, make_server):
+    """The first user and the last administrator in Firefox (Gecko) and WebKit."""
+    page_ = request.getfixturevalue(engine)
+    server = make_server(qr_clients=False)
+    page_.get(server.http_url + "/app/admin")
+    page_.wait("const n = document.getElementById('first-user-note');"
+               "return n && !n.classList.contains('hidden') && "
+               "document.getElementById('u-admin').disabled", message="the first-user note")
+    assert "pacsd passwd NAME --admin" in page_.js(
+        "return document.getElementById('recover-hint').textContent")
+    page_.type("#u-name", "ann")
+    page_.type("#u-password", "ann-password")
+    page_.click("#user-add")
+    page_.wait("return location.pathname.endsWith('/app/login')", message="sent to log in")
+    page_.type("#name", "ann")
+    page_.type("#password", "ann-password")
+    page_.click("#login-btn")
+    row = "#users tr[data-name=\"ann\"]"
+    page_.wait(f"const r = document.querySelector('{row}');"
+               "return r && r.textContent.includes('administrator')",
+               message="ann, an administrator, on the admin page")
+    page_.click(f"{row} [data-act=\"toggle-admin\"]")
+    page_.wait("const e = document.getElementById('users-error');"
+               "return !e.classList.contains('hidden') && "
+               "e.textContent.includes('last administrator')", message="the refusal shown")
+    assert users(server.http_url, ANN) == {"ann": True}
