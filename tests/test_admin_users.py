@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 
 import pytest
 import requests
-from conftest import browser_errors, pacsd_cmd, serve, write_config
+from conftest import browser_errors, pacsd_cmd, serve, wait_for, write_config
 from selenium.webdriver.common.by import By
 from test_ui_pages import accept_confirm, log_in, page, text, type_into, wait
 
@@ -304,3 +304,72 @@ def test_no_lock_out_in_the_other_engines(engine, request, make_server):
                "return !e.classList.contains('hidden') && "
                "e.textContent.includes('last administrator')", message="the refusal shown")
     assert users(server.http_url, ANN) == {"ann": True}
+
+
+ATTACK_PAGE = """<!DOCTYPE html><html><body>
+<form id="f" method="post" action="%(target)s/api/users" target="sink">
+  <input name="name" value="eve"><input name="password" value="eve-password">
+  <input name="admin" value="true"></form>
+<iframe name="sink"></iframe>
+<script>
+window.results = {};
+const target = "%(target)s";
+async function attempt(label, url, init) {
+  try { const r = await fetch(url, init); window.results[label] = "status " + r.status; }
+  catch (e) { window.results[label] = "blocked"; }
+}
+(async () => {
+  await attempt("demote", target + "/api/users/bob", {method: "PUT", credentials: "include",
+    headers: {"Content-Type": "application/json", "X-Requested-With": "x"},
+    body: JSON.stringify({admin: false})});
+  await attempt("remove", target + "/api/users/bob", {method: "DELETE", credentials: "include",
+    headers: {"X-Requested-With": "x"}});
+  await attempt("no-cors", target + "/api/users", {method: "POST", mode: "no-cors",
+    credentials: "include", headers: {"Content-Type": "text/plain"},
+    body: JSON.stringify({name: "eve", password: "eve-password", admin: true})});
+  document.getElementById("f").submit();
+  window.results.form = "sent";
+})();
+</script></body></html>"""
+
+
+def test_another_site_s_page_cannot_demote_or_remove_in_a_real_browser(make_server, browser,
+                                                                        tmp_path, caplog):
+    """Attack in Chromium: an administrator logged in to pacsd opens another site's page (on
+    the same host, another port: same-site, so even SameSite=Lax cookies go along). Its
+    scripted PUT/DELETE need a CORS preflight pacsd never grants; its no-cors POST and its
+    form post carry the foreign Origin: the guard answers 403. Nothing changes."""
+    import http.server
+    import socketserver
+    server = make_server(qr_clients=False)
+    url = server.http_url
+    add(url, *ANN, admin=True)
+    add(url, *BOB, admin=True, auth=ANN)
+    page(browser, server, "admin")
+    log_in(browser, "ann", "ann-password")
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, '#users tr[data-name="bob"]'))
+
+    site = tmp_path / "evil"
+    site.mkdir()
+    (site / "attack.html").write_text(ATTACK_PAGE % {"target": url})
+    handler = lambda *a, **kw: http.server.SimpleHTTPRequestHandler(  # noqa: E731
+        *a, directory=str(site), **kw)
+    with socketserver.TCPServer(("127.0.0.1", 0), handler) as evil:
+        threading.Thread(target=evil.serve_forever, daemon=True).start()
+        try:
+            browser.get(f"http://127.0.0.1:{evil.server_address[1]}/attack.html")
+            results = wait(browser, lambda d: d.execute_script(
+                "return window.results && window.results.form && window.results"),
+                message="the attack page ran")
+            # The no-cors POST and the form post reach pacsd and are refused by the guard.
+            refused = wait_for(lambda: len([
+                r for r in caplog.records if r.name == "pacsd.web.guard"
+                and "POST /api/users" in r.getMessage() and "127.0.0.1:" in r.getMessage()
+                and "neither this server" in r.getMessage()]) >= 2, 30,
+                "the guard's two refusals")
+            assert refused
+        finally:
+            evil.shutdown()
+    assert results["demote"] == "blocked" and results["remove"] == "blocked", results
+    assert results["no-cors"] == "status 0", results   # opaque: sent, answer unreadable
+    assert users(url, ANN) == {"ann": True, "bob": True}
