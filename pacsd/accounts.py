@@ -11,19 +11,29 @@ processes may write) and at once after our own writes.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
 
-from pacsd.config import NODE_RIGHTS, Config, Node, User, node_from
+from pacsd.config import NODE_RIGHTS, Config, ConfigError, Node, User, node_from
 from pacsd.errors import PacsError
 from pacsd.index import Index
 from pacsd.index.models import NodeRow, UserRow, reading
 
+log = logging.getLogger(__name__)
+
 CONFIG, ADMIN = "config", "admin"
 REFRESH_S = 5.0
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+# How to get an administrator back, without the web side: said wherever one is missing. The
+# file's [[users]] count as much as the admin page's, and a name there wins over the same name
+# added on the admin page, so this also resets a forgotten administrator password.
+NO_ADMIN_HINT = ("add one on the admin page while pacsd listens on 127.0.0.1 only, or run "
+                 "`pacsd passwd NAME --admin` and paste the [[users]] entry it prints into "
+                 "the configuration file, then restart pacsd")
 
 
 class AccountError(PacsError):
@@ -173,6 +183,45 @@ class Accounts:
         self._writable("node", name)
         self._write(lambda: NodeRow.delete().where(NodeRow.name == name).execute())
 
+    # --- administrators: never none (issue 19) -------------------------------------------------
+    #
+    # With no users at all the pages are open (HTTP on loopback only); the first user turns
+    # log-in on, so a first user who is not an administrator would lock everyone out of the
+    # admin page. Hence: the first user is always an administrator, and the last administrator
+    # can be neither demoted nor removed. Enforced here, inside the index write (one writer
+    # thread serializes them), so that two administrators demoting each other at once cannot
+    # both succeed, whatever front end asks.
+
+    def _admins_besides(self, name: str) -> int:
+        """Administrators other than `name`, read inside the write transaction. A name in the
+        file hides the same name added on the admin page (see _reload)."""
+        file_names = {u.name for u in self.cfg.users}
+        rows = UserRow.select(UserRow.name).where(UserRow.admin == True)  # noqa: E712
+        return (sum(1 for u in self.cfg.users if u.admin and u.name != name)
+                + sum(1 for r in rows if r.name != name and r.name not in file_names))
+
+    def has_admin(self) -> bool:
+        return any(u.admin for u, _ in self.snapshot().users.values())
+
+    def check_http_bind(self, bind: str) -> None:
+        """Refuse to serve HTTP beyond loopback unless an administrator exists, in the config
+        file's [[users]] or added on the admin page (the same: both log in). Without one, the
+        pages would be open to the network, or nobody could run them."""
+        if self.has_admin():
+            return
+        if bind in LOOPBACK:
+            if self.snapshot().users:   # log-in is on, and nobody may run the admin page
+                log.warning("there are users but no administrator, so nobody can use the admin "
+                            "page: %s", NO_ADMIN_HINT.split(", or ", 1)[1])
+            return
+        raise ConfigError(
+            f"[http] bind = {bind!r} reaches beyond this machine, and there is no "
+            f"administrator: {NO_ADMIN_HINT}, or bind to 127.0.0.1")
+
+    def _last_admin(self, name: str) -> Conflict:
+        return Conflict(f"{name!r} is the last administrator: make another user an "
+                        "administrator first (without one, nobody could run this page)")
+
     def save_user(self, name: str, *, password_hash: str | None = None,
                   admin: bool | None = None, new: bool) -> User:
         name = (name or "").strip()
@@ -183,20 +232,37 @@ class Accounts:
                 raise Conflict(f"a user named {name!r} exists")
             if not password_hash:
                 raise AccountError("a new user needs a password")
-            user = User(name, password_hash, bool(admin))
-            self._write(lambda: UserRow.create(name=name, password_hash=password_hash,
-                                               admin=bool(admin)))
+
+            def add() -> User:
+                # The first user (none in the file, none in the index) is an administrator,
+                # whatever the form said; so is any user added while there is no administrator.
+                made_admin = bool(admin) or self._admins_besides(name) == 0
+                UserRow.create(name=name, password_hash=password_hash, admin=made_admin)
+                return User(name, password_hash, made_admin)
+            user: User = self._write(add)
             return user
         self._writable("user", name)
-        old = self.user(name)
-        assert old is not None
-        user = User(name, password_hash or old.password_hash,
-                    old.admin if admin is None else bool(admin))
-        self._write(lambda: UserRow.update(password_hash=user.password_hash, admin=user.admin)
-                    .where(UserRow.name == name).execute())
-        return user
+
+        def change() -> User:
+            row = UserRow.get_or_none(UserRow.name == name)
+            if row is None:
+                raise NotFound(f"no user named {name!r}")
+            keep_admin = bool(row.admin) if admin is None else bool(admin)
+            if row.admin and not keep_admin and self._admins_besides(name) == 0:
+                raise self._last_admin(name)
+            changed = User(name, password_hash or row.password_hash, keep_admin)
+            UserRow.update(password_hash=changed.password_hash, admin=changed.admin) \
+                .where(UserRow.name == name).execute()
+            return changed
+        changed: User = self._write(change)
+        return changed
 
     def remove_user(self, name: str) -> None:
         self._writable("user", name)
-        self._write(lambda: UserRow.delete().where(UserRow.name == name).execute())
 
+        def remove() -> None:
+            row = UserRow.get_or_none(UserRow.name == name)
+            if row is not None and row.admin and self._admins_besides(name) == 0:
+                raise self._last_admin(name)
+            UserRow.delete().where(UserRow.name == name).execute()
+        self._write(remove)

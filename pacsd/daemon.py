@@ -178,6 +178,7 @@ class Server:
                               patient_mismatch=cfg.storage_patient_mismatch,
                               on_conflict=cfg.storage_on_conflict)
             accounts = Accounts(cfg, self.index).open()
+            accounts.check_http_bind(cfg.http_bind)   # beyond loopback: an administrator
             if unclean_since is not None:
                 log.warning("the previous run did not stop cleanly; checking the files it wrote")
                 archive.recover(since=unclean_since - 60, until=self.started)

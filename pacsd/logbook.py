@@ -1,10 +1,10 @@
 """The recent warnings and errors of this run, kept in memory for the admin page.
 
-A logging handler on the root logger holding the last few hundred WARNING-and-worse records,
-whatever the log's destination (file, stderr, journald): the IT person sees what went wrong
-without a terminal. Messages are formatted once, at emit time. At start-up it first reads those
-of the previous runs from the tail of the log file, so that after a crash and a restart the
-reason is still on the admin page.
+A logging handler on the root logger holding the last few hundred records an administrator
+should act on (`for_admin`), whatever the log's destination (file, stderr, journald): the IT
+person sees what went wrong without a terminal. Messages are formatted once, at emit time. At
+start-up it first reads those of the previous runs from the tail of the log file, so that after
+a crash and a restart the reason is still on the admin page.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any
 FORMAT, DATE_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s", "%Y-%m-%d %H:%M:%S"
 LINE = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) (WARNING|ERROR|CRITICAL) +(\S+): (.*)")
 TAIL_BYTES = 1 << 20
+LEVELS = {"WARNING": logging.WARNING, "ERROR": logging.ERROR, "CRITICAL": logging.CRITICAL}
 
 
 # Characters that end or rewrite a line for a terminal, a log reader or str.splitlines (which
@@ -132,6 +133,45 @@ def rotating_file(path: Path, max_mb: int, backups: int) -> logging.Handler:
                                                 encoding="utf-8")
 
 
+# What the admin page's "recent errors" shows (issue 19): what an administrator should act on,
+# by one rule that the live records and those read back from the log file both pass:
+# - ERROR and worse from pacsd's own code: something broke (a stored file unreadable, the index
+#   failing, a bug);
+# - WARNING from the parts of pacsd that work with other systems and keep the archive: an
+#   association refused, a send, retrieve or routing job that failed, a full disk or index, an
+#   unclean stop, a plugin that fails or gives up a delivery, a library patch that no longer
+#   fits, a job started from the pages that failed, password guessing (HTTP Basic throttle).
+# Not shown: the libraries' records (LibraryNoise), anything below WARNING (per-request
+# detail, which is also where patient data may be, at DEBUG), and the warnings of single web
+# requests (a 4xx answer, a refused Host, a slow body, a failed log-in, the admin page's own
+# changes), of the ZIP builder and of one-shot commands: the log file has them all.
+ACT_ON = ("pacsd.dimse", "pacsd.nodes", "pacsd.storage", "pacsd.index", "pacsd.plugins",
+          "pacsd.daemon", "pacsd.compat", "pacsd.accounts", "pacsd.web.jobs", "pacsd.web.auth",
+          "watchdog")
+OURS = ("pacsd", "watchdog")
+
+
+def _under(name: str, prefixes: tuple[str, ...]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def for_admin(levelno: int, logger: str) -> bool:
+    """Whether a record of this level and logger belongs in the admin page's recent errors
+    (the rule above)."""
+    if levelno >= logging.ERROR:
+        return _under(logger, OURS)
+    return levelno >= logging.WARNING and _under(logger, ACT_ON)
+
+
+class ForAdmin(logging.Filter):
+    """`for_admin`, plus a library's error that reports a fault of pacsd's own code (an
+    exception in one of our pynetdicom handlers: `_ours`), which counts as pacsd's."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return (for_admin(record.levelno, record.name)
+                or (record.levelno >= logging.ERROR and _ours(record)))
+
+
 @dataclass(frozen=True)
 class Entry:
     time: float
@@ -144,6 +184,7 @@ class Logbook(logging.Handler):
     def __init__(self, capacity: int = 500, level: int = logging.WARNING) -> None:
         super().__init__(level)
         self.addFilter(LibraryNoise(level))   # "recent errors" are pacsd's, not the libraries'
+        self.addFilter(ForAdmin())            # and only what an administrator acts on
         self._entries: collections.deque[Entry] = collections.deque(maxlen=capacity)
         self._guard = threading.Lock()
 
@@ -179,7 +220,7 @@ class Logbook(logging.Handler):
         found = []
         for line in text.splitlines():
             m = LINE.match(line)
-            if m:
+            if m and for_admin(LEVELS[m.group(2)], m.group(3)):
                 when = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S"))
                 found.append(Entry(when, m.group(2), m.group(3), m.group(4)[:2000]))
         with self._guard:

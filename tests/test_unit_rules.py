@@ -291,7 +291,6 @@ def test_values_from_the_environment(tmp_path, env, attribute, value):
     ("", {"PACSD_HTTP_TIMEOUT": "fast"}, "not a number"),
     ("[http]\ncert = \"c.pem\"\n", {}, "set both"),
     ("[dicom]\ntls_ca = \"ca.pem\"\n", {}, "tls_ca needs tls_cert"),
-    ("[http]\nbind = \"0.0.0.0\"\n", {}, "add [[users]]"),
     ("[[users]]\nname = \"a:b\"\npassword_hash = \"pbkdf2_sha256$x\"\n", {}, "without ':'"),
     ("[[users]]\nname = \"a\"\npassword_hash = \"secret\"\n", {}, "from `pacsd passwd`"),
     ("[[nodes]]\naet = \"X\"\nhost = \"h\"\nport = 0\n", {}, "not 1-65535"),

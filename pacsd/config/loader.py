@@ -237,16 +237,13 @@ def _build(path: Path | str | None, env: Mapping[str, str] | None,
     nodes: tuple[Node, ...] = ()
     users: tuple[User, ...] = ()
     routes: tuple[Route, ...] = ()
-    users_ok = True
     plugins: dict[str, dict[str, Any]] = {}
     for section, table in raw.items():
         try:
             if section == "nodes":
                 nodes = tables.nodes(table, source)
             elif section == "users":
-                users_ok = False   # until read: no "add [[users]]" on top of its own error
                 users = tables.users(table, source)
-                users_ok = True
             elif section == "routes":
                 routes = tables.routes(table, source)
             elif section == "plugin":   # [plugin.NAME]: each plugin's own settings, as written
@@ -293,9 +290,8 @@ def _build(path: Path | str | None, env: Mapping[str, str] | None,
         dicom.tls_ca and not dicom.tls_cert
         and "[dicom] tls_ca needs tls_cert and tls_key (client certificates are only asked "
             "for over TLS)",
-        users_ok and not users and http.bind not in ("127.0.0.1", "::1", "localhost")
-        and f"[http] bind = {http.bind!r} reaches beyond this machine: add [[users]] (see "
-            "`pacsd passwd`) or bind to 127.0.0.1",
+        # HTTP beyond loopback needs an administrator: checked when the server starts
+        # (Accounts.check_http_bind), since those added on the admin page count as well.
     ):
         if problem:
             problems.add(ConfigError(str(problem)))

@@ -147,8 +147,9 @@ class HttpSettings:
     port: int = setting(8080,
         "HTTP port of the web side.", v.port, flag="--http-port", metavar="N")
     bind: str = setting("127.0.0.1",
-        "Address the HTTP listener binds to. Beyond loopback, [[users]] are required.",
-        v.bind)
+        "Address the HTTP listener binds to (0.0.0.0: every interface). Beyond loopback an "
+        "administrator is required, in [[users]] or added on the admin page.",
+        v.bind, flag="--http-bind", metavar="ADDR")
     cert: str = setting("",
         "TLS certificate (PEM) file: set it and `key` for HTTPS.")
     key: str = setting("",

@@ -169,6 +169,8 @@ def users(rt: Runtime) -> str:
 
 
 def save_user(rt: Runtime, name: str | None) -> bottle.HTTPResponse:
+    """Add (POST) or change (PUT) a user. The first user is an administrator whatever the
+    form says, and the last administrator is never demoted (409): pacsd.accounts decides."""
     need_admin()
     body = json_body()
     new = name is None
@@ -177,8 +179,11 @@ def save_user(rt: Runtime, name: str | None) -> bottle.HTTPResponse:
     user = rt.accounts.save_user(name or "", password_hash=_password(body, required=new),
                                   admin=None if admin is None else bool(admin), new=new)
     log.warning("user %s %s on the admin page", user.name, "added" if new else "changed")
-    return json_response({"name": user.name, "admin": user.admin, "source": "admin"},
-                         201 if new else 200)
+    answer: dict[str, Any] = {"name": user.name, "admin": user.admin, "source": "admin"}
+    if new and user.admin and not admin:
+        answer["note"] = ("made an administrator: the first user always is (log-in is now "
+                          "on, and someone must be able to run this page)")
+    return json_response(answer, 201 if new else 200)
 
 
 def remove_user(rt: Runtime, name: str) -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """Who may do what on the web side: users with hashed passwords, HTTP Basic, admin rights.
 
 With no users (neither [[users]] in the config nor any added on the admin page) everything is
-open, and config.load has already made sure the HTTP listener is then bound to loopback only
-(the embedded default, as Orthanc does).
+open, and the server has already made sure at start that the HTTP listener is then bound to
+loopback only (the embedded default, as Orthanc does): beyond loopback it needs an administrator,
+from either source (Accounts.check_http_bind). pacsd.accounts also keeps one administrator at
+least once there are users: the first user is one, the last one is never demoted or removed.
 `/testdbalive`, `/status` and `/metrics` are open to loopback callers whatever the users.
 """
 

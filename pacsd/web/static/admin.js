@@ -166,6 +166,7 @@
   function renderUsers() {
     const tb = document.querySelector("#users tbody");
     $("first-user-note").classList.toggle("hidden", users.length > 0);
+    $("u-admin").disabled = !users.length;   // the first user is an administrator (server-side too)
     if (!users.length) {
       $("u-admin").checked = true;
       tb.innerHTML = `<tr><td colspan="4" class="empty">No users: the web side is open (and bound to this computer only).</td></tr>`;
@@ -189,9 +190,17 @@
     }).join("");
   }
 
+  // A refusal (the last administrator, a name taken) stays on the page until the next action.
+  function usersError(message) {
+    $("users-error").textContent = message || "";
+    $("users-error").classList.toggle("hidden", !message);
+    if (message) pacs.toast(message, true);
+  }
+
   document.querySelector("#users tbody").addEventListener("click", async (ev) => {
     const b = ev.target.closest("button[data-act]");
     if (!b) return;
+    usersError("");
     const tr = b.closest("tr");
     const name = tr.dataset.name;
     const path = "users/" + encodeURIComponent(name);
@@ -219,7 +228,7 @@
         pacs.toast(`User ${name} removed`);
         loadUsers();
       }
-    } catch (e) { pacs.toast(e.message, true); }
+    } catch (e) { usersError(e.message); }
   });
   document.querySelector("#users tbody").addEventListener("keydown", (ev) => {
     if (ev.key === "Enter" && ev.target.classList.contains("e-password")) {
@@ -230,12 +239,16 @@
   $("user-form").addEventListener("submit", async (ev) => {
     ev.preventDefault();
     const body = { name: $("u-name").value.trim(), password: $("u-password").value, admin: $("u-admin").checked };
+    const first = !users.length;
+    usersError("");
     try {
-      await pacs.api("POST", "users", body);
-      pacs.toast(`User ${body.name} added`);
+      const added = await pacs.api("POST", "users", body);
+      pacs.toast(`User ${body.name} added` + (added && added.note ? `: ${added.note}` : ""));
       ev.target.reset();
+      // The first user turned log-in on: this page now needs it (the server made it an admin).
+      if (first) { pacs.toLogin(); return; }
       loadUsers();
-    } catch (e) { pacs.toast(e.message, true); }
+    } catch (e) { usersError(e.message); }
   });
 
   // --- routing: dead letters ---------------------------------------------------------------
