@@ -108,7 +108,7 @@ def _run(command: ModuleType, args: argparse.Namespace) -> int:
         _logging_for(command, cfg)
         say = getattr(command, "WHERE", "server")
         if say:   # which archive this is: a second one by mistake shows at once
-            print(f"pacsd: {where.describe(cfg, server=say == 'server')}", file=sys.stderr,
+            print(f"pacsd: {where.describe(cfg, with_server=say == 'server')}", file=sys.stderr,
                   flush=True)
     return int(command.run(args, cfg) or 0)
 

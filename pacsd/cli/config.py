@@ -106,7 +106,7 @@ def check(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     print(f"configuration OK ({cfg.source}): AE {cfg.dicom_aet} on "
           f"{cfg.dicom_bind}:{cfg.dicom_port}, data {cfg.data}, storage {cfg.storage_path}, "
-          f"{len(cfg.nodes)} node(s)")
+          f"{len(cfg.nodes)} node(s); {where.server(cfg)}")
     return EXIT_OK
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from pacsd.config import Config
 from pacsd.config.sections import DEFAULT_DATA
 
-__all__ = ["describe", "running_server", "stray_data_folder"]
+__all__ = ["describe", "running_server", "server", "stray_data_folder"]
 
 # What marks a folder as a pacsd data folder (for the hint about ./pacsd-data below).
 _MARKS = ("pacsd.toml", "index.sqlite3", "pacsd.json", "pacsd.pid")
@@ -38,7 +38,8 @@ def running_server(cfg: Config) -> dict[str, Any] | None:
     return run if isinstance(run, dict) else None
 
 
-def _server(cfg: Config) -> str:
+def server(cfg: Config) -> str:
+    """The server running on this data folder, in words."""
     run = running_server(cfg)
     if run is None:
         return "no server running on it"
@@ -62,7 +63,7 @@ def stray_data_folder(cfg: Config, cwd: Path | None = None) -> Path | None:
         return None
 
 
-def describe(cfg: Config, server: bool = True) -> str:
+def describe(cfg: Config, with_server: bool = True) -> str:
     """"data folder D (config F); server ..." for the line a command starts with."""
     data = str(cfg.data)
     if cfg.data == Path(DEFAULT_DATA).expanduser():
@@ -71,8 +72,8 @@ def describe(cfg: Config, server: bool = True) -> str:
         data += " (not created yet)"
     config = cfg.source if cfg.source != "defaults" else "none, the defaults"
     text = f"data folder {data}, config file {config}"
-    if server:
-        text += f"; {_server(cfg)}"
+    if with_server:
+        text += f"; {server(cfg)}"
     stray = stray_data_folder(cfg)
     if stray is not None:
         text += (f"\npacsd: note: {stray} here is another pacsd data folder; to use it, pass "

@@ -358,7 +358,7 @@ def folder_problems(cfg: Config) -> list[str]:
 
 
 def describe() -> str:
-    """The settings as a Markdown table (`pacsd config --list`; the manual's settings reference)."""
+    """The settings as a Markdown table (the manual's settings reference)."""
     rows = ["| setting | env | flag | default | meaning |", "|---|---|---|---|---|"]
     for s in SETTINGS:
         default = list(s.default) if isinstance(s.default, tuple) else s.default
