@@ -42,6 +42,9 @@ def server(cfg: Config) -> str:
     """The server running on this data folder, in words."""
     run = running_server(cfg)
     if run is None:
+        if not os.access(cfg.data, os.R_OK | os.X_OK) and cfg.data.exists():
+            return (f"whether a server runs on it is unknown: {cfg.data} may not be read by "
+                    "this user (the service's own account or root may)")
         return "no server running on it"
     host = run.get("http_bind") or "127.0.0.1"
     host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
