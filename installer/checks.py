@@ -36,6 +36,21 @@ def port_free(bind: str, port: int, what: str) -> None:
             raise
 
 
+def port_in_use(bind: str, port: int, what: str) -> str | None:
+    """Whether something listens on the port, found by connecting to it (never by binding it:
+    `plan` must not take a port from a server starting at that moment); what to say, or None."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(bind, bind)
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect((host, port))
+        except OSError:
+            return None
+    return (f"{what} port {port} is taken by another program (something answers on "
+            f"{host}:{port}); stop it or choose another port (--{what.lower()}-port)")
+
+
 def existing_ancestor(path: Path) -> Path:
     while not path.exists():
         path = path.parent

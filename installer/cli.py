@@ -121,8 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pacsd-install",
         description="Set pacsd up as a service that starts at boot and restarts by itself.")
     p.add_argument("action", choices=("plan", "apply", "uninstall", "status"),
-                   help="plan: print every change; apply: make them; uninstall: remove the "
-                        "service (images kept unless --purge); status: is it installed and up")
+                   help="plan: print every change apply would make, and make none (a port in "
+                        "use is a warning); apply: make them; uninstall: remove the service "
+                        "(images kept unless --purge); status: is it installed and up")
     p.add_argument("--os", default=this_os(),
                    help=f"the target system: {' or '.join(OSES)} (default: this one)")
     p.add_argument("--root", type=Path, default=Path("/"), metavar="DIR",
@@ -132,10 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "user's session, with automatic log-in)")
     p.add_argument("--user", help="the account pacsd runs as (default: pacsd / _pacsd; in agent "
                                   "mode the person's account)")
-    p.add_argument("--data", metavar="DIR", help="where images and the index go")
+    p.add_argument("--data", metavar="DIR",
+                   help="the data folder: images, index, logs (default: the installed one, else "
+                        "/var/lib/pacsd on Linux, /Users/Shared/pacsd on macOS)")
     p.add_argument("--aet", default="PACSD", help="the AE title (a new config only)")
-    p.add_argument("--dicom-port", type=int, default=11112, metavar="N")
-    p.add_argument("--http-port", type=int, default=8080, metavar="N")
+    p.add_argument("--dicom-port", type=int, default=11112, metavar="N",
+                   help="the DICOM port (a new config only; default 11112)")
+    p.add_argument("--http-port", type=int, default=8080, metavar="N",
+                   help="the web pages' port (a new config only; default 8080)")
     p.add_argument("--auto-login", metavar="USER",
                    help="log USER in automatically at boot (macOS loginwindow; Linux console)")
     p.add_argument("--auto-login-password-file", type=Path, metavar="FILE",

@@ -3,7 +3,8 @@
 #   sudo sh installer/install.sh [apply|plan|status|uninstall] [pacsd-install options]
 # It puts pacsd in a Python environment of its own that the service user can read
 # (/opt/pacsd on Linux, /usr/local/pacsd on macOS; PACSD_PREFIX to change it), then runs
-# `pacsd-install apply` (or the action given) from there.
+# `pacsd-install apply` (or the action given) from there. `plan` builds nothing: it runs from
+# this clone with the Python found below.
 set -eu
 case "${1:-}" in plan|apply|status|uninstall) action=$1; shift ;; *) action=apply ;; esac
 src=$(cd "$(dirname "$0")/.." && pwd)
@@ -27,6 +28,19 @@ for p in /usr/bin/python3 /usr/local/bin/python3 /opt/homebrew/bin/python3 \
     fi
 done
 [ -n "$python" ] || { echo "install.sh: pacsd needs Python 3.11 or newer ($hint)" >&2; exit 1; }
+if [ "$action" = plan ]; then
+    # A plan changes nothing, so it builds no environment either: it runs from this clone (the
+    # pacsd apply would install), with the packages laid out as pip would lay them out.
+    shim=$(mktemp -d)
+    mkdir "$shim/pacsd_installer"
+    for f in "$src"/installer/*.py; do ln -s "$f" "$shim/pacsd_installer/"; done
+    ln -s "$src/systemd" "$shim/pacsd_installer/systemd"
+    ln -s "$src/launchd" "$shim/pacsd_installer/launchd"
+    rc=0
+    PYTHONPATH="$shim:$src" PYTHONDONTWRITEBYTECODE=1 "$python" -m pacsd_installer plan "$@" || rc=$?
+    rm -rf "$shim"
+    exit "$rc"
+fi
 if [ ! -x "$prefix/bin/pacsd-install" ] || [ "$action" = apply ]; then
     "$python" -m venv "$prefix" || { echo "install.sh: no venv module ($hint)" >&2; exit 1; }
     "$prefix/bin/pip" install --quiet --upgrade "$src"

@@ -117,8 +117,9 @@ def config_text(layout: Layout, opts: Options, password_hash: str) -> str:
     def q(s: str) -> str:
         return json.dumps(s)   # a TOML basic string is a JSON string for these values
     return f"""\
-# pacsd configuration, written by pacsd-install. Every setting and its meaning:
-#   pacsd config --list        Check it after an edit: pacsd config --check --config THIS_FILE
+# pacsd configuration, written by pacsd-install. Every setting, its value in effect and where
+# it comes from: pacsd config --list --config THIS_FILE (their meanings: the manual's settings
+# reference). Check it after an edit: pacsd config --check --config THIS_FILE
 # Then restart the service ({'systemctl restart pacsd' if layout.os == 'linux'
                              else 'launchctl kickstart -k ' + ('system/' if layout.mode == 'daemon'
                                                                else 'gui/UID/') + LABELS['server']}).

@@ -53,7 +53,7 @@ def plan_apply(host: Host, layout: Layout, opts: Options, secret: shared.Secret)
                       layout.data, "--shell", _nologin(), "--comment", "pacsd PACS server",
                       layout.user))
     cfg = shared.config_step(plan, host, layout, opts, group_ids, f"root:{layout.group}", secret)
-    shared.before_apply(host, layout, opts, cfg, running=active(host, SERVICES[0]))
+    shared.before_apply(host, layout, opts, cfg, running=active(host, SERVICES[0]), plan=plan)
     writable = shared.folders(plan, host, layout, cfg, svc)
     texts = units.systemd_units(layout, cfg, writable)
     changed = False

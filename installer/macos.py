@@ -138,7 +138,8 @@ def plan_apply(host: Host, layout: Layout, opts: Options, secret: shared.Secret)
         (group_ids, f"root:{layout.group}") if layout.mode == "daemon" else (svc, layout.user)),
         secret)
     domain = _domain(host, layout)
-    shared.before_apply(host, layout, opts, cfg, running=loaded(host, domain, LABELS["server"]))
+    shared.before_apply(host, layout, opts, cfg, running=loaded(host, domain, LABELS["server"]),
+                        plan=plan)
     shared.folders(plan, host, layout, cfg, svc)
     changed = {}
     owner, ids = ("root:wheel", root) if layout.mode == "daemon" else (layout.user, svc)

@@ -44,12 +44,21 @@ def config_step(plan: Plan, host: Host, layout: Layout, opts: Options, ids: Ids,
     if host.path(layout.config).exists():
         plan.notes.append(f"kept the config file {layout.config} as it is")
         return read_config(host, layout)
-    from pacsd.web.auth import hash_password
-    secret.password = secrets.token_urlsafe(12)
-    text = config_text(layout, opts, hash_password(secret.password))
+    if opts.action == "plan":   # nothing is written: no password, and no need of pacsd.web
+        hashed = PLAN_HASH
+    else:
+        from pacsd.web.auth import hash_password
+        secret.password = secrets.token_urlsafe(12)
+        hashed = hash_password(secret.password)
+    text = config_text(layout, opts, hashed)
     ensure_file(plan, host, layout.config, text.encode(), 0o640, ids, owner,
                 why="with a new administrator 'admin' (password shown once, after apply)")
     return read_config(host, layout, text)
+
+
+# The administrator's password hash in the config a plan shows: made, with the password, only
+# by apply (a plan writes nothing and shows no password).
+PLAN_HASH = "pbkdf2_sha256$0$made-by-apply$"
 
 
 def log_dirs(cfg: Config) -> list[str]:
@@ -65,14 +74,21 @@ def folders(plan: Plan, host: Host, layout: Layout, cfg: Config, service_ids: Id
     return mine
 
 
-def before_apply(host: Host, layout: Layout, opts: Options, cfg: Config,
-                 running: bool) -> None:
-    """Refuse early, with the reason, what would fail later."""
+def before_apply(host: Host, layout: Layout, opts: Options, cfg: Config, running: bool,
+                 plan: Plan | None = None) -> None:
+    """Refuse early, with the reason, what would fail later. For `plan` (given `plan`), a port
+    in use is a warning under the plan instead: the plan is shown whatever the ports."""
     for folder in dict.fromkeys([cfg.data, cfg.storage_path]):
         checks.data_folder(host, PurePosixPath(folder), opts.min_free_gb)
     if not running:   # our own pacsd holds them when it runs
-        checks.port_free(cfg.dicom_bind, cfg.dicom_port, "DICOM")
-        checks.port_free(cfg.http_bind, cfg.http_port, "HTTP")
+        for bind, port, what in ((cfg.dicom_bind, cfg.dicom_port, "DICOM"),
+                                 (cfg.http_bind, cfg.http_port, "HTTP")):
+            if opts.action != "plan":
+                checks.port_free(bind, port, what)
+            else:   # looked at without binding it: a server starting meanwhile still gets it
+                taken = checks.port_in_use(bind, port, what)
+                if taken and plan is not None:
+                    plan.warnings.append(f"{taken}: apply would refuse until it is free")
     if not host.staging and layout.mode == "daemon":
         why = python_readable_by_others(layout.python)
         if why:

@@ -447,6 +447,41 @@ def test_port_taken_is_refused(linux: Staged) -> None:
     assert linux.changes() == [] and list(linux.root.iterdir()) == []
 
 
+def test_plan_shows_a_busy_port_as_a_warning(linux: Staged) -> None:
+    """plan shows the whole plan whatever the ports (the conflict as a warning, exit 0), and
+    looks at them without binding them; apply still refuses."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = linux.run("plan", "--os", "linux", "--dicom-port", str(port), "--http-port",
+                      str(linux.http_port))
+    assert "systemctl start pacsd.service pacsd-watchdog.service" in r.stdout, r.stdout
+    warnings = [line for line in r.stdout.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1 and f"DICOM port {port} is taken" in warnings[0], r.stdout
+    assert "apply would refuse" in warnings[0] and r.stderr == "", r.stderr
+    assert list(linux.root.iterdir()) == [] and linux.changes() == []
+
+
+def test_install_sh_plan_builds_no_environment(linux: Staged, tmp_path: Path) -> None:
+    """`install.sh plan` prints the plan from the clone, with the system's Python: no venv
+    made in the prefix, nothing installed, nothing written."""
+    prefix = tmp_path / "prefix"
+    root = Path(__file__).parent.parent
+    env = {"PATH": f"{linux.bin}:/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(linux.root),
+           "PACSD_PREFIX": str(prefix)}
+    r = subprocess.run(["sh", str(root / "installer" / "install.sh"), "plan", "--os", "linux",
+                        "--root", str(linux.root), "--dicom-port", str(linux.dicom_port),
+                        "--http-port", str(linux.http_port)], capture_output=True, text=True,
+                       env=env, stdin=subprocess.DEVNULL, timeout=120, check=False)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "apply would make these changes" in r.stdout and "write /etc/pacsd/pacsd.toml" in \
+        r.stdout, r.stdout
+    assert not prefix.exists()
+    assert list(linux.root.iterdir()) == [] and linux.changes() == []
+    assert "The web pages' administrator" not in r.stdout   # a plan makes no password
+
+
 def test_not_root_is_refused(linux: Staged) -> None:
     """The real effective UID of nobody: modules are imported first, as root, because this
     machine's Python lives in /root, which nobody may read."""

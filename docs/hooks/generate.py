@@ -29,8 +29,8 @@ def settings_page() -> str:
         m = re.match(r"\| `\[([\w.]+)\] ", row)
         sections.setdefault(m.group(1) if m else "other", []).append(row)
     out = ["# Settings reference", "",
-           "Generated from `pacsd.config` at build time; `pacsd config --list` prints the same "
-           "table. Each setting is read from the TOML file (`[section] key`), then from its "
+           "Generated from `pacsd.config` at build time; `pacsd config --list` prints every "
+           "setting with the value in effect and where it comes from. Each setting is read from the TOML file (`[section] key`), then from its "
            "environment variable, then from its `pacsd serve` flag, each overriding the one "
            "before (see [Configuration](../configuration.md)). `[[nodes]]`, `[[users]]`, "
            "`[[routes]]` and `[plugin.NAME]` are tables of their own: see "

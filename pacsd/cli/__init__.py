@@ -10,6 +10,9 @@ logging. Each subcommand is a module of this package (as Django's management com
   CONFIG (optional)    None: reads no config (no --config/--data); "self": reads it itself
                        (run gets None); "sub": its subcommands carry --config/--data
   refuse(args) (opt.)  a usage error found before the config is read (exit 2)
+  WHERE (optional)     what the first line on stderr says: "server" (default: the data folder,
+                       the config file and the server running on it), "folder" (without the
+                       server: `serve` itself), None (nothing: the command says it itself)
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from pacsd.cli import (
     retrieve,
     serve,
     status,
+    where,
 )
 from pacsd.cli.common import EXIT_INTERRUPTED, EXIT_NOT_RUNNING, add_common, overrides
 from pacsd.config import Config
@@ -102,6 +106,10 @@ def _run(command: ModuleType, args: argparse.Namespace) -> int:
     if getattr(command, "CONFIG", "load") in ("load", "sub"):
         cfg = config_mod.load(args.config, overrides=overrides(args))
         _logging_for(command, cfg)
+        say = getattr(command, "WHERE", "server")
+        if say:   # which archive this is: a second one by mistake shows at once
+            print(f"pacsd: {where.describe(cfg, with_server=say == 'server')}", file=sys.stderr,
+                  flush=True)
     return int(command.run(args, cfg) or 0)
 
 

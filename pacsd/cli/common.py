@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from contextlib import contextmanager
@@ -26,8 +27,9 @@ _FLAG_TYPES: dict[type, Any] = {int: int, float: float}
 
 
 def _flag_help(help: str) -> str:
-    """A setting's help, shortened to its first sentence for --help."""
-    first = help.split(". ", 1)[0].rstrip(".")
+    """A setting's help, shortened to its first sentence for --help: up to a full stop that a
+    capital letter follows, so that "e.g. CT" or "PS3.5 A.5" do not cut it mid-sentence."""
+    first = re.split(r"(?<!\be\.g)(?<!\bi\.e)\.\s+(?=[A-Z\[(`])", help, maxsplit=1)[0].rstrip(".")
     return first[0].lower() + first[1:] if first[1:2].islower() else first
 
 
@@ -46,8 +48,15 @@ def add_setting_flags(parser: argparse.ArgumentParser, only: Iterable[str] | Non
 
 def add_common(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """--config and --data: every command that reads the configuration has them."""
-    parser.add_argument("--config", metavar="FILE", help="TOML configuration file")
-    return add_setting_flags(parser, only=("--data",))
+    parser.add_argument("--config", metavar="FILE",
+                        help="the TOML configuration file (default: $PACSD_CONFIG, else "
+                             "pacsd.toml in the data folder when there is one)")
+    parser.add_argument("--data", metavar="DIR",
+                        help=f"the data folder: index, images, log, and the pacsd.json of the "
+                             f"server running on it (default: $PACSD_DATA, else [server] data "
+                             f"of the config file, else {config_mod.DEFAULT_DATA}; the same "
+                             f"for every command)")
+    return parser
 
 
 def overrides(args: argparse.Namespace) -> dict[str, Any]:

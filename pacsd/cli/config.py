@@ -4,18 +4,20 @@ problem, one line each, and the folders the server must write to)."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from pacsd import config as config_mod
+from pacsd.cli import where
 from pacsd.cli.common import overrides
 from pacsd.config import Config
 from pacsd.errors import EXIT_CONFIG, EXIT_OK
 
-HELP = "show or check the configuration"
+HELP = "show the configuration in effect (--list: where each value comes from) or check it"
 LOGGING = None
-CONFIG = "self"   # --config, --data; but read here: --list needs none, --check gathers problems
+CONFIG = "self"   # --config, --data; but read here: --check gathers every problem
 
 
 @dataclass(frozen=True)
@@ -48,8 +50,48 @@ CHECKS: list[Callable[[Config], Iterable[Problem]]] = [
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--check", action="store_true", help="validate and exit 0, or exit 78")
-    parser.add_argument("--list", action="store_true", help="list every setting")
+    parser.add_argument("--check", action="store_true",
+                        help="check every setting and the folders the server writes to; exit 0 "
+                             "when all is well, 78 with one line per problem")
+    parser.add_argument("--list", action="store_true",
+                        help="every setting by section, with the value in effect and where it "
+                             "comes from (default, the config file, $PACSD_..., a flag)")
+
+
+def _toml(value: Any) -> str:
+    """A value as it would be written in pacsd.toml."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (tuple, list)):
+        return json.dumps(list(value), ensure_ascii=False)
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+def listing(cfg: Config) -> list[str]:
+    """Every setting as TOML under its section, the value in effect, and after it where it came
+    from: what to copy into pacsd.toml, and why a value is not the one written there."""
+    from pacsd.index import backends
+    # The folders left empty are resolved against the data folder: show where they really are.
+    resolved = {"server.data": cfg.data, "storage.path": cfg.storage_path,
+                "index.url": backends.redacted(cfg.index_url),   # no password on a terminal
+                "log.file": cfg.log_path or "-", "watchdog.log_file": cfg.watchdog_log_path or "-"}
+    source = cfg.source if cfg.source != "defaults" else "none"
+    lines = [f"# the values in effect; config file: {source}"]
+    section = ""
+    for s in config_mod.SETTINGS:
+        if s.section != section:
+            section = s.section
+            lines += ["", f"[{section}]"]
+        value = getattr(getattr(cfg, s.section), s.key)
+        origin = cfg.origins.get(s.dotted, "default")
+        if s.dotted in resolved:
+            if not value and origin == "default":
+                origin = "default: in the data folder"
+            value = resolved[s.dotted]
+        lines.append(f"{s.key} = {_toml(value)}  # {origin}")
+    return lines
 
 
 def check(args: argparse.Namespace) -> int:
@@ -64,17 +106,18 @@ def check(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     print(f"configuration OK ({cfg.source}): AE {cfg.dicom_aet} on "
           f"{cfg.dicom_bind}:{cfg.dicom_port}, data {cfg.data}, storage {cfg.storage_path}, "
-          f"{len(cfg.nodes)} node(s)")
+          f"{len(cfg.nodes)} node(s); {where.server(cfg)}")
     return EXIT_OK
 
 
 def run(args: argparse.Namespace, cfg: Config | None) -> int:
-    if args.list:
-        print(config_mod.describe())
-        return EXIT_OK
     if args.check:
         return check(args)
     cfg = config_mod.load(args.config, overrides=overrides(args))
+    print(f"pacsd: {where.describe(cfg)}", file=sys.stderr, flush=True)
+    if args.list:
+        print("\n".join(listing(cfg)))
+        return EXIT_OK
     for key, value in sorted(cfg.flat().items()):
         if key == "index_url":   # its password never goes to a terminal or a ticket
             from pacsd.index import backends

@@ -20,7 +20,8 @@ LOGGING = "stderr"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("paths", nargs="+", metavar="PATH")
+    parser.add_argument("paths", nargs="+", metavar="PATH",
+                        help="DICOM files, or folders read with all their subfolders")
 
 
 def files_in(paths: list[str]) -> Iterator[Path]:

@@ -12,7 +12,8 @@ LOGGING = "stderr"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--status", action="store_true", help="only show the schema version")
+    parser.add_argument("--status", action="store_true", help="only say which schema version the index has and what "
+                             "would change; change nothing")
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:

@@ -14,9 +14,13 @@ CONFIG = None   # reads no configuration: no --config, --data
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name")
-    parser.add_argument("--admin", action="store_true", help="may delete and send to nodes")
-    parser.add_argument("--stdin", action="store_true", help="read the password from stdin")
+    parser.add_argument("name", help="the user's log-in name")
+    parser.add_argument("--admin", action="store_true",
+                        help="an administrator: the admin page (nodes, users, the routing "
+                             "queue, recent errors), deleting studies, sending them to nodes")
+    parser.add_argument("--stdin", action="store_true",
+                        help="read the password from the first line of standard input (also "
+                             "when standard input is not a terminal)")
 
 
 def run(args: argparse.Namespace, cfg: Config | None) -> int:

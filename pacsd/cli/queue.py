@@ -14,13 +14,15 @@ LOGGING = "stderr"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", nargs="?", choices=("list", "retry", "forget"), default="list")
+    parser.add_argument("action", nargs="?", choices=("list", "retry", "forget"), default="list",
+                        help="list the jobs (default), queue them again, or forget them")
     parser.add_argument("ids", nargs="*", type=int, metavar="ID", help="job numbers")
     parser.add_argument("--state", choices=("queued", "done", "dead", "all"), default="dead",
                         help="which jobs to list (default dead)")
     parser.add_argument("--dead", action="store_true", help="retry: every dead job")
-    parser.add_argument("--limit", type=positive_int, default=200, metavar="N")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--limit", type=positive_int, default=200, metavar="N",
+                        help="list at most N jobs (default 200)")
+    parser.add_argument("--json", action="store_true", help="the counts and jobs as JSON")
 
 
 def refuse(args: argparse.Namespace) -> str | None:

@@ -16,12 +16,14 @@ LOGGING = "plain"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("node", help="node name or AE title (see `pacsd nodes`)")
-    parser.add_argument("--patient-id", metavar="ID")
+    parser.add_argument("--patient-id", metavar="ID", help="the Patient ID (DICOM wildcards allowed)")
     parser.add_argument("--patient-name", metavar="NAME", help="DICOM wildcards allowed: DOE*")
     parser.add_argument("--date", metavar="DATE", help="YYYYMMDD or a range YYYYMMDD-YYYYMMDD")
-    parser.add_argument("--accession", metavar="NUMBER")
-    parser.add_argument("--modality", metavar="CODE", help="e.g. CT")
-    parser.add_argument("--study-uid", metavar="UID", action="append")
+    parser.add_argument("--accession", metavar="NUMBER", help="the Accession Number")
+    parser.add_argument("--modality", metavar="CODE",
+                        help="only studies with this modality, e.g. CT")
+    parser.add_argument("--study-uid", metavar="UID", action="append",
+                        help="a Study Instance UID (give it again for several)")
     parser.add_argument("--list", action="store_true", help="only list what matches")
 
 

@@ -10,6 +10,7 @@ from pacsd.errors import EXIT_OK
 
 HELP = "run the server in the foreground"
 LOGGING = "file"
+WHERE = "folder"   # the data folder and config file it serves (a first line on stderr)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -14,10 +14,11 @@ from pacsd.errors import EXIT_OK
 
 HELP = "is the server up; what does it hold"
 LOGGING = None
+WHERE = "folder"   # the report says whether the server runs
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", action="store_true", help="the report as JSON")
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
@@ -27,7 +28,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     except (OSError, ValueError):
         run = None
     report: dict = {"version": __version__, "data": str(cfg.data),
-                    "storage": str(cfg.storage_path)}
+                    "config": cfg.source, "storage": str(cfg.storage_path)}
     running = bool(run) and psutil.pid_exists(int(run["pid"]))
     report["running"] = running
     if running:

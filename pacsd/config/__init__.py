@@ -2,7 +2,7 @@
 
 Every setting is declared once, as a field of its section's dataclass (sections.py: help,
 validator, flag as metadata); the TOML and environment readers, the flat view (`cfg.dicom_port`),
-`pacsd serve`'s flags and `pacsd config --list` (the settings reference) come from there.
+`pacsd serve`'s flags, `pacsd config --list` and the settings reference come from there.
 A bad value raises ConfigError with one line that names the setting and where it came from.
 
   sections.py    the settings: ServerSettings, DicomSettings, ... (one per TOML section)

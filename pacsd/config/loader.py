@@ -69,6 +69,9 @@ class Config:
     routes: tuple[Route, ...] = ()
     plugin_settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     source: str = "defaults"   # the config file it came from, for messages
+    # Where each setting's value came from ("section.key" -> the file, "$PACSD_...", "the
+    # command line (--flag)"); a setting left at its default is absent. `pacsd config --list`.
+    origins: Mapping[str, str] = field(default_factory=dict, compare=False)
 
     if TYPE_CHECKING:   # the generated flat properties (FLAT), which mypy cannot see
         def __getattr__(self, name: str) -> Any: ...
@@ -77,7 +80,7 @@ class Config:
         """Every value under its flat name (what `pacsd config` prints)."""
         out = {name: getattr(self, name) for name in FLAT}
         out.update((f.name, getattr(self, f.name)) for f in dataclasses.fields(self)
-                   if f.name not in SECTIONS)
+                   if f.name not in SECTIONS and f.name != "origins")
         return out
 
     def node_by_aet(self, aet: str) -> Node | None:
@@ -211,6 +214,7 @@ def _build(path: Path | str | None, env: Mapping[str, str] | None,
     env = os.environ if env is None else env
     overrides = dict(overrides or {})
     values: dict[tuple[str, str], Any] = {(s.section, s.key): s.default for s in SETTINGS}
+    origins: dict[str, str] = {}
 
     def data_hint() -> str:
         return str(overrides.get("server.data") or env.get("PACSD_SERVER_DATA")
@@ -219,12 +223,13 @@ def _build(path: Path | str | None, env: Mapping[str, str] | None,
     def coerce(s: Setting, value: Any, origin: str) -> None:
         try:
             values[(s.section, s.key)] = _coerce(s, value, origin)
+            origins[s.dotted] = origin
         except ConfigError as e:
             problems.add(e)
 
     file = path or env.get("PACSD_CONFIG")
     if not file:
-        candidate = Path(data_hint()).expanduser() / CONFIG_FILE_NAME
+        candidate = Path(data_hint()).expanduser().absolute() / CONFIG_FILE_NAME
         file = candidate if candidate.is_file() else None
     raw: dict[str, Any] = {}
     if file:
@@ -297,7 +302,7 @@ def _build(path: Path | str | None, env: Mapping[str, str] | None,
             problems.add(ConfigError(str(problem)))
     return Config(**sections, data=data, storage_path=storage_path, index_url=index_url,
                   nodes=nodes, users=users, routes=routes, plugin_settings=plugins,
-                  source=source)
+                  source=source, origins=origins)
 
 
 def load(path: Path | str | None = None, env: Mapping[str, str] | None = None,
@@ -354,7 +359,7 @@ def folder_problems(cfg: Config) -> list[str]:
 
 
 def describe() -> str:
-    """The settings as a Markdown table (`pacsd config --list`; the manual's settings reference)."""
+    """The settings as a Markdown table (the manual's settings reference)."""
     rows = ["| setting | env | flag | default | meaning |", "|---|---|---|---|---|"]
     for s in SETTINGS:
         default = list(s.default) if isinstance(s.default, tuple) else s.default

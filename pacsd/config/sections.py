@@ -3,7 +3,7 @@
 A field's default is the setting's default, its annotation the type, and its metadata (made by
 `setting()`) the help text, the validator, and the `pacsd serve` flag if any; the environment
 variable is PACSD_<SECTION>_<KEY>. The loader, the flat view (`cfg.dicom_port`), the serve flags
-and `pacsd config --list` (the settings reference) are all derived from these classes
+`pacsd config --list` and the settings reference are all derived from these classes
 (`SETTINGS`), in the manner of gunicorn's `config.Setting`.
 
 A new setting: add a field to its section here (and read it as `cfg.SECTION.KEY`, or the flat

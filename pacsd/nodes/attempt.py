@@ -58,6 +58,13 @@ class Attempt:
         except (AttributeError, KeyError, ValueError):
             self.rejection = "no reason given"
 
+    def refused(self) -> bool:
+        """The connection itself failed before its timeout: nothing listens there (or the
+        host is unreachable), as against a node that answered and said no."""
+        waited = time.monotonic() - self.started
+        return not self.connected and not (self.connection_timeout
+                                           and waited >= 0.95 * self.connection_timeout)
+
     def failure(self, assoc: Association) -> tuple[str, str]:
         """(what happened, for a log line; the same in at most COMMENT_MAX characters, for an
         Error Comment)."""

@@ -293,6 +293,9 @@ def open_association(ae: AE, node: Node, contexts: list[PresentationContext],
                          + attempt.handlers)
     if not assoc.is_established:
         ae.shutdown()
+        if attempt.refused():   # no association was ever asked for: nobody there to refuse it
+            raise RemoteError(f"{node.name or node.aet} ({node.aet}): nothing listens on "
+                              f"{node.host}:{node.port} (connection refused)")
         raise RemoteError(f"{node.name or node.aet} ({node.aet}@{node.host}:{node.port}) did "
                           f"not accept the association: {attempt.failure(assoc)[0]}")
     return assoc
