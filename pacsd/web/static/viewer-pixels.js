@@ -190,6 +190,7 @@ export class Series {
     this.active = 0;        // workers running
     this.dropped = false;
     this.batches = 0;       // batch requests in flight
+    this.inflight = 0;      // bytes those batches are to bring (counted against the cap)
     this.batchesSent = 0;
     this.misses = new Map(); // image -> batches that did not bring it
     this.single = new Set(); // images left to the one-request-per-frame path
@@ -444,10 +445,11 @@ export class SeriesStore {
 
   // Room for image i within SERIES_BYTES: drop the loaded slices farthest from the screen, if
   // they are farther than i. False: no room (i waits until the user comes nearer).
-  makeRoom(s, i, centres = this.centresOf(s)) {
+  makeRoom(s, i, centres = this.centresOf(s), planned = 0) {
     const img = s.images[i];
-    const need = img.rows * img.cols * img.samples * img.bitsAllocated / 8;
-    if (s.bytes + need <= seriesBytes()) return true;
+    const cap = seriesBytes(), need = img.rows * img.cols * img.samples * img.bitsAllocated / 8;
+    const over = () => s.bytes + s.inflight + planned + need > cap;
+    if (!over()) return true;
     const far = [];
     for (let k = 0; k < s.count; k++) {
       if (s.state[k] === 2 && s.pixels[k] && s.pixels[k].byteLength) far.push(k);
@@ -455,15 +457,14 @@ export class SeriesStore {
     far.sort((a, b) => this.distance(s, b, centres) - this.distance(s, a, centres));
     const mine = this.distance(s, i, centres);
     for (const k of far) {
-      if (s.bytes + need <= seriesBytes()) break;
-      if (this.distance(s, k, centres) <= mine + 1) break;
+      if (!over() || this.distance(s, k, centres) <= mine + 1) break;
       s.bytes -= s.pixels[k].byteLength;
       s.pixels[k] = null;
       s.state[k] = 0;
       s.loaded--;
       s.evicted++;
     }
-    return s.bytes + need <= seriesBytes();
+    return !over();
   }
 
   startBatches(s) {
@@ -478,10 +479,7 @@ export class SeriesStore {
         const i = this.nextToLoad(s, true, centres);
         if (i < 0) break;
         const img = s.images[i];
-        s.bytes += planned;   // room for the whole batch, counted while it is planned
-        const room = this.makeRoom(s, i, centres);
-        s.bytes -= planned;
-        if (!room) break;
+        if (!this.makeRoom(s, i, centres, planned)) break;   // room for the whole batch
         planned += img.rows * img.cols * img.bitsAllocated / 8;
         s.state[i] = 1;
         pick.push(i);
@@ -501,7 +499,10 @@ export class SeriesStore {
     }
     const url = new URL(`${DW}studies/${this.studyUid}/series/${s.uid}/pixels?instances=` +
                         [...bySop.keys()].join(","), location.href).href;
-    this.batchesOut.set(id, { s, pick, bySop, got: new Set() });
+    let bytes = 0;
+    for (const i of pick) bytes += s.images[i].rows * s.images[i].cols * s.images[i].bitsAllocated / 8;
+    s.inflight += bytes;   // counted against the cap until the batch has ended
+    this.batchesOut.set(id, { s, pick, bySop, got: new Set(), bytes });
     s.batches++;
     s.batchesSent++;
     this.batchRequests = (this.batchRequests || 0) + 1;
@@ -519,11 +520,15 @@ export class SeriesStore {
       if (msg.frame.buffer.byteLength < img.rows * img.cols * img.bitsAllocated / 8) return;
       img.min = msg.frame.min; img.max = msg.frame.max;
       b.got.add(i);
-      this.stored(s, i, viewOf(img, msg.frame.buffer));
+      const data = viewOf(img, msg.frame.buffer);
+      s.inflight -= data.byteLength;   // now in s.bytes
+      b.bytes -= data.byteLength;
+      this.stored(s, i, data);
       return;
     }
     this.batchesOut.delete(msg.id);
     s.batches--;
+    s.inflight -= b.bytes;
     if (msg.error) {
       if (msg.status === 401) { pacs.toLogin(); return; }
       console.warn("pixel batch of series", s.uid, msg.error);
