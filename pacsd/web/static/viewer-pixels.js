@@ -293,7 +293,9 @@ export class SeriesStore {
     };
     if (p.img || p.failed) { take(); return; }
     s.state[i] = 1;   // on its way: the workers leave it
-    p.done.then(take);
+    const im = s.images[i], pending = im.gray ? im.rows * im.cols * im.bitsAllocated / 8 : 0;
+    s.inflight += pending;   // counted against the memory cap (makeRoom) until it is here
+    p.done.then(() => { s.inflight -= pending; take(); });
   }
 
   stored(s, i, data) {
