@@ -37,6 +37,7 @@ import tarfile
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 from common import LOCAL, REPO, pacsd, store
@@ -292,6 +293,16 @@ def main() -> None:
                     t = time.monotonic()
                     store(srv.dicom_port, files)
                     print(f"{label}: stored in {time.monotonic() - t:.1f} s")
+                    # What pacsd does once a study is stable ([storage] warm_metadata): the
+                    # series metadata cached, as when a radiologist opens it minutes later.
+                    t = time.monotonic()
+                    warm = urllib.request.Request(
+                        f"{srv.http_url}/dicom-web/studies/{study}/series/"
+                        f"{uid(SEED, 1, 1, 1, 'series')}/metadata",
+                        headers={"Accept": "application/dicom+json"})
+                    with urllib.request.urlopen(warm, timeout=600) as r:
+                        r.read()
+                    print(f"{label}: series metadata warmed in {time.monotonic() - t:.1f} s")
                     pacsd_viewer(drv, f"{srv.http_url}/app/viewer?study={study}", args.images,
                                  args.runs, f"pacsd {label}")
                     scroll(drv)
