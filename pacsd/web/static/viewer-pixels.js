@@ -412,7 +412,7 @@ export class SeriesStore {
   // reached on the server, an unreadable file) is asked for again; after two misses it goes the
   // one-request-per-frame way, which says why it cannot be had.
   //
-  // Memory: the decoded slices of one series are held to SERIES_BYTES (a 1,000-slice 512x512
+  // Memory: the decoded slices of one series are held to seriesBytes() (a 1,000-slice 512x512
   // 16-bit CT is 500 MB; the cap is the cache's, 1.5 GB on a desktop). Beyond it, slices
   // farthest from those on screen are dropped to make room for nearer ones, and fetched again
   // when the user scrolls back to them (the page calls startLoading when the slice changes).
@@ -424,12 +424,13 @@ export class SeriesStore {
   workers() {
     if (this.pool !== undefined) return this.pool;
     this.pool = null;
-    if (!window.Worker || window.PACSD_NO_BATCHES) return null;
+    if (!window.Worker) return null;
     try {
       const pool = [];
       for (let k = 0; k < BATCH_WORKERS; k++) {
         const w = new Worker(new URL("./viewer-batch.js", import.meta.url));
         w.onmessage = (e) => this.fromWorker(e.data);
+        w.onerror = (e) => this.workersFailed(e);
         pool.push(w);
       }
       this.pool = pool;
@@ -439,13 +440,25 @@ export class SeriesStore {
     return this.pool;
   }
 
+  // A worker that cannot run (its script not loaded, an engine without streams): no batches
+  // any more; what they were bringing goes the one-request-per-frame way.
+  workersFailed(e) {
+    console.warn("pixel worker failed; one request per frame:", e && e.message);
+    const pool = this.pool;
+    this.pool = null;
+    if (pool) for (const w of pool) w.terminate();
+    for (const id of [...(this.batchesOut || new Map()).keys()]) {
+      this.fromWorker({ id, error: "worker failed", status: 0 });
+    }
+  }
+
   distance(s, i, centres) {
     let d = Infinity;
     for (const c of centres) d = Math.min(d, Math.abs(i - c));
     return d;
   }
 
-  // Room for image i within SERIES_BYTES: drop the loaded slices farthest from the screen, if
+  // Room for image i within seriesBytes(): drop the loaded slices farthest from the screen, if
   // they are farther than i. False: no room (i waits until the user comes nearer).
   makeRoom(s, i, centres = this.centresOf(s), planned = 0) {
     const img = s.images[i];
