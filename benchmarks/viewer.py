@@ -131,7 +131,8 @@ requestAnimationFrame(() => {
 """
 
 REQUESTS = """
-const frames = performance.getEntriesByType('resource').filter(e => /\\/frames\\/\\d+$/.test(e.name)).length;
+const frames = performance.getEntriesByType('resource')
+  .filter(e => /\\/frames\\/\\d+$/.test(e.name)).length;
 const l = pacsViewer.loading || {batchRequests: 0};
 return {frames: frames, batches: l.batchRequests, evicted: l.evicted || 0, heap: window.__heap};
 """
@@ -226,7 +227,8 @@ def serve_ohif(dist: Path, work: Path) -> tuple[Path, http.server.HTTPServer]:
 OHIF_PROGRESS = """
 const fr = performance.getEntriesByType('resource').filter(e => /\\/frames\\/\\d+/.test(e.name));
 const ends = fr.map(e => e.responseEnd).sort((a, b) => a - b);
-return {n: fr.length, first: ends.length ? ends[0] : null, last: ends.length ? ends[ends.length - 1] : null,
+return {n: fr.length, first: ends.length ? ends[0] : null,
+        last: ends.length ? ends[ends.length - 1] : null,
         heap: window.__heap};
 """
 
@@ -315,7 +317,7 @@ def main() -> None:
                         ohif_server.shutdown()
                     else:
                         print("OHIF: not measured (give --ohif with the built OHIF, the "
-                              "tarball of `npm pack @ohif/app`; none is installed here)")
+                              "tarball `npm pack @ohif/app@3.13.2` writes; pacsd does not ship it)")
                     if args.screenshots:
                         screenshots(drv, srv.http_url, study)
         finally:

@@ -193,10 +193,9 @@ def _walk_native(data: bytes, implicit: bool) -> tuple[dict[str, object], int, i
             continue
         if tag in _PIXEL_US and length == 2 and value + 2 <= len(data):
             module[_PIXEL_US[tag]] = struct.unpack_from("<H", data, value)[0]
-        elif tag == 0x00280008:
-            module["NumberOfFrames"] = data[value:value + length].decode("ascii", "replace").strip(" \0")
-        elif tag == 0x00280004:
-            module["PhotometricInterpretation"] = data[value:value + length].decode("ascii", "replace")
+        elif tag in (0x00280008, 0x00280004):   # IS, CS
+            text = data[value:value + length].decode("ascii", "replace").strip(" \0")
+            module["NumberOfFrames" if tag == 0x00280008 else "PhotometricInterpretation"] = text
         p = value + length
     return None
 
