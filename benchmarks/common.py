@@ -27,15 +27,17 @@ class Pacsd:
 
 
 @contextmanager
-def pacsd(workdir: Path, timeout: float = 60, extra: str = "") -> Iterator[Pacsd]:
+def pacsd(workdir: Path, timeout: float = 60, extra: str = "", src: Path = REPO
+          ) -> Iterator[Pacsd]:
     """Run `pacsd serve` with a fresh data folder in `workdir`, ports 0; stop it afterwards.
-    `extra`: more TOML (whole sections other than [server], [dicom], [http], [log])."""
+    `extra`: more TOML (whole sections other than [server], [dicom], [http], [log]); `src`:
+    the source tree whose pacsd runs (another commit's, to compare)."""
     data, log, cfg = workdir / "data", workdir / "pacsd.log", workdir / "pacsd.toml"
     cfg.write_text(f'[server]\ndata = "{data}"\n[dicom]\nport = 0\nbind = "{LOCAL}"\n'
                    f'[http]\nport = 0\nbind = "{LOCAL}"\n[log]\nfile = "{log}"\n{extra}')
     proc = subprocess.Popen([sys.executable, "-m", "pacsd", "serve", "--config", str(cfg)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, cwd=REPO)
+                            stderr=subprocess.DEVNULL, cwd=src)
     try:
         try:
             info = wait_pacsd(proc, data, timeout, log)

@@ -50,6 +50,8 @@ def test_one_path_through_the_pages(engine, request, studies):
     page.wait("return window.pacsViewer && window.pacsViewer.ready && "
               "window.pacsViewer.loaded === window.pacsViewer.total && "
               "window.pacsViewer.total === 12", message="the series loaded")
+    # Through the pixel batches and their Web Workers (issue 19), in this engine too.
+    assert page.js("return window.pacsViewer.loading.batchRequests") >= 1, engine
     mean, spread, first = page.wait(CANVAS, message="the canvas has an image")
     assert spread > 5, f"{engine}: the first image is blank (mean {mean}, spread {spread})"
     # Orientation letters of an axial image (left, right, top, bottom), from its geometry.

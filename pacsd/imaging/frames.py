@@ -9,6 +9,7 @@ Every path passes the pixel budget (pacsd.imaging.bounds) first.
 from __future__ import annotations
 
 import io
+import os
 import struct
 from pathlib import Path
 from typing import Iterator
@@ -96,3 +97,127 @@ def read_frames(path: Path, ts: str, numbers: list[int], decode: bool = False
                 import numpy as np
                 data = np.frombuffer(data, f">u{bits // 8}").astype(f"<u{bits // 8}").tobytes()
             yield data
+
+
+# --- many instances at once: the viewer's batches (pacsd.web.wado_batch) ----------------------
+#
+# pydicom's header parse costs about 1.5 ms per file here, more than reading a 512 KB CT slice
+# (0.1 ms): for a batch of little endian native files the elements before Pixel Data are walked
+# directly in the bytes read (PS3.5 7.1.2 explicit VR, 7.1.3 implicit VR), picking out the
+# Image Pixel Module's sizes. Anything unusual (undefined lengths, a header beyond the bytes
+# read, encapsulated or big endian pixels) returns None and takes read_frames' way.
+
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"}
+_PIXEL_US = {0x00280002: "SamplesPerPixel", 0x00280010: "Rows", 0x00280011: "Columns",
+             0x00280100: "BitsAllocated"}
+_NATIVE_LE = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
+FAST_FILE_LIMIT = 64 << 20   # bigger files are cut by read_frames, a frame at a time
+
+
+def _element(data: bytes, p: int, implicit: bool) -> tuple[int, int, int, bytes] | None:
+    """(tag, value offset, length, VR) of the element at p; None past the end."""
+    if p + 8 > len(data):
+        return None
+    group, elem = struct.unpack_from("<HH", data, p)
+    vr = b""
+    if group == 0xFFFE or (implicit and group != 0x0002):   # items and delimiters: no VR
+        (length,), head = struct.unpack_from("<I", data, p + 4), 8
+    elif (vr := data[p + 4:p + 6]) in _LONG_VRS:
+        if p + 12 > len(data):
+            return None
+        (length,), head = struct.unpack_from("<I", data, p + 8), 12
+    else:
+        (length,), head = struct.unpack_from("<H", data, p + 6), 8
+    return group << 16 | elem, p + head, length, vr
+
+
+def _after_sequence(data: bytes, p: int, implicit: bool, depth: int) -> int | None:
+    """Where a sequence of undefined length whose items start at p ends (after its
+    delimitation item, PS3.5 7.5.2); None if it cannot be followed here."""
+    if depth > 8:
+        return None
+    while (el := _element(data, p, implicit)) is not None:
+        tag, value, length, _ = el
+        if tag == 0xFFFEE0DD:        # Sequence Delimitation Item
+            return value
+        if tag != 0xFFFEE000:        # an Item, or nothing we know
+            return None
+        if length != 0xFFFFFFFF:
+            p = value + length
+            continue
+        p = value                    # an item of undefined length: its elements
+        while (inner := _element(data, p, implicit)) is not None:
+            itag, ivalue, ilength, ivr = inner
+            if itag == 0xFFFEE00D:   # Item Delimitation Item
+                p = ivalue
+                break
+            if ilength == 0xFFFFFFFF:
+                if ivr not in (b"SQ", b"") or (implicit and not _sequence_follows(data, ivalue)):
+                    return None
+                after = _after_sequence(data, ivalue, implicit, depth + 1)
+                if after is None:
+                    return None
+                p = after
+            else:
+                p = ivalue + ilength
+        else:
+            return None
+    return None
+
+
+def _sequence_follows(data: bytes, p: int) -> bool:
+    """In implicit VR, an undefined length is a sequence if an item or its end follows."""
+    return data[p:p + 4] in (b"\xfe\xff\x00\xe0", b"\xfe\xff\xdd\xe0")
+
+
+def _walk_native(data: bytes, implicit: bool) -> tuple[dict[str, object], int, int] | None:
+    """({keyword: value} of the Image Pixel Module, offset, length) of the Pixel Data value of
+    a Part 10 file held in `data`, or None where the quick walk does not apply."""
+    if len(data) < 132 or data[128:132] != b"DICM":
+        return None
+    module: dict[str, object] = {}
+    p = 132
+    while (el := _element(data, p, implicit)) is not None:
+        tag, value, length, vr = el
+        if tag >> 16 == 0xFFFE:
+            return None
+        if tag == 0x7FE00010:
+            return (module, value, length) if length != 0xFFFFFFFF else None
+        if length == 0xFFFFFFFF:     # a sequence of undefined length: over its items
+            if vr not in (b"SQ", b"") or (not vr and not _sequence_follows(data, value)):
+                return None
+            after = _after_sequence(data, value, implicit, 0)
+            if after is None:
+                return None
+            p = after
+            continue
+        if tag in _PIXEL_US and length == 2 and value + 2 <= len(data):
+            module[_PIXEL_US[tag]] = struct.unpack_from("<H", data, value)[0]
+        elif tag in (0x00280008, 0x00280004):   # IS, CS
+            text = data[value:value + length].decode("ascii", "replace").strip(" \0")
+            module["NumberOfFrames" if tag == 0x00280008 else "PhotometricInterpretation"] = text
+        p = value + length
+    return None
+
+
+def native_frames_fast(path: Path, ts: str) -> list[bytes] | None:
+    """Every frame of a little endian native file, cut from one read of it; None when the
+    quick walk does not apply (then read_frames). Holds the pixel budget as read_frames does."""
+    if ts not in _NATIVE_LE:
+        return None
+    with open(path, "rb", buffering=0) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > FAST_FILE_LIMIT:
+            return None
+        data = f.read(size)
+    found = _walk_native(data, implicit=ts == "1.2.840.10008.1.2")
+    if found is None:
+        return None
+    module, offset, length = found
+    d = bounds.check_pixels(module, native=True, length=length, carried=len(data) - offset)
+    if d is None:
+        raise NoSuchFrame("the instance has no Image Pixel Module")
+    if (d.frame_pixels * d.samples * d.bits) % 8:
+        return None
+    size = d.frame_pixels * d.samples * d.bits // 8
+    return [data[offset + n * size: offset + (n + 1) * size] for n in range(d.frames)]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import bottle
 
-from pacsd.web import qido, stow, wado_metadata, wado_rs
+from pacsd.web import qido, stow, wado_batch, wado_metadata, wado_rs
 from pacsd.web.app import new_app
 from pacsd.web.dicomweb_common import url
 from pacsd.web.runtime import Runtime
@@ -22,6 +22,7 @@ def make_app(rt: Runtime) -> bottle.Bottle:
     qido.add_routes(app, rt)
     wado_rs.add_routes(app, rt)
     wado_metadata.add_routes(app, rt)
+    wado_batch.add_routes(app, rt)   # the viewer's pixel batches (a pacsd extension)
     # STOW-RS (PS3.18 10.5)
     app.post("/studies", callback=lambda: stow.stow(rt, None, url))
     app.post("/studies/<study>", callback=lambda study: stow.stow(rt, study, url))

@@ -17,8 +17,11 @@
 //   .../frames/{n}/rendered?accept=image/png (the server converts YBR and applies palettes,
 //   which would be a lot of code here for little gain), decoded by the browser.
 //   A grayscale frame the server cannot give raw (406) falls back to that path too.
-// Every image of a series is fetched in the background, 6 requests at a time (the browser's
-// per-host limit), nearest to the slice on screen first.
+// Every image of a series is fetched in the background, nearest to the slice on screen first:
+// grayscale single-frame images in batches (pacsd's .../series/{uid}/pixels, many instances'
+// frames in one multipart answer), fetched and cut by Web Workers (viewer-batch.js) that hand
+// each slice over as a transferred ArrayBuffer, so the page only draws (see "batches" below);
+// anything else one request per frame, 6 at a time (the browser's per-host limit).
 
 import { dot, frameOf, readingSign, stackPosition } from "./viewer-geometry.js";
 
@@ -33,6 +36,12 @@ const CACHE_BYTES = (() => {
   if (gb) return Math.min(1536, Math.max(256, gb * 128)) * MB;
   return (navigator.maxTouchPoints > 1 ? 512 : 1536) * MB;   // Safari and Firefox: guess
 })();
+
+// Batches (SeriesStore.startBatches): instances per request, the first one small.
+const BATCH_FIRST = 8, BATCH_SIZE = 100, BATCHES_IN_FLIGHT = 2, BATCH_WORKERS = 2;
+// Decoded slices of one series kept at most (SeriesStore.makeRoom): the cache's size
+// (window.pacsdSeriesBytes, set before the page loads, overrides it: tests and benchmarks).
+const seriesBytes = () => window.pacsdSeriesBytes || CACHE_BYTES;
 
 // ---- DICOM JSON (PS3.18 F.2) helpers ---------------------------------------------------------
 const val = (ds, tag, i = 0) => {
@@ -159,6 +168,14 @@ function typedArray(img, buffer) {
   return a;
 }
 
+// A slice the worker has masked already: only the typed array over its buffer.
+function viewOf(img, buffer) {
+  const n = img.rows * img.cols;
+  if (img.bitsAllocated === 8) return img.signed ? new Int8Array(buffer, 0, n) : new Uint8Array(buffer, 0, n);
+  if (img.bitsAllocated === 16) return img.signed ? new Int16Array(buffer, 0, n) : new Uint16Array(buffer, 0, n);
+  return img.signed ? new Int32Array(buffer, 0, n) : new Uint32Array(buffer, 0, n);
+}
+
 // ---- series and their cache ------------------------------------------------------------------
 let cacheTick = 0;
 
@@ -180,6 +197,12 @@ export class Series {
     this.used = ++cacheTick;
     this.active = 0;        // workers running
     this.dropped = false;
+    this.batches = 0;       // batch requests in flight
+    this.inflight = 0;      // bytes those batches are to bring (counted against the cap)
+    this.batchesSent = 0;
+    this.misses = new Map(); // image -> batches that did not bring it
+    this.single = new Set(); // images left to the one-request-per-frame path
+    this.evicted = 0;       // slices dropped by the memory cap (fetched again when near)
   }
   get count() { return this.images.length; }
   // Image i and its pixels; until the metadata is read, the preview's (whatever i is).
@@ -278,7 +301,9 @@ export class SeriesStore {
     };
     if (p.img || p.failed) { take(); return; }
     s.state[i] = 1;   // on its way: the workers leave it
-    p.done.then(take);
+    const im = s.images[i], pending = im.gray ? im.rows * im.cols * im.bitsAllocated / 8 : 0;
+    s.inflight += pending;   // counted against the memory cap (makeRoom) until it is here
+    p.done.then(() => { s.inflight -= pending; take(); });
   }
 
   stored(s, i, data) {
@@ -342,12 +367,10 @@ export class SeriesStore {
   }
 
   // The next image to fetch: the one nearest to what a viewport shows of this series.
-  nextToLoad(s) {
-    const centres = this.hooks.centres(s);
-    if (!centres.length) centres.push(0);
+  nextToLoad(s, batched = false, centres = this.centresOf(s)) {
     let best = -1, bestD = Infinity;
     for (let i = 0; i < s.count; i++) {
-      if (s.state[i] !== 0) continue;
+      if (s.state[i] !== 0 || this.batchable(s, i) !== batched) continue;
       let d = Infinity;
       for (const c of centres) d = Math.min(d, i >= c ? i - c : (c - i) + 0.5);   // ahead first
       if (d < bestD) { bestD = d; best = i; }
@@ -355,13 +378,21 @@ export class SeriesStore {
     return best;
   }
 
+  centresOf(s) {
+    const centres = this.hooks.centres(s);
+    if (!centres.length) centres.push(0);
+    return centres;
+  }
+
   startLoading(s) {
+    if (s.dropped || !s.sorted) return;
+    this.startBatches(s);
     const worker = async () => {
       s.active++;
       try {
         for (let guard = 0; guard < s.count * 2 + 10 && !s.dropped; guard++) {
           const i = this.nextToLoad(s);
-          if (i < 0) break;
+          if (i < 0 || !this.makeRoom(s, i)) break;
           s.state[i] = 1;
           let data = null;
           for (let attempt = 0; attempt < 2 && !data; attempt++) {
@@ -374,8 +405,167 @@ export class SeriesStore {
         }
       } finally { s.active--; }
     };
+    if (this.nextToLoad(s) < 0) return;
     const n = Math.min(CONCURRENCY, s.count) - s.active;
     for (let k = 0; k < n; k++) worker();
+  }
+
+  // ---- batches ---------------------------------------------------------------------------------
+  // Grayscale single-frame images come BATCH_SIZE at a time from .../series/{uid}/pixels, two
+  // batches in flight (one is being cut while the server reads the next), the first one small
+  // (the slices around the one on screen, there quickly), nearest to the slice on screen first.
+  // Each batch goes to a Web Worker (viewer-batch.js): it fetches, cuts the multipart body as it
+  // streams in, masks each frame to BitsStored and finds its min/max, and transfers the frame's
+  // ArrayBuffer here, where it is drawn if it is on screen. An image a batch leaves out (a bound
+  // reached on the server, an unreadable file) is asked for again; after two misses it goes the
+  // one-request-per-frame way, which says why it cannot be had.
+  //
+  // Memory: the decoded slices of one series are held to seriesBytes() (a 1,000-slice 512x512
+  // 16-bit CT is 500 MB; the cap is the cache's, 1.5 GB on a desktop). Beyond it, slices
+  // farthest from those on screen are dropped to make room for nearer ones, and fetched again
+  // when the user scrolls back to them (the page calls startLoading when the slice changes).
+  batchable(s, i) {
+    const img = s.images[i];
+    return !!(img && img.gray && img.frames === 1 && !s.single.has(i) && this.workers() !== null);
+  }
+
+  workers() {
+    if (this.pool !== undefined) return this.pool;
+    this.pool = null;
+    if (!window.Worker) return null;
+    try {
+      const pool = [];
+      for (let k = 0; k < BATCH_WORKERS; k++) {
+        const w = new Worker(new URL("./viewer-batch.js", import.meta.url));
+        w.onmessage = (e) => this.fromWorker(e.data);
+        w.onerror = (e) => this.workersFailed(e);
+        pool.push(w);
+      }
+      this.pool = pool;
+    } catch (e) {
+      console.warn("no Web Worker; one request per frame:", e.message);
+    }
+    return this.pool;
+  }
+
+  // A worker that cannot run (its script not loaded, an engine without streams): no batches
+  // any more; what they were bringing goes the one-request-per-frame way.
+  workersFailed(e) {
+    console.warn("pixel worker failed; one request per frame:", e && e.message);
+    const pool = this.pool;
+    this.pool = null;
+    if (pool) for (const w of pool) w.terminate();
+    for (const id of [...(this.batchesOut || new Map()).keys()]) {
+      this.fromWorker({ id, error: "worker failed", status: 0 });
+    }
+  }
+
+  distance(s, i, centres) {
+    let d = Infinity;
+    for (const c of centres) d = Math.min(d, Math.abs(i - c));
+    return d;
+  }
+
+  // Room for image i within seriesBytes(): drop the loaded slices farthest from the screen, if
+  // they are farther than i. False: no room (i waits until the user comes nearer).
+  makeRoom(s, i, centres = this.centresOf(s), planned = 0) {
+    const img = s.images[i];
+    const cap = seriesBytes(), need = img.rows * img.cols * img.samples * img.bitsAllocated / 8;
+    const over = () => s.bytes + s.inflight + planned + need > cap;
+    if (!over()) return true;
+    const far = [];
+    for (let k = 0; k < s.count; k++) {
+      if (s.state[k] === 2 && s.pixels[k] && s.pixels[k].byteLength) far.push(k);
+    }
+    far.sort((a, b) => this.distance(s, b, centres) - this.distance(s, a, centres));
+    const mine = this.distance(s, i, centres);
+    for (const k of far) {
+      if (!over() || this.distance(s, k, centres) <= mine + 1) break;
+      s.bytes -= s.pixels[k].byteLength;
+      s.pixels[k] = null;
+      s.state[k] = 0;
+      s.loaded--;
+      s.evicted++;
+    }
+    return !over();
+  }
+
+  startBatches(s) {
+    if (!this.workers()) return;
+    this.batchesOut = this.batchesOut || new Map();
+    while (s.batches < BATCHES_IN_FLIGHT && !s.dropped) {
+      const centres = this.centresOf(s);
+      const size = s.batchesSent === 0 ? BATCH_FIRST : BATCH_SIZE;
+      const pick = [];
+      let planned = 0;
+      while (pick.length < size) {
+        const i = this.nextToLoad(s, true, centres);
+        if (i < 0) break;
+        const img = s.images[i];
+        if (!this.makeRoom(s, i, centres, planned)) break;   // room for the whole batch
+        planned += img.rows * img.cols * img.bitsAllocated / 8;
+        s.state[i] = 1;
+        pick.push(i);
+      }
+      if (!pick.length) return;
+      this.sendBatch(s, pick);
+    }
+  }
+
+  sendBatch(s, pick) {
+    const id = this.batchSeq = (this.batchSeq || 0) + 1;
+    const bySop = new Map(), kinds = {};
+    for (const i of pick) {
+      const img = s.images[i];
+      bySop.set(img.sop, i);
+      kinds[img.sop] = { bitsAllocated: img.bitsAllocated, bitsStored: img.bitsStored, signed: img.signed };
+    }
+    const url = new URL(`${DW}studies/${this.studyUid}/series/${s.uid}/pixels?instances=` +
+                        [...bySop.keys()].join(","), location.href).href;
+    let bytes = 0;
+    for (const i of pick) bytes += s.images[i].rows * s.images[i].cols * s.images[i].bitsAllocated / 8;
+    s.inflight += bytes;   // counted against the cap until the batch has ended
+    this.batchesOut.set(id, { s, pick, bySop, got: new Set(), bytes });
+    s.batches++;
+    s.batchesSent++;
+    this.batchRequests = (this.batchRequests || 0) + 1;
+    this.pool[id % this.pool.length].postMessage({ id, url, accept: RAW_ACCEPT, kinds });
+  }
+
+  fromWorker(msg) {
+    const b = this.batchesOut.get(msg.id);
+    if (!b) return;
+    const s = b.s;
+    if (msg.frame) {
+      const i = b.bySop.get(msg.frame.sop);
+      if (i === undefined || msg.frame.n !== 1 || s.dropped || s.state[i] !== 1) return;
+      const img = s.images[i];
+      if (msg.frame.buffer.byteLength < img.rows * img.cols * img.bitsAllocated / 8) return;
+      img.min = msg.frame.min; img.max = msg.frame.max;
+      b.got.add(i);
+      const data = viewOf(img, msg.frame.buffer);
+      s.inflight -= data.byteLength;   // now in s.bytes
+      b.bytes -= data.byteLength;
+      this.stored(s, i, data);
+      return;
+    }
+    this.batchesOut.delete(msg.id);
+    s.batches--;
+    s.inflight -= b.bytes;
+    if (msg.error) {
+      if (msg.status === 401) { pacs.toLogin(); return; }
+      console.warn("pixel batch of series", s.uid, msg.error);
+    }
+    for (const i of b.pick) {
+      if (b.got.has(i) || s.state[i] !== 1) continue;
+      s.state[i] = 0;
+      const n = (s.misses.get(i) || 0) + 1;
+      s.misses.set(i, n);
+      // Refused outright (the batch resource is not there: an older server, a proxy), or
+      // missed twice: one request per frame.
+      if (n >= 2 || (msg.error && msg.status >= 400 && msg.status !== 503)) s.single.add(i);
+    }
+    if (!s.dropped) this.startLoading(s);
   }
 }
 

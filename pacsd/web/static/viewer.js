@@ -59,7 +59,7 @@ const page = {
   get layout() { return layout; },
   setActive: (n) => setActive(n),
   showSeries: (uid, vp) => showSeries(uid, vp),
-  imageChanged: (vp) => { linkViewports(vp); onImageChange(vp); },
+  imageChanged: (vp) => { linkViewports(vp); onImageChange(vp); loadNear(vp); },
   markThumbs: () => markThumbs(),
   scheduleRender: () => scheduleRender(),
   drawn(vp) {
@@ -84,6 +84,19 @@ function progress() {
     }
     for (const v of viewports) v.showProgress();
   });
+}
+
+// ---- loading follows the slice on screen (the fetching itself: viewer-pixels.js) -----------
+// Slices dropped by the memory cap, or not yet fetched, are asked for nearest the new slice.
+function loadNear(vp) {
+  const s = vp.series;
+  if (s && s.sorted && s.loaded < s.count && s.batches < 2) store.startLoading(s);
+}
+// What the loading did, for tests and benchmarks: batch requests made, slices dropped.
+function loadingStats() {
+  const s = activeVp() && activeVp().series;
+  return { batchRequests: store.batchRequests || 0, batches: s ? s.batchesSent : 0,
+           evicted: s ? s.evicted : 0, bytes: s ? s.bytes : 0, single: s ? s.single.size : 0 };
 }
 
 let renderQueued = false;
@@ -498,6 +511,7 @@ const api = {
   get loaded() { const s = activeVp() && activeVp().series; return s ? s.loaded : 0; },
   get total() { const s = activeVp() && activeVp().series; return s ? s.count : 0; },
   get draws() { return drawCount; },
+  get loading() { return loadingStats(); },
   setSlice(i, n = active) { viewports[n].setIndex(i); },
   renderNow() { renderNow(); },       // draw what is pending now, not at the next frame
   setLayout, setTool, setPreset, setActive, showSeries: (uid, n = active) => showSeries(uid, viewports[n]),
