@@ -25,6 +25,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from conftest import LOCAL, browser_errors, store_files, write_config
 from data import sample, uid, write_series
+from pagejs import js, wait
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -97,15 +98,6 @@ def open_viewer(browser, env, study: str, timeout: float = 30) -> None:
     wait(browser, "window.pacsViewer && window.pacsViewer.ready", timeout)
 
 
-def wait(browser, expression: str, timeout: float = 20):
-    """Poll a JS expression until it is truthy; return its value."""
-    return WebDriverWait(browser, timeout, poll_frequency=0.05).until(
-        lambda d: d.execute_script(f"return ({expression});"),
-        message=f"{expression} stayed false for {timeout} s")
-
-
-def js(browser, expression: str):
-    return browser.execute_script(f"return ({expression});")
 
 
 def all_loaded(browser) -> None:

@@ -16,10 +16,10 @@ import pytest
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
 from selenium.webdriver.common.by import By
-from selenium.webdriver.support.ui import WebDriverWait
 
 from conftest import LOCAL, browser_errors, store_files, write_config
 from data_volume import SLICES, XY, Z, Z_TOP, Volume, write_volume
+from pagejs import js, wait
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -39,16 +39,6 @@ def env(tmp_path_factory):
 
 
 # --- helpers ----------------------------------------------------------------------------------
-
-def wait(browser, expression: str, timeout: float = 20):
-    return WebDriverWait(browser, timeout, poll_frequency=0.05).until(
-        lambda d: d.execute_script(f"return ({expression});"),
-        message=f"{expression} stayed false for {timeout} s")
-
-
-def js(browser, expression: str):
-    return browser.execute_script(f"return ({expression});")
-
 
 def open_series(browser, env, name: str, extra: str = "") -> None:
     vol: Volume = env.vol
