@@ -103,8 +103,8 @@ def _v7(db: Database) -> None:
     for model, column in _SEARCH_COLUMNS:
         table = peewee_meta.table_name(model)
         if column not in {c.name for c in db.get_columns(table)}:
-            migrate(migrator.add_column(table, column, getattr(model, column)),
-                    migrator.add_index(table, (column,)))
+            # With its index: peewee's add_column makes one for a field declared index=True.
+            migrate(migrator.add_column(table, column, getattr(model, column)))
     for sql in EXPRESSION_INDEXES:
         db.execute_sql(sql)
 

@@ -24,7 +24,7 @@ from pacsd.index.models import (
     search_key,
     starts_with,
 )
-from pacsd.query.matching import Request, StoredInstance, condition, instances
+from pacsd.query.matching import QueryError, Request, StoredInstance, condition, instances
 
 # The list's sort orders, by the name the pages use; the study's id breaks ties.
 SORTS: dict[str, tuple[Any, ...]] = {
@@ -65,6 +65,18 @@ def conditions(keys: dict[str, str], description: str = "", name: str = "",
     return conds
 
 
+MAX_WORDS = 8   # per search field: a name has 3 groups of at most 5 components
+
+
+def _words(key: str) -> list[str]:
+    """The distinct words of a search key; QueryError (400) past MAX_WORDS, which bounds the
+    SQL a request makes (SQLite's parser refuses a few hundred nested conditions)."""
+    words = list(dict.fromkeys(key.split()))
+    if len(words) > MAX_WORDS:
+        raise QueryError(f"a search field takes at most {MAX_WORDS} words")
+    return words
+
+
 # Scripts written without spaces between words (CJK ideographs, kana): a word typed in them
 # may sit anywhere in a stored word ("太郎" in "山田太郎").
 _UNSPACED = re.compile("[\u2e80-\u9fff\uf900-\ufaff\uff66-\uff9f\U00020000-\U0003ffff]")
@@ -89,7 +101,7 @@ def name_words(text: str) -> list[Expression]:
     does not: a radiologist typing "lee" means Lee, not Kleefeld). A word in CJK or kana may be
     anywhere in a word of the name, as those scripts write a name without spaces."""
     conds = []
-    for word in search_key(text, name=True).split():
+    for word in _words(search_key(text, name=True)):
         w = _literal(word)
         if _UNSPACED.search(word):
             conds.append(_like(Patient.patient_name_search, f"%{w}%"))
@@ -104,7 +116,7 @@ def description_words(text: str) -> list[Expression]:
     order, with case and accents ignored ("hjarna" finds "HJÄRNA UTAN KONTRAST", "abdomen ct"
     finds "CT THORAX/ABDOMEN")."""
     return [_like(Study.study_description_search, f"%{_literal(w)}%")
-            for w in search_key(text).split()]
+            for w in _words(search_key(text))]
 
 
 def id_prefix(text: str) -> list[Expression]:
