@@ -291,8 +291,8 @@ def search_key(text: str, name: bool = False) -> str:
 
 def starts_with(field: Any, prefix: str) -> Expression:
     """`field` (a column, or an expression with an index) begins with `prefix`, as a range
-    on its index (both backends; peewee's
-    startswith is ILIKE on PostgreSQL, which no btree index serves)."""
+    on its index (both backends; peewee's startswith is ILIKE on PostgreSQL, which no btree
+    index serves)."""
     return (field >= prefix) & (field < prefix + "\U0010ffff")
 
 
