@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from peewee import SQL, Expression, Field, NodeList, SqliteDatabase, Value, fn
+from peewee import SQL, Expression, NodeList, SqliteDatabase, Value, fn
 
 from pacsd.index.models import (
     Instance,
@@ -66,8 +66,16 @@ def conditions(keys: dict[str, str], description: str = "", name: str = "",
         # than the patient of every study the plan walks in date order: a name search at
         # 100,000 studies: 316 ms as a join, 50 ms as this subquery, for two words.
         conds.append(Study.patient.in_(Patient.select(Patient.id).where(*of_patient)))
+    # An accession part, likewise: it picks a handful of studies, which the subquery finds
+    # reading the table once in its own order; tested on each study the plan walks in date
+    # order, the table is read row by row through the date index (100 of 100,000 studies:
+    # 104 ms instead of 319 ms). Not the description: a word such as "ct" picks a large
+    # share of the studies, and then the walk fills its page at once (115 ms instead of 160).
     conds += description_words(description)
-    conds += contains_ignoring_case(Study.accession_number, accession)
+    if accession.strip():
+        by_study = Study.alias("searched")
+        conds.append(Study.id.in_(by_study.select(by_study.id).where(
+            *contains_ignoring_case(by_study.accession_number, accession))))
     return conds
 
 
@@ -134,7 +142,7 @@ def id_prefix(text: str) -> list[Expression]:
     return [starts_with(fn.LOWER(Patient.patient_id), text.lower())] if text else []
 
 
-def contains_ignoring_case(field: Field, text: str) -> list[Expression]:
+def contains_ignoring_case(field: Any, text: str) -> list[Expression]:
     """`text` anywhere in an ID, upper and lower case alike: the last digits of an accession
     number read from a paper slip find its study (a scan of the study table, as any substring
     is; the study list benchmark measures it)."""
