@@ -3,7 +3,7 @@
 Fills a fresh index with N synthetic studies (rows only, written straight through peewee:
 the list never opens a file), starts `pacsd serve` on it and times `/api/studies` requests
 the page makes: the first page by date, by patient, a name search, a date range, a modality,
-and a deep page. Prints the median of 10 per request.
+an ID, an accession part, a description, and a deep page. Prints the median of 10 per request.
 
     .venv/bin/python benchmarks/study_list.py [--studies 300000]
 """
@@ -26,7 +26,7 @@ MODALITIES = ("CT", "MR", "US", "CR", "DX", "MG", "PT")
 
 def fill(data: Path, n: int) -> None:
     from pacsd.index import Index
-    from pacsd.index.models import Patient, Series, Study, database, name_key
+    from pacsd.index.models import Patient, Series, Study, database, name_key, search_key
     index = Index(f"sqlite:///{data / 'index.sqlite3'}").open(writer=False)
     rnd = random.Random(7)
     patients = max(1, n // 3)
@@ -38,6 +38,7 @@ def fill(data: Path, n: int) -> None:
                     name = f"PATIENT{p:07d}^GIVEN{p % 97}"
                     rows.append({"patient_id": f"ID{p:08d}", "patient_name": name,
                                  "patient_name_key": name_key(name),
+                                 "patient_name_search": search_key(name, name=True),
                                  "patient_birth_date": f"19{40 + p % 60}0101",
                                  "patient_sex": "MF"[p % 2], "number_of_studies": 3})
                 Patient.insert_many(rows).execute()
@@ -51,6 +52,7 @@ def fill(data: Path, n: int) -> None:
                                  "study_date": date, "study_time": f"{s % 24:02d}0000",
                                  "accession_number": f"A{s:09d}",
                                  "study_description": f"STUDY {s % 50}",
+                                 "study_description_search": f"study {s % 50}",
                                  "modalities_in_study": MODALITIES[s % len(MODALITIES)],
                                  "number_of_series": 1, "number_of_instances": 100})
                 Study.insert_many(rows).execute()
@@ -84,6 +86,9 @@ def main() -> None:
                 "date range (one month)": {"from": "20200101", "to": "20200131"},
                 "modality MR": {"modality": "MR"},
                 "patient ID prefix": {"patient_id": "ID0000123"},
+                "name, two words in any order": {"patient": "given5 patient00012"},
+                "accession part, lower case": {"accession": "a0001234"},
+                "description 'study 4'": {"description": "study 4"},
                 "page 1000 (offset 49,950)": {"offset": 49_950},
             }
             print(f"{'request':<40} {'median':>9} {'total':>9}")

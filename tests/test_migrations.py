@@ -391,7 +391,7 @@ def test_schema_3_gains_content_hashes_when_instances_come_again(index_url, tmp_
 
     index = Index(index_url).open()
     try:
-        assert schema_version(index_url) == migrations.LATEST == 6
+        assert schema_version(index_url) == migrations.LATEST >= 6
         archive = Archive(store, index)
         with index.reading():
             hashes = dict(database.obj.execute_sql(
@@ -428,7 +428,7 @@ def test_schema_5_nodes_gain_a_wado_url(index_url, tmp_path):
 
     index = Index(index_url).open()
     try:
-        assert schema_version(index_url) == migrations.LATEST == 6
+        assert schema_version(index_url) == migrations.LATEST >= 6
         cfg = config.load(None, env={"PACSD_DATA": str(tmp_path / "d")})
         accounts = Accounts(cfg, index).open()
         node = accounts.node("ws")

@@ -38,6 +38,7 @@ from pacsd.index.models import (
     Study,
     database,
     name_key,
+    search_key,
     reading,
     starts_with,
 )
@@ -164,7 +165,9 @@ class Instances(Writer):
                     "patient_id": v["patient_id"],
                     "issuer_of_patient_id": v["issuer_of_patient_id"],
                     **{k: v[k] for k in PATIENT_FIELDS},
-                    "patient_name_key": name_key(v["patient_name"]), "number_of_studies": 0,
+                    "patient_name_key": name_key(v["patient_name"]),
+                    "patient_name_search": search_key(v["patient_name"], name=True),
+                    "number_of_studies": 0,
                     "number_of_series": 0, "number_of_instances": 0},
                     "patient_id, issuer_of_patient_id")
                 if patient_id is None:
@@ -174,6 +177,7 @@ class Instances(Writer):
                 study_id = self._insert("study", {
                     "patient_id": patient_id, "study_instance_uid": v["study_instance_uid"],
                     "referring_physician_name_key": name_key(v["referring_physician_name"]),
+                    "study_description_search": search_key(v["study_description"]),
                     **{k: v[k] for k in STUDY_FIELDS}, "modalities_in_study": "",
                     "number_of_series": 0, "number_of_instances": 0,
                     "created": time.strftime("%Y-%m-%d %H:%M:%S")}, "study_instance_uid")

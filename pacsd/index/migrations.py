@@ -10,6 +10,7 @@ never touched: that pacsd refuses to start and says to upgrade.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -17,9 +18,27 @@ from peewee import Database, SqliteDatabase
 
 from pacsd.compat import peewee as peewee_meta
 from pacsd.errors import IndexUnavailable
-from pacsd.index.models import MODELS, Conflict, Lease, Meta_, NodeRow, RouteJob, StudyActivity, UserRow
+from pacsd.index.models import (
+    MODELS,
+    Conflict,
+    Lease,
+    Meta_,
+    NodeRow,
+    Patient,
+    RouteJob,
+    Study,
+    StudyActivity,
+    UserRow,
+    search_key,
+)
 
 log = logging.getLogger(__name__)
+
+# (model, column): the search keys of schema 7, and the column each is made from.
+_SEARCH_COLUMNS = ((Patient, "patient_name_search"), (Study, "study_description_search"))
+_SOURCE = {"patient_name_search": ("patient_name", True),
+           "study_description_search": ("study_description", False)}
+FILL_BATCH = 2000
 
 _LOCK_KEY = 0x70616373   # "pacs": the advisory lock every pacsd node takes to migrate
 
@@ -69,6 +88,27 @@ def _v6(db: Database) -> None:
         migrate(migrator.add_column(table, "wado_url", NodeRow.wado_url))
 
 
+# Indexes on expressions, which peewee's models do not declare: made with the tables and by
+# the migration to schema 7. LOWER(patient_id): the study list's case-insensitive ID prefix.
+EXPRESSION_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS patient_patient_id_lower ON patient (LOWER(patient_id))",)
+
+
+def _v7(db: Database) -> None:
+    # Nullable columns: a plain ADD COLUMN on both engines, whatever the index's size. The rows
+    # are filled afterwards, outside this transaction, in batches (fill_search_keys): the key
+    # is Python's Unicode folding, which neither engine has in SQL.
+    from playhouse.migrate import SchemaMigrator, migrate
+    migrator = SchemaMigrator.from_database(db)
+    for model, column in _SEARCH_COLUMNS:
+        table = peewee_meta.table_name(model)
+        if column not in {c.name for c in db.get_columns(table)}:
+            # With its index: peewee's add_column makes one for a field declared index=True.
+            migrate(migrator.add_column(table, column, getattr(model, column)))
+    for sql in EXPRESSION_INDEXES:
+        db.execute_sql(sql)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "tables for nodes and users added on the admin page, and leases for the jobs "
                  "that one node runs alone", _v2),
@@ -78,6 +118,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(5, "what each node added on the admin page may ask of us (find, get, move, "
                  "store)", _v5),
     Migration(6, "a WADO-URI address for each node added on the admin page", _v6),
+    Migration(7, "search keys for patient names and study descriptions (case and accents "
+                 "ignored), for the study list", _v7),
 )
 LATEST = max(m.version for m in MIGRATIONS)
 
@@ -115,7 +157,16 @@ def check(db: Database, label: str) -> None:
 
 
 def upgrade(db: Database, label: str) -> list[str]:
-    """Bring the schema to LATEST; what was done, in words (nothing when it was up to date)."""
+    """Bring the schema to LATEST, then fill any search key still missing
+    (fill_search_keys); what was done, in words (nothing when it was up to date)."""
+    done = _upgrade_schema(db, label)
+    filled = fill_search_keys(db, label)
+    if filled:
+        done.append(f"search keys filled for {filled} row(s)")
+    return done
+
+
+def _upgrade_schema(db: Database, label: str) -> list[str]:
     atomic = db.atomic("IMMEDIATE") if isinstance(db, SqliteDatabase) else db.atomic()
     with atomic, db.bind_ctx(MODELS):
         if not isinstance(db, SqliteDatabase):
@@ -127,6 +178,8 @@ def upgrade(db: Database, label: str) -> list[str]:
             return []
         if v == 0:
             db.create_tables(MODELS)
+            for sql in EXPRESSION_INDEXES:
+                db.execute_sql(sql)
             _set_version(LATEST)
             log.info("index %s: created the tables (schema %d)", label, LATEST)
             return [f"created the tables (schema {LATEST})"]
@@ -138,3 +191,44 @@ def upgrade(db: Database, label: str) -> list[str]:
                 log.info("index %s: schema %d: %s", label, m.version, m.what)
                 done.append(f"schema {m.version}: {m.what}")
         return done
+
+
+def fill_search_keys(db: Database, label: str, batch: int | None = None) -> int:
+    """Fill the search keys (schema 7) of the rows that have none yet; how many were filled.
+
+    Batches of `batch` rows (found on the key's index: no ORDER BY, which would scan the
+    table on every start once all is filled), each its own transaction: a large index is not held
+    in one transaction for minutes, and a fill that is stopped (a restart, a crash) resumes
+    where it was on the next start or `pacsd migrate`, since a row without its key is NULL
+    and the writer fills the key of every new row. Several nodes filling at once only write
+    the same values twice. Costs one indexed look-up per column when all is done."""
+    total, batch = 0, batch or FILL_BATCH
+    p = db.param
+    for model, column in _SEARCH_COLUMNS:
+        table = peewee_meta.table_name(model)
+        source, name = _SOURCE[column]
+        missing = f"SELECT id, {source} FROM {table} WHERE {column} IS NULL LIMIT {p}"
+        if db.execute_sql(missing, (1,)).fetchone() is None:
+            continue
+        remaining = db.execute_sql(
+            f"SELECT COUNT(*) FROM {table} WHERE {column} IS NULL").fetchone()[0]
+        log.info("index %s: filling the search key of %d %s row(s)", label, remaining, table)
+        done, last_log = 0, time.monotonic()
+        while True:
+            with db.atomic():
+                rows = db.execute_sql(missing, (batch,)).fetchall()
+                if not rows:
+                    break
+                db.execute_sql(f"UPDATE {table} SET {column} = CASE id "
+                               + " ".join(f"WHEN {p} THEN {p}" for _ in rows)
+                               + f" END WHERE id IN ({', '.join([p] * len(rows))})",
+                               [x for i, v in rows for x in (i, search_key(v or "", name))]
+                               + [i for i, _ in rows])
+            done += len(rows)
+            if time.monotonic() - last_log > 5:
+                log.info("index %s: %s search keys: %d of %d filled", label, table, done,
+                         remaining)
+                last_log = time.monotonic()
+        log.info("index %s: the search key of %d %s row(s) filled", label, done, table)
+        total += done
+    return total

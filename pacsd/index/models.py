@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import re
 import time
+import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from peewee import (
     AutoField,
@@ -64,6 +66,9 @@ class Patient(BaseModel):
     patient_name = Text(default="")
     # Upper-cased copy for case-insensitive person name matching (PS3.4 C.2.2.2.1).
     patient_name_key = Text(default="", index=True)
+    # The pages' search and sort key (search_key; schema 7). NULL only until the migration
+    # to schema 7 has filled the rows it found (migrations.fill_search_keys).
+    patient_name_search = Text(null=True, index=True)
     patient_birth_date = Text(default="", index=True)
     patient_sex = Text(default="", index=True)
     number_of_studies = IntegerField(default=0)
@@ -83,6 +88,7 @@ class Study(BaseModel):
     accession_number = Text(default="", index=True)
     study_id = Text(default="", index=True)
     study_description = Text(default="", index=True)
+    study_description_search = Text(null=True, index=True)   # as patient_name_search
     referring_physician_name = Text(default="")
     referring_physician_name_key = Text(default="", index=True)
     institution_name = Text(default="", index=True)
@@ -260,9 +266,33 @@ def name_key(name: str) -> str:
     return re.sub(r"[\^ ]+(?=(=|$))", "", name.upper())
 
 
-def starts_with(field: Field, prefix: str) -> Expression:
-    """`field` begins with `prefix`, as a range on the column's index (both backends; peewee's
-    startswith is ILIKE on PostgreSQL, which no btree index serves)."""
+# Letters that Unicode does not decompose into a base letter and an accent, but that a
+# person types as the base letter (Dansk "Søren" as "soren", Polski "Łukasz" as "lukasz").
+_FOLD = str.maketrans({"ø": "o", "đ": "d", "ð": "d", "ł": "l", "ħ": "h", "ı": "i", "ŧ": "t",
+                       "æ": "ae", "œ": "oe", "þ": "th"})
+# The combining accents of Latin, Greek and Cyrillic letters. Only these are dropped: the
+# sound marks of kana (U+3099, U+309A) are not accents, and Hangul jamo are letters.
+_ACCENTS = re.compile("[\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f]")
+_NAME_SEPARATORS = re.compile(r"[\s^=,;/\-]+")   # PN components (^) and groups (=), and spaces
+_SPACES = re.compile(r"\s+")
+
+
+def search_key(text: str, name: bool = False) -> str:
+    """What the pages search and sort on: casefolded, compatibility-decomposed (NFKD: full-width
+    letters and ligatures become plain ones), accents dropped, then composed again (NFC), so
+    that "MÜLLER^HANS", "Müller Hans" and "muller hans" have one key while CJK, kana and Hangul
+    stay as they are. For a person `name`, the component and group separators (^ =) and
+    hyphens become spaces, so that each part of the name is a word ("Yamada^Tarou=山田^太郎"
+    -> "yamada tarou 山田 太郎"). Runs of spaces become one; no space at either end."""
+    folded = unicodedata.normalize("NFKD", text.casefold()).translate(_FOLD)
+    folded = unicodedata.normalize("NFC", _ACCENTS.sub("", folded))
+    return _SPACES.sub(" ", _NAME_SEPARATORS.sub(" ", folded) if name else folded).strip()
+
+
+def starts_with(field: Any, prefix: str) -> Expression:
+    """`field` (a column, or an expression with an index) begins with `prefix`, as a range
+    on its index (both backends; peewee's startswith is ILIKE on PostgreSQL, which no btree
+    index serves)."""
     return (field >= prefix) & (field < prefix + "\U0010ffff")
 
 

@@ -96,6 +96,7 @@ class Writer:
                     migrations.upgrade(db, self.label)
                 else:
                     migrations.check(db, self.label)
+                    migrations.fill_search_keys(db, self.label)   # resumes a stopped fill
         except IndexUnavailable:
             database.initialize(None)
             raise

@@ -1,6 +1,6 @@
 """The pages' JSON API for studies: the list, one study, its tags, ZIP, send, delete, jobs.
 
-The reads are `pacsd.query.studies` (matching as C-FIND / QIDO-RS does, sorted and paged in
+The reads are `pacsd.query.studies` (a search box's matching, sorted and paged in
 SQL); this module turns the query string into their arguments and their answers into JSON.
 Administration (nodes, users, status, log) is in admin.py.
 """
@@ -31,6 +31,7 @@ from pacsd.web.runtime import Runtime
 log = logging.getLogger(__name__)
 
 MAX_LIMIT = 500
+SEARCH_MAX = 256   # characters of a search field read (a PN is 5 x 64 per group, at most)
 TAG_VALUE_MAX = 256
 TAG_DEPTH_MAX = 8
 TAG_ITEMS_MAX = 100
@@ -65,16 +66,10 @@ def check_uid(uid: str) -> str:
     return uid
 
 
-def _words(text: str) -> str:
-    """What a person types for a name ("doe jo") as a DICOM pattern: every word, in order,
-    anywhere (`*DOE*JO*`); DICOM wildcards typed are kept."""
-    words = [w for w in re.split(r"[\s,^]+", text.strip()) if w]
-    return "*" + "*".join(words) + "*" if words else ""
-
-
-def _prefix(text: str) -> str:
-    text = text.strip()
-    return text if not text or "*" in text or "?" in text else text + "*"
+def _typed(q: Any, name: str) -> str:
+    """A search field as typed, bounded, without the DICOM wildcards people carry over from
+    other PACS (`MUL*`): the list's search matches words and substrings anyway."""
+    return re.sub(r"[*?]", " ", (q.get(name) or "")[:SEARCH_MAX]).strip()
 
 
 def parse_date(text: str, name: str) -> str:
@@ -85,24 +80,30 @@ def parse_date(text: str, name: str) -> str:
 
 
 def study_conditions(q: Any) -> list[Any]:
-    """Conditions for the list's search fields (query string `q`)."""
+    """Conditions for the list's search fields (query string `q`): name, description, patient
+    ID and accession as studies.conditions says (case and accents ignored); modality and date
+    range by DICOM matching."""
     keys: dict[str, str] = {}
-    if q.get("patient"):
-        keys["PatientName"] = _words(q.get("patient"))
-    if q.get("patient_id"):
-        keys["PatientID"] = _prefix(q.get("patient_id"))
-    if q.get("accession"):
-        keys["AccessionNumber"] = _prefix(q.get("accession"))
     if q.get("modality"):
         keys["ModalitiesInStudy"] = q.get("modality").strip().upper()
     first, last = parse_date(q.get("from", ""), "from"), parse_date(q.get("to", ""), "to")
     if first or last:
         keys["StudyDate"] = f"{first}-{last}" if first != last else first
+    # A QueryError (too many words, a bad modality pattern) goes to the errors plugin: 400
+    # and one log line.
+    return studies.conditions(keys, description=_typed(q, "description"),
+                              name=_typed(q, "patient"), patient_id=_typed(q, "patient_id"),
+                              accession=_typed(q, "accession"))
+
+
+def utf8_query() -> Any:
+    """The query string's values as text. bottle hands them out as Latin-1, while the page
+    sends UTF-8: without this, "Müller" was searched as "MÃ¼ller" and found nothing."""
     try:
-        # The description: a case-insensitive substring, what people expect of that box.
-        return studies.conditions(keys, q.get("description", "").strip())
-    except query.QueryError as e:
-        raise fail(e.http_status, str(e)) from None
+        return bottle.request.query.decode()
+    except UnicodeDecodeError:
+        # A PacsError: the errors plugin answers 400 and logs one line.
+        raise query.QueryError("the query string is not UTF-8") from None
 
 
 def _int(q: Any, name: str, default: int, low: int, high: int) -> int:
@@ -242,7 +243,7 @@ def make_app(rt: Runtime) -> bottle.Bottle:
     def route(method: str, path: str, fn_: Callable) -> None:
         app.route("/api" + path, method, fn_)
 
-    route("GET", "/studies", lambda: list_studies(bottle.request.query))
+    route("GET", "/studies", lambda: list_studies(utf8_query()))
     route("GET", "/studies/<uid>", one_study)
     route("GET", "/instances/<sop>/tags", lambda sop: json_text(instance_tags(rt, sop)))
     route("GET", "/studies/<uid>/zip", lambda uid: zip_download(rt, "STUDY", uid))
