@@ -763,6 +763,18 @@ def unit_stays_in_process(request, monkeypatch):
     yield
 
 
+@pytest.fixture(autouse=True)
+def pydicom_validation_as_it_was():
+    """pydicom's validation modes back to what they were after every test. dicomweb-client sets
+    them to RAISE around its file reads and leaves them so when a read fails; the next test in
+    this process then failed on a value pydicom only warns about (a long LT)."""
+    from pydicom import config as pydicom_config
+    settings = pydicom_config.settings
+    saved = (settings.reading_validation_mode, settings.writing_validation_mode)
+    yield
+    settings.reading_validation_mode, settings.writing_validation_mode = saved
+
+
 _tier_times: dict[str, list[float]] = {}
 
 

@@ -128,7 +128,9 @@ def test_a_server_ignoring_sigterm_is_not_waited_for(tmp_path: Path):
 
 
 def test_nothing_to_watch_is_said_once_per_streak(tmp_path: Path):
-    w = {"interval": 0.2, "timeout": 1.0, "failures": 2, "grace": 0.5,
+    # 25 failed rounds (5 s) before a kill: the server's clean stop below closes its listeners
+    # first, and under load took longer than two rounds (0.4 s), which this test is not about.
+    w = {"interval": 0.2, "timeout": 1.0, "failures": 25, "grace": 0.5,
          "log_file": str(tmp_path / "watchdog.log")}
     data = tmp_path / "elsewhere"   # no pacsd runs with this data folder (yet)
     cfg = write_config(tmp_path / "pacsd.toml", data, watchdog=w)
