@@ -42,6 +42,8 @@ def peer_missing(message: str) -> NoReturn:
     if REQUIRE_PEERS:
         pytest.fail(message + " and PACSD_REQUIRE_PEERS=1")
     pytest.skip(message)
+
+
 LOCAL = "127.0.0.1"
 
 

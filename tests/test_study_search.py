@@ -17,6 +17,7 @@ from conftest import LOCAL, browser_errors, dcmtk, run_peer
 from data import ct_slice
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
+from test_migrations import run_sql
 
 from pacsd.index import Index, migrations
 from pacsd.index.models import database, search_key
@@ -150,7 +151,7 @@ def test_schema_6_index_gains_search_keys_in_batches_and_resumes(index_url, tmp_
             "ALTER TABLE patient DROP COLUMN patient_name_search",
             "ALTER TABLE study DROP COLUMN study_description_search",
             "UPDATE pacsd_meta SET value = '6' WHERE key = 'schema_version'"]
-    _sql(index_url, *drop)
+    run_sql(index_url, *drop)
     monkeypatch.setattr(migrations, "FILL_BATCH", 2)
     with caplog.at_level(logging.INFO, logger="pacsd.index.migrations"):
         index = Index(index_url).open(writer=False)
@@ -163,7 +164,7 @@ def test_schema_6_index_gains_search_keys_in_batches_and_resumes(index_url, tmp_
     assert "the search key of 6 study row(s) filled" in caplog.text
     # A fill stopped half-way (the process killed between two batches): the rows left NULL
     # are filled at the next start, without `pacsd migrate`.
-    _sql(index_url, "UPDATE patient SET patient_name_search = NULL WHERE id > 3",
+    run_sql(index_url, "UPDATE patient SET patient_name_search = NULL WHERE id > 3",
          "UPDATE study SET study_description_search = NULL")
     index = Index(index_url, auto_migrate=False).open(writer=False)
     try:
@@ -188,21 +189,6 @@ def _keys(index) -> tuple[dict[str, str], dict[str, str]]:
                      .fetchall()),
                 dict(db.execute_sql("SELECT study_description, study_description_search "
                                     "FROM study").fetchall()))
-
-
-def _sql(url: str, *statements: str) -> None:
-    if url.startswith("sqlite:///"):
-        import sqlite3
-        db = sqlite3.connect(url[len("sqlite:///"):])
-        with db:
-            for sql in statements:
-                db.execute(sql)
-        db.close()
-    else:
-        import psycopg
-        with psycopg.connect(url, connect_timeout=10) as conn:
-            for sql in statements:
-                conn.execute(sql)
 
 
 # --- in the page ------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from pacsd.query import studies
 from pacsd.web.api import (check_uid, fail, json_body, json_response, json_text, need_admin,
                            parse_date)
 from pacsd.web import health
-from pacsd.web.app import new_app
+from pacsd.web.app import new_app, utf8_query
 from pacsd.web.auth import hash_password, is_admin
 from pacsd.web.runtime import Runtime
 
@@ -104,7 +104,7 @@ REMOTE_RETURN_KEYS = ("StudyInstanceUID", "PatientName", "PatientID", "StudyDate
 def remote_studies(rt: Runtime, name: str) -> dict[str, Any]:
     """C-FIND at study level on a node, from the Q/R page's fields."""
     node = _node(rt, name)
-    q = bottle.request.query
+    q = utf8_query()   # names typed in the page are UTF-8
     keys = {k: "" for k in REMOTE_RETURN_KEYS}
     for field, key in (("patient", "PatientName"), ("patient_id", "PatientID"),
                        ("accession", "AccessionNumber")):

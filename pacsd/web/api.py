@@ -23,7 +23,7 @@ from pacsd.nodes import remote
 from pacsd.errors import InvalidDataset
 from pacsd.imaging.header import is_valid_uid, read_file_header
 from pacsd.query import studies
-from pacsd.web.app import new_app
+from pacsd.web.app import new_app, utf8_query
 from pacsd.web.auth import is_admin
 from pacsd.web.guard import client_of
 from pacsd.web.runtime import Runtime
@@ -94,16 +94,6 @@ def study_conditions(q: Any) -> list[Any]:
     return studies.conditions(keys, description=_typed(q, "description"),
                               name=_typed(q, "patient"), patient_id=_typed(q, "patient_id"),
                               accession=_typed(q, "accession"))
-
-
-def utf8_query() -> Any:
-    """The query string's values as text. bottle hands them out as Latin-1, while the page
-    sends UTF-8: without this, "Müller" was searched as "MÃ¼ller" and found nothing."""
-    try:
-        return bottle.request.query.decode()
-    except UnicodeDecodeError:
-        # A PacsError: the errors plugin answers 400 and logs one line.
-        raise query.QueryError("the query string is not UTF-8") from None
 
 
 def _int(q: Any, name: str, default: int, low: int, high: int) -> int:

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import bottle
 
 from pacsd.errors import PacsError
+from pacsd.query import QueryError
 from pacsd.web.guard import client_of
 
 log = logging.getLogger(__name__)
@@ -43,3 +44,13 @@ def new_app() -> bottle.Bottle:
     for code in (400, 401, 403, 404, 405, 406, 409, 413, 415, 422, 500, 503, 507):
         app.error_handler[code] = plain_error
     return app
+
+
+def utf8_query() -> Any:
+    """The query string's values as text. bottle hands them out as Latin-1, while the page
+    sends UTF-8: without this, "Müller" was searched as "MÃ¼ller" and found nothing."""
+    try:
+        return bottle.request.query.decode()
+    except UnicodeDecodeError:
+        # A PacsError: the errors plugin answers 400 and logs one line.
+        raise QueryError("the query string is not UTF-8") from None
