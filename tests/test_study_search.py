@@ -137,6 +137,14 @@ def test_hostile_search_fields_are_bounded_and_refused_plainly(make_server, tmp_
                             timeout=10).json()["total"] == 0, typed
 
 
+def test_the_qr_pages_remote_search_reads_utf8_too(make_server):
+    """The Q/R page's search on a node reads its fields as the study list does: bytes that are
+    not UTF-8 get a 400 before any C-FIND leaves (bottle alone handed them out as Latin-1)."""
+    server = make_server(nodes=[{"name": "far", "aet": "FAR", "host": LOCAL, "port": 9}])
+    r = requests.get(f"{server.http_url}/api/nodes/far/studies?patient=M%FCller", timeout=10)
+    assert r.status_code == 400 and "UTF-8" in r.json()["error"]
+
+
 def test_schema_6_index_gains_search_keys_in_batches_and_resumes(index_url, tmp_path,
                                                                  make_server, monkeypatch,
                                                                  caplog):
