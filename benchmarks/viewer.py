@@ -134,7 +134,8 @@ REQUESTS = """
 const frames = performance.getEntriesByType('resource')
   .filter(e => /\\/frames\\/\\d+$/.test(e.name)).length;
 const l = pacsViewer.loading || {batchRequests: 0};
-return {frames: frames, batches: l.batchRequests, evicted: l.evicted || 0, heap: window.__heap};
+return {frames: frames, batches: l.batchRequests, evicted: l.evicted || 0, heap: window.__heap,
+        metadata: l.metadataMs};
 """
 
 
@@ -148,10 +149,13 @@ def pacsd_viewer(drv, url: str, images: int, runs: int, label: str) -> list[dict
         timing = drv.execute_script("return pacsViewer.timings")
         req = drv.execute_script(REQUESTS)
         fig = {"first": timing["firstImageMs"], "all": timing["allLoadedMs"],
-               "requests": req["frames"] + req["batches"], "heap": req["heap"]}
+               "requests": req["frames"] + req["batches"], "heap": req["heap"],
+               "metadata": req.get("metadata")}
         fig["rate"] = images / max(fig["all"], 1) * 1000
         out.append(fig)
-        print(f"{label} run {run}: first image {fig['first']} ms, all {images} loaded "
+        sorted_at = (f", series metadata in at {fig['metadata']} ms"
+                     if fig["metadata"] is not None else "")
+        print(f"{label} run {run}: first image {fig['first']} ms{sorted_at}, all {images} loaded "
               f"{fig['all']} ms ({fig['rate']:.0f} slices/s), {fig['requests']} pixel requests, "
               f"peak JS heap {fig['heap'] / 2**20:.0f} MiB", flush=True)
     return out

@@ -31,7 +31,7 @@ from pacsd.imaging.dicom_xml import native_xml
 from pacsd.imaging.header import read_file_header
 from pacsd.storage import metadata as cached
 from pacsd.web import multipart
-from pacsd.web.dicomweb_common import DICOM_JSON, fail, representation, xml_parts
+from pacsd.web.dicomweb_common import DICOM_JSON, base_url, fail, representation, xml_parts
 from pacsd.web.runtime import Runtime
 from pacsd.web.wado_rs import answered, frame_type, instance_url, stored
 
@@ -43,10 +43,23 @@ _PLACEHOLDER = '"BulkDataURI":' + json.dumps(dicom_json.INSTANCE)[:-1]
 _READ = 1 << 20   # bulk data read in pieces of this (a multiple of every word size)
 
 
-def instance_json_text(rt: Runtime, inst: query.StoredInstance) -> str:
-    """The instance's metadata as DICOM JSON text, its BulkDataURIs pointing here."""
+def instance_json_text(rt: Runtime, inst: query.StoredInstance, base: str | None = None) -> str:
+    """The instance's metadata as DICOM JSON text, its BulkDataURIs pointing here (or, with
+    `base`, at that text followed by the instance's path: cached.BASE for a joined text)."""
     text = cached.json_text(rt.archive.store, inst.path, inst.transfer_syntax_uid)
-    return text.replace(_PLACEHOLDER, '"BulkDataURI":' + json.dumps(instance_url(inst))[:-1])
+    if base is None:
+        return text.replace(_PLACEHOLDER, '"BulkDataURI":' + json.dumps(instance_url(inst))[:-1])
+    tail = json.dumps(f"/studies/{inst.study_instance_uid}/series/{inst.series_instance_uid}"
+                      f"/instances/{inst.sop_instance_uid}")[1:-1]
+    return text.replace(_PLACEHOLDER, '"BulkDataURI":"' + base + tail)
+
+
+_UNREADABLE = (OSError, InvalidDicomError, ValueError, EOFError, PacsError)
+
+
+def _unreadable(inst: query.StoredInstance, e: Exception) -> None:
+    log.error("WADO-RS metadata: stored file %s of %s cannot be read: %s",
+              inst.path, inst.sop_instance_uid, e)
 
 
 def _readable(rt: Runtime, insts: list[query.StoredInstance]) -> Iterator[
@@ -54,17 +67,42 @@ def _readable(rt: Runtime, insts: list[query.StoredInstance]) -> Iterator[
     for inst in insts:
         try:
             yield inst, instance_json_text(rt, inst)
-        except (OSError, InvalidDicomError, ValueError, EOFError, PacsError) as e:
-            log.error("WADO-RS metadata: stored file %s of %s cannot be read: %s",
-                      inst.path, inst.sop_instance_uid, e)
+        except _UNREADABLE as e:
+            _unreadable(inst, e)
 
 
-def metadata(rt: Runtime, insts: list[query.StoredInstance]) -> Iterator[str] | Iterator[bytes]:
+def _joined(rt: Runtime, insts: list[query.StoredInstance]) -> str | None:
+    """The metadata of many instances as one text (pacsd.storage.metadata.joined_json_text:
+    kept in memory, one stat per instance when nothing changed); None when a file is gone."""
+    def texts() -> Iterator[str | None]:
+        for inst in insts:
+            try:
+                yield instance_json_text(rt, inst, cached.BASE)
+            except _UNREADABLE as e:
+                _unreadable(inst, e)
+                yield None
+    first = insts[0]
+    same_series = all(i.series_instance_uid == first.series_instance_uid for i in insts)
+    key = ("metadata", first.study_instance_uid,
+           first.series_instance_uid if same_series else None)
+    try:
+        text = cached.joined_json_text(rt.archive.store, key, [i.path for i in insts], texts)
+    except OSError:
+        return None   # a file gone: the instance by instance answer says which
+    return text.replace(cached.BASE, json.dumps(base_url())[1:-1])
+
+
+def metadata(rt: Runtime, insts: list[query.StoredInstance]
+             ) -> str | Iterator[str] | Iterator[bytes]:
     form = representation("metadata")
     if form == "xml":   # PS3.18 10.4.3: one NativeDicomModel part per instance
         return xml_parts((instance_url(inst), native_xml(json.loads(text)))
                          for inst, text in _readable(rt, insts))
     bottle.response.content_type = DICOM_JSON
+    if len(insts) > 1:
+        text = _joined(rt, insts)
+        if text is not None:
+            return text
 
     def body() -> Iterator[str]:
         sep = "["

@@ -144,36 +144,39 @@ function sortImages(metas) {
   return images;
 }
 
-// ---- decoding one frame ----------------------------------------------------------------------
+// ---- one frame's pixels ------------------------------------------------------------------------
+// A slice is kept as its bytes came (a typed array over them): the bits above BitsStored, which
+// may carry anything (overlays, garbage), are masked where a value is read (storedValue, the
+// lookup table of lutFor) rather than in a pass over every slice as it arrives, and a slice's
+// range (min/max, for a default window when the header has none) is found when it is drawn.
 function typedArray(img, buffer) {
-  const n = img.rows * img.cols;
-  let a;
-  if (img.bitsAllocated === 8) a = img.signed ? new Int8Array(buffer, 0, n) : new Uint8Array(buffer, 0, n);
-  else if (img.bitsAllocated === 16) a = img.signed ? new Int16Array(buffer, 0, n) : new Uint16Array(buffer, 0, n);
-  else a = img.signed ? new Int32Array(buffer, 0, n) : new Uint32Array(buffer, 0, n);
-  // Bits above BitsStored may carry anything (overlays, garbage): mask / sign-extend them.
-  const bs = img.bitsStored, ba = img.bitsAllocated;
-  if (bs < ba && ba <= 16) {
-    if (img.signed) {
-      const sh = 32 - bs;
-      for (let i = 0; i < n; i++) a[i] = (a[i] << sh) >> sh;
-    } else {
-      const mask = (1 << bs) - 1;
-      for (let i = 0; i < n; i++) a[i] &= mask;
-    }
-  }
-  let lo = Infinity, hi = -Infinity;
-  for (let i = 0; i < n; i++) { const v = a[i]; if (v < lo) lo = v; if (v > hi) hi = v; }
-  img.min = lo; img.max = hi;
-  return a;
-}
-
-// A slice the worker has masked already: only the typed array over its buffer.
-function viewOf(img, buffer) {
   const n = img.rows * img.cols;
   if (img.bitsAllocated === 8) return img.signed ? new Int8Array(buffer, 0, n) : new Uint8Array(buffer, 0, n);
   if (img.bitsAllocated === 16) return img.signed ? new Int16Array(buffer, 0, n) : new Uint16Array(buffer, 0, n);
   return img.signed ? new Int32Array(buffer, 0, n) : new Uint32Array(buffer, 0, n);
+}
+
+// The stored value of a pixel read from its typed array: BitsStored bits, sign-extended when
+// Pixel Representation says signed (PS3.5 8.1.1).
+export function storedValue(img, v) {
+  const bs = img.bitsStored, ba = img.bitsAllocated;
+  if (bs >= ba || ba > 16) return v;
+  if (img.signed) { const sh = 32 - bs; return (v << sh) >> sh; }
+  return v & ((1 << bs) - 1);
+}
+
+// min/max of a slice's stored values, kept on the image.
+export function rangeOf(img, px) {
+  if (img.min !== undefined) return img;
+  let lo = Infinity, hi = -Infinity;
+  const n = Math.min(px.length, img.rows * img.cols);
+  if (img.bitsStored < img.bitsAllocated && img.bitsAllocated <= 16) {
+    for (let i = 0; i < n; i++) { const v = storedValue(img, px[i]); if (v < lo) lo = v; if (v > hi) hi = v; }
+  } else {
+    for (let i = 0; i < n; i++) { const v = px[i]; if (v < lo) lo = v; if (v > hi) hi = v; }
+  }
+  img.min = lo; img.max = hi;
+  return img;
 }
 
 // ---- series and their cache ------------------------------------------------------------------
@@ -193,6 +196,7 @@ export class Series {
     this.firstIndex = 0;    // where that instance is once the series is sorted
     this.sorted = false;    // images/pixels/state are the series' (metadata read)
     this.startedMs = 0;
+    this.metadataMs = null; // when the series metadata had come (performance.now())
     this.allLoadedMs = null;
     this.used = ++cacheTick;
     this.active = 0;        // workers running
@@ -239,6 +243,7 @@ export class SeriesStore {
     if (info.first_sop) s.preview = this.preview(s, info.first_sop);
     s.ready = (async () => {
       const metas = await this.metadata(`${DW}studies/${this.studyUid}/series/${s.uid}/metadata`);
+      s.metadataMs = performance.now();
       s.images = sortImages(metas);
       s.pixels = new Array(s.count).fill(null);
       s.state = new Array(s.count).fill(0);
@@ -295,7 +300,6 @@ export class SeriesStore {
       if (s.dropped || s.state[i] === 2) return;
       if (!p.data) { s.state[i] = 0; this.startLoading(s); return; }   // failed: fetch it again
       const img = s.images[i];
-      img.min = p.img.min; img.max = p.img.max;
       if (p.img.rendered) img.rendered = true;
       this.stored(s, i, p.data);
     };
@@ -436,7 +440,7 @@ export class SeriesStore {
     try {
       const pool = [];
       for (let k = 0; k < BATCH_WORKERS; k++) {
-        const w = new Worker(new URL("./viewer-batch.js", import.meta.url));
+        const w = new Worker(new URL("./viewer-batch.js", import.meta.url), { type: "module" });
         w.onmessage = (e) => this.fromWorker(e.data);
         w.onerror = (e) => this.workersFailed(e);
         pool.push(w);
@@ -514,12 +518,8 @@ export class SeriesStore {
 
   sendBatch(s, pick) {
     const id = this.batchSeq = (this.batchSeq || 0) + 1;
-    const bySop = new Map(), kinds = {};
-    for (const i of pick) {
-      const img = s.images[i];
-      bySop.set(img.sop, i);
-      kinds[img.sop] = { bitsAllocated: img.bitsAllocated, bitsStored: img.bitsStored, signed: img.signed };
-    }
+    const bySop = new Map();
+    for (const i of pick) bySop.set(s.images[i].sop, i);
     const url = new URL(`${DW}studies/${this.studyUid}/series/${s.uid}/pixels?instances=` +
                         [...bySop.keys()].join(","), location.href).href;
     let bytes = 0;
@@ -529,7 +529,7 @@ export class SeriesStore {
     s.batches++;
     s.batchesSent++;
     this.batchRequests = (this.batchRequests || 0) + 1;
-    this.pool[id % this.pool.length].postMessage({ id, url, accept: RAW_ACCEPT, kinds });
+    this.pool[id % this.pool.length].postMessage({ id, url, accept: RAW_ACCEPT });
   }
 
   fromWorker(msg) {
@@ -541,9 +541,8 @@ export class SeriesStore {
       if (i === undefined || msg.frame.n !== 1 || s.dropped || s.state[i] !== 1) return;
       const img = s.images[i];
       if (msg.frame.buffer.byteLength < img.rows * img.cols * img.bitsAllocated / 8) return;
-      img.min = msg.frame.min; img.max = msg.frame.max;
       b.got.add(i);
-      const data = viewOf(img, msg.frame.buffer);
+      const data = typedArray(img, msg.frame.buffer);
       s.inflight -= data.byteLength;   // now in s.bytes
       b.bytes -= data.byteLength;
       this.stored(s, i, data);
@@ -570,16 +569,23 @@ export class SeriesStore {
 }
 
 // ---- windowing: one LUT per (image description, window, invert) -------------------------------
-const lutCache = { key: "", lut: null, offset: 0 };
+// Indexed by a pixel's bits as they came (8 or 16 of them: 256 or 65,536 entries), so that the
+// masking and sign extension of storedValue are folded into the table with Rescale and the
+// window: drawing a slice is one lookup per pixel (paintGray reads an unsigned view). The last
+// few tables are kept (two viewports with two windows do not rebuild them every frame).
+const luts = [];
 export function lutFor(img, win, invert) {
-  const signed = img.signed, bs = Math.min(img.bitsStored, 16);
-  const key = [bs, signed, img.slope, img.intercept, win.center, win.width, invert, img.photometric].join(",");
-  if (key === lutCache.key) return lutCache;
-  const size = 1 << bs, offset = signed ? size >> 1 : 0;
-  const lut = lutCache.lut && lutCache.lut.length === size ? lutCache.lut : new Uint32Array(size);
-  fillLut(lut, offset, img, win, invert);
-  Object.assign(lutCache, { key, lut, offset });
-  return lutCache;
+  const key = [img.bitsAllocated, img.bitsStored, img.signed, img.slope, img.intercept,
+               win.center, win.width, invert, img.photometric].join(",");
+  const hit = luts.find((l) => l.key === key);
+  if (hit) return hit;
+  const size = img.bitsAllocated === 8 ? 256 : 65536;
+  const entry = luts.length >= 4 ? luts.pop() : { key: "", lut: null };
+  if (!entry.lut || entry.lut.length !== size) entry.lut = new Uint32Array(size);
+  fillLut(entry.lut, img, win, invert);
+  entry.key = key;
+  luts.unshift(entry);
+  return entry;
 }
 // PS3.3 C.11.2.1.2.1 (LINEAR): y = ((x - (c - 0.5)) / (w - 1) + 0.5), clipped; as RGBA words.
 export function gray(value, img, win, flip) {
@@ -592,7 +598,12 @@ export function gray(value, img, win, flip) {
 }
 const littleEndian = new Uint8Array(new Uint32Array([1]).buffer)[0] === 1;
 export const rgba = (g) => (littleEndian ? (0xff000000 | (g << 16) | (g << 8) | g) >>> 0 : ((g << 24) | (g << 16) | (g << 8) | 0xff) >>> 0);
-function fillLut(lut, offset, img, win, invert) {
+function fillLut(lut, img, win, invert) {
   const flip = (img.photometric === "MONOCHROME1") !== invert;
-  for (let i = 0; i < lut.length; i++) lut[i] = rgba(gray(i - offset, img, win, flip));
+  // The raw pattern as the typed array would read it (signed: two's complement of its width).
+  const width = img.bitsAllocated === 8 ? 8 : 16, half = 1 << (width - 1);
+  for (let i = 0; i < lut.length; i++) {
+    const raw = img.signed && i >= half ? i - lut.length : i;
+    lut[i] = rgba(gray(storedValue(img, raw), img, win, flip));
+  }
 }

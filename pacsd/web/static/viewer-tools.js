@@ -4,6 +4,7 @@
 // viewports. viewer-viewport.js calls them; nothing here touches the page's DOM.
 
 import { nearestSlice, referenceLine } from "./viewer-geometry.js";
+import { storedValue } from "./viewer-pixels.js";
 
 export { referenceLine };
 
@@ -28,7 +29,7 @@ export function pixelValue(img, px, x, y) {
   if (!img || !px || !px.BYTES_PER_ELEMENT || img.rendered) return null;
   const col = Math.floor(x), row = Math.floor(y);
   if (col < 0 || row < 0 || col >= img.cols || row >= img.rows) return null;
-  const value = px[row * img.cols + col] * img.slope + img.intercept;
+  const value = storedValue(img, px[row * img.cols + col]) * img.slope + img.intercept;
   return { col, row, value, units: units(img) };
 }
 
@@ -56,7 +57,7 @@ export function ellipseStats(img, px, a, b) {
       for (let c = c0; c <= c1; c++) {
         const dx = (c + 0.5 - cx) / rx;
         if (dx * dx + dy * dy > 1) continue;
-        const v = px[r * img.cols + c] * img.slope + img.intercept;
+        const v = storedValue(img, px[r * img.cols + c]) * img.slope + img.intercept;
         n++; sum += v; sum2 += v * v;
       }
     }

@@ -6,7 +6,7 @@
 // Drawing happens in requestAnimationFrame (page.scheduleRender), so a burst of wheel events
 // draws once per display frame.
 
-import { gray, lutFor, rgba } from "./viewer-pixels.js";
+import { gray, lutFor, rangeOf, rgba, storedValue } from "./viewer-pixels.js";
 import { sideLetters } from "./viewer-geometry.js";
 import { drawMeasurement, drawReferenceLine, fmtValue, label, measure, pixelValue } from "./viewer-tools.js";
 
@@ -99,6 +99,8 @@ export class Viewport {
     const img = this.image;
     if (!img) return { center: 40, width: 400 };
     if (img.wc !== null && img.ww !== null && img.ww > 0) return { center: img.wc, width: img.ww };
+    const px = this.series && this.series.pixelsAt(this.index);
+    if (img.min === undefined && px && px.BYTES_PER_ELEMENT && !img.rendered) rangeOf(img, px);
     if (img.min !== undefined) {
       const a = img.min * img.slope + img.intercept, b = img.max * img.slope + img.intercept;
       const lo = Math.min(a, b), hi = Math.max(a, b);
@@ -122,8 +124,8 @@ export class Viewport {
   }
   showProgress() {
     const s = this.series;
-    if (!s || !s.count) { this.bar.style.width = "0"; return; }
-    this.bar.style.width = (100 * s.loaded / s.count) + "%";
+    if (!s || !s.count) { this.bar.style.transform = "scaleX(0)"; return; }
+    this.bar.style.transform = `scaleX(${s.loaded / s.count})`;
     this.bar.classList.toggle("done", s.loaded === s.count);
   }
   // Canvas backing store at device resolution.
@@ -204,13 +206,14 @@ export class Viewport {
     }
     const out = new Uint32Array(this.imageData.data.buffer);
     const n = img.rows * img.cols;
-    if (img.bitsStored <= 16) {
-      const { lut, offset } = lutFor(img, this.window, this.invert);
-      if (offset) for (let i = 0; i < n; i++) out[i] = lut[px[i] + offset];
-      else for (let i = 0; i < n; i++) out[i] = lut[px[i]];
+    if (img.bitsAllocated <= 16) {   // the table, indexed by the bits as they came
+      const { lut } = lutFor(img, this.window, this.invert);
+      const raw = img.bitsAllocated === 8 ? new Uint8Array(px.buffer, px.byteOffset, n)
+                                          : new Uint16Array(px.buffer, px.byteOffset, n);
+      for (let i = 0; i < n; i++) out[i] = lut[raw[i]];
     } else {   // 32-bit: no table, computed per pixel
       const flip = (img.photometric === "MONOCHROME1") !== this.invert;
-      for (let i = 0; i < n; i++) out[i] = rgba(gray(px[i], img, this.window, flip));
+      for (let i = 0; i < n; i++) out[i] = rgba(gray(storedValue(img, px[i]), img, this.window, flip));
     }
     this.offCtx.putImageData(this.imageData, 0, 0);
     return this.off;

@@ -71,19 +71,23 @@ const page = {
   },
 };
 
-// The loading bars: one per series thumbnail, one per viewport.
-let progressQueued = false;
+// The loading bars: one per series thumbnail, one per viewport; redrawn at most every
+// PROGRESS_MS while slices arrive (each redraw costs the page a frame), at once when done.
+const PROGRESS_MS = 250;
+let progressTimer = null, progressAt = 0;
 function progress() {
-  if (progressQueued) return;
-  progressQueued = true;
-  requestAnimationFrame(() => {
-    progressQueued = false;
+  if (progressTimer !== null) return;
+  const done = [...store.cache.values()].every((x) => x.loaded === x.count);
+  const wait = done ? 0 : Math.max(0, progressAt + PROGRESS_MS - performance.now());
+  progressTimer = setTimeout(() => requestAnimationFrame(() => {
+    progressTimer = null;
+    progressAt = performance.now();
     for (const x of store.cache.values()) {
       const bar = document.querySelector(`.series-thumb[data-uid="${x.uid}"] .bar > span`);
-      if (bar) bar.style.width = (x.count ? (100 * x.loaded / x.count) : 0) + "%";
+      if (bar) bar.style.transform = `scaleX(${x.count ? x.loaded / x.count : 0})`;
     }
     for (const v of viewports) v.showProgress();
-  });
+  }), wait);
 }
 
 // ---- loading follows the slice on screen (the fetching itself: viewer-pixels.js) -----------
@@ -96,6 +100,7 @@ function loadNear(vp) {
 function loadingStats() {
   const s = activeVp() && activeVp().series;
   return { batchRequests: store.batchRequests || 0, batches: s ? s.batchesSent : 0,
+           metadataMs: s && s.metadataMs !== null ? Math.round(s.metadataMs) : null,
            evicted: s ? s.evicted : 0, bytes: s ? s.bytes : 0, single: s ? s.single.size : 0 };
 }
 
