@@ -39,8 +39,8 @@ What it does (127.0.0.1 only; DCMTK clients with TCP_NODELAY=1), on each --backe
             ModalitiesInStudy=CT (a worklist), by PatientID and ModalitiesInStudy=CT\\MR (a
             viewer's priors); SERIES level of one study; IMAGE level of one series. Every
             answer's number of matches is checked against what the generator put in. Also
-            /status (Index.counts: a COUNT per table and a SUM(size) over every instance), the
-            admin page's /api/status and `pacsd status`.
+            /status (Index.counts: the index's totals row, kept by the writer), the admin
+            page's /api/status and `pacsd status`.
   C-STORE   --store-images 512x512 CT images (tests/data.py, cached) with one `storescu`
             association into a fresh copy of the big index and into an empty archive,
             interleaved, --store-runs of each; median throughput and the ratio big / empty.
@@ -69,7 +69,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 PACSD_AET = "PACSD"
 
 from harness import (
@@ -91,6 +91,8 @@ from harness import (
 )
 
 sys.path.insert(0, str(REPO))
+from pacsd.index import counters  # noqa: E402 - the repository's pacsd, as the fill's schema
+from pacsd.index.models import search_key  # noqa: E402
 
 
 # --- the generator ----------------------------------------------------------------------------
@@ -237,13 +239,13 @@ def generate(con: sqlite3.Connection, n_instances: int, seed: int) -> tuple[dict
 
     def flush(force: bool = False) -> None:
         if study_rows and (force or len(inst_rows) >= 50_000):
-            con.executemany(f"INSERT INTO study VALUES ({','.join('?' * 17)})", study_rows)
+            con.executemany(f"INSERT INTO study VALUES ({','.join('?' * 18)})", study_rows)
             study_rows.clear()
         if series_rows and (force or len(inst_rows) >= 50_000):
             con.executemany(f"INSERT INTO series VALUES ({','.join('?' * 12)})", series_rows)
             series_rows.clear()
         if inst_rows and (force or len(inst_rows) >= 50_000):
-            con.executemany(f"INSERT INTO instance VALUES ({','.join('?' * 16)})", inst_rows)
+            con.executemany(f"INSERT INTO instance VALUES ({','.join('?' * 17)})", inst_rows)
             inst_rows.clear()
 
     def new_patient() -> int:
@@ -301,12 +303,11 @@ def generate(con: sqlite3.Connection, n_instances: int, seed: int) -> tuple[dict
         mods = list(dict.fromkeys(m for m, _, _ in plan))
         n_study = sum(k for _, k, _ in plan)
         created = f"{date[:4]}-{date[4:6]}-{date[6:]} {hh:02d}:{mm:02d}:00"
+        physician = rng.choice(PHYSICIANS)   # its key: the name (already upper case)
         study_rows.append((study_id, p + 1, suid, date, stime, acc, str(study_id % 100000),
-                           desc, rng.choice(PHYSICIANS), "", rng.choice(INSTITUTIONS), age,
-                           "ISO_IR 100", "\\".join(mods), len(plan), n_study, created))
-        # referring_physician_name_key = the name (already upper case)
-        row = study_rows[-1]
-        study_rows[-1] = row[:9] + (row[8],) + row[10:]
+                           desc, search_key(desc), physician, physician,
+                           rng.choice(INSTITUTIONS), age, "ISO_IR 100", "\\".join(mods),
+                           len(plan), n_study, created))
         study_patient.append(p)
         study_dates.append(date)
         study_mods.append(mods)
@@ -329,7 +330,8 @@ def generate(con: sqlite3.Connection, n_instances: int, seed: int) -> tuple[dict
                 path = (f"{date[:4]}/{date[4:6]}/{date[6:]}/{inst_id * 2654435761 % 256:02x}/"
                         f"{inst_id:08x}{rng.getrandbits(96):024x}.dcm")
                 inst_rows.append((inst_id, series_id, f"{seuid}.{i}", sop_class, i, date,
-                                  ctime, 1, None, rows, cols, ts, path, size, station, created))
+                                  ctime, 1, None, rows, cols, ts, path, size, station, created,
+                                  None))   # content_hash: none, as for files of schema < 4
             if t.series_uid == "" and m == "CT" and k >= 150 and made > n_instances // 2:
                 t.study_uid, t.series_uid, t.series_images = suid, seuid, k
         made += n_study
@@ -343,9 +345,13 @@ def generate(con: sqlite3.Connection, n_instances: int, seed: int) -> tuple[dict
     t.study_series = con.execute(
         "SELECT number_of_series FROM study WHERE study_instance_uid = ?",
         (t.study_uid,)).fetchone()[0]
-    con.executemany(f"INSERT INTO patient VALUES ({','.join('?' * 10)})",
-                    [(i + 1, pid, "", name, key, birth, sex, a, b, c)
+    con.executemany(f"INSERT INTO patient VALUES ({','.join('?' * 11)})",
+                    [(i + 1, pid, "", name, key, search_key(name, name=True), birth, sex, a, b, c)
                      for i, (pid, name, key, birth, sex, a, b, c) in enumerate(patients)])
+    # The index's totals row (what /status reads), as pacsd's writer would have kept it.
+    con.execute("DELETE FROM pacsd_totals")
+    con.execute("INSERT INTO pacsd_totals (id, patients, studies, series, instances, bytes) "
+                + counters.COUNT.replace("SELECT ", "SELECT 1, ", 1))
     # Targets: a patient with several studies, a month in the middle of the ten years.
     multi = [i for i, pt in enumerate(patients) if pt[5] >= 3] or [0]
     tp = multi[len(multi) // 2]

@@ -25,7 +25,7 @@ MODALITIES = ("CT", "MR", "US", "CR", "DX", "MG", "PT")
 
 
 def fill(data: Path, n: int) -> None:
-    from pacsd.index import Index
+    from pacsd.index import Index, counters
     from pacsd.index.models import Patient, Series, Study, database, name_key, search_key
     index = Index(f"sqlite:///{data / 'index.sqlite3'}").open(writer=False)
     rnd = random.Random(7)
@@ -63,6 +63,7 @@ def fill(data: Path, n: int) -> None:
                      "modality": MODALITIES[s % len(MODALITIES)], "series_number": 1,
                      "number_of_instances": 100}
                     for s in range(start, min(n, start + 5000))]).execute()
+            counters.recount(database.obj)   # the totals row, as pacsd keeps it
         database.execute_sql("ANALYZE")
     index.close()
 

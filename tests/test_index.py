@@ -90,6 +90,13 @@ def counter_errors(rows: Rows) -> list[str]:
         if (n_st, n_se, n_in) != (st, se, inst):
             errors.append(f"patient {pid}: counts {n_st}/{n_se}/{n_in} studies/series/"
                           f"instances, has {st}/{se}/{inst}")
+    # The index's totals (pacsd_totals, what /status shows) against a count of every row.
+    kept = rows("SELECT patients, studies, series, instances, bytes FROM pacsd_totals")
+    real = rows("SELECT (SELECT count(*) FROM patient), (SELECT count(*) FROM study), "
+                "(SELECT count(*) FROM series), (SELECT count(*) FROM instance), "
+                "(SELECT COALESCE(SUM(size), 0) FROM instance)")
+    if [tuple(map(int, r)) for r in kept] != [tuple(map(int, r)) for r in real]:
+        errors.append(f"totals: kept {kept}, counted {real}")
     return errors
 
 
@@ -125,6 +132,49 @@ def test_concurrent_adds_share_commits(index_url):
         assert index.commits < 200
         assert index.retries == 0
         assert index.integrity_check() == "ok"
+    finally:
+        index.close()
+
+
+def test_the_totals_follow_every_add_overwrite_delete_and_clear(index_url):
+    """/status reads the index's totals from one row (not a count of ten million rows): the
+    writer keeps it in step with new patients, studies, series and instances, duplicates (not
+    counted), a replaced file's size, deletes at each level (and what they leave empty), and a
+    clear."""
+    index = Index(index_url).open()
+    try:
+        def totals() -> dict[str, int]:
+            assert counter_errors(index_rows) == []
+            return index.counts()
+
+        assert totals() == dict(patients=0, studies=0, series=0, instances=0, bytes=0)
+        # 2 patients, 3 studies, 4 series, 7 instances of 10..16 bytes.
+        layout = [(1, 1, 1, 1), (1, 1, 1, 2), (1, 1, 2, 3), (1, 2, 1, 4), (2, 1, 1, 5),
+                  (2, 1, 1, 6), (2, 1, 1, 7)]
+        recs = {n: record(n, series=se, study=st, patient=pt) for pt, st, se, n in layout}
+        for n, r in recs.items():
+            assert not index.add(r, path=f"t/{n}", size=9 + n, transfer_syntax=TS).duplicate
+        assert totals() == dict(patients=2, studies=3, series=4, instances=7, bytes=sum(
+            range(10, 17)))
+        # The same instance again: a duplicate, nothing counted; replaced: its new size.
+        assert index.add(recs[1], path="t/1-again", size=99, transfer_syntax=TS).duplicate
+        assert totals()["bytes"] == sum(range(10, 17))
+        index.add(recs[1], path="t/1-new", size=110, transfer_syntax=TS, overwrite=True)
+        assert totals() == dict(patients=2, studies=3, series=4, instances=7,
+                                bytes=sum(range(10, 17)) + 100)
+        # Deletes: an instance (its series stays), a series (its study stays), the last series
+        # of a study (the study goes), a patient's last study (the patient goes).
+        index.delete("IMAGE", [recs[2].values["sop_instance_uid"]])
+        assert totals() == dict(patients=2, studies=3, series=4, instances=6,
+                                bytes=sum(range(10, 17)) + 100 - 11)
+        index.delete("SERIES", [recs[3].values["series_instance_uid"]])
+        assert totals()["series"] == 3 and totals()["studies"] == 3
+        index.delete("STUDY", [recs[4].values["study_instance_uid"]])
+        assert totals()["studies"] == 2 and totals()["patients"] == 2
+        index.delete("STUDY", [recs[5].values["study_instance_uid"]])
+        assert totals() == dict(patients=1, studies=1, series=1, instances=1, bytes=110)
+        index.clear()
+        assert totals() == dict(patients=0, studies=0, series=0, instances=0, bytes=0)
     finally:
         index.close()
 
@@ -171,9 +221,10 @@ def test_an_instance_of_a_known_series_costs_few_statements(index_url):
         assert statements, "nothing was traced"
         work = [s for s in statements
                 if s.split()[0].upper() not in ("BEGIN", "SAVEPOINT", "RELEASE", "COMMIT")]
-        # duplicate check, insert, three counter updates, the study's last activity (for
-        # the study-stable hooks and routes); the three counters and the activity are per batch
-        assert len(work) <= 6, work
+        # duplicate check, insert, three counter updates, the index's totals, the study's last
+        # activity (for the study-stable hooks and routes); the counters, the totals and the
+        # activity are per batch
+        assert len(work) <= 7, work
         with database.connection_context():
             assert Series.get().number_of_instances == 2
             assert (Study.get().number_of_instances, Study.get().number_of_series) == (2, 1)

@@ -172,7 +172,7 @@ def test_copy_to_postgresql_then_serve_from_it(archive, tmp_path, make_server, p
 
 def enlarge(index: Path, n: int) -> None:
     """Add n instance rows to the first series of a stopped pacsd's SQLite index (as copies of
-    its first instance under new UIDs and paths), counters included: enough rows that a copy
+    its first instance under new UIDs and paths), counters and totals included: enough rows that a copy
     in small batches takes a while."""
     con = sqlite3.connect(index)
     try:
@@ -191,6 +191,8 @@ def enlarge(index: Path, n: int) -> None:
             for table, row in (("series", series), ("study", study), ("patient", patient)):
                 con.execute(f"UPDATE {table} SET number_of_instances = number_of_instances + ? "
                             "WHERE id = ?", (n, row))
+            con.execute("UPDATE pacsd_totals SET instances = instances + ?, bytes = bytes + ? "
+                        "WHERE id = 1", (n, n * first["size"]))
     finally:
         con.close()
 

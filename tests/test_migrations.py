@@ -415,6 +415,41 @@ def test_schema_3_gains_content_hashes_when_instances_come_again(index_url, tmp_
         index.close()
 
 
+def test_schema_7_gains_totals_counted_from_its_rows(index_url, tmp_path):
+    """Schema 8 keeps the index's totals in one row (what /status reads): made by counting the
+    rows once, then kept by the writer."""
+    from data import write_series
+    from pydicom import dcmread
+
+    from pacsd.storage.archive import Archive
+    from pacsd.storage.store import Store
+
+    files = write_series(tmp_path / "in", seed=72, patients=2, studies=1, series=2, images=3,
+                         size=8)
+    store = Store(tmp_path / "storage")
+    store.open()
+    index = Index(index_url).open()
+    try:
+        for f in files:
+            Archive(store, index).put_file(f)
+        size = sum(p.stat().st_size for p in (tmp_path / "storage").rglob("*.dcm"))
+    finally:
+        index.close()
+    run_sql(index_url, "DROP TABLE pacsd_totals")   # as schema 7 left it
+    set_schema_version(index_url, 7)
+
+    index = Index(index_url).open()
+    try:
+        assert schema_version(index_url) == migrations.LATEST >= 8
+        assert index.counts() == dict(patients=2, studies=2, series=4, instances=12, bytes=size)
+        Archive(store, index).delete("SERIES", [str(dcmread(files[0]).SeriesInstanceUID)])
+        left = sum(p.stat().st_size for p in (tmp_path / "storage").rglob("*.dcm"))
+        assert 0 < left < size
+        assert index.counts() == dict(patients=2, studies=2, series=3, instances=9, bytes=left)
+    finally:
+        index.close()
+
+
 def test_schema_5_nodes_gain_a_wado_url(index_url, tmp_path):
     """Schema 6 adds pacsd_node.wado_url (NULL: no WADO address) and keeps every node."""
     from pacsd.accounts import Accounts

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 from peewee import BooleanField, Database, DateTimeField, Field, Model, SqliteDatabase
 
 from pacsd.compat import peewee as peewee_meta
-from pacsd.index import backends
+from pacsd.index import backends, counters
 from pacsd.index import migrations
 from pacsd.errors import EXIT_FAILURE, IndexUnavailable, PacsError
 from pacsd.index.models import (
@@ -317,6 +317,8 @@ class IndexCopy:
                                     f"(LIKE {table}) ON COMMIT DELETE ROWS")
         out = [self._copy_table(model, progress) for model in COPIED]
         self._set_sequences()
+        with dst.atomic():   # the target's totals row: counted from the rows it now holds
+            counters.recount(dst)
         return out
 
     def _copy_table(self, model: type[Model], progress: OnProgress | None) -> Copied:

@@ -1,4 +1,5 @@
-"""The counters of the index (PS3.4 C.3.4 Number of Patient/Study/Series Related ...) and the
+"""The counters of the index (PS3.4 C.3.4 Number of Patient/Study/Series Related ...), the
+index's totals (pacsd_totals: what `/status` shows, read without counting rows) and the
 studies' activity (when each last received an instance: pacsd.nodes.routing turns quiet ones
 stable).
 
@@ -29,6 +30,8 @@ class Counters:
     # patient id -> [instances, series, studies]
     patients: dict[int, list[int]] = field(default_factory=dict)
     active: set[str] = field(default_factory=set)   # study UIDs that received an instance
+    # added to the index's totals (negative: removed): patients, studies, series, instances, bytes
+    totals: list[int] = field(default_factory=lambda: [0] * 5)
 
     def merge(self, other: Counters) -> None:
         """Add one item's counts to the batch's (the item's savepoint has been released)."""
@@ -44,9 +47,10 @@ class Counters:
             for i, n in enumerate(counts):
                 pt[i] += n
         self.active |= other.active
+        self.totals = [a + b for a, b in zip(self.totals, other.totals)]
 
     def count(self, series_id: int, study_id: int, patient_id: int, new_series: bool,
-              new_study: bool, modality: str) -> None:
+              new_study: bool, modality: str, new_patient: bool = False, size: int = 0) -> None:
         self.series[series_id] = self.series.get(series_id, 0) + 1
         st = self.studies.setdefault(study_id, [0, 0, []])
         st[0] += 1
@@ -57,6 +61,11 @@ class Counters:
         pt[0] += 1
         pt[1] += int(new_series)
         pt[2] += int(new_study)
+        self.total(int(new_patient), int(new_study), int(new_series), 1, size)
+
+    def total(self, patients: int, studies: int, series: int, instances: int, size: int) -> None:
+        for i, n in enumerate((patients, studies, series, instances, size)):
+            self.totals[i] += n
 
 
 def apply(c: Counters, lock_rows: bool) -> None:
@@ -89,8 +98,39 @@ def apply(c: Counters, lock_rows: bool) -> None:
                        f"{p}, number_of_series = number_of_series + {p}, "
                        f"number_of_studies = number_of_studies + {p} WHERE id = {p}",
                        (n_inst, n_series, n_studies, pid))
+    if any(c.totals):   # last: every writer locks its rows in the same order
+        db.execute_sql(f"UPDATE pacsd_totals SET patients = patients + {p}, studies = studies "
+                       f"+ {p}, series = series + {p}, instances = instances + {p}, bytes = "
+                       f"bytes + {p} WHERE id = 1", tuple(c.totals))
     now = backends.now_epoch_sql(db)
     for uid in sorted(c.active):   # when the study last grew (pacsd.nodes.routing: stable)
         db.execute_sql(f"INSERT INTO pacsd_study_activity (study_uid, last_received) VALUES "
                        f"({p}, {now}) ON CONFLICT (study_uid) DO UPDATE SET "
                        "last_received = excluded.last_received", (uid,))
+
+
+# The totals counted from the rows: made by the migration to schema 8 and by `recount`.
+COUNT = ("SELECT (SELECT COUNT(*) FROM patient), (SELECT COUNT(*) FROM study), "
+          "(SELECT COUNT(*) FROM series), (SELECT COUNT(*) FROM instance), "
+          "(SELECT COALESCE(SUM(size), 0) FROM instance)")
+
+
+def recount(db: Any) -> tuple[int, ...]:
+    """Set the totals row from a count of every row (a full scan: once, when the row is made,
+    and when `pacsd doctor --fix`-like tools ask); the totals."""
+    totals = tuple(int(x) for x in db.execute_sql(COUNT).fetchone())
+    p = db.param
+    db.execute_sql(f"INSERT INTO pacsd_totals (id, patients, studies, series, instances, bytes) "
+                   f"VALUES (1, {p}, {p}, {p}, {p}, {p}) ON CONFLICT (id) DO UPDATE SET "
+                   "patients = excluded.patients, studies = excluded.studies, series = "
+                   "excluded.series, instances = excluded.instances, bytes = excluded.bytes",
+                   totals)
+    return totals
+
+
+def read(db: Any) -> dict[str, int]:
+    """The totals, as `/status` shows them."""
+    row = db.execute_sql("SELECT patients, studies, series, instances, bytes FROM pacsd_totals "
+                         "WHERE id = 1").fetchone()
+    names = ("patients", "studies", "series", "instances", "bytes")
+    return dict(zip(names, (int(x) for x in row))) if row else dict.fromkeys(names, 0)

@@ -25,7 +25,7 @@ from peewee import fn
 
 from pacsd.errors import IndexUnavailable, PatientMismatch
 from pacsd.imaging.header import Record
-from pacsd.index import backends
+from pacsd.index import backends, counters
 from pacsd.index.models import (
     INSTANCE_FIELDS,
     PATIENT_FIELDS,
@@ -136,21 +136,22 @@ class Instances(Writer):
             raise IndexUnavailable("a row was deleted while it was being indexed; try again")
         return tuple(row)
 
-    def _series_ids(self, v: dict[str, Any]) -> tuple[tuple[int, int, int, bool, bool], Filed]:
+    def _series_ids(self, v: dict[str, Any]
+                    ) -> tuple[tuple[int, int, int, bool, bool, bool], Filed]:
         """(series, study, patient) row ids for a record, creating rows as needed; plus whether
-        the series and the study are new; and where an existing series or study is filed, for
-        `_misfiled`. Cached: a known series costs no statement."""
+        the series, the study and the patient are new; and where an existing series or study is
+        filed, for `_misfiled`. Cached: a known series costs no statement."""
         uid = v["series_instance_uid"]
         hit = self._cache.get(uid)
         if hit is not None:
-            return (*hit[0], False, False), hit[1]
+            return (*hit[0], False, False, False), hit[1]
         p = database.obj.param
         row = database.obj.execute_sql(
             f"SELECT series.id, series.study_id, study.patient_id, study.study_instance_uid, "
             f"patient.patient_id, patient.issuer_of_patient_id FROM series JOIN study ON "
             f"study.id = series.study_id JOIN patient ON patient.id = study.patient_id "
             f"WHERE series.series_instance_uid = {p}", (uid,)).fetchone()
-        new_series = new_study = False
+        new_series = new_study = new_patient = False
         study_id: int | None
         patient_id: int | None   # None only until the SELECT after a lost insert race
         if row is not None:
@@ -170,6 +171,7 @@ class Instances(Writer):
                     "number_of_studies": 0,
                     "number_of_series": 0, "number_of_instances": 0},
                     "patient_id, issuer_of_patient_id")
+                new_patient = patient_id is not None
                 if patient_id is None:
                     patient_id = self._row(f"SELECT id FROM patient WHERE patient_id = {p} AND "
                                            f"issuer_of_patient_id = {p}",
@@ -202,7 +204,7 @@ class Instances(Writer):
         if len(self._cache) > 100_000:
             self._cache.clear()
         self._cache[uid] = (ids, filed)
-        return (*ids, new_series, new_study), filed
+        return (*ids, new_series, new_study, new_patient), filed
 
     def _study_of(self, study_uid: str) -> tuple[int, Filed] | None:
         p = database.obj.param
@@ -247,12 +249,12 @@ class Instances(Writer):
         db = database.obj
         p = db.param
         row = db.execute_sql(f"SELECT id, path, content_hash, sop_class_uid, "
-                             f"transfer_syntax_uid FROM instance WHERE sop_instance_uid = {p}",
+                             f"transfer_syntax_uid, size FROM instance WHERE sop_instance_uid = {p}",
                              (v["sop_instance_uid"],)).fetchone()
         if row is not None:
             return self._known(row, v, path, size, ts, calling_aet, overwrite, content_hash)
         ids, filed = self._series_ids(v)
-        series_id, study_id, patient_id, new_series, new_study = ids
+        series_id, study_id, patient_id, new_series, new_study, new_patient = ids
         # Is the instance filed under its own patient and study? (Raises when refused; the
         # savepoint then drops any row made above.) Compares cached strings: no statement.
         misfiled = self._misfiled(v, filed, refuse_mismatch)
@@ -263,11 +265,11 @@ class Instances(Writer):
         if self._insert("instance", cols, "sop_instance_uid") is None:
             # Another node indexed it since our SELECT, and has committed.
             row = self._row(f"SELECT id, path, content_hash, sop_class_uid, "
-                            f"transfer_syntax_uid FROM instance WHERE sop_instance_uid = {p}",
+                            f"transfer_syntax_uid, size FROM instance WHERE sop_instance_uid = {p}",
                             (v["sop_instance_uid"],))
             return self._known(row, v, path, size, ts, calling_aet, overwrite, content_hash)
         self._counters.count(series_id, study_id, patient_id, new_series, new_study,
-                             v["modality"] or "")
+                             v["modality"] or "", new_patient, size)
         self._counters.active.add(v["study_instance_uid"])
         return Added(misfiled=misfiled)
 
@@ -284,6 +286,7 @@ class Instances(Writer):
         Instance.update(path=path, size=size, transfer_syntax_uid=ts, calling_aet=calling_aet,
                         content_hash=content_hash, **{k: v[k] for k in INSTANCE_FIELDS}).where(
             Instance.id == row[0]).execute()
+        self._counters.total(0, 0, 0, 0, size - int(row[5] or 0))
         return Added(replaced_path=row[1])
 
     def set_hash(self, sop_instance_uid: str, path: str, content_hash: str) -> None:
@@ -325,6 +328,7 @@ class Instances(Writer):
             self._cache.clear()
             for model in (Instance, Series, Study, Patient):
                 model.delete().execute()
+            counters.recount(database.obj)
         self.submit(work)
 
     # --- reads ------------------------------------------------------------------------------
@@ -335,11 +339,9 @@ class Instances(Writer):
             return {str(row[0]) for row in rows.tuples()}  # type: ignore[index]
 
     def counts(self) -> dict[str, int]:
+        """What the index holds (its totals row: five numbers, whatever its size)."""
         with reading():
-            return {"patients": Patient.select().count(), "studies": Study.select().count(),
-                    "series": Series.select().count(),
-                    "instances": Instance.select().count(),
-                    "bytes": int(Instance.select(fn.COALESCE(fn.SUM(Instance.size), 0)).scalar())}
+            return counters.read(database.obj)
 
     # --- deleting ---------------------------------------------------------------------------
 
@@ -354,10 +356,10 @@ class Instances(Writer):
         def work() -> list[str]:
             # Rows are no longer only ever added: the series cache could name a deleted row.
             self._cache.clear()
-            rows: list[Any] = []   # (id, path, series id, SOP Instance UID)
+            rows: list[Any] = []   # (id, path, series id, SOP Instance UID, size)
             for start in range(0, len(wanted), 500):   # stay below SQLite's variable limit
                 q = (Instance.select(Instance.id, Instance.path, Instance.series,
-                                     Instance.sop_instance_uid)
+                                     Instance.sop_instance_uid, Instance.size)
                      .join(Series).join(Study).where(column.in_(wanted[start:start + 500])))
                 rows += list(q.tuples())
             series_ids = sorted({r[2] for r in rows})
@@ -372,22 +374,26 @@ class Instances(Writer):
                 empty = Series.select(Series.id).join(Study).where(column.in_(wanted)) \
                     if level == "STUDY" else Series.select(Series.id).where(column.in_(wanted))
                 series_ids = sorted(set(series_ids) | {s.id for s in empty})
-            self._recount(series_ids)
+            gone = self._recount(series_ids)
+            self._counters.total(-gone[2], -gone[1], -gone[0], -len(rows),
+                                 -sum(int(r[4] or 0) for r in rows))
             return [r[1] for r in rows]
         return self.submit(work)
 
-    def _recount(self, series_ids: list[int]) -> None:
+    def _recount(self, series_ids: list[int]) -> tuple[int, int, int]:
         """Recompute the counters of these series and of their study and patient from the rows
-        that remain, and drop the series, studies and patients left empty."""
+        that remain, and drop the series, studies and patients left empty; how many of each
+        were dropped (series, studies, patients)."""
         study_ids: set[int] = set()
+        dropped = [0, 0, 0]
         for start in range(0, len(series_ids), 500):
             chunk = series_ids[start:start + 500]
             study_ids |= {s.study_id for s in Series.select(Series.study).where(  # type: ignore
                 Series.id.in_(chunk))}
             Series.update(number_of_instances=Instance.select(fn.COUNT(Instance.id)).where(
                 Instance.series == Series.id)).where(Series.id.in_(chunk)).execute()
-            Series.delete().where(Series.id.in_(chunk) & (Series.number_of_instances == 0)
-                                  ).execute()
+            dropped[0] += Series.delete().where(
+                Series.id.in_(chunk) & (Series.number_of_instances == 0)).execute()
         patient_ids: set[int] = set()
         for study in Study.select().where(Study.id.in_(sorted(study_ids))):
             patient_ids.add(study.patient_id)  # type: ignore[attr-defined]
@@ -395,7 +401,7 @@ class Instances(Writer):
                 Series.select(Series.modality, Series.number_of_instances)
                 .where(Series.study == study.id).order_by(Series.id).tuples())
             if not series:
-                study.delete_instance()
+                dropped[1] += study.delete_instance()
                 continue
             modalities = list(dict.fromkeys(m for m, _ in series if m))
             Study.update(number_of_series=len(series),
@@ -407,9 +413,10 @@ class Instances(Writer):
                 Study.select(Study.number_of_series, Study.number_of_instances)
                 .where(Study.patient == patient.id).tuples())
             if not studies:
-                patient.delete_instance()
+                dropped[2] += patient.delete_instance()
                 continue
             Patient.update(number_of_studies=len(studies),
                            number_of_series=sum(s for s, _ in studies),
                            number_of_instances=sum(n for _, n in studies)).where(
                 Patient.id == patient.id).execute()
+        return dropped[0], dropped[1], dropped[2]

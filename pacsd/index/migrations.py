@@ -18,6 +18,7 @@ from peewee import Database, SqliteDatabase
 
 from pacsd.compat import peewee as peewee_meta
 from pacsd.errors import IndexUnavailable
+from pacsd.index import counters
 from pacsd.index.models import (
     MODELS,
     Conflict,
@@ -28,6 +29,7 @@ from pacsd.index.models import (
     RouteJob,
     Study,
     StudyActivity,
+    Totals,
     UserRow,
     search_key,
 )
@@ -109,6 +111,13 @@ def _v7(db: Database) -> None:
         db.execute_sql(sql)
 
 
+def _v8(db: Database) -> None:
+    # One count of every row, once (minutes at ten million instances, under the migration's
+    # lock); from then on the writer keeps the row in step with the rows it adds and removes.
+    db.create_tables([Totals], safe=True)
+    counters.recount(db)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "tables for nodes and users added on the admin page, and leases for the jobs "
                  "that one node runs alone", _v2),
@@ -120,6 +129,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(6, "a WADO-URI address for each node added on the admin page", _v6),
     Migration(7, "search keys for patient names and study descriptions (case and accents "
                  "ignored), for the study list", _v7),
+    Migration(8, "the index's totals in one row (what /status shows, without counting rows)",
+              _v8),
 )
 LATEST = max(m.version for m in MIGRATIONS)
 
@@ -180,6 +191,7 @@ def _upgrade_schema(db: Database, label: str) -> list[str]:
             db.create_tables(MODELS)
             for sql in EXPRESSION_INDEXES:
                 db.execute_sql(sql)
+            counters.recount(db)
             _set_version(LATEST)
             log.info("index %s: created the tables (schema %d)", label, LATEST)
             return [f"created the tables (schema {LATEST})"]

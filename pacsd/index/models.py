@@ -228,6 +228,22 @@ class StudyActivity(BaseModel):
         table_name = "pacsd_study_activity"
 
 
+class Totals(BaseModel):
+    """What the whole index holds, in one row kept by the writer in the same transactions as
+    the rows it counts (pacsd.index.counters), so that `/status` and the admin page read five
+    numbers instead of counting ten million rows."""
+
+    id = IntegerField(primary_key=True)   # always 1
+    patients = BigIntegerField(default=0)
+    studies = BigIntegerField(default=0)
+    series = BigIntegerField(default=0)
+    instances = BigIntegerField(default=0)
+    bytes = BigIntegerField(default=0)
+
+    class Meta:
+        table_name = "pacsd_totals"
+
+
 class Conflict(BaseModel):
     """A copy of a stored SOP Instance UID that came with other content: refused (C-STORE
     0x0111), yet kept aside under STORAGE/.conflicts so that nothing a sender handed over is
@@ -248,7 +264,8 @@ class Conflict(BaseModel):
 
 
 DICOM_MODELS = (Patient, Study, Series, Instance)
-MODELS = (*DICOM_MODELS, Meta_, NodeRow, UserRow, Lease, RouteJob, StudyActivity, Conflict)
+MODELS = (*DICOM_MODELS, Meta_, NodeRow, UserRow, Lease, RouteJob, StudyActivity, Conflict,
+          Totals)
 
 PATIENT_FIELDS = ("patient_name", "patient_birth_date", "patient_sex")
 STUDY_FIELDS = ("study_date", "study_time", "accession_number", "study_id",
