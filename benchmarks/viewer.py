@@ -8,7 +8,7 @@ one-request-per-frame viewer before the batches) and with OHIF against pacsd (--
                                 [--screenshots]
 
 pacsd runs as a subprocess on 127.0.0.1 (ports 0); Chromium is Debian's, as in the tests, on the
-same cores as the server. The series is generated here (pydicom + numpy, deterministic), never
+same cores as the server, a fresh one for each pacsd and for OHIF. The series is generated here (pydicom + numpy, deterministic), never
 committed; --cache keeps it between runs. Figures come from the page itself
 (performance.now()): `firstImageMs` (first pixels drawn) and `allLoadedMs` count from the start
 of navigation (the page, its scripts and the API calls included). Requests are counted from the
@@ -28,6 +28,7 @@ script says that OHIF was not measured.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import http.server
 import os
@@ -65,6 +66,9 @@ def chromium(workdir: Path, width: int = 1400, height: int = 900):
                  "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--disable-extensions",
                  "--disable-dev-shm-usage", "--hide-scrollbars", "--enable-precise-memory-info",
+                 # A page left for about:blank is not kept alive (and working) in the
+                 # back-forward cache while the next run is measured.
+                 "--disable-features=BackForwardCache",
                  f"--window-size={width},{height}",
                  f"--user-data-dir={workdir / 'chromium-profile'}"):
         opts.add_argument(flag)
@@ -80,6 +84,17 @@ def chromium(workdir: Path, width: int = 1400, height: int = 900):
     drv.set_page_load_timeout(120)
     drv.set_script_timeout(300)
     return drv
+
+
+@contextlib.contextmanager
+def browser(work: Path):
+    """A fresh Chromium (its own profile folder), quit on the way out."""
+    profile = Path(tempfile.mkdtemp(prefix="chromium-", dir=work))
+    drv = chromium(profile)
+    try:
+        yield drv
+    finally:
+        drv.quit()
 
 
 def wait(drv, expression: str, timeout: float) -> object:
@@ -282,50 +297,51 @@ def main() -> None:
         files = write_series(args.cache or work / "in", args.images, args.size)
         print(f"{len(files)} slices {args.size}x{args.size} ready in {time.monotonic() - t:.1f} s")
         study = uid(SEED, 1, 1, "study")
-        drv = chromium(work)
-        try:
-            trees = [("after", REPO)]
-            if args.compare_with:
-                trees.insert(0, (f"before ({args.compare_with})",
-                                 checkout(args.compare_with, work / "before")))
-            for label, src in trees:
-                ohif_server = root = None
-                if args.ohif and src == REPO:   # its origin allowed by pacsd (CORS)
-                    root, ohif_server = serve_ohif(args.ohif, work)
-                    os.environ["PACSD_HTTP_CORS_ORIGINS"] = _base(ohif_server)
-                (work / label.split()[0]).mkdir(exist_ok=True)
-                with pacsd(work / label.split()[0], src=src) as srv:
-                    os.environ.pop("PACSD_HTTP_CORS_ORIGINS", None)
-                    t = time.monotonic()
-                    store(srv.dicom_port, files)
-                    print(f"{label}: stored in {time.monotonic() - t:.1f} s")
-                    # What pacsd does once a study is stable ([storage] warm_metadata): the
-                    # series metadata cached, as when a radiologist opens it minutes later.
-                    t = time.monotonic()
-                    warm = urllib.request.Request(
-                        f"{srv.http_url}/dicom-web/studies/{study}/series/"
-                        f"{uid(SEED, 1, 1, 1, 'series')}/metadata",
-                        headers={"Accept": "application/dicom+json"})
-                    with urllib.request.urlopen(warm, timeout=600) as r:
-                        r.read()
-                    print(f"{label}: series metadata warmed in {time.monotonic() - t:.1f} s")
+        trees = [("after", REPO)]
+        if args.compare_with:
+            trees.insert(0, (f"before ({args.compare_with})",
+                             checkout(args.compare_with, work / "before")))
+        for label, src in trees:
+            # A browser of its own for each pacsd (and for OHIF): the pages of an earlier phase,
+            # kept alive by the browser, must not take CPU from the next one's figures.
+            ohif_server = root = None
+            if args.ohif and src == REPO:   # its origin allowed by pacsd (CORS)
+                root, ohif_server = serve_ohif(args.ohif, work)
+                os.environ["PACSD_HTTP_CORS_ORIGINS"] = _base(ohif_server)
+            (work / label.split()[0]).mkdir(exist_ok=True)
+            with pacsd(work / label.split()[0], src=src) as srv:
+                os.environ.pop("PACSD_HTTP_CORS_ORIGINS", None)
+                t = time.monotonic()
+                store(srv.dicom_port, files)
+                print(f"{label}: stored in {time.monotonic() - t:.1f} s")
+                # What pacsd does once a study is stable ([storage] warm_metadata): the
+                # series metadata cached, as when a radiologist opens it minutes later.
+                t = time.monotonic()
+                warm = urllib.request.Request(
+                    f"{srv.http_url}/dicom-web/studies/{study}/series/"
+                    f"{uid(SEED, 1, 1, 1, 'series')}/metadata",
+                    headers={"Accept": "application/dicom+json"})
+                with urllib.request.urlopen(warm, timeout=600) as r:
+                    r.read()
+                print(f"{label}: series metadata warmed in {time.monotonic() - t:.1f} s")
+                with browser(work) as drv:
                     pacsd_viewer(drv, f"{srv.http_url}/app/viewer?study={study}", args.images,
                                  args.runs, f"pacsd {label}")
                     scroll(drv)
-                    if src != REPO:
-                        continue
-                    if ohif_server is not None and root is not None:
-                        (root / "app-config.js").write_text(
-                            OHIF_CONFIG % {"dw": f"{srv.http_url}/dicom-web"})
+                if src != REPO:
+                    continue
+                if ohif_server is not None and root is not None:
+                    (root / "app-config.js").write_text(
+                        OHIF_CONFIG % {"dw": f"{srv.http_url}/dicom-web"})
+                    with browser(work) as drv:
                         ohif(drv, _base(ohif_server), study, args.images, args.runs)
-                        ohif_server.shutdown()
-                    else:
-                        print("OHIF: not measured (give --ohif with the built OHIF, the "
-                              "tarball `npm pack @ohif/app@3.13.2` writes; pacsd does not ship it)")
-                    if args.screenshots:
+                    ohif_server.shutdown()
+                else:
+                    print("OHIF: not measured (give --ohif with the built OHIF, the "
+                          "tarball `npm pack @ohif/app@3.13.2` writes; pacsd does not ship it)")
+                if args.screenshots:
+                    with browser(work) as drv:
                         screenshots(drv, srv.http_url, study)
-        finally:
-            drv.quit()
     print(f"note: {CAVEAT}")
 
 
