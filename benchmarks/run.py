@@ -844,6 +844,49 @@ ROWS = [
 ]
 PEERS = ("orthanc", "dcmqrscp")
 
+# Issue 20's targets: per metric, (peer, ratio) pairs that must all hold, the ratio oriented as
+# in `ratio` (>= 1 is pacsd as good or better); "best" is the better of the peers.
+TARGETS: dict[str, tuple[tuple[str, float], ...]] = {
+    "echo": (("best", 1.0),),
+    "store_1": (("orthanc", 1.5), ("dcmqrscp", 1.0)),
+    "store_4": (("orthanc", 1.5),),
+    "store_16": (("orthanc", 1.5),),
+    "find_all": (("best", 1.0),),
+    "find_pid": (("best", 1.0),),
+    "find_image": (("best", 1.0),),
+    "get": (("best", 1.0),),
+    "move": (("best", 1.0),),
+}
+
+
+def _vs(metric: dict[str, dict[str, Any]], higher: bool, peer: str) -> float | None:
+    """pacsd against one peer (or the best), >= 1 meaning pacsd is as good or better."""
+    mine = (metric.get("pacsd") or {}).get("value")
+    peers = {n: c["value"] for n, c in metric.items()
+             if n in PEERS and c.get("value") is not None}
+    if peer == "best" and peers:
+        theirs = max(peers.values()) if higher else min(peers.values())
+    else:
+        theirs = peers.get(peer)
+    if mine is None or theirs is None or not (mine if not higher else theirs):
+        return None
+    return mine / theirs if higher else theirs / mine
+
+
+def target(metric_name: str, metric: dict[str, dict[str, Any]], higher: bool
+           ) -> tuple[str, str]:
+    """The target of issue 20 for this row, in words, and whether this run met it ("yes",
+    "no", or "—" when there is no target or a peer's figure is missing)."""
+    wanted = TARGETS.get(metric_name)
+    if not wanted:
+        return "", ""
+    words = ", ".join(f">= {r:.1f} of {'the best peer' if p == 'best' else p}"
+                      for p, r in wanted)
+    got = [_vs(metric, higher, p) for p, _ in wanted]
+    if any(g is None for g in got):
+        return words, "—"
+    return words, "yes" if all(g >= r for g, (_, r) in zip(got, wanted)) else "no"
+
 
 def ratio(metric: dict[str, dict[str, Any]], higher: bool) -> str:
     """pacsd against the best peer, oriented so that >= 1.00 means pacsd is as good or better."""
@@ -889,7 +932,7 @@ def table(res: dict[str, Any]) -> str:
         if metric not in cells:
             continue
         rows.append([label.format(**fill), *(show(n, metric, unit, digits) for n in names),
-                     ratio(cells[metric], higher)])
+                     ratio(cells[metric], higher), *target(metric, cells[metric], higher)])
     mem = res["memory"]
     for key, label in (("idle_rss_mb", "server RSS, fresh and idle"),
                        ("store_16", "server RSS, peak while storing over 16 associations"),
@@ -898,8 +941,8 @@ def table(res: dict[str, Any]) -> str:
                for n in names if n in mem}
         got = {n: v for n, v in got.items() if v}
         rows.append([label, *(f"{got[n]:.0f} MiB" if n in got else "—" for n in names),
-                     ratio({n: {"value": v} for n, v in got.items()}, False)])
-    head = ["", *(labels[n] for n in names), "pacsd vs best peer"]
+                     ratio({n: {"value": v} for n, v in got.items()}, False), "", ""])
+    head = ["", *(labels[n] for n in names), "pacsd vs best peer", "target", "met"]
 
     cpu_rows = []
     for metric, label, *_ in ROWS:
@@ -931,7 +974,9 @@ def table(res: dict[str, Any]) -> str:
            + (f" + {len(git['pacsd_modified'])} uncommitted file(s) in pacsd/"
               if git["pacsd_modified"] else "")
            + ("  [PROFILED with py-spy: figures perturbed]" if m["profiled"] else ""),
-           "", *render(head, rows), "",
+           "", *render(head, rows),
+           f"Targets of issue 20 met: {sum(r[-1] == 'yes' for r in rows)} of "
+           f"{sum(bool(r[-2]) for r in rows)} (— where a peer's figure is missing).", "",
            ("pacsd vs best peer: >= 1.00 means pacsd is at least as good as the best of Orthanc "
             "and dcmqrscp (rates: pacsd / best; times, memory, CPU: best / pacsd). storescp -od "
             "(no index, no fsync) is a ceiling, not a peer. Client wall times include starting "
