@@ -360,13 +360,28 @@ def run_sql(url: str, *statements: str) -> None:
                 conn.execute(sql)
 
 
+def archived(index_url: str, folder: Path, files: list[Path]):
+    """The files stored into a Store at `folder` and the index at `index_url` (closed again);
+    the Store."""
+    from pacsd.storage.archive import Archive
+    from pacsd.storage.store import Store
+    store = Store(folder)
+    store.open()
+    index = Index(index_url).open()
+    try:
+        for f in files:
+            Archive(store, index).put_file(f)
+    finally:
+        index.close()
+    return store
+
+
 def test_schema_3_gains_content_hashes_when_instances_come_again(index_url, tmp_path):
     """Schema 4 adds instance.content_hash (NULL for what was stored before) and the conflicts
     table; a re-sent old instance is hashed then: the same content is a duplicate, other
     content a conflict that storage commitment will not vouch for."""
-    from pacsd.storage.archive import Archive
     from pacsd.errors import ContentConflict
-    from pacsd.storage.store import Store
+    from pacsd.storage.archive import Archive
 
     files = []
     for n in (1, 2):
@@ -376,14 +391,7 @@ def test_schema_3_gains_content_hashes_when_instances_come_again(index_url, tmp_
     ds.PixelData = bytes(len(ds.PixelData))
     other = tmp_path / "2-other.dcm"
     ds.save_as(other, enforce_file_format=True)
-    store = Store(tmp_path / "storage")
-    store.open()
-    index = Index(index_url).open()
-    try:
-        for f in files:
-            Archive(store, index).put_file(f)
-    finally:
-        index.close()
+    store = archived(index_url, tmp_path / "storage", files)
     # As schema 3 left it: no hash column, no conflicts table.
     run_sql(index_url, "DROP TABLE pacsd_conflict",
             "ALTER TABLE instance DROP COLUMN content_hash")
@@ -422,19 +430,11 @@ def test_schema_7_gains_totals_counted_from_its_rows(index_url, tmp_path):
     from pydicom import dcmread
 
     from pacsd.storage.archive import Archive
-    from pacsd.storage.store import Store
 
     files = write_series(tmp_path / "in", seed=72, patients=2, studies=1, series=2, images=3,
                          size=8)
-    store = Store(tmp_path / "storage")
-    store.open()
-    index = Index(index_url).open()
-    try:
-        for f in files:
-            Archive(store, index).put_file(f)
-        size = sum(p.stat().st_size for p in (tmp_path / "storage").rglob("*.dcm"))
-    finally:
-        index.close()
+    store = archived(index_url, tmp_path / "storage", files)
+    size = sum(p.stat().st_size for p in (tmp_path / "storage").rglob("*.dcm"))
     run_sql(index_url, "DROP TABLE pacsd_totals")   # as schema 7 left it
     set_schema_version(index_url, 7)
 
