@@ -306,6 +306,17 @@ class Sampler(threading.Thread):
         while not self._halt.wait(self.interval):
             self.sample()
 
+    def pss(self) -> int:
+        """Proportional set size summed over the process (tree): pages shared between its
+        processes (a pre-fork server's workers) count once. 0 where the system has no PSS."""
+        total = 0
+        for p in self._procs():
+            try:
+                total += getattr(p.memory_full_info(), "pss", 0)
+            except (self.psutil.Error, OSError):
+                pass
+        return total
+
     def cpu(self) -> float:
         """User + system seconds of the process; with `tree`, plus its reaped children's and
         its live descendants'."""

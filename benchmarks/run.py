@@ -146,6 +146,7 @@ class Server:
         self.dicom_port = 0
         self.http_url = ""
         self.idle_rss = 0
+        self.idle_pss = 0
         self.peak_rss = 0
         self.phase_cpu: dict[str, float] = {}
         self.phase_runs: dict[str, int] = {}
@@ -180,6 +181,7 @@ class Server:
         self.sampler = Sampler(self.proc.pid, tree=self.tree)
         rss = self.sampler.sample()
         self.idle_rss = self.idle_rss or rss   # the first fresh, empty instance
+        self.idle_pss = self.idle_pss or self.sampler.pss()
         self.sampler.start()
         return self
 
@@ -859,6 +861,9 @@ TARGETS: dict[str, tuple[tuple[str, float], ...]] = {
 }
 
 
+PSS_TARGET_MB = 200   # issue 20: idle memory summed over every pacsd process
+
+
 def _vs(metric: dict[str, dict[str, Any]], higher: bool, peer: str) -> float | None:
     """pacsd against one peer (or the best), >= 1 meaning pacsd is as good or better."""
     mine = (metric.get("pacsd") or {}).get("value")
@@ -934,6 +939,14 @@ def table(res: dict[str, Any]) -> str:
         rows.append([label.format(**fill), *(show(n, metric, unit, digits) for n in names),
                      ratio(cells[metric], higher), *target(metric, cells[metric], higher)])
     mem = res["memory"]
+    pss = {n: mem[n].get("idle_pss_mb") for n in names if n in mem and mem[n].get("idle_pss_mb")}
+    if pss:   # issue 20: every pacsd process together, shared pages once
+        mine = pss.get("pacsd")
+        rows.append(["server PSS, fresh and idle (all its processes)",
+                     *(f"{pss[n]:.0f} MiB" if n in pss else "—" for n in names),
+                     ratio({n: {"value": v} for n, v in pss.items()}, False),
+                     f"pacsd < {PSS_TARGET_MB} MiB",
+                     "—" if mine is None else ("yes" if mine < PSS_TARGET_MB else "no")])
     for key, label in (("idle_rss_mb", "server RSS, fresh and idle"),
                        ("store_16", "server RSS, peak while storing over 16 associations"),
                        ("peak_rss_mb", "server RSS, peak over the whole run")):
@@ -1037,6 +1050,7 @@ def bench(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     res["notes"] = b.notes
     res["memory"] = {s.name: {
         "idle_rss_mb": round(s.idle_rss / MiB, 1), "peak_rss_mb": round(s.peak_rss / MiB, 1),
+        "idle_pss_mb": round(s.idle_pss / MiB, 1),
         "phase_peak_rss_mb": {k: round(v / MiB, 1) for k, v in s.phase_rss.items()},
         "cpu_s_per_run": {k: round(v / max(1, s.phase_runs[k]), 4)
                           for k, v in s.phase_cpu.items()}} for s in servers}
