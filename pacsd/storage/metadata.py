@@ -80,12 +80,9 @@ _joined_chars = 0
 
 
 def _stamp(store: Store, rels: list[str]) -> tuple:
-    root = str(store.root)
     out = []
     for rel in rels:
-        if rel.startswith("/") or ".." in rel.split("/"):
-            store.path(rel)   # refuses it, in its words
-        st = os.stat(os.path.join(root, rel))
+        st = os.stat(store.path_text(rel))
         out.append((rel, st.st_size, st.st_mtime_ns))
     return tuple(out)
 

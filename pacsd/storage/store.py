@@ -132,6 +132,13 @@ class SpaceGuard:
                 self.refused = 0
 
 
+def _checked(rel: str) -> str:
+    # Relative paths come only from our own index, but refuse anything that could escape.
+    if rel.startswith("/") or ".." in rel.split("/"):
+        raise ValueError(f"refusing storage path {rel!r}")
+    return rel
+
+
 class Store:
     def __init__(self, root: Path, min_free_mb: int = 0, node: str = "") -> None:
         self.root = root
@@ -283,10 +290,11 @@ class Store:
     # --- reading ----------------------------------------------------------------------------
 
     def path(self, rel: str) -> Path:
-        # Relative paths come only from our own index, but refuse anything that could escape.
-        if rel.startswith("/") or ".." in rel.split("/"):
-            raise ValueError(f"refusing storage path {rel!r}")
-        return self.root / rel
+        return self.root / _checked(rel)
+
+    def path_text(self, rel: str) -> str:
+        """`path` as a string, without pathlib's parsing (a stat per instance of a series)."""
+        return os.path.join(str(self.root), _checked(rel))
 
     def walk(self, since: float | None = None) -> Iterator[str]:
         """Relative paths of stored files; with `since`, only in folders changed after it."""
