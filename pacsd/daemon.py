@@ -131,6 +131,7 @@ class Server:
         self.started = 0.0
         self._lock_fd: int | None = None
         self.index: Index | None = None
+        self.store: Store | None = None
         self.node = ""
         self.housekeeping: Housekeeping | None = None
         self.hooks: Hooks | None = None
@@ -170,7 +171,8 @@ class Server:
             write_atomic(cfg.pidfile, f"{os.getpid()}\n")
             self.node = node_id(cfg.data)
             bounds.configure(bounds.Limits.from_settings(cfg.dicom))
-            store = Store(cfg.storage_path, cfg.storage_min_free_mb, node=self.node)
+            self.store = store = Store(cfg.storage_path, cfg.storage_min_free_mb,
+                                       node=self.node)
             store.open()
             self.index = Index(cfg.index_url, node=self.node, pool_size=cfg.index_pool_size,
                                auto_migrate=cfg.index_auto_migrate).open()
@@ -235,6 +237,9 @@ class Server:
         if self.router is not None:
             self.router.stop()
             self.router = None
+        if self.store is not None:
+            self.store.close()   # its writing threads (every file begun is finished by now)
+            self.store = None
         if self.housekeeping is not None:
             self.housekeeping.stop()
             self.housekeeping = None

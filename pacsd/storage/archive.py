@@ -13,6 +13,7 @@ import hashlib
 import io
 import logging
 import os
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NoReturn
@@ -28,7 +29,7 @@ from pacsd.errors import (ContentConflict, IndexUnavailable, InvalidDataset, Pac
 from pacsd.imaging.header import (PIXEL_DATA, Record, check_and_extract, file_meta_bytes, is_valid_uid,
                           read_dataset_header, read_header)
 from pacsd.index import Added, Index
-from pacsd.storage.store import Store
+from pacsd.storage.store import NewFile, Store
 
 log = logging.getLogger(__name__)
 
@@ -112,31 +113,63 @@ class Archive:
         self.routes_for: RoutesFor | None = None   # set by the daemon when [[routes]] exist
         self.on_stored: OnStored | None = None
 
+    def begin_file(self, sop_class: str, sop_instance: str, transfer_syntax: str,
+                   calling_aet: str) -> NewFile:
+        """A new file, its File Meta group written, for `put(written=)`: the caller adds the
+        data set's bytes as they arrive (the fast lane, pacsd.dimse.fast). UIDs unchecked
+        here: put() refuses the file if they are bad."""
+        written = self.store.begin()
+        written.add(file_meta_bytes(sop_class, sop_instance, transfer_syntax, calling_aet))
+        return written
+
     def put(self, dataset: bytes, *, transfer_syntax: str, sop_class: str | None = None,
             sop_instance: str | None = None, calling_aet: str = "",
-            study: str | None = None) -> Stored:
+            study: str | None = None, written: NewFile | None = None) -> Stored:
         """Durably keep an encoded data set (the bytes after the File Meta group, exactly as
-        received); `study`, when given, is the study it must belong to. Raises a PacsError
-        subclass; on any error nothing is left behind."""
-        for label, uid in (("SOP Class", sop_class), ("SOP Instance", sop_instance),
-                           ("Transfer Syntax", transfer_syntax)):
-            if uid is not None and not is_valid_uid(uid):
-                raise InvalidDataset(f"{label} UID {uid[:80]!r} is not a valid UID (PS3.5 9.1)")
-        header = read_dataset_header(dataset, transfer_syntax)
-        record = check_and_extract(header, sop_class=sop_class, sop_instance=sop_instance)
-        if study is not None and record.values["study_instance_uid"] != study:
-            raise StudyMismatch(f"the instance is of study {record.values['study_instance_uid']}"
-                                f", not {study[:80]}")
-        # The File Meta group takes the UIDs checked above: the request's, which the data set
-        # agrees with, or (import without them) the data set's own.
-        meta = file_meta_bytes(record.values["sop_class_uid"], record.sop_instance_uid,
-                               transfer_syntax, calling_aet)
-        uids = (record.values["study_instance_uid"], record.values["series_instance_uid"])
-        routes = self.routes_for(header, calling_aet) if self.routes_for else []
-        # The content, as every receiver of these bytes would hash them (the File Meta group,
-        # which each rewrites, left out); SHA-256 runs at over 1 GB/s and releases the GIL.
-        content_hash = hashlib.sha256(dataset).hexdigest()
-        rel, size = self.store.write(meta, dataset)
+        received); `study`, when given, is the study it must belong to. `written`: the file
+        (begin_file) already holding these bytes. Raises a PacsError subclass; on any error
+        nothing is left behind.
+
+        When the request names its UIDs, the file is written and made durable while the
+        data set is checked (the checks decide only whether it is kept); the row is
+        committed only after the file is durable, as always."""
+        finishing: Future[tuple[str, int]] | None = None
+        try:
+            for label, uid in (("SOP Class", sop_class), ("SOP Instance", sop_instance),
+                               ("Transfer Syntax", transfer_syntax)):
+                if uid is not None and not is_valid_uid(uid):
+                    raise InvalidDataset(f"{label} UID {uid[:80]!r} is not a valid UID "
+                                         "(PS3.5 9.1)")
+            if written is None and sop_class is not None and sop_instance is not None:
+                written = self.begin_file(sop_class, sop_instance, transfer_syntax,
+                                          calling_aet)
+                written.add(dataset)
+            if written is not None:
+                finishing = written.finishing()
+            header = read_dataset_header(dataset, transfer_syntax)
+            record = check_and_extract(header, sop_class=sop_class, sop_instance=sop_instance)
+            if study is not None and record.values["study_instance_uid"] != study:
+                raise StudyMismatch(f"the instance is of study "
+                                    f"{record.values['study_instance_uid']}, not {study[:80]}")
+            if finishing is None:
+                # The File Meta group takes the UIDs checked above: the request's, which the
+                # data set agrees with, or (import without them) the data set's own.
+                written = self.begin_file(record.values["sop_class_uid"],
+                                          record.sop_instance_uid, transfer_syntax, calling_aet)
+                written.add(dataset)
+                finishing = written.finishing()
+            uids = (record.values["study_instance_uid"], record.values["series_instance_uid"])
+            routes = self.routes_for(header, calling_aet) if self.routes_for else []
+            # The content, as every receiver of these bytes would hash them (the File Meta
+            # group, which each rewrites, left out); SHA-256 runs at over 1 GB/s and releases
+            # the GIL.
+            content_hash = hashlib.sha256(dataset).hexdigest()
+        except BaseException:
+            self._forget(finishing, written)
+            raise
+        assert written is not None and finishing is not None
+        written.keep()
+        rel, size = finishing.result()   # the file is durable (or StorageFull, OutOfResources)
         try:
             added = self.index.add(record, path=rel, size=size, transfer_syntax=transfer_syntax,
                                    calling_aet=calling_aet, overwrite=self.overwrite,
@@ -183,6 +216,17 @@ class Archive:
         if self.on_stored is not None:
             self.on_stored(stored, header, calling_aet)
         return stored
+
+    def _forget(self, finishing: "Future[tuple[str, int]] | None",
+                written: NewFile | None) -> None:
+        """A file begun for a data set that is refused: never placed, its bytes removed."""
+        if written is not None:
+            written.drop()
+        if finishing is not None:
+            try:
+                finishing.result()
+            except Exception:   # noqa: BLE001 - FileDropped; the refusal is what is reported
+                pass
 
     def _same_content(self, added: Added, record: Record, content_hash: str, dataset: bytes,
                       transfer_syntax: str) -> bool:

@@ -5,7 +5,11 @@ the random name, so a day of a million images spreads over 256 folders. Names ne
 a UID or anything else a peer sends.
 
 A write is: temporary file in STORAGE/.tmp -> write -> fsync -> rename into place -> fsync the
-folder (F_FULLFSYNC on macOS, where fsync does not flush the drive's cache).
+folder (F_FULLFSYNC on macOS, where fsync does not flush the drive's cache). A `NewFile` does
+the same with bytes that are still arriving: each piece is written by a thread of the store's
+pool as soon as it is given (its place in the file known), so the copy into the file overlaps
+the network, and `finishing()` runs the syncs and the rename while the caller checks the data
+set; nothing about durability changes.
 
 Several pacsd nodes may share one storage volume: each writes its temporary files into a folder
 of its own (STORAGE/.tmp/NODE), so that a node starting up never removes another's unfinished
@@ -24,6 +28,7 @@ import secrets
 import sys
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -147,6 +152,10 @@ class Store:
         self.space = SpaceGuard(root, min_free_mb)
         self._known_dirs: set[str] = set()
         self._dirs_lock = threading.Lock()
+        # NewFile's threads: one pool writes pieces, the other finishes files (waiting for
+        # pieces), so that a finish never waits for a piece queued behind it in its own pool.
+        self._pools: tuple[ThreadPoolExecutor, ThreadPoolExecutor] | None = None
+        self._pools_lock = threading.Lock()
 
     # --- set-up -----------------------------------------------------------------------------
 
@@ -212,39 +221,22 @@ class Store:
                 current = nxt
             self._known_dirs.add(rel_dir)
 
-    def write(self, *chunks: bytes) -> tuple[str, int]:
-        """Durably write a new file made of `chunks`; return (relative path, size)."""
-        rel = self._new_relpath()
-        rel_dir = rel.rsplit("/", 1)[0]
-        tmp = self.tmp / (rel.rsplit("/", 1)[1] + ".part")
-        size = 0
-        self.space.reserve(sum(len(c) for c in chunks))
-        try:
-            self._ensure_dir(rel_dir)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-            try:
-                for chunk in chunks:
-                    view = memoryview(chunk)
-                    while view:
-                        n = os.write(fd, view)
-                        view = view[n:]
-                        size += n
-                fsync_fd(fd)
-            finally:
-                os.close(fd)
-            os.rename(tmp, self.root / rel)
-            fsync_dir(self.root / rel_dir)
-        except OSError as e:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise self.space.disk_full(str(e.strerror)) from None
-            raise OutOfResources(f"cannot write to storage {self.root}: {e.strerror or e}"
-                                 ) from None
-        self.space.stored()
-        return rel, size
+    def begin(self) -> "NewFile":
+        """A new file, written piece by piece as its bytes arrive (see NewFile)."""
+        return NewFile(self)
+
+    def _pool(self, finishing: bool = False) -> ThreadPoolExecutor:
+        with self._pools_lock:
+            if self._pools is None:
+                # Threads are made only as work waits; writes and syncs release the GIL.
+                self._pools = (ThreadPoolExecutor(8, thread_name_prefix="store-write"),
+                               ThreadPoolExecutor(64, thread_name_prefix="store-sync"))
+            return self._pools[finishing]
+
+    def _failed(self, e: OSError) -> Exception:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return self.space.disk_full(str(e.strerror))
+        return OutOfResources(f"cannot write to storage {self.root}: {e.strerror or e}")
 
     def set_aside(self, rel: str) -> str:
         """Move a stored file into CONFLICTS_DIR, durably (rename, then fsync both folders);
@@ -275,6 +267,13 @@ class Store:
                 except OSError:
                     pass   # gone already, or renamed into place by its writer
         return removed
+
+    def close(self) -> None:
+        """Stop the writing threads (after the pieces given to them are written)."""
+        with self._pools_lock:
+            pools, self._pools = self._pools, None
+        for pool in pools or ():
+            pool.shutdown(wait=True)
 
     def delete(self, rel: str) -> None:
         try:
@@ -314,3 +313,125 @@ class Store:
             for f in sorted(filenames):
                 if f.endswith(SUFFIX):
                     yield f"{rel_dir}/{f}" if rel_dir != "." else f
+
+
+def _pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
+    error: OSError | None = None
+    view = memoryview(data)
+    try:
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view, offset = view[n:], offset + n
+    except OSError as e:
+        error = OSError(e.errno, e.strerror)
+    finally:
+        view.release()
+    if error is not None:
+        # The error outlives this call (in its Future, then as the context of what put()
+        # raises): its traceback must not keep the caller's buffer exported (STOW-RS cuts
+        # the next part out of the same bytearray).
+        del data, view
+        raise error
+
+
+class NewFile:
+    """A file written as its bytes arrive: `add(piece)` for each (written by the store's pool,
+    at its own offset, while the caller goes on); `finishing()` starts the rest (the remaining
+    writes, the fsync), which then waits for the caller's `keep()` to rename the file into
+    place and fsync its folder (a Future of (relative path, size)), or `drop()`. So the syncs
+    overlap the caller's checks, and a refused file never reaches the storage folders. A
+    failed write is kept and raised by the Future; later pieces are ignored."""
+
+    DECISION_WAIT = 600.0   # s a finished file waits for keep() or drop() (a bug otherwise)
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.rel = store._new_relpath()
+        self.tmp = store.tmp / (self.rel.rsplit("/", 1)[1] + ".part")
+        self.size = 0
+        self.error: Exception | None = None
+        self._writes: list[Future] = []
+        self._decided = threading.Event()
+        self._keep = False
+        self._started = False
+        self._lock = threading.Lock()
+        self.fd = -1
+        try:
+            store.space.reserve(0)
+            self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        except OSError as e:
+            self.error = store._failed(e)
+        except StorageFull as e:
+            self.error = e
+
+    def add(self, piece: memoryview | bytes) -> None:
+        if self.error is not None or self._decided.is_set():
+            return
+        try:
+            self.store.space.reserve(len(piece))
+        except StorageFull as e:
+            self.error = e
+            return
+        self._writes.append(self.store._pool().submit(_pwrite_all, self.fd, piece, self.size))
+        self.size += len(piece)
+
+    def finishing(self) -> "Future[tuple[str, int]]":
+        self._started = True   # from now on the finishing thread cleans up
+        return self.store._pool(finishing=True).submit(self._finish)
+
+    def keep(self) -> None:
+        self._keep = True
+        self._decided.set()
+
+    def drop(self) -> None:
+        """Forget the file (the pieces still being written are waited for)."""
+        self._keep = False
+        self._decided.set()
+        if not self._started:
+            self._cleanup()
+
+    def _finish(self) -> tuple[str, int]:
+        store, rel = self.store, self.rel
+        try:
+            for w in self._writes:
+                w.result()
+            if self.error is not None:
+                raise self.error
+            fsync_fd(self.fd)
+            if not self._decided.wait(self.DECISION_WAIT) or not self._keep:
+                raise FileDropped(f"{self.tmp.name} was not kept")
+            rel_dir = rel.rsplit("/", 1)[0]
+            store._ensure_dir(rel_dir)
+            with self._lock:
+                os.close(self.fd)
+                self.fd = -1
+                os.rename(self.tmp, store.root / rel)
+            fsync_dir(store.root / rel_dir)
+        except OSError as e:
+            self._cleanup()
+            raise store._failed(e) from None
+        except BaseException:
+            self._cleanup()
+            raise
+        store.space.stored()
+        return rel, self.size
+
+    def _cleanup(self) -> None:
+        for w in self._writes:
+            try:
+                w.result()
+            except OSError:
+                pass
+        with self._lock:
+            self._writes = []
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+                try:
+                    os.unlink(self.tmp)
+                except OSError:
+                    pass
+
+
+class FileDropped(Exception):
+    """A NewFile dropped (or never kept) before it was placed."""

@@ -49,7 +49,7 @@ PLANT_EVERY = 7            # plant an orphan and a temporary file before every 7
 
 def plant(storage: Path, source: Path) -> tuple[str, Path]:
     """What a kill can leave: `source` as a stored file without a row (named and placed as
-    Store.write does), and an unfinished temporary file. Returns (orphan's path, temp file)."""
+    a Store's NewFile does), and an unfinished temporary file. Returns (orphan's path, temp file)."""
     name = secrets.token_hex(16)
     rel = time.strftime("%Y/%m/%d/") + f"{name[:2]}/{name}.dcm"
     (storage / rel).parent.mkdir(parents=True, exist_ok=True)
