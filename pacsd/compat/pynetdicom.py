@@ -14,6 +14,7 @@
   requested (pynetdicom's C-MOVE SCP otherwise requests it itself, after the handler's first
   yields, and answers any failure 0xA801 "Move Destination unknown").
 - the pace of associations (pacsd.compat.pynetdicom_pace: `wake_on_work`, `drop_wakeups`).
+- the fast lane of C-STORE and C-ECHO (pacsd.compat.pynetdicom_lane: `open_lane`).
 - `UNKNOWN_STORAGE`: no patch, a reliance: pacsd.dimse.contexts maps private and unknown
   storage classes to the Storage Service through pynetdicom's EVT_SOP_COMMON handler, which
   pynetdicom calls for every association request (not only those that carry such items) and
@@ -38,10 +39,11 @@ from pynetdicom.service_class import QueryRetrieveServiceClass
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
 from pacsd.compat.patch import Misfit, Patch, need_attr, need_params, need_source
+from pacsd.compat.pynetdicom_lane import LANE, close_lane, lane_of, open_lane
 from pacsd.compat.pynetdicom_pace import PACE, drop_wakeups, wake_on_work
 
 __all__ = ["HANDOVER", "MADE", "NOT_SENT", "PATCHES", "UNKNOWN_STORAGE", "HandOverAE",
-           "adopt_socket", "drop_wakeups", "keep_alive", "keep_reactor_off_responses",
+           "adopt_socket", "close_lane", "drop_wakeups", "lane_of", "open_lane", "keep_alive", "keep_reactor_off_responses",
            "park_reactor", "register_server",
            "send_files_as_stored", "unpark_reactor", "wake_on_work"]
 
@@ -300,7 +302,7 @@ UNKNOWN_STORAGE = Patch("pynetdicom.unknown_storage_classes", "speed", "pynetdic
                         "(each logged)", _probe_unknown_storage)
 
 
-PATCHES: list[Patch] = [PDU_BOUND, PACE, CHUNKED, SERVERS, REACTOR, HANDOVER, UNKNOWN_STORAGE,
-                        KEEP_ALIVE]
+PATCHES: list[Patch] = [PDU_BOUND, PACE, LANE, CHUNKED, SERVERS, REACTOR, HANDOVER,
+                        UNKNOWN_STORAGE, KEEP_ALIVE]
 
 keep_reactor_off_responses()

@@ -87,6 +87,12 @@ class BriskDUL(DULServiceProvider):
     # sends take too. Not over TLS: an SSL socket must not be written and read by two threads.
     _send_lock: threading.Lock
     _queued_p_data = 0   # P-DATA put in the queue and not yet sent by the DUL
+    _lane: Any = None    # pacsd.compat.pynetdicom_lane.Lane, on associations we accept
+
+    def _read_pdu_data(self) -> None:
+        lane = self._lane
+        if lane is None or not lane.read():
+            super()._read_pdu_data()
 
     def send_pdu(self, primitive: Any) -> None:
         if isinstance(primitive, P_DATA):

@@ -96,6 +96,11 @@ class DicomSettings:
         v.positive)
     network_timeout: float = setting(120.0,
         "Seconds of silence after which an association is dropped.", v.positive)
+    fast_lane: bool = setting(True,
+        "On associations we accept: C-STORE and C-ECHO answered by the thread that reads the "
+        "association, the data set written to its file as it arrives, and the files of a "
+        "C-GET sent raw by pacsd (pacsd.compat.pynetdicom_lane); false: every message through "
+        "pynetdicom's DIMSE layer, as before. For comparison and as a way back.")
     max_pdu: int = setting(262144,
         "Largest PDU we accept, in bytes (0: no limit).", v.in_range(0, 2**32 - 1))
     tls_cert: str = setting("",

@@ -49,6 +49,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
+from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # names made at import
     PatientRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelGet,
@@ -181,8 +182,12 @@ def from_this_machine(address: str, local: str) -> bool:
 
 def _local_address(event: Event) -> str:
     """Our end of the association's connection ("" if unknown)."""
+    return _local_of(event.assoc)
+
+
+def _local_of(assoc: Association) -> str:
     try:
-        return _normal(str(event.assoc.dul.socket.socket.getsockname()[0]))  # type: ignore[union-attr]
+        return _normal(str(assoc.dul.socket.socket.getsockname()[0]))  # type: ignore[union-attr]
     except (AttributeError, OSError, IndexError):
         return ""
 
@@ -285,15 +290,14 @@ class AssociationGuard:
                         "not a node; add it to [[nodes]] or on the admin page (or set "
                         "[dicom] open_query_retrieve = true)")
 
-    def may_store(self, event: Event, what: str) -> bool:
+    def may_store(self, assoc: Association, what: str) -> bool:
         """For C-STORE and storage commitment: False (logged once per request) when the
         caller is a node with allow_store = false; answer NOT_AUTHORIZED then."""
-        assoc = event.assoc
         aet = str(assoc.requestor.ae_title or "").strip()
         address = _normal(str(assoc.requestor.address))
         node = self.accounts.node_by_aet(aet)
         if node is None or node.allow_store or (aet == self.own_aet
-                                                and self._same_host(event, address)):
+                                                and from_this_machine(address, _local_of(assoc))):
             return True
         log.warning("%s from %r (%s) refused (0x0124, not authorized): node %r has "
                     "allow_store = false", what, aet, address, node.name)

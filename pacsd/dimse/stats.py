@@ -52,7 +52,10 @@ class DimseStats:
         name = type(event.message).__name__
         if not name.endswith(_REQUEST_SUFFIX):
             return
-        op = name[:-len(_REQUEST_SUFFIX)].replace("_", "-")
+        self.requested(name[:-len(_REQUEST_SUFFIX)].replace("_", "-"))
+
+    def requested(self, op: str) -> None:
+        """One request of `op` ("C-STORE") received (the fast lane counts its own here)."""
         with self._lock:
             self.requests[op] = self.requests.get(op, 0) + 1
 

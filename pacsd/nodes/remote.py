@@ -117,6 +117,16 @@ def send_stored(assoc: Association, label: str,
             tally.fail()
             log.warning("%s: %s not sent: %s", label, dataset.SOPInstanceUID, e)
             raise
+        lane = compat.lane_of(assoc) if pair is None else None
+        if lane is not None:   # the file's bytes straight onto the socket (pynetdicom_lane)
+            rsp = lane.send_file(path, str(sop_class), str(dataset.SOPInstanceUID),
+                                 str(stored), msg_id, priority, originator_aet, originator_id)
+            if rsp is not None:
+                if int(getattr(rsp, "Status", -1)) in _STORED:
+                    tally.sent(pair)
+                else:
+                    tally.fail()
+                return rsp
         parked = compat.park_reactor(assoc)   # pynetdicom's race (see there)
         try:
             rsp = original(payload, msg_id, priority, originator_aet, originator_id)
@@ -174,12 +184,15 @@ def send_deadline(event: Event) -> None:
 
 
 # How every association of ours is set up, accepted or requested: Nagle off, pynetdicom's
-# loops waiting for work instead of polling (pacsd.compat.pynetdicom_pace), and a bound on every
-# send.
+# loops waiting for work instead of polling (pacsd.compat.pynetdicom_pace), the fast lane
+# (pacsd.compat.pynetdicom_lane: stored files sent raw, their responses read by the DUL), and a
+# bound on every send.
 CONNECTION_HANDLERS: list[Any] = [(evt.EVT_CONN_OPEN, nodelay),
                                   (evt.EVT_CONN_OPEN, compat.wake_on_work),
+                                  (evt.EVT_CONN_OPEN, compat.open_lane),
                                   (evt.EVT_CONN_OPEN, send_deadline),
-                                  (evt.EVT_CONN_CLOSE, compat.drop_wakeups)]
+                                  (evt.EVT_CONN_CLOSE, compat.drop_wakeups),
+                                  (evt.EVT_CONN_CLOSE, compat.close_lane)]
 
 
 def move_contexts(insts: list[query.StoredInstance], node: Node | None = None
