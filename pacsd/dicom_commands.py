@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 C_STORE_RQ, C_STORE_RSP = 0x0001, 0x8001
 C_ECHO_RQ, C_ECHO_RSP = 0x0030, 0x8030
-C_GET_RSP, C_MOVE_RSP = 0x8010, 0x8021
+C_FIND_RSP, C_GET_RSP, C_MOVE_RSP = 0x8020, 0x8010, 0x8021
 PENDING = 0xFF00
 NO_DATA_SET = 0x0101   # (0000,0800) Command Data Set Type: no data set follows
 
@@ -139,19 +139,20 @@ def store_request(message_id: int, sop_class: str, sop_instance: str, priority: 
     return _element(0x0000, len(rest).to_bytes(4, "little")) + rest
 
 
-def retrieve_pending(field: int, responded_to: int, sop_class: str, remaining: int,
-                     completed: int, failed: int, warning: int) -> bytes:
-    """An encoded C-GET-RSP or C-MOVE-RSP with status Pending and no identifier (PS3.7
-    9.3.3.2, 9.3.4.2): the one sent after each sub-operation."""
+def pending(field: int, responded_to: int, sop_class: str, status: int = PENDING,
+            counts: tuple[int, int, int, int] | None = None, identifier: bool = False
+            ) -> bytes:
+    """An encoded pending response (PS3.7 9.3.2.2, 9.3.3.2, 9.3.4.2): a C-FIND-RSP followed
+    by its `identifier`, or a C-GET-RSP / C-MOVE-RSP with its sub-operation `counts`
+    (remaining, completed, failed, warning), sent after each sub-operation."""
     body = [_element(_AFFECTED_SOP_CLASS, _ui(sop_class)) if sop_class else b"",
             _element(_COMMAND_FIELD, _u16(field)),
             _element(_BEING_RESPONDED_TO, _u16(responded_to)),
-            _element(_DATA_SET_TYPE, _u16(NO_DATA_SET)),
-            _element(_STATUS, _u16(PENDING)),
-            _element(_REMAINING, _u16(remaining)),
-            _element(_COMPLETED, _u16(completed)),
-            _element(_FAILED, _u16(failed)),
-            _element(_WARNING, _u16(warning))]
+            _element(_DATA_SET_TYPE, _u16(0x0000 if identifier else NO_DATA_SET)),
+            _element(_STATUS, _u16(status))]
+    if counts is not None:
+        body += [_element(tag, _u16(n))
+                 for tag, n in zip((_REMAINING, _COMPLETED, _FAILED, _WARNING), counts)]
     rest = b"".join(body)
     return _element(0x0000, len(rest).to_bytes(4, "little")) + rest
 

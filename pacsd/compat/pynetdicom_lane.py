@@ -38,15 +38,15 @@ from typing import Any, Protocol, cast
 from pydicom.dataset import Dataset
 
 from pynetdicom.association import Association
-from pynetdicom.dimse_primitives import C_GET, C_MOVE
+from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.events import Event
 from pynetdicom.presentation import PresentationContext
 
 from pacsd.compat.patch import Patch, need_attr, need_params, need_source
 from pacsd.compat.pynetdicom_pace import BriskDUL
-from pacsd.dicom_commands import (C_GET_RSP, C_MOVE_RSP, C_STORE_RSP, PENDING, Command,
-                                  decode, retrieve_pending, store_request)
+from pacsd.dicom_commands import (C_FIND_RSP, C_GET_RSP, C_MOVE_RSP, C_STORE_RSP, PENDING,
+                                  Command, decode, pending, store_request)
 
 log = logging.getLogger(__name__)
 
@@ -322,7 +322,9 @@ class Lane:
             rsp.ErrorComment = waiter.comment
         return rsp
 
-    def _command_pdus(self, cx_id: int, command: bytes) -> bytes:
+    def _command_pdus(self, cx_id: int, command: bytes, control: int = _COMMAND) -> bytes:
+        """`command` (or, control 0, a data set) as P-DATA-TF PDUs of one PDV each."""
+        kind = control
         assoc = self.dul.assoc
         peer = assoc.acceptor if assoc.is_requestor else assoc.requestor
         limit = int(peer.maximum_length or 0)
@@ -330,20 +332,23 @@ class Lane:
         pdus = []
         for start in range(0, len(command), room):
             piece = command[start:start + room]
-            control = _COMMAND | (_LAST if start + room >= len(command) else 0)
+            control = kind | (_LAST if start + room >= len(command) else 0)
             pdus.append(_HEADER.pack(P_DATA_TF, 0, len(piece) + 6)
                         + _ITEM.pack(len(piece) + 2, cx_id, control) + piece)
         return b"".join(pdus)
 
-    def _send(self, cx_id: int, command: bytes) -> bool:
-        """The response command set as P-DATA-TF, in fragments within the peer's Maximum
-        Length Received (0: no limit). From another thread than the DUL's: False (nothing
-        sent) over TLS, or while P-DATA waits in the DUL's queue (order first)."""
+    def _send(self, cx_id: int, command: bytes, data: bytes = b"") -> bool:
+        """A message (a command set, and a data set if any) as P-DATA-TF, in fragments within
+        the peer's Maximum Length Received (0: no limit), in one write. From another thread
+        than the DUL's: False (nothing sent) over TLS, or while P-DATA waits in the DUL's
+        queue (order first)."""
         dul = self.dul
         sock = dul.socket
         if sock is None:
             return True
         pdus = self._command_pdus(cx_id, command)
+        if data:
+            pdus += self._command_pdus(cx_id, data, control=0)
         foreign = threading.current_thread() is not dul
         if foreign and isinstance(sock.socket, ssl.SSLSocket):
             return False
@@ -355,20 +360,30 @@ class Lane:
         return True
 
     def send_msg(self, original: Any, primitive: Any, context_id: int) -> None:
-        """DIMSEServiceProvider.send_msg, the pending C-GET and C-MOVE responses (one after
-        each sub-operation) packed here instead of through pydicom."""
-        counts = [getattr(primitive, f"Number{of}Suboperations", None)
-                  for of in ("OfRemaining", "OfCompleted", "OfFailed", "OfWarning")]
+        """DIMSEServiceProvider.send_msg, pending responses packed here instead of through
+        pydicom and pynetdicom's message classes: a C-FIND match with its identifier (already
+        encoded by pynetdicom's C-FIND SCP), and the C-GET / C-MOVE response sent after each
+        sub-operation. Anything else, or what does not fit, goes the original way."""
         responded_to = getattr(primitive, "MessageIDBeingRespondedTo", None)
-        if (isinstance(primitive, (C_GET, C_MOVE)) and primitive.Status == PENDING
-                and primitive.Identifier is None and responded_to is not None
-                and None not in counts):
-            command = retrieve_pending(
-                C_GET_RSP if isinstance(primitive, C_GET) else C_MOVE_RSP, int(responded_to),
-                str(primitive.AffectedSOPClassUID or ""), *(int(n or 0) for n in counts))
-            if self._send(context_id, command):
-                return
-        original(primitive, context_id)
+        status = getattr(primitive, "Status", None)
+        sop_class = str(getattr(primitive, "AffectedSOPClassUID", None) or "")
+        message = None
+        if responded_to is None or status not in (PENDING, 0xFF01):
+            pass
+        elif isinstance(primitive, C_FIND):
+            identifier = primitive.Identifier
+            if identifier is not None:
+                message = (pending(C_FIND_RSP, int(responded_to), sop_class, int(status),
+                                   identifier=True), identifier.getvalue())
+        elif isinstance(primitive, (C_GET, C_MOVE)) and primitive.Identifier is None:
+            counts = [getattr(primitive, f"Number{of}Suboperations", None)
+                      for of in ("OfRemaining", "OfCompleted", "OfFailed", "OfWarning")]
+            if None not in counts:
+                field = C_GET_RSP if isinstance(primitive, C_GET) else C_MOVE_RSP
+                message = (pending(field, int(responded_to), sop_class, int(status),
+                                   counts=cast(tuple[int, int, int, int], tuple(counts))), b"")
+        if message is None or not self._send(context_id, *message):
+            original(primitive, context_id)
 
     # --- handing over ---------------------------------------------------------------------
 

@@ -99,6 +99,7 @@ def _cheap_copies(contexts: list[PresentationContext]) -> list[PresentationConte
 def build_ae(cfg: Config) -> AE:
     # Retrieve sends stored files by path, raw and in chunks, without decoding them.
     compat.send_files_as_stored()
+    compat.quiet_identifiers()
     ae = compat.HandOverAE(ae_title=cfg.dicom_aet)   # C-MOVE: see pacsd.dimse.retrieve
     ae.maximum_associations = cfg.dicom_max_associations
     ae.acse_timeout = cfg.dicom_acse_timeout
