@@ -128,15 +128,20 @@ def _accepted_contexts(ac_body: bytes) -> set[int]:
     return accepted
 
 
-def command(**fields) -> bytes:
-    """A command set encoded by pydicom (Implicit VR Little Endian, group length first)."""
+def implicit(**fields) -> bytes:
+    """A data set of these elements, encoded by pydicom in Implicit VR Little Endian."""
     ds = Dataset()
     for keyword, value in fields.items():
         setattr(ds, keyword, value)
     buf = DicomBytesIO()
     buf.is_little_endian, buf.is_implicit_VR = True, True
     write_dataset(buf, ds)
-    rest = buf.getvalue()
+    return buf.getvalue()
+
+
+def command(**fields) -> bytes:
+    """A command set encoded by pydicom (Implicit VR Little Endian, group length first)."""
+    rest = implicit(**fields)
     return struct.pack("<HHL", 0, 0, 4) + struct.pack("<L", len(rest)) + rest
 
 
@@ -216,13 +221,7 @@ def test_store_echo_and_find_share_an_association_and_a_pdu(server):
     assert (echo.CommandField, echo.MessageIDBeingRespondedTo, echo.Status) == (0x8030, 1, 0)
     assert (store.CommandField, store.MessageIDBeingRespondedTo, store.Status) == (0x8001, 2, 0)
     # A C-FIND (pynetdicom's), its identifier in two fragments, then another C-STORE.
-    query = Dataset()
-    query.QueryRetrieveLevel = "STUDY"
-    query.StudyInstanceUID = ""
-    identifier = DicomBytesIO()
-    identifier.is_little_endian, identifier.is_implicit_VR = True, True
-    write_dataset(identifier, query)
-    ident = identifier.getvalue()
+    ident = implicit(QueryRetrieveLevel="STUDY", StudyInstanceUID="")
     peer.send_pdu([(FIND_CX, 0x03, command(
         AffectedSOPClassUID=StudyRootQueryRetrieveInformationModelFind, CommandField=0x0020,
         MessageID=3, Priority=0, CommandDataSetType=0x0000)), (FIND_CX, 0x00, ident[:10])])
@@ -246,17 +245,12 @@ def test_a_long_association_of_messages_pynetdicom_answers(server):
     what the lane passes on leaves nothing behind in it (a command set kept from one message
     to the next would grow until the lane refused it)."""
     peer = Peer(server.dicom_port)
-    query = Dataset()
-    query.QueryRetrieveLevel = "STUDY"
-    query.PatientID = "nobody"
-    buf = DicomBytesIO()
-    buf.is_little_endian, buf.is_implicit_VR = True, True
-    write_dataset(buf, query)
+    query = implicit(QueryRetrieveLevel="STUDY", PatientID="nobody")
     for msg_id in range(1, 1001):
         peer.send_pdu([(FIND_CX, 0x03, command(
             AffectedSOPClassUID=StudyRootQueryRetrieveInformationModelFind,
             CommandField=0x0020, MessageID=msg_id, Priority=0, CommandDataSetType=0x0000)),
-            (FIND_CX, 0x02, buf.getvalue())])
+            (FIND_CX, 0x02, query)])
         kind, body = peer.read_pdu()
         assert kind == 0x04, f"C-FIND {msg_id}: PDU type 0x{kind:02X}"
         assert decode_dataset(BytesIO(body[6:]), True, True).Status == 0
