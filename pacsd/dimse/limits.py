@@ -7,7 +7,11 @@ header as it arrives and abort the association (A-ABORT, then close) when the le
 is more than we allow, before reading any of the body.
 
 The same socket also reads a PDU body in few large reads: pynetdicom reads 4 KiB at a time, 128
-system calls (and GIL hand-overs) for one 512 KiB CT slice.
+system calls (and GIL hand-overs) for one 512 KiB CT slice. And it acknowledges what arrives at
+once (TCP_QUICKACK, Linux): DCMTK's programs, unless TCP_NODELAY=1 is in their environment,
+write a PDU's header and its PDV in two writes, and the second waits for our ACK of the first
+(Nagle), which the kernel delays by 40 ms when we have nothing to send. Measured: a C-ECHO from
+echoscu 67 -> 21 ms, a C-FIND from findscu 89 -> 47 ms.
 
 A SAFETY patch of pynetdicom: the socket's class is swapped at run time and follows how the DUL
 reads a PDU; pacsd.compat.pynetdicom (PDU_BOUND) checks both, and `pacsd serve` refuses to
@@ -83,6 +87,7 @@ class BoundedSocket(AssociationSocket):
         view, got = memoryview(buf), 0
         with view:
             while got < nr_bytes:
+                _quick_ack(raw)   # the kernel leaves quick-ACK mode by itself: set it each time
                 n = raw.recv_into(view[got:])
                 if not n:
                     break   # closed: the caller sees a short read, as with pynetdicom's
@@ -106,6 +111,18 @@ class BoundedSocket(AssociationSocket):
             raw.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+
+def _quick_ack(raw: socket.socket) -> None:
+    if _QUICKACK is None:
+        return
+    try:
+        raw.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+    except (OSError, ValueError):   # not TCP (a test's socketpair), or closed
+        pass
+
+
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)   # Linux only
 
 
 def bound_pdus(event: Event, max_pdu: int) -> None:
