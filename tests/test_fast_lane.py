@@ -5,7 +5,7 @@ A peer here speaks PDUs by hand on a plain socket, so that it can cut messages w
 peers may (a command set over several PDUs, a PDU holding the end of one message and the start
 of the next, fragments of a few bytes) and where only broken or hostile ones do (a data set
 before its command, a command inside a data set, a PDV longer than its PDU, a connection
-dropped mid-image). Command sets are encoded with pydicom and responses decoded with it, so
+dropped mid-image: tests/reliability/test_hostile_lane.py). Command sets are encoded with pydicom and responses decoded with it, so
 that pacsd's own codec (pacsd.dicom_commands) is checked against a third party's.
 """
 
@@ -14,167 +14,24 @@ from __future__ import annotations
 import re
 import socket
 import struct
-import time
 from io import BytesIO
-from pathlib import Path
 
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.filewriter import write_dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import build_context
 from pynetdicom.dsutils import decode as decode_dataset
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-    CTImageStorage, StudyRootQueryRetrieveInformationModelFind, Verification)
+    CTImageStorage, StudyRootQueryRetrieveInformationModelFind)
 
-from conftest import LOCAL, associate, wait_for
+from conftest import associate
 from data import ct_slice
 from pacsd import dicom_commands
 from pacsd.dicom_commands import CommandError
 
-ECHO_CX, STORE_CX, FIND_CX = 1, 3, 5
-
-
-# --- a peer that speaks PDUs by hand ------------------------------------------------------------
-
-def _item(kind: int, body: bytes) -> bytes:
-    return struct.pack(">BBH", kind, 0, len(body)) + body
-
-
-def _associate_rq(max_pdu: int) -> bytes:
-    contexts = b""
-    for cx_id, abstract, syntaxes in ((ECHO_CX, Verification, [ImplicitVRLittleEndian]),
-                                      (STORE_CX, CTImageStorage, [ExplicitVRLittleEndian]),
-                                      (FIND_CX, StudyRootQueryRetrieveInformationModelFind,
-                                       [ImplicitVRLittleEndian])):
-        sub = _item(0x30, str(abstract).encode()) + b"".join(
-            _item(0x40, str(ts).encode()) for ts in syntaxes)
-        contexts += _item(0x20, bytes([cx_id, 0, 0, 0]) + sub)
-    user = _item(0x51, struct.pack(">L", max_pdu)) + _item(0x52, b"1.2.3.4.5")
-    body = (struct.pack(">HH", 1, 0) + b"PACSD".ljust(16) + b"PYNETDICOM".ljust(16)
-            + bytes(32) + _item(0x10, b"1.2.840.10008.3.1.1.1") + contexts + _item(0x50, user))
-    return struct.pack(">BBL", 0x01, 0, len(body)) + body
-
-
-class Peer:
-    """One association, spoken by hand."""
-
-    def __init__(self, port: int, max_pdu: int = 16384) -> None:
-        self.sock = socket.create_connection((LOCAL, port), timeout=20)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.sock.sendall(_associate_rq(max_pdu))
-        kind, body = self.read_pdu()
-        assert kind == 0x02, f"association not accepted (PDU type 0x{kind:02X})"
-        self.accepted = _accepted_contexts(body)
-
-    def read_pdu(self) -> tuple[int, bytes]:
-        header = self._read(6)
-        kind, _, length = struct.unpack(">BBL", header)
-        return kind, self._read(length)
-
-    def _read(self, n: int) -> bytes:
-        out = b""
-        while len(out) < n:
-            got = self.sock.recv(n - len(out))
-            if not got:
-                raise ConnectionError("closed")
-            out += got
-        return out
-
-    def send_pdu(self, items: list[tuple[int, int, bytes]]) -> None:
-        """One P-DATA-TF of PDV items (context, control header, bytes)."""
-        body = b"".join(struct.pack(">LBB", len(v) + 2, cx, ctl) + v for cx, ctl, v in items)
-        self.sock.sendall(struct.pack(">BBL", 0x04, 0, len(body)) + body)
-
-    def response(self) -> Dataset:
-        """The next whole command set the server sends (over as many PDUs as it takes)."""
-        raw = b""
-        while True:
-            kind, body = self.read_pdu()
-            assert kind == 0x04, f"PDU type 0x{kind:02X} instead of P-DATA-TF"
-            offset = 0
-            while offset < len(body):
-                length, _, control = struct.unpack_from(">LBB", body, offset)
-                assert control & 1, "a data set fragment in a response to C-STORE/C-ECHO"
-                raw += body[offset + 6:offset + 4 + length]
-                offset += 4 + length
-                if control & 2:
-                    return decode_dataset(BytesIO(raw), True, True)
-
-    def aborted(self) -> bool:
-        """Whether the server sent A-ABORT (and closed) rather than anything else."""
-        try:
-            kind, _ = self.read_pdu()
-        except (ConnectionError, OSError):
-            return False
-        return kind == 0x07
-
-    def release(self) -> None:
-        self.sock.sendall(bytes([0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0]))
-        kind, _ = self.read_pdu()
-        assert kind == 0x06
-        self.sock.close()
-
-
-def _accepted_contexts(ac_body: bytes) -> set[int]:
-    accepted, offset = set(), 68
-    while offset < len(ac_body):
-        kind, _, length = struct.unpack_from(">BBH", ac_body, offset)
-        if kind == 0x21 and ac_body[offset + 6] == 0:
-            accepted.add(ac_body[offset + 4])
-        offset += 4 + length
-    return accepted
-
-
-def implicit(**fields) -> bytes:
-    """A data set of these elements, encoded by pydicom in Implicit VR Little Endian."""
-    ds = Dataset()
-    for keyword, value in fields.items():
-        setattr(ds, keyword, value)
-    buf = DicomBytesIO()
-    buf.is_little_endian, buf.is_implicit_VR = True, True
-    write_dataset(buf, ds)
-    return buf.getvalue()
-
-
-def command(**fields) -> bytes:
-    """A command set encoded by pydicom (Implicit VR Little Endian, group length first)."""
-    rest = implicit(**fields)
-    return struct.pack("<HHL", 0, 0, 4) + struct.pack("<L", len(rest)) + rest
-
-
-def store_rq(msg_id: int, ds: Dataset) -> bytes:
-    return command(AffectedSOPClassUID=CTImageStorage, CommandField=0x0001, MessageID=msg_id,
-                   Priority=0, CommandDataSetType=0x0000,
-                   AffectedSOPInstanceUID=ds.SOPInstanceUID)
-
-
-def echo_rq(msg_id: int) -> bytes:
-    return command(AffectedSOPClassUID=Verification, CommandField=0x0030, MessageID=msg_id,
-                   CommandDataSetType=0x0101)
-
-
-def encoded(ds: Dataset) -> bytes:
-    buf = DicomBytesIO()
-    buf.is_little_endian, buf.is_implicit_VR = True, False
-    write_dataset(buf, ds)
-    return buf.getvalue()
-
-
-def pieces(raw: bytes, size: int) -> list[bytes]:
-    return [raw[i:i + size] for i in range(0, len(raw), size)]
-
-
-def stored_files(server) -> list[Path]:
-    return sorted(server.cfg.storage_path.rglob("*.dcm"))
-
-
-def leftovers(server) -> list[Path]:
-    """Temporary files of writes that did not finish."""
-    return sorted(p for p in (server.cfg.storage_path / ".tmp").rglob("*") if p.is_file())
-
+from dimse_raw import (ECHO_CX, FIND_CX, STORE_CX, Peer, command, echo_rq, encoded, implicit,
+                       leftovers, pieces, store_rq, stored_files)
 
 # --- messages cut where real peers may cut them ---------------------------------------------
 
@@ -281,67 +138,6 @@ def test_responses_fit_the_peers_maximum_pdu(server):
     rsp = decode_dataset(BytesIO(raw), True, True)
     assert (rsp.MessageIDBeingRespondedTo, rsp.Status) == (9, 0)
     peer.release()
-
-
-# --- broken and hostile peers -----------------------------------------------------------------
-
-def _still_serves(server) -> None:
-    with associate(server.dicom_port, [build_context(Verification)]) as assoc:
-        assert assoc.send_c_echo().Status == 0
-
-
-def test_a_data_set_before_its_command_aborts(server, caplog):
-    peer = Peer(server.dicom_port)
-    peer.send_pdu([(STORE_CX, 0x02, b"\x08\x00\x16\x00")])
-    assert peer.aborted()
-    assert "a data set fragment before its command set" in caplog.text
-    _still_serves(server)
-
-
-def test_a_command_inside_a_data_set_aborts_and_nothing_is_kept(server):
-    ds = ct_slice(seed=7, patient=1, study=1, series=1, number=1, size=64)
-    data = encoded(ds)
-    peer = Peer(server.dicom_port)
-    peer.send_pdu([(STORE_CX, 0x03, store_rq(1, ds)), (STORE_CX, 0x00, data[:4000])])
-    peer.send_pdu([(ECHO_CX, 0x03, echo_rq(2))])
-    assert peer.aborted()
-    _still_serves(server)
-    wait_for(lambda: not leftovers(server), 10, "the unfinished file to be removed")
-    assert stored_files(server) == []
-
-
-def test_a_pdv_longer_than_its_pdu_aborts(server):
-    peer = Peer(server.dicom_port)
-    body = struct.pack(">LBB", 5000, STORE_CX, 0x03) + b"x" * 20
-    peer.sock.sendall(struct.pack(">BBL", 0x04, 0, len(body)) + body)
-    assert peer.aborted()
-    _still_serves(server)
-
-
-def test_a_connection_dropped_mid_image_keeps_nothing(server):
-    ds = ct_slice(seed=8, patient=1, study=1, series=1, number=1, size=128)
-    data = encoded(ds)
-    peer = Peer(server.dicom_port)
-    peer.send_pdu([(STORE_CX, 0x03, store_rq(1, ds))])
-    peer.send_pdu([(STORE_CX, 0x00, data[:len(data) // 2])])
-    time.sleep(0.2)   # the first half is being written to its file
-    peer.sock.close()
-    wait_for(lambda: not leftovers(server) and not server.dicom.active_associations, 10,
-             "the association to end and its unfinished file to be removed")
-    assert stored_files(server) == []
-    _still_serves(server)
-
-
-def test_a_bad_uid_in_the_request_is_refused_without_a_file(server):
-    ds = ct_slice(seed=9, patient=1, study=1, series=1, number=1, size=16)
-    peer = Peer(server.dicom_port)
-    rq = command(AffectedSOPClassUID=CTImageStorage, CommandField=0x0001, MessageID=3,
-                 Priority=0, CommandDataSetType=0x0000, AffectedSOPInstanceUID="1.2.x/../y")
-    peer.send_pdu([(STORE_CX, 0x03, rq), (STORE_CX, 0x02, encoded(ds))])
-    rsp = peer.response()
-    assert rsp.Status == 0xC000   # as through pynetdicom (test_store's hostile UIDs)
-    peer.release()
-    assert stored_files(server) == [] and leftovers(server) == []
 
 
 def test_the_way_back_without_the_lane(make_server):

@@ -33,6 +33,8 @@ from pynetdicom.sop_class import Verification
 sys.path.insert(0, str(Path(__file__).parent))
 
 from conftest import LOCAL, c_find, serve, store_files, write_config  # noqa: E402
+from dimse_raw import (APP_CONTEXT, IVRLE, VERIFICATION, associate_rq, item,  # noqa: E402,F401
+                       pdu, pres_context, read_pdu)
 from data import ct_slice, uid  # noqa: E402
 from pacsd.imaging.header import file_meta_bytes  # noqa: E402
 from report import PeakMemory, record, scaled  # noqa: E402
@@ -40,34 +42,9 @@ from report import PeakMemory, record, scaled  # noqa: E402
 MAX_PDU = 262144
 RSS_HEADROOM_MB = 200      # above the RSS at start; one buffered 4 GiB PDU would be far beyond
 A_ASSOCIATE_AC, A_ASSOCIATE_RJ, A_ABORT = 0x02, 0x03, 0x07
-APP_CONTEXT = b"1.2.840.10008.3.1.1.1"
-VERIFICATION = b"1.2.840.10008.1.1"
-IVRLE = b"1.2.840.10008.1.2"
 
 
 # --- raw PDUs (PS3.8 9.3) ---------------------------------------------------------------------
-
-def item(kind: int, body: bytes) -> bytes:
-    return struct.pack(">BBH", kind, 0, len(body)) + body
-
-
-def pres_context(cx_id: int, abstract: bytes = VERIFICATION, syntaxes=(IVRLE,)) -> bytes:
-    return item(0x20, bytes([cx_id, 0, 0, 0]) + item(0x30, abstract)
-                + b"".join(item(0x40, ts) for ts in syntaxes))
-
-
-def associate_rq(contexts: list[bytes] | None = None, calling: bytes = b"HOSTILE",
-                 called: bytes = b"PACSD", version: int = 1) -> bytes:
-    contexts = [pres_context(1)] if contexts is None else contexts
-    user = item(0x50, item(0x51, struct.pack(">L", 16384)) + item(0x52, b"1.2.3.4"))
-    body = (struct.pack(">HH", version, 0) + called.ljust(16)[:16] + calling.ljust(16)[:16]
-            + bytes(32) + item(0x10, APP_CONTEXT) + b"".join(contexts) + user)
-    return pdu(0x01, body)
-
-
-def pdu(kind: int, body: bytes, length: int | None = None) -> bytes:
-    return struct.pack(">BBL", kind, 0, len(body) if length is None else length) + body
-
 
 def _el(group: int, elem: int, value: bytes) -> bytes:
     """An implicit VR little endian element (DIMSE commands are always so encoded)."""
@@ -131,27 +108,6 @@ def raw_c_store(port: int, sop_instance: bytes, dataset: bytes) -> int | None:
         s.sendall(pdu(0x05, bytes(4)))   # A-RELEASE-RQ
         read_pdu(s)
         return response_status(got[1])
-
-
-def read_pdu(sock: socket.socket) -> tuple[int, bytes] | None:
-    """The next PDU (type, body), or None if the server closed the connection."""
-    def exactly(n: int) -> bytes | None:
-        buf = b""
-        while len(buf) < n:
-            try:
-                chunk = sock.recv(n - len(buf))
-            except (ConnectionResetError, TimeoutError):
-                return None
-            if not chunk:
-                return None
-            buf += chunk
-        return buf
-    head = exactly(6)
-    if head is None:
-        return None
-    kind, _, length = struct.unpack(">BBL", head)
-    body = exactly(length) if length <= 1 << 20 else None
-    return kind, body or b""
 
 
 @contextmanager
