@@ -59,6 +59,10 @@ class AlreadyRunning(PacsError):
     exit_code = EXIT_TEMPFAIL
 
 
+class WorkerFailed(PacsError):
+    """A DICOM worker process (pacsd.daemon.workers) could not start: what it said."""
+
+
 class LibraryMismatch(PacsError):
     """An installed library (pynetdicom, pydicom, cheroot) no longer fits a safety patch of
     pacsd.compat: restarting will not help, installing the pinned version will."""

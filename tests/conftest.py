@@ -31,7 +31,7 @@ from postgres import (  # tests/postgres.py
 )
 
 from pacsd import config as config_mod  # noqa: E402
-from pacsd.daemon import Server  # noqa: E402
+from pacsd.daemon.server import Server  # noqa: E402
 
 REQUIRE_PEERS = os.environ.get("PACSD_REQUIRE_PEERS") == "1"
 
@@ -133,6 +133,10 @@ def make_server(tmp_path: Path):
 
     def start(data: Path | None = None, **kw) -> Server:
         data = data or tmp_path / "pacsd"
+        # In-process servers keep the DICOM side in this process, where tests look at it
+        # (server.dicom); `pacsd serve` (serve() below) runs with its default, one DICOM
+        # worker process per core, and tests/test_workers.py puts workers in-process too.
+        kw["dicom"] = {"workers": 1, **kw.get("dicom", {})}
         cfg_file = write_config(tmp_path / f"pacsd{len(servers)}.toml", data, **kw)
         server = Server(config_mod.load(cfg_file, env={})).start()
         servers.append(server)

@@ -39,7 +39,7 @@ def pacs(tmp_path_factory):
     """A server (CORS allowed for VIEWER) holding: seed 5, patient 1 with a CT+MR study in
     January 2024 and a CT study in 2023, patient 2 a CT study in February; pydicom samples."""
     from pacsd import config
-    from pacsd.daemon import Server
+    from pacsd.daemon.server import Server
     tmp = tmp_path_factory.mktemp("dicomweb")
     cfg = config.load(write_config(tmp / "c.toml", tmp / "data",
                                    http={"cors_origins": [VIEWER]}), env={})

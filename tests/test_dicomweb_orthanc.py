@@ -24,7 +24,7 @@ def peers(tmp_path_factory):
     """pacsd holding a CT series and a waveform, and an Orthanc whose DICOMweb plugin knows
     pacsd as the DICOMweb server "pacsd"."""
     from pacsd import config
-    from pacsd.daemon import Server
+    from pacsd.daemon.server import Server
     tmp = tmp_path_factory.mktemp("orthanc-dicomweb")
     server = Server(config.load(write_config(tmp / "c.toml", tmp / "data"), env={})).start()
     try:

@@ -31,7 +31,7 @@ def archive(tmp_path_factory, backend_url):
     """A server holding: 3 patients; patient 1 has a CT+MR study in January 2024 and a CT study in
     2023; patient 2 a CT study in February 2024; patient 3 (Japanese name, ISO 2022 IR 87)."""
     from pacsd import config
-    from pacsd.daemon import Server
+    from pacsd.daemon.server import Server
 
     tmp = tmp_path_factory.mktemp("find")
     cfg = write_config(tmp / "c.toml", tmp / "data", index={"url": backend_url})

@@ -34,7 +34,7 @@ SAMPLES = [
 @pytest.fixture(scope="module")
 def pacs(tmp_path_factory):
     from pacsd import config
-    from pacsd.daemon import Server
+    from pacsd.daemon.server import Server
     tmp = tmp_path_factory.mktemp("frames")
     server = Server(config.load(write_config(tmp / "c.toml", tmp / "data"), env={})).start()
     files = [sample(name) for name, _ in SAMPLES]

@@ -20,7 +20,7 @@ from data import ct_slice, dataset_bytes
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from pacsd import config as config_mod
-from pacsd.daemon import Server
+from pacsd.daemon.server import Server
 from pacsd.errors import EXIT_TEMPFAIL
 from pacsd.web.auth import hash_password
 

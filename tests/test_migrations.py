@@ -18,7 +18,7 @@ from data import ct_slice
 
 from pacsd import config
 from pacsd.index import migrations
-from pacsd.daemon import Server
+from pacsd.daemon.server import Server
 from pacsd.errors import EXIT_OK, EXIT_SOFTWARE, IndexUnavailable
 from pacsd.imaging.header import check_and_extract
 from pacsd.index import Index

@@ -61,7 +61,7 @@ class Scp:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     from pacsd import config
-    from pacsd.daemon import Server
+    from pacsd.daemon.server import Server
     tmp = tmp_path_factory.mktemp("viewer")
     scp = Scp()
     # No DICOM query/retrieve here, and the page lists the nodes: without the test clients.

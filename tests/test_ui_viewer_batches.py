@@ -35,7 +35,7 @@ SLICE_BYTES = SIZE * SIZE * 2
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     from pacsd import config
-    from pacsd.daemon import Server
+    from pacsd.daemon.server import Server
     tmp = tmp_path_factory.mktemp("batches")
     cfg = config.load(write_config(tmp / "c.toml", tmp / "data", qr_clients=False), env={})
     server = Server(cfg).start()

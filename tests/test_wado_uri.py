@@ -14,7 +14,7 @@ from pydicom import dcmread
 from pydicom.uid import ImplicitVRLittleEndian
 
 from pacsd import config as config_mod
-from pacsd.daemon import Server
+from pacsd.daemon.server import Server
 from pacsd.index.models import Instance
 
 from conftest import store_files, write_config

@@ -70,7 +70,7 @@ def test_users_basic_auth_and_open_health_on_loopback(make_server):
 def test_http_beyond_loopback_needs_users(tmp_path):
     # Issue 19: checked when the server starts (users added on the admin page count too, and
     # they are in the index), no longer by config.load.
-    from pacsd.daemon import Server
+    from pacsd.daemon.server import Server
     f = write_config(tmp_path / "c.toml", tmp_path / "d", http={"bind": "0.0.0.0"})
     with pytest.raises(ConfigError, match="users"):
         Server(config.load(f, env={})).start()

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     """Copy the configured index, rows with their ids, into the database `--to` names; then say
     how to switch to it. Resumable; verified by counts (exit 1 if they differ)."""
     from pacsd.index import backends
-    from pacsd.daemon import lock_data_folder
+    from pacsd.daemon.server import lock_data_folder
     from pacsd.index.copy import IndexCopy
     try:
         backends.kind(args.to)

@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
-    from pacsd.daemon import lock_data_folder
+    from pacsd.daemon.server import lock_data_folder
     fd = lock_data_folder(cfg.data)   # the server must be stopped
     try:
         archive = open_archive(cfg)

@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
-    from pacsd.daemon import Server
+    from pacsd.daemon.server import Server
     server = Server(cfg).start()
     server.serve_forever()
     return EXIT_OK

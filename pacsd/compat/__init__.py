@@ -6,7 +6,7 @@ each with a `Patch` (pacsd.compat.patch) whose probe checks, against the install
 without opening a socket, that what it relies on is still there and shaped as expected.
 
 - `check()`: every patch's finding (name, kind, ok, message), for `pacsd config --check`.
-- `enforce()`: at start-up (pacsd.daemon, before the listeners open): each speed patch that no
+- `enforce()`: at start-up (pacsd.daemon.server, before the listeners open): each speed patch that no
   longer fits logs one WARNING and the code takes the library's own way; a safety patch that
   no longer fits raises LibraryMismatch (the configuration exit code): pacsd refuses to start.
 

@@ -101,6 +101,11 @@ class DicomSettings:
         "association, the data set written to its file as it arrives, and the files of a "
         "C-GET sent raw by pacsd (pacsd.compat.pynetdicom_lane); false: every message through "
         "pynetdicom's DIMSE layer, as before. For comparison and as a way back.")
+    workers: int = setting(0,
+        "DICOM worker processes behind the one DICOM port, each serving its own "
+        "associations on its own core (pacsd.daemon.workers); the server's process "
+        "supervises them and restarts one that dies. 0: one per core; 1: no workers, the "
+        "DICOM side runs in the server's own process.", v.in_range(0, 64))
     max_pdu: int = setting(262144,
         "Largest PDU we accept, in bytes (0: no limit).", v.in_range(0, 2**32 - 1))
     tls_cert: str = setting("",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import errno
 import logging
+import socket
 import threading
 import time
 from functools import partial
@@ -35,7 +36,7 @@ from pacsd.config import Config
 from pacsd.accounts import Accounts
 from pacsd.compat import pynetdicom as compat
 from pacsd.dimse import filters
-from pacsd.dimse.access import NOT_AUTHORIZED, AssociationGuard
+from pacsd.dimse.access import NOT_AUTHORIZED, AssociationGuard, Slots
 from pacsd.dimse.commitment import PUSH_MODEL, Commitments
 from pacsd.dimse.commitment import status as commitment_status
 from pacsd.dimse.contexts import UnknownClasses
@@ -127,8 +128,12 @@ def build_ae(cfg: Config) -> AE:
 
 class DicomServer:
     def __init__(self, cfg: Config, archive: Archive, accounts: Accounts,
-                 hooks: Hooks | None = None) -> None:
+                 hooks: Hooks | None = None, *, listen: socket.socket | None = None,
+                 slots: Slots | None = None) -> None:
+        """`listen` and `slots`: in a DICOM worker (pacsd.daemon.worker), the supervisor's
+        listening socket, shared with the other workers, and its count of associations."""
         self.cfg = cfg
+        self.listen = listen
         self.archive = archive
         self.accounts = accounts
         self.hooks = hooks
@@ -136,7 +141,7 @@ class DicomServer:
         self.commitments = Commitments(cfg, archive.index, archive.store, accounts)
         then = (partial(filters.on_requested, hooks=hooks)
                 if hooks is not None and hooks.has("on_association") else None)
-        self.guard = AssociationGuard(cfg, accounts, then)
+        self.guard = AssociationGuard(cfg, accounts, then, slots)
         # Private and unknown storage classes, and the log line of rejected contexts.
         self.contexts = UnknownClasses(
             cfg.dicom_accept_unknown_sop_classes,
@@ -247,12 +252,13 @@ class DicomServer:
             (evt.EVT_SOP_COMMON, self.contexts.on_sop_common),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_DIMSE_RECV, self.stats.on_dimse_recv),   # requests by operation
+            *([(evt.EVT_CONN_CLOSE, self.guard.on_closed)] if self.guard.slots else []),
         ]
         address = (self.cfg.dicom_bind or "0.0.0.0", self.cfg.dicom_port)
         try:
             server = self.ae.make_server(
                 address, evt_handlers=handlers, server_class=Listener, ssl_context=self.tls,
-                contexts=_cheap_copies(self.ae.supported_contexts))
+                contexts=_cheap_copies(self.ae.supported_contexts), inherited=self.listen)
         except OSError as e:
             if e.errno in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
                 raise PortInUse(f"cannot listen for DICOM on {address[0]}:{address[1]}: "
@@ -265,7 +271,8 @@ class DicomServer:
         self.server = server
         self._thread = threading.Thread(target=server.serve_forever, name="dicom", daemon=True)
         self._thread.start()
-        log.info("DICOM listener %s on %s:%d", self.cfg.dicom_aet, address[0], self.port)
+        if self.listen is None:   # a worker's supervisor says where it listens
+            log.info("DICOM listener %s on %s:%d", self.cfg.dicom_aet, address[0], self.port)
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.server is None:
@@ -286,4 +293,5 @@ class DicomServer:
             self._thread.join(5)
             self._thread = None
         self.server = None
-        log.info("DICOM listener stopped")
+        if self.listen is None:
+            log.info("DICOM listener stopped")

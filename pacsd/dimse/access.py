@@ -6,7 +6,8 @@ is here, in this order (AssociationGuard.on_requested, before any negotiation):
 1. Per-host cap: a peer address holding `[dicom] max_associations_per_host` associations gets
    A-ASSOCIATE-RJ rejected-transient / service-provider (presentation) / local-limit-exceeded
    (PS3.8 9.3.4), the answer pynetdicom gives when all of `max_associations` are taken: the
-   peer may retry later. Loopback is a host like any other.
+   peer may retry later. Loopback is a host like any other. With DICOM workers
+   (pacsd.daemon.workers) the supervisor counts for all of them, both caps (`Slots`).
 2. Calling AE title: `[dicom] allowed_calling_aets`, when set, is the allow-list. Our own AE
    title (`pacsd status`, the watchdog's C-ECHO, the CLI) is exempt only when it calls from
    this machine (a loopback address, or the very address it called: a remote host cannot take
@@ -48,6 +49,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Protocol
 
 from pynetdicom.association import Association
 from pynetdicom.events import Event
@@ -201,12 +203,26 @@ def _reject(event: Event, rsd: tuple[int, int, int]) -> None:
     assoc.kill()
 
 
+class Slots(Protocol):
+    """Association slots counted for the whole server (pacsd.daemon.worker's link)."""
+
+    def take(self, assoc: Association, address: str) -> str | None:
+        """None: `assoc`, from `address`, is counted; else why it may not be."""
+
+    def give(self, assoc: Association) -> None:
+        """`assoc` is gone (also found by the slots themselves once its thread has ended)."""
+
+
 class AssociationGuard:
     """The one place that decides who may associate and what they may ask (module text)."""
 
     def __init__(self, cfg: Config, accounts: Accounts,
-                 then: Callable[[Event], None] | None = None) -> None:
+                 then: Callable[[Event], None] | None = None,
+                 slots: Slots | None = None) -> None:
         self.cfg = cfg
+        # In a DICOM worker: the supervisor counts every worker's associations (both caps
+        # hold for the server as a whole); otherwise this AE's associations are all there is.
+        self.slots = slots
         self.accounts = accounts
         self.own_aet = cfg.dicom_aet.strip()
         self.allowed = frozenset(a.strip() for a in cfg.dicom_allowed_calling_aets)
@@ -239,7 +255,14 @@ class AssociationGuard:
         assoc = event.assoc
         aet = str(getattr(assoc.requestor.primitive, "calling_ae_title", "") or "").strip()
         address = _normal(str(assoc.requestor.address))
-        if self.per_host:
+        if self.slots is not None:
+            refused = self.slots.take(assoc, address)
+            if refused is not None:
+                log.warning("association from %s (%s) refused: %s (local limit exceeded)",
+                            address, aet, refused)
+                _reject(event, REJECT_LOCAL_LIMIT)
+                return
+        elif self.per_host:
             with self._lock:   # two requests from one host decide one after the other
                 count = self._host_count(event, address)
             if count > self.per_host:
@@ -268,6 +291,12 @@ class AssociationGuard:
             self._narrow(event, aet, address, denied)
         if self.then is not None:
             self.then(event)
+
+    def on_closed(self, event: Event) -> None:
+        """EVT_CONN_CLOSE: an association that took a slot gives it back, whatever ended it
+        (release, abort, a rejection after the count, a lost connection)."""
+        if self.slots is not None:
+            self.slots.give(event.assoc)
 
     def _narrow(self, event: Event, aet: str, address: str, denied: set[str]) -> None:
         """Take the denied services' presentation contexts out of this association's supported

@@ -69,10 +69,29 @@ class Listener(ThreadedAssociationServer):
 
     daemon_threads = True
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, inherited: socket.socket | None = None,
+                 **kwargs: Any) -> None:
         self._pending: OrderedDict[socket.socket, None] = OrderedDict()
         self._pending_lock = threading.Lock()
+        # A DICOM worker (pacsd.daemon.workers) accepts on the socket its supervisor listens
+        # on, shared with the other workers: non-blocking, since another may take the
+        # connection this one was woken for (socketserver then just loops).
+        self._inherited = inherited
         super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        if self._inherited is None:
+            super().server_bind()
+            return
+        assert self.socket is not None
+        self.socket.close()   # the one socketserver made for us
+        self.socket = self._inherited
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        if self._inherited is None:
+            super().server_activate()   # already listening otherwise
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         # Not pynetdicom's, which would do the TLS handshake here, in the accepting thread.

@@ -55,9 +55,12 @@ def _sqlite(path: Path) -> SqliteDatabase:
         pragmas["fullfsync"] = 1
         pragmas["checkpoint_fullfsync"] = 1
     # check_same_thread=False: the writer hands rows around; each thread still gets its own
-    # connection from peewee.
+    # connection from peewee. lock_type: every transaction takes the write lock when it begins
+    # (BEGIN IMMEDIATE), waiting up to busy_timeout for another process's writer (DICOM
+    # workers, one-shot commands); a transaction that read first and then wrote would instead
+    # fail at once with "database is locked" when another process wrote in between.
     return SqliteDatabase(str(path), pragmas=pragmas, check_same_thread=False, timeout=30,
-                          field_types=_SQLITE_TYPES)
+                          field_types=_SQLITE_TYPES, lock_type="IMMEDIATE")
 
 
 def _postgresql(url: str, pool_size: int) -> PooledPostgresqlDatabase:

@@ -148,7 +148,7 @@ def _checked(rel: str) -> str:
 class Store:
     def __init__(self, root: Path, min_free_mb: int = 0, node: str = "") -> None:
         self.root = root
-        # This node's temporary files; node is a name safe for a folder (pacsd.daemon.node_id).
+        # This node's temporary files; node is a name safe for a folder (pacsd.daemon.server.node_id).
         self.tmp = root / TMP_DIR / node if node else root / TMP_DIR
         self.space = SpaceGuard(root, min_free_mb)
         self._known_dirs: set[str] = set()

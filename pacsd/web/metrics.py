@@ -12,6 +12,7 @@ Written by hand: the format is a few lines of text, not worth a dependency.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -134,9 +135,24 @@ def render(rt: Runtime) -> str:
             "Storage commitment requests queued or being answered.",
             int(d.get("commitments_pending", 0)))
 
+    if "workers" in d:   # pacsd.daemon.workers
+        out.one("pacsd_dicom_workers", "gauge", "DICOM worker processes serving now.",
+                int(d["workers"]))
+        out.one("pacsd_dicom_worker_restarts_total", "counter",
+                "DICOM worker processes that died and were started again.",
+                int(d.get("worker_restarts", 0)))
+
+    # The index writers: this process's, and each DICOM worker's own (added up).
+    w = d.get("index", {})
     out.one("pacsd_index_write_queue", "gauge",
-            "Writes waiting for the index writer thread.", index.queue_depth)
+            "Writes waiting for the index writer threads.",
+            index.queue_depth + int(w.get("write_queue", 0)))
     h = index.commit_times.snapshot()
+    wc = w.get("commits", {})
+    h = dataclasses.replace(
+        h, counts=tuple(n + int(wc.get("buckets", {}).get(str(i), 0))
+                        for i, n in enumerate(h.counts)),
+        count=h.count + int(wc.get("count", 0)), total=h.total + float(wc.get("total", 0.0)))
     out.lines.append("# HELP pacsd_index_commit_seconds Time of each index writer commit "
                      "(a batch of writes, from its start to durable), since start.")
     out.lines.append("# TYPE pacsd_index_commit_seconds histogram")
@@ -146,7 +162,8 @@ def render(rt: Runtime) -> str:
     out.sample("pacsd_index_commit_seconds_sum", {}, h.total)
     out.sample("pacsd_index_commit_seconds_count", {}, h.count)
     out.one("pacsd_index_commit_retries_total", "counter",
-            "Index batches run again after a deadlock or a lost connection.", index.retries)
+            "Index batches run again after a deadlock or a lost connection.",
+            index.retries + int(w.get("retries", 0)))
     out.one("pacsd_index_full", "gauge",
             "1 while the index's volume is full (nothing can be stored).", int(index.full))
 

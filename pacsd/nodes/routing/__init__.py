@@ -92,6 +92,10 @@ class Router:
             self._wake.set()
         return out
 
+    def wake(self) -> None:
+        """Something was queued elsewhere (a DICOM worker's `stored` routes): send it now."""
+        self._wake.set()
+
     def stable_once(self) -> int:
         """Turn the quiet studies stable; how many."""
         return self.watcher.stable_once()

@@ -14,7 +14,6 @@ accept, WATCHDOG=1 only while a health check passes, and STOPPING=1 when it begi
 
 from __future__ import annotations
 
-import faulthandler
 import fcntl
 import json
 import logging
@@ -23,20 +22,19 @@ import re
 import secrets
 import signal
 import socket
-import sys
 import threading
 import time
 from functools import partial
 from pathlib import Path
 from typing import Any
 
-from pydicom.dataset import Dataset
-
 from pacsd import __version__, compat, systemd
 from pacsd.imaging import bounds
-from pacsd.storage.archive import Archive, Stored
+from pacsd.storage.archive import Archive
 from pacsd.storage.housekeeping import Housekeeping
 from pacsd.config import Config
+from pacsd.daemon.shared import dump_stacks, notify_stored
+from pacsd.daemon.workers import DicomWorkers, Zygote, worker_count
 from pacsd.dimse import DicomServer
 from pacsd.accounts import Accounts
 from pacsd.errors import AlreadyRunning, FolderNotWritable, IndexFull, IndexUnavailable
@@ -48,6 +46,8 @@ from pacsd.storage.store import Store, fsync_fd
 from pacsd.web import HttpServer, Runtime
 
 log = logging.getLogger(__name__)
+
+ORPHANS_S = 15.0   # how long a start waits for the workers of a killed server to finish
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -69,18 +69,38 @@ def lock_data_folder(data: Path) -> int:
                                 "it, is a file") from None
     except OSError as e:
         raise FolderNotWritable(f"data folder {data} is not writable: {e.strerror or e}") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        pid = ""
+    deadline = time.monotonic() + ORPHANS_S
+    while True:
         try:
-            pid = (data / "pacsd.pid").read_text().strip()
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
         except OSError:
-            pass
-        raise AlreadyRunning(f"another pacsd{' (pid ' + pid + ')' if pid else ''} is using "
-                             f"data folder {data}") from None
-    return fd
+            pid = ""
+            try:
+                pid = (data / "pacsd.pid").read_text().strip()
+            except OSError:
+                pass
+            # The DICOM workers of a server that was killed hold the lock until they have
+            # cut their associations and flushed their writes (pacsd.daemon.workers): wait.
+            if _alive(pid) or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    os.close(fd)
+    raise AlreadyRunning(f"another pacsd{' (pid ' + pid + ')' if pid else ''} is using "
+                         f"data folder {data}")
+
+
+def _alive(pid: str) -> bool:
+    """Whether the process of a pidfile's text runs (True when unknown: no pid to check)."""
+    if not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 def node_id(data: Path) -> str:
@@ -100,29 +120,6 @@ def node_id(data: Path) -> str:
     return name
 
 
-def _notify_stored(hooks: Hooks, store: Store, stored: Stored, header: Dataset,
-                   calling_aet: str) -> None:
-    """Archive.on_stored: the on_instance_stored hooks, with what a plugin usually needs."""
-    if stored.duplicate:
-        return
-    hooks.notify("on_instance_stored", {
-        "sop_instance_uid": stored.sop_instance_uid, "study_uid": stored.study_instance_uid,
-        "series_uid": stored.series_instance_uid, "calling_aet": calling_aet,
-        "path": str(store.path(stored.path)),
-        **{key: str(header.get(kw, "") or "") for key, kw in (
-            ("sop_class_uid", "SOPClassUID"), ("patient_id", "PatientID"),
-            ("patient_name", "PatientName"), ("modality", "Modality"),
-            ("study_date", "StudyDate"), ("accession_number", "AccessionNumber"),
-            ("study_description", "StudyDescription"))}})
-
-
-def _dump_stacks(*_: Any) -> None:
-    """SIGUSR1: every thread's stack to standard error. Run by the interpreter in the main
-    thread, holding the GIL: faulthandler's own signal handler walks the other threads while
-    they run, and measured here, it crashed the server about one time in six."""
-    faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
-
-
 class Server:
     """The whole server in one object, for `pacsd serve` and for tests (in-process)."""
 
@@ -136,7 +133,8 @@ class Server:
         self.housekeeping: Housekeeping | None = None
         self.hooks: Hooks | None = None
         self.router: Router | None = None
-        self.dicom: DicomServer | None = None
+        self.dicom: DicomServer | DicomWorkers | None = None
+        self._unclean = False   # a DICOM worker died: the next start checks its files
         self.http: HttpServer | None = None
         self.runtime: Runtime | None = None
         self.logbook = Logbook()
@@ -159,11 +157,16 @@ class Server:
         self._lock_fd = lock_data_folder(cfg.data)
         self.logbook.preload(cfg.log_path)
         self.logbook.attach()
+        zygote: Zygote | None = None
         try:
             # What pacsd patches in pynetdicom, pydicom and cheroot, against the installed
             # versions: a speed patch that no longer fits is logged and falls back; a safety
             # patch that no longer fits stops the start here (LibraryMismatch).
             compat.enforce()
+            # DICOM workers are forked from a copy of this process made now, while it runs
+            # one thread and every library is loaded and patched (pacsd.daemon.workers.Zygote).
+            workers = worker_count(cfg)
+            zygote = Zygote() if workers > 1 else None
             # The pidfile is written before anything can be stored and removed only after a
             # clean stop, so finding one means: recover what that run may have left half done.
             unclean_since = self._previous_run()
@@ -187,11 +190,17 @@ class Server:
             self.housekeeping = Housekeeping(self.index, store, cfg.housekeeping_interval).start()
             self.hooks = Hooks(cfg, Context(cfg.dicom_aet, cfg.data))
             if self.hooks.has("on_instance_stored"):
-                archive.on_stored = partial(_notify_stored, self.hooks, store)
+                archive.on_stored = partial(notify_stored, self.hooks, store)
             self.router = Router(cfg, self.index, store, accounts, self.hooks).start()
             if self.router.stored_routes:
                 archive.routes_for = self.router.for_instance
-            self.dicom = DicomServer(cfg, archive, accounts, self.hooks)
+            if zygote is not None:   # several processes behind the port (.workers)
+                self.dicom = DicomWorkers(cfg, workers, zygote, node=self.node,
+                                          lock_fd=self._lock_fd, on_routed=self.router.wake,
+                                          on_lost=self._worker_lost)
+                zygote = None   # theirs now
+            else:
+                self.dicom = DicomServer(cfg, archive, accounts, self.hooks)
             self.dicom.start()
             dicom = self.dicom
             self.runtime = Runtime(cfg, archive, accounts, self.started,
@@ -208,6 +217,8 @@ class Server:
                 "storage": str(cfg.storage_path), "index": cfg.index_label,
                 "node": self.node}, indent=1))
         except BaseException:
+            if zygote is not None:
+                zygote.close()
             self.stop()
             raise
         log.info("pacsd %s ready: %s on DICOM port %d, HTTP port %d, storage %s, index %s "
@@ -223,6 +234,16 @@ class Server:
         except OSError:
             return None
 
+    def _worker_lost(self, since: float) -> None:
+        """A DICOM worker died: the files it was writing are checked at the next start, from
+        when it began (the pidfile's time is where recovery starts)."""
+        if not self._unclean:
+            self._unclean = True
+            try:
+                os.utime(self.cfg.pidfile, (since, since))
+            except OSError:
+                pass
+
     def stop(self) -> None:
         flushed = True
         if self.http is not None:
@@ -233,6 +254,8 @@ class Server:
             self.runtime = None
         if self.dicom is not None:
             self.dicom.stop()
+            if isinstance(self.dicom, DicomWorkers) and not self.dicom.clean:
+                self._unclean = True
             self.dicom = None
         if self.router is not None:
             self.router.stop()
@@ -249,7 +272,7 @@ class Server:
         if self._lock_fd is not None:
             # The pidfile of a run that did not finish its work is the sign that the next start
             # must recover: only a run that started and flushed everything removes it.
-            if self.started and flushed:
+            if self.started and flushed and not self._unclean:
                 for p in (self.cfg.runfile, self.cfg.pidfile):
                     try:
                         p.unlink()
@@ -271,7 +294,7 @@ class Server:
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         if hasattr(signal, "SIGUSR1"):
-            signal.signal(signal.SIGUSR1, _dump_stacks)
+            signal.signal(signal.SIGUSR1, dump_stacks)
         assert self.http is not None
         status = (f"serving: {self.cfg.dicom_aet} on DICOM port {self.dicom_port}, "
                   f"HTTP port {self.http.port}")
