@@ -293,11 +293,14 @@ class Pacsd(Server):
     aet = "PACSD"
     services = ALL
     http_roots: ClassVar[dict[str, str]] = {"wado": "/wado", "dicomweb": "/dicom-web"}
+    tree = True   # its DICOM worker processes (pacsd.daemon.workers) count too
 
-    def __init__(self, run_dir: Path, move_port: int, keep: bool, py_spy: str | None = None
-                 ) -> None:
+    def __init__(self, run_dir: Path, move_port: int, keep: bool, py_spy: str | None = None,
+                 dicom: dict[str, Any] | None = None) -> None:
         super().__init__(run_dir, move_port, keep)
         self.py_spy = py_spy
+        # More [dicom] settings, as {key: value} (benchmarks/workers.py sets `workers`).
+        self.dicom_settings = dict(dicom or {})
         self.spy: subprocess.Popen | None = None
         self.profiles: dict[str, list[Path]] = {}
 
@@ -313,6 +316,7 @@ class Pacsd(Server):
             # Every benchmark client runs on this one host, standing for many modalities (up
             # to 16 storescu at once): no per-host cap on associations.
             "max_associations_per_host = 0",
+            *(f"{k} = {q(v)}" for k, v in self.dicom_settings.items()),
             "[http]", "port = 0", f"bind = {q(LOCAL)}",
             "[log]", 'file = "-"', 'level = "INFO"',
             "[[nodes]]", 'name = "movedest"', f"aet = {q(MOVE_AET)}", f"host = {q(LOCAL)}",

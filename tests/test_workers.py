@@ -201,3 +201,34 @@ def test_metrics_add_up_every_worker(make_server, tmp_path):
     assert lines['pacsd_dicom_requests_total{operation="C-STORE"}'] == "12"
     # The workers' index writers committed the 12 rows: their commits are counted too.
     assert float(lines["pacsd_index_commit_seconds_count"]) >= 3
+
+
+def test_without_its_zygote_the_server_keeps_its_workers_and_spawns_new_ones(make_server,
+                                                                                tmp_path, caplog):
+    """The process that forks the workers killed: the workers it forked keep serving (their
+    pipes say they live); one that dies after it is replaced by a new interpreter."""
+    caplog.set_level(logging.INFO)
+    server = make_server(dicom=WORKERS)
+    zygote = server.dicom.zygote.pid
+    os.kill(zygote, signal.SIGKILL)
+    wait_for(lambda: not server.dicom.zygote.alive, 10, "the zygote's end seen")
+    time.sleep(1.0)   # a few rounds of the watcher: nothing to do
+    assert len(server.dicom.pids()) == 2 and server.dicom.figures()["worker_restarts"] == 0
+    assert store_files(server.dicom_port, write_series(tmp_path / "a", seed=60, images=3,
+                                                       size=32)) == [0] * 3
+    victim = server.dicom.workers[1].pid
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: victim not in server.dicom.pids() and len(server.dicom.pids()) == 2
+             and all(w.ready.is_set() for w in server.dicom.workers), 60, "a spawned worker")
+    messages = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert any(f"pid {victim}" in m and "ended unexpectedly" in m for m in messages)
+    assert any("new interpreters" in m for m in messages)
+    # Whichever worker takes them, stores go on.
+    for n in range(3):
+        assert store_files(server.dicom_port, write_series(tmp_path / f"b{n}", seed=61 + n,
+                                                           images=2, size=32)) == [0] * 2
+    workers = [w.pid for w in server.dicom.workers]
+    server.stop()
+    for pid in workers:   # all stopped, the zygote's orphan too
+        assert not Path(f"/proc/{pid}").exists() or \
+            Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"

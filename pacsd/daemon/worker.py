@@ -29,6 +29,7 @@ from pacsd.daemon.shared import dump_stacks, notify_stored
 from pacsd.dimse import DicomServer
 from pacsd.imaging import bounds
 from pacsd.index import Index
+from pacsd.logbook import DATE_FORMAT, FORMAT, OneLineFormatter
 from pacsd.nodes.routing import rules
 from pacsd.plugins.hooks import Context, Hooks
 from pacsd.storage.archive import Archive
@@ -97,8 +98,13 @@ class LinkHandler(logging.Handler):
     def __init__(self, link: Link) -> None:
         super().__init__()
         self.link = link
+        self._stderr = logging.StreamHandler(sys.stderr)
+        self._stderr.setFormatter(OneLineFormatter(FORMAT, DATE_FORMAT))
 
     def emit(self, record: logging.LogRecord) -> None:
+        if self.link.gone.is_set():   # no one to write it: standard error, as pacsd writes
+            self._stderr.handle(record)
+            return
         try:
             fields = {"name": record.name, "levelno": record.levelno,
                       "levelname": record.levelname, "msg": record.getMessage(),
@@ -184,8 +190,9 @@ def serve(up: Connection, down: Connection, listen: socket.socket) -> int:
         try:
             message = down.recv()
         except (EOFError, OSError):
-            log.warning("DICOM worker %d: the server process is gone; stopping now",
-                        hello["number"])
+            link.gone.set()
+            log.warning("DICOM worker %d (pid %d): the server's process is gone; cutting "
+                        "its associations and stopping now", hello["number"], os.getpid())
             break
         if message[0] == "stats":
             down.send({**dicom.figures(), "index": _index_figures(index)})

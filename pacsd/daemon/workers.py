@@ -33,6 +33,8 @@ import select
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 import traceback
@@ -157,9 +159,13 @@ class Zygote:
                 self._forked.put(OSError(value, f"cannot fork a worker: {os.strerror(value)}"))
             elif kind == b"X" and pid in self.children:
                 self.children.pop(pid).ended(value)
-        for child in list(self.children.values()):   # the zygote is gone: so are its reports
-            child.ended(-signal.SIGKILL)
+        # The zygote is gone (killed by hand, out of memory): its workers live on, reparented,
+        # and their pipes still say when they end; only their exit codes are lost.
         self._forked.put(OSError("the zygote is gone"))
+
+    @property
+    def alive(self) -> bool:
+        return self._reader.is_alive()
 
     def close(self) -> None:
         try:
@@ -168,10 +174,17 @@ class Zygote:
             pass
         self.sock.close()
         self._reader.join(5)
-        try:
-            os.waitpid(self.pid, 0)
-        except ChildProcessError:
-            pass
+        for _ in range(50):   # it exits as soon as it sees its socket closed
+            try:
+                if os.waitpid(self.pid, os.WNOHANG)[0]:
+                    return
+            except ChildProcessError:
+                return
+            time.sleep(0.1)
+        log.error("the process that forks DICOM workers (pid %d) did not exit; killing it",
+                  self.pid)
+        os.kill(self.pid, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
 
 
 def _zygote(sock: socket.socket) -> int:
@@ -221,13 +234,37 @@ def _zygote(sock: socket.socket) -> int:
         sock.sendall(report(b"S", pid, 0))
 
 
-class Worker:
-    """The supervisor's view of one worker process."""
+class Spawned:
+    """A worker started as a new interpreter (`python -m pacsd.daemon.worker`), the way back
+    when the zygote is gone: the same face as Child."""
 
-    def __init__(self, number: int, proc: Child, up: Connection,
+    def __init__(self, fds: list[int]) -> None:
+        self._proc = subprocess.Popen([sys.executable, "-m", "pacsd.daemon.worker",
+                                       *map(str, fds)], pass_fds=fds, stdin=subprocess.DEVNULL)
+        self.pid = self._proc.pid
+
+    def poll(self) -> int | None:
+        return self._proc.poll()
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self._proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"worker pid {self.pid} still runs") from None
+
+    def kill(self) -> None:
+        self._proc.kill()
+
+
+class Worker:
+    """The supervisor's view of one worker process. It lives as long as its pipe up: a worker
+    never closes it, so its end is the worker's end, whoever its parent is."""
+
+    def __init__(self, number: int, proc: Child | Spawned, up: Connection,
                  down: Connection) -> None:
         self.number, self.proc, self.up, self.down = number, proc, up, down
         self.started = time.time()
+        self.gone = threading.Event()
         self.ready = threading.Event()
         self.failure = ""
         self.slots: dict[int, str] = {}   # association key -> peer address
@@ -270,6 +307,7 @@ class DicomWorkers:
         self.workers: list[Worker] = []
         self.clean = True   # False once a worker died or did not stop cleanly
         self.restarts = 0
+        self._spawning = False   # the zygote is gone: workers are new interpreters
         self._lock = threading.Lock()   # the slots of every worker
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -318,7 +356,15 @@ class DicomWorkers:
         if self.lock_fd is not None:
             fds.append(self.lock_fd)
         try:
-            proc = self.zygote.fork(fds)
+            if self.zygote.alive:
+                proc: Child | Spawned = self.zygote.fork(fds)
+            else:
+                if not self._spawning:
+                    log.error("the process that forks DICOM workers (pid %d) is gone; workers "
+                              "are started as new interpreters from now on (more memory each)",
+                              self.zygote.pid)
+                    self._spawning = True
+                proc = Spawned(fds)
         finally:
             up_theirs.close()
             down_theirs.close()
@@ -358,6 +404,10 @@ class DicomWorkers:
                 w.ready.set()
         with self._lock:
             w.slots.clear()   # its associations ended with it
+        if not w.ready.is_set():
+            w.failure = w.failure or "it ended before it was ready"
+            w.ready.set()
+        w.gone.set()
 
     def _take(self, w: Worker, key: int, address: str) -> str | None:
         most, per_host = self.cfg.dicom_max_associations, self.cfg.dicom_max_associations_per_host
@@ -383,7 +433,7 @@ class DicomWorkers:
         """The port is open, the watcher runs, and at least one worker is serving."""
         return (self.sock is not None and self.sock.fileno() >= 0
                 and self._watcher is not None and self._watcher.is_alive()
-                and any(w.proc.poll() is None and w.ready.is_set() for w in self.workers))
+                and any(not w.gone.is_set() and w.ready.is_set() for w in self.workers))
 
     @property
     def active_associations(self) -> int:
@@ -391,14 +441,14 @@ class DicomWorkers:
             return sum(len(w.slots) for w in self.workers)
 
     def pids(self) -> list[int]:
-        return [w.pid for w in self.workers if w.proc.poll() is None]
+        return [w.pid for w in self.workers if not w.gone.is_set()]
 
     def figures(self) -> dict[str, Any]:
         """Every worker's counters, added up (a worker that does not answer in time, or was
         restarted, is missing from them), and the associations the supervisor counts."""
         total: dict[str, Any] = {}
         for w in list(self.workers):
-            if w.proc.poll() is None and w.ready.is_set():
+            if not w.gone.is_set() and w.ready.is_set():
                 part = w.ask(("stats",), STATS_TIMEOUT_S)
                 if isinstance(part, dict):
                     _add(total, part)
@@ -413,11 +463,14 @@ class DicomWorkers:
         early = 0
         while not self._stopping.wait(0.25):
             for i, w in enumerate(list(self.workers)):
-                code = w.proc.poll()
-                if code is None or self._stopping.is_set():
+                if not w.gone.is_set() or self._stopping.is_set():
                     continue
                 lived = time.time() - w.started
-                how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+                try:
+                    code = w.proc.wait(2.0)   # the zygote's word on how it ended
+                    how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+                except TimeoutError:
+                    how = "how, unknown: its parent is gone"
                 log.error("DICOM worker %d (pid %d) ended unexpectedly (%s) after %.0f s: its "
                           "associations were cut (nothing they were not answered for is lost); "
                           "the next start checks the files it was writing; starting another",
@@ -449,14 +502,17 @@ class DicomWorkers:
             w.tell(("stop", timeout))
         deadline = time.monotonic() + timeout + 30   # + the index writer's flush bound
         for w in self.workers:
-            try:
-                code = w.proc.wait(max(0.0, deadline - time.monotonic()))
-            except TimeoutError:
+            if not w.gone.wait(max(0.0, deadline - time.monotonic())):
                 log.error("DICOM worker %d (pid %d) did not stop in time; killing it",
                           w.number, w.pid)
                 w.proc.kill()
-                code = w.proc.wait(10)
-            if code != 0:
+                self.clean = False
+                w.gone.wait(10)
+            try:
+                code: int | None = w.proc.wait(5)
+            except TimeoutError:
+                code = None   # not its parent's to say (the zygote died): its pipe closed
+            if code not in (0, None):
                 self.clean = False
             for conn in (w.up, w.down):
                 conn.close()

@@ -269,7 +269,10 @@ class DicomServer:
         # Listed with the AE as start_server lists its own; server.shutdown() unlists it.
         compat.register_server(self.ae, server)
         self.server = server
-        self._thread = threading.Thread(target=server.serve_forever, name="dicom", daemon=True)
+        # A worker's accept loop looks for a stop request more often: when its server's
+        # process is gone, it must stop accepting at once (pacsd.daemon.worker).
+        self._thread = threading.Thread(target=server.serve_forever, name="dicom", daemon=True,
+                                        args=(0.1 if self.listen is not None else 0.5,))
         self._thread.start()
         if self.listen is None:   # a worker's supervisor says where it listens
             log.info("DICOM listener %s on %s:%d", self.cfg.dicom_aet, address[0], self.port)
@@ -277,6 +280,9 @@ class DicomServer:
     def stop(self, timeout: float = 10.0) -> None:
         if self.server is None:
             return
+        if timeout <= 0:   # no drain (a worker whose server is gone): cut them now
+            for assoc in list(self.ae.active_associations):
+                assoc.abort()
         self.server.shutdown()   # stop accepting
         # Let running associations finish within one overall bound, then abort the rest: an
         # aborted C-STORE was never acknowledged, so nothing acknowledged is lost.

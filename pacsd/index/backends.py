@@ -10,7 +10,11 @@ the server's default). What differs between them in SQL is said here, once.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sys
+import threading
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +101,48 @@ def is_disk_full(error: BaseException) -> bool:
         if type(e).__name__ == "OperationalError" and "database or disk is full" in str(e):
             return True
     return False
+
+
+class WriteTurn:
+    """The turn to write one SQLite index among the processes of one server (its DICOM workers'
+    writers and its own): an flock on a file beside the index, held for a whole transaction.
+
+    SQLite would serialize them too, but a writer that finds the database locked sleeps in
+    steps of 1, 2, 5, 10 ms... before it looks again, while the lock is held about a millisecond
+    (measured: C-STORE over 16 associations with two workers gained 1.3x instead of ~2x). The
+    kernel wakes an flock waiter the moment the lock is free; it is released if its holder
+    dies, and a one-shot command that writes without it still meets SQLite's own lock."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+        self._local = threading.Lock()   # one transaction at a time in this process anyway
+
+    def __enter__(self) -> None:
+        self._local.acquire()
+        try:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o640)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+        except OSError:
+            pass   # no lock file (a read-only folder): SQLite's own lock still holds
+        except BaseException:
+            self._local.release()
+            raise
+
+    def __exit__(self, *_: Any) -> None:
+        try:
+            if self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+        finally:
+            self._local.release()
+
+
+def write_turn(url: str) -> AbstractContextManager[Any]:
+    """The turn to write the index at `url` (WriteTurn for SQLite; PostgreSQL locks rows)."""
+    if kind(url) == SQLITE:
+        return WriteTurn(sqlite_path(url).with_name(sqlite_path(url).name + "-writer.lock"))
+    return nullcontext()
 
 
 def is_retryable(error: BaseException) -> bool:

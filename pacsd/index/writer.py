@@ -80,6 +80,7 @@ class Writer:
         self.full = False  # the index's volume is full: commits fail until space is freed
         self.retries = 0   # batches run again after a deadlock or a lost connection
         self.commit_times = CommitTimes()   # each committed batch, retries included (/metrics)
+        self._turn = backends.write_turn(url)
 
     # --- life cycle -------------------------------------------------------------------------
 
@@ -150,27 +151,32 @@ class Writer:
 
     def _write_loop(self) -> None:
         try:
-            while True:
+            stop = False
+            while not stop:
                 item = self._queue.get()
                 if item is None:
                     return
                 batch = [item]
-                stop = False
-                while len(batch) < 500:
-                    try:
-                        nxt = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if nxt is None:
-                        stop = True
-                        break
-                    batch.append(nxt)
-                self._commit(batch)
-                if stop:
-                    return
+                # Our turn among the processes writing this index (a DICOM worker's writer and
+                # the server's): what is queued while another commits joins this batch.
+                with self._turn:
+                    stop = self._gather(batch)
+                    self._commit(batch)
         finally:
             if not database.is_closed():
                 database.close()
+
+    def _gather(self, batch: list[tuple[Callable[[], Any], Future]]) -> bool:
+        """Add what is queued to `batch` (500 at most); True if the stop sign was among it."""
+        while len(batch) < 500:
+            try:
+                nxt = self._queue.get_nowait()
+            except queue.Empty:
+                return False
+            if nxt is None:
+                return True
+            batch.append(nxt)
+        return False
 
     @property
     def queue_depth(self) -> int:

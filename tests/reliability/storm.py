@@ -8,6 +8,8 @@ arrive as duplicates of instances that were stored but not acknowledged.
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
 import subprocess
 import threading
@@ -15,7 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from conftest import LOCAL, Process, c_get, pacsd_cmd
+from conftest import LOCAL, Process, c_get, pacsd_cmd, terminate
 from data import dataset_bytes
 from pydicom import dcmread
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
@@ -37,11 +39,28 @@ class Storm:
         self.associations = 0
         self.errors: list[BaseException] = []
         self.stop = threading.Event()
+        self.go = threading.Event()        # cleared by hold(): clients send nothing more
+        self.go.set()
         self.deadline = time.monotonic() + deadline
 
     def ack_count(self) -> int:
         with self.lock:
             return len(self.acked)
+
+    def hold(self) -> None:
+        """Clients finish the C-STORE they are in, then wait (associations kept) until resume():
+        a killer that must wait for its next moment does not use up the files meanwhile."""
+        self.go.clear()
+
+    def resume(self) -> None:
+        self.go.set()
+
+    def may_send(self) -> bool:
+        """Wait while held; False once stopped or out of time."""
+        while not self.go.wait(POLL):
+            if self.stop.is_set() or time.monotonic() >= self.deadline:
+                return False
+        return not self.stop.is_set() and time.monotonic() < self.deadline
 
     def start_clients(self, sent: dict[int, list[tuple[str, Path]]]) -> list[threading.Thread]:
         threads = [threading.Thread(target=client, args=(self, f"STORM{c}", files),
@@ -62,7 +81,7 @@ def client(storm: Storm, name: str, files: list[tuple[str, Path]]) -> None:
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 5
         ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
         pending = list(files)
-        while pending and not storm.stop.is_set() and time.monotonic() < storm.deadline:
+        while pending and storm.may_send():
             port = storm.port
             if not port:
                 time.sleep(POLL)
@@ -74,7 +93,7 @@ def client(storm: Storm, name: str, files: list[tuple[str, Path]]) -> None:
             with storm.lock:
                 storm.associations += 1
             try:
-                while pending and not storm.stop.is_set() and assoc.is_established:
+                while pending and assoc.is_established and storm.may_send():
                     sop, path = pending[0]
                     with storm.lock:
                         storm.attempts += 1
@@ -105,11 +124,22 @@ def client(storm: Storm, name: str, files: list[tuple[str, Path]]) -> None:
         storm.errors.append(e)
 
 
-def start(config: Path, data: Path, log: Path) -> Process:
+def launch(config: Path, data: Path, log: Path) -> Process:
+    """`pacsd serve`, its output appended to `log`; not waited for (Process.wait_ready)."""
     with open(log, "ab") as out:
         proc = subprocess.Popen(pacsd_cmd("serve", "--config", str(config)), stdout=out,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    return Process(proc, data, log).wait_ready(timeout=20)
+    return Process(proc, data, log)
+
+
+def start(config: Path, data: Path, log: Path, timeout: float = 20) -> Process:
+    """`pacsd serve` until ready; if it does not get there, it is stopped (never left behind)."""
+    proc = launch(config, data, log)
+    try:
+        return proc.wait_ready(timeout=timeout)
+    except BaseException:
+        terminate(proc.proc, 10)
+        raise
 
 
 def wait_for(cond: Callable[[], bool], timeout: float) -> bool:
@@ -206,3 +236,118 @@ def assert_archive_sound(data: Path, acked: dict[str, Path], expected: set[str])
     assert on_disk - indexed == set(), "stored files without an index row"
     assert [p for p in (storage / ".tmp").rglob("*") if p.is_file()] == [], \
         "temporary files left behind"
+
+
+# --- processes, as Linux's /proc shows them (the DICOM workers of tests/reliability/
+# test_kill_workers.py) --------------------------------------------------------------------------
+
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state, ppid, ...), None if gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text.rpartition(")")[2].split()
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie, dead but not yet reaped, holds nothing any more: not alive)."""
+    fields = _stat(pid)
+    return fields is not None and fields[0] not in ("Z", "X", "x")
+
+
+def _pids() -> list[int]:
+    return [int(d.name) for d in Path("/proc").iterdir() if d.name.isdigit()]
+
+
+def _tree(pid: int) -> dict[int, int]:
+    """Its live descendants (children, theirs, and so on), each with its parent."""
+    parents: dict[int, list[int]] = {}
+    for p in _pids():
+        fields = _stat(p)
+        if fields is not None and fields[0] not in ("Z", "X", "x"):
+            parents.setdefault(int(fields[1]), []).append(p)
+    out: dict[int, int] = {}
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        for child in parents.get(parent, []):
+            if child not in out:
+                out[child] = parent
+                todo.append(child)
+    return out
+
+
+def descendants(pid: int) -> set[int]:
+    """Its children, theirs, and so on (live ones only)."""
+    return set(_tree(pid))
+
+
+def age(pid: int) -> float:
+    """Seconds since the process began (its fork), from /proc; 0.0 if gone."""
+    fields = _stat(pid)
+    if fields is None:
+        return 0.0
+    began = int(fields[19]) / os.sysconf("SC_CLK_TCK")   # field 22: starttime, since boot
+    return time.clock_gettime(time.CLOCK_BOOTTIME) - began
+
+
+def open_files(pid: int) -> set[str]:
+    """What its file descriptors point at (paths, "socket:[INODE]"); empty if gone."""
+    folder = Path(f"/proc/{pid}/fd")
+    out = set()
+    try:
+        fds = os.listdir(folder)
+    except OSError:
+        return out
+    for fd in fds:
+        try:
+            out.add(os.readlink(folder / fd))
+        except OSError:
+            pass
+    return out
+
+
+def holders(target: str, among: set[int] | None = None) -> set[int]:
+    """The live processes (all, or those `among`) with a descriptor on `target`."""
+    return {p for p in (among if among is not None else _pids())
+            if target in open_files(p) and alive(p)}
+
+
+def listening_socket(port: int) -> str:
+    """"socket:[INODE]" of the TCP socket listening on `port` (/proc/net/tcp, tcp6)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            f = line.split()
+            if f[3] == "0A" and int(f[1].rpartition(":")[2], 16) == port:   # 0A: LISTEN
+                return f"socket:[{f[9]}]"
+    raise AssertionError(f"nothing listens on port {port}")
+
+
+def dicom_workers(server: int, port: int) -> set[int]:
+    """The DICOM worker processes of the server `server`: its descendants that accept on its
+    DICOM listening socket. Not their parent: the zygote that forks them (pacsd.daemon.workers)
+    holds that socket too, for a moment, each time it is handed it for a new worker."""
+    tree = _tree(server)
+    parents = set(tree.values())
+    return holders(listening_socket(port), {p for p in tree if p not in parents})
+
+
+def kill_tree(proc: Process, timeout: float = 10) -> None:
+    """SIGKILL the server and every process of its (the zygote, the DICOM workers) at once,
+    as a crash or a power cut would; return once every one of them is gone."""
+    tree = descendants(proc.proc.pid)
+    for pid in [proc.proc.pid, *tree]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.proc.wait(timeout)
+    deadline = time.monotonic() + timeout
+    while any(alive(p) for p in tree):
+        assert time.monotonic() < deadline, f"still running after SIGKILL: {tree}"
+        time.sleep(0.02)

@@ -38,9 +38,17 @@ def wait_for(predicate, timeout: float, message: str) -> None:
 
 
 def established(pid: int, port: int) -> int:
-    """TCP connections the server process holds on `port`, ESTABLISHED."""
-    return sum(1 for c in psutil.Process(pid).net_connections("tcp")
-               if c.laddr and c.laddr[1] == port and c.status == psutil.CONN_ESTABLISHED)
+    """TCP connections the server holds on `port`, ESTABLISHED: its own process's and its
+    DICOM workers' (pacsd.daemon.workers), each connection once."""
+    server = psutil.Process(pid)
+    seen = set()
+    for proc in (server, *server.children(recursive=True)):
+        try:
+            seen |= {(c.laddr, c.raddr) for c in proc.net_connections("tcp")
+                     if c.laddr and c.laddr[1] == port and c.status == psutil.CONN_ESTABLISHED}
+        except psutil.NoSuchProcess:
+            pass
+    return len(seen)
 
 
 def idle_sockets(stack: ExitStack, port: int, n: int, payload: bytes = b"") -> list[socket.socket]:

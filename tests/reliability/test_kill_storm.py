@@ -1,5 +1,7 @@
-"""Kill storm: `pacsd serve` SIGKILLed at random moments, again and again, under concurrent
-C-STORE clients (tests/reliability/storm.py); scaled by PACSD_SOAK_SCALE (report.py).
+"""Kill storm: `pacsd serve`, its process and its DICOM workers at once, SIGKILLed at random
+moments (as a crash would), again and again, under concurrent C-STORE clients
+(tests/reliability/storm.py); scaled by PACSD_SOAK_SCALE (report.py). The workers alone, and
+the server's process alone: tests/reliability/test_kill_workers.py.
 
 After each restart, before anyone sends again: every instance acknowledged so far is indexed,
 its file exists and holds the very bytes that were sent, and the index passes integrity_check.
@@ -16,7 +18,6 @@ import os
 import random
 import re
 import secrets
-import signal
 import sqlite3
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ from reliability.storm import (
     assert_indexed,
     assert_retrievable,
     indexed_rows,
+    kill_tree,
     lost,
     sop_of,
     start,
@@ -121,8 +123,7 @@ def test_kill_storm_loses_nothing_acknowledged(tmp_path: Path):
                                 or not any(th.is_alive() for th in threads),
                                 storm.deadline - time.monotonic()), "storm made no progress"
                 time.sleep(rng.uniform(0, 0.05))
-                proc.proc.send_signal(signal.SIGKILL)
-                proc.proc.wait(10)
+                kill_tree(proc)   # the server and its DICOM workers at once: a crash
             peak = max(peak, mem.mb)
             storm.port = 0
             with storm.lock:
