@@ -15,6 +15,7 @@ import logging.handlers
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -123,6 +124,55 @@ def log_to(level: str, handlers: list[logging.Handler]) -> None:
         handler.addFilter(LibraryNoise(level))
         root.addHandler(handler)
     logging.captureWarnings(True)   # pydicom's warnings.warn too, as records (then demoted)
+
+
+class Spells:
+    """Conditions that begin and end (the index's volume full), logged once for the whole
+    server: its own process and each DICOM worker (pacsd.daemon.workers) meet them on their
+    own. A holder that meets one asks `change(kind, True)`: True if the spell begins with it (log
+    it). When one of the holders is through (`change(kind, False)`), the spell ends for all: True
+    (log that). A holder that is gone (a dead worker) is dropped (`forget`)."""
+
+    def __init__(self) -> None:
+        self._holders: dict[str, set[object]] = {}
+        self._lock = threading.Lock()
+
+    def change(self, kind: str, on: bool, holder: object = "server") -> bool:
+        with self._lock:
+            holders = self._holders.setdefault(kind, set())
+            if on:
+                began = not holders
+                holders.add(holder)
+                return began
+            if holder in holders:
+                holders.clear()
+                return True
+            return False
+
+    def clear(self) -> None:
+        """A new run (of an in-process server: tests) begins with none."""
+        with self._lock:
+            self._holders.clear()
+
+    def forget(self, holder: object) -> None:
+        with self._lock:
+            for holders in self._holders.values():
+                holders.discard(holder)
+
+
+SPELLS = Spells()   # this process's; a DICOM worker asks its supervisor's instead (spell_gate)
+_gate: Callable[[str, bool], bool] = SPELLS.change
+
+
+def spell(kind: str, on: bool) -> bool:
+    """Whether to log that `kind` begins (on) or ends (off) here: once per server (Spells)."""
+    return _gate(kind, on)
+
+
+def spell_gate(gate: Callable[[str, bool], bool]) -> None:
+    """Where `spell` asks (a DICOM worker: its supervisor, over its pipe)."""
+    global _gate
+    _gate = gate
 
 
 def rotating_file(path: Path, max_mb: int, backups: int) -> logging.Handler:

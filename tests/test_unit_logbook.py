@@ -135,3 +135,18 @@ def test_lines_read_back_from_the_log_file_follow_the_same_rule(tmp_path):
     book = Logbook()
     assert book.preload(log) == 2
     assert [e.logger for e in book.recent()] == ["pacsd.storage.archive", "pacsd.dimse.access"]
+
+
+def test_a_spell_is_logged_once_for_the_server():
+    """pacsd.logbook.Spells: the server's process and each DICOM worker meet a full index on
+    their own; one line when it begins, one when the first of them is through."""
+    from pacsd.logbook import Spells
+    spells = Spells()
+    assert spells.change("index-full", True, "server") is True
+    assert spells.change("index-full", True, "worker-1") is False
+    assert spells.change("index-full", False, "worker-2") is False   # never in it: says nothing
+    assert spells.change("index-full", False, "worker-1") is True    # the end, for all
+    assert spells.change("index-full", False, "server") is False
+    assert spells.change("index-full", True, "worker-2") is True     # a new spell is logged
+    spells.forget("worker-2")                                         # it died: over, unsaid
+    assert spells.change("index-full", True, "server") is True

@@ -28,7 +28,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from pacsd import __version__, compat, systemd
+from pacsd import __version__, compat, logbook, systemd
 from pacsd.imaging import bounds
 from pacsd.storage.archive import Archive
 from pacsd.storage.housekeeping import Housekeeping
@@ -157,6 +157,7 @@ class Server:
         self._lock_fd = lock_data_folder(cfg.data)
         self.logbook.preload(cfg.log_path)
         self.logbook.attach()
+        logbook.SPELLS.clear()
         zygote: Zygote | None = None
         try:
             # What pacsd patches in pynetdicom, pydicom and cheroot, against the installed

@@ -22,7 +22,7 @@ from typing import Any
 
 from pynetdicom.association import Association
 
-from pacsd import compat
+from pacsd import compat, logbook
 from pacsd.accounts import Accounts
 from pacsd.config import Config
 from pacsd.daemon.shared import dump_stacks, notify_stored
@@ -75,6 +75,16 @@ class Link:
             if answer is None:
                 self._taken[assoc] = key
             return answer   # type: ignore[no-any-return]
+
+    def spell(self, kind: str, on: bool) -> bool:
+        """pacsd.logbook.spell, asked of the supervisor (one line for the whole server)."""
+        with self._lock:
+            self._send(("spell", kind, on))
+            try:
+                return bool(self.up.recv())
+            except (OSError, EOFError):
+                self.gone.set()
+                return True   # no one else to say it: say it here
 
     def give(self, assoc: Association) -> None:
         with self._lock:
@@ -155,6 +165,7 @@ def serve(up: Connection, down: Connection, listen: socket.socket) -> int:
     cfg: Config = hello["cfg"]
     link = Link(up)
     _logging(cfg, link)
+    logbook.spell_gate(link.spell)
     signal.signal(signal.SIGUSR1, dump_stacks)
     store = index = hooks = dicom = None
     try:

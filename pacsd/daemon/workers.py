@@ -42,6 +42,7 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
+from pacsd import logbook
 from pacsd.config import Config
 from pacsd.errors import PortInUse, WorkerFailed
 
@@ -390,6 +391,11 @@ class DicomWorkers:
                     w.up.send(answer)
                 except OSError:
                     break
+            elif kind == "spell":
+                try:
+                    w.up.send(logbook.SPELLS.change(message[1], message[2], holder=w))
+                except OSError:
+                    break
             elif kind == "give":
                 with self._lock:
                     w.slots.pop(message[1], None)
@@ -402,6 +408,7 @@ class DicomWorkers:
             elif kind == "failed":
                 w.failure = message[1]
                 w.ready.set()
+        logbook.SPELLS.forget(w)
         with self._lock:
             w.slots.clear()   # its associations ended with it
         if not w.ready.is_set():

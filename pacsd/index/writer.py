@@ -37,6 +37,7 @@ from typing import Any, Self
 
 from peewee import IntegrityError
 
+from pacsd import logbook
 from pacsd.errors import IndexFull, IndexUnavailable
 from pacsd.index import backends, counters, migrations
 from pacsd.index.counters import Counters
@@ -45,6 +46,7 @@ from pacsd.index.models import database, reading
 
 log = logging.getLogger(__name__)
 
+INDEX_FULL = "index-full"   # the spell (pacsd.logbook.Spells) of a full index volume
 ATTEMPTS = 5   # tries of one batch that met a deadlock or a lost connection
 
 
@@ -215,7 +217,8 @@ class Writer:
         self.commit_times.observe(time.perf_counter() - began)
         if self.full:
             self.full = False
-            log.warning("the index %s accepts writes again: storing resumes", self.label)
+            if logbook.spell(INDEX_FULL, False):
+                log.warning("the index %s accepts writes again: storing resumes", self.label)
         for fut, value, failure in results:
             if failure is not None:
                 fut.set_exception(failure)
@@ -255,10 +258,11 @@ class Writer:
             else f"the PostgreSQL server's volume ({self.label})"
         if not self.full:
             self.full = True
-            log.error("the index volume is full (%s: %s): nothing can be stored (C-STORE "
-                      "0xA700, STOW-RS 507) until space is freed there; a restart would not "
-                      "help. Queries and retrieves go on", where,
-                      str(e).strip().splitlines()[0][:200])
+            if logbook.spell(INDEX_FULL, True):   # once for the server, not per process
+                log.error("the index volume is full (%s: %s): nothing can be stored "
+                          "(C-STORE 0xA700, STOW-RS 507) until space is freed there; a restart "
+                          "would not help. Queries and retrieves go on", where,
+                          str(e).strip().splitlines()[0][:200])
         return IndexFull(f"the index volume is full ({where})")
 
     def _drop_connection(self) -> None:

@@ -75,8 +75,13 @@ class SpaceGuard:
 
     REFRESH = 1.0   # seconds; also the longest wait for storing to resume once space is freed
 
-    def __init__(self, root: Path, floor_mb: int = 0) -> None:
+    def __init__(self, root: Path, floor_mb: int = 0, flag: Path | None = None) -> None:
         self.root = root
+        # Shared by the processes of one server (its DICOM workers, its web side): a file that
+        # exists while the volume is full. Whoever makes it logs that storing stops, whoever
+        # removes it that storing resumes: one line each for the server, not one per process;
+        # and while it exists every process asks the volume before each file.
+        self.flag = flag
         self.floor = floor_mb * 2**20
         self.full = False          # storing is refused (floor crossed, or the disk said ENOSPC)
         self.refused = 0           # since the volume became full
@@ -96,7 +101,8 @@ class SpaceGuard:
             return
         with self._lock:
             now = time.monotonic()
-            if now >= self._next or self._free - self._written - size < self.floor:
+            flagged = self.flag is not None and not self.full and self.flag.exists()
+            if now >= self._next or self._free - self._written - size < self.floor or flagged:
                 try:
                     self._free = self.free_bytes()
                 except OSError:
@@ -105,6 +111,9 @@ class SpaceGuard:
             if self._free - self._written - size < self.floor:
                 raise self._refuse(f"{self._free // 2**20} MiB free, below [storage] "
                                    f"min_free_mb = {self.floor // 2**20}")
+            if flagged and self._flag(make=False):   # another process saw it full: not now
+                log.info("storage %s accepts new images again (%d MiB free)", self.root,
+                         self._free // 2**20)
             self._written += size
 
     def disk_full(self, reason: str) -> StorageFull:
@@ -116,25 +125,43 @@ class SpaceGuard:
         """Count a refusal (under the lock); log only the first of a full spell."""
         if not self.full:
             self.full = True
-            log.warning("storage %s is full (%s): refusing new images (C-STORE 0xA700, "
-                        "STOW-RS 507) until space is freed; nothing is deleted to make room",
-                        self.root, reason)
+            if self._flag(make=True):
+                log.warning("storage %s is full (%s): refusing new images (C-STORE 0xA700, "
+                            "STOW-RS 507) until space is freed; nothing is deleted to make "
+                            "room", self.root, reason)
         self.refused += 1
         return StorageFull(f"storage {self.root} is full ({reason})")
 
+    def _flag(self, make: bool) -> bool:
+        """Make (or remove) the shared flag; True if this call changed it, or there is none."""
+        if self.flag is None:
+            return True
+        try:
+            if make:
+                os.close(os.open(self.flag, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640))
+            else:
+                os.unlink(self.flag)
+            return True
+        except (FileExistsError, FileNotFoundError):
+            return False   # another process of ours said it already
+        except OSError:
+            return True    # cannot tell (no room even for an empty file): say it here
+
     def stored(self) -> None:
-        """A file was written: if storing had stopped, it has resumed."""
-        if not self.full:
+        """A file was written: if storing had stopped (here, or in another process of this
+        server: the flag), it has resumed."""
+        if not self.full and (self.flag is None or not self.flag.exists()):
             return
         with self._lock:
-            if self.full:
+            if self.full or (self.flag is not None and self.flag.exists()):
                 self.full = False
                 try:
                     free = f"{self.free_bytes() // 2**20} MiB free"
                 except OSError:
                     free = "space freed"
-                log.info("storage %s accepts new images again (%s; %d refused while full)",
-                         self.root, free, self.refused)
+                if self._flag(make=False):
+                    log.info("storage %s accepts new images again (%s; %d refused while "
+                             "full)", self.root, free, self.refused)
                 self.refused = 0
 
 
@@ -148,9 +175,11 @@ def _checked(rel: str) -> str:
 class Store:
     def __init__(self, root: Path, min_free_mb: int = 0, node: str = "") -> None:
         self.root = root
-        # This node's temporary files; node is a name safe for a folder (pacsd.daemon.server.node_id).
+        # This node's temporary files; node is a name safe for a folder
+        # (pacsd.daemon.server.node_id).
         self.tmp = root / TMP_DIR / node if node else root / TMP_DIR
-        self.space = SpaceGuard(root, min_free_mb)
+        self.space = SpaceGuard(root, min_free_mb,
+                                flag=root / (f".full-{node}" if node else ".full"))
         self._known_dirs: set[str] = set()
         self._dirs_lock = threading.Lock()
         # The threads that finish NewFiles (made only as files wait; syncs release the GIL).
