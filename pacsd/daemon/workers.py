@@ -44,6 +44,7 @@ from typing import Any
 
 from pacsd import logbook
 from pacsd.config import Config
+from pacsd.daemon import worker   # loaded before the zygote is forked: shared by every worker
 from pacsd.errors import PortInUse, WorkerFailed
 
 log = logging.getLogger(__name__)
@@ -190,8 +191,8 @@ class Zygote:
 
 def _zygote(sock: socket.socket) -> int:
     """The zygote's loop: fork a worker for each request, report each one that ends."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):   # the server's to act on
+        signal.signal(signum, signal.SIG_IGN)
     gc.freeze()   # the collector never writes to (and so never copies) what the workers share
     report = Zygote._REPORT.pack
     while True:
@@ -223,7 +224,6 @@ def _zygote(sock: socket.socket) -> int:
             sock.close()
             code = 1
             try:
-                from pacsd.daemon import worker
                 code = worker.run(fds)
             except BaseException:   # noqa: BLE001 - whatever it was, said before we go
                 traceback.print_exc()
