@@ -52,9 +52,11 @@ Figures (one column per server, "—" where a server does not offer the service)
   WADO-RS       the series as multipart/related; type="application/dicom", streamed, MB/s
                 (10^6 bytes of body as received), median of --retrieve-runs; parts counted
   QIDO-RS       /studies (all) and /studies?PatientID=, median ms of --http-runs, results counted
-  RSS, CPU      peak RSS of the server (psutil every 20 ms; forking servers: the sum over the
-                process tree) and server CPU seconds per run of each phase, counted during
-                that server's own runs only (a second table)
+  RSS, CPU      peak RSS of the server (psutil every 20 ms; servers of several processes,
+                dcmqrscp and pacsd with its DICOM workers: the sum over the process tree, where
+                pages the processes share count once each: PSS is the figure for memory) and
+                server CPU seconds per run of each phase, counted during that server's own runs
+                only (a second table)
 The queries run against one more fresh instance per server, loaded (untimed) with all images;
 their runs are interleaved across servers too.
 
@@ -951,7 +953,9 @@ def table(res: dict[str, Any]) -> str:
                      ratio({n: {"value": v} for n, v in pss.items()}, False),
                      f"pacsd < {PSS_TARGET_MB} MiB",
                      "—" if mine is None else ("yes" if mine < PSS_TARGET_MB else "no")])
-    for key, label in (("idle_rss_mb", "server RSS, fresh and idle"),
+    # RSS is summed over a server's processes: pages they share (pacsd's forked DICOM workers,
+    # Orthanc's none) count once per process; PSS above counts each page once.
+    for key, label in (("idle_rss_mb", "server RSS, fresh and idle (summed)"),
                        ("store_16", "server RSS, peak while storing over 16 associations"),
                        ("peak_rss_mb", "server RSS, peak over the whole run")):
         got = {n: (mem[n][key] if key in mem[n] else mem[n]["phase_peak_rss_mb"].get(key))
