@@ -1074,6 +1074,16 @@ def bench(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     return res
 
 
+def check_data_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--images, --series-images and --size (also benchmarks/workers.py's): the data's shape."""
+    unit = PATIENTS * STUDIES * args.series_images
+    if not 1 <= args.series_images <= 1000 or args.images < unit or args.images % unit:
+        ap.error(f"--images must be a positive multiple of {unit} "
+                 f"({PATIENTS} patients x {STUDIES} studies x --series-images)")
+    if not 8 <= args.size <= 4096:
+        ap.error("--size must be 8..4096")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0],
                                  epilog="See the module docstring (or the top of this file).",
@@ -1114,12 +1124,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown or not args.servers:
         ap.error(f"--servers: unknown {unknown}; choose from {','.join(SERVERS)}")
     args.servers = [s for s in SERVERS if s in args.servers]   # the table's column order
-    unit = PATIENTS * STUDIES * args.series_images
-    if not 1 <= args.series_images <= 1000 or args.images < unit or args.images % unit:
-        ap.error(f"--images must be a positive multiple of {unit} "
-                 f"({PATIENTS} patients x {STUDIES} studies x --series-images)")
-    if not 8 <= args.size <= 4096:
-        ap.error("--size must be 8..4096")
+    check_data_args(ap, args)
     for k in ("store_runs", "echo_runs", "find_runs", "retrieve_runs", "http_runs"):
         if not 1 <= getattr(args, k) <= 1000:
             ap.error(f"--{k.replace('_', '-')} must be 1..1000")

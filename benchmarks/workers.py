@@ -82,7 +82,7 @@ from harness import (
     say,
     tool,
 )
-from run import PATIENTS, STUDIES, Pacsd, machine, store
+from run import PATIENTS, STUDIES, Pacsd, check_data_args, machine, store
 
 FIND_STUDIES = 40   # run.py's default: its cached images are these very files
 NO_MOVE_PORT = 104  # run.py's config names a C-MOVE destination; nothing is moved here
@@ -426,12 +426,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--workers: each 1..64 (pacsd's bounds; 0 is what 'all' means)")
     if not args.associations or any(not 1 <= a <= 64 for a in args.associations):
         ap.error("--associations: each 1..64")
-    unit = PATIENTS * STUDIES * args.series_images
-    if not 1 <= args.series_images <= 1000 or args.images < unit or args.images % unit:
-        ap.error(f"--images must be a positive multiple of {unit} "
-                 f"({PATIENTS} patients x {STUDIES} studies x --series-images)")
-    if not 8 <= args.size <= 4096:
-        ap.error("--size must be 8..4096")
+    check_data_args(ap, args)
     if not 1 <= args.runs <= 100:
         ap.error("--runs must be 1..100")
     args.workdir = args.workdir.expanduser().absolute()

@@ -70,6 +70,23 @@ class Storm:
         return threads
 
 
+def ended(storm: Storm, threads: list[threading.Thread], interrupted: bool = True
+          ) -> dict[str, Path]:
+    """The clients' end, each waited for until the storm's deadline: none still running, none
+    failed, no status but those expected; with `interrupted`, a kill cut at least one store.
+    What was acknowledged."""
+    for t in threads:
+        t.join(max(0.0, storm.deadline - time.monotonic()))
+    storm.stop.set()
+    assert not any(t.is_alive() for t in threads), "clients did not finish in time"
+    assert not storm.errors, storm.errors
+    assert storm.bad_status == [], f"unexpected C-STORE statuses: {storm.bad_status[:5]}"
+    if interrupted:
+        assert storm.aborted >= 1, "no store was interrupted: the kills hit nothing in flight"
+    with storm.lock:
+        return dict(storm.acked)
+
+
 def sop_of(path: Path) -> str:
     return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 

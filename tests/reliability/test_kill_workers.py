@@ -42,6 +42,7 @@ from reliability.storm import (
     assert_indexed,
     assert_retrievable,
     descendants,
+    ended,
     dicom_workers,
     holders,
     indexed_rows,
@@ -177,14 +178,7 @@ def test_killed_workers_are_replaced_and_lose_nothing_acknowledged(tmp_path: Pat
             assert lost(data, acked_now) == set(), f"kill {kill}: acknowledged data lost"
 
         storm.resume()
-        for t in threads:
-            t.join(max(0.0, storm.deadline - time.monotonic()))
-        storm.stop.set()
-        assert not any(t.is_alive() for t in threads), "clients did not finish in time"
-        assert not storm.errors, storm.errors
-        assert storm.bad_status == [], f"unexpected C-STORE statuses: {storm.bad_status[:5]}"
-        assert storm.aborted >= 1, "no store was interrupted: the kills hit nothing in flight"
-        acked = dict(storm.acked)
+        acked = ended(storm, threads)
         assert set(acked) == set(by_sop), \
             f"the server did not store everything: {len(acked)} of {len(by_sop)}"
         # Checked while it runs, with its workers replaced: rows, files, bytes, C-GET.
@@ -317,13 +311,7 @@ def test_workers_of_a_killed_server_stop_and_a_new_one_recovers(tmp_path: Path):
         assert lost(data, acked_before_restart) == set(), "acknowledged data lost"
 
         storm.port = new.port
-        for t in threads:
-            t.join(max(0.0, storm.deadline - time.monotonic()))
-        storm.stop.set()
-        assert not any(t.is_alive() for t in threads), "clients did not finish in time"
-        assert not storm.errors, storm.errors
-        assert storm.bad_status == [], f"unexpected C-STORE statuses: {storm.bad_status[:5]}"
-        acked = dict(storm.acked)
+        acked = ended(storm, threads, interrupted=False)
         assert set(acked) == set(by_sop)
         assert lost(data, acked) == set()
         assert_retrievable(new.port, sent)
