@@ -214,3 +214,26 @@ def test_config_check_reports_a_library_patch_that_no_longer_fits(tmp_path):
     line = [x for x in r.stderr.splitlines() if "pynetdicom.pdu_size_bound" in x]
     assert len(line) == 1 and "(safety patch)" in line[0], r.stderr
     assert "DULServiceProvider._read_pdu_data (gone)" in line[0]
+
+
+def test_c_find_answers_are_pydicom_s_when_the_encode_seam_no_longer_fits(monkeypatch,
+                                                                           make_server):
+    """pynetdicom's C-FIND SCP no longer encoding through its module's `encode`: pacsd's
+    handler yields pydicom Datasets again (and the answers are the same)."""
+    from conftest import c_find, store_files
+    from data import write_series
+    from pacsd.dimse import find
+    server = make_server()
+    for n in range(3):
+        paths = write_series(server.cfg.data / f"in{n}", seed=70 + n, images=1, size=8)
+        assert store_files(server.dicom_port, paths) == [0]
+    status, before = c_find(server.dicom_port, "STUDY", StudyInstanceUID="", PatientName="")
+    assert len(before) == 3
+    monkeypatch.setattr(compat_pynetdicom.IDENTIFIERS, "_fits", False)
+    assert compat_pynetdicom.encoded_identifiers() is False
+    yielded = []
+    real = find.response
+    monkeypatch.setattr(find, "response", lambda *a: yielded.append(1) or real(*a))
+    status2, after = c_find(server.dicom_port, "STUDY", StudyInstanceUID="", PatientName="")
+    assert status == status2 == 0 and before == after
+    assert len(yielded) == len(after)

@@ -15,6 +15,8 @@
   yields, and answers any failure 0xA801 "Move Destination unknown").
 - the pace of associations (pacsd.compat.pynetdicom_pace: `wake_on_work`, `drop_wakeups`).
 - the fast lane of C-STORE and C-ECHO (pacsd.compat.pynetdicom_lane: `open_lane`).
+- `encoded_identifiers()`: C-FIND matches that pacsd writes itself, through a wrapper of
+  pynetdicom.service_class's `encode` (what its service classes encode a handler's yield with).
 - `UNKNOWN_STORAGE`: no patch, a reliance: pacsd.dimse.contexts maps private and unknown
   storage classes to the Storage Service through pynetdicom's EVT_SOP_COMMON handler, which
   pynetdicom calls for every association request (not only those that carry such items) and
@@ -35,7 +37,8 @@ from pynetdicom.acse import ACSE
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.service_class import QueryRetrieveServiceClass
+from pynetdicom import service_class
+from pynetdicom.service_class import QueryRetrieveServiceClass, ServiceClass
 from pynetdicom.transport import AssociationSocket, ThreadedAssociationServer
 
 from pacsd.compat.patch import Misfit, Patch, need_attr, need_params, need_source
@@ -43,7 +46,8 @@ from pacsd.compat.pynetdicom_lane import LANE, close_lane, lane_of, open_lane
 from pacsd.compat.pynetdicom_pace import PACE, drop_wakeups, wake_on_work
 
 __all__ = ["HANDOVER", "MADE", "NOT_SENT", "PATCHES", "UNKNOWN_STORAGE", "HandOverAE",
-           "adopt_socket", "close_lane", "drop_wakeups", "lane_of", "open_lane", "keep_alive", "keep_reactor_off_responses",
+           "adopt_socket", "close_lane", "drop_wakeups", "encoded_identifiers", "lane_of",
+           "open_lane", "keep_alive", "keep_reactor_off_responses",
            "park_reactor", "quiet_identifiers", "register_server",
            "send_files_as_stored", "unpark_reactor", "wake_on_work"]
 
@@ -77,6 +81,51 @@ def quiet_identifiers() -> None:
     Off, process-wide; pacsd logs its own lines."""
     if isinstance(getattr(_config, "LOG_RESPONSE_IDENTIFIERS", None), bool):
         _config.LOG_RESPONSE_IDENTIFIERS = False
+
+
+# --- C-FIND identifiers encoded by pacsd ----------------------------------------------------------
+
+def _probe_identifiers() -> None:
+    if not callable(getattr(service_class, "encode", None)):
+        raise Misfit("pynetdicom.service_class (no module-level encode)")
+    need_params(service_class.encode, ("ds", "is_implicit_vr", "is_little_endian", "deflated"),
+                "pynetdicom.service_class.encode")
+    need_source(ServiceClass._c_find_scp, ("enc = encode(", "transfer_syntax.is_deflated",
+                                           "_config.LOG_RESPONSE_IDENTIFIERS"),
+                "ServiceClass._c_find_scp")
+
+
+IDENTIFIERS = Patch("pynetdicom.encoded_identifiers", "speed", "pynetdicom",
+                    "C-FIND matches are written by pacsd from the index's values "
+                    "(pacsd.dimse.find.Match), without a pydicom Dataset",
+                    "each C-FIND match is built as a pydicom Dataset and encoded by pydicom",
+                    _probe_identifiers)
+_identifiers_lock = threading.Lock()
+
+
+def encoded_identifiers() -> bool:
+    """Whether a C-FIND handler may yield, instead of a Dataset, an object with
+    `pacsd_encoded(implicit, little, deflated) -> bytes | None` and `dataset() -> Dataset` (used
+    when it gives None). pynetdicom's service classes encode what a handler yields with their
+    module's `encode`, wrapped here once; everything else goes to pynetdicom's as before. Off
+    while pynetdicom formats identifiers for its DEBUG lines (quiet_identifiers)."""
+    if not IDENTIFIERS.fits or getattr(_config, "LOG_RESPONSE_IDENTIFIERS", False):
+        return False
+    with _identifiers_lock:
+        original = service_class.encode
+        if not getattr(original, "pacsd", False):
+            def encode(ds: Any, is_implicit_vr: bool, is_little_endian: bool,
+                       deflated: bool = False) -> bytes | None:
+                made = getattr(ds, "pacsd_encoded", None)
+                if made is not None:
+                    raw = made(is_implicit_vr, is_little_endian, deflated)
+                    if raw is not None:
+                        return raw  # type: ignore[no-any-return]
+                    ds = ds.dataset()
+                return original(ds, is_implicit_vr, is_little_endian, deflated)
+            encode.pacsd = True  # type: ignore[attr-defined]
+            service_class.encode = encode
+    return True
 
 
 # --- a listener of our own, known to the AE -----------------------------------------------------
@@ -311,6 +360,6 @@ UNKNOWN_STORAGE = Patch("pynetdicom.unknown_storage_classes", "speed", "pynetdic
 
 
 PATCHES: list[Patch] = [PDU_BOUND, PACE, LANE, CHUNKED, SERVERS, REACTOR, HANDOVER,
-                        UNKNOWN_STORAGE, KEEP_ALIVE]
+                        UNKNOWN_STORAGE, KEEP_ALIVE, IDENTIFIERS]
 
 keep_reactor_off_responses()

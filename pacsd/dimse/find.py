@@ -8,6 +8,7 @@ Retrieve AE Title, and a Specific Character Set only when a value needs one (C.4
 from __future__ import annotations
 
 import logging
+import struct
 import time
 from typing import Any, Iterator
 
@@ -21,6 +22,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # names made a
     PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind)
 
 from pacsd import query
+from pacsd.compat import pynetdicom as compat
 from pacsd.dicom_status import CANCEL, PENDING, UNABLE_TO_PROCESS
 from pacsd.dimse import filters
 from pacsd.plugins.hooks import Hooks
@@ -153,8 +155,89 @@ def response(requested: list[DataElement], match: dict[str, Any], level: str,
     return query.fill_dataset(ds, requested, match)
 
 
+# PS3.5 7.1.2: in explicit VR these have two reserved bytes and a 4-byte length.
+_LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "UC", "UN", "UR", "UT", "SV",
+                       "UV"})
+_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST",
+                       "TM", "UC", "UI", "UR", "UT"})
+_INTS = {"US": struct.Struct("<H"), "SS": struct.Struct("<h"), "UL": struct.Struct("<L"),
+         "SL": struct.Struct("<l"), "UV": struct.Struct("<Q"), "SV": struct.Struct("<q")}
+_CHARSET, _LEVEL, _RETRIEVE_AET = 0x00080005, 0x00080052, 0x00080054
+
+
+class Match:
+    """One C-FIND match as pynetdicom's C-FIND SCP sends it: its identifier written here from
+    the index's values (pacsd.compat.pynetdicom.encoded_identifiers), the same bytes pydicom
+    would write for `response()` without building a Dataset (a fifth of a C-FIND's time). Where
+    it cannot (a big endian or deflated syntax, a character set other than ASCII or UTF-8, a
+    value of a binary VR), `dataset()` is what pydicom encodes instead."""
+
+    __slots__ = ("requested", "match", "level", "aet", "asked")
+
+    def __init__(self, requested: list[DataElement], match: dict[str, Any], level: str,
+                 aet: str, asked: list[str]) -> None:
+        self.requested, self.match, self.level, self.aet, self.asked = \
+            requested, match, level, aet, asked
+
+    def dataset(self) -> Dataset:
+        return response(self.requested, dict(self.match), self.level, self.aet, self.asked)
+
+    def pacsd_encoded(self, implicit: bool, little: bool, deflated: bool) -> bytes | None:
+        if not little or deflated:
+            return None
+        values = {k: v for k, v in self.match.items() if k != "SpecificCharacterSet"}
+        charset = response_charset(values, self.asked)
+        if charset not in ([], [UTF8]):
+            return None
+        codec = "utf-8" if charset else "ascii"
+        items: list[tuple[int, str, Any]] = [(_LEVEL, "CS", self.level),
+                                             (_RETRIEVE_AET, "AE", self.aet)]
+        if charset:
+            items.append((_CHARSET, "CS", UTF8))
+        for elem in self.requested:
+            if elem.keyword not in query.FILLED_ELSEWHERE:
+                items.append((int(elem.tag), elem.VR, values.get(elem.keyword)))
+        items.sort(key=lambda item: item[0])
+        out = bytearray()
+        for tag, vr, value in items:
+            raw = _value_bytes(vr, value, codec)
+            if raw is None:
+                return None
+            if implicit:
+                out += struct.pack("<HHL", tag >> 16, tag & 0xFFFF, len(raw))
+            elif vr in _LONG_VRS:
+                out += struct.pack("<HH2sxxL", tag >> 16, tag & 0xFFFF, vr.encode(), len(raw))
+            elif len(raw) <= 0xFFFF:
+                out += struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(), len(raw))
+            else:
+                return None
+            out += raw
+        return bytes(out)
+
+
+def _value_bytes(vr: str, value: Any, codec: str) -> bytes | None:
+    """An element's value as query.fill_dataset gives it and pydicom writes it (padded to an
+    even length: UI with a NUL, text with a space); None where we leave it to pydicom."""
+    if value is None or value == "" or vr == "SQ":
+        return b""   # unknown (C.2.2.1.2): empty; a sequence: empty, of length 0
+    if vr in _INTS:
+        try:
+            return _INTS[vr].pack(int(value))
+        except (ValueError, TypeError, struct.error):
+            return None
+    if vr not in _TEXT_VRS:
+        return None
+    try:
+        raw = str(value).encode(codec)
+    except UnicodeEncodeError:
+        return None
+    if len(raw) % 2:
+        raw += b"\0" if vr == "UI" else b" "
+    return raw
+
+
 def handle_find(event: Event, index: Index, aet: str, hooks: Hooks | None = None
-                ) -> Iterator[tuple[int, Dataset | None]]:
+                ) -> Iterator[tuple[int, Dataset | Match | None]]:
     peer = event.assoc.requestor.ae_title
     try:
         req, requested = parse_identifier(event.identifier,
@@ -174,6 +257,7 @@ def handle_find(event: Event, index: Index, aet: str, hooks: Hooks | None = None
         yield UNABLE_TO_PROCESS, None
         return
     keys = [e.keyword for e in requested if e.keyword]
+    encoded = compat.encoded_identifiers()
     n = 0
     cancelled = Cancelled(event)
     try:
@@ -182,7 +266,8 @@ def handle_find(event: Event, index: Index, aet: str, hooks: Hooks | None = None
                 n += 1
                 if n % 16 == 0:
                     drain(event.assoc)
-                yield PENDING, response(requested, match, req.level, aet, asked)
+                yield PENDING, (Match(requested, match, req.level, aet, asked) if encoded
+                                else response(requested, match, req.level, aet, asked))
     except query.QueryError as e:
         log.warning("C-FIND from %s refused: %s", peer, e)
         yield e.dicom_status, None

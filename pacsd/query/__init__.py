@@ -6,10 +6,11 @@ study list and summaries the pages show; `predicate` the OsiriX predicates of th
 methods and their reads. The web side reads the index through these only.
 """
 
-from pacsd.query.matching import (DA, IS, KEYS, LEVELS, MODALITIES, MODELS, PN, RETURN, ST, TM,
-                                  UID, UNIQUE_KEYS, Key, QueryError, Request, StoredInstance,
-                                  condition, fill_dataset, find, glob, instances, select)
+from pacsd.query.matching import (DA, FILLED_ELSEWHERE, IS, KEYS, LEVELS, MODALITIES, MODELS,
+                                  PN, RETURN, ST, TM, UID, UNIQUE_KEYS, Key, QueryError, Request,
+                                  StoredInstance, condition, fill_dataset, find, glob, instances,
+                                  select)
 
-__all__ = ["DA", "IS", "KEYS", "LEVELS", "MODALITIES", "MODELS", "PN", "RETURN", "ST", "TM", "UID",
-           "UNIQUE_KEYS", "Key", "QueryError", "Request", "StoredInstance", "condition",
-           "fill_dataset", "find", "glob", "instances", "select"]
+__all__ = ["DA", "FILLED_ELSEWHERE", "IS", "KEYS", "LEVELS", "MODALITIES", "MODELS", "PN",
+           "RETURN", "ST", "TM", "UID", "UNIQUE_KEYS", "Key", "QueryError", "Request",
+           "StoredInstance", "condition", "fill_dataset", "find", "glob", "instances", "select"]

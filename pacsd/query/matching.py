@@ -320,14 +320,15 @@ def instances(req: Request) -> list[StoredInstance]:
 # --- matches as data sets (C-FIND responses, QIDO-RS results) ---------------------------------
 
 _INT_VRS = {"US", "UL", "SS", "SL", "UV", "SV"}
-_SKIP = ("QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle")
+# What a C-FIND response carries of its own, whatever the request says about them.
+FILLED_ELSEWHERE = ("QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle")
 
 
 def fill_dataset(ds: Dataset, requested: list[DataElement], match: dict[str, Any]) -> Dataset:
     """Put each requested element into `ds` with its value from `match` (empty if unknown,
     C.2.2.1.2), typed by the element's VR."""
     for elem in requested:
-        if elem.keyword in _SKIP:
+        if elem.keyword in FILLED_ELSEWHERE:
             continue
         vr = elem.VR
         value = match.get(elem.keyword)
