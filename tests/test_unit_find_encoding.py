@@ -65,6 +65,13 @@ def test_what_pacsd_leaves_to_pydicom(match, asked, syntax):
     assert m.dataset().PatientName == match["PatientName"]
 
 
+def test_an_ambiguous_vr_is_left_to_pydicom():
+    ds = Dataset()
+    ds.add_new(0x00281101, "US or SS", None)   # Red Palette Color Lookup Table Descriptor
+    m = Match([e for e in ds], {}, "IMAGE", "PACSD", [])
+    assert m.pacsd_encoded(False, True, False) is None
+
+
 def test_a_binary_value_is_left_to_pydicom():
     m = Match(requested(("PixelSpacing", "DS"), ("WindowCenter", "DS"),
                         ("RealWorldValueLastValueMapped", "FD")),

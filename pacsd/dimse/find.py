@@ -200,7 +200,7 @@ class Match:
         items.sort(key=lambda item: item[0])
         out = bytearray()
         for tag, vr, value in items:
-            raw = _value_bytes(vr, value, codec)
+            raw = _value_bytes(vr, value, codec) if len(vr) == 2 else None   # not "US or SS"
             if raw is None:
                 return None
             if implicit:
