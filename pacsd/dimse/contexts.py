@@ -29,6 +29,7 @@ here: pacsd.dimse.access logs its own line for them.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Iterable
@@ -59,7 +60,7 @@ def is_unknown_storage(uid: str, known: Iterable[str] | set[str]) -> bool:
     private (outside 1.2.840.10008) or under the standard's storage root, and not one of
     `known` (the abstract syntaxes build_ae supports)."""
     uid = str(uid)
-    if len(uid) > 64 or not _UID.fullmatch(uid) or uid in known:
+    if uid in known or len(uid) > 64 or not _UID.fullmatch(uid):   # the cheap test first
         return False
     return not uid.startswith(STANDARD_ROOT) or uid.startswith(STORAGE_ROOT)
 
@@ -71,6 +72,18 @@ def describe(uid: str) -> str:
     return uid if not name or name == uid else f"{uid} ({name})"
 
 
+@functools.lru_cache(maxsize=256)
+def _storage_context(uid: str, syntaxes: tuple[str, ...]) -> PresentationContext:
+    """The context we support for an unknown storage class, made once per class: pynetdicom
+    validates each of its 30-odd transfer syntaxes as it builds one, a fifth of a whole C-GET
+    from DCMTK's getscu (which proposes classes pynetdicom does not list). Shared: negotiation
+    only reads an acceptor's contexts (as pacsd.dimse shares the server's own)."""
+    cx = build_context(uid, list(syntaxes))
+    # Both roles, as every storage class of build_ae: a C-GET requestor's images.
+    cx.scu_role, cx.scp_role = True, True
+    return cx
+
+
 class UnknownClasses:
     """The per-association handlers for unknown storage classes and rejected contexts."""
 
@@ -78,7 +91,7 @@ class UnknownClasses:
         self.accept = accept and compat.UNKNOWN_STORAGE.fits
         self.refused_by_setting = not accept
         self.known = frozenset(str(u) for u in known)
-        self.syntaxes = list(syntaxes)
+        self.syntaxes = tuple(syntaxes)
 
     def _proposed(self, event: Event) -> list[PresentationContext]:
         return list(getattr(event.assoc.requestor.primitive,
@@ -89,17 +102,13 @@ class UnknownClasses:
         assoc = event.assoc
         if not self.accept or assoc.is_rejected or not assoc.is_alive():
             return
-        supported = {str(cx.abstract_syntax) for cx in assoc.acceptor.supported_contexts}
+        known = self.known.union(str(cx.abstract_syntax)
+                                 for cx in assoc.acceptor.supported_contexts)
         extra = sorted({str(cx.abstract_syntax) for cx in self._proposed(event)
-                        if is_unknown_storage(str(cx.abstract_syntax), self.known | supported)})
+                        if is_unknown_storage(str(cx.abstract_syntax), known)})
         if not extra:
             return
-        added = []
-        for uid in extra:
-            cx = build_context(uid, self.syntaxes)
-            # Both roles, as every storage class of build_ae: a C-GET requestor's images.
-            cx.scu_role, cx.scp_role = True, True
-            added.append(cx)
+        added = [_storage_context(uid, self.syntaxes) for uid in extra]
         assoc.acceptor.supported_contexts = list(assoc.acceptor.supported_contexts) + added
         log.debug("association from %s: unknown storage class(es) supported: %s",
                   assoc.requestor.ae_title, ", ".join(extra))
