@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import write_config
+from conftest import peer_missing, write_config
 from data import write_series
 from pynetdicom import _config
 from reliability.report import record, scaled
@@ -55,8 +55,12 @@ from reliability.storm import (
 
 from pacsd.daemon.workers import EARLY_DEATH_S, MAX_PAUSE_S
 
-pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(),
-                                reason="processes are followed through Linux's /proc")
+
+@pytest.fixture(autouse=True)
+def _proc() -> None:
+    if not Path("/proc/self/stat").exists():
+        peer_missing("processes are followed through Linux's /proc, which is missing")
+
 
 WORKERS = 2
 KILLS = scaled(12)
