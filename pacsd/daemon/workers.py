@@ -84,9 +84,6 @@ class Child:
         self.returncode = code
         self._ended.set()
 
-    def poll(self) -> int | None:
-        return self.returncode
-
     def wait(self, timeout: float) -> int:
         if not self._ended.wait(timeout):
             raise TimeoutError(f"worker pid {self.pid} still runs")
@@ -243,9 +240,6 @@ class Spawned:
         self._proc = subprocess.Popen([sys.executable, "-m", "pacsd.daemon.worker",
                                        *map(str, fds)], pass_fds=fds, stdin=subprocess.DEVNULL)
         self.pid = self._proc.pid
-
-    def poll(self) -> int | None:
-        return self._proc.poll()
 
     def wait(self, timeout: float) -> int:
         try:
