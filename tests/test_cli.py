@@ -9,6 +9,7 @@ import signal
 import socket
 import sqlite3
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from pydicom.dataset import Dataset
 from pynetdicom import build_context
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
 
-from conftest import (LOCAL, associate, free_port, pacsd_cmd, remote_pacsd, serve,
+from conftest import (LOCAL, associate, free_port, pacsd_cmd, remote_pacsd, serve, terminate,
                       write_config)
 from data import write_series
 
@@ -229,6 +230,32 @@ def test_sigterm_stops_cleanly(cfg: Path, tmp_path: Path):
     with serve(cfg, data) as p:
         pass
     assert "did not stop cleanly" not in p.output()
+
+
+def test_sigterm_while_starting_is_a_clean_stop(cfg: Path, tmp_path: Path):
+    """A stop asked for in the middle of the start (a service manager's restart, a test that
+    stops a server as soon as it appears) is honoured once started: exit 0, nothing to recover,
+    never a death by SIGTERM's default action."""
+    data = tmp_path / "data"
+    log = tmp_path / "serve.log"
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(pacsd_cmd("serve", "--config", str(cfg)), stdout=out,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:   # written early in the start, before the index, the workers and HTTP
+                if (data / "pacsd.pid").read_text().strip() == str(proc.pid):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0, log.read_text()[-3000:]
+    finally:
+        terminate(proc)
+    assert "pacsd stopped" in log.read_text()
+    assert not (data / "pacsd.pid").exists()
 
 
 # --- import, reindex, status ------------------------------------------------------------------

@@ -20,6 +20,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
     from pacsd.daemon.server import Server
-    server = Server(cfg).start()
+    server = Server(cfg).catch_signals().start()
     server.serve_forever()
     return EXIT_OK

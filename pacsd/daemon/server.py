@@ -291,11 +291,18 @@ class Server:
     def request_stop(self, *_: Any) -> None:
         self._stop.set()   # only a flag: the main loop does the work (signal-safe)
 
-    def serve_forever(self) -> None:
+    def catch_signals(self) -> "Server":
+        """SIGTERM and SIGINT become a stop request. `pacsd serve` calls this before start():
+        a stop asked for while starting (pacsd.json is written before start() returns) is then
+        a clean stop once started, not a death by the default action."""
         signal.signal(signal.SIGTERM, self.request_stop)
         signal.signal(signal.SIGINT, self.request_stop)
         if hasattr(signal, "SIGUSR1"):
             signal.signal(signal.SIGUSR1, dump_stacks)
+        return self
+
+    def serve_forever(self) -> None:
+        self.catch_signals()
         assert self.http is not None
         status = (f"serving: {self.cfg.dicom_aet} on DICOM port {self.dicom_port}, "
                   f"HTTP port {self.http.port}")
