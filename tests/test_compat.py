@@ -179,6 +179,52 @@ def test_decoder_plugins_are_added_once_without_pydicom_private_lists(monkeypatc
     assert dec.available_plugins == before
 
 
+UIDS = ["1.2.840.10008.1.2", "1.2.03", "1.2.3\n", "", "1." * 40, "1.2.abc", " 1.2", "0.0",
+        b"1.2.3", b"1.2.x"]
+
+
+def _uid_answers() -> list:
+    from pydicom import valuerep
+    from pydicom.uid import UID
+    return ([valuerep.VALIDATORS["UI"]("UI", v) for v in UIDS]
+            + [UID(v).is_valid for v in UIDS if isinstance(v, str)])
+
+
+def test_remembered_uid_checks_answer_as_pydicom_and_still_warn(monkeypatch):
+    from pydicom import valuerep
+    from pydicom.uid import UID
+    monkeypatch.setitem(valuerep.VALIDATORS, "UI", valuerep.VALIDATORS["UI"])
+    monkeypatch.setattr(UID, "is_valid", UID.__dict__["is_valid"])
+    original = getattr(valuerep.VALIDATORS["UI"], "pacsd_original", None)
+    if original is not None:   # installed earlier in this process: start from pydicom's own
+        valuerep.VALIDATORS["UI"] = original
+        UID.is_valid = property(UID.__dict__["is_valid"].fget.pacsd_original)
+    expected = _uid_answers()
+    assert expected[0] == (True, "") and not all(ok for ok, _ in expected[:10])
+    assert compat_pydicom.remember_uid_checks() and compat_pydicom.remember_uid_checks()
+    assert hasattr(valuerep.VALIDATORS["UI"], "pacsd_original")
+    assert not hasattr(valuerep.VALIDATORS["UI"].pacsd_original, "pacsd_original")  # once
+    assert _uid_answers() == expected
+    assert _uid_answers() == expected   # the second time from the memo
+    with pytest.warns(UserWarning, match="Invalid value for VR UI"):
+        UID("1.2.abc")
+    assert compat_pydicom.UID_CHECKS.check().ok   # the probe looks at pydicom's own
+
+
+def test_uid_checks_are_pydicom_own_when_the_memo_no_longer_fits(monkeypatch):
+    from pydicom import valuerep
+    monkeypatch.setitem(valuerep.VALIDATORS, "UI", getattr(
+        valuerep.VALIDATORS["UI"], "pacsd_original", valuerep.VALIDATORS["UI"]))
+    monkeypatch.setattr(valuerep, "VALIDATORS", {**valuerep.VALIDATORS, "UI": None})
+    compat_pydicom.UID_CHECKS.reset()
+    try:
+        assert not compat_pydicom.remember_uid_checks()
+        assert valuerep.VALIDATORS["UI"] is None   # left as it was
+    finally:
+        monkeypatch.undo()
+        compat_pydicom.UID_CHECKS.reset()
+
+
 SERVE_WITH_PYNETDICOM_CHANGED = """
 import sys
 from pynetdicom.dul import DULServiceProvider

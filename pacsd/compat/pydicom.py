@@ -10,11 +10,18 @@
   private `_read_file_meta_info`, or its public `read_dataset` when that is gone.
 - `add_decoder_plugin(decoder, label, import_path)`: a pixel data decoding plugin added once
   (pacsd.imaging.jpeg12), looking at the decoder's private `_available` / `_unavailable`.
+- `remember_uid_checks()`: the UI validator in pydicom's `valuerep.VALIDATORS` and
+  `UID.is_valid` answer from a bounded memo. pynetdicom makes and checks a UID (a regular
+  expression each time) for every UID of an A-ASSOCIATE-RQ, several times over: a getscu that
+  proposes every storage class paid a fifth of its association's CPU for it.
 """
 
 from __future__ import annotations
 
+import functools
 import io
+import re
+import threading
 from typing import Any, BinaryIO
 
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -130,4 +137,73 @@ def add_decoder_plugin(decoder: Any, label: str, import_path: tuple[str, str]) -
             raise
 
 
-PATCHES: list[Patch] = [DICOMDIR_RECORDS, FILE_META, PLUGINS]
+# --- UID checks, remembered ------------------------------------------------------------------------
+
+UID_MEMO_SIZE = 4096   # distinct UIDs remembered (a peer's random UIDs only push old ones out)
+
+
+def _probe_uid_checks() -> None:
+    from pydicom import valuerep
+    from pydicom.uid import UID
+    validators = getattr(valuerep, "VALIDATORS", None)
+    if not isinstance(validators, dict) or not callable(validators.get("UI")):
+        raise Misfit("valuerep.VALIDATORS (no UI validator in a dict)")
+    validator = getattr(validators["UI"], "pacsd_original", validators["UI"])
+    need_params(validator, ("vr", "value"), "the UI validator")
+    if not isinstance(UID.__dict__.get("is_valid"), property):
+        raise Misfit("UID.is_valid (no longer a property)")
+    fget = UID.__dict__["is_valid"].fget
+    need_source(getattr(fget, "pacsd_original", fget), ("re.match(RE_VALID_UID, self)",),
+                "UID.is_valid")
+
+
+UID_CHECKS = Patch("pydicom.remember_uid_checks", "speed", "pydicom",
+                   "UID checks are remembered (the last 4096 UIDs)",
+                   "each UID is checked with its regular expression every time", _probe_uid_checks)
+
+
+def _memo_validator(validator: Any) -> Any:
+    @functools.lru_cache(maxsize=UID_MEMO_SIZE)
+    def remembered(value: str | bytes) -> tuple[bool, str]:
+        return validator("UI", value)
+
+    def validate(vr: str, value: Any) -> tuple[bool, str]:
+        if vr == "UI" and type(value) in (str, bytes):   # a UID (str subclass) is hashed as str
+            return remembered(value)
+        if vr == "UI" and isinstance(value, str):
+            return remembered(str.__str__(value))
+        return validator(vr, value)
+
+    validate.pacsd_original = validator  # type: ignore[attr-defined]
+    return validate
+
+
+@functools.lru_cache(maxsize=UID_MEMO_SIZE)
+def _uid_is_valid(value: str) -> bool:
+    from pydicom.uid import RE_VALID_UID
+    return len(value) <= 64 and re.match(RE_VALID_UID, value) is not None   # as UID.is_valid
+
+
+_remember_lock = threading.Lock()
+
+
+def remember_uid_checks() -> bool:
+    """Install the memo (once per process; idempotent). Whether it is in place."""
+    if not UID_CHECKS.fits:
+        return False
+    from pydicom import valuerep
+    from pydicom.uid import UID
+    with _remember_lock:
+        if not hasattr(valuerep.VALIDATORS["UI"], "pacsd_original"):
+            valuerep.VALIDATORS["UI"] = _memo_validator(valuerep.VALIDATORS["UI"])
+        original = UID.__dict__["is_valid"].fget
+        if not hasattr(original, "pacsd_original"):
+            def is_valid(self: UID) -> bool:
+                return _uid_is_valid(str.__str__(self))
+            is_valid.pacsd_original = original  # type: ignore[attr-defined]
+            is_valid.__doc__ = original.__doc__
+            UID.is_valid = property(is_valid)  # type: ignore[method-assign,assignment]
+    return True
+
+
+PATCHES: list[Patch] = [DICOMDIR_RECORDS, FILE_META, PLUGINS, UID_CHECKS]

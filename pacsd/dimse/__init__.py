@@ -35,6 +35,7 @@ from pacsd.storage.archive import Archive
 from pacsd.config import Config
 from pacsd.accounts import Accounts
 from pacsd.compat import pynetdicom as compat
+from pacsd.compat.pydicom import remember_uid_checks
 from pacsd.dimse import filters
 from pacsd.dimse.access import NOT_AUTHORIZED, AssociationGuard, Slots
 from pacsd.dimse.commitment import PUSH_MODEL, Commitments
@@ -101,6 +102,7 @@ def build_ae(cfg: Config) -> AE:
     # Retrieve sends stored files by path, raw and in chunks, without decoding them.
     compat.send_files_as_stored()
     compat.quiet_identifiers()
+    remember_uid_checks()   # pynetdicom checks each UID of an association many times over
     ae = compat.HandOverAE(ae_title=cfg.dicom_aet)   # C-MOVE: see pacsd.dimse.retrieve
     ae.maximum_associations = cfg.dicom_max_associations
     ae.acse_timeout = cfg.dicom_acse_timeout
