@@ -25,6 +25,7 @@ def test_testdbalive_and_status(server, tmp_path):
     s = requests.get(server.http_url + "/status", timeout=5).json()
     assert s["index"]["instances"] == 3 and s["aet"] == "PACSD"
     assert s["disk_free_bytes"] > 0 and s["uptime_s"] >= 0 and "associations" in s
+    assert (s["dicom_workers"], s["dicom_worker_restarts"]) == (0, 0)   # in-process here
 
 
 def test_testdbalive_fails_when_the_index_writer_is_wedged(server):

@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import requests
 from conftest import LOCAL, associate, c_find, c_get, store_files, wait_for
 from data import write_series
 from pydicom import dcmread
@@ -160,6 +161,8 @@ def test_a_killed_worker_is_replaced_and_the_run_marked_unclean(make_server, tmp
     assert len(died) == 1 and died[0].levelno == logging.ERROR
     assert f"pid {victim.pid}" in died[0].getMessage() and "signal 9" in died[0].getMessage()
     assert server.dicom.figures()["worker_restarts"] == 1
+    status = requests.get(server.http_url + "/status", timeout=10).json()
+    assert (status["dicom_workers"], status["dicom_worker_restarts"]) == (2, 1)
     # Recovery at the next start begins when the dead worker began (not before this run).
     assert abs(pidfile.stat().st_mtime - victim.started) < 1 and victim.started >= began - 1
     paths = write_series(tmp_path / "after", seed=40, images=8, size=32)
@@ -185,7 +188,6 @@ def test_stop_ends_every_worker_cleanly(make_server):
 
 
 def test_metrics_add_up_every_worker(make_server, tmp_path):
-    import requests
     server = make_server(dicom=WORKERS)
     for n in range(3):   # three associations: likely both workers, whichever takes them
         assert store_files(server.dicom_port,
@@ -224,6 +226,8 @@ def test_without_its_zygote_the_server_keeps_its_workers_and_spawns_new_ones(mak
     assert any(f"pid {victim}" in m and "ended unexpectedly" in m for m in messages)
     assert any("new interpreters" in m for m in messages)
     assert server.dicom.figures()["worker_restarts"] == 1
+    status = requests.get(server.http_url + "/status", timeout=10).json()
+    assert (status["dicom_workers"], status["dicom_worker_restarts"]) == (2, 1)
     assert not [m for m in messages if "ended unexpectedly" in m and f"pid {victim}" not in m]
     # Whichever worker takes them, stores go on.
     for n in range(3):

@@ -24,6 +24,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -101,6 +102,14 @@ def _alive(pid: str) -> bool:
     except OSError:
         return True
     return True
+
+
+def dicom_workers(dicom: DicomServer | DicomWorkers) -> Callable[[], tuple[int, int]]:
+    """For /status: the DICOM worker processes alive, and how many were replaced since start
+    ((0, 0) when the DICOM side runs in the server's own process)."""
+    if isinstance(dicom, DicomWorkers):
+        return lambda: (len(dicom.pids()), dicom.restarts)
+    return lambda: (0, 0)
 
 
 def node_id(data: Path) -> str:
@@ -207,7 +216,8 @@ class Server:
             self.runtime = Runtime(cfg, archive, accounts, self.started,
                                    lambda: dicom.active_associations, self.logbook,
                                    hooks=self.hooks, outbox=self.router.outbox,
-                                   dicom_stats=dicom.figures)
+                                   dicom_stats=dicom.figures,
+                                   dicom_workers=dicom_workers(dicom))
             self.http = HttpServer(self.runtime)
             self.http.start()
             write_atomic(cfg.runfile, json.dumps({

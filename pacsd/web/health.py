@@ -44,11 +44,15 @@ def status(rt: Runtime) -> dict[str, Any]:
     """What `/status` says; the admin page's figures start from it."""
     cfg = rt.cfg
     disk = shutil.disk_usage(cfg.storage_path)
+    workers, restarts = rt.dicom_workers()
     return {
         "version": __version__,
         "uptime_s": round(time.time() - rt.started, 1),
         "aet": cfg.dicom_aet,
         "associations": rt.associations(),
+        # DICOM worker processes alive, replaced since start (0, 0: in the server's process)
+        "dicom_workers": workers,
+        "dicom_worker_restarts": restarts,
         "index": rt.archive.index.counts(),
         "index_location": cfg.index_label,   # the file, or the URL without its password
         "node": rt.archive.index.node,      # which of several nodes answered

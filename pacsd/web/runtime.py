@@ -35,3 +35,5 @@ class Runtime:
     # The DICOM side's counters since start (pacsd.dimse.stats, plus the storage commitment
     # requests pending), as plain data: the web side does not import the DICOM side.
     dicom_stats: Callable[[], dict[str, Any]] = dict
+    # DICOM worker processes alive and replaced since start (0, 0: DICOM in this process).
+    dicom_workers: Callable[[], tuple[int, int]] = lambda: (0, 0)
