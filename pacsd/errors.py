@@ -122,6 +122,15 @@ class OutOfResources(PacsError):
     http_status = 507
 
 
+class StillWriting(PacsError):
+    """A re-sent instance whose first copy is still being written (its row committed, its file
+    not yet in place) for longer than a healthy disk takes: refused, to be sent again, rather
+    than acknowledged on the strength of a file that may never land."""
+
+    dicom_status = OUT_OF_RESOURCES
+    http_status = 503
+
+
 class StorageFull(OutOfResources):
     """The storage volume is below [storage] min_free_mb, or really full (ENOSPC/EDQUOT)."""
 

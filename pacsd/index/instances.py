@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -289,6 +289,22 @@ class Instances(Writer):
         self._counters.total(0, 0, 0, 0, size - int(row[5] or 0))
         return Added(replaced_path=row[1])
 
+    def repoint(self, sop_instance_uid: str, old_path: str, new_path: str, size: int,
+                transfer_syntax: str) -> bool:
+        """Point an instance's row at another copy of the same content (its file went
+        missing); False when the row no longer points at `old_path`."""
+        def work() -> bool:
+            row = (Instance.select(Instance.id, Instance.size)
+                   .where((Instance.sop_instance_uid == sop_instance_uid)
+                          & (Instance.path == old_path)).tuples().first())
+            if row is None:
+                return False
+            Instance.update(path=new_path, size=size, transfer_syntax_uid=transfer_syntax
+                            ).where(Instance.id == row[0]).execute()
+            self._counters.total(0, 0, 0, 0, size - int(row[1]))
+            return True
+        return bool(self.submit(work))
+
     def set_hash(self, sop_instance_uid: str, path: str, content_hash: str) -> None:
         """Record the content hash of an instance stored before hashes were kept (schema 4)."""
         def work() -> None:
@@ -333,6 +349,16 @@ class Instances(Writer):
 
     # --- reads ------------------------------------------------------------------------------
 
+    def received_between(self, start: float, end: float) -> list[tuple[str, str]]:
+        """(SOP Instance UID, path) of the instances received from `start` to `end` (epoch
+        seconds, to the second as `received` keeps them)."""
+        first = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(start))
+        last = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(end))
+        with reading():
+            q = (Instance.select(Instance.sop_instance_uid, Instance.path)
+                 .where((Instance.received >= first) & (Instance.received <= last)))
+            return [(str(row[0]), str(row[1])) for row in q.tuples()]  # type: ignore[index]
+
     def indexed_paths(self, prefix: str) -> set[str]:
         with reading():
             rows = Instance.select(Instance.path).where(starts_with(Instance.path, prefix))
@@ -345,10 +371,12 @@ class Instances(Writer):
 
     # --- deleting ---------------------------------------------------------------------------
 
-    def delete(self, level: str, uids: Iterable[str]) -> list[str]:
+    def delete(self, level: str, uids: Iterable[str],
+               paths: Collection[str] | None = None) -> list[str]:
         """Remove the studies, series or instances (level STUDY, SERIES or IMAGE) with these
         UIDs, and what becomes empty above them; fix the counters. Returns the paths of the
-        removed instances' files, for the caller to delete once this has committed."""
+        removed instances' files, for the caller to delete once this has committed.
+        `paths`: only the instances whose row still points at one of these files."""
         column = {"STUDY": Study.study_instance_uid, "SERIES": Series.series_instance_uid,
                   "IMAGE": Instance.sop_instance_uid}[level]
         wanted = list(dict.fromkeys(uids))
@@ -362,6 +390,8 @@ class Instances(Writer):
                                      Instance.sop_instance_uid, Instance.size)
                      .join(Series).join(Study).where(column.in_(wanted[start:start + 500])))
                 rows += list(q.tuples())
+            if paths is not None:
+                rows = [r for r in rows if r[1] in paths]
             series_ids = sorted({r[2] for r in rows})
             for start in range(0, len(rows), 500):
                 Instance.delete().where(

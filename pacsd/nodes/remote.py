@@ -71,7 +71,7 @@ def stored_ref(inst: query.StoredInstance, store: Store) -> StoredRef:
     ds.SOPInstanceUID = UID(inst.sop_instance_uid)
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = UID(inst.transfer_syntax_uid)
-    ds.pacsd_path = store.path(inst.path)
+    ds.pacsd_path = store.placed(inst.path)
     return ds
 
 

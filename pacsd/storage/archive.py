@@ -1,10 +1,11 @@
 """The archive: store (files) + index (rows), and the one protocol that makes an image durable.
 
-    parse the header -> validate -> write the file durably -> commit its index row -> return
+    parse the header -> validate -> write the file durably  \
+                                 -> commit its index row     / -> both durable: return
 
-Every way in (C-STORE, import, later STOW-RS) goes through `Archive.put`, so "Success only once
-the file and its row are durable" is written once. Also here: recovery of files a crash left
-unindexed, and rebuilding the index from the files.
+Every way in (C-STORE, import, STOW-RS) goes through `Archive.put`, so "Success only once
+the file and its row are durable" is written once. Also here: recovery of what a crash left
+half done (files without rows, rows without files), and rebuilding the index from the files.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hashlib
 import io
 import logging
 import os
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +27,7 @@ from pynetdicom.dsutils import split_dataset
 
 from pacsd.dicom_status import SUCCESS, WARNING_COERCION
 from pacsd.errors import (ContentConflict, IndexUnavailable, InvalidDataset, PacsError,
-                          StudyMismatch)
+                          StillWriting, StudyMismatch)
 from pacsd.imaging.header import (PIXEL_DATA, Record, check_and_extract, file_meta_bytes, is_valid_uid,
                           read_dataset_header, read_header)
 from pacsd.index import Added, Index
@@ -99,10 +101,14 @@ def same_decoded(stored: Path, dataset: bytes, transfer_syntax: str, record: Rec
 
 class Archive:
     def __init__(self, store: Store, index: Index, overwrite: bool = False,
-                 patient_mismatch: str = "refuse", on_conflict: str = "refuse") -> None:
+                 patient_mismatch: str = "refuse", on_conflict: str = "refuse",
+                 overlap: bool = True) -> None:
         self.store = store
         self.index = index
         self.overwrite = overwrite
+        # Commit a row while its file is still being synced and placed (put): for a server,
+        # whose next start after a crash removes a row left without its file (recover).
+        self.overlap = overlap
         # "refuse": an instance whose study (or series) is filed under another patient (or
         # study) is refused; "accept": filed there with a warning status and a WARNING line.
         self.refuse_mismatch = patient_mismatch != "accept"
@@ -131,8 +137,8 @@ class Archive:
         nothing is left behind.
 
         When the request names its UIDs, the file is written and made durable while the
-        data set is checked (the checks decide only whether it is kept); the row is
-        committed only after the file is durable, as always."""
+        data set is checked (the checks decide only whether it is kept); its row is committed
+        while the file is synced and placed, and this returns once both are durable."""
         finishing: Future[tuple[str, int]] | None = None
         try:
             for label, uid in (("SOP Class", sop_class), ("SOP Instance", sop_instance),
@@ -169,24 +175,33 @@ class Archive:
             raise
         assert written is not None and finishing is not None
         written.keep()
-        rel, size = finishing.result()   # the file is durable (or StorageFull, OutOfResources)
-        try:
-            added = self.index.add(record, path=rel, size=size, transfer_syntax=transfer_syntax,
-                                   calling_aet=calling_aet, overwrite=self.overwrite,
-                                   routes=routes, content_hash=content_hash,
-                                   refuse_mismatch=self.refuse_mismatch)
-        except TimeoutError:
-            # The row may still commit: keep the file (a later reindex or duplicate check
-            # settles it) rather than risk a row that points at nothing.
-            raise IndexUnavailable("the index did not commit within the time limit") from None
-        except PacsError:
-            self.store.delete(rel)
-            raise
-        except Exception as e:
-            self.store.delete(rel)
-            raise IndexUnavailable(f"index write failed: {e}") from None
+        index_args = dict(transfer_syntax=transfer_syntax, calling_aet=calling_aet,
+                          overwrite=self.overwrite, routes=routes, content_hash=content_hash,
+                          refuse_mismatch=self.refuse_mismatch)
+        if self.overwrite or routes or not self.overlap:
+            # The row only once the file is durable: an overwrite's row replaces an
+            # acknowledged copy's, a route's job may send the file at once, and a command
+            # (import) has no next start that would settle a crash in between.
+            rel, size = finishing.result()   # durable (or StorageFull, OutOfResources)
+            added = self._index(record, rel, size, index_args, finishing=None)
+        else:
+            # The row is committed while the file is synced and renamed into place (a fifth
+            # of a stored image's time over one association): Success still waits for both.
+            # A crash in between leaves a row without its file, of an image never
+            # acknowledged: the next start removes it (recover). Readers and re-sends of the
+            # same instance wait for a file still being placed (Store.placed).
+            added = self._index(record, written.rel, written.size, index_args, finishing)
+            try:
+                rel, size = finishing.result()
+            except BaseException:
+                if not added.duplicate:
+                    self._unindex(record.sop_instance_uid, written.rel)
+                raise
         if added.duplicate:
             if self._same_content(added, record, content_hash, dataset, transfer_syntax):
+                if not self._stored_copy_in_place(added, record, rel, size, transfer_syntax,
+                                                  calling_aet):
+                    return Stored(record.sop_instance_uid, rel, False, *uids)   # ours now
                 self.store.delete(rel)
                 log.info("duplicate SOP Instance %s from %s: the same content as the stored "
                          "copy, kept once", record.sop_instance_uid, calling_aet or "import")
@@ -216,6 +231,59 @@ class Archive:
         if self.on_stored is not None:
             self.on_stored(stored, header, calling_aet)
         return stored
+
+    def _index(self, record: Record, rel: str, size: int, args: dict,
+               finishing: "Future[tuple[str, int]] | None") -> Added:
+        """Index.add, its failures as PacsErrors; with `finishing` (the file still being
+        placed) an error waits for the file, so that what is removed is really gone."""
+        try:
+            return self.index.add(record, path=rel, size=size, **args)
+        except BaseException as e:
+            placed = True
+            if finishing is not None:
+                try:
+                    finishing.result()
+                except BaseException:   # noqa: BLE001 - the index's error is the one reported
+                    placed = False
+            if isinstance(e, TimeoutError):
+                # The row may still commit: keep the file (a later reindex or duplicate check
+                # settles it) rather than risk a row that points at nothing.
+                raise IndexUnavailable("the index did not commit within the time limit") \
+                    from None
+            if placed:
+                self.store.delete(rel)
+            if isinstance(e, PacsError) or not isinstance(e, Exception):
+                raise
+            raise IndexUnavailable(f"index write failed: {e}") from None
+
+    def _unindex(self, uid: str, rel: str) -> None:
+        """Take back the row of a file that could not be placed (its fsync or rename failed
+        after the row was committed): the image was never acknowledged."""
+        try:
+            self.index.delete("IMAGE", [uid], paths={rel})   # not a copy that replaced it
+        except Exception as e:  # noqa: BLE001 - the file's error is the one reported
+            log.error("SOP Instance %s: its file %s could not be written and its index row "
+                      "could not be removed either (%s); the next start after an unclean "
+                      "stop removes it, `pacsd reindex` does now", uid, rel, e)
+
+    def _stored_copy_in_place(self, added: Added, record: Record, rel: str, size: int,
+                              transfer_syntax: str, calling_aet: str) -> bool:
+        """Before a re-sent instance is acknowledged as a duplicate (its copy `rel` dropped):
+        is the stored copy in place? A first copy still being written (its row committed
+        with it, Archive.put) is waited for, since it may yet fail. A stored copy that is
+        missing is replaced by this one (False: `rel` is the stored copy now)."""
+        uid = record.sop_instance_uid
+        if os.path.exists(self.store.placed(added.stored_path)):
+            return True
+        if not self.store.placing(added.stored_path) and self.index.repoint(
+                uid, added.stored_path, rel, size, transfer_syntax):
+            log.warning("SOP Instance %s: its stored copy %s was missing from storage; the "
+                        "copy just received from %s (%s) replaces it", uid, added.stored_path,
+                        calling_aet or "import", rel)
+            return False
+        raise StillWriting(f"SOP Instance {uid}: its stored copy is not in place yet (still "
+                           "being written after the wait, or just removed); send it again "
+                           "later")
 
     def _forget(self, finishing: "Future[tuple[str, int]] | None",
                 written: NewFile | None) -> None:
@@ -310,7 +378,13 @@ class Archive:
         `until` (this process's start): on a storage volume shared with other nodes, files
         written since are theirs, maybe still waiting for their commit; they are left alone
         (neither indexed nor, as second copies, removed), and only the interrupted run's files
-        are looked at."""
+        are looked at.
+
+        First, rows of that run without their file: put() commits a row while its file is
+        synced and renamed into place, so a crash in between leaves a row (of an image never
+        acknowledged) that points at nothing; it is removed. A file still being placed by
+        another node (its temporary file is there) is left to that node."""
+        self._remove_unplaced(since, until if until is not None else time.time())
         candidates = list(self.store.walk(since=since))
         if until is not None:
             candidates = [rel for rel in candidates if self._written_before(rel, until)]
@@ -337,6 +411,18 @@ class Archive:
             log.warning("removed %d second copy(ies) of already indexed instance(s) left by an "
                         "interrupted run", len(stray))
         return n
+
+    def _remove_unplaced(self, since: float, until: float) -> int:
+        rows = self.index.received_between(since, until)
+        unplaced = {uid: rel for uid, rel in rows
+                    if not os.path.exists(self.store.path(rel)) and not self.store.placing(rel)}
+        if not unplaced:
+            return 0
+        removed = self.index.delete("IMAGE", list(unplaced), paths=set(unplaced.values()))
+        log.warning("removed %d index row(s) whose file an interrupted run had not finished "
+                    "writing (never acknowledged: the sender was not told Success)",
+                    len(removed))
+        return len(removed)
 
     def _written_before(self, rel: str, moment: float) -> bool:
         try:

@@ -48,7 +48,7 @@ def json_text(store: Store, rel: str, transfer_syntax_uid: str) -> str:
     """The stored file's metadata as DICOM JSON text (BulkDataURIs holding dicom_json.INSTANCE),
     from the cache when it is current. OSError if the file is gone; the parse errors of
     dicom_json.metadata_json for a file that cannot be read."""
-    path = store.path(rel)
+    path = store.placed(rel)
     return _cache(store).get(path, rel, lambda: dumps(
         dicom_json.metadata_json(path, transfer_syntax_uid)))
 

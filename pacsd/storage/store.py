@@ -42,6 +42,12 @@ TMP_DIR = ".tmp"
 # indexed as instances, never walked (so neither recovery nor reindex takes them for images).
 CONFLICTS_DIR = ".conflicts"
 SUFFIX = ".dcm"
+PART = ".part"          # a file being written: STORAGE/.tmp/NODE/<name>.dcm.part
+# A reader or a duplicate waits this long at most for a file being placed (its row committed
+# while its fsync runs): a sync slower than this is a sick disk, and the wait ends anyway.
+PLACE_WAIT_S = 10.0
+# A temporary file not written to for this long is a dead writer's, not one being placed.
+PART_STALE_S = 60.0
 # Text derived from stored files (pacsd.storage.derived): never walked, removed with its file.
 CACHE_DIR = ".cache"
 DERIVED_KINDS = ("metadata",)
@@ -318,6 +324,36 @@ class Store:
     def path(self, rel: str) -> Path:
         return self.root / _checked(rel)
 
+    def placing(self, rel: str) -> bool:
+        """Whether a write of `rel` is in flight, by this node or another sharing the volume:
+        its temporary file (STORAGE/.tmp/NODE/<name>.part) is there and was written to in the
+        last PART_STALE_S (one left by a killed process is not waited for)."""
+        part = rel.rsplit("/", 1)[-1] + PART
+        recent = time.time() - PART_STALE_S
+        try:
+            folders = [e.path for e in os.scandir(self.root / TMP_DIR) if e.is_dir()]
+        except OSError:
+            return False
+        for folder in folders:
+            try:
+                if os.stat(os.path.join(folder, part)).st_mtime >= recent:
+                    return True
+            except OSError:
+                pass
+        return False
+
+    def placed(self, rel: str, wait_s: float | None = None) -> Path:
+        """`path(rel)`, for a reader: a file whose row is committed while it is still being
+        synced and renamed into place (Archive.put commits both at once) is waited for,
+        at most `wait_s`. A file that is simply missing is not (the caller's open fails)."""
+        path = self.path(rel)
+        if os.path.exists(path) or not self.placing(rel):
+            return path
+        deadline = time.monotonic() + (PLACE_WAIT_S if wait_s is None else wait_s)
+        while time.monotonic() < deadline and not os.path.exists(path) and self.placing(rel):
+            time.sleep(0.002)
+        return path
+
     def path_text(self, rel: str) -> str:
         """`path` as a string, without pathlib's parsing (a stat per instance of a series)."""
         return os.path.join(str(self.root), _checked(rel))
@@ -365,7 +401,7 @@ class NewFile:
     def __init__(self, store: Store) -> None:
         self.store = store
         self.rel = store._new_relpath()
-        self.tmp = store.tmp / (self.rel.rsplit("/", 1)[1] + ".part")
+        self.tmp = store.tmp / (self.rel.rsplit("/", 1)[1] + PART)
         self.size = 0
         self.error: Exception | None = None
         self._decided = threading.Event()

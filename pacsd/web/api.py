@@ -168,7 +168,7 @@ def instance_tags(rt: Runtime, sop: str) -> list[dict[str, Any]]:
         raise fail(404, "no such instance")
     try:
         # a deflated one is inflated only as far as its header, within limits
-        ds = read_file_header(rt.archive.store.path(path), defer_size=None)
+        ds = read_file_header(rt.archive.store.placed(path), defer_size=None)
     except (InvalidDicomError, OSError, ValueError, InvalidDataset) as e:
         raise fail(500, f"the stored file cannot be read: {e}") from None
     return tag_list(ds.file_meta) + tag_list(ds)
@@ -224,7 +224,7 @@ def zip_download(rt: Runtime, level: str, uid: str) -> Iterator[bytes]:
     store = rt.archive.store
     bottle.response.content_type = "application/zip"
     bottle.response.set_header("Content-Disposition", f'attachment; filename="{stem}.zip"')
-    return zip_stream([store.path(i.path) for i in insts], dicomdir=with_dicomdir)
+    return zip_stream([store.placed(i.path) for i in insts], dicomdir=with_dicomdir)
 
 
 def make_app(rt: Runtime) -> bottle.Bottle:

@@ -93,7 +93,7 @@ def _lookup(rt: Runtime, study: str, series: str, obj: str) -> StoredInstance:
 
 
 def _stream(rt: Runtime, inst: StoredInstance, transfer_syntax: str | None) -> Any:
-    path = rt.archive.store.path(inst.path)
+    path = rt.archive.store.placed(inst.path)
     bottle.response.content_type = DICOM
     bottle.response.set_header("Content-Disposition",
                                f'attachment; filename="{inst.sop_instance_uid}.dcm"')
@@ -181,7 +181,7 @@ def make_app(rt: Runtime) -> bottle.Bottle:
             return _stream(rt, inst, transfer_syntax)
         fmt = IMAGES[content_type or "image/jpeg"]
         try:
-            body = render.render(rt.archive.store.path(inst.path), frame=frame or 1, rows=rows,
+            body = render.render(rt.archive.store.placed(inst.path), frame=frame or 1, rows=rows,
                                  columns=columns, fmt=fmt, quality=quality or 90,
                                  window=None if center is None or width is None
                                  else (center, width))

@@ -75,7 +75,7 @@ def _accepts_native() -> None:
 
 
 def _frames(rt: Runtime, inst: query.StoredInstance) -> list[bytes]:
-    path = rt.archive.store.path(inst.path)
+    path = rt.archive.store.placed(inst.path)
     ts = inst.transfer_syntax_uid
     fast = cut.native_frames_fast(path, ts)
     if fast is not None:

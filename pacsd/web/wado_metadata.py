@@ -129,7 +129,7 @@ def _file_range(path: Path, offset: int, length: int) -> Iterator[bytes]:
 def _pixel_bulk(rt: Runtime, inst: query.StoredInstance) -> Iterator[bytes]:
     """Pixel Data as the frames resource reads it, every frame: native pixels in one part (the
     value, little endian), encapsulated frames one part each, as stored."""
-    path = rt.archive.store.path(inst.path)
+    path = rt.archive.store.placed(inst.path)
     ts = inst.transfer_syntax_uid
     part_type, part_ctype, decode = frame_type(ts)
     n_frames = int(read_file_header(path).get("NumberOfFrames") or 1)
@@ -154,7 +154,7 @@ def bulkdata(rt: Runtime, inst: query.StoredInstance, path_text: str) -> Iterato
     if not any(r.matches("application/octet-stream")
                for r in multipart.parse_accept(bottle.request.get_header("Accept"))):
         raise fail(406, 'bulk data is sent as multipart/related; type="application/octet-stream"')
-    path = rt.archive.store.path(inst.path)
+    path = rt.archive.store.placed(inst.path)
     ts = UID(inst.transfer_syntax_uid)
     vr, offset, length, value = dicom_json.bulk_element(path, ts, steps)
     chunks = iter([value]) if value is not None else _file_range(path, offset, length)

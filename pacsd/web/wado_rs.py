@@ -90,7 +90,7 @@ def retrieve(rt: Runtime, insts: list[query.StoredInstance]) -> Iterator[bytes]:
     heads = [f"Content-Type: application/dicom; transfer-syntax={i.transfer_syntax_uid}\r\n"
              f"Content-Location: {instance_url(i)}" for i in insts]
     try:
-        sizes = [os.stat(store.path(i.path)).st_size for i in insts]
+        sizes = [os.stat(store.placed(i.path)).st_size for i in insts]
     except OSError as e:
         log.error("WADO-RS: a stored file cannot be read: %s", e)
         raise fail(500, "a stored file cannot be read; see the server log") from None
@@ -99,7 +99,7 @@ def retrieve(rt: Runtime, insts: list[query.StoredInstance]) -> Iterator[bytes]:
 
     def parts() -> Iterator[tuple[str, Iterator[bytes]]]:
         for inst, head, size in zip(insts, heads, sizes, strict=True):
-            path = store.path(inst.path)
+            path = store.placed(inst.path)
             try:
                 f = open(path, "rb", buffering=0)
             except OSError as e:
@@ -167,7 +167,7 @@ def answered(chunks: Iterator[bytes]) -> Iterator[bytes]:
 def frames(rt: Runtime, inst: query.StoredInstance, numbers_text: str) -> Iterator[bytes]:
     numbers = _frame_numbers(numbers_text)
     part_type, part_ctype, decode = frame_type(inst.transfer_syntax_uid)
-    path = rt.archive.store.path(inst.path)
+    path = rt.archive.store.placed(inst.path)
     chunks = answered(cut.read_frames(path, inst.transfer_syntax_uid, numbers, decode))
     first = next(chunks)   # errors (no such frame, no pixels) become answers, not cut bodies
     boundary = multipart.new_boundary()
@@ -224,7 +224,7 @@ def rendered(rt: Runtime, inst: query.StoredInstance, frame: int = 1,
             quality = max(1, min(100, int(q.get("quality"))))
         except ValueError:
             raise fail(400, "quality must be an integer 1..100") from None
-    image = render(rt.archive.store.path(inst.path), frame=frame, rows=rows, columns=columns,
+    image = render(rt.archive.store.placed(inst.path), frame=frame, rows=rows, columns=columns,
                    window=window, fmt=fmt, quality=quality)
     bottle.response.content_type = f"image/{fmt}"
     return image

@@ -81,7 +81,7 @@ def study_view(store: Store, study_uid: str) -> tuple[dict[str, Any], list[str],
     values: dict[str, Any] = {}
     if study.first_path is not None:
         try:
-            with open(store.path(study.first_path), "rb") as f:
+            with open(store.placed(study.first_path), "rb") as f:
                 header = read_header(f)
             for e in header:
                 if e.VR != "SQ":
