@@ -283,3 +283,22 @@ def test_c_find_answers_are_pydicom_s_when_the_encode_seam_no_longer_fits(monkey
     status2, after = c_find(server.dicom_port, "STUDY", StudyInstanceUID="", PatientName="")
     assert status == status2 == 0 and before == after
     assert len(yielded) == len(after)
+
+
+def test_pynetdicom_standard_log_handlers_only_when_its_debug_lines_are_wanted(monkeypatch):
+    from pynetdicom import AE, _config, evt
+    from pynetdicom.association import Association
+    logger = logging.getLogger("pynetdicom")
+    level = logger.level
+    monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "standard")
+    try:
+        logger.setLevel(logging.INFO)   # setLevel: isEnabledFor's cache is cleared
+        compat_pynetdicom.quiet_standard_handlers()
+        assert _config.LOG_HANDLER_LEVEL == "none"
+        assert not Association(AE(), "requestor").get_handlers(evt.EVT_PDU_RECV)
+        logger.setLevel(logging.DEBUG)
+        compat_pynetdicom.quiet_standard_handlers()
+        assert _config.LOG_HANDLER_LEVEL == "standard"
+        assert Association(AE(), "requestor").get_handlers(evt.EVT_PDU_RECV)
+    finally:
+        logger.setLevel(level)

@@ -28,6 +28,7 @@ them for pacsd.compat.check().
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any, TypeVar
@@ -81,6 +82,18 @@ def quiet_identifiers() -> None:
     Off, process-wide; pacsd logs its own lines."""
     if isinstance(getattr(_config, "LOG_RESPONSE_IDENTIFIERS", None), bool):
         _config.LOG_RESPONSE_IDENTIFIERS = False
+
+
+def quiet_standard_handlers() -> None:
+    """pynetdicom binds its "standard" logging handlers to every association it makes (its
+    documented _config.LOG_HANDLER_LEVEL): every PDU and DIMSE message is summed up in DEBUG
+    lines that are built even when DEBUG is off, and for an A-ASSOCIATE-RQ that proposes every
+    storage class (getscu, movescu, workstations) the summary scans all role items once per
+    context: a third of such an association's CPU, measured. Left on only when pynetdicom's
+    logger is at DEBUG. Process-wide; call after logging is set up."""
+    if getattr(_config, "LOG_HANDLER_LEVEL", None) in ("standard", "none"):
+        debug = logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG)
+        _config.LOG_HANDLER_LEVEL = "standard" if debug else "none"
 
 
 # --- C-FIND identifiers encoded by pacsd ----------------------------------------------------------
