@@ -302,3 +302,42 @@ def test_pynetdicom_standard_log_handlers_only_when_its_debug_lines_are_wanted(m
         assert Association(AE(), "requestor").get_handlers(evt.EVT_PDU_RECV)
     finally:
         logger.setLevel(level)
+
+
+def test_remembered_pynetdicom_uids_answer_as_pynetdicom_and_still_warn(caplog):
+    import importlib
+    from pynetdicom import utils
+    original = getattr(utils.set_uid, "pacsd_original", utils.set_uid)
+    values = ["1.2.840.10008.1.2", b"1.2.840.10008.1.2.1\x00", "1.2.840.10008.1.2 ", "1.2.03"]
+    expected = [original(v, "x") for v in values]
+    assert compat_pynetdicom.remember_uids()
+    for name in compat_pynetdicom._SET_UID_USERS:
+        assert importlib.import_module(f"pynetdicom.{name}").set_uid is utils.set_uid
+    assert utils.set_uid.pacsd_original is original   # installed once
+    for _ in range(2):   # the second time from the memo
+        assert [utils.set_uid(v, "x") for v in values] == expected
+        assert all(type(u).__name__ == "UID" for u in expected)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pynetdicom"):
+        utils.set_uid("1.2.03", "x")
+        utils.set_uid("1.2.03", "x")
+    assert sum("Non-conformant" in r.getMessage() for r in caplog.records) == 2
+    for _ in range(2):
+        with pytest.raises(ValueError):
+            utils.set_uid("1." * 40, "x")   # too long; logged by pynetdicom each time
+    assert compat_pynetdicom.SET_UID.check().ok   # the probe looks at pynetdicom's own
+
+
+def test_pynetdicom_uids_are_its_own_when_the_memo_no_longer_fits(monkeypatch):
+    from pynetdicom import pdu_items, utils
+    if hasattr(utils.set_uid, "pacsd_original"):
+        monkeypatch.setattr(utils, "set_uid", utils.set_uid.pacsd_original)
+    monkeypatch.delattr(pdu_items, "set_uid")
+    compat_pynetdicom.SET_UID.reset()
+    try:
+        assert not compat_pynetdicom.SET_UID.fits
+        assert not compat_pynetdicom.remember_uids()
+        assert not hasattr(utils.set_uid, "pacsd_original")
+    finally:
+        monkeypatch.undo()
+        compat_pynetdicom.SET_UID.reset()

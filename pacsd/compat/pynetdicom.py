@@ -372,7 +372,74 @@ UNKNOWN_STORAGE = Patch("pynetdicom.unknown_storage_classes", "speed", "pynetdic
                         "(each logged)", _probe_unknown_storage)
 
 
+# --- UIDs of PDUs and primitives, remembered -------------------------------------------------------
+
+# The modules that call pynetdicom.utils.set_uid by the name they imported.
+_SET_UID_USERS = ("ae", "dimse_primitives", "pdu_items", "pdu_primitives", "presentation")
+UID_MEMO_SIZE = 4096
+
+
+def _probe_set_uid() -> None:
+    import importlib
+    from pynetdicom import utils
+    original = getattr(utils.set_uid, "pacsd_original", utils.set_uid)
+    need_params(original, ("value", "name", "allow_empty", "allow_none", "validate"),
+                "utils.set_uid")
+    for name in _SET_UID_USERS:
+        module = importlib.import_module(f"pynetdicom.{name}")
+        if getattr(getattr(module, "set_uid", None), "pacsd_original", None) is None \
+                and getattr(module, "set_uid", None) is not utils.set_uid:
+            raise Misfit(f"pynetdicom.{name} (no longer calls utils.set_uid by that name)")
+
+
+SET_UID = Patch("pynetdicom.remembered_uids", "speed", "pynetdicom",
+                "the UIDs of PDUs and primitives are made and checked once (the last 4096)",
+                "each UID of an association is made and checked again each time it is set",
+                _probe_set_uid)
+
+
+def remember_uids() -> bool:
+    """pynetdicom turns every UID of an A-ASSOCIATE-RQ into a pydicom UID and checks it with
+    `utils.set_uid` several times over (PDU item, primitive, presentation context): 1,350 calls
+    for a getscu that proposes every storage class, a sixth of its association's CPU. A
+    conformant UID's answer is remembered (the UID object is immutable and shared); what
+    raises or warns (a non-conformant UID) goes through pynetdicom's own each time. Installed
+    once per process, in the modules that call it. Whether it is in place."""
+    if not SET_UID.fits:
+        return False
+    import importlib
+    from pynetdicom import utils
+    with _memo_lock:
+        if hasattr(utils.set_uid, "pacsd_original"):
+            return True
+        original = utils.set_uid
+        memo: dict[tuple, Any] = {}
+
+        def set_uid(value: Any, name: str, allow_empty: bool = True, allow_none: bool = True,
+                    validate: bool = True) -> Any:
+            if type(value) not in (str, bytes):   # None, a UID (may carry private encoding)
+                return original(value, name, allow_empty, allow_none, validate)
+            key = (value, name, allow_empty, allow_none, validate)
+            uid = memo.get(key)
+            if uid is None:
+                uid = original(value, name, allow_empty, allow_none, validate)
+                if uid and uid.is_valid:   # conformant: nothing was logged
+                    if len(memo) >= UID_MEMO_SIZE:
+                        memo.clear()
+                    memo[key] = uid
+            return uid
+
+        set_uid.pacsd_original = original  # type: ignore[attr-defined]
+        utils.set_uid = set_uid  # type: ignore[assignment]
+        for name in _SET_UID_USERS:
+            setattr(importlib.import_module(f"pynetdicom.{name}"), "set_uid", set_uid)
+    return True
+
+
+_memo_lock = threading.Lock()
+
+
 PATCHES: list[Patch] = [PDU_BOUND, PACE, LANE, CHUNKED, SERVERS, REACTOR, HANDOVER,
-                        UNKNOWN_STORAGE, KEEP_ALIVE, IDENTIFIERS]
+                        UNKNOWN_STORAGE, KEEP_ALIVE, IDENTIFIERS, SET_UID]
 
 keep_reactor_off_responses()

@@ -103,6 +103,7 @@ def build_ae(cfg: Config) -> AE:
     compat.send_files_as_stored()
     compat.quiet_identifiers()
     compat.quiet_standard_handlers()
+    compat.remember_uids()
     remember_uid_checks()   # pynetdicom checks each UID of an association many times over
     ae = compat.HandOverAE(ae_title=cfg.dicom_aet)   # C-MOVE: see pacsd.dimse.retrieve
     ae.maximum_associations = cfg.dicom_max_associations
