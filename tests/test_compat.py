@@ -308,7 +308,9 @@ def test_remembered_pynetdicom_uids_answer_as_pynetdicom_and_still_warn(caplog):
     import importlib
     from pynetdicom import utils
     original = getattr(utils.set_uid, "pacsd_original", utils.set_uid)
-    values = ["1.2.840.10008.1.2", b"1.2.840.10008.1.2.1\x00", "1.2.840.10008.1.2 ", "1.2.03"]
+    from pydicom.uid import UID
+    values = ["1.2.840.10008.1.2", b"1.2.840.10008.1.2.1\x00", "1.2.840.10008.1.2 ", "1.2.03",
+              UID("1.2.840.10008.1.2.4.50")]
     expected = [original(v, "x") for v in values]
     assert compat_pynetdicom.remember_uids()
     for name in compat_pynetdicom._SET_UID_USERS:
@@ -317,6 +319,11 @@ def test_remembered_pynetdicom_uids_answer_as_pynetdicom_and_still_warn(caplog):
     for _ in range(2):   # the second time from the memo
         assert [utils.set_uid(v, "x") for v in values] == expected
         assert all(type(u).__name__ == "UID" for u in expected)
+    private = UID("1.2.3.4")
+    private.set_private_encoding(False, True)
+    for _ in range(2):   # a UID that carries its own encoding is never shared
+        got = utils.set_uid(private, "x")
+        assert got == private and got.is_little_endian and not got.is_implicit_VR
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="pynetdicom"):
         utils.set_uid("1.2.03", "x")

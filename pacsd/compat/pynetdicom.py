@@ -408,6 +408,7 @@ def remember_uids() -> bool:
     if not SET_UID.fits:
         return False
     import importlib
+    from pydicom.uid import UID
     from pynetdicom import utils
     with _memo_lock:
         if hasattr(utils.set_uid, "pacsd_original"):
@@ -417,7 +418,8 @@ def remember_uids() -> bool:
 
         def set_uid(value: Any, name: str, allow_empty: bool = True, allow_none: bool = True,
                     validate: bool = True) -> Any:
-            if type(value) not in (str, bytes):   # None, a UID (may carry private encoding)
+            if type(value) not in (str, bytes, UID) or hasattr(value, "_PRIVATE_TS_ENCODING"):
+                # None; a UID carrying a private transfer syntax's encoding (not shared)
                 return original(value, name, allow_empty, allow_none, validate)
             key = (value, name, allow_empty, allow_none, validate)
             uid = memo.get(key)
