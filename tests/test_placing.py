@@ -67,12 +67,18 @@ def stored_files(storage: Path) -> list[Path]:
     return [p for p in storage.rglob("*.dcm") if ".tmp" not in p.parts]
 
 
+def held(make_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int) -> tuple:
+    """A server whose first stored file's fsync is held (the gate), its data and storage
+    folders, and one image to send it."""
+    server = make_server()
+    gate = Gate(monkeypatch)
+    path = write_series(tmp_path / "in", seed=seed, images=1, size=32)[0]
+    return server, server.cfg.data, Path(server.cfg.storage_path), gate, path
+
+
 def test_success_waits_for_the_file_and_a_reader_waits_for_it_too(make_server, tmp_path,
                                                                     monkeypatch):
-    server = make_server()
-    data, storage = server.cfg.data, Path(server.cfg.storage_path)
-    gate = Gate(monkeypatch)
-    path = write_series(tmp_path / "in", seed=71, images=1, size=32)[0]
+    server, data, storage, gate, path = held(make_server, tmp_path, monkeypatch, 71)
     ds = dcmread(path)
     with ThreadPoolExecutor(2) as pool:
         sent = pool.submit(store_files, server.dicom_port, [path])
@@ -99,10 +105,7 @@ def test_success_waits_for_the_file_and_a_reader_waits_for_it_too(make_server, t
 
 def test_a_resend_is_answered_once_the_first_copy_is_in_place(make_server, tmp_path,
                                                                monkeypatch):
-    server = make_server()
-    data, storage = server.cfg.data, Path(server.cfg.storage_path)
-    gate = Gate(monkeypatch)
-    path = write_series(tmp_path / "in", seed=72, images=1, size=32)[0]
+    server, data, storage, gate, path = held(make_server, tmp_path, monkeypatch, 72)
     with ThreadPoolExecutor(2) as pool:
         first = pool.submit(store_files, server.dicom_port, [path])
         wait_for(lambda: rows(data), 20, "the first copy's row")
@@ -117,11 +120,8 @@ def test_a_resend_is_answered_once_the_first_copy_is_in_place(make_server, tmp_p
 
 def test_a_resend_is_refused_for_a_retry_when_the_first_copy_takes_too_long(
         make_server, tmp_path, monkeypatch, caplog):
-    server = make_server()
-    data = server.cfg.data
     monkeypatch.setattr(store_mod, "PLACE_WAIT_S", 0.5)
-    gate = Gate(monkeypatch)
-    path = write_series(tmp_path / "in", seed=73, images=1, size=32)[0]
+    server, data, _, gate, path = held(make_server, tmp_path, monkeypatch, 73)
     with ThreadPoolExecutor(1) as pool:
         first = pool.submit(store_files, server.dicom_port, [path])
         wait_for(lambda: rows(data), 20, "the first copy's row")
