@@ -162,7 +162,9 @@ def test_opens_a_study_and_draws_the_first_image(browser, env):
                      " w: pacsViewer.viewports[0].window}")
     assert vp == {"i": 0, "n": IMAGES, "w": {"center": 40, "width": 400}}
     t = js(browser, "pacsViewer.timings")
-    assert t["firstImageMs"] > 0 and t["allLoadedMs"] >= t["firstImageMs"]
+    # Both recorded; in no set order: a series whose every slice arrives before the first frame
+    # is painted (a quick server, a busy page) has allLoadedMs below firstImageMs.
+    assert t["firstImageMs"] > 0 and t["allLoadedMs"] > 0
     overlay = browser.find_element(By.CSS_SELECTOR, "#viewport-0 .ov.tl").text
     assert "Test, Patient001" in overlay and "PID7-001" in overlay
     assert f"Im: 1 / {IMAGES}" in browser.find_element(By.CSS_SELECTOR, "#viewport-0 .ov.bl").text
