@@ -110,7 +110,9 @@ def test_a_resend_is_answered_once_the_first_copy_is_in_place(make_server, tmp_p
         first = pool.submit(store_files, server.dicom_port, [path])
         wait_for(lambda: rows(data), 20, "the first copy's row")
         again = pool.submit(store_files, server.dicom_port, [path])   # another association
-        time.sleep(0.5)
+        # The re-sent copy is in place (its fsync is not held): it now waits for the first.
+        wait_for(lambda: len(stored_files(storage)) == 1, 20, "the re-sent copy in place")
+        time.sleep(0.2)
         assert not again.done(), "a duplicate acknowledged on a file not yet in place"
         gate.open.set()
         assert first.result(30) == [0] and again.result(30) == [0]
