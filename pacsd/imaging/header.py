@@ -224,25 +224,13 @@ def read_dataset_header(dataset: Any, transfer_syntax: str) -> Dataset:
     return ds
 
 
-def _text(ds: Dataset, keyword: str, limit: int = 256) -> str:
-    try:
-        value = ds.get(keyword)
-    except Exception:   # an undecodable value must not refuse an image; index it empty
-        return ""
-    if value is None:
-        return ""
-    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
-        text = "\\".join(str(v) for v in value)
-    else:
-        text = str(value)
-    return text.replace("\x00", "").strip()[:limit]
-
-
 # What a plain value looks like (printable ASCII, no backslash: one value; NUL padding): its
 # text is the same in every character set pydicom knows, and str() of pydicom's value for it,
 # stripped as _text strips, is the bytes stripped (tests/test_unit_header_values.py checks that
 # against pydicom). Anything else goes through pydicom.
 _PLAIN = re.compile(rb"[\x00\x20-\x5b\x5d-\x7e]*\Z")
+_TEXT_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST",
+                       "TM", "UC", "UI", "UT"})
 
 
 @functools.lru_cache(maxsize=None)
@@ -254,9 +242,12 @@ def _tag_vr(keyword: str) -> tuple[int, str]:
 
 
 def _plain(ds: Dataset, keyword: str) -> str | None:
-    """The value's text read from its bytes, when it is a plain one still unconverted (the
-    common case, about 10x quicker than pydicom's conversion); None: ask pydicom."""
+    """The value's text read from its bytes, when it is a plain one of a text VR still
+    unconverted (the common case, about 10x quicker than pydicom's conversion); None: ask
+    pydicom."""
     tag, vr = _tag_vr(keyword)
+    if vr not in _TEXT_VRS:
+        return None
     try:
         raw = ds.get_item(tag, keep_deferred=True)
     except Exception:   # noqa: BLE001 - pydicom's way says what is wrong
@@ -275,24 +266,29 @@ def _plain(ds: Dataset, keyword: str) -> str | None:
     return value.replace(b"\x00", b"").decode("ascii").strip()
 
 
-def _fast_text(ds: Dataset, keyword: str, limit: int = 256) -> str:
+def _text(ds: Dataset, keyword: str, limit: int = 256) -> str:
     text = _plain(ds, keyword)
-    return _text(ds, keyword, limit) if text is None else text[:limit]
-
-
-def _fast_int(ds: Dataset, keyword: str) -> int | None:
-    text = _plain(ds, keyword)
-    if text is None:
-        return _int(ds, keyword)
-    if not text:
-        return None
+    if text is not None:
+        return text[:limit]
     try:
-        return int(text) if text.lstrip("+-").isdigit() else _int(ds, keyword)
-    except ValueError:
-        return _int(ds, keyword)
+        value = ds.get(keyword)
+    except Exception:   # an undecodable value must not refuse an image; index it empty
+        return ""
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)) or type(value).__name__ == "MultiValue":
+        text = "\\".join(str(v) for v in value)
+    else:
+        text = str(value)
+    return text.replace("\x00", "").strip()[:limit]
 
 
 def _int(ds: Dataset, keyword: str) -> int | None:
+    text = _plain(ds, keyword)
+    if text == "":
+        return None
+    if text is not None and text.lstrip("+-").isdigit():
+        return int(text)
     try:
         value = ds.get(keyword)
         return None if value in (None, "") else int(value)
@@ -315,7 +311,7 @@ def check_and_extract(ds: Dataset, *, sop_class: str | None = None,
                       sop_instance: str | None = None) -> Record:
     """Validate the identifying UIDs (and that they agree with the C-STORE request) and return
     the values the index keeps. Raises InvalidDataset / SOPClassMismatch."""
-    uids = {kw: _fast_text(ds, kw, 1000) for kw in
+    uids = {kw: _text(ds, kw, 1000) for kw in
             ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")}
     for kw, value in uids.items():
         if not value:
@@ -328,44 +324,44 @@ def check_and_extract(ds: Dataset, *, sop_class: str | None = None,
     if sop_instance is not None and uids["SOPInstanceUID"] != sop_instance:
         raise InvalidDataset(f"data set SOP Instance {uids['SOPInstanceUID']} does not match "
                              f"the request's {sop_instance}")
-    charset = _fast_text(ds, "SpecificCharacterSet", 200)
-    name = _fast_text(ds, "PatientName", 324)
+    charset = _text(ds, "SpecificCharacterSet", 200)
+    name = _text(ds, "PatientName", 324)
     values: dict[str, Any] = {
         # patient
-        "patient_id": _fast_text(ds, "PatientID", 64),
-        "issuer_of_patient_id": _fast_text(ds, "IssuerOfPatientID", 64),
+        "patient_id": _text(ds, "PatientID", 64),
+        "issuer_of_patient_id": _text(ds, "IssuerOfPatientID", 64),
         "patient_name": name,
-        "patient_birth_date": _fast_text(ds, "PatientBirthDate", 18),
-        "patient_sex": _fast_text(ds, "PatientSex", 16),
+        "patient_birth_date": _text(ds, "PatientBirthDate", 18),
+        "patient_sex": _text(ds, "PatientSex", 16),
         # study
         "study_instance_uid": uids["StudyInstanceUID"],
-        "study_date": _fast_text(ds, "StudyDate", 18),
-        "study_time": _fast_text(ds, "StudyTime", 28),
-        "accession_number": _fast_text(ds, "AccessionNumber", 64),
-        "study_id": _fast_text(ds, "StudyID", 16),
-        "study_description": _fast_text(ds, "StudyDescription", 64),
-        "referring_physician_name": _fast_text(ds, "ReferringPhysicianName", 324),
-        "institution_name": _fast_text(ds, "InstitutionName", 64),
-        "patient_age": _fast_text(ds, "PatientAge", 4),
+        "study_date": _text(ds, "StudyDate", 18),
+        "study_time": _text(ds, "StudyTime", 28),
+        "accession_number": _text(ds, "AccessionNumber", 64),
+        "study_id": _text(ds, "StudyID", 16),
+        "study_description": _text(ds, "StudyDescription", 64),
+        "referring_physician_name": _text(ds, "ReferringPhysicianName", 324),
+        "institution_name": _text(ds, "InstitutionName", 64),
+        "patient_age": _text(ds, "PatientAge", 4),
         "specific_character_set": charset,
         # series
         "series_instance_uid": uids["SeriesInstanceUID"],
-        "modality": _fast_text(ds, "Modality", 16),
-        "series_number": _fast_int(ds, "SeriesNumber"),
-        "series_description": _fast_text(ds, "SeriesDescription", 64),
-        "series_date": _fast_text(ds, "SeriesDate", 18),
-        "series_time": _fast_text(ds, "SeriesTime", 28),
-        "body_part_examined": _fast_text(ds, "BodyPartExamined", 16),
-        "protocol_name": _fast_text(ds, "ProtocolName", 64),
-        "station_name": _fast_text(ds, "StationName", 16),
+        "modality": _text(ds, "Modality", 16),
+        "series_number": _int(ds, "SeriesNumber"),
+        "series_description": _text(ds, "SeriesDescription", 64),
+        "series_date": _text(ds, "SeriesDate", 18),
+        "series_time": _text(ds, "SeriesTime", 28),
+        "body_part_examined": _text(ds, "BodyPartExamined", 16),
+        "protocol_name": _text(ds, "ProtocolName", 64),
+        "station_name": _text(ds, "StationName", 16),
         # instance
         "sop_instance_uid": uids["SOPInstanceUID"],
         "sop_class_uid": uids["SOPClassUID"],
-        "instance_number": _fast_int(ds, "InstanceNumber"),
-        "content_date": _fast_text(ds, "ContentDate", 18),
-        "content_time": _fast_text(ds, "ContentTime", 28),
-        "acquisition_number": _fast_int(ds, "AcquisitionNumber"),
-        "number_of_frames": _fast_int(ds, "NumberOfFrames"),
+        "instance_number": _int(ds, "InstanceNumber"),
+        "content_date": _text(ds, "ContentDate", 18),
+        "content_time": _text(ds, "ContentTime", 28),
+        "acquisition_number": _int(ds, "AcquisitionNumber"),
+        "number_of_frames": _int(ds, "NumberOfFrames"),
         "rows": _int(ds, "Rows"),
         "columns": _int(ds, "Columns"),
     }
