@@ -103,7 +103,8 @@ def open_archive(cfg: Config) -> "Archive":
     store.open(clean=False)   # a running server may have temporary files in flight
     return Archive(store, open_index(cfg), overwrite=cfg.storage_overwrite,
                    patient_mismatch=cfg.storage_patient_mismatch,
-                   on_conflict=cfg.storage_on_conflict, overlap=False)
+                   on_conflict=cfg.storage_on_conflict,
+                   trash_days=cfg.storage_trash_days, overlap=False)
 
 
 class Progress:

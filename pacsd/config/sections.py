@@ -213,8 +213,15 @@ class StorageSettings:
     min_free_mb: int = setting(500,
         "Free space (MiB) kept on the storage volume: below it new images are refused "
         "(C-STORE 0xA700 Out of Resources, STOW-RS 507) until space is freed, so the "
-        "index, its journal and the logs never meet a full disk. Nothing is ever deleted "
-        "to make room. 0: no floor (only a really full disk refuses).", v.in_range(0, 2**40))
+        "index, its journal and the logs never meet a full disk. Only the recycle bin is "
+        "emptied to make room (oldest deletion first, once free space comes within 1 GiB of "
+        "this floor); no stored image is ever deleted. 0: no floor (only a really full disk "
+        "refuses).", v.in_range(0, 2**40))
+    trash_days: int = setting(30,
+        "Days a deleted study, series or instance stays in the recycle bin (STORAGE/.trash), "
+        "invisible to queries and retrieves and restorable byte for byte with `pacsd trash "
+        "restore UID`; then it is removed for good (by housekeeping, a log line each).",
+        v.in_range(1, 36500))
     overwrite: bool = setting(False,
         "A second copy of a stored SOP Instance UID replaces the first. Default: keep the "
         "first; a copy with the same content answers Success, one with other content is "

@@ -191,13 +191,15 @@ class Server:
                                auto_migrate=cfg.index_auto_migrate).open()
             archive = Archive(store, self.index, overwrite=cfg.storage_overwrite,
                               patient_mismatch=cfg.storage_patient_mismatch,
-                              on_conflict=cfg.storage_on_conflict)
+                              on_conflict=cfg.storage_on_conflict,
+                              trash_days=cfg.storage_trash_days)
             accounts = Accounts(cfg, self.index).open()
             accounts.check_http_bind(cfg.http_bind)   # beyond loopback: an administrator
             if unclean_since is not None:
                 log.warning("the previous run did not stop cleanly; checking the files it wrote")
                 archive.recover(since=unclean_since - 60, until=self.started)
-            self.housekeeping = Housekeeping(self.index, store, cfg.housekeeping_interval).start()
+            self.housekeeping = Housekeeping(self.index, store, cfg.housekeeping_interval,
+                                             archive.bin).start()
             self.hooks = Hooks(cfg, Context(cfg.dicom_aet, cfg.data))
             if self.hooks.has("on_instance_stored"):
                 archive.on_stored = partial(notify_stored, self.hooks, store)

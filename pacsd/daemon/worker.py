@@ -178,7 +178,8 @@ def serve(up: Connection, down: Connection, listen: socket.socket) -> int:
                       auto_migrate=False).open()
         archive = Archive(store, index, overwrite=cfg.storage_overwrite,
                           patient_mismatch=cfg.storage_patient_mismatch,
-                          on_conflict=cfg.storage_on_conflict)
+                          on_conflict=cfg.storage_on_conflict,
+                          trash_days=cfg.storage_trash_days)
         accounts = Accounts(cfg, index).open()
         hooks = Hooks(cfg, Context(cfg.dicom_aet, cfg.data))
         if hooks.has("on_instance_stored"):

@@ -1,22 +1,24 @@
 """The index family: the tables (models), the databases they live in (backends), their schema
 versions (migrations), the serialized group-commit writer (writer, counters), what it writes
-(instances, leases), the routing outbox, and the copy between databases.
+(instances, leases, the recycle bin's rows and the history), the routing outbox, and the copy between databases.
 
 `Index` is the one object callers use: the writer with the instances and the leases it serves.
 `Index` and `Added` are re-exported: `from pacsd.index import Index`.
 """
 
-from pacsd.index.instances import Added, Instances
+from pacsd.index.instances import Added
 from pacsd.index.leases import Leases
+from pacsd.index.trash import Trash
 
 
-class Index(Instances, Leases):
+class Index(Trash, Leases):
     """The index of one data folder (or of several nodes sharing a PostgreSQL database): open
     it, write through its one writer thread, read inside `reading()`.
 
     pacsd.index.writer: open, close, submit, size_bytes, integrity_check;
     pacsd.index.instances: add, add_many, enqueue, set_hash, add_conflict, conflicted, clear,
-    indexed_paths, counts, delete; pacsd.index.leases: lease, release, leases, lease_holder,
+    indexed_paths, counts, delete; pacsd.index.trash: bin, unbin, forget_binned, binned,
+    bin_entries, bin_totals, history; pacsd.index.leases: lease, release, leases, lease_holder,
     shared_value, probe."""
 
 

@@ -377,38 +377,43 @@ class Instances(Writer):
         UIDs, and what becomes empty above them; fix the counters. Returns the paths of the
         removed instances' files, for the caller to delete once this has committed.
         `paths`: only the instances whose row still points at one of these files."""
+        wanted = list(dict.fromkeys(uids))
+        return self.submit(lambda: [r[1] for r in self._delete_rows(level, wanted, paths)])
+
+    def _delete_rows(self, level: str, wanted: list[str],
+                     paths: Collection[str] | None = None) -> list[tuple]:
+        """`delete`'s work, on the writer thread inside a transaction: the removed instances'
+        (id, path, series id, SOP Instance UID, size)."""
         column = {"STUDY": Study.study_instance_uid, "SERIES": Series.series_instance_uid,
                   "IMAGE": Instance.sop_instance_uid}[level]
-        wanted = list(dict.fromkeys(uids))
-
-        def work() -> list[str]:
-            # Rows are no longer only ever added: the series cache could name a deleted row.
-            self._cache.clear()
-            rows: list[Any] = []   # (id, path, series id, SOP Instance UID, size)
-            for start in range(0, len(wanted), 500):   # stay below SQLite's variable limit
-                q = (Instance.select(Instance.id, Instance.path, Instance.series,
-                                     Instance.sop_instance_uid, Instance.size)
-                     .join(Series).join(Study).where(column.in_(wanted[start:start + 500])))
-                rows += list(q.tuples())
-            if paths is not None:
-                rows = [r for r in rows if r[1] in paths]
-            series_ids = sorted({r[2] for r in rows})
-            for start in range(0, len(rows), 500):
-                Instance.delete().where(
-                    Instance.id.in_([r[0] for r in rows[start:start + 500]])).execute()
-                # Deleting an instance resolves its conflicts: the copies kept aside stay on
-                # disk (STORAGE/.conflicts) for a person to import if they were the right one.
-                Conflict.delete().where(Conflict.sop_instance_uid.in_(
-                    [r[3] for r in rows[start:start + 500]])).execute()
-            if level != "IMAGE":   # a study or series without instances goes too
-                empty = Series.select(Series.id).join(Study).where(column.in_(wanted)) \
-                    if level == "STUDY" else Series.select(Series.id).where(column.in_(wanted))
+        # Rows are no longer only ever added: the series cache could name a deleted row.
+        self._cache.clear()
+        rows: list[Any] = []   # (id, path, series id, SOP Instance UID, size)
+        for start in range(0, len(wanted), 500):   # stay below SQLite's variable limit
+            q = (Instance.select(Instance.id, Instance.path, Instance.series,
+                                 Instance.sop_instance_uid, Instance.size)
+                 .join(Series).join(Study).where(column.in_(wanted[start:start + 500])))
+            rows += list(q.tuples())
+        if paths is not None:
+            rows = [r for r in rows if r[1] in paths]
+        series_ids = sorted({r[2] for r in rows})
+        for start in range(0, len(rows), 500):
+            Instance.delete().where(
+                Instance.id.in_([r[0] for r in rows[start:start + 500]])).execute()
+            # Deleting an instance resolves its conflicts: the copies kept aside stay on
+            # disk (STORAGE/.conflicts) for a person to import if they were the right one.
+            Conflict.delete().where(Conflict.sop_instance_uid.in_(
+                [r[3] for r in rows[start:start + 500]])).execute()
+        if level != "IMAGE":   # a study or series without instances goes too
+            for start in range(0, len(wanted), 500):
+                chunk = wanted[start:start + 500]
+                empty = Series.select(Series.id).join(Study).where(column.in_(chunk)) \
+                    if level == "STUDY" else Series.select(Series.id).where(column.in_(chunk))
                 series_ids = sorted(set(series_ids) | {s.id for s in empty})
-            gone = self._recount(series_ids)
-            self._counters.total(-gone[2], -gone[1], -gone[0], -len(rows),
-                                 -sum(int(r[4] or 0) for r in rows))
-            return [r[1] for r in rows]
-        return self.submit(work)
+        gone = self._recount(series_ids)
+        self._counters.total(-gone[2], -gone[1], -gone[0], -len(rows),
+                             -sum(int(r[4] or 0) for r in rows))
+        return rows
 
     def _recount(self, series_ids: list[int]) -> tuple[int, int, int]:
         """Recompute the counters of these series and of their study and patient from the rows

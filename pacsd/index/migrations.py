@@ -23,6 +23,8 @@ from pacsd.index.models import (
     MODELS,
     Conflict,
     Lease,
+    Binned,
+    Change,
     Meta_,
     NodeRow,
     Patient,
@@ -118,6 +120,10 @@ def _v8(db: Database) -> None:
     counters.recount(db)
 
 
+def _v9(db: Database) -> None:
+    db.create_tables([Change, Binned], safe=True)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "tables for nodes and users added on the admin page, and leases for the jobs "
                  "that one node runs alone", _v2),
@@ -131,6 +137,8 @@ MIGRATIONS: tuple[Migration, ...] = (
                  "ignored), for the study list", _v7),
     Migration(8, "the index's totals in one row (what /status shows, without counting rows)",
               _v8),
+    Migration(9, "a recycle bin for deleted studies, series and instances, and the history "
+                 "of what was done by hand", _v9),
 )
 LATEST = max(m.version for m in MIGRATIONS)
 

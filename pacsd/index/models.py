@@ -263,9 +263,55 @@ class Conflict(BaseModel):
         table_name = "pacsd_conflict"
 
 
+class Change(BaseModel):
+    """What was done to the archive by hand or by a rule, for `pacsd history` and the pages:
+    a deletion (to the bin), a restore from it, a purge of it. One row per action, whatever
+    the number of instances it touched; `detail` holds what the object was (JSON)."""
+
+    id = AutoField()
+    at = DoubleField(index=True)             # seconds since the epoch
+    who = Text(default="")                  # a web user, "xml-rpc from ...", a command's user
+    action = CharField(max_length=16)       # delete, restore, purge
+    level = CharField(max_length=8)         # STUDY, SERIES, IMAGE
+    uid = Text(index=True)                  # the object acted on
+    study_uid = Text(default="", index=True)   # its study: `pacsd history STUDY` lists all
+    instances = IntegerField(default=0)
+    detail = Text(default="")
+
+    class Meta:
+        table_name = "pacsd_history"
+
+
+class Binned(BaseModel):
+    """An instance in the recycle bin (pacsd.storage.trash): its row taken out of the index,
+    its file moved, byte for byte, to STORAGE/.trash/<path>; what its index row said beside it
+    so that a restore puts it back as it was, and the bin can be listed without opening files."""
+
+    id = AutoField()
+    deletion = IntegerField(index=True)     # the pacsd_history row of the deletion
+    deleted = DoubleField(index=True)       # seconds since the epoch
+    sop_instance_uid = Text(index=True)
+    series_instance_uid = Text(index=True)
+    study_instance_uid = Text(index=True)
+    patient_id = Text(default="")
+    patient_name = Text(default="")
+    study_date = Text(default="")
+    study_description = Text(default="")
+    modality = Text(default="")
+    path = Text(unique=True)                # where it was stored (relative to the storage root)
+    size = BigIntegerField()
+    transfer_syntax_uid = Text(default="")
+    calling_aet = Text(default="")
+    received = Text(default="")
+    content_hash = Text(null=True)
+
+    class Meta:
+        table_name = "pacsd_trash"
+
+
 DICOM_MODELS = (Patient, Study, Series, Instance)
 MODELS = (*DICOM_MODELS, Meta_, NodeRow, UserRow, Lease, RouteJob, StudyActivity, Conflict,
-          Totals)
+          Totals, Change, Binned)
 
 PATIENT_FIELDS = ("patient_name", "patient_birth_date", "patient_sex")
 STUDY_FIELDS = ("study_date", "study_time", "accession_number", "study_id",

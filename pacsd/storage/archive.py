@@ -5,7 +5,8 @@
 
 Every way in (C-STORE, import, STOW-RS) goes through `Archive.put`, so "Success only once
 the file and its row are durable" is written once. Also here: recovery of what a crash left
-half done (files without rows, rows without files), and rebuilding the index from the files.
+half done (files without rows, rows without files), rebuilding the index from the files, and
+deleting (into the recycle bin, pacsd.storage.trash).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pacsd.imaging.header import (PIXEL_DATA, Record, check_and_extract, file_me
                           read_dataset_header, read_header)
 from pacsd.index import Added, Index
 from pacsd.storage.store import NewFile, Store
+from pacsd.storage.trash import Bin
 
 log = logging.getLogger(__name__)
 
@@ -102,9 +104,10 @@ def same_decoded(stored: Path, dataset: bytes, transfer_syntax: str, record: Rec
 class Archive:
     def __init__(self, store: Store, index: Index, overwrite: bool = False,
                  patient_mismatch: str = "refuse", on_conflict: str = "refuse",
-                 overlap: bool = True) -> None:
+                 overlap: bool = True, trash_days: int = 30) -> None:
         self.store = store
         self.index = index
+        self.bin = Bin(store, index, trash_days)   # where deletions go
         self.overwrite = overwrite
         # Commit a row while its file is still being synced and placed (put): for a server,
         # whose next start after a crash removes a row left without its file (recover).
@@ -385,6 +388,7 @@ class Archive:
         acknowledged) that points at nothing; it is removed. A file still being placed by
         another node (its temporary file is there) is left to that node."""
         self._remove_unplaced(since, until if until is not None else time.time())
+        self.bin.settle(since)   # deletions of that run: their files go to the bin first
         candidates = list(self.store.walk(since=since))
         if until is not None:
             candidates = [rel for rel in candidates if self._written_before(rel, until)]
@@ -400,6 +404,8 @@ class Archive:
         records = list(self._records(orphans))
         n = self.index.add_many(records)
         log.warning("recovered %d stored file(s) that an interrupted run had not indexed", n)
+        # Some may be a restore from the bin cut short after its files were moved back.
+        self.bin.settle_restored({rel for _, rel, _, _ in records})
         # Still without a row: a second copy of an instance indexed under another path, which
         # put() was about to delete (a duplicate, or the original that an overwrite replaced).
         stray = {rel for _, rel, _, _ in records}
@@ -445,22 +451,11 @@ class Archive:
 
     # --- deleting ---------------------------------------------------------------------------
 
-    def delete(self, level: str, uids: Iterable[str]) -> int:
+    def delete(self, level: str, uids: Iterable[str], who: str = "") -> int:
         """Delete the studies, series or instances (level STUDY, SERIES or IMAGE) with these
-        UIDs: their rows first (one transaction, counters fixed), then, once that has committed,
-        their files. A crash in between leaves files without rows, never rows without files
-        (`pacsd reindex` would bring such files back). Returns the number of instances."""
+        UIDs: into the recycle bin (pacsd.storage.trash), restorable until it is emptied.
+        `who`: for the history (a user, a client). Returns the number of instances."""
         level = level.upper()
         if level not in ("STUDY", "SERIES", "IMAGE"):
             raise ValueError(f"cannot delete at level {level!r}")
-        try:
-            paths = self.index.delete(level, uids)
-        except TimeoutError:
-            raise IndexUnavailable("the index did not commit the deletion in time") from None
-        for rel in paths:
-            try:
-                self.store.delete(rel)
-            except (OSError, ValueError) as e:
-                log.warning("stored file %s could not be removed: %s", rel, e)
-        log.info("deleted %d instance(s) at %s level", len(paths), level)
-        return len(paths)
+        return self.bin.delete(level, list(uids), who or "unknown")

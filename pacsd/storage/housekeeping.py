@@ -6,7 +6,10 @@ The tasks:
 - tmp-sweep: temporary files older than a day in STORAGE/.tmp (a node that died mid-write and
   never came back; a running node cleans its own folder at start-up);
 - alive-marks: health-probe marks (pacsd_meta alive:NODE) of nodes silent for a week;
-- outbox-prune: routing jobs done more than a week ago (the dead ones stay until someone acts).
+- outbox-prune: routing jobs done more than a week ago (the dead ones stay until someone acts);
+- trash-expire: deletions older than [storage] trash_days, out of the recycle bin;
+- trash-room: the oldest deletions out of the bin while the storage volume is near its floor
+  (checked every ROOM_CHECK_S, not only once a round: a busy day fills a disk in hours).
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ from pacsd.index import Index
 from pacsd.index.models import Meta_, starts_with
 from pacsd.index.outbox import RouteQueue
 from pacsd.storage.store import Store
+from pacsd.storage.trash import Bin
 
 log = logging.getLogger(__name__)
 
 TMP_MAX_AGE_S = 24 * 3600
 ALIVE_MAX_AGE_S = 7 * 24 * 3600
 DONE_JOBS_KEPT_S = 7 * 24 * 3600
+ROOM_CHECK_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -40,11 +45,16 @@ class Housekeeping:
     (the lease lasts two intervals, so its holder keeps it while alive even when a round is
     late; a stop gives the leases back)."""
 
-    def __init__(self, index: Index, store: Store, interval: float) -> None:
+    def __init__(self, index: Index, store: Store, interval: float,
+                 bin: Bin | None = None) -> None:
         self.index, self.store, self.interval = index, store, interval
-        self.tasks = (Task("tmp-sweep", lambda: store.sweep(TMP_MAX_AGE_S)),
-                       Task("alive-marks", self._forget_silent_nodes),
-                       Task("outbox-prune", lambda: RouteQueue(index).prune(DONE_JOBS_KEPT_S)))
+        tasks = [Task("tmp-sweep", lambda: store.sweep(TMP_MAX_AGE_S)),
+                 Task("alive-marks", self._forget_silent_nodes),
+                 Task("outbox-prune", lambda: RouteQueue(index).prune(DONE_JOBS_KEPT_S))]
+        if bin is not None:
+            tasks.append(Task("trash-expire", bin.expire))
+        self.tasks = tuple(tasks)
+        self.room = Task("trash-room", bin.make_room) if bin is not None else None
         self.rounds = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="housekeeping", daemon=True)
@@ -56,31 +66,43 @@ class Housekeeping:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)
-        for task in self.tasks:   # the next node need not wait for them to expire
+        # Leases given back: the next node need not wait for them to expire.
+        for task in (*self.tasks, *((self.room,) if self.room else ())):
             try:
                 self.index.release(task.name)
             except Exception as e:  # noqa: BLE001 - they expire anyway
                 log.debug("lease %s not released: %s", task.name, e)
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.run_once()
+        next_round = time.monotonic() + self.interval
+        while not self._stop.wait(min(ROOM_CHECK_S, max(0.0, next_round - time.monotonic()))):
+            if time.monotonic() >= next_round:
+                next_round = time.monotonic() + self.interval
+                self.run_once()
+            elif self.room is not None:
+                self._run(self.room, max(self.interval, ROOM_CHECK_S) * 2)
 
     def run_once(self) -> list[str]:
         """Run the tasks whose lease we hold or take; their names."""
         done = []
-        for task in self.tasks:
-            try:
-                if not self.index.lease(task.name, self.interval * 2):
-                    continue
-                n = task.run()
+        for task in (*self.tasks, *((self.room,) if self.room else ())):
+            if self._run(task, self.interval * 2):
                 done.append(task.name)
-                if n:
-                    log.info("housekeeping %s: %d cleaned up", task.name, n)
-            except Exception as e:  # noqa: BLE001 - a task fails alone, and again next round
-                log.warning("housekeeping %s failed: %s", task.name, e)
         self.rounds += 1
         return done
+
+    def _run(self, task: Task, lease_s: float) -> bool:
+        """Run one task if its lease is ours; whether it ran."""
+        try:
+            if not self.index.lease(task.name, lease_s):
+                return False
+            n = task.run()
+            if n:
+                log.info("housekeeping %s: %d cleaned up", task.name, n)
+            return True
+        except Exception as e:  # noqa: BLE001 - a task fails alone, and again next round
+            log.warning("housekeeping %s failed: %s", task.name, e)
+            return False
 
     def _forget_silent_nodes(self) -> int:
         limit = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time.time() - ALIVE_MAX_AGE_S))

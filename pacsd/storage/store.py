@@ -41,6 +41,9 @@ TMP_DIR = ".tmp"
 # Copies of a stored SOP Instance UID that came with other content (pacsd.storage.archive): kept, never
 # indexed as instances, never walked (so neither recovery nor reindex takes them for images).
 CONFLICTS_DIR = ".conflicts"
+# The recycle bin (pacsd.storage.trash): deleted files, moved here under their own path; never
+# walked, so neither recovery nor reindex brings them back.
+TRASH_DIR = ".trash"
 SUFFIX = ".dcm"
 PART = ".part"          # a file being written: STORAGE/.tmp/NODE/<name>.dcm.part
 # A reader or a duplicate waits this long at most for a file being placed (its row committed
@@ -286,6 +289,39 @@ class Store:
                                  f"{e.strerror or e}") from None
         return new
 
+    def move(self, pairs: list[tuple[str, str]]) -> list[str]:
+        """Rename each (from, to) relative path, then fsync every folder touched, once; for the
+        recycle bin (files are moved, never copied: byte-identical, and instant on one volume).
+        A file already at its destination counts as moved; the sources that were found at
+        neither end are returned."""
+        touched: set[str] = set()
+        missing = []
+        for src, dst in pairs:
+            dst_dir = dst.rsplit("/", 1)[0]
+            self._ensure_dir(dst_dir)
+            try:
+                os.rename(self.path(src), self.path(dst))
+            except FileNotFoundError:
+                if os.path.exists(self.path(dst)):
+                    continue   # moved before (a run interrupted after the move)
+                if not os.path.exists(self.path(src)):
+                    missing.append(src)
+                    continue
+                # The destination's folder went (an emptied bin) after we last made it.
+                with self._dirs_lock:
+                    self._known_dirs.discard(dst_dir)
+                self._ensure_dir(dst_dir)
+                os.rename(self.path(src), self.path(dst))
+            touched |= {dst_dir, src.rsplit("/", 1)[0]}
+            for kind in DERIVED_KINDS:   # derived text follows no file into the bin
+                try:
+                    os.unlink(self.root / CACHE_DIR / kind / (src + ".json"))
+                except OSError:
+                    pass
+        for rel_dir in sorted(touched):
+            fsync_dir(self.root / rel_dir)
+        return missing
+
     def sweep(self, older_than_s: float) -> int:
         """Remove temporary files of any node older than `older_than_s` (a write takes seconds;
         a file that old belongs to a node that died and never came back). Files removed."""
@@ -363,7 +399,7 @@ class Store:
         for dirpath, dirnames, filenames in os.walk(self.root):
             if dirpath == str(self.root):
                 dirnames[:] = sorted(d for d in dirnames
-                                     if d not in (TMP_DIR, CONFLICTS_DIR, CACHE_DIR))
+                                     if d not in (TMP_DIR, CONFLICTS_DIR, CACHE_DIR, TRASH_DIR))
             else:
                 dirnames.sort()
             if since is not None and not dirnames:

@@ -1,0 +1,298 @@
+"""The recycle bin's rows and the history of what was done by hand (pacsd_trash, pacsd_history).
+
+A deletion moves an instance's row out of the index into pacsd_trash, in the same transaction
+that removes it (and fixes the counters), with one pacsd_history row per object deleted; a
+restore puts the rows back as they were (received time, sender, content hash) and records it;
+a purge forgets them. The files are moved by pacsd.storage.trash, which calls these.
+Everything that writes runs on the writer thread (pacsd.index.writer).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from peewee import fn
+
+from pacsd.imaging.header import Record
+from pacsd.index.instances import Instances
+from pacsd.index.models import Binned, Change, Instance, Patient, Series, Study, database, reading
+
+
+@dataclass(frozen=True)
+class BinEntry:
+    """One deletion, as far as it is still in the bin."""
+
+    deletion: int
+    deleted: float
+    who: str
+    level: str
+    uid: str
+    study_uid: str
+    patient_id: str
+    patient_name: str
+    study_date: str
+    study_description: str
+    instances: int
+    bytes: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class BinnedFile:
+    """One binned instance: what restoring it needs."""
+
+    id: int
+    deletion: int
+    sop_instance_uid: str
+    path: str
+    size: int
+    transfer_syntax_uid: str
+    calling_aet: str
+    received: str
+    content_hash: str | None
+
+
+@dataclass(frozen=True)
+class ChangeRow:
+    id: int
+    at: float
+    who: str
+    action: str
+    level: str
+    uid: str
+    study_uid: str
+    instances: int
+    detail: dict[str, Any]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+_COLUMN = {"STUDY": Study.study_instance_uid, "SERIES": Series.series_instance_uid,
+           "IMAGE": Instance.sop_instance_uid}
+_BIN_COLUMN = {"STUDY": Binned.study_instance_uid, "SERIES": Binned.series_instance_uid,
+               "IMAGE": Binned.sop_instance_uid}
+
+
+class Trash(Instances):
+    """The bin and the history; part of pacsd.index.Index."""
+
+    def bin(self, level: str, uids: Iterable[str], who: str) -> list[str]:
+        """Take the studies, series or instances with these UIDs out of the index and into the
+        bin, in one transaction; one history row per object found. The paths of the files to
+        move into the bin once this has committed."""
+        wanted = list(dict.fromkeys(uids))
+        column = _COLUMN[level]
+
+        def work() -> list[str]:
+            rows: list[tuple] = []
+            for start in range(0, len(wanted), 500):
+                q = (Instance.select(column, Instance.sop_instance_uid,
+                                     Series.series_instance_uid, Study.study_instance_uid,
+                                     Patient.patient_id, Patient.patient_name, Study.study_date,
+                                     Study.study_description, Series.modality, Instance.path,
+                                     Instance.size, Instance.transfer_syntax_uid,
+                                     Instance.calling_aet, Instance.received,
+                                     Instance.content_hash)
+                     .join(Series).join(Study).join(Patient)
+                     .where(column.in_(wanted[start:start + 500])))
+                rows += _tuples(q)
+            if not rows:
+                return []
+            now = time.time()
+            by_object: dict[str, list[tuple]] = {}
+            for r in rows:
+                by_object.setdefault(r[0], []).append(r)
+            for uid, items in by_object.items():
+                first = items[0]
+                detail = {"patient_id": first[4], "patient_name": first[5],
+                          "study_date": first[6], "study_description": first[7],
+                          "modalities": sorted({r[8] for r in items if r[8]}),
+                          "bytes": sum(int(r[10] or 0) for r in items)}
+                change = Change.insert(at=now, who=who, action="delete", level=level, uid=uid,
+                                       study_uid=first[3], instances=len(items),
+                                       detail=json.dumps(detail)).execute()
+                for start in range(0, len(items), 200):
+                    Binned.insert_many([dict(
+                        deletion=change, deleted=now, sop_instance_uid=r[1],
+                        series_instance_uid=r[2], study_instance_uid=r[3], patient_id=r[4],
+                        patient_name=r[5], study_date=r[6], study_description=r[7],
+                        modality=r[8], path=r[9], size=r[10], transfer_syntax_uid=r[11],
+                        calling_aet=r[12], received=_text_time(r[13]), content_hash=r[14])
+                        for r in items[start:start + 200]]).execute()
+            self._delete_rows(level, wanted)
+            return [r[9] for r in rows]
+        return self.submit(work)
+
+    def unbin(self, items: Sequence[tuple[BinnedFile, Record]], who: str) -> list[str]:
+        """Put binned instances back into the index, as they were, and out of the bin (their
+        files already moved back); one history row per deletion they came from. An instance
+        whose SOP Instance UID has been stored again meanwhile stays in the bin. The SOP
+        Instance UIDs restored."""
+        def work() -> list[str]:
+            done: list[str] = []
+            by_deletion: dict[int, list[str]] = {}
+            p = database.obj.param
+            for item, record in items:
+                added = self._add(record.values, item.path, item.size, item.transfer_syntax_uid,
+                                  item.calling_aet, False, item.content_hash)
+                if added.duplicate:
+                    continue
+                if item.received:
+                    database.obj.execute_sql(
+                        f"UPDATE instance SET received = {p} WHERE sop_instance_uid = {p}",
+                        (item.received, item.sop_instance_uid))
+                Binned.delete().where(Binned.id == item.id).execute()
+                done.append(item.sop_instance_uid)
+                by_deletion.setdefault(item.deletion, []).append(item.sop_instance_uid)
+            # Old images put back are not news: no stable-study hooks or routes for them.
+            self._counters.active.clear()
+            now = time.time()
+            for deletion, sops in by_deletion.items():
+                of = Change.get_or_none(Change.id == deletion)
+                Change.insert(at=now, who=who, action="restore",
+                              level=of.level if of else "IMAGE",
+                              uid=of.uid if of else sops[0],
+                              study_uid=of.study_uid if of else "", instances=len(sops),
+                              detail=json.dumps({"deletion": deletion})).execute()
+            return done
+        return self.submit(work)
+
+    def forget_binned(self, deletions: Sequence[int], who: str, why: str) -> list[str]:
+        """Empty these deletions from the bin (their rows, one history row each); the paths
+        (relative to the bin) of their files, to remove once this has committed."""
+        def work() -> list[str]:
+            paths: list[str] = []
+            now = time.time()
+            for deletion in deletions:
+                rows = _tuples(Binned.select(Binned.path, Binned.size).where(
+                    Binned.deletion == deletion))
+                if not rows:
+                    continue
+                of = Change.get_or_none(Change.id == deletion)
+                Binned.delete().where(Binned.deletion == deletion).execute()
+                Change.insert(at=now, who=who, action="purge", level=of.level if of else "",
+                              uid=of.uid if of else "", study_uid=of.study_uid if of else "",
+                              instances=len(rows), detail=json.dumps(
+                                  {"deletion": deletion, "why": why,
+                                   "bytes": sum(int(s or 0) for _, s in rows)})).execute()
+                paths += [str(r[0]) for r in rows]
+            return paths
+        return self.submit(work)
+
+    # --- reads ------------------------------------------------------------------------------
+
+    def binned(self, uid: str) -> list[BinnedFile]:
+        """The binned instances of a study, series or instance UID (or of a deletion, by its
+        number), oldest deletion first."""
+        with reading():
+            cond = ((Binned.study_instance_uid == uid) | (Binned.series_instance_uid == uid)
+                    | (Binned.sop_instance_uid == uid))
+            if uid.isdigit() and len(uid) < 12:   # a deletion's number (UIDs have dots)
+                cond = cond | (Binned.deletion == int(uid))
+            q = (Binned.select(Binned.id, Binned.deletion, Binned.sop_instance_uid, Binned.path,
+                               Binned.size, Binned.transfer_syntax_uid, Binned.calling_aet,
+                               Binned.received, Binned.content_hash)
+                 .where(cond).order_by(Binned.deletion, Binned.id))
+            return [BinnedFile(*row) for row in _tuples(q)]
+
+    def bin_entries(self, older_than: float | None = None) -> list[BinEntry]:
+        """What the bin holds, one entry per deletion, oldest first; `older_than` (epoch
+        seconds): only deletions made before then."""
+        with reading():
+            q = (Binned.select(Binned.deletion, fn.MIN(Binned.deleted), fn.COUNT(Binned.id),
+                               fn.SUM(Binned.size), fn.MIN(Binned.study_instance_uid),
+                               fn.MIN(Binned.patient_id), fn.MIN(Binned.patient_name),
+                               fn.MIN(Binned.study_date), fn.MIN(Binned.study_description))
+                 .group_by(Binned.deletion).order_by(Binned.deletion))
+            if older_than is not None:
+                q = q.where(Binned.deleted < older_than)
+            groups = _tuples(q)
+            changes = {c.id: c for c in Change.select().where(
+                Change.id.in_([g[0] for g in groups]))} if groups else {}
+        out = []
+        for g in groups:
+            c = changes.get(g[0])
+            out.append(BinEntry(g[0], float(g[1]), c.who if c else "", c.level if c else "",
+                                c.uid if c else "", g[4], g[5], g[6], g[7], g[8], int(g[2]),
+                                int(g[3] or 0)))
+        return out
+
+    def bin_totals(self) -> tuple[int, int]:
+        """(instances, bytes) in the bin."""
+        with reading():
+            n, size = _tuples(Binned.select(fn.COUNT(Binned.id), fn.SUM(Binned.size)))[0]
+        return int(n or 0), int(size or 0)
+
+    def binned_since(self, since: float) -> list[tuple[str, str]]:
+        """(SOP Instance UID, path) of instances binned since `since` (recovery)."""
+        with reading():
+            return [(str(a), str(b)) for a, b in _tuples(Binned.select(
+                Binned.sop_instance_uid, Binned.path).where(Binned.deleted >= since))]
+
+    def live_sops(self, uids: Sequence[str]) -> set[str]:
+        """Which of these SOP Instance UIDs the index holds."""
+        found: set[str] = set()
+        with reading():
+            for start in range(0, len(uids), 500):
+                found |= {str(r[0]) for r in _tuples(Instance.select(
+                    Instance.sop_instance_uid).where(
+                    Instance.sop_instance_uid.in_(list(uids[start:start + 500]))))}
+        return found
+
+    def live_paths(self, paths: Sequence[str]) -> set[str]:
+        """Which of these paths an index row points at."""
+        found: set[str] = set()
+        with reading():
+            for start in range(0, len(paths), 500):
+                found |= {str(r[0]) for r in _tuples(Instance.select(Instance.path).where(
+                    Instance.path.in_(list(paths[start:start + 500]))))}
+        return found
+
+    def drop_binned_rows(self, paths: Sequence[str]) -> int:
+        """Forget bin rows whose instance is back in the index (a restore that a crash cut
+        between moving the files and committing): recovery indexed their files."""
+        def work() -> int:
+            n = 0
+            for start in range(0, len(paths), 500):
+                n += Binned.delete().where(Binned.path.in_(list(paths[start:start + 500]))
+                                           ).execute()
+            return n
+        return int(self.submit(work))
+
+    def history(self, uid: str | None = None, limit: int = 200) -> list[ChangeRow]:
+        """What was done by hand, newest first; with `uid`, to that object or within it."""
+        with reading():
+            q = Change.select().order_by(Change.id.desc()).limit(limit)
+            if uid:
+                q = q.where((Change.uid == uid) | (Change.study_uid == uid))
+            rows = list(q)
+        return [ChangeRow(c.id, c.at, c.who, c.action, c.level, c.uid, c.study_uid, c.instances,
+                          _json(c.detail)) for c in rows]
+
+
+def _tuples(query: Any) -> list[tuple]:
+    """A query's rows as tuples (peewee's stubs do not say so)."""
+    return list(query.tuples())
+
+
+def _text_time(value: Any) -> str:
+    if value is None:
+        return ""
+    if hasattr(value, "strftime"):
+        return str(value.strftime("%Y-%m-%d %H:%M:%S"))
+    return str(value)
+
+
+def _json(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
