@@ -27,6 +27,7 @@ from pacsd import config as config_mod
 from pacsd.cli import (
     config,
     doctor,
+    history,
     import_,
     index,
     migrate,
@@ -37,6 +38,7 @@ from pacsd.cli import (
     retrieve,
     serve,
     status,
+    trash,
     where,
 )
 from pacsd.cli.common import EXIT_INTERRUPTED, EXIT_NOT_RUNNING, add_common, overrides
@@ -49,8 +51,8 @@ __all__ = ["EXIT_INTERRUPTED", "EXIT_NOT_RUNNING", "COMMANDS", "build_parser", "
            "setup_logging"]
 
 # In the order `pacsd --help` lists them.
-COMMANDS: tuple[ModuleType, ...] = (serve, config, nodes, retrieve, import_, reindex, migrate,
-                                    index, queue, passwd, status, doctor)
+COMMANDS: tuple[ModuleType, ...] = (serve, config, nodes, retrieve, import_, trash, history,
+                                    reindex, migrate, index, queue, passwd, status, doctor)
 
 
 def name_of(command: ModuleType) -> str:

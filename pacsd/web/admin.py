@@ -21,7 +21,7 @@ from pacsd.errors import PacsError
 from pacsd.index.outbox import RouteQueue
 from pacsd.query import studies
 from pacsd.web.api import (check_uid, fail, json_body, json_response, json_text, need_admin,
-                           parse_date)
+                           parse_date, web_caller)
 from pacsd.web import health
 from pacsd.web.app import new_app, utf8_query
 from pacsd.web.auth import hash_password, is_admin
@@ -245,6 +245,50 @@ def queue_forget(rt: Runtime) -> dict[str, Any]:
     return {"forgotten": n}
 
 
+# --- the recycle bin (pacsd.storage.trash) and the history ------------------------------------
+
+def trash(rt: Runtime) -> str:
+    need_admin()
+    n, size = rt.archive.index.bin_totals()
+    return json_text({"instances": n, "bytes": size, "days": rt.cfg.storage_trash_days,
+                      "entries": [e.as_dict() for e in reversed(rt.archive.bin.entries())]})
+
+
+def trash_restore(rt: Runtime) -> dict[str, Any]:
+    need_admin()
+    uid = str(json_body().get("uid") or "")
+    if not (uid.isdigit() and len(uid) < 12):
+        check_uid(uid)
+    done = rt.archive.bin.restore(uid, web_caller())
+    if not (done.restored or done.already_stored or done.missing):
+        raise fail(404, f"nothing of {uid} is in the recycle bin")
+    log.warning("%s: %d instance(s) restored from the recycle bin on the admin page", uid,
+                done.restored)
+    return {"restored": done.restored, "already_stored": done.already_stored,
+            "missing": done.missing}
+
+
+def trash_empty(rt: Runtime) -> dict[str, Any]:
+    need_admin()
+    days = json_body().get("older_than_days")
+    if days is not None and (not isinstance(days, (int, float)) or isinstance(days, bool)
+                             or days < 0):
+        raise fail(400, "older_than_days must be a number of days (0 or more)")
+    deletions, instances, size = rt.archive.bin.empty(
+        None if days is None else float(days) * 86400, web_caller(), "emptied on the admin page")
+    log.warning("recycle bin emptied on the admin page: %d deletion(s), %d instance(s)",
+                deletions, instances)
+    return {"deletions": deletions, "instances": instances, "bytes": size}
+
+
+def history(rt: Runtime) -> str:
+    need_admin()
+    uid = bottle.request.query.get("uid") or None
+    if uid is not None:
+        check_uid(uid)
+    return json_text([c.as_dict() for c in rt.archive.index.history(uid)])
+
+
 def recent_log(rt: Runtime) -> str:
     need_admin()
     try:
@@ -275,6 +319,10 @@ def make_app(rt: Runtime) -> bottle.Bottle:
         ("GET", "/queue", lambda: queue(rt)),
         ("POST", "/queue/retry", lambda: queue_retry(rt)),
         ("POST", "/queue/forget", lambda: queue_forget(rt)),
+        ("GET", "/trash", lambda: trash(rt)),
+        ("POST", "/trash/restore", lambda: trash_restore(rt)),
+        ("POST", "/trash/empty", lambda: trash_empty(rt)),
+        ("GET", "/history", lambda: history(rt)),
     ]
     for method, path, callback in routes:
         app.route("/api" + path, method, callback)

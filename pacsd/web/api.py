@@ -205,13 +205,21 @@ def send(rt: Runtime, level: str, uid: str) -> bottle.HTTPResponse:
 def delete(rt: Runtime, level: str, uid: str) -> dict[str, int]:
     need_admin()
     check_uid(uid)
-    n = rt.archive.delete(level, [uid])
+    n = rt.archive.delete(level, [uid], who=web_caller())
     if not n:
         raise fail(404, f"no such {level.lower()}")
     user = bottle.request.environ.get("pacsd.user")
-    log.warning("%s %s deleted (%d instances) by %s from %s", level.lower(), uid, n,
-                user.name if user else "an open-access caller", client_of(bottle.request.environ))
+    log.warning("%s %s deleted (%d instances) by %s from %s, into the recycle bin",
+                level.lower(), uid, n, user.name if user else "an open-access caller",
+                client_of(bottle.request.environ))
     return {"deleted": n}
+
+
+def web_caller() -> str:
+    """Who made this request, for the history: the user and where from."""
+    env = bottle.request.environ
+    user = env.get("pacsd.user")
+    return f"{user.name if user else 'open access'} (web, {client_of(env)})"
 
 
 def zip_download(rt: Runtime, level: str, uid: str) -> Iterator[bytes]:

@@ -54,6 +54,7 @@ def status(rt: Runtime) -> dict[str, Any]:
         "dicom_workers": workers,
         "dicom_worker_restarts": restarts,
         "index": rt.archive.index.counts(),
+        "trash": dict(zip(("instances", "bytes"), rt.archive.index.bin_totals())),
         "index_location": cfg.index_label,   # the file, or the URL without its password
         "node": rt.archive.index.node,      # which of several nodes answered
         "storage": str(cfg.storage_path),

@@ -194,7 +194,9 @@ class Methods:
         if count > MAX_ELEMENTS:
             answer["truncated"] = "1"
         if execute == "Delete":
-            answer["deleted"] = self.rt.archive.delete(predicate.LEVEL[table], uids)
+            answer["deleted"] = self.rt.archive.delete(
+                predicate.LEVEL[table], uids,
+                who=f"XML-RPC from {client_of(bottle.request.environ)}")
             log.warning("XML-RPC DBWindowFind Delete from %s: %d %s(s), %d image(s)",
                         client_of(bottle.request.environ), count, table.lower(), answer["deleted"])
         return answer
