@@ -174,7 +174,8 @@ def pieces(raw: bytes, size: int) -> list[bytes]:
 
 
 def stored_files(server) -> list[Path]:
-    return sorted(server.cfg.storage_path.rglob("*.dcm"))
+    """The stored images (not those in the recycle bin, STORAGE/.trash)."""
+    return sorted(p for p in server.cfg.storage_path.rglob("*.dcm") if ".trash" not in p.parts)
 
 
 def leftovers(server) -> list[Path]:

@@ -134,7 +134,7 @@ def sql(url: str, query: str, params: tuple = ()) -> list[tuple]:
 
 def stored_files(storage: Path) -> set[str]:
     return {p.relative_to(storage).as_posix() for p in storage.rglob("*.dcm")
-            if ".tmp" not in p.relative_to(storage).parts}
+            if not {".tmp", ".trash"} & set(p.relative_to(storage).parts)}
 
 
 def temp_files(storage: Path) -> list[Path]:
@@ -480,6 +480,7 @@ def test_study_deleted_through_one_node_can_be_stored_again_through_the_other(tm
             assert json.load(rsp) == {"deleted": 20}
         assert sql(postgres_url, "SELECT COUNT(*) FROM study") == [(0,)]
         assert stored_files(storage) == set()
+        assert len(list((storage / ".trash").rglob("*.dcm"))) == 20   # in the recycle bin
         assert find_all(node_a.port, "STUDY", StudyInstanceUID="") == []
 
         assert store_files(node_a.port, files) == [0] * 20

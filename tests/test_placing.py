@@ -64,7 +64,7 @@ def rows(data: Path) -> list[tuple[str, str]]:
 
 
 def stored_files(storage: Path) -> list[Path]:
-    return [p for p in storage.rglob("*.dcm") if ".tmp" not in p.parts]
+    return [p for p in storage.rglob("*.dcm") if not {".tmp", ".trash"} & set(p.parts)]
 
 
 def held(make_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, seed: int) -> tuple:

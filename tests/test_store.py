@@ -22,7 +22,7 @@ def stored_files(server) -> list[Path]:
     """The stored images (copies with other content kept aside in .conflicts are not)."""
     root = server.cfg.storage_path
     return sorted(p for p in root.rglob("*")
-                  if p.is_file() and p.relative_to(root).parts[0] != ".conflicts")
+                  if p.is_file() and p.relative_to(root).parts[0] not in (".conflicts", ".trash"))
 
 
 def everything_under(root: Path) -> set[Path]:

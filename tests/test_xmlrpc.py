@@ -60,7 +60,8 @@ def wait_until(check, timeout: float = 60.0):
 
 
 def stored_paths(server) -> list[Path]:
-    return sorted(server.cfg.storage_path.rglob("*.dcm"))
+    """The stored files, not those in the recycle bin (STORAGE/.trash)."""
+    return sorted(p for p in server.cfg.storage_path.rglob("*.dcm") if ".trash" not in p.parts)
 
 
 @pytest.fixture
@@ -202,6 +203,10 @@ def test_delete_removes_rows_files_and_fixes_counters(make_server, tmp_path):
                                "table": "Series", "execute": "Delete"})
     assert (answer["error"], answer["count"], answer["deleted"]) == ("0", 1, 3)
     assert len(stored_paths(server)) == 9
+    assert server.index.bin_totals()[0] == 3   # into the recycle bin, restorable
+    [deletion] = server.index.history(str(first.SeriesInstanceUID))
+    assert (deletion.action, deletion.instances) == ("delete", 3)
+    assert deletion.who.startswith("XML-RPC from 127.0.0.1")
     counts = server.index.counts()
     assert (counts["studies"], counts["series"], counts["instances"]) == (2, 3, 9)
     [study] = c_find(server.dicom_port, "STUDY", StudyInstanceUID=first.StudyInstanceUID,
