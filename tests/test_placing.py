@@ -231,21 +231,60 @@ def test_a_row_whose_file_a_crash_cut_off_is_removed_at_the_next_start(tmp_path)
 
 
 def test_a_temporary_file_left_by_a_dead_writer_is_not_waited_for(tmp_path):
+    """A write in flight is one whose writer holds its temporary file's lock: while the
+    writer (another process: a DICOM worker, or another node) lives, readers wait; once it is
+    killed, at once not, though the file is fresh (no minute of 0xA700 for a re-send after a
+    worker died)."""
     store = store_mod.Store(tmp_path / "storage", node="n1")
     store.open()
     rel = "2026/12/07/ab/" + "ab" * 16 + ".dcm"
-    other = tmp_path / "storage" / ".tmp" / "n2"   # another node sharing the volume
+    other = tmp_path / "storage" / ".tmp" / "n2"   # another writer's folder on the volume
     other.mkdir(parents=True)
     part = other / (rel.rsplit("/", 1)[1] + store_mod.PART)
     assert not store.placing(rel)
-    part.write_bytes(b"being synced")
-    assert store.placing(rel)
-    began = time.monotonic()
-    assert store.placed(rel, wait_s=0.3) == store.path(rel)   # waited, in vain
-    assert time.monotonic() - began >= 0.3
-    stale = time.time() - store_mod.PART_STALE_S - 1
-    os.utime(part, (stale, stale))
+    writer = subprocess.Popen([sys.executable, "-c", f"""
+import fcntl, os, sys, time
+fd = os.open({str(part)!r}, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+os.write(fd, b"being synced")
+print("held", flush=True)
+time.sleep(120)
+"""], stdout=subprocess.PIPE, text=True)
+    try:
+        assert writer.stdout is not None and writer.stdout.readline() == "held\n"
+        assert store.placing(rel)
+        began = time.monotonic()
+        assert store.placed(rel, wait_s=0.3) == store.path(rel)   # waited, in vain
+        assert time.monotonic() - began >= 0.3
+        assert store.placing(rel)   # our look did not take its lock away
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(10)
+    assert part.exists() and time.time() - part.stat().st_mtime < store_mod.PART_STALE_S
     assert not store.placing(rel)
     began = time.monotonic()
     store.placed(rel)
     assert time.monotonic() - began < 0.1
+    # Our own writes hold their lock too, until placed.
+    new = store.begin()
+    new.add(b"x" * 10)
+    assert store.placing(new.rel)
+    new.drop()
+    assert not store.placing(new.rel)
+
+
+def test_where_files_cannot_be_locked_a_fresh_temporary_file_counts_as_written(
+        tmp_path, monkeypatch):
+    store = store_mod.Store(tmp_path / "storage", node="n1")
+    store.open()
+    rel = "2026/12/07/cd/" + "cd" * 16 + ".dcm"
+    part = store.tmp / (rel.rsplit("/", 1)[1] + store_mod.PART)
+    part.write_bytes(b"on a volume without locks")
+
+    def no_locks(fd, how):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(store_mod.fcntl, "flock", no_locks)
+    assert store.placing(rel)
+    stale = time.time() - store_mod.PART_STALE_S - 1
+    os.utime(part, (stale, stale))
+    assert not store.placing(rel)

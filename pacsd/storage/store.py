@@ -23,6 +23,7 @@ full, so that the index, its journal and the logs, usually on the same volume, s
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import os
 import secrets
@@ -49,7 +50,9 @@ PART = ".part"          # a file being written: STORAGE/.tmp/NODE/<name>.dcm.par
 # A reader or a duplicate waits this long at most for a file being placed (its row committed
 # while its fsync runs): a sync slower than this is a sick disk, and the wait ends anyway.
 PLACE_WAIT_S = 10.0
-# A temporary file not written to for this long is a dead writer's, not one being placed.
+# Its writer holds a lock on each temporary file (flock) until the file is placed or dropped, so
+# a file whose lock is free is a dead writer's (a killed DICOM worker's), at once. Where the
+# volume has no locks, one not written to for this long is taken for a dead writer's.
 PART_STALE_S = 60.0
 # Text derived from stored files (pacsd.storage.derived): never walked, removed with its file.
 CACHE_DIR = ".cache"
@@ -362,21 +365,14 @@ class Store:
 
     def placing(self, rel: str) -> bool:
         """Whether a write of `rel` is in flight, by this node or another sharing the volume:
-        its temporary file (STORAGE/.tmp/NODE/<name>.part) is there and was written to in the
-        last PART_STALE_S (one left by a killed process is not waited for)."""
+        its temporary file (STORAGE/.tmp/NODE/<name>.part) is there and its writer is alive
+        (it holds the file's lock; one left by a killed process is not waited for)."""
         part = rel.rsplit("/", 1)[-1] + PART
-        recent = time.time() - PART_STALE_S
         try:
             folders = [e.path for e in os.scandir(self.root / TMP_DIR) if e.is_dir()]
         except OSError:
             return False
-        for folder in folders:
-            try:
-                if os.stat(os.path.join(folder, part)).st_mtime >= recent:
-                    return True
-            except OSError:
-                pass
-        return False
+        return any(_being_written(os.path.join(folder, part)) for folder in folders)
 
     def placed(self, rel: str, wait_s: float | None = None) -> Path:
         """`path(rel)`, for a reader: a file whose row is committed while it is still being
@@ -414,6 +410,26 @@ class Store:
                     yield f"{rel_dir}/{f}" if rel_dir != "." else f
 
 
+def _being_written(path: str) -> bool:
+    """Whether a temporary file exists and its writer still holds it (NewFile's lock)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False   # nobody holds it: its writer is gone
+    except BlockingIOError:
+        return True
+    except OSError:   # no locks on this volume: by its age
+        try:
+            return os.fstat(fd).st_mtime >= time.time() - PART_STALE_S
+        except OSError:
+            return False
+    finally:
+        os.close(fd)   # and with it our lock, if we took one
+
+
 def _pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
     view = memoryview(data)
     try:
@@ -448,6 +464,10 @@ class NewFile:
         try:
             store.space.reserve(0)
             self.fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:   # held until placed or dropped: readers tell a live writer from a dead one
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                pass   # a volume without locks: readers go by the file's age (placing)
         except OSError as e:
             self.error = store._failed(e)
         except StorageFull as e:
@@ -496,9 +516,10 @@ class NewFile:
             rel_dir = rel.rsplit("/", 1)[0]
             store._ensure_dir(rel_dir)
             with self._lock:
+                # Renamed before it is closed: the temporary file is never there unlocked.
+                os.rename(self.tmp, store.root / rel)
                 os.close(self.fd)
                 self.fd = -1
-                os.rename(self.tmp, store.root / rel)
             fsync_dir(store.root / rel_dir)
         except OSError as e:
             self._cleanup()
@@ -512,12 +533,12 @@ class NewFile:
     def _cleanup(self) -> None:
         with self._lock:
             if self.fd >= 0:
-                os.close(self.fd)
-                self.fd = -1
                 try:
                     os.unlink(self.tmp)
                 except OSError:
                     pass
+                os.close(self.fd)
+                self.fd = -1
 
 
 class FileDropped(Exception):
