@@ -182,3 +182,12 @@ class TranscodeError(PacsError, ValueError):
 
     dicom_status = PROCESSING_FAILURE
     http_status = 406
+
+
+class DamagedFile(PacsError):
+    """A stored file was found missing or changed since it was stored (pacsd.storage.integrity):
+    it is not sent as if it were good; a C-GET or C-MOVE sub-operation for it fails, and WADO
+    answers 500 for it."""
+
+    dicom_status = PROCESSING_FAILURE
+    http_status = 500

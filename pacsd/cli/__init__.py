@@ -39,6 +39,7 @@ from pacsd.cli import (
     serve,
     status,
     trash,
+    verify,
     where,
 )
 from pacsd.cli.common import EXIT_INTERRUPTED, EXIT_NOT_RUNNING, add_common, overrides
@@ -52,7 +53,8 @@ __all__ = ["EXIT_INTERRUPTED", "EXIT_NOT_RUNNING", "COMMANDS", "build_parser", "
 
 # In the order `pacsd --help` lists them.
 COMMANDS: tuple[ModuleType, ...] = (serve, config, nodes, retrieve, import_, trash, history,
-                                    reindex, migrate, index, queue, passwd, status, doctor)
+                                    verify, reindex, migrate, index, queue, passwd, status,
+                                    doctor)
 
 
 def name_of(command: ModuleType) -> str:

@@ -222,6 +222,15 @@ class StorageSettings:
         "invisible to queries and retrieves and restorable byte for byte with `pacsd trash "
         "restore UID`; then it is removed for good (by housekeeping, a log line each).",
         v.in_range(1, 36500))
+    scrub_days: float = setting(30.0,
+        "Every stored file is read back and compared with the content hash kept when it was "
+        "stored, once soon after it is stored and then once every this many days (a "
+        "background pass paced to take that long); a missing or changed file is logged at "
+        "ERROR, shown on /status and never sent. 0: no background checks (`pacsd verify` "
+        "still checks on demand).", v.in_range(0, 3650))
+    scrub_mb_per_s: float = setting(20.0,
+        "The most the background checks read per second (MiB), whatever scrub_days asks: "
+        "the disk stays the modalities' and the viewers'.", v.in_range(1, 10000))
     overwrite: bool = setting(False,
         "A second copy of a stored SOP Instance UID replaces the first. Default: keep the "
         "first; a copy with the same content answers Success, one with other content is "

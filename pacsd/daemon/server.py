@@ -33,6 +33,7 @@ from pacsd import __version__, compat, logbook, systemd
 from pacsd.imaging import bounds
 from pacsd.storage.archive import Archive
 from pacsd.storage.housekeeping import Housekeeping
+from pacsd.storage.integrity import Scrubber
 from pacsd.config import Config
 from pacsd.daemon.shared import dump_stacks, notify_stored
 from pacsd.daemon.workers import DicomWorkers, Zygote, worker_count
@@ -140,6 +141,7 @@ class Server:
         self.store: Store | None = None
         self.node = ""
         self.housekeeping: Housekeeping | None = None
+        self.scrubber: Scrubber | None = None
         self.hooks: Hooks | None = None
         self.router: Router | None = None
         self.dicom: DicomServer | DicomWorkers | None = None
@@ -200,6 +202,9 @@ class Server:
                 archive.recover(since=unclean_since - 60, until=self.started)
             self.housekeeping = Housekeeping(self.index, store, cfg.housekeeping_interval,
                                              archive.bin).start()
+            if cfg.storage_scrub_days > 0:
+                self.scrubber = Scrubber(store, self.index, cfg.storage_scrub_days,
+                                         cfg.storage_scrub_mb_per_s).start()
             self.hooks = Hooks(cfg, Context(cfg.dicom_aet, cfg.data))
             if self.hooks.has("on_instance_stored"):
                 archive.on_stored = partial(notify_stored, self.hooks, store)
@@ -279,6 +284,9 @@ class Server:
         if self.housekeeping is not None:
             self.housekeeping.stop()
             self.housekeeping = None
+        if self.scrubber is not None:
+            self.scrubber.stop()
+            self.scrubber = None
         if self.index is not None:
             flushed = self.index.close()   # flushes the writer queue first
             self.index = None

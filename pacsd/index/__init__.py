@@ -7,18 +7,20 @@ versions (migrations), the serialized group-commit writer (writer, counters), wh
 """
 
 from pacsd.index.instances import Added
+from pacsd.index.integrity import Integrity
 from pacsd.index.leases import Leases
 from pacsd.index.trash import Trash
 
 
-class Index(Trash, Leases):
+class Index(Trash, Integrity, Leases):
     """The index of one data folder (or of several nodes sharing a PostgreSQL database): open
     it, write through its one writer thread, read inside `reading()`.
 
     pacsd.index.writer: open, close, submit, size_bytes, integrity_check;
     pacsd.index.instances: add, add_many, enqueue, set_hash, add_conflict, conflicted, clear,
     indexed_paths, counts, delete; pacsd.index.trash: bin, unbin, forget_binned, binned,
-    bin_entries, bin_totals, history; pacsd.index.leases: lease, release, leases, lease_holder,
+    bin_entries, bin_totals, history; pacsd.index.integrity: checkable_after, checkable_in,
+    cursor, set_cursor, record_damage, clear_damage, damage; pacsd.index.leases: lease, release, leases, lease_holder,
     shared_value, probe."""
 
 

@@ -32,6 +32,7 @@ from pacsd.index.models import (
     SERIES_FIELDS,
     STUDY_FIELDS,
     Conflict,
+    Damage,
     Instance,
     Patient,
     Series,
@@ -403,6 +404,8 @@ class Instances(Writer):
             # Deleting an instance resolves its conflicts: the copies kept aside stay on
             # disk (STORAGE/.conflicts) for a person to import if they were the right one.
             Conflict.delete().where(Conflict.sop_instance_uid.in_(
+                [r[3] for r in rows[start:start + 500]])).execute()
+            Damage.delete().where(Damage.sop_instance_uid.in_(
                 [r[3] for r in rows[start:start + 500]])).execute()
         if level != "IMAGE":   # a study or series without instances goes too
             for start in range(0, len(wanted), 500):

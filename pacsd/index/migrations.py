@@ -25,6 +25,7 @@ from pacsd.index.models import (
     Lease,
     Binned,
     Change,
+    Damage,
     Meta_,
     NodeRow,
     Patient,
@@ -121,7 +122,7 @@ def _v8(db: Database) -> None:
 
 
 def _v9(db: Database) -> None:
-    db.create_tables([Change, Binned], safe=True)
+    db.create_tables([Change, Binned, Damage], safe=True)
 
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -137,8 +138,8 @@ MIGRATIONS: tuple[Migration, ...] = (
                  "ignored), for the study list", _v7),
     Migration(8, "the index's totals in one row (what /status shows, without counting rows)",
               _v8),
-    Migration(9, "a recycle bin for deleted studies, series and instances, and the history "
-                 "of what was done by hand", _v9),
+    Migration(9, "a recycle bin for deleted studies, series and instances, the history of "
+                 "what was done by hand, and the stored files found damaged", _v9),
 )
 LATEST = max(m.version for m in MIGRATIONS)
 

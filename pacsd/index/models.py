@@ -309,9 +309,26 @@ class Binned(BaseModel):
         table_name = "pacsd_trash"
 
 
+class Damage(BaseModel):
+    """A stored file found not to be what was stored (pacsd.storage.integrity): missing, or
+    its content no longer the content hash kept at ingest. While it is here, the instance is
+    never sent (C-GET, C-MOVE, WADO answer a failure for it); it goes when a check finds the
+    file sound again (put back from a copy) or the instance is deleted."""
+
+    sop_instance_uid = Text(primary_key=True)
+    path = Text()
+    problem = CharField(max_length=16)      # missing, changed, unreadable
+    expected = Text(default="")             # the content hash kept at ingest
+    actual = Text(default="")               # what the file hashes to now (changed)
+    found = DoubleField()                   # seconds since the epoch
+
+    class Meta:
+        table_name = "pacsd_damage"
+
+
 DICOM_MODELS = (Patient, Study, Series, Instance)
 MODELS = (*DICOM_MODELS, Meta_, NodeRow, UserRow, Lease, RouteJob, StudyActivity, Conflict,
-          Totals, Change, Binned)
+          Totals, Change, Binned, Damage)
 
 PATIENT_FIELDS = ("patient_name", "patient_birth_date", "patient_sex")
 STUDY_FIELDS = ("study_date", "study_time", "accession_number", "study_id",

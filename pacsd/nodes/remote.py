@@ -40,7 +40,7 @@ from pacsd.config import Config, Node
 from pacsd.dicom_status import (CANCEL, PENDING, PENDING_OPTIONAL_KEYS, SUCCESS,
                                 WARNING_COERCION, WARNING_DATA_SET_DOES_NOT_MATCH,
                                 WARNING_ELEMENTS_DISCARDED, WARNING_SUBOPERATIONS_FAILED)
-from pacsd.errors import PacsError
+from pacsd.errors import DamagedFile, PacsError
 from pacsd.nodes.attempt import Attempt
 from pacsd.storage.store import Store
 
@@ -72,6 +72,7 @@ def stored_ref(inst: query.StoredInstance, store: Store) -> StoredRef:
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = UID(inst.transfer_syntax_uid)
     ds.pacsd_path = store.placed(inst.path)
+    ds.pacsd_damaged = inst.damaged
     return ds
 
 
@@ -94,6 +95,11 @@ def send_stored(assoc: Association, label: str,
         path = getattr(dataset, "pacsd_path", None)
         if path is None:
             return original(dataset, msg_id, priority, originator_aet, originator_id)
+        if getattr(dataset, "pacsd_damaged", False):
+            tally.fail()
+            log.warning("%s: %s not sent: its stored file was found damaged (see /status, "
+                        "`pacsd verify`)", label, dataset.SOPInstanceUID)
+            raise DamagedFile(f"the stored file of {dataset.SOPInstanceUID} is damaged")
         sop_class = dataset.SOPClassUID
         stored = dataset.file_meta.TransferSyntaxUID
         accepted = [cx.transfer_syntax[0] for cx in assoc.accepted_contexts

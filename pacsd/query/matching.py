@@ -8,7 +8,7 @@ A `Request` is a level plus keys (keyword -> raw DICOM string, "" for universal 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, cast
 
 from peewee import SQL, Expression, Field, SqliteDatabase, fn
@@ -17,7 +17,8 @@ from pydicom.dataset import Dataset
 
 from pacsd.dicom_status import IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS
 from pacsd.errors import PacsError
-from pacsd.index.models import Instance, Patient, Series, Study, database, name_key, starts_with
+from pacsd.index.models import (Damage, Instance, Patient, Series, Study, database, name_key,
+                                starts_with)
 
 LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 MODELS: dict[str, Any] = {"PATIENT": Patient, "STUDY": Study, "SERIES": Series,
@@ -297,6 +298,8 @@ class StoredInstance:
     # Where it belongs: WADO-RS names each part by its URL (PS3.18 8.7.3.5, Content-Location).
     study_instance_uid: str = ""
     series_instance_uid: str = ""
+    # Its file was found missing or changed (pacsd.storage.integrity): never sent.
+    damaged: bool = False
 
 
 def instances(req: Request) -> list[StoredInstance]:
@@ -314,7 +317,23 @@ def instances(req: Request) -> list[StoredInstance]:
     for cond in _conditions(given):
         q = q.where(cond)
     q = q.order_by(Instance.series, Instance.instance_number, Instance.id)
-    return [StoredInstance(*row) for row in q.tuples()]  # type: ignore[misc]
+    found = [StoredInstance(*row) for row in q.tuples()]  # type: ignore[misc]
+    bad = damaged([i.sop_instance_uid for i in found])
+    return [replace(i, damaged=True) if i.sop_instance_uid in bad else i for i in found] \
+        if bad else found
+
+
+def damaged(sops: list[str]) -> set[str]:
+    """Which of these instances' files were found damaged (one look at an empty table, as it
+    nearly always is)."""
+    if not sops or Damage.select(Damage.sop_instance_uid).limit(1).first() is None:
+        return set()
+    bad: set[str] = set()
+    for start in range(0, len(sops), 500):
+        rows: Any = Damage.select(Damage.sop_instance_uid).where(
+            Damage.sop_instance_uid.in_(sops[start:start + 500])).tuples()
+        bad |= {str(r[0]) for r in rows}
+    return bad
 
 
 # --- matches as data sets (C-FIND responses, QIDO-RS results) ---------------------------------

@@ -55,6 +55,10 @@ def status(rt: Runtime) -> dict[str, Any]:
         "dicom_worker_restarts": restarts,
         "index": rt.archive.index.counts(),
         "trash": dict(zip(("instances", "bytes"), rt.archive.index.bin_totals())),
+        # Stored files found missing or changed (never sent), and when the background check
+        # last finished a pass over the archive (pacsd.storage.integrity).
+        "integrity": {"damaged": rt.archive.index.damage_count(),
+                      "last_pass_ended": rt.archive.index.cursor("scrub:ended")},
         "index_location": cfg.index_label,   # the file, or the URL without its password
         "node": rt.archive.index.node,      # which of several nodes answered
         "storage": str(cfg.storage_path),

@@ -89,6 +89,9 @@ def _lookup(rt: Runtime, study: str, series: str, obj: str) -> StoredInstance:
         found = instances(req)
     if not found:
         raise fail(404, f"no object {obj} in series {series} of study {study}")
+    if found[0].damaged:   # pacsd.storage.integrity: never sent as if it were good
+        raise fail(500, f"the stored file of object {obj} was found damaged (missing or "
+                        "changed since it was stored): it is not sent (see `pacsd verify`)")
     return found[0]
 
 

@@ -172,10 +172,12 @@ def bulkdata(rt: Runtime, inst: query.StoredInstance, path_text: str) -> Iterato
 def add_routes(app: bottle.Bottle, rt: Runtime) -> None:
     """Metadata and bulk data resources (PS3.18 10.4.1), on the DICOMweb app."""
     S, SE, I = "/studies/<study>", "/series/<series>", "/instances/<sop>"   # noqa: E741
-    app.get(S + "/metadata", callback=lambda study: metadata(rt, stored(rt, study)))
+    # Metadata comes from what was read when the file was sound: served for damaged ones too.
+    app.get(S + "/metadata", callback=lambda study: metadata(rt, stored(rt, study,
+                                                                        sound=False)))
     app.get(S + SE + "/metadata", callback=lambda study, series: metadata(
-        rt, stored(rt, study, series)))
+        rt, stored(rt, study, series, sound=False)))
     app.get(S + SE + I + "/metadata", callback=lambda study, series, sop: metadata(
-        rt, stored(rt, study, series, sop)))
+        rt, stored(rt, study, series, sop, sound=False)))
     app.get(S + SE + I + "/bulkdata/<path:path>", callback=lambda study, series, sop, path:
             bulkdata(rt, stored(rt, study, series, sop)[0], path))

@@ -20,6 +20,7 @@ from pacsd.imaging import frames as cut
 from pacsd.web import multipart
 from pacsd.web.dicomweb_common import check_uids, fail, url
 from pacsd.web.runtime import Runtime
+from pacsd.web.guard import client_of
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,28 @@ def instance_url(inst: query.StoredInstance) -> str:
 
 # --- instances (PS3.18 10.4.1.1.1) ---------------------------------------------------------
 
-def stored(rt: Runtime, study: str, series: str | None = None, sop: str | None = None
-            ) -> list[query.StoredInstance]:
+def stored(rt: Runtime, study: str, series: str | None = None, sop: str | None = None,
+           sound: bool = True) -> list[query.StoredInstance]:
+    """The stored instances a URL names; with `sound`, those whose file is to be sent: one
+    found damaged (pacsd.storage.integrity) is left out, with a Warning header, and if none
+    is left the answer is 500."""
+    insts = _named_instances(rt, study, series, sop)
+    bad = [i.sop_instance_uid for i in insts if i.damaged] if sound else []
+    if not bad:
+        return insts
+    log.warning("WADO-RS from %s: %d instance(s) not sent, their stored files were found "
+                "damaged: %s", client_of(bottle.request.environ), len(bad), ", ".join(bad[:3]))
+    good = [i for i in insts if not i.damaged]
+    if not good:
+        raise fail(500, f"the stored file of {bad[0]} was found damaged (missing or changed "
+                        "since it was stored): it is not sent (see `pacsd verify`)")
+    bottle.response.set_header("Warning", f'299 pacsd "{len(bad)} instance(s) left out: '
+                                          'their stored files were found damaged"')
+    return good
+
+
+def _named_instances(rt: Runtime, study: str, series: str | None, sop: str | None
+                     ) -> list[query.StoredInstance]:
     check_uids(study, series, sop)
     keys = {"StudyInstanceUID": study}
     level = "STUDY"
