@@ -65,6 +65,8 @@ def test_verify_finds_a_flipped_byte_and_a_missing_file_and_they_are_not_sent(
     assert "integrity: SOP Instance" in out.stderr and "will not be sent" in out.stderr
     status = requests.get(f"{server.http_url}/status", timeout=30).json()
     assert status["integrity"]["damaged"] == 2
+    metrics = requests.get(f"{server.http_url}/metrics", timeout=30).text
+    assert "\npacsd_damaged_files 2\n" in metrics
 
     # Never sent as if good: C-GET by pynetdicom and by DCMTK's getscu, WADO-URI, WADO-RS.
     final, got = c_get(server.dicom_port, {"QueryRetrieveLevel": "SERIES",

@@ -171,15 +171,23 @@ def render(rt: Runtime) -> str:
     try:
         last = studies.last_received()
         jobs = rt.outbox.depths() if rt.outbox is not None else None
+        damaged = rt.archive.index.damage_count()
+        binned = rt.archive.index.bin_totals()
     except Exception as e:  # noqa: BLE001 - the scrape says so; the rest still answers
         log.debug("/metrics: cannot read the index: %s", e)
-        last, jobs, read_ok = None, None, 0
+        last, jobs, damaged, binned, read_ok = None, None, None, None, 0
     out.one("pacsd_index_readable", "gauge",
             "1 if this scrape could read the index, else 0.", read_ok)
     if last is not None:
         out.one("pacsd_last_stored_timestamp_seconds", "gauge",
                 "When the newest stored instance was received (Unix time); absent while "
                 "nothing is stored.", last)
+    if damaged is not None and binned is not None:
+        out.one("pacsd_damaged_files", "gauge",
+                "Stored files found missing or changed since they were stored (never sent "
+                "until put back; see `pacsd verify`).", damaged)
+        out.one("pacsd_trash_bytes", "gauge",
+                "Bytes in the recycle bin (deleted, restorable until emptied).", binned[1])
     if jobs is not None:
         out.family("pacsd_route_jobs", "gauge",
                    "Routing outbox jobs by state: queued (waiting or retrying), dead (gave up: "
