@@ -33,12 +33,16 @@ from pacsd.cli import (
     migrate,
     nodes,
     passwd,
+    patient,
     queue,
     reindex,
     retrieve,
     serve,
+    series,
     status,
+    study,
     trash,
+    undo,
     verify,
     where,
 )
@@ -52,9 +56,9 @@ __all__ = ["EXIT_INTERRUPTED", "EXIT_NOT_RUNNING", "COMMANDS", "build_parser", "
            "setup_logging"]
 
 # In the order `pacsd --help` lists them.
-COMMANDS: tuple[ModuleType, ...] = (serve, config, nodes, retrieve, import_, trash, history,
-                                    verify, reindex, migrate, index, queue, passwd, status,
-                                    doctor)
+COMMANDS: tuple[ModuleType, ...] = (serve, config, nodes, retrieve, import_, patient, study,
+                                    series, undo, history, trash, verify, reindex, migrate,
+                                    index, queue, passwd, status, doctor)
 
 
 def name_of(command: ModuleType) -> str:

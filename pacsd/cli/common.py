@@ -107,6 +107,38 @@ def open_archive(cfg: Config) -> "Archive":
                    trash_days=cfg.storage_trash_days, overlap=False)
 
 
+def who() -> str:
+    """The person running this command, for the history."""
+    import getpass
+    try:
+        return f"{getpass.getuser()} (command line)"
+    except (KeyError, OSError):
+        return "command line"
+
+
+def correct(cfg: Config, work: Any) -> int:
+    """Run `work(corrections)` (pacsd.storage.corrections) on the archive, the server running
+    or not; say what it did."""
+    from pacsd.storage.archive import command_started
+    from pacsd.storage.corrections import Corrected, Corrections
+    archive = open_archive(cfg)
+    mark = command_started(cfg.data)   # killed midway: the next start of the server recovers
+    try:
+        done = work(Corrections(archive))
+    finally:
+        archive.store.close()
+        archive.index.close()
+        mark.unlink(missing_ok=True)
+    if isinstance(done, Corrected):
+        print(f"{done.instances} instance(s) rewritten (change #{done.change}); the previous "
+              "versions are in the recycle bin")
+    else:   # an undone deletion: a restore
+        print(f"restored {done.restored} instance(s)"
+              + (f"; {len(done.already_stored)} stored again since, left in the bin"
+                 if done.already_stored else ""))
+    return 0
+
+
 class Progress:
     """A one-line progress bar on a terminal; periodic log lines otherwise."""
 

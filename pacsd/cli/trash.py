@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 import time
 
-from pacsd.cli.common import open_archive
+from pacsd.cli.common import open_archive, who
 from pacsd.config import Config
 from pacsd.errors import EXIT_FAILURE, EXIT_OK
 
@@ -37,15 +36,10 @@ def refuse(args: argparse.Namespace) -> str | None:
     return None
 
 
-def who() -> str:
-    try:
-        return f"{getpass.getuser()} (command line)"
-    except (KeyError, OSError):
-        return "command line"
-
-
 def run(args: argparse.Namespace, cfg: Config) -> int:
+    from pacsd.storage.archive import command_started
     archive = open_archive(cfg)
+    mark = command_started(cfg.data)   # killed midway: the next start of the server recovers
     try:
         if args.action == "restore":
             done = archive.bin.restore(args.uid, who())
@@ -80,10 +74,12 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
               f"{cfg.storage_trash_days} day(s) ([storage] trash_days)")
         for e in entries:
             when = time.strftime("%Y-%m-%d %H:%M", time.localtime(e.deleted))
+            what = "deleted" if e.action == "delete" else f"previous version ({e.action})"
             print(f"#{e.deletion} {when} {e.level.lower()} {e.uid}: patient {e.patient_id} "
                   f"{e.patient_name}, study {e.study_date} {e.study_description!r}, "
-                  f"{e.instances} instance(s), {e.bytes / 1e6:.1f} MB; deleted by {e.who}")
+                  f"{e.instances} instance(s), {e.bytes / 1e6:.1f} MB; {what} by {e.who}")
         return EXIT_OK
     finally:
         archive.store.close()
         archive.index.close()
+        mark.unlink(missing_ok=True)

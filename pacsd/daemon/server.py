@@ -31,7 +31,7 @@ from typing import Any
 
 from pacsd import __version__, compat, logbook, systemd
 from pacsd.imaging import bounds
-from pacsd.storage.archive import Archive
+from pacsd.storage.archive import Archive, interrupted_commands
 from pacsd.storage.housekeeping import Housekeeping
 from pacsd.storage.integrity import Scrubber
 from pacsd.config import Config
@@ -200,6 +200,13 @@ class Server:
             if unclean_since is not None:
                 log.warning("the previous run did not stop cleanly; checking the files it wrote")
                 archive.recover(since=unclean_since - 60, until=self.started)
+            killed_since, marks = interrupted_commands(cfg.data)
+            if killed_since is not None:
+                log.warning("a command changing the archive (a correction, a restore) was "
+                            "stopped before it finished; checking the files it wrote")
+                archive.recover(since=killed_since - 60, until=self.started)
+                for mark in marks:
+                    mark.unlink(missing_ok=True)
             self.housekeeping = Housekeeping(self.index, store, cfg.housekeeping_interval,
                                              archive.bin).start()
             if cfg.storage_scrub_days > 0:

@@ -56,13 +56,17 @@ class Integrity(Writer):
                  .order_by(Instance.id).limit(limit))
             return [Checkable(*row) for row in _tuples(q)]
 
-    def checkable_in(self, level: str, uid: str) -> list[Checkable]:
-        """The instances of a study, series or instance."""
-        column = {"STUDY": Study.study_instance_uid, "SERIES": Series.series_instance_uid,
-                  "IMAGE": Instance.sop_instance_uid}[level]
+    def checkable_in(self, level: str, uid: str, issuer: str | None = None
+                     ) -> list[Checkable]:
+        """The instances of a patient (by Patient ID, and Issuer when given), study, series
+        or instance."""
+        column = {"PATIENT": Patient.patient_id, "STUDY": Study.study_instance_uid,
+                  "SERIES": Series.series_instance_uid, "IMAGE": Instance.sop_instance_uid}[level]
         with reading():
-            q = (Instance.select(*_COLUMNS).join(Series).join(Study)
+            q = (Instance.select(*_COLUMNS).join(Series).join(Study).join(Patient)
                  .where(column == uid).order_by(Instance.id))
+            if issuer is not None:
+                q = q.where(Patient.issuer_of_patient_id == issuer)
             return [Checkable(*row) for row in _tuples(q)]
 
     def checkable(self, sops: Sequence[str]) -> list[Checkable]:

@@ -17,6 +17,7 @@ from typing import Any
 
 from peewee import fn
 
+from pacsd.errors import IndexUnavailable
 from pacsd.imaging.header import Record
 from pacsd.index.instances import Instances
 from pacsd.index.models import Binned, Change, Instance, Patient, Series, Study, database, reading
@@ -29,6 +30,7 @@ class BinEntry:
     deletion: int
     deleted: float
     who: str
+    action: str   # delete; or a correction, whose previous versions these are
     level: str
     uid: str
     study_uid: str
@@ -91,18 +93,7 @@ class Trash(Instances):
         column = _COLUMN[level]
 
         def work() -> list[str]:
-            rows: list[tuple] = []
-            for start in range(0, len(wanted), 500):
-                q = (Instance.select(column, Instance.sop_instance_uid,
-                                     Series.series_instance_uid, Study.study_instance_uid,
-                                     Patient.patient_id, Patient.patient_name, Study.study_date,
-                                     Study.study_description, Series.modality, Instance.path,
-                                     Instance.size, Instance.transfer_syntax_uid,
-                                     Instance.calling_aet, Instance.received,
-                                     Instance.content_hash)
-                     .join(Series).join(Study).join(Patient)
-                     .where(column.in_(wanted[start:start + 500])))
-                rows += _tuples(q)
+            rows = _instance_rows(column, wanted)
             if not rows:
                 return []
             now = time.time()
@@ -118,17 +109,57 @@ class Trash(Instances):
                 change = Change.insert(at=now, who=who, action="delete", level=level, uid=uid,
                                        study_uid=first[3], instances=len(items),
                                        detail=json.dumps(detail)).execute()
-                for start in range(0, len(items), 200):
-                    Binned.insert_many([dict(
-                        deletion=change, deleted=now, sop_instance_uid=r[1],
-                        series_instance_uid=r[2], study_instance_uid=r[3], patient_id=r[4],
-                        patient_name=r[5], study_date=r[6], study_description=r[7],
-                        modality=r[8], path=r[9], size=r[10], transfer_syntax_uid=r[11],
-                        calling_aet=r[12], received=_text_time(r[13]), content_hash=r[14])
-                        for r in items[start:start + 200]]).execute()
+                _bin_rows(items, change, now)
             self._delete_rows(level, wanted)
             return [r[9] for r in rows]
         return self.submit(work)
+
+    def revise(self, versions: Sequence[tuple[str, str, int, str, Record, str]], *, who: str,
+               action: str, level: str, uid: str, study_uid: str,
+               detail: dict[str, Any], unbin: Sequence[int] = ()) -> tuple[int, list[str]]:
+        """A correction, in one transaction: each instance's row (SOP Instance UID, then the
+        path, size, transfer syntax, header record and content hash of its new version, a file
+        already durable) re-filed from its new version; the rows of the previous versions kept
+        in the bin under one history row. The history row's number, and the previous versions'
+        paths, for the caller to move into the bin once this has committed. `unbin`: bin rows
+        (by id) whose versions these new ones are (an undo), out of the bin."""
+        def work() -> tuple[int, list[str]]:
+            sops = [v[0] for v in versions]
+            rows = _instance_rows(Instance.sop_instance_uid, sops)
+            if len(rows) != len(set(sops)):
+                raise IndexUnavailable("instances of the correction were deleted or changed "
+                                       "meanwhile; nothing was changed, try again")
+            now = time.time()
+            change = Change.insert(at=now, who=who, action=action, level=level, uid=uid,
+                                   study_uid=study_uid, instances=len(rows),
+                                   detail=json.dumps(detail)).execute()
+            _bin_rows(rows, change, now)
+            old = {r[1]: r for r in rows}
+            self._delete_rows("IMAGE", sops)
+            p = database.obj.param
+            for sop, path, size, ts, record, content_hash in versions:
+                r = old[sop]
+                self._add(record.values, path, size, ts, r[12] or "", False, content_hash)
+                database.obj.execute_sql(
+                    f"UPDATE instance SET received = {p} WHERE sop_instance_uid = {p}",
+                    (_text_time(r[13]) or time.strftime("%Y-%m-%d %H:%M:%S"), sop))
+            for start in range(0, len(unbin), 500):
+                Binned.delete().where(Binned.id.in_(list(unbin[start:start + 500]))).execute()
+            self._counters.active.clear()   # not news: no stable-study hooks or routes
+            return change, [r[9] for r in rows]
+        return self.submit(work)
+
+    def last_change(self, uid: str) -> ChangeRow | None:
+        """The latest deletion or correction of an object (by its UID) not undone since."""
+        with reading():
+            q = (Change.select().where((Change.uid == uid) & (Change.action != "purge"))
+                 .order_by(Change.id.desc()).limit(1))
+            rows = list(q)
+        if not rows or rows[0].action in ("restore", "undo"):
+            return None
+        c = rows[0]
+        return ChangeRow(c.id, c.at, c.who, c.action, c.level, c.uid, c.study_uid, c.instances,
+                         _json(c.detail))
 
     def unbin(self, items: Sequence[tuple[BinnedFile, Record]], who: str) -> list[str]:
         """Put binned instances back into the index, as they were, and out of the bin (their
@@ -219,7 +250,8 @@ class Trash(Instances):
         out = []
         for g in groups:
             c = changes.get(g[0])
-            out.append(BinEntry(g[0], float(g[1]), c.who if c else "", c.level if c else "",
+            out.append(BinEntry(g[0], float(g[1]), c.who if c else "",
+                                c.action if c else "delete", c.level if c else "",
                                 c.uid if c else "", g[4], g[5], g[6], g[7], g[8], int(g[2]),
                                 int(g[3] or 0)))
         return out
@@ -255,6 +287,15 @@ class Trash(Instances):
                     Instance.path.in_(list(paths[start:start + 500]))))}
         return found
 
+    def binned_among(self, paths: Sequence[str]) -> set[str]:
+        """Which of these paths a bin row names (a version or a deletion)."""
+        found: set[str] = set()
+        with reading():
+            for start in range(0, len(paths), 500):
+                found |= {str(r[0]) for r in _tuples(Binned.select(Binned.path).where(
+                    Binned.path.in_(list(paths[start:start + 500]))))}
+        return found
+
     def drop_binned_rows(self, paths: Sequence[str]) -> int:
         """Forget bin rows whose instance is back in the index (a restore that a crash cut
         between moving the files and committing): recovery indexed their files."""
@@ -275,6 +316,33 @@ class Trash(Instances):
             rows = list(q)
         return [ChangeRow(c.id, c.at, c.who, c.action, c.level, c.uid, c.study_uid, c.instances,
                           _json(c.detail)) for c in rows]
+
+
+_ROW = (Instance.sop_instance_uid, Series.series_instance_uid, Study.study_instance_uid,
+        Patient.patient_id, Patient.patient_name, Study.study_date, Study.study_description,
+        Series.modality, Instance.path, Instance.size, Instance.transfer_syntax_uid,
+        Instance.calling_aet, Instance.received, Instance.content_hash)
+
+
+def _instance_rows(column: Any, wanted: list[str]) -> list[tuple]:
+    """(the value of `column`, then _ROW) of the instances whose `column` is in `wanted`."""
+    rows: list[tuple] = []
+    for start in range(0, len(wanted), 500):
+        q = (Instance.select(column, *_ROW).join(Series).join(Study).join(Patient)
+             .where(column.in_(wanted[start:start + 500])))
+        rows += _tuples(q)
+    return rows
+
+
+def _bin_rows(rows: list[tuple], change: int, now: float) -> None:
+    """Keep these instances' rows (as _instance_rows gives them) in the bin under `change`."""
+    for start in range(0, len(rows), 200):
+        Binned.insert_many([dict(
+            deletion=change, deleted=now, sop_instance_uid=r[1], series_instance_uid=r[2],
+            study_instance_uid=r[3], patient_id=r[4], patient_name=r[5], study_date=r[6],
+            study_description=r[7], modality=r[8], path=r[9], size=r[10],
+            transfer_syntax_uid=r[11], calling_aet=r[12], received=_text_time(r[13]),
+            content_hash=r[14]) for r in rows[start:start + 200]]).execute()
 
 
 def _tuples(query: Any) -> list[tuple]:

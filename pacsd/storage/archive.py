@@ -32,7 +32,7 @@ from pacsd.errors import (ContentConflict, IndexUnavailable, InvalidDataset, Pac
 from pacsd.imaging.header import (PIXEL_DATA, Record, check_and_extract, file_meta_bytes, is_valid_uid,
                           read_dataset_header, read_header)
 from pacsd.index import Added, Index
-from pacsd.storage.store import NewFile, Store
+from pacsd.storage.store import TRASH_DIR, NewFile, Store
 from pacsd.storage.trash import Bin
 
 log = logging.getLogger(__name__)
@@ -99,6 +99,46 @@ def same_decoded(stored: Path, dataset: bytes, transfer_syntax: str, record: Rec
         log.debug("comparing %s with its copy in %s failed: %s", record.sop_instance_uid,
                   transfer_syntax, e)
         return False
+
+
+COMMANDS_DIR = ".commands"   # DATA/.commands/<pid>: a command changing the archive is running
+
+
+def command_started(data: Path) -> Path:
+    """Mark a command (a correction, a restore) as changing the archive, from now: if it is
+    killed, the next server start checks what it may have left half done (recover)."""
+    folder = data / COMMANDS_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    mark = folder / str(os.getpid())
+    mark.write_text(f"{time.time()}\n")
+    return mark
+
+
+def interrupted_commands(data: Path) -> tuple[float | None, list[Path]]:
+    """When the earliest command that was killed while changing the archive began (None: none
+    was), and their marks (removed once recovered)."""
+    since, marks = None, []
+    try:
+        entries = list(os.scandir(data / COMMANDS_DIR))
+    except OSError:
+        return None, []
+    for entry in entries:
+        if not entry.name.isdigit():
+            continue
+        try:
+            os.kill(int(entry.name), 0)
+            continue   # still running
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        try:
+            began = float(Path(entry.path).read_text().strip() or 0)
+        except (OSError, ValueError):
+            began = 0.0
+        since = began if since is None else min(since, began)
+        marks.append(Path(entry.path))
+    return since, marks
 
 
 class Archive:
@@ -404,13 +444,19 @@ class Archive:
         records = list(self._records(orphans))
         n = self.index.add_many(records)
         log.warning("recovered %d stored file(s) that an interrupted run had not indexed", n)
-        # Some may be a restore from the bin cut short after its files were moved back.
-        self.bin.settle_restored({rel for _, rel, _, _ in records})
         # Still without a row: a second copy of an instance indexed under another path, which
-        # put() was about to delete (a duplicate, or the original that an overwrite replaced).
+        # put() was about to delete (a duplicate, the original that an overwrite replaced, a
+        # correction's new version whose commit never came).
         stray = {rel for _, rel, _, _ in records}
         for prefix in {rel[:11] for rel in stray}:
             stray -= self.index.indexed_paths(prefix)
+        # Indexed now, some may be a restore from the bin cut short after its files were moved
+        # back: their bin rows go.
+        self.bin.settle_restored({rel for _, rel, _, _ in records} - stray)
+        # A previous version an undo had moved back when the crash came: back to the bin.
+        kept = self.index.binned_among(sorted(stray))
+        self.store.move([(rel, f"{TRASH_DIR}/{rel}") for rel in sorted(kept)])
+        stray -= kept
         for rel in sorted(stray):
             self.store.delete(rel)
         if stray:

@@ -281,6 +281,48 @@ def trash_empty(rt: Runtime) -> dict[str, Any]:
     return {"deletions": deletions, "instances": instances, "bytes": size}
 
 
+# --- corrections (pacsd.storage.corrections) -------------------------------------------------
+
+def _corrected(done: Any) -> dict[str, Any]:
+    if hasattr(done, "change"):
+        return {"change": done.change, "instances": done.instances}
+    return {"restored": done.restored, "already_stored": done.already_stored}
+
+
+def correct(rt: Runtime, what: str, uid: str | None = None) -> dict[str, Any]:
+    """A correction asked on the admin side: one JSON body, the answer says what changed."""
+    from pacsd.storage.corrections import CorrectionRefused, Corrections
+    need_admin()
+    body = json_body()
+    c, who = Corrections(rt.archive), web_caller()
+    given = body.get("changes")
+    if what in ("patient", "study") and (not isinstance(given, dict) or not all(
+            isinstance(v, str) for v in given.values())):
+        raise fail(400, 'give {"changes": {"Keyword": "new value", ...}}')
+    changes: dict[str, str] = given if isinstance(given, dict) else {}
+    try:
+        if what == "patient":
+            assert uid is not None
+            issuer = body.get("issuer")
+            done: Any = c.update_patient(uid, changes, who,
+                                         issuer=issuer if isinstance(issuer, str) else None)
+        elif what == "merge":
+            done = c.merge_patients(str(body.get("from") or ""), str(body.get("into") or ""),
+                                    who)
+        elif what == "study":
+            done = c.update_study(check_uid(uid or ""), changes, who)
+        elif what == "study-move":
+            done = c.move_study(check_uid(uid or ""), str(body.get("to_patient") or ""), who)
+        elif what == "series-move":
+            done = c.move_series(check_uid(uid or ""), check_uid(str(body.get("to_study") or
+                                                                     "")), who)
+        else:
+            done = c.undo(str(body.get("uid") or ""), who)
+    except CorrectionRefused as e:
+        raise fail(e.http_status, str(e)) from None
+    return _corrected(done)
+
+
 def history(rt: Runtime) -> str:
     need_admin()
     uid = bottle.request.query.get("uid") or None
@@ -323,6 +365,12 @@ def make_app(rt: Runtime) -> bottle.Bottle:
         ("POST", "/trash/restore", lambda: trash_restore(rt)),
         ("POST", "/trash/empty", lambda: trash_empty(rt)),
         ("GET", "/history", lambda: history(rt)),
+        ("POST", "/patients/<pid>/update", lambda pid: correct(rt, "patient", pid)),
+        ("POST", "/patients/merge", lambda: correct(rt, "merge")),
+        ("POST", "/studies/<uid>/update", lambda uid: correct(rt, "study", uid)),
+        ("POST", "/studies/<uid>/move", lambda uid: correct(rt, "study-move", uid)),
+        ("POST", "/series/<uid>/move", lambda uid: correct(rt, "series-move", uid)),
+        ("POST", "/undo", lambda: correct(rt, "undo")),
     ]
     for method, path, callback in routes:
         app.route("/api" + path, method, callback)

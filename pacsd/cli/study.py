@@ -1,0 +1,43 @@
+"""`pacsd study`: correct a study's attributes, or move it to another patient."""
+
+from __future__ import annotations
+
+import argparse
+
+from pacsd.cli.common import correct, who
+from pacsd.config import Config
+
+HELP = "correct a study (accession, description, date, referring physician) or move it"
+LOGGING = "stderr"
+FIELDS = (("--accession", "AccessionNumber"), ("--description", "StudyDescription"),
+          ("--date", "StudyDate"), ("--time", "StudyTime"),
+          ("--referring", "ReferringPhysicianName"), ("--study-id", "StudyID"))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=("update", "move"),
+                        help="update: new values for the study's attributes, in every one of "
+                             "its files; move: file it under another patient (--to-patient)")
+    parser.add_argument("uid", metavar="UID", help="the Study Instance UID")
+    for flag, keyword in FIELDS:
+        parser.add_argument(flag, metavar="VALUE", help=f"update: the new {keyword}")
+    parser.add_argument("--to-patient", metavar="ID",
+                        help="move: the Patient ID of the patient it belongs to")
+
+
+def refuse(args: argparse.Namespace) -> str | None:
+    given = [f for f, _ in FIELDS if getattr(args, f[2:].replace("-", "_")) is not None]
+    if args.action == "update" and not given:
+        return ("pacsd study update: give at least one new value ("
+                + ", ".join(f for f, _ in FIELDS) + ")")
+    if args.action == "move" and (not args.to_patient or given):
+        return "pacsd study move UID --to-patient ID"
+    return None
+
+
+def run(args: argparse.Namespace, cfg: Config) -> int:
+    if args.action == "move":
+        return correct(cfg, lambda c: c.move_study(args.uid, args.to_patient, who()))
+    changes = {kw: value for flag, kw in FIELDS
+               if (value := getattr(args, flag[2:].replace("-", "_"))) is not None}
+    return correct(cfg, lambda c: c.update_study(args.uid, changes, who()))
