@@ -70,6 +70,11 @@ def test_duplicate_replaces_when_overwrite_is_configured(make_server, tmp_path):
     [kept] = stored_files(server)
     assert dataset_bytes(kept) == dataset_bytes(second)
     assert server.index.counts()["instances"] == 1
+    # The replaced copy is a previous version, in the recycle bin, byte for byte.
+    [previous] = list((server.cfg.storage_path / ".trash").rglob("*.dcm"))
+    assert dataset_bytes(previous) == dataset_bytes(first)
+    [entry] = server.index.bin_entries()
+    assert (entry.action, entry.uid, entry.instances) == ("overwrite", ds.SOPInstanceUID, 1)
 
 
 @pytest.mark.parametrize("bad", [

@@ -161,6 +161,22 @@ class Trash(Instances):
         return ChangeRow(c.id, c.at, c.who, c.action, c.level, c.uid, c.study_uid, c.instances,
                          _json(c.detail))
 
+    def _known(self, row: Any, v: dict[str, Any], path: str, size: int, ts: str,
+               calling_aet: str, overwrite: bool, content_hash: str | None = None) -> Any:
+        """An overwrite ([storage] overwrite) keeps the replaced copy's row in the bin, as a
+        previous version, in the transaction that replaces it (Archive.put moves the file)."""
+        if overwrite and row[1] != path:
+            rows = _instance_rows(Instance.sop_instance_uid, [v["sop_instance_uid"]])
+            if rows:
+                now = time.time()
+                change = Change.insert(
+                    at=now, who=f"{calling_aet or 'import'} (sent again, [storage] overwrite)",
+                    action="overwrite", level="IMAGE", uid=v["sop_instance_uid"],
+                    study_uid=rows[0][3], instances=1,
+                    detail=json.dumps({"replaced": rows[0][9]})).execute()
+                _bin_rows(rows, change, now)
+        return super()._known(row, v, path, size, ts, calling_aet, overwrite, content_hash)
+
     def unbin(self, items: Sequence[tuple[BinnedFile, Record]], who: str) -> list[str]:
         """Put binned instances back into the index, as they were, and out of the bin (their
         files already moved back); one history row per deletion they came from. An instance

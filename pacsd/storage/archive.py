@@ -258,10 +258,10 @@ class Archive:
                             "\"success\"), though %s", record.sop_instance_uid,
                             calling_aet or "import", e)
                 return Stored(record.sop_instance_uid, "", True, *uids)
-        if added.replaced_path:
-            self.store.delete(added.replaced_path)
-            log.info("SOP Instance %s from %s replaced the stored copy",
-                     record.sop_instance_uid, calling_aet or "import")
+        if added.replaced_path:   # the replaced copy: a previous version, in the bin
+            self.store.move([(added.replaced_path, f"{TRASH_DIR}/{added.replaced_path}")])
+            log.info("SOP Instance %s from %s replaced the stored copy (kept in the recycle "
+                     "bin)", record.sop_instance_uid, calling_aet or "import")
         warning, comment = SUCCESS, ""
         if added.misfiled:
             # Coercion of Data Elements (PS3.4 B.2.3): as the archive reports it (C-FIND,
