@@ -263,6 +263,17 @@ def test_send_and_delete_selected(make_server, sixty, browser):
         accept_confirm(browser)
         wait_range(browser, "1–3 of 3")
         assert uid not in {r["uid"] for r in study_rows(browser)}
+
+        # In the recycle bin, on the admin page: restored from there, the study is back.
+        page(browser, server, "admin")
+        row = '#trash tbody tr[data-id] td:nth-child(3)'
+        wait(browser, lambda d: uid in text(d, row), message="the deletion not in the bin")
+        assert "deleted" in text(browser, "#trash tbody tr[data-id]")
+        browser.find_element(By.CSS_SELECTOR, "#trash button.t-restore").click()
+        wait(browser, lambda d: "empty" in text(d, "#trash tbody"), message="never restored")
+        page(browser, server, "?sort=date&order=asc")
+        wait_range(browser, "1–4 of 4")
+        assert uid in {r["uid"] for r in study_rows(browser)}
     finally:
         dest.close()
 

@@ -46,6 +46,10 @@
         ["Data folder", `<span class="mono">${esc(st.data)}</span>`],
         ["Index", `<span class="mono">${esc(st.index_location)}</span>`],
         ["Node", `<span class="mono">${esc(st.node)}</span>`],
+        ["Recycle bin", `<span id="trash-summary">${esc(nf.format(st.trash.instances))} instance(s), ${esc(pacs.fmtBytes(st.trash.bytes))}</span>`],
+        ["Damaged files", st.integrity.damaged
+          ? `<span class="error-text" id="damaged">${esc(nf.format(st.integrity.damaged))}: never sent until put back (see <span class="mono">pacsd verify</span>)</span>`
+          : `<span id="damaged">none found</span>`],
       ].map(([k, v]) => `<dt>${k}</dt><dd>${v}</dd>`).join("");
       $("status-updated").textContent = "updated " + new Date().toLocaleTimeString();
     } catch (e) {
@@ -287,6 +291,39 @@
   });
   $("queue-refresh").addEventListener("click", loadQueue);
 
+  // --- the recycle bin ---------------------------------------------------------------------
+  async function loadTrash() {
+    const tb = document.querySelector("#trash tbody");
+    try {
+      const t = await pacs.api("GET", "trash");
+      $("trash-counts").textContent = `${nf.format(t.instances)} instance(s), ${pacs.fmtBytes(t.bytes)}; kept ${t.days} day(s)`;
+      tb.innerHTML = t.entries.length ? t.entries.map((e) => `<tr data-id="${e.deletion}">
+          <td class="nowrap small">${esc(new Date(e.deleted * 1000).toLocaleString())}</td>
+          <td>${e.action === "delete" ? "deleted" : "previous version: " + esc(e.action)}</td>
+          <td>${esc(e.level.toLowerCase())} <span class="mono small">${esc(e.uid)}</span></td>
+          <td>${esc(e.patient_name)} <span class="muted small">${esc(e.patient_id)}</span></td>
+          <td>${esc(e.study_date)} ${esc(e.study_description)}</td>
+          <td>${nf.format(e.instances)}</td><td class="small">${esc(e.who)}</td>
+          <td class="actions">${e.action === "delete" ? `<button type="button" class="t-restore">Restore</button>` : ""}</td></tr>`).join("")
+        : `<tr><td colspan="8" class="empty">The recycle bin is empty.</td></tr>`;
+    } catch (e) {
+      tb.innerHTML = `<tr><td colspan="8" class="error-text">${esc(e.message)}</td></tr>`;
+    }
+  }
+  document.querySelector("#trash tbody").addEventListener("click", async (ev) => {
+    const btn = ev.target.closest("button.t-restore");
+    const row = ev.target.closest("tr[data-id]");
+    if (!btn || !row) return;
+    btn.disabled = true;
+    try {
+      const r = await pacs.api("POST", "trash/restore", { uid: row.dataset.id });
+      pacs.toast(`${r.restored} instance(s) restored` + (r.already_stored.length ? `; ${r.already_stored.length} stored again since, left in the bin` : ""));
+      loadTrash();
+      loadStatus();
+    } catch (e) { btn.disabled = false; pacs.toast(e.message, true); }
+  });
+  $("trash-refresh").addEventListener("click", loadTrash);
+
   // --- recent errors ------------------------------------------------------------------------
   async function loadLog() {
     const tb = document.querySelector("#log tbody");
@@ -314,6 +351,7 @@
     loadNodes();
     loadUsers();
     loadQueue();
+    loadTrash();
     loadLog();
     setInterval(() => { if (!document.hidden) loadStatus(); }, REFRESH_MS);
   }).catch((e) => {
