@@ -36,6 +36,7 @@ from pacsd.cli import (
     patient,
     queue,
     reindex,
+    retention,
     retrieve,
     serve,
     series,
@@ -57,8 +58,8 @@ __all__ = ["EXIT_INTERRUPTED", "EXIT_NOT_RUNNING", "COMMANDS", "build_parser", "
 
 # In the order `pacsd --help` lists them.
 COMMANDS: tuple[ModuleType, ...] = (serve, config, nodes, retrieve, import_, patient, study,
-                                    series, undo, history, trash, verify, reindex, migrate,
-                                    index, queue, passwd, status, doctor)
+                                    series, undo, history, trash, retention, verify, reindex,
+                                    migrate, index, queue, passwd, status, doctor)
 
 
 def name_of(command: ModuleType) -> str:

@@ -33,7 +33,7 @@ from pacsd.config.sections import (
     StorageSettings,
     WatchdogSettings,
 )
-from pacsd.config.tables import Node, Route, User
+from pacsd.config.tables import Node, Retention, Route, User
 from pacsd.errors import ConfigError
 from pacsd.config import index_url
 
@@ -67,6 +67,7 @@ class Config:
     nodes: tuple[Node, ...] = ()
     users: tuple[User, ...] = ()
     routes: tuple[Route, ...] = ()
+    retention: tuple[Retention, ...] = ()
     plugin_settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     source: str = "defaults"   # the config file it came from, for messages
     # Where each setting's value came from ("section.key" -> the file, "$PACSD_...", "the
@@ -242,6 +243,7 @@ def _build(path: Path | str | None, env: Mapping[str, str] | None,
     nodes: tuple[Node, ...] = ()
     users: tuple[User, ...] = ()
     routes: tuple[Route, ...] = ()
+    retention: tuple[Retention, ...] = ()
     plugins: dict[str, dict[str, Any]] = {}
     for section, table in raw.items():
         try:
@@ -251,6 +253,8 @@ def _build(path: Path | str | None, env: Mapping[str, str] | None,
                 users = tables.users(table, source)
             elif section == "routes":
                 routes = tables.routes(table, source)
+            elif section == "retention":
+                retention = tables.retention(table, source)
             elif section == "plugin":   # [plugin.NAME]: each plugin's own settings, as written
                 if not isinstance(table, dict) or not all(isinstance(v, dict)
                                                           for v in table.values()):
@@ -301,7 +305,8 @@ def _build(path: Path | str | None, env: Mapping[str, str] | None,
         if problem:
             problems.add(ConfigError(str(problem)))
     return Config(**sections, data=data, storage_path=storage_path, index_url=index_url,
-                  nodes=nodes, users=users, routes=routes, plugin_settings=plugins,
+                  nodes=nodes, users=users, routes=routes, retention=retention,
+                  plugin_settings=plugins,
                   source=source, origins=origins)
 
 

@@ -1,5 +1,5 @@
-"""The arrays of tables of the config file: [[nodes]], [[routes]], [[users]], each read into
-frozen dataclasses, each bad entry refused with a ConfigError naming it."""
+"""The arrays of tables of the config file: [[nodes]], [[routes]], [[users]], [[retention]],
+each read into frozen dataclasses, each bad entry refused with a ConfigError naming it."""
 
 from __future__ import annotations
 
@@ -45,6 +45,21 @@ class Route:
     when: str = "stable"                 # "stored" (each instance) or "stable" (the study)
     calling_aets: tuple[str, ...] = ()   # any of these callers; empty: any
     match: tuple[tuple[str, tuple[str, ...]], ...] = ()   # (keyword, any of these patterns)
+
+
+@dataclass(frozen=True)
+class Retention:
+    """A retention rule ([[retention]]): studies received more than `older_than_days` ago
+    (and of these modalities, from these callers, while free space is below a share, when
+    given) go to the recycle bin. Off until `enabled`: `pacsd retention plan` shows first what
+    it would take."""
+
+    name: str
+    older_than_days: int
+    modalities: tuple[str, ...] = ()
+    calling_aets: tuple[str, ...] = ()
+    free_below_percent: float | None = None
+    enabled: bool = False
 
 
 @dataclass(frozen=True)
@@ -200,6 +215,46 @@ def routes(raw: Any, origin: str) -> tuple[Route, ...]:
         routes.append(Route(name=name, to=to, when=when, calling_aets=calling_aets,
                             match=tuple(keys)))
     return tuple(routes)
+
+
+def retention(raw: Any, origin: str) -> tuple[Retention, ...]:
+    rules: list[Retention] = []
+    for where, item in _tables(raw, origin, "retention",
+                               {"name", "older_than_days", "modality", "calling_aet",
+                                "free_below_percent", "enabled"}):
+        name = str(item.get("name", "")).strip()
+        if not name or any(r.name == name for r in rules):
+            raise ConfigError(f"{where}: a name, unique among the rules, is required")
+        days = item.get("older_than_days")
+        if not isinstance(days, int) or isinstance(days, bool) or days < 1:
+            raise ConfigError(f"{where}: older_than_days (a whole number of days, 1 or more) "
+                              "is required: a rule never takes what was just received")
+        lists = {}
+        for key in ("modality", "calling_aet"):
+            value = item.get(key, [])
+            value = [value] if isinstance(value, str) else value
+            if not isinstance(value, list) or not all(isinstance(v, str) and v.strip()
+                                                      for v in value):
+                raise ConfigError(f"{where}: {key} must be a value or a list of values")
+            lists[key] = tuple(v.strip() for v in value)
+        try:
+            callers = tuple(valid_aet(c) for c in lists["calling_aet"])
+        except ValueError as e:
+            raise ConfigError(f"{where}: calling_aet {e}") from None
+        free = item.get("free_below_percent")
+        if free is not None and (isinstance(free, bool) or not isinstance(free, (int, float))
+                                 or not 0 < free <= 100):
+            raise ConfigError(f"{where}: free_below_percent must be a share of the volume, "
+                              "above 0 and at most 100")
+        enabled = item.get("enabled", False)
+        if not isinstance(enabled, bool):
+            raise ConfigError(f"{where}: enabled must be true or false")
+        rules.append(Retention(name=name, older_than_days=days,
+                               modalities=tuple(m.upper() for m in lists["modality"]),
+                               calling_aets=callers,
+                               free_below_percent=None if free is None else float(free),
+                               enabled=enabled))
+    return tuple(rules)
 
 
 def users(raw: Any, origin: str) -> tuple[User, ...]:

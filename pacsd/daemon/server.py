@@ -34,6 +34,7 @@ from pacsd.imaging import bounds
 from pacsd.storage.archive import Archive, interrupted_commands
 from pacsd.storage.housekeeping import Housekeeping
 from pacsd.storage.integrity import Scrubber
+from pacsd.storage.retention import Retainer
 from pacsd.config import Config
 from pacsd.daemon.shared import dump_stacks, notify_stored
 from pacsd.daemon.workers import DicomWorkers, Zygote, worker_count
@@ -207,8 +208,9 @@ class Server:
                 archive.recover(since=killed_since - 60, until=self.started)
                 for mark in marks:
                     mark.unlink(missing_ok=True)
-            self.housekeeping = Housekeeping(self.index, store, cfg.housekeeping_interval,
-                                             archive.bin).start()
+            self.housekeeping = Housekeeping(
+                self.index, store, cfg.housekeeping_interval, archive.bin,
+                Retainer(archive, cfg.retention, str(cfg.storage_path))).start()
             if cfg.storage_scrub_days > 0:
                 self.scrubber = Scrubber(store, self.index, cfg.storage_scrub_days,
                                          cfg.storage_scrub_mb_per_s).start()

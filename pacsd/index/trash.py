@@ -323,6 +323,28 @@ class Trash(Instances):
             return n
         return int(self.submit(work))
 
+    def retention_candidates(self, received_before: str, modalities: tuple[str, ...],
+                             calling_aets: tuple[str, ...], limit: int
+                             ) -> list[dict[str, Any]]:
+        """The studies a retention rule takes ([[retention]]): first received before
+        `received_before` ("YYYY-MM-DD HH:MM:SS"), with a series of one of `modalities` and an
+        instance from one of `calling_aets` (each when given); oldest first, at most `limit`."""
+        q = (Study.select(Study.study_instance_uid, Patient.patient_id, Patient.patient_name,
+                          Study.study_date, Study.study_description, Study.modalities_in_study,
+                          Study.number_of_instances, Study.created)
+             .join(Patient).where(Study.created < received_before))
+        if modalities:
+            q = q.where(fn.EXISTS(Series.select(Series.id).where(
+                (Series.study == Study.id) & Series.modality.in_(list(modalities)))))
+        if calling_aets:
+            q = q.where(fn.EXISTS(Instance.select(Instance.id).join(Series).where(
+                (Series.study == Study.id) & Instance.calling_aet.in_(list(calling_aets)))))
+        keys = ("study_instance_uid", "patient_id", "patient_name", "study_date",
+                "study_description", "modalities", "instances", "received")
+        with reading():
+            rows = _tuples(q.order_by(Study.created, Study.id).limit(limit))
+        return [dict(zip(keys, (*row[:7], str(row[7])))) for row in rows]
+
     def history(self, uid: str | None = None, limit: int = 200) -> list[ChangeRow]:
         """What was done by hand, newest first; with `uid`, to that object or within it."""
         with reading():

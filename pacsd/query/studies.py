@@ -258,3 +258,4 @@ def sop_classes_in_studies(study_uids: list[str]) -> dict[str, list[str]]:
             for study, sop_class in rows:
                 out[study].append(sop_class)
     return out
+

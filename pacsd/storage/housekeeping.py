@@ -8,6 +8,7 @@ The tasks:
 - alive-marks: health-probe marks (pacsd_meta alive:NODE) of nodes silent for a week;
 - outbox-prune: routing jobs done more than a week ago (the dead ones stay until someone acts);
 - trash-expire: deletions older than [storage] trash_days, out of the recycle bin;
+- retention: the enabled [[retention]] rules, studies into the recycle bin;
 - trash-room: the oldest deletions out of the bin while the storage volume is near its floor
   (checked every ROOM_CHECK_S, not only once a round: a busy day fills a disk in hours).
 """
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pacsd.index import Index
 from pacsd.index.models import Meta_, starts_with
 from pacsd.index.outbox import RouteQueue
+from pacsd.storage.retention import Retainer
 from pacsd.storage.store import Store
 from pacsd.storage.trash import Bin
 
@@ -46,13 +48,15 @@ class Housekeeping:
     late; a stop gives the leases back)."""
 
     def __init__(self, index: Index, store: Store, interval: float,
-                 bin: Bin | None = None) -> None:
+                 bin: Bin | None = None, retainer: Retainer | None = None) -> None:
         self.index, self.store, self.interval = index, store, interval
         tasks = [Task("tmp-sweep", lambda: store.sweep(TMP_MAX_AGE_S)),
                  Task("alive-marks", self._forget_silent_nodes),
                  Task("outbox-prune", lambda: RouteQueue(index).prune(DONE_JOBS_KEPT_S))]
         if bin is not None:
             tasks.append(Task("trash-expire", bin.expire))
+        if retainer is not None and retainer.rules:
+            tasks.append(Task("retention", retainer.run))
         self.tasks = tuple(tasks)
         self.room = Task("trash-room", bin.make_room) if bin is not None else None
         self.rounds = 0
