@@ -361,3 +361,70 @@ def test_kills_in_the_middle_of_deletions_lose_and_duplicate_nothing(tmp_path):
         if proc.proc.poll() is None:
             proc.proc.send_signal(signal.SIGTERM)
             proc.proc.wait(30)
+
+
+def rejection_note(tmp_path: Path, rejected: list[Path], code: str = "113001") -> Path:
+    """An IHE IOCM rejection note (Key Object Selection) naming these stored files."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.sequence import Sequence
+    from pydicom.uid import generate_uid
+    first = dcmread(rejected[0])
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.59"
+    ds.SOPInstanceUID = generate_uid()
+    ds.Modality = "KO"
+    for kw in ("PatientID", "PatientName", "StudyInstanceUID", "StudyDate", "StudyTime",
+               "AccessionNumber", "StudyID"):
+        setattr(ds, kw, getattr(first, kw, ""))
+    ds.SeriesInstanceUID, ds.SeriesNumber, ds.InstanceNumber = generate_uid(), 99, 1
+    title = Dataset()
+    title.CodeValue, title.CodingSchemeDesignator = code, "DCM"
+    title.CodeMeaning = "Rejected for Quality Reasons"
+    ds.ConceptNameCodeSequence = Sequence([title])
+    by_series: dict[str, list] = {}
+    for f in rejected:
+        d = dcmread(f)
+        ref = Dataset()
+        ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = d.SOPClassUID, d.SOPInstanceUID
+        by_series.setdefault(str(d.SeriesInstanceUID), []).append(ref)
+    series_items = []
+    for uid, refs in by_series.items():
+        item = Dataset()
+        item.SeriesInstanceUID, item.ReferencedSOPSequence = uid, Sequence(refs)
+        series_items.append(item)
+    study = Dataset()
+    study.StudyInstanceUID = first.StudyInstanceUID
+    study.ReferencedSeriesSequence = Sequence(series_items)
+    ds.CurrentRequestedProcedureEvidenceSequence = Sequence([study])
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path = tmp_path / f"kos-{code}.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("setting", ["ignore", "bin"])
+def test_a_rejection_note_moves_what_it_names_to_the_bin_where_configured(make_server, tmp_path,
+                                                                        setting):
+    server = make_server(storage={"rejection_notes": setting})
+    files = write_series(tmp_path / "in", seed=96, images=4, size=16)
+    assert store_files(server.dicom_port, files) == [0] * 4
+    note = rejection_note(tmp_path, files[:2])
+    other = rejection_note(tmp_path, files[2:], code="121010")   # not a rejection title
+    assert store_files(server.dicom_port, [note, other]) == [0, 0]
+    counts = server.index.counts()
+    if setting == "ignore":
+        assert counts["instances"] == 6 and server.index.bin_totals()[0] == 0
+        return
+    # The two rejected instances in the bin; the notes themselves stored.
+    assert counts["instances"] == 4 and server.index.bin_totals()[0] == 2
+    gone = {str(dcmread(f).SOPInstanceUID) for f in files[:2]}
+    left = {str(m.SOPInstanceUID) for m in c_find(
+        server.dicom_port, "IMAGE", StudyInstanceUID=str(dcmread(files[0]).StudyInstanceUID),
+        SeriesInstanceUID=str(dcmread(files[0]).SeriesInstanceUID), SOPInstanceUID="")[1]}
+    assert not gone & left and len(left) == 2
+    changes = [h for h in server.index.history() if h.action == "delete"]
+    assert {h.uid for h in changes} == gone
+    assert all(h.who.startswith("rejection note") and "Quality" in h.who for h in changes)

@@ -104,7 +104,8 @@ def open_archive(cfg: Config) -> "Archive":
     return Archive(store, open_index(cfg), overwrite=cfg.storage_overwrite,
                    patient_mismatch=cfg.storage_patient_mismatch,
                    on_conflict=cfg.storage_on_conflict,
-                   trash_days=cfg.storage_trash_days, overlap=False)
+                   trash_days=cfg.storage_trash_days,
+                   rejection_notes=cfg.storage_rejection_notes, overlap=False)
 
 
 def who() -> str:

@@ -222,6 +222,12 @@ class StorageSettings:
         "invisible to queries and retrieves and restorable byte for byte with `pacsd trash "
         "restore UID`; then it is removed for good (by housekeeping, a log line each).",
         v.in_range(1, 36500))
+    rejection_notes: str = setting("ignore",
+        "IHE IOCM rejection notes (a Key Object Selection titled Rejected for Quality "
+        "Reasons, for Patient Safety Reasons, Incorrect Modality Worklist Entry or Data "
+        "Retention Policy Expired) sent by a modality or workstation: 'ignore' (stored as "
+        "any object) or 'bin' (also moves the instances it names to the recycle bin, "
+        "restorable).", v.one_of("ignore", "bin"))
     scrub_days: float = setting(30.0,
         "Every stored file is read back and compared with the content hash kept when it was "
         "stored, once soon after it is stored and then once every this many days (a "

@@ -195,7 +195,8 @@ class Server:
             archive = Archive(store, self.index, overwrite=cfg.storage_overwrite,
                               patient_mismatch=cfg.storage_patient_mismatch,
                               on_conflict=cfg.storage_on_conflict,
-                              trash_days=cfg.storage_trash_days)
+                              trash_days=cfg.storage_trash_days,
+                              rejection_notes=cfg.storage_rejection_notes)
             accounts = Accounts(cfg, self.index).open()
             accounts.check_http_bind(cfg.http_bind)   # beyond loopback: an administrator
             if unclean_since is not None:

@@ -179,7 +179,8 @@ def serve(up: Connection, down: Connection, listen: socket.socket) -> int:
         archive = Archive(store, index, overwrite=cfg.storage_overwrite,
                           patient_mismatch=cfg.storage_patient_mismatch,
                           on_conflict=cfg.storage_on_conflict,
-                          trash_days=cfg.storage_trash_days)
+                          trash_days=cfg.storage_trash_days,
+                          rejection_notes=cfg.storage_rejection_notes)
         accounts = Accounts(cfg, index).open()
         hooks = Hooks(cfg, Context(cfg.dicom_aet, cfg.data))
         if hooks.has("on_instance_stored"):

@@ -50,6 +50,13 @@ class Stored:
     comment: str = ""
 
 
+KEY_OBJECT_SELECTION = "1.2.840.10008.5.1.4.1.1.88.59"
+# The document titles of IHE IOCM rejection notes (CID 7011, DCM codes).
+REJECTION_TITLES = {("DCM", "113001"): "Rejected for Quality Reasons",
+                    ("DCM", "113037"): "Rejected for Patient Safety Reasons",
+                    ("DCM", "113038"): "Incorrect Modality Worklist Entry",
+                    ("DCM", "113039"): "Data Retention Policy Expired"}
+
 # Given the header of an instance being stored and its calling AE title: the routing jobs
 # ((route, destination) pairs) to queue with its row (pacsd.nodes.routing.Router.for_instance).
 RoutesFor = Callable[[Dataset, str], list[tuple[str, str]]]
@@ -144,10 +151,12 @@ def interrupted_commands(data: Path) -> tuple[float | None, list[Path]]:
 class Archive:
     def __init__(self, store: Store, index: Index, overwrite: bool = False,
                  patient_mismatch: str = "refuse", on_conflict: str = "refuse",
-                 overlap: bool = True, trash_days: int = 30) -> None:
+                 overlap: bool = True, trash_days: int = 30,
+                 rejection_notes: str = "ignore") -> None:
         self.store = store
         self.index = index
         self.bin = Bin(store, index, trash_days)   # where deletions go
+        self.rejection_notes = rejection_notes == "bin"   # IOCM: what they name, to the bin
         self.overwrite = overwrite
         # Commit a row while its file is still being synced and placed (put): for a server,
         # whose next start after a crash removes a row left without its file (recover).
@@ -273,7 +282,31 @@ class Archive:
         stored = Stored(record.sop_instance_uid, rel, False, *uids, warning, comment)
         if self.on_stored is not None:
             self.on_stored(stored, header, calling_aet)
+        if self.rejection_notes and record.values["sop_class_uid"] == KEY_OBJECT_SELECTION:
+            self._reject(header, record.sop_instance_uid, calling_aet)
         return stored
+
+    def _reject(self, note: Dataset, uid: str, calling_aet: str) -> None:
+        """An IHE IOCM rejection note ([storage] rejection_notes = "bin"): the instances it
+        names go to the recycle bin. The note itself is stored as any object."""
+        try:
+            title = note.ConceptNameCodeSequence[0]
+            code = (str(title.CodingSchemeDesignator), str(title.CodeValue))
+            if code not in REJECTION_TITLES:
+                return
+            named = [str(sop.ReferencedSOPInstanceUID)
+                     for study in note.CurrentRequestedProcedureEvidenceSequence
+                     for series in study.ReferencedSeriesSequence
+                     for sop in series.ReferencedSOPSequence]
+        except (AttributeError, IndexError, KeyError, TypeError, ValueError) as e:
+            log.warning("rejection note %s from %s not applied: %s", uid, calling_aet, e)
+            return
+        named = [u for u in named if u != uid]
+        n = self.delete("IMAGE", named, who=f"rejection note {uid} ({REJECTION_TITLES[code]}) "
+                                           f"from {calling_aet or 'import'}")
+        log.warning("rejection note %s from %s (%s): %d of the %d instance(s) it names moved to "
+                    "the recycle bin", uid, calling_aet or "import", REJECTION_TITLES[code], n,
+                    len(named))
 
     def _index(self, record: Record, rel: str, size: int, args: dict,
                finishing: "Future[tuple[str, int]] | None") -> Added:
