@@ -7,7 +7,8 @@ A bad value raises ConfigError with one line that names the setting and where it
 
   sections.py    the settings: ServerSettings, DicomSettings, ... (one per TOML section)
   validators.py  checks of single values (AE titles, ports, addresses, ranges)
-  tables.py      [[nodes]], [[routes]], [[users]], [[retention]]
+  tables.py      [[nodes]], [[routes]], [[users]], [[retention]],
+                 [[compression]]
   loader.py      Config, load(), check() (every problem), folder_problems(), describe()
 """
 
@@ -36,14 +37,15 @@ from pacsd.config.sections import (
     StorageSettings,
     WatchdogSettings,
 )
-from pacsd.config.tables import NODE_RIGHTS, Node, Retention, Route, User, node_from
+from pacsd.config.tables import (NODE_RIGHTS, Compression, Node, Retention, Route, User,
+                                 node_from)
 from pacsd.config.validators import valid_aet
 from pacsd.errors import ConfigError
 
 __all__ = [
     "CONFIG_FILE_NAME", "DEFAULT_DATA", "FLAT", "NODE_RIGHTS", "SECTIONS", "SETTINGS", "Config",
     "ConfigError", "DicomSettings", "HooksSettings", "HttpSettings", "IndexSettings",
-    "LogSettings", "Node", "Retention", "Route", "RoutingSettings", "ServerSettings", "Setting",
+    "LogSettings", "Compression", "Node", "Retention", "Route", "RoutingSettings", "ServerSettings", "Setting",
     "StorageSettings", "User", "WatchdogSettings", "check", "describe", "folder_problems", "load",
     "node_from", "read_toml", "valid_aet",
 ]

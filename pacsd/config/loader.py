@@ -33,7 +33,7 @@ from pacsd.config.sections import (
     StorageSettings,
     WatchdogSettings,
 )
-from pacsd.config.tables import Node, Retention, Route, User
+from pacsd.config.tables import Compression, Node, Retention, Route, User
 from pacsd.errors import ConfigError
 from pacsd.config import index_url
 
@@ -68,6 +68,7 @@ class Config:
     users: tuple[User, ...] = ()
     routes: tuple[Route, ...] = ()
     retention: tuple[Retention, ...] = ()
+    compression: tuple[Compression, ...] = ()
     plugin_settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     source: str = "defaults"   # the config file it came from, for messages
     # Where each setting's value came from ("section.key" -> the file, "$PACSD_...", "the
@@ -244,6 +245,7 @@ def _build(path: Path | str | None, env: Mapping[str, str] | None,
     users: tuple[User, ...] = ()
     routes: tuple[Route, ...] = ()
     retention: tuple[Retention, ...] = ()
+    compression: tuple[Compression, ...] = ()
     plugins: dict[str, dict[str, Any]] = {}
     for section, table in raw.items():
         try:
@@ -255,6 +257,8 @@ def _build(path: Path | str | None, env: Mapping[str, str] | None,
                 routes = tables.routes(table, source)
             elif section == "retention":
                 retention = tables.retention(table, source)
+            elif section == "compression":
+                compression = tables.compression(table, source)
             elif section == "plugin":   # [plugin.NAME]: each plugin's own settings, as written
                 if not isinstance(table, dict) or not all(isinstance(v, dict)
                                                           for v in table.values()):
@@ -306,6 +310,7 @@ def _build(path: Path | str | None, env: Mapping[str, str] | None,
             problems.add(ConfigError(str(problem)))
     return Config(**sections, data=data, storage_path=storage_path, index_url=index_url,
                   nodes=nodes, users=users, routes=routes, retention=retention,
+                  compression=compression,
                   plugin_settings=plugins,
                   source=source, origins=origins)
 

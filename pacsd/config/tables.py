@@ -63,6 +63,17 @@ class Retention:
 
 
 @dataclass(frozen=True)
+class Compression:
+    """A compression rule ([[compression]]): stored uncompressed images received more than
+    `older_than_days` ago (of these modalities, when given) are re-encoded losslessly (JPEG-LS),
+    verified pixel for pixel, in the background."""
+
+    name: str
+    older_than_days: int = 0
+    modalities: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class User:
     """A web / XML-RPC user; `password_hash` as made by `pacsd passwd`."""
 
@@ -254,6 +265,26 @@ def retention(raw: Any, origin: str) -> tuple[Retention, ...]:
                                calling_aets=callers,
                                free_below_percent=None if free is None else float(free),
                                enabled=enabled))
+    return tuple(rules)
+
+
+def compression(raw: Any, origin: str) -> tuple[Compression, ...]:
+    rules: list[Compression] = []
+    for where, item in _tables(raw, origin, "compression",
+                               {"name", "older_than_days", "modality"}):
+        name = str(item.get("name", "")).strip()
+        if not name or any(r.name == name for r in rules):
+            raise ConfigError(f"{where}: a name, unique among the rules, is required")
+        days = item.get("older_than_days", 0)
+        if not isinstance(days, int) or isinstance(days, bool) or days < 0:
+            raise ConfigError(f"{where}: older_than_days must be a whole number of days")
+        value = item.get("modality", [])
+        value = [value] if isinstance(value, str) else value
+        if not isinstance(value, list) or not all(isinstance(v, str) and v.strip()
+                                                  for v in value):
+            raise ConfigError(f"{where}: modality must be a value or a list of values")
+        rules.append(Compression(name=name, older_than_days=days,
+                                 modalities=tuple(v.strip().upper() for v in value)))
     return tuple(rules)
 
 

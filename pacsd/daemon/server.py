@@ -33,6 +33,7 @@ from pacsd import __version__, compat, logbook, systemd
 from pacsd.imaging import bounds
 from pacsd.storage.archive import Archive, interrupted_commands
 from pacsd.storage.housekeeping import Housekeeping
+from pacsd.storage.compression import Compressor
 from pacsd.storage.integrity import Scrubber
 from pacsd.storage.retention import Retainer
 from pacsd.config import Config
@@ -143,6 +144,7 @@ class Server:
         self.node = ""
         self.housekeeping: Housekeeping | None = None
         self.scrubber: Scrubber | None = None
+        self.compressor: Compressor | None = None
         self.hooks: Hooks | None = None
         self.router: Router | None = None
         self.dicom: DicomServer | DicomWorkers | None = None
@@ -212,6 +214,8 @@ class Server:
             self.housekeeping = Housekeeping(
                 self.index, store, cfg.housekeeping_interval, archive.bin,
                 Retainer(archive, cfg.retention, str(cfg.storage_path))).start()
+            if cfg.compression:
+                self.compressor = Compressor(archive, cfg.compression).start()
             if cfg.storage_scrub_days > 0:
                 self.scrubber = Scrubber(store, self.index, cfg.storage_scrub_days,
                                          cfg.storage_scrub_mb_per_s).start()
@@ -288,15 +292,18 @@ class Server:
         if self.router is not None:
             self.router.stop()
             self.router = None
+        if self.scrubber is not None:
+            self.scrubber.stop()
+            self.scrubber = None
+        if self.compressor is not None:
+            self.compressor.stop()
+            self.compressor = None
         if self.store is not None:
             self.store.close()   # its writing threads (every file begun is finished by now)
             self.store = None
         if self.housekeeping is not None:
             self.housekeeping.stop()
             self.housekeeping = None
-        if self.scrubber is not None:
-            self.scrubber.stop()
-            self.scrubber = None
         if self.index is not None:
             flushed = self.index.close()   # flushes the writer queue first
             self.index = None

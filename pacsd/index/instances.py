@@ -382,9 +382,10 @@ class Instances(Writer):
         return self.submit(lambda: [r[1] for r in self._delete_rows(level, wanted, paths)])
 
     def _delete_rows(self, level: str, wanted: list[str],
-                     paths: Collection[str] | None = None) -> list[tuple]:
+                     paths: Collection[str] | None = None, resolve: bool = True) -> list[tuple]:
         """`delete`'s work, on the writer thread inside a transaction: the removed instances'
-        (id, path, series id, SOP Instance UID, size)."""
+        (id, path, series id, SOP Instance UID, size). `resolve`: their conflicts and damage
+        records go too (not when they are re-filed at once: a correction)."""
         column = {"STUDY": Study.study_instance_uid, "SERIES": Series.series_instance_uid,
                   "IMAGE": Instance.sop_instance_uid}[level]
         # Rows are no longer only ever added: the series cache could name a deleted row.
@@ -401,6 +402,8 @@ class Instances(Writer):
         for start in range(0, len(rows), 500):
             Instance.delete().where(
                 Instance.id.in_([r[0] for r in rows[start:start + 500]])).execute()
+            if not resolve:
+                continue
             # Deleting an instance resolves its conflicts: the copies kept aside stay on
             # disk (STORAGE/.conflicts) for a person to import if they were the right one.
             Conflict.delete().where(Conflict.sop_instance_uid.in_(

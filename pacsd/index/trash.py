@@ -116,13 +116,16 @@ class Trash(Instances):
 
     def revise(self, versions: Sequence[tuple[str, str, int, str, Record, str]], *, who: str,
                action: str, level: str, uid: str, study_uid: str,
-               detail: dict[str, Any], unbin: Sequence[int] = ()) -> tuple[int, list[str]]:
+               detail: dict[str, Any], unbin: Sequence[int] = (),
+               keep_previous: bool = True) -> tuple[int, list[str]]:
         """A correction, in one transaction: each instance's row (SOP Instance UID, then the
         path, size, transfer syntax, header record and content hash of its new version, a file
         already durable) re-filed from its new version; the rows of the previous versions kept
         in the bin under one history row. The history row's number, and the previous versions'
         paths, for the caller to move into the bin once this has committed. `unbin`: bin rows
-        (by id) whose versions these new ones are (an undo), out of the bin."""
+        (by id) whose versions these new ones are (an undo), out of the bin. Without
+        `keep_previous` (a lossless re-encoding verified pixel for pixel) the previous versions
+        are not kept: the caller removes their files."""
         def work() -> tuple[int, list[str]]:
             sops = [v[0] for v in versions]
             rows = _instance_rows(Instance.sop_instance_uid, sops)
@@ -133,9 +136,10 @@ class Trash(Instances):
             change = Change.insert(at=now, who=who, action=action, level=level, uid=uid,
                                    study_uid=study_uid, instances=len(rows),
                                    detail=json.dumps(detail)).execute()
-            _bin_rows(rows, change, now)
+            if keep_previous:
+                _bin_rows(rows, change, now)
             old = {r[1]: r for r in rows}
-            self._delete_rows("IMAGE", sops)
+            self._delete_rows("IMAGE", sops, resolve=False)
             p = database.obj.param
             for sop, path, size, ts, record, content_hash in versions:
                 r = old[sop]
@@ -344,6 +348,23 @@ class Trash(Instances):
         with reading():
             rows = _tuples(q.order_by(Study.created, Study.id).limit(limit))
         return [dict(zip(keys, (*row[:7], str(row[7])))) for row in rows]
+
+    def compressible(self, received_before: str, modalities: tuple[str, ...], after_id: int,
+                     syntaxes: tuple[str, ...], limit: int) -> list[tuple[int, str, str, str]]:
+        """(id, SOP Instance UID, path, content hash) of images stored in one of `syntaxes`, of
+        a study first
+        received before `received_before` (and of `modalities` when given), by id from
+        `after_id`."""
+        q = (Instance.select(Instance.id, Instance.sop_instance_uid, Instance.path,
+                             Instance.content_hash)
+             .join(Series).join(Study)
+             .where((Instance.id > after_id) & Instance.transfer_syntax_uid.in_(list(syntaxes))
+                    & Instance.rows.is_null(False) & (Study.created < received_before)))
+        if modalities:
+            q = q.where(Series.modality.in_(list(modalities)))
+        with reading():
+            return [(int(a), str(b), str(c), str(d or "")) for a, b, c, d in
+                    _tuples(q.order_by(Instance.id).limit(limit))]
 
     def history(self, uid: str | None = None, limit: int = 200) -> list[ChangeRow]:
         """What was done by hand, newest first; with `uid`, to that object or within it."""

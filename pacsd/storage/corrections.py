@@ -33,7 +33,7 @@ from pydicom.uid import UID
 from pacsd.errors import InvalidDataset, PacsError
 from pacsd.imaging.header import check_and_extract, read_dataset_header, read_header
 from pacsd.index.integrity import Checkable
-from pacsd.storage.archive import Archive
+from pacsd.storage.archive import Archive, file_content_hash
 from pacsd.storage.trash import Restored, binned_path
 
 log = logging.getLogger(__name__)
@@ -204,6 +204,11 @@ class Corrections:
         after: dict[str, str] = {}
         try:
             for item in items:
+                if item.content_hash and file_content_hash(
+                        self.store.placed(item.path)) != item.content_hash:
+                    raise CorrectionRefused(f"the stored file of {item.sop_instance_uid} is not "
+                                            "what was stored (see `pacsd verify`): nothing was "
+                                            "changed")
                 ds = dcmread(self.store.placed(item.path))
                 new = values(ds)
                 if not before:
