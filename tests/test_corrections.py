@@ -25,7 +25,7 @@ from conftest import (LOCAL, c_find, c_get, dcmtk, pacsd_cmd, run_peer, store_fi
                       write_config)
 from data import write_series
 from pacsd.web.auth import hash_password
-from reliability.storm import start
+from reliability.storm import kill_command_midway, start
 
 H = {"X-Requested-With": "pacsd"}
 BOSS = ("boss", "boss-password")
@@ -234,18 +234,10 @@ def test_kills_in_the_middle_of_corrections_leave_one_version_of_each(tmp_path):
         assert cli(config, "patient", "update", pid, "--name", "WHOLE^RUN").returncode == 0
         whole = time.monotonic() - began
         for round_ in range(3):
-            fixer = subprocess.Popen(pacsd_cmd("patient", "update", pid, "--name",
-                                               f"ROUND^{round_}", "--config", str(config)),
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                     stdin=subprocess.DEVNULL)
-            mark = data / ".commands" / str(fixer.pid)
-            deadline = time.monotonic() + 30
-            while not mark.exists() and fixer.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.005)
-            assert mark.exists(), "the command never began its work"
-            time.sleep(rnd.uniform(0, whole / 3))   # within its work (at most a third of a
-            fixer.send_signal(signal.SIGKILL)        # whole run, start-up included)
-            fixer.wait(10)
+            # Within its work: at most a third of a whole run, start-up included.
+            assert kill_command_midway(["patient", "update", pid, "--name", f"ROUND^{round_}",
+                                        "--config", str(config)], data,
+                                       rnd.uniform(0, whole / 3))
             proc.proc.send_signal(signal.SIGTERM)
             assert proc.proc.wait(30) == 0
             proc = start(config, data, log)

@@ -117,6 +117,12 @@ def who() -> str:
         return "command line"
 
 
+def new_values(args: argparse.Namespace, fields: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """{keyword: value} of the correction flags given ((flag, keyword) pairs: --name)."""
+    return {kw: value for flag, kw in fields
+            if (value := getattr(args, flag[2:].replace("-", "_"))) is not None}
+
+
 def correct(cfg: Config, work: Any) -> int:
     """Run `work(corrections)` (pacsd.storage.corrections) on the archive, the server running
     or not; say what it did."""

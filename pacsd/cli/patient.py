@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pacsd.cli.common import correct, who
+from pacsd.cli.common import correct, new_values, who
 from pacsd.config import Config
 
 HELP = "correct a patient (name, ID, birth date, sex, issuer) or merge two patients"
@@ -31,7 +31,7 @@ def refuse(args: argparse.Namespace) -> str | None:
     if args.action == "update":
         if not args.patient_id:
             return "pacsd patient update: name the Patient ID"
-        if all(getattr(args, f[2:].replace("-", "_")) is None for f, _ in FIELDS):
+        if not new_values(args, FIELDS):
             return ("pacsd patient update: give at least one new value ("
                     + ", ".join(f for f, _ in FIELDS) + ")")
     elif not (args.from_id and args.into_id) or args.patient_id:
@@ -42,7 +42,5 @@ def refuse(args: argparse.Namespace) -> str | None:
 def run(args: argparse.Namespace, cfg: Config) -> int:
     if args.action == "merge":
         return correct(cfg, lambda c: c.merge_patients(args.from_id, args.into_id, who()))
-    changes = {kw: value for flag, kw in FIELDS
-               if (value := getattr(args, flag[2:].replace("-", "_"))) is not None}
-    return correct(cfg, lambda c: c.update_patient(args.patient_id, changes, who(),
-                                                   issuer=args.issuer))
+    return correct(cfg, lambda c: c.update_patient(args.patient_id, new_values(args, FIELDS),
+                                                   who(), issuer=args.issuer))

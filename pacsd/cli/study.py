@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pacsd.cli.common import correct, who
+from pacsd.cli.common import correct, new_values, who
 from pacsd.config import Config
 
 HELP = "correct a study (accession, description, date, referring physician) or move it"
@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def refuse(args: argparse.Namespace) -> str | None:
-    given = [f for f, _ in FIELDS if getattr(args, f[2:].replace("-", "_")) is not None]
+    given = new_values(args, FIELDS)
     if args.action == "update" and not given:
         return ("pacsd study update: give at least one new value ("
                 + ", ".join(f for f, _ in FIELDS) + ")")
@@ -38,6 +38,4 @@ def refuse(args: argparse.Namespace) -> str | None:
 def run(args: argparse.Namespace, cfg: Config) -> int:
     if args.action == "move":
         return correct(cfg, lambda c: c.move_study(args.uid, args.to_patient, who()))
-    changes = {kw: value for flag, kw in FIELDS
-               if (value := getattr(args, flag[2:].replace("-", "_"))) is not None}
-    return correct(cfg, lambda c: c.update_study(args.uid, changes, who()))
+    return correct(cfg, lambda c: c.update_study(args.uid, new_values(args, FIELDS), who()))

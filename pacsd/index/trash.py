@@ -290,31 +290,15 @@ class Trash(Instances):
 
     def live_sops(self, uids: Sequence[str]) -> set[str]:
         """Which of these SOP Instance UIDs the index holds."""
-        found: set[str] = set()
-        with reading():
-            for start in range(0, len(uids), 500):
-                found |= {str(r[0]) for r in _tuples(Instance.select(
-                    Instance.sop_instance_uid).where(
-                    Instance.sop_instance_uid.in_(list(uids[start:start + 500]))))}
-        return found
+        return _among(Instance.sop_instance_uid, uids)
 
     def live_paths(self, paths: Sequence[str]) -> set[str]:
         """Which of these paths an index row points at."""
-        found: set[str] = set()
-        with reading():
-            for start in range(0, len(paths), 500):
-                found |= {str(r[0]) for r in _tuples(Instance.select(Instance.path).where(
-                    Instance.path.in_(list(paths[start:start + 500]))))}
-        return found
+        return _among(Instance.path, paths)
 
     def binned_among(self, paths: Sequence[str]) -> set[str]:
         """Which of these paths a bin row names (a version or a deletion)."""
-        found: set[str] = set()
-        with reading():
-            for start in range(0, len(paths), 500):
-                found |= {str(r[0]) for r in _tuples(Binned.select(Binned.path).where(
-                    Binned.path.in_(list(paths[start:start + 500]))))}
-        return found
+        return _among(Binned.path, paths)
 
     def drop_binned_rows(self, paths: Sequence[str]) -> int:
         """Forget bin rows whose instance is back in the index (a restore that a crash cut
@@ -402,6 +386,16 @@ def _bin_rows(rows: list[tuple], change: int, now: float) -> None:
             study_description=r[7], modality=r[8], path=r[9], size=r[10],
             transfer_syntax_uid=r[11], calling_aet=r[12], received=_text_time(r[13]),
             content_hash=r[14]) for r in rows[start:start + 200]]).execute()
+
+
+def _among(column: Any, values: Sequence[str]) -> set[str]:
+    """Which of `values` the column holds (by chunks: SQLite's variable limit)."""
+    found: set[str] = set()
+    with reading():
+        for start in range(0, len(values), 500):
+            found |= {str(r[0]) for r in _tuples(column.model.select(column).where(
+                column.in_(list(values[start:start + 500]))))}
+    return found
 
 
 def _tuples(query: Any) -> list[tuple]:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 import time
 from dataclasses import dataclass
 from io import BytesIO
@@ -33,6 +32,7 @@ from pacsd.config import Compression
 from pacsd.imaging.header import check_and_extract, file_meta_bytes, read_dataset_header
 from pacsd.errors import InvalidDataset
 from pacsd.storage.archive import Archive, file_content_hash
+from pacsd.storage.background import LeasedJob
 
 log = logging.getLogger(__name__)
 
@@ -96,39 +96,19 @@ def jpeg_ls(path: str) -> bytes:
     return body
 
 
-class Compressor:
+class Compressor(LeasedJob):
     """The background re-encoding: every TICK seconds, for at most WORK seconds, the next
     images the rules take."""
 
     TICK = 10.0
     WORK = 2.0
+    LEASE = "compress"
 
     def __init__(self, archive: Archive, rules: tuple[Compression, ...]) -> None:
+        super().__init__(archive.index)
         self.archive, self.rules = archive, rules
-        self.index, self.store = archive.index, archive.store
+        self.store = archive.store
         self.total = Pass()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="compressor", daemon=True)
-
-    def start(self) -> Compressor:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=60)
-        try:
-            self.index.release("compress")
-        except Exception as e:  # noqa: BLE001 - it expires anyway
-            log.debug("lease compress not released: %s", e)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.TICK):
-            try:
-                if self.index.lease("compress", self.TICK * 6):
-                    self.run_once(self.WORK)
-            except Exception as e:  # noqa: BLE001 - the next tick tries again
-                log.warning("compression round failed: %s", e)
 
     def run_once(self, seconds: float) -> Pass:
         """Compress for about `seconds` (at least one batch); what was done."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from pacsd.errors import InvalidDataset
 from pacsd.index import Index
 from pacsd.index.integrity import Checkable
 from pacsd.storage.archive import file_content_hash
+from pacsd.storage.background import LeasedJob
 from pacsd.storage.store import Store
 
 log = logging.getLogger(__name__)
@@ -117,42 +117,23 @@ def _said(item: Checkable, problem: str, detail: str) -> str:
             f"stored as {(item.content_hash or '')[:16]}...)")
 
 
-class Scrubber:
+class Scrubber(LeasedJob):
     """The background check: every TICK seconds, the files stored since the last look, then
     the next stretch of the pass, at a bounded rate. One node of several runs it (lease)."""
 
     TICK = 5.0
+    WORK = 5.0
+    LEASE = "scrub"
 
     def __init__(self, store: Store, index: Index, days: float, mb_per_s: float) -> None:
-        self.store, self.index = store, index
+        super().__init__(index)
+        self.store = store
         self.days, self.max_rate = days, mb_per_s * 2**20
         self.checked = 0          # files read back since start
         self.damaged_found = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="scrubber", daemon=True)
         self._budget = 0.0        # bytes that may be read now
         self._last = time.monotonic()
         self._rate = float(MIN_RATE)
-
-    def start(self) -> Scrubber:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
-        try:
-            self.index.release("scrub")
-        except Exception as e:  # noqa: BLE001 - it expires anyway
-            log.debug("lease scrub not released: %s", e)
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.TICK):
-            try:
-                if self.index.lease("scrub", self.TICK * 6):
-                    self.run_once(self.TICK)
-            except Exception as e:  # noqa: BLE001 - the next tick tries again
-                log.warning("integrity check round failed: %s", e)
 
     def run_once(self, seconds: float) -> int:
         """Read back for about `seconds`: new files first, then the pass. Files checked."""

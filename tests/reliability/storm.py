@@ -368,3 +368,20 @@ def kill_tree(proc: Process, timeout: float = 10) -> None:
     while any(alive(p) for p in tree):
         assert time.monotonic() < deadline, f"still running after SIGKILL: {tree}"
         time.sleep(0.02)
+
+
+def kill_command_midway(args: list[str], data: Path, delay: float) -> bool:
+    """Run `pacsd ARGS...` and SIGKILL it `delay` seconds after it marked itself as changing
+    the archive (DATA/.commands/PID, pacsd.storage.archive.command_started); whether it was
+    still at work when killed (not ended by itself)."""
+    job = subprocess.Popen(pacsd_cmd(*args), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    mark = data / ".commands" / str(job.pid)
+    try:
+        assert wait_for(lambda: mark.exists() or job.poll() is not None, 30)
+        assert mark.exists() or job.returncode == 0, f"pacsd {args[0]} failed"
+        time.sleep(delay)
+    finally:
+        job.send_signal(signal.SIGKILL)
+        job.wait(10)
+    return job.returncode == -signal.SIGKILL
