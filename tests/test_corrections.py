@@ -162,6 +162,20 @@ def test_merge_and_moves_through_the_json_api(make_server, tmp_path):
     found = c_find(server.dicom_port, "SERIES", StudyInstanceUID=str(db.StudyInstanceUID),
                    SeriesInstanceUID="")[1]
     assert moved in {str(s.SeriesInstanceUID) for s in found}
+    # Split: the series into a new study of its own (same patient, the study's attributes).
+    r = post(f"/api/series/{moved}/move", {"to_study": "new"})
+    assert r.status_code == 200 and r.json()["instances"] == 2, r.text
+    studies = c_find(server.dicom_port, "STUDY", PatientID=str(db.PatientID),
+                     StudyInstanceUID="", NumberOfStudyRelatedSeries="", StudyDate="")[1]
+    assert len(studies) == 4
+    [new] = [s for s in studies if str(s.StudyInstanceUID) not in
+             {str(da.StudyInstanceUID), str(db.StudyInstanceUID), str(dcmread(a[-1])
+                                                                 .StudyInstanceUID)}]
+    assert new.NumberOfStudyRelatedSeries == 1 and new.StudyDate == db.StudyDate
+    assert str(new.StudyInstanceUID).startswith("2.25.")
+    # A study's only series cannot be split off.
+    r = post(f"/api/series/{moved}/move", {"to_study": "new"})
+    assert r.status_code == 400 and "only one" in r.json()["error"]
 
 
 def test_command_line_refuses_bad_corrections_clearly(make_server, tmp_path):

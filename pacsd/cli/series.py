@@ -7,15 +7,20 @@ import argparse
 from pacsd.cli.common import correct, who
 from pacsd.config import Config
 
-HELP = "move a series to another study (it takes that study's patient and study attributes)"
+HELP = "move a series to another study, or split it off into a new study of its own"
 LOGGING = "stderr"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=("move",), help="move: file it under --to-study")
     parser.add_argument("uid", metavar="UID", help="the Series Instance UID")
-    parser.add_argument("--to-study", metavar="UID", required=True,
-                        help="the Study Instance UID of the study it belongs to")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--to-study", metavar="UID",
+                       help="the Study Instance UID of the study it belongs to (it takes that "
+                            "study's patient and study attributes)")
+    where.add_argument("--to-new-study", action="store_true",
+                       help="split: a new study of the same patient, with a new Study "
+                            "Instance UID and the old study's attributes")
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:

@@ -28,7 +28,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
-from pydicom.uid import UID
+from pydicom.uid import UID, generate_uid
 
 from pacsd.errors import InvalidDataset, PacsError
 from pacsd.imaging.header import check_and_extract, read_dataset_header, read_header
@@ -117,12 +117,25 @@ class Corrections:
         return self._rewrite(items, lambda ds: target, who, "study move", "STUDY", study_uid,
                              study_uid, {"to_patient": to_patient})
 
-    def move_series(self, series_uid: str, to_study: str, who: str) -> Corrected:
+    def move_series(self, series_uid: str, to_study: str | None, who: str) -> Corrected:
+        """File a series under another stored study, or (`to_study` None: a split) under a new
+        study of its own patient, with a new Study Instance UID and its old study's
+        attributes."""
         items = self._items("SERIES", series_uid, None, "series")
-        one = self._header(self._items("STUDY", to_study, None, "study")[0])
-        target = {**self._patient_of_header(one),
-                  **{kw: str(one.get(kw, "") or "") for kw in STUDY_LEVEL}}
-        return self._rewrite(items, lambda ds: target, who, "series move", "SERIES", series_uid,
+        if to_study is None:
+            own = self._header(items[0])
+            if len(self.index.checkable_in("STUDY", str(own.StudyInstanceUID))) == len(items):
+                raise CorrectionRefused("the series is its study's only one: nothing to split")
+            to_study = str(generate_uid(prefix=None))   # 2.25.<UUID as an integer>
+            target = {kw: str(own.get(kw, "") or "") for kw in STUDY_LEVEL}
+            target["StudyInstanceUID"] = to_study
+            action = "series split"
+        else:
+            one = self._header(self._items("STUDY", to_study, None, "study")[0])
+            target = {**self._patient_of_header(one),
+                      **{kw: str(one.get(kw, "") or "") for kw in STUDY_LEVEL}}
+            action = "series move"
+        return self._rewrite(items, lambda ds: target, who, action, "SERIES", series_uid,
                              to_study, {"to_study": to_study})
 
     def undo(self, uid: str, who: str) -> Corrected | Restored:

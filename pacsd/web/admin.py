@@ -314,8 +314,9 @@ def correct(rt: Runtime, what: str, uid: str | None = None) -> dict[str, Any]:
         elif what == "study-move":
             done = c.move_study(check_uid(uid or ""), str(body.get("to_patient") or ""), who)
         elif what == "series-move":
-            done = c.move_series(check_uid(uid or ""), check_uid(str(body.get("to_study") or
-                                                                     "")), who)
+            to = body.get("to_study")
+            done = c.move_series(check_uid(uid or ""),
+                                 None if to == "new" else check_uid(str(to or "")), who)
         else:
             done = c.undo(str(body.get("uid") or ""), who)
     except CorrectionRefused as e:
