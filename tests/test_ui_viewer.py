@@ -386,6 +386,36 @@ def test_admin_deletes_a_study(browser, env):
     assert r.status_code == 404
 
 
+def test_admin_corrects_a_study_from_the_viewer(browser, env):
+    open_viewer(browser, env, env.reversed)
+    button = browser.find_element(By.ID, "btn-edit-study")
+    WebDriverWait(browser, 10).until(lambda d: button.is_displayed())   # open access: admin
+    button.click()
+    for field, value in (("e-description", "Corrected head"), ("e-name", "FIXED^NAME"),
+                         ("e-date", "2024-01-01")):
+        box = browser.find_element(By.ID, field)
+        box.clear()
+        box.send_keys(value)
+    browser.find_element(By.ID, "edit-save").click()
+    # A bad date: said in the dialog, nothing changed.
+    WebDriverWait(browser, 20).until(
+        lambda d: "YYYYMMDD" in d.find_element(By.ID, "edit-error").text)
+    before = requests.get(f"{env.http_url}/api/studies/{env.reversed}", timeout=10).json()
+    assert before["description"] != "Corrected head"
+    box = browser.find_element(By.ID, "e-date")
+    box.clear()
+    box.send_keys(before["study_date"] or "20240101")
+    browser.find_element(By.ID, "edit-save").click()
+    WebDriverWait(browser, 30).until(lambda d: requests.get(
+        f"{env.http_url}/api/studies/{env.reversed}", timeout=10).json()["patient_name"]
+        == "FIXED^NAME")
+    after = requests.get(f"{env.http_url}/api/studies/{env.reversed}", timeout=10).json()
+    assert after["description"] == "Corrected head"
+    assert (after["instances"], after["series"]) == (before["instances"], before["series"])
+    actions = [h.action for h in env.index.history(env.reversed)]
+    assert "study update" in actions
+
+
 def test_compressed_grayscale_is_exact(browser, env):
     """JPEG-LS lossless frames, decoded by the server to raw pixels, are the pixels pydicom
     decodes, and are drawn."""

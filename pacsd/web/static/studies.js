@@ -317,7 +317,7 @@
 
   $("delete-btn").addEventListener("click", async () => {
     const n = selected.size;
-    if (!n || !confirm(`Delete ${n} ${n === 1 ? "study" : "studies"} from the archive? This cannot be undone.`)) return;
+    if (!n || !confirm(`Delete ${n} ${n === 1 ? "study" : "studies"} from the archive? It goes to the recycle bin, restorable from the admin page.`)) return;
     let deleted = 0;
     const errors = [];
     for (const uid of [...selected.keys()]) {

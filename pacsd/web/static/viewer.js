@@ -417,17 +417,48 @@ async function setupActions() {
     } finally { $("btn-send").disabled = !sel.value; }
   };
   $("btn-delete-study").onclick = async () => {
-    if (!await confirmDialog(`Delete the whole study of ${pacs.fmtName(study.patient_name)} (${study.instances} images)? This cannot be undone.`, "Delete study")) return;
+    if (!await confirmDialog(`Delete the whole study of ${pacs.fmtName(study.patient_name)} (${study.instances} images)? It goes to the recycle bin, restorable from the admin page.`, "Delete study")) return;
     try {
       const r = await pacs.api("DELETE", `studies/${encodeURIComponent(studyUid)}`);
       pacs.toast(`Deleted ${r && r.deleted} image(s)`);
       location.href = "./";
     } catch (e) { pacs.toast("Delete failed: " + e.message, true); }
   };
+  // Corrections (administrators): the patient's and the study's attributes, each changed
+  // one in every file of the patient or study (POST /api/patients/ID/update, .../studies/UID/update).
+  const EDIT = {
+    patient: [["e-name", "PatientName", "patient_name"], ["e-pid", "PatientID", "patient_id"],
+              ["e-birth", "PatientBirthDate", "birth_date"], ["e-sex", "PatientSex", "sex"]],
+    study: [["e-accession", "AccessionNumber", "accession"], ["e-description", "StudyDescription", "description"],
+            ["e-date", "StudyDate", "study_date"], ["e-referring", "ReferringPhysicianName", "referring"]],
+  };
+  $("btn-edit-study").onclick = () => {
+    for (const fields of Object.values(EDIT)) for (const [id, , key] of fields) $(id).value = study[key] || "";
+    $("edit-error").textContent = "";
+    $("edit").showModal();
+  };
+  $("edit-save").onclick = async () => {
+    const changed = (fields) => Object.fromEntries(fields.filter(([id, , key]) => $(id).value.trim() !== (study[key] || ""))
+      .map(([id, kw]) => [kw, $(id).value.trim()]));
+    const patient = changed(EDIT.patient), studyChanges = changed(EDIT.study);
+    if (!Object.keys(patient).length && !Object.keys(studyChanges).length) { $("edit").close(); return; }
+    $("edit-save").disabled = true;
+    try {
+      if (Object.keys(studyChanges).length)
+        await pacs.api("POST", `studies/${encodeURIComponent(studyUid)}/update`, { changes: studyChanges });
+      if (Object.keys(patient).length)
+        await pacs.api("POST", `patients/${encodeURIComponent(study.patient_id)}/update`, { changes: patient });
+      $("edit").close();
+      pacs.toast("Corrected; the previous versions are in the recycle bin");
+      location.reload();
+    } catch (e) {
+      $("edit-error").textContent = e.message;
+    } finally { $("edit-save").disabled = false; }
+  };
   $("btn-delete-series").onclick = async () => {
     const vp = activeVp(), s = vp.series;
     if (!s) return;
-    if (!await confirmDialog(`Delete series ${s.info.number} ${s.info.description || ""} (${s.info.instances} images)? This cannot be undone.`, "Delete series")) return;
+    if (!await confirmDialog(`Delete series ${s.info.number} ${s.info.description || ""} (${s.info.instances} images)? It goes to the recycle bin, restorable from the admin page.`, "Delete series")) return;
     try {
       const r = await pacs.api("DELETE", `series/${encodeURIComponent(s.uid)}`);
       pacs.toast(`Deleted ${r && r.deleted} image(s)`);
@@ -449,7 +480,9 @@ async function setupActions() {
   } catch (e) { sel.disabled = true; sel.title = "Nodes unavailable: " + e.message; }
   try {
     const m = await pacs.me();
-    if (m && m.admin) { $("btn-delete-study").classList.remove("hidden"); $("btn-delete-series").classList.remove("hidden"); }
+    if (m && m.admin) {
+      for (const id of ["btn-delete-study", "btn-delete-series", "btn-edit-study"]) $(id).classList.remove("hidden");
+    }
   } catch (e) { /* not logged in: redirected */ }
 }
 
