@@ -169,6 +169,8 @@ class Bin:
         floor = self.store.space.floor
         wanted = floor + ROOM_MB * 2**20
         emptied = 0
+        if self.store.space.free_bytes() >= wanted:
+            return 0   # the usual case: no look at the bin
         for entry in self.index.bin_entries():
             if self.store.space.free_bytes() >= wanted:
                 break
