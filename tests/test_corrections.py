@@ -7,12 +7,15 @@ kill in the middle of a correction leaves each instance in one version, never bo
 from __future__ import annotations
 
 import hashlib
+import io
 import random
 import re
 import signal
 import sqlite3
 import subprocess
 import time
+import xmlrpc.client
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -80,6 +83,18 @@ def test_patient_update_is_seen_everywhere_and_undone_byte_for_byte(make_server,
                                            "StudyInstanceUID": str(first.StudyInstanceUID)},
                        CTImageStorage, ExplicitVRLittleEndian)
     assert final == 0 and len(got) == 4
+    rpc = xmlrpc.client.ServerProxy(server.http_url.replace("://", "://boss:boss-password@")
+                                    + "/RPC2")
+    answer = rpc.DBWindowFind({"request": f"patientID == '{pid}'", "table": "Study",
+                               "execute": "Select"})
+    assert {e["name"] for e in answer["elements"]} == {"Müller Anna"}   # OsiriX's spelling
+    zipped = requests.get(f"{server.http_url}/api/studies/{first.StudyInstanceUID}/zip",
+                          auth=BOSS, timeout=30)
+    with zipfile.ZipFile(io.BytesIO(zipped.content)) as z:
+        names = {str(dcmread(io.BytesIO(z.read(n))).PatientName) for n in z.namelist()
+                 if not n.endswith("DICOMDIR") and n.upper().startswith(("DICOM", "IM"))
+                 or n.endswith(".dcm")}
+    assert names == {"Müller^Anna"}
     now = live_files(storage)
     assert len(now) == 8 and not set(now) & set(before)   # new versions, new files
     for rel in now:
@@ -128,6 +143,8 @@ def test_merge_and_moves_through_the_json_api(make_server, tmp_path):
     studies = c_find(server.dicom_port, "STUDY", PatientID=str(db.PatientID), PatientName="")[1]
     assert len(studies) == 3 and {str(s.PatientName) for s in studies} == {str(db.PatientName)}
     assert server.index.counts()["patients"] == 1
+    assert dcmtk_names(server.dicom_port, str(da.PatientID)) == []   # DCMTK sees it too
+    assert dcmtk_names(server.dicom_port, str(db.PatientID)) == [str(db.PatientName)]
 
     # Study update, then move the study back under a new patient ID (a correction of A's ID).
     study = str(da.StudyInstanceUID)
@@ -137,6 +154,10 @@ def test_merge_and_moves_through_the_json_api(make_server, tmp_path):
     [m] = c_find(server.dicom_port, "STUDY", StudyInstanceUID=study, AccessionNumber="",
                  StudyDescription="")[1]
     assert (m.AccessionNumber, m.StudyDescription) == ("ACC-9", "Fixed")
+    proc = run_peer([dcmtk("findscu"), "-v", "-S", "-aec", "PACSD", "-k",
+                     "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}", "-k",
+                     "AccessionNumber", LOCAL, str(server.dicom_port)])
+    assert re.search(r"\(0008,0050\) SH \[ACC-9 ?\]", proc.stdout + proc.stderr)
     # Series move: B's second series into A's first study; it takes that study's UID.
     series = {str(dcmread(f).SeriesInstanceUID) for f in b}
     moved = sorted(series)[0]

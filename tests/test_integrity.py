@@ -123,23 +123,26 @@ def test_the_background_check_reads_new_files_back_then_passes_over_all(make_ser
     paths = stored_by_sop(server)
     fresh_bad = str(dcmread(newer[2]).SOPInstanceUID)
     old_bad = str(dcmread(older[0]).SOPInstanceUID)
+    old_gone = str(dcmread(older[1]).SOPInstanceUID)
     flip_a_byte(paths[fresh_bad])
     flip_a_byte(paths[old_bad])
+    paths[old_gone].unlink()
 
     assert scrubber._fresh(until=float("inf")) == 3   # the new files, read back once
     assert [d.sop_instance_uid for d in server.index.damage()] == [fresh_bad]
     assert server.index.cursor(FRESH) == server.index.last_instance_id()
     assert scrubber._pass(until=float("inf")) == 6    # then the whole archive
-    assert {d.sop_instance_uid for d in server.index.damage()} == {fresh_bad, old_bad}
+    assert {d.sop_instance_uid: d.problem for d in server.index.damage()} == \
+        {fresh_bad: "changed", old_bad: "changed", old_gone: "missing"}
     errors = [r for r in caplog.records if r.levelno == logging.ERROR
               and "integrity: SOP Instance" in r.getMessage()]
-    assert len(errors) == 2   # once per file, however often it is found again
+    assert len(errors) == 3   # once per file, however often it is found again
     assert server.index.cursor(PASS_ENDED) is not None
     assert any("a pass over the archive is done" in r.getMessage() for r in caplog.records)
     # The next pass waits for its time (2 s after the last); found again, no new ERROR line.
     assert scrubber._pass(until=float("inf")) == 0
     server.index.set_cursor(PASS_ENDED, 0.0)
     assert scrubber._pass(until=float("inf")) == 6
-    assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == 2
+    assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == 3
     # The rate bound: 6 files of ~2 KiB at 50 MiB/s is no wait; the budget is per second.
     assert scrubber.checked == 15
