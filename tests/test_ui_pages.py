@@ -361,6 +361,38 @@ def test_login_redirects_and_guards(make_server, sixty, browser):
     assert not browser.find_element(By.ID, "admin").is_displayed()
 
 
+def test_admin_merges_patients_and_undoes_it_from_the_admin_page(make_server, tmp_path,
+                                                                   browser):
+    files = write_series(tmp_path / "in", seed=47, patients=2, studies=1, images=2, size=16)
+    a, b = dcmread(files[0]), dcmread(files[-1])
+    server = make_server(users=[ROOT])
+    assert store_files(server.dicom_port, files) == [0] * 4
+    page(browser, server, "admin")
+    log_in(browser, "root", "root-secret")
+    wait(browser, lambda d: "/app/admin" in d.current_url)
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#fm-from"))
+    type_into(browser, "#fm-from", str(a.PatientID))
+    type_into(browser, "#fm-into", str(b.PatientID))
+    browser.find_element(By.CSS_SELECTOR, "#fix-merge button").click()
+    wait(browser, lambda d: "2 image(s) rewritten" in text(d, "#fix-result"),
+         message="the merge never finished")
+    assert server.index.counts()["patients"] == 1
+    # The previous versions are listed in the bin; Undo takes the merge back.
+    wait(browser, lambda d: "patient merge" in text(d, "#trash tbody"))
+    type_into(browser, "#fu-uid", str(a.PatientID))
+    browser.find_element(By.CSS_SELECTOR, "#fix-undo button").click()
+    wait(browser, lambda d: "2 image(s) rewritten" in text(d, "#fix-result")
+         and "#" in text(d, "#fix-result") and not d.find_element(By.ID, "fu-uid")
+         .get_attribute("value"), message="the undo never finished")
+    assert server.index.counts()["patients"] == 2
+    # A mistake is said plainly, nothing changed.
+    type_into(browser, "#fs-uid", str(a.StudyInstanceUID))
+    type_into(browser, "#fs-to", "NO-SUCH-PATIENT")
+    browser.find_element(By.CSS_SELECTOR, "#fix-study button").click()
+    wait(browser, lambda d: "no patient NO-SUCH-PATIENT" in text(d, "#fix-result"))
+    assert server.index.counts()["patients"] == 2
+
+
 def test_admin_status_nodes_users_and_log(make_server, sixty, browser):
     port = free_port()
     server = make_server(dicom={"port": port}, users=[ROOT], nodes=[

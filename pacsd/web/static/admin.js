@@ -291,6 +291,34 @@
   });
   $("queue-refresh").addEventListener("click", loadQueue);
 
+  // --- corrections (pacsd.storage.corrections) --------------------------------------------
+  function fix(formId, call) {
+    $(formId).addEventListener("submit", async (ev) => {
+      ev.preventDefault();
+      const out = $("fix-result"), button = ev.target.querySelector("button");
+      button.disabled = true;
+      out.className = "small";
+      out.textContent = "Working…";
+      try {
+        const r = await call();
+        out.textContent = r.change !== undefined
+          ? `Done: ${nf.format(r.instances)} image(s) rewritten (change #${r.change}); the previous versions are in the recycle bin.`
+          : `Done: ${nf.format(r.restored)} image(s) restored from the recycle bin.`;
+        ev.target.reset();
+        loadTrash();
+        loadStatus();
+      } catch (e) {
+        out.className = "small error-text";
+        out.textContent = e.message;
+      } finally { button.disabled = false; }
+    });
+  }
+  const val = (id) => $(id).value.trim();
+  fix("fix-merge", () => pacs.api("POST", "patients/merge", { from: val("fm-from"), into: val("fm-into") }));
+  fix("fix-study", () => pacs.api("POST", `studies/${encodeURIComponent(val("fs-uid"))}/move`, { to_patient: val("fs-to") }));
+  fix("fix-series", () => pacs.api("POST", `series/${encodeURIComponent(val("fr-uid"))}/move`, { to_study: val("fr-to") || "new" }));
+  fix("fix-undo", () => pacs.api("POST", "undo", { uid: val("fu-uid") }));
+
   // --- the recycle bin ---------------------------------------------------------------------
   async function loadTrash() {
     const tb = document.querySelector("#trash tbody");
