@@ -343,8 +343,8 @@ class Instances(Writer):
     def clear(self) -> None:
         def work() -> None:
             self._cache.clear()
-            for model in (Instance, Series, Study, Patient):
-                model.delete().execute()
+            for model in (Instance, Series, Study, Patient, Damage):
+                model.delete().execute()   # damage records too: found again if still there
             counters.recount(database.obj)
         self.submit(work)
 
