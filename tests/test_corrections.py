@@ -288,3 +288,55 @@ def test_kills_in_the_middle_of_corrections_leave_one_version_of_each(tmp_path):
             proc.proc.send_signal(signal.SIGTERM)
             proc.proc.wait(30)
     assert "a command changing the archive" in log.read_text()
+
+
+def dcmtk_find(port: int, *keys: str) -> str:
+    """findscu -v (Study Root) with these -k keys: its output, where the matches are."""
+    args = [dcmtk("findscu"), "-v", "-S", "-aec", "PACSD"]
+    for k in keys:
+        args += ["-k", k]
+    proc = run_peer(args + [LOCAL, str(port)])
+    return proc.stdout + proc.stderr
+
+
+def test_study_and_series_moves_from_the_command_line_seen_by_dcmtk_and_pynetdicom(
+        make_server, tmp_path):
+    a = write_series(tmp_path / "a", seed=66, patients=1, studies=1, series=2, images=2,
+                     size=16)
+    b = write_series(tmp_path / "b", seed=67, patients=1, studies=1, series=1, images=2,
+                     size=16)
+    server = make_server()
+    assert store_files(server.dicom_port, a + b) == [0] * 6
+    da, db = dcmread(a[0]), dcmread(b[0])
+    config = Path(server.cfg.source)
+    # A series of A's study into B's study: it takes B's study and patient.
+    series = str(da.SeriesInstanceUID)
+    out = cli(config, "series", "move", series, "--to-study", str(db.StudyInstanceUID))
+    assert out.returncode == 0, out.stderr
+    text = dcmtk_find(server.dicom_port, "QueryRetrieveLevel=SERIES",
+                      f"StudyInstanceUID={db.StudyInstanceUID}", "SeriesInstanceUID")
+    assert series in text
+    found = c_find(server.dicom_port, "SERIES", StudyInstanceUID=str(db.StudyInstanceUID),
+                   SeriesInstanceUID="")[1]
+    assert series in {str(s.SeriesInstanceUID) for s in found} and len(found) == 2
+    # A's study (its other series) moved under patient B.
+    out = cli(config, "study", "move", str(da.StudyInstanceUID), "--to-patient",
+              str(db.PatientID))
+    assert out.returncode == 0, out.stderr
+    text = dcmtk_find(server.dicom_port, "QueryRetrieveLevel=STUDY",
+                      f"PatientID={db.PatientID}", "StudyInstanceUID")
+    assert str(da.StudyInstanceUID) in text and str(db.StudyInstanceUID) in text
+    studies = c_find(server.dicom_port, "STUDY", PatientID=str(db.PatientID),
+                     StudyInstanceUID="", PatientName="")[1]
+    assert {str(s.StudyInstanceUID) for s in studies} == {str(da.StudyInstanceUID),
+                                                          str(db.StudyInstanceUID)}
+    assert {str(s.PatientName) for s in studies} == {str(db.PatientName)}
+    assert c_find(server.dicom_port, "STUDY", PatientID=str(da.PatientID))[1] == []
+    # In the files too: the moved series carries B's Study Instance UID and Patient ID.
+    final, got = c_get(server.dicom_port, {"QueryRetrieveLevel": "SERIES",
+                                           "StudyInstanceUID": str(db.StudyInstanceUID),
+                                           "SeriesInstanceUID": series},
+                       CTImageStorage, ExplicitVRLittleEndian)
+    assert final == 0 and len(got) == 2
+    for _, body in got.values():
+        assert str(db.StudyInstanceUID).encode() in body and str(db.PatientID).encode() in body
