@@ -194,9 +194,11 @@ class Methods:
         if count > MAX_ELEMENTS:
             answer["truncated"] = "1"
         if execute == "Delete":
+            user = bottle.request.environ.get("pacsd.user")
             answer["deleted"] = self.rt.archive.delete(
                 predicate.LEVEL[table], uids,
-                who=f"XML-RPC from {client_of(bottle.request.environ)}")
+                who=f"XML-RPC from {client_of(bottle.request.environ)}"
+                    + (f" ({user.name})" if user else ""))
             log.warning("XML-RPC DBWindowFind Delete from %s: %d %s(s), %d image(s)",
                         client_of(bottle.request.environ), count, table.lower(), answer["deleted"])
         return answer
