@@ -29,6 +29,7 @@ from conftest import (LOCAL, c_find, c_get, dcmtk, pacsd_cmd, run_peer, store_fi
 from data import write_series
 from pacsd.web.auth import hash_password
 from reliability.storm import kill_command_midway, start
+from test_retrieve import dest, move  # noqa: F401 - dest is a fixture
 
 H = {"X-Requested-With": "pacsd"}
 BOSS = ("boss", "boss-password")
@@ -56,8 +57,10 @@ def dcmtk_names(port: int, patient_id: str) -> list[str]:
     return [m.group(1).strip() for m in re.finditer(r"\(0010,0010\) PN \[([^\]]*)\]", text)]
 
 
-def test_patient_update_is_seen_everywhere_and_undone_byte_for_byte(make_server, tmp_path):
-    server = make_server(users=USERS)
+def test_patient_update_is_seen_everywhere_and_undone_byte_for_byte(make_server, tmp_path,
+                                                                    dest):
+    server = make_server(users=USERS, nodes=[{"name": "viewer", "aet": "DEST", "host": LOCAL,
+                                              "port": dest.port}])
     files = write_series(tmp_path / "in", seed=61, studies=2, series=2, images=2, size=16)
     assert store_files(server.dicom_port, files) == [0] * 8
     first = dcmread(files[0])
@@ -83,6 +86,11 @@ def test_patient_update_is_seen_everywhere_and_undone_byte_for_byte(make_server,
                                            "StudyInstanceUID": str(first.StudyInstanceUID)},
                        CTImageStorage, ExplicitVRLittleEndian)
     assert final == 0 and len(got) == 4
+    # C-MOVE sends the corrected files.
+    statuses = move(server.dicom_port, "DEST", "STUDY",
+                    StudyInstanceUID=str(first.StudyInstanceUID))
+    assert statuses[-1].Status == 0 and len(dest.received) == 4
+    assert all("Müller^Anna".encode("utf-8") in body for _, body in dest.received.values())
     rpc = xmlrpc.client.ServerProxy(server.http_url.replace("://", "://boss:boss-password@")
                                     + "/RPC2")
     answer = rpc.DBWindowFind({"request": f"patientID == '{pid}'", "table": "Study",
