@@ -336,14 +336,14 @@ class Trash(Instances):
     def compressible(self, received_before: str, modalities: tuple[str, ...], after_id: int,
                      syntaxes: tuple[str, ...], limit: int) -> list[tuple[int, str, str, str]]:
         """(id, SOP Instance UID, path, content hash) of images stored in one of `syntaxes`, of
-        a study first
-        received before `received_before` (and of `modalities` when given), by id from
+        a study first received at or before `received_before` (to the second: a rule of age 0
+        takes what arrived this very second too), of `modalities` when given, by id from
         `after_id`."""
         q = (Instance.select(Instance.id, Instance.sop_instance_uid, Instance.path,
                              Instance.content_hash)
              .join(Series).join(Study)
              .where((Instance.id > after_id) & Instance.transfer_syntax_uid.in_(list(syntaxes))
-                    & Instance.rows.is_null(False) & (Study.created < received_before)))
+                    & Instance.rows.is_null(False) & (Study.created <= received_before)))
         if modalities:
             q = q.where(Series.modality.in_(list(modalities)))
         with reading():
