@@ -243,13 +243,13 @@ def test_a_temporary_file_left_by_a_dead_writer_is_not_waited_for(tmp_path):
     part = other / (rel.rsplit("/", 1)[1] + store_mod.PART)
     assert not store.placing(rel)
     writer = subprocess.Popen([sys.executable, "-c", f"""
-import fcntl, os, sys, time
+import fcntl, os, sys
 fd = os.open({str(part)!r}, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 os.write(fd, b"being synced")
 print("held", flush=True)
-time.sleep(120)
-"""], stdout=subprocess.PIPE, text=True)
+sys.stdin.read()   # holds the lock until killed
+"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert writer.stdout is not None and writer.stdout.readline() == "held\n"
         assert store.placing(rel)

@@ -32,8 +32,8 @@ from pacsd.errors import (ContentConflict, IndexUnavailable, InvalidDataset, Pac
 from pacsd.imaging.header import (PIXEL_DATA, Record, check_and_extract, file_meta_bytes, is_valid_uid,
                           read_dataset_header, read_header)
 from pacsd.index import Added, Index
-from pacsd.storage.store import TRASH_DIR, NewFile, Store
-from pacsd.storage.trash import Bin
+from pacsd.storage.store import NewFile, Store
+from pacsd.storage.trash import Bin, binned_path
 
 log = logging.getLogger(__name__)
 
@@ -268,7 +268,7 @@ class Archive:
                             calling_aet or "import", e)
                 return Stored(record.sop_instance_uid, "", True, *uids)
         if added.replaced_path:   # the replaced copy: a previous version, in the bin
-            self.store.move([(added.replaced_path, f"{TRASH_DIR}/{added.replaced_path}")])
+            self.store.move([(added.replaced_path, binned_path(added.replaced_path))])
             log.info("SOP Instance %s from %s replaced the stored copy (kept in the recycle "
                      "bin)", record.sop_instance_uid, calling_aet or "import")
         warning, comment = SUCCESS, ""
@@ -488,7 +488,7 @@ class Archive:
         self.bin.settle_restored({rel for _, rel, _, _ in records} - stray)
         # A previous version an undo had moved back when the crash came: back to the bin.
         kept = self.index.binned_among(sorted(stray))
-        self.store.move([(rel, f"{TRASH_DIR}/{rel}") for rel in sorted(kept)])
+        self.store.move([(rel, binned_path(rel)) for rel in sorted(kept)])
         stray -= kept
         for rel in sorted(stray):
             self.store.delete(rel)

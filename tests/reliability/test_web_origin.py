@@ -86,12 +86,23 @@ def test_cross_site_changes_are_refused_and_nothing_is_deleted(tmp_path):
              {"Origin": EVIL, "Content-Type": 'multipart/related; type="application/dicom"; '
                                               'boundary=x'}),
             ("POST", "/plugins/any/thing", b"x", {"Content-Type": "text/plain"}),
+            # The recycle bin and the corrections: emptying, undoing, rewriting images
+            ("POST", "/api/trash/empty", b"{}", {"Content-Type": "text/plain"}),
+            ("POST", "/api/undo", json.dumps({"uid": STUDY}).encode(),
+             {"Origin": EVIL, "X-Requested-With": "x", "Content-Type": "application/json"}),
+            ("POST", f"/api/studies/{STUDY}/update",
+             json.dumps({"changes": {"StudyDescription": "pwned"}}).encode(),
+             {"Referer": EVIL + "/x", "Content-Type": "application/json"}),
+            ("POST", "/api/patients/merge", b"from=a&into=b",
+             {"Content-Type": "application/x-www-form-urlencoded"}),
         ]
         for method, path, body, headers in attacks:
             r = requests.request(method, url + path, data=body, headers=headers, timeout=10)
             assert r.status_code == 403, (method, path, headers, r.status_code, r.text[:200])
             assert "deleted" not in r.text
         assert studies(url) == 1, "a cross-site request deleted the study"
+        assert requests.get(url + "/api/history", timeout=10).json() == [], \
+            "a cross-site request changed the archive"
         nodes = requests.get(url + "/api/nodes", timeout=10).json()
         assert not any(n["name"] == "evil" for n in nodes)
 
@@ -134,6 +145,7 @@ def test_a_foreign_host_is_refused_on_every_route(tmp_path):
                 ("GET", "/testdbalive", None, {}),
                 ("POST", "/RPC2", DELETE_ALL, {**XML, "Origin": f"http://evil.example:{port}"}),
                 ("POST", "/RPC2", DELETE_ALL, XML),
+                ("POST", "/api/trash/empty", b"{}", {"Content-Type": "application/json"}),
                 ("OPTIONS", "/dicom-web/studies", None, {})]:
             r = requests.request(method, url + path, data=body, timeout=10,
                                  headers={**headers, **rebound}, allow_redirects=False)
@@ -162,7 +174,7 @@ def test_a_foreign_host_is_refused_on_every_route(tmp_path):
     with serve(cfg, data) as pacs:
         r = requests.get(pacs.http_url + "/status", headers={"Host": "evil.example"}, timeout=10)
         assert r.status_code == 200
-    record("test_a_foreign_host_is_refused_on_every_route", bad_inputs=9 + 3)
+    record("test_a_foreign_host_is_refused_on_every_route", bad_inputs=10 + 3)
 
 
 def test_cors_star_never_comes_with_credentials(tmp_path):
