@@ -46,7 +46,7 @@ from pacsd.dimse.fast import FastPath
 from pacsd.dimse.find import handle_find
 from pacsd.dimse.limits import bound_pdus
 from pacsd.dimse.listener import Listener, tls_context
-from pacsd.dimse.retrieve import handle_get, handle_move
+from pacsd.dimse.retrieve import handle_get, handle_move, scope_of
 from pacsd.dimse.stats import DimseStats
 from pacsd.nodes.remote import CONNECTION_HANDLERS
 from pacsd.dimse.store import handle_store
@@ -183,6 +183,9 @@ class DicomServer:
         with self._lock:
             return self._stats.setdefault(id(assoc), {})
 
+    def _scope_of(self, aet: str) -> Any:
+        return scope_of(self.accounts, aet)
+
     def _on_end(self, event: Event) -> None:
         with self._lock:
             stats = self._stats.pop(id(event.assoc), None)
@@ -241,8 +244,9 @@ class DicomServer:
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_C_FIND, partial(handle_find, index=archive.index, aet=self.cfg.dicom_aet,
-                                     hooks=self.hooks)),
-            (evt.EVT_C_GET, partial(handle_get, index=archive.index, store=archive.store)),
+                                     hooks=self.hooks, scope_of=self._scope_of)),
+            (evt.EVT_C_GET, partial(handle_get, index=archive.index, store=archive.store,
+                                    accounts=self.accounts)),
             (evt.EVT_C_MOVE, partial(handle_move, accounts=self.accounts, index=archive.index,
                                      store=archive.store)),
             (evt.EVT_N_ACTION, self._on_n_action),

@@ -22,7 +22,9 @@ from pacsd import query
 from pacsd.nodes import remote
 from pacsd.errors import InvalidDataset
 from pacsd.imaging.header import is_valid_uid, read_file_header
-from pacsd.query import studies
+from pacsd.config import valid_label
+from pacsd.query import scope as scopes, studies
+from pacsd.web import visibility
 from pacsd.web.app import new_app, utf8_query
 from pacsd.web.auth import is_admin
 from pacsd.web.guard import client_of
@@ -91,9 +93,18 @@ def study_conditions(q: Any) -> list[Any]:
         keys["StudyDate"] = f"{first}-{last}" if first != last else first
     # A QueryError (too many words, a bad modality pattern) goes to the errors plugin: 400
     # and one log line.
-    return studies.conditions(keys, description=_typed(q, "description"),
-                              name=_typed(q, "patient"), patient_id=_typed(q, "patient_id"),
-                              accession=_typed(q, "accession"))
+    conds = studies.conditions(keys, description=_typed(q, "description"),
+                               name=_typed(q, "patient"), patient_id=_typed(q, "patient_id"),
+                               accession=_typed(q, "accession"))
+    if q.get("label"):
+        try:
+            conds.append(scopes.with_label(valid_label(q.get("label"))))
+        except ValueError as e:
+            raise fail(400, str(e)) from None
+    seen = visibility.scope()
+    if seen is not None:
+        conds.append(seen.condition())
+    return conds
 
 
 def _int(q: Any, name: str, default: int, low: int, high: int) -> int:
@@ -113,15 +124,45 @@ def list_studies(q: Any) -> dict[str, Any]:
     limit = _int(q, "limit", 50, 1, MAX_LIMIT)
     offset = _int(q, "offset", 0, 0, 1 << 40)
     total, page = studies.study_page(conds, sort, desc, limit, offset)
+    labels = scopes.labels_of(s["study_uid"] for s in page)
+    for s in page:
+        s["labels"] = labels[s["study_uid"]]
     return {"total": total, "offset": offset, "limit": limit, "studies": page}
 
 
 def one_study(uid: str) -> dict[str, Any]:
     check_uid(uid)
+    visibility.check_study(None, uid)
     study = studies.study_summary(uid)
     if study is None:
         raise fail(404, "no such study")
+    study["labels"] = scopes.labels_of([uid])[uid]
     return study
+
+
+def relabel(rt: Runtime, uid: str) -> dict[str, Any]:
+    """POST {"add": [...], "remove": [...]}: administrators label studies by hand."""
+    need_admin()
+    check_uid(uid)
+    body = json_body()
+    lists = {}
+    for key in ("add", "remove"):
+        value = body.get(key) or []
+        if not isinstance(value, list) or len(value) > 100:
+            raise fail(400, f"{key} must be a list of labels")
+        try:
+            lists[key] = [valid_label(v) for v in value]
+        except ValueError as e:
+            raise fail(400, str(e)) from None
+    after = rt.archive.index.relabel(uid, lists["add"], lists["remove"])
+    log.info("study %s labels by %s: %s", uid, web_caller(), ", ".join(after) or "none")
+    return {"study_uid": uid, "labels": after}
+
+
+def labels_in_use() -> str:
+    return json_text([{"label": label, "studies": n} for label, n in scopes.all_labels()
+                      if not visibility.restricted()
+                      or label in (visibility.scope() or scopes.Scope()).labels])
 
 
 # --- tags -------------------------------------------------------------------------------------
@@ -163,6 +204,7 @@ def tag_list(ds: Dataset, depth: int = 0) -> list[dict[str, Any]]:
 
 def instance_tags(rt: Runtime, sop: str) -> list[dict[str, Any]]:
     check_uid(sop)
+    visibility.check_level(None, "IMAGE", sop)
     path = studies.instance_path(sop)
     if path is None:
         raise fail(404, "no such instance")
@@ -178,6 +220,7 @@ def instance_tags(rt: Runtime, sop: str) -> list[dict[str, Any]]:
 
 def stored(level: str, uid: str) -> list[query.StoredInstance]:
     check_uid(uid)
+    visibility.check_level(None, level, uid)
     insts = studies.stored_in(level, uid)
     if not insts:
         raise fail(404, f"no such {level.lower()}")
@@ -250,6 +293,8 @@ def make_app(rt: Runtime) -> bottle.Bottle:
     route("POST", "/series/<uid>/send", lambda uid: send(rt, "SERIES", uid))
     route("DELETE", "/studies/<uid>", lambda uid: delete(rt, "STUDY", uid))
     route("DELETE", "/series/<uid>", lambda uid: delete(rt, "SERIES", uid))
+    route("POST", "/studies/<uid>/labels", lambda uid: relabel(rt, uid))
+    route("GET", "/labels", labels_in_use)
     route("GET", "/jobs", lambda: json_text([j.as_dict() for j in rt.jobs.recent()]))
 
     def job(job_id: str) -> dict[str, Any]:
