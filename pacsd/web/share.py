@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import secrets
 import threading
 import time
@@ -64,7 +65,7 @@ class Shares:
         return hmac.new(self.key, f"share.{hashed}".encode(), hashlib.sha256).hexdigest()[:32]
 
     def cookie(self, link: ShareLink, secure: bool) -> str:
-        age = max(0, int(link.expires - time.time()))
+        age = max(0, math.ceil(link.expires - time.time()))
         return (f"{COOKIE}={link.token_hash}.{self._mac(link.token_hash)}; Path=/; "
                 f"Max-Age={age}; HttpOnly; SameSite=Lax" + ("; Secure" if secure else ""))
 
