@@ -8,6 +8,7 @@ WADO-URI, XML-RPC (xmlrpc.client), the ZIPs, the sends, and C-FIND / C-GET / C-M
 from __future__ import annotations
 
 import io
+import time
 import xmlrpc.client
 import zipfile
 from pathlib import Path
@@ -353,6 +354,12 @@ def test_a_share_link_shows_one_study_read_only_until_revoked(pacs):
     assert rsp.status_code == 200 and rsp.json()["revoked"] is True
     assert holder.get(f"{base}/api/studies/{pacs.uid['SMITH']}", timeout=30).status_code == 401
     assert requests.get(link["url"], timeout=30, allow_redirects=False).status_code == 404
+    # Housekeeping forgets ended links after a while (a month); here: ended before tomorrow.
+    from pacsd.storage.housekeeping import ENDED_SHARES_KEPT_S
+    assert pacs.index.forget_shares(time.time() + 86400) >= 1
+    assert ENDED_SHARES_KEPT_S >= 86400
+    assert link["id"] not in {s["id"] for s in requests.get(
+        f"{base}/api/shares", auth=auth("boss"), timeout=30).json()}
 
 
 def test_a_share_link_expires_and_asks_its_pin(pacs):
