@@ -143,6 +143,22 @@ def warning_text(notes: list[BurnedIn]) -> str:
             "before sharing:\n" + "".join(f"  - {n.line()}\n" for n in notes))
 
 
+def readme_text(deid: "Deidentifier") -> str:
+    """What goes with a de-identified export (README.txt): how it was made, and the warning."""
+    opts = deid.options
+    lines = ["These DICOM files were de-identified by pacsd per DICOM PS3.15 Annex E:",
+             "Basic Application Level Confidentiality Profile"
+             + ("; Retain Longitudinal Temporal Information with Full Dates Option"
+                if opts.retain_longitudinal else "")
+             + ("; Clean Descriptors Option" if opts.clean_descriptors else "")
+             + f" (Table E.1-1 of DICOM {EDITION}).",
+             f"{deid.count} instance(s); UIDs replaced by new ones (2.25), consistently within "
+             "this export; private attributes removed.", ""]
+    warning = warning_text(deid.notes())
+    return "\n".join(lines) + "\n" + (warning or "No series of modality US, SC or DX, and "
+                                                "none with Burned In Annotation YES.\n")
+
+
 @dataclass
 class Deidentifier:
     """One export's de-identification (see the module's docstring)."""
