@@ -182,9 +182,10 @@ class Deidentifier:
 
     def pseudonym(self, ds: Dataset) -> tuple[str, str]:
         """(PatientName, PatientID) for this data set's patient: the caller's, or one made
-        for each original patient (by Patient ID, issuer and name) of this export."""
-        key = "\\".join(str(ds.get(k, "") or "") for k in
-                        ("PatientID", "IssuerOfPatientID", "PatientName"))
+        for each original patient of this export (by Patient ID, as the archive files
+        patients; by name when there is no ID)."""
+        key = str(ds.get("PatientID", "") or "").strip()
+        key = f"ID:{key}" if key else f"NAME:{ds.get('PatientName', '') or ''}"
         found = self.patients.get(key)
         if found is None:
             token = secrets.token_hex(4).upper()

@@ -287,6 +287,7 @@ def write_folder(paths: Iterable[Path], dest: Path, *, transform: Transform | No
     directory = Directory() if compat.DICOMDIR_RECORDS.fits else None
     flat_names = generate_filename(prefix="IM")
     unlisted_names = generate_filename(prefix="IM")
+    written = 0
     for path in paths:
         if transform is not None:
             ds, data = transformed(path, transform)
@@ -304,12 +305,12 @@ def write_folder(paths: Iterable[Path], dest: Path, *, transform: Transform | No
         if name is None:
             continue
         _write(dest / name, data)
+        written += 1
     for name, data in (trailer() if trailer is not None else []):
         _write(dest / name, data)
     if directory is not None:
         _write(dest / DICOMDIR, directory.encode())
-        return directory.count
-    return sum(1 for p in (dest / FOLDER).rglob("*") if p.is_file())
+    return written
 
 
 def _write(path: Path, data: bytes) -> None:
