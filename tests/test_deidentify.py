@@ -406,3 +406,31 @@ def test_deidentify_is_pure_and_maps_per_export():
     for _ in range(20):
         Deidentifier().apply(copy.deepcopy(src))
     assert time.perf_counter() - t0 < 5   # ~1300 attributes each, well under a second
+
+
+def test_the_study_list_exports_de_identified_with_the_warning(pacs, browser):
+    """Pages: "Export de-identified…" shows the burned-in warning, then downloads the ZIP."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from conftest import browser_errors
+
+    def until(cond, message: str):
+        return WebDriverWait(browser, 30, poll_frequency=0.05).until(cond, message)
+    browser.get(pacs.http_url + "/app/")
+    until(lambda d: d.find_elements(By.CSS_SELECTOR, "#studies tbody tr .row-check"),
+          "the study list")
+    browser.find_element(By.CSS_SELECTOR, "#studies tbody tr .row-check").click()
+    browser.find_element(By.ID, "deid-btn").click()
+    warning = until(lambda d: d.find_element(By.ID, "deid-warning").text, "the warning")
+    assert "US series 3" in warning and "not de-identified" in warning
+    browser.find_element(By.ID, "deid-longitudinal").click()
+    browser.find_element(By.ID, "deid-ok").click()
+    zips = until(lambda d: [p for p in d.downloads.iterdir() if p.suffix == ".zip"],
+                 "no ZIP downloaded")
+    assert zips[0].name == "deidentified.zip"
+    instances, texts = unzip(zips[0].read_bytes())
+    assert "Retain Longitudinal" in texts["README.txt"]
+    assert {str(ds.PatientIdentityRemoved) for ds in instances} == {"YES"}
+    assert {str(ds.StudyDate) for ds in instances} == {"20240102"}   # dates kept, as ticked
+    assert browser_errors(browser) == []
