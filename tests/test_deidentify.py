@@ -434,3 +434,9 @@ def test_the_study_list_exports_de_identified_with_the_warning(pacs, browser):
     assert {str(ds.PatientIdentityRemoved) for ds in instances} == {"YES"}
     assert {str(ds.StudyDate) for ds in instances} == {"20240102"}   # dates kept, as ticked
     assert browser_errors(browser) == []
+
+
+def test_clean_descriptors_take_out_whole_words_dates_and_numbers():
+    from pacsd.imaging.deidentify import clean_text
+    assert clean_text("Clinical note for Li Wu, 12.03.2024, MRN 12345678 T2",
+                      ["Wu", "Li"]) == "Clinical note for , , MRN T2"

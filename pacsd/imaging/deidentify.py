@@ -34,8 +34,9 @@ How each action code is carried out (PS3.15 E.1.1):
   Z/D -> D, X/Z -> Z, X/D -> D, X/Z/D -> D, X/Z/U* -> U (the sequence kept, the UIDs in it
   remapped). What is left is never more identifying than the table allows.
 - C (Clean Descriptors): the text is kept without what identifies: every value the profile
-  would remove or replace elsewhere in the data set (names, IDs, accession, institution,
-  dates...), date-like patterns and runs of six or more digits; a coded sequence is kept with
+  would remove or replace elsewhere in the data set (names and their components, IDs,
+  accession, institution, dates...) as whole words, date-like patterns and runs of six or more
+  digits; a coded sequence is kept with
   its items de-identified. A C on a binary value gets the Basic action.
 - Retain Longitudinal ... Full Dates: the rows with K in that column (dates, times) are kept.
 - Private attributes, Curve Data (50xx,xxxx), Overlay Data and Comments (60xx,3000 / 4000)
@@ -89,7 +90,7 @@ _DUMMY = {"AS": "000Y", "DA": "19000101", "DT": "19000101000000", "TM": "000000"
           "UR": "ANONYMOUS"}
 # Values of these VRs anywhere in the data set, when the profile would remove or replace them,
 # are what the Clean Descriptors Option takes out of descriptive text.
-_IDENTIFYING_VRS = {"PN", "LO", "SH", "DA", "DT", "AE", "LT", "ST", "UC", "CS"}
+_IDENTIFYING_VRS = {"PN", "LO", "SH", "DA", "DT", "AE", "LT", "ST", "UC"}
 _DATE_LIKE = re.compile(r"\b\d{1,4}[./-]\d{1,2}[./-]\d{1,4}\b")
 _LONG_NUMBER = re.compile(r"\d{6,}")
 # File Meta attributes that name the sender or carry private data (PS3.10 7.1).
@@ -325,15 +326,15 @@ class Deidentifier:
             for value in _values(elem):
                 for part in re.split(r"[\^=\\]", value):
                     part = part.strip()
-                    if len(part) >= 3:
+                    if len(part) >= 2:
                         found.add(part)
         return sorted(found, key=len, reverse=True)
 
 
 def clean_text(text: str, identifying: list[str]) -> str:
     """`text` without the identifying values, date-like patterns and long numbers in it."""
-    for value in identifying:
-        text = re.sub(re.escape(value), " ", text, flags=re.IGNORECASE)
+    for value in identifying:   # as whole words: "Li" leaves "clinical" alone
+        text = re.sub(rf"(?<!\w){re.escape(value)}(?!\w)", " ", text, flags=re.IGNORECASE)
     text = _DATE_LIKE.sub(" ", text)
     text = _LONG_NUMBER.sub(" ", text)
     return " ".join(text.split())
