@@ -82,6 +82,10 @@ def test_cross_site_changes_are_refused_and_nothing_is_deleted(tmp_path):
              {"Origin": other_port, "X-Requested-With": "x", "Content-Type": "application/json"}),
             ("POST", "/api/users", b"name=x&password=yyyyyyyyyy",
              {"Content-Type": "application/x-www-form-urlencoded"}),
+            # A de-identified send (the study leaves for a node)
+            ("POST", f"/api/studies/{STUDY}/send",
+             json.dumps({"node": "evil", "deidentify": True}).encode(),
+             {"Origin": EVIL, "X-Requested-With": "x", "Content-Type": "application/json"}),
             ("POST", "/dicom-web/studies", b"--x--",
              {"Origin": EVIL, "Content-Type": 'multipart/related; type="application/dicom"; '
                                               'boundary=x'}),
@@ -95,10 +99,6 @@ def test_cross_site_changes_are_refused_and_nothing_is_deleted(tmp_path):
              {"Referer": EVIL + "/x", "Content-Type": "application/json"}),
             ("POST", "/api/patients/merge", b"from=a&into=b",
              {"Content-Type": "application/x-www-form-urlencoded"}),
-            # A de-identified send (the study leaves for a node)
-            ("POST", f"/api/studies/{STUDY}/send",
-             json.dumps({"node": "evil", "deidentify": True}).encode(),
-             {"Origin": EVIL, "X-Requested-With": "x", "Content-Type": "application/json"}),
         ]
         for method, path, body, headers in attacks:
             r = requests.request(method, url + path, data=body, headers=headers, timeout=10)
