@@ -22,7 +22,7 @@ Why our own table rather than a library. The candidates on PyPI were read:
 - deid (pydicom/deid, 0.4.13) applies recipes ("best effort"); its default recipe is not the
   table, and its options are its recipes' own.
 So pacsd keeps the table as data (pacsd.imaging.deid_table: PS3.15 2024e, with both options'
-columns, plus the rows of later editions) and applies it here: about 300 lines, no dependency.
+columns, plus the rows of later editions) and applies it here, with no dependency.
 
 How each action code is carried out (PS3.15 E.1.1):
 - X removed; K kept (a sequence's items de-identified); U every UID value remapped; Z emptied
