@@ -28,6 +28,7 @@ from pacsd.cli import (
     compress,
     config,
     doctor,
+    export,
     history,
     import_,
     index,
@@ -60,7 +61,8 @@ __all__ = ["EXIT_INTERRUPTED", "EXIT_NOT_RUNNING", "COMMANDS", "build_parser", "
 # In the order `pacsd --help` lists them.
 COMMANDS: tuple[ModuleType, ...] = (serve, config, nodes, retrieve, import_, patient, study,
                                     series, undo, history, trash, retention, compress, verify,
-                                    reindex, migrate, index, queue, passwd, status, doctor)
+                                    reindex, migrate, index, queue, passwd, status, doctor,
+                                    export)
 
 
 def name_of(command: ModuleType) -> str:

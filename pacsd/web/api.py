@@ -29,6 +29,8 @@ from pacsd.web.app import new_app, utf8_query
 from pacsd.web.auth import is_admin
 from pacsd.web.guard import client_of
 from pacsd.web.runtime import Runtime
+from pacsd.web import deidentified
+from pacsd.web.visibility import check_study
 
 log = logging.getLogger(__name__)
 
@@ -228,20 +230,28 @@ def stored(level: str, uid: str) -> list[query.StoredInstance]:
 
 
 def send(rt: Runtime, level: str, uid: str) -> bottle.HTTPResponse:
-    name = str(json_body().get("node") or "")
+    body = json_body()
+    name = str(body.get("node") or "")
     node = rt.accounts.node(name)
     if node is None:
         raise fail(404, f"no node named {name!r}")
     insts = stored(level, uid)
+    check_study(bottle.request.environ, insts[0].study_instance_uid)
     cfg, store = rt.cfg, rt.archive.store
+    deid = deidentified.wanted(body)   # {"deidentify": true, ...}: each instance on its way
 
     def work(job: Any) -> str:
         job.total = len(insts)
-        done, failed = remote.send(cfg, node, insts, store, progress=job.progress)
-        return f"{done} sent, {failed} failed"
+        done, failed = remote.send(cfg, node, insts, store, progress=job.progress,
+                                   transform=deid.apply if deid else None)
+        said = f"{done} sent, {failed} failed"
+        if deid is not None:
+            said += " (de-identified)" + "".join(f"; {n.line()}" for n in deid.notes())
+        return said
     job = rt.jobs.start("send", f"Send {len(insts)} instance(s) of a {level.lower()} to "
-                        f"{node.name}", work)
-    log.info("send of %s %s to %s started (job %s)", level.lower(), uid, node.aet, job.id)
+                        f"{node.name}" + (", de-identified" if deid else ""), work)
+    log.info("send of %s %s to %s started (job %s)%s", level.lower(), uid, node.aet, job.id,
+             ", de-identified" if deid else "")
     return json_response({"job": job.id}, 202)
 
 
@@ -268,14 +278,43 @@ def web_caller() -> str:
 def zip_download(rt: Runtime, level: str, uid: str) -> Iterator[bytes]:
     from pacsd.imaging.media import zip_stream
     insts = stored(level, uid)
+    study_uid = insts[0].study_instance_uid
+    check_study(bottle.request.environ, study_uid)
+    deid = deidentified.wanted(utf8_query())
     row = studies.patient_and_date(insts[0].sop_instance_uid)
     stem = "-".join(p for p in (row or ()) if p) or "study"
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem)[:60] + ("" if level == "STUDY" else "-series")
     with_dicomdir = bottle.request.query.get("dicomdir", "1") not in ("0", "no", "false")
     store = rt.archive.store
     bottle.response.content_type = "application/zip"
-    bottle.response.set_header("Content-Disposition", f'attachment; filename="{stem}.zip"')
-    return zip_stream([store.placed(i.path) for i in insts], dicomdir=with_dicomdir)
+    if deid is None:
+        bottle.response.set_header("Content-Disposition", f'attachment; filename="{stem}.zip"')
+        return zip_stream([store.placed(i.path) for i in insts], dicomdir=with_dicomdir)
+    # De-identified: no patient data in the name either; the warning known from the index
+    # goes in a header, the full one in README.txt at the end.
+    bottle.response.set_header("Content-Disposition",
+                               'attachment; filename="deidentified.zip"')
+    risky = deidentified.preview(store, study_uid, uid if level == "SERIES" else None)
+    if risky:
+        bottle.response.set_header(deidentified.HEADER, deidentified.header_value(risky))
+    log.info("de-identified ZIP of %s %s (%d instances) for %s", level.lower(), uid,
+             len(insts), web_caller())
+    return zip_stream([store.placed(i.path) for i in insts], dicomdir=with_dicomdir,
+                      transform=deid.apply, trailer=lambda: deidentified.readme(deid))
+
+
+def deidentify_preview(rt: Runtime, uid: str) -> dict[str, Any]:
+    """What a de-identified export of the study will warn about (the page asks first)."""
+    check_uid(uid)
+    check_study(bottle.request.environ, uid)
+    if studies.study_summary(uid) is None:
+        raise fail(404, "no such study")
+    series = deidentified.preview(rt.archive.store, uid)
+    return {"burned_in": series,
+            "warning": ("" if not series else
+                        "The pixel data is not de-identified: these series may show "
+                        "identifying text burned into the images: "
+                        + deidentified.header_value(series))}
 
 
 def make_app(rt: Runtime) -> bottle.Bottle:
@@ -289,6 +328,7 @@ def make_app(rt: Runtime) -> bottle.Bottle:
     route("GET", "/instances/<sop>/tags", lambda sop: json_text(instance_tags(rt, sop)))
     route("GET", "/studies/<uid>/zip", lambda uid: zip_download(rt, "STUDY", uid))
     route("GET", "/series/<uid>/zip", lambda uid: zip_download(rt, "SERIES", uid))
+    route("GET", "/studies/<uid>/deidentify", lambda uid: deidentify_preview(rt, uid))
     route("POST", "/studies/<uid>/send", lambda uid: send(rt, "STUDY", uid))
     route("POST", "/series/<uid>/send", lambda uid: send(rt, "SERIES", uid))
     route("DELETE", "/studies/<uid>", lambda uid: delete(rt, "STUDY", uid))

@@ -82,6 +82,10 @@ def test_cross_site_changes_are_refused_and_nothing_is_deleted(tmp_path):
              {"Origin": other_port, "X-Requested-With": "x", "Content-Type": "application/json"}),
             ("POST", "/api/users", b"name=x&password=yyyyyyyyyy",
              {"Content-Type": "application/x-www-form-urlencoded"}),
+            # A de-identified send (the study leaves for a node)
+            ("POST", f"/api/studies/{STUDY}/send",
+             json.dumps({"node": "evil", "deidentify": True}).encode(),
+             {"Origin": EVIL, "X-Requested-With": "x", "Content-Type": "application/json"}),
             ("POST", "/dicom-web/studies", b"--x--",
              {"Origin": EVIL, "Content-Type": 'multipart/related; type="application/dicom"; '
                                               'boundary=x'}),

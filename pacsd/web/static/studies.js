@@ -165,6 +165,7 @@
     const n = selected.size;
     $("selected-count").textContent = `${n} selected`;
     $("zip-btn").disabled = n === 0;
+    $("deid-btn").disabled = n === 0;
     $("send-btn").disabled = n === 0 || !$("send-node").value;
     $("delete-btn").disabled = n === 0;
     const boxes = [...tbody.querySelectorAll(".row-check")];
@@ -337,6 +338,9 @@
     else pacs.toast(`Deleted ${deleted} ${deleted === 1 ? "study" : "studies"}`);
     run();
   });
+
+  // The selected studies, for studies-deid.js (the de-identified export).
+  window.pacsSelectedStudies = () => [...selected.keys()];
 
   // --- start --------------------------------------------------------------------------------
   pacs.header("studies");
