@@ -247,21 +247,31 @@ def test_study_list_page_shows_only_the_users_studies(pacs, browser):
 
 # --- DICOM nodes ------------------------------------------------------------------------------
 
-def c_find_as(pacs, aet: str, level: str = "STUDY", **keys) -> list[str]:
+def c_find_as(pacs, aet: str, level: str = "STUDY", model=FIND, key: str = "StudyInstanceUID",
+              **keys) -> list[str]:
     q = Dataset()
     q.QueryRetrieveLevel = level
-    q.StudyInstanceUID = keys.pop("StudyInstanceUID", "")
+    setattr(q, key, keys.pop(key, ""))
     for k, v in keys.items():
         setattr(q, k, v)
-    with associate(pacs.dicom_port, [build_context(FIND)], aet=aet) as assoc:
-        out = list(assoc.send_c_find(q, FIND))
+    with associate(pacs.dicom_port, [build_context(model)], aet=aet) as assoc:
+        out = list(assoc.send_c_find(q, model))
     assert out[-1][0].Status == 0x0000
-    return sorted(str(ds.StudyInstanceUID) for st, ds in out if ds is not None
+    return sorted(str(getattr(ds, key)) for st, ds in out if ds is not None
                   and st.Status in (0xFF00, 0xFF01))
 
 
 def test_a_node_finds_and_retrieves_only_its_groups_studies(pacs):
     assert c_find_as(pacs, "WARD") == [pacs.uid["TEACH"]]
+    # Every level and model: the patients, series and images of its studies only.
+    from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelFind as PFIND
+    teach = dcmread(pacs.files["TEACH"][0])
+    assert c_find_as(pacs, "WARD", "PATIENT", PFIND, "PatientID") == [teach.PatientID]
+    assert c_find_as(pacs, "PYNETDICOM", "PATIENT", PFIND, "PatientID") == sorted(
+        dcmread(f[0]).PatientID for f in pacs.files.values())
+    assert c_find_as(pacs, "WARD", "SERIES", key="SeriesInstanceUID") == [pacs.series["TEACH"]]
+    assert c_find_as(pacs, "WARD", "IMAGE", key="SOPInstanceUID",
+                     StudyInstanceUID=pacs.uid["OTHER"], SeriesInstanceUID="") == []
     status, matches = c_find(pacs.dicom_port, "STUDY", StudyInstanceUID="")
     assert status == 0 and len(matches) == 3   # PYNETDICOM is in no group
 

@@ -197,23 +197,14 @@ def zip_stream(paths: Iterable[Path], *, dicomdir: bool = True,
         yield from _transformed_stream(paths, dicomdir, transform, trailer)
         return
     sink = _Sink()
-    directory = Directory() if dicomdir and compat.DICOMDIR_RECORDS.fits else None
-    flat_names = generate_filename(prefix="IM")
-    unlisted_names = generate_filename(prefix="IM")
+    names = _Names(dicomdir)
+    directory = names.directory
     with ZipFile(sink, "w", ZIP_STORED, allowZip64=True) as zf:   # type: ignore[call-overload]
         for path in paths:
             with open(path, "rb") as f:
                 st = os.fstat(f.fileno())
-                if directory is None:
-                    name: str | None = f"{FOLDER}/{next(flat_names)}"
-                else:
-                    try:
-                        name = directory.add(read_header(f, defer_size=DEFER))
-                    except Exception as e:  # noqa: BLE001 (whatever the header's fault is)
-                        # The file is what was asked for: it goes in, outside the DICOMDIR.
-                        log.warning("ZIP: no DICOMDIR record for stored file %s: %s", path, e)
-                        name = f"{FOLDER}/{UNLISTED}/{next(unlisted_names)}"
-                    f.seek(0)
+                name = names.of(path, lambda: read_header(f, defer_size=DEFER))
+                f.seek(0)
                 if name is None:
                     log.warning("ZIP: %s repeats an instance already in the archive", path)
                     continue
@@ -227,23 +218,35 @@ def zip_stream(paths: Iterable[Path], *, dicomdir: bool = True,
     yield from sink.take()   # the central directory
 
 
+class _Names:
+    """Each file's name in the archive: its DICOMDIR record's path, or a flat name (no
+    DICOMDIR asked, or a header the records cannot be made from: the file goes in anyway,
+    outside the DICOMDIR); None for an instance already in."""
+
+    def __init__(self, dicomdir: bool) -> None:
+        self.directory = Directory() if dicomdir and compat.DICOMDIR_RECORDS.fits else None
+        self.flat = generate_filename(prefix="IM")
+        self.unlisted = generate_filename(prefix="IM")
+
+    def of(self, path: Path, header: Callable[[], Dataset]) -> str | None:
+        if self.directory is None:
+            return f"{FOLDER}/{next(self.flat)}"
+        try:
+            return self.directory.add(header())
+        except Exception as e:  # noqa: BLE001 (whatever the header's fault is)
+            log.warning("ZIP: no DICOMDIR record for stored file %s: %s", path, e)
+            return f"{FOLDER}/{UNLISTED}/{next(self.unlisted)}"
+
+
 def _transformed_stream(paths: Iterable[Path], dicomdir: bool, transform: Transform,
                         trailer: Trailer | None) -> Iterator[bytes]:
     sink = _Sink()
-    directory = Directory() if dicomdir and compat.DICOMDIR_RECORDS.fits else None
-    flat_names = generate_filename(prefix="IM")
-    unlisted_names = generate_filename(prefix="IM")
+    names = _Names(dicomdir)
     with ZipFile(sink, "w", ZIP_STORED, allowZip64=True) as zf:   # type: ignore[call-overload]
         for path in paths:
             ds, data = transformed(path, transform)
-            if directory is None:
-                name: str | None = f"{FOLDER}/{next(flat_names)}"
-            else:
-                try:   # after encoding: a record's made-up values stay out of the file
-                    name = directory.add(ds)
-                except Exception as e:  # noqa: BLE001 (whatever the header's fault is)
-                    log.warning("ZIP: no DICOMDIR record for stored file %s: %s", path, e)
-                    name = f"{FOLDER}/{UNLISTED}/{next(unlisted_names)}"
+            # After encoding: a record's made-up values stay out of the file.
+            name = names.of(path, lambda: ds)
             del ds
             if name is None:
                 log.warning("ZIP: %s repeats an instance already in the archive", path)
@@ -254,7 +257,7 @@ def _transformed_stream(paths: Iterable[Path], dicomdir: bool, transform: Transf
                     out.write(data[start:start + CHUNK])
                     yield from sink.take()
             yield from sink.take()
-        yield from _finish(zf, sink, directory, trailer)
+        yield from _finish(zf, sink, names.directory, trailer)
     yield from sink.take()
 
 

@@ -25,6 +25,7 @@ import bottle
 from pacsd.config import User
 from pacsd.query import scope as scopes
 from pacsd.query.scope import Scope, ShareLink
+from pacsd.web.api import fail, json_body, json_response
 from pacsd.web.app import new_app
 from pacsd.web.auth import Sessions, Throttle, check_password, cookie_value, hash_password
 from pacsd.web.guard import client_of
@@ -117,16 +118,6 @@ class Shares:
         return token, made
 
 
-def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None
-          ) -> bottle.HTTPResponse:
-    return bottle.HTTPResponse(json.dumps(data), status,
-                               {"Content-Type": "application/json", **(headers or {})})
-
-
-def _fail(status: int, message: str) -> bottle.HTTPResponse:
-    return _json({"error": message}, status)
-
-
 def _user_name(env: dict[str, Any]) -> str:
     user = env.get("pacsd.user")
     return user.name if user else "open access"
@@ -135,32 +126,23 @@ def _user_name(env: dict[str, Any]) -> str:
 def make_app(rt: Runtime, shares: Shares) -> bottle.Bottle:
     app = new_app()
 
-    def body() -> dict[str, Any]:
-        try:
-            data = json.loads(bottle.request.body.read(64 << 10) or b"{}")
-        except (ValueError, UnicodeDecodeError):
-            raise _fail(400, "the body is not JSON") from None
-        if not isinstance(data, dict):
-            raise _fail(400, "the body must be a JSON object")
-        return data
-
     def create(uid: str) -> bottle.HTTPResponse:
         env = bottle.request.environ
         if env.get("pacsd.share") or not rt.accounts.may_share(env.get("pacsd.user")):
-            raise _fail(403, "sharing needs an administrator or a group with share = true")
+            raise fail(403, "sharing needs an administrator or a group with share = true")
         visibility.check_study(env, uid)
         if scopes.Scope(studies=frozenset([uid])).visible([uid]) != {uid}:
-            raise _fail(404, "no such study")
-        data = body()
+            raise fail(404, "no such study")
+        data = json_body()
         try:
             hours = float(data.get("hours") or 24 * float(data.get("days") or 7))
         except (TypeError, ValueError):
-            raise _fail(400, "hours (or days) must be a number") from None
+            raise fail(400, "hours (or days) must be a number") from None
         if not 0 < hours <= MAX_DAYS * 24:
-            raise _fail(400, f"a link lasts more than 0 hours and at most {MAX_DAYS} days")
+            raise fail(400, f"a link lasts more than 0 hours and at most {MAX_DAYS} days")
         pin = str(data.get("pin") or "")
         if pin and not (4 <= len(pin) <= 32):
-            raise _fail(400, "a PIN has 4 to 32 characters")
+            raise fail(400, "a PIN has 4 to 32 characters")
         note = str(data.get("note") or "")[:200]
         by = f"{_user_name(env)} (web, {client_of(env)})"
         token, link = shares.make(uid, hours=hours, pin=pin, note=note, by=by)
@@ -169,12 +151,12 @@ def make_app(rt: Runtime, shares: Shares) -> bottle.Bottle:
         log.info("share link %s to study %s made by %s, until %s%s", link.token_hash[:16], uid,
                  by, time.strftime("%Y-%m-%d %H:%M", time.localtime(link.expires)),
                  ", with a PIN" if pin else "")
-        return _json({**link.as_dict(), "url": url, "token": token}, 201)
+        return json_response({**link.as_dict(), "url": url, "token": token}, 201)
 
     def listed() -> str:
         env = bottle.request.environ
         if env.get("pacsd.share") or not rt.accounts.may_share(env.get("pacsd.user")):
-            raise _fail(403, "sharing needs an administrator or a group with share = true")
+            raise fail(403, "sharing needs an administrator or a group with share = true")
         study = bottle.request.query.get("study") or None
         found = scopes.shares(study)
         if not env.get("pacsd.admin"):   # a sharer sees the links they made
@@ -186,12 +168,12 @@ def make_app(rt: Runtime, shares: Shares) -> bottle.Bottle:
     def revoke(link_id: str) -> dict[str, Any]:
         env = bottle.request.environ
         if env.get("pacsd.share") or not rt.accounts.may_share(env.get("pacsd.user")):
-            raise _fail(403, "sharing needs an administrator or a group with share = true")
+            raise fail(403, "sharing needs an administrator or a group with share = true")
         found = scopes.share_by_id(link_id)
         me = _user_name(env)
         if found is None or not (env.get("pacsd.admin")
                                  or found.created_by.startswith(f"{me} (")):
-            raise _fail(404, "no such link")
+            raise fail(404, "no such link")
         done = rt.archive.index.revoke_share(found.token_hash)
         with shares._lock:
             shares._cache.pop(found.token_hash, None)
@@ -232,23 +214,24 @@ def make_app(rt: Runtime, shares: Shares) -> bottle.Bottle:
         """POST /share/TOKEN {"pin": ...} (X-Requested-With): the PIN page's answer."""
         env = bottle.request.environ
         if not env.get("HTTP_X_REQUESTED_WITH"):
-            raise _fail(403, "this request needs the X-Requested-With header")
+            raise fail(403, "this request needs the X-Requested-With header")
         hashed = token_hash(token)
         address = client_of(env)
         if shares.throttle.blocked(address, f"share {hashed[:16]}"):
-            raise _fail(429, "too many wrong PINs; try again in a quarter of an hour")
+            raise fail(429, "too many wrong PINs; try again in a quarter of an hour")
         link = shares.link(hashed)
         if link is None:
-            raise _fail(404, "this link is unknown, has expired or was revoked")
-        given = str(body().get("pin") or "")[:64]
+            raise fail(404, "this link is unknown, has expired or was revoked")
+        given = str(json_body().get("pin") or "")[:64]
         if link.pin_hash is not None and not check_password(given, link.pin_hash):
             shares.throttle.failed(address, f"share {hashed[:16]}")
             log.warning("share link %s: wrong PIN from %s", hashed[:16], address)
-            raise _fail(401, "wrong PIN")
+            raise fail(401, "wrong PIN")
         shares.throttle.succeeded(address, f"share {hashed[:16]}")
         rsp = opened(link)
-        return _json({"next": rsp.headers["Location"]}, 200,
-                     {"Set-Cookie": rsp.headers["Set-Cookie"]})
+        answer = json_response({"next": rsp.headers["Location"]})
+        answer.set_header("Set-Cookie", rsp.headers["Set-Cookie"])
+        return answer
 
     app.route("/api/studies/<uid>/share", "POST", create)
     app.route("/api/shares", "GET", listed)

@@ -99,6 +99,20 @@ const pacs = (() => {
     toast.timer = setTimeout(() => { box.className = ""; }, isError ? 8000 : 3000);
   }
 
+  // Several downloads at once (the server streams each as an attachment): one hidden link
+  // each, spaced so that browsers do not drop all but the first.
+  function downloadEach(urls) {
+    urls.forEach((url, i) => setTimeout(() => {
+      const a = document.createElement("a");
+      a.href = url;
+      a.download = "";
+      a.className = "hidden";
+      document.body.appendChild(a);
+      a.click();
+      setTimeout(() => a.remove(), 1000);
+    }, i * 400));
+  }
+
   return { API, DICOMWEB, ApiError, api, esc, fmtDate, fmtTime, fmtName, fmtBytes, me, header,
-           watchJob, toast, toLogin };
+           watchJob, toast, toLogin, downloadEach };
 })();

@@ -30,19 +30,7 @@
   $("deid-ok").addEventListener("click", () => {
     const q = "?deidentify=1" + ($("deid-longitudinal").checked ? "&longitudinal=1" : "") +
       ($("deid-clean").checked ? "&clean=1" : "");
-    let delay = 0;
-    for (const uid of uids) {
-      setTimeout(() => {
-        const a = document.createElement("a");
-        a.href = "../api/studies/" + encodeURIComponent(uid) + "/zip" + q;
-        a.download = "";
-        a.className = "hidden";
-        document.body.appendChild(a);
-        a.click();
-        setTimeout(() => a.remove(), 1000);
-      }, delay);
-      delay += 400;
-    }
+    pacs.downloadEach(uids.map((uid) => "../api/studies/" + encodeURIComponent(uid) + "/zip" + q));
     dialog.close();
     pacs.toast(`Downloading ${uids.length} de-identified ${uids.length === 1 ? "study" : "studies"}…` +
       ($("deid-warning").textContent ? " Check the warned series' pixels before sharing." : ""));

@@ -254,20 +254,7 @@
 
   // --- bulk actions -------------------------------------------------------------------------
   $("zip-btn").addEventListener("click", () => {
-    // One hidden link per study; the server streams each ZIP as an attachment.
-    let delay = 0;
-    for (const uid of selected.keys()) {
-      setTimeout(() => {
-        const a = document.createElement("a");
-        a.href = "../api/studies/" + encodeURIComponent(uid) + "/zip";
-        a.download = "";
-        a.className = "hidden";
-        document.body.appendChild(a);
-        a.click();
-        setTimeout(() => a.remove(), 1000);
-      }, delay);
-      delay += 400;
-    }
+    pacs.downloadEach([...selected.keys()].map((uid) => "../api/studies/" + encodeURIComponent(uid) + "/zip"));
     pacs.toast(`Downloading ${selected.size} ${selected.size === 1 ? "study" : "studies"}…`);
   });
 
