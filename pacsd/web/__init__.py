@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable
 
 from pacsd.errors import PortInUse
 from pacsd.web import admin, api, dicomweb, health, metrics, ui, wado, xmlrpc
+from pacsd.web import upload
 from pacsd.web.app import errors_plugin, new_app
 from pacsd.web.auth import Auth, Sessions, Throttle
 from pacsd.web.guard import Guard
@@ -73,6 +74,8 @@ def make_app(rt: Runtime) -> Callable:
         root.merge(module.make_app(rt))
     throttle = Throttle()   # one for the login form and HTTP Basic
     root.merge(ui.make_app(rt, sessions, throttle))
+    # Upload from the browser.
+    root.merge(upload.make_app(rt))
     # Mounted as a plain WSGI app: SCRIPT_NAME then carries the prefix, from which DICOMweb
     # builds its RetrieveURLs.
     sub = dicomweb.make_app(rt)

@@ -22,6 +22,7 @@ from pydicom.tag import Tag
 from pacsd.compat.pydicom import read_file_meta
 from pacsd.errors import InvalidDataset, PacsError
 from pacsd.imaging.header import is_valid_uid
+from pacsd.storage.archive import Stored
 from pacsd.web import multipart
 from pacsd.web.runtime import Runtime
 
@@ -45,8 +46,9 @@ def _split_part10(view: memoryview) -> tuple[Dataset, int]:
 
 
 def store_part(rt: Runtime, view: memoryview, study: str | None, result: dict[str, Any],
-               url: Url) -> None:
-    """Store one Part 10 file; fill `result` with what the response says of it."""
+               url: Url) -> Stored:
+    """Store one Part 10 file; fill `result` with what the response says of it. Also the
+    browser's upload (upload.py): it reports duplicates, which STOW-RS does not."""
     meta, offset = _split_part10(view)
     ts = str(meta.TransferSyntaxUID)
     result["ReferencedSOPClassUID"] = str(meta.get("MediaStorageSOPClassUID", "") or "")
@@ -66,6 +68,7 @@ def store_part(rt: Runtime, view: memoryview, study: str | None, result: dict[st
         result["WarningReason"] = stored.warning
         log.info("STOW-RS: instance %s stored with warning 0x%04X: %s",
                  stored.sop_instance_uid, stored.warning, stored.comment)
+    return stored
 
 
 def stow(rt: Runtime, study: str | None, url: Url) -> str:

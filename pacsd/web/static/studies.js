@@ -339,6 +339,7 @@
     $("delete-btn").classList.toggle("hidden", !isAdmin);
   }).catch(() => {});
   loadNodes();
+  window.addEventListener("pacs:uploaded", () => run());   // upload.js: show what came in
   state = fromUrl();
   toForm(state);
   go(state, false);
