@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 
 from pacsd.errors import PortInUse
 from pacsd.web import admin, api, dicomweb, health, metrics, ui, wado, xmlrpc
-from pacsd.web import upload
+from pacsd.web import upload, viewers
 from pacsd.web.app import errors_plugin, new_app
 from pacsd.web.auth import Auth, Sessions, Throttle
 from pacsd.web.guard import Guard
@@ -74,8 +74,9 @@ def make_app(rt: Runtime) -> Callable:
         root.merge(module.make_app(rt))
     throttle = Throttle()   # one for the login form and HTTP Basic
     root.merge(ui.make_app(rt, sessions, throttle))
-    # Upload from the browser.
+    # Upload from the browser; Weasis (its manifest, study tokens) and OHIF links.
     root.merge(upload.make_app(rt))
+    root.merge(viewers.make_app(rt, sessions))
     # Mounted as a plain WSGI app: SCRIPT_NAME then carries the prefix, from which DICOMweb
     # builds its RetrieveURLs.
     sub = dicomweb.make_app(rt)
