@@ -245,6 +245,9 @@ class Auth:
     something under /api or /app carry `X-Requested-With` (CSRF: a foreign page cannot set it
     without a CORS preflight we would refuse), even when no users exist: a page on another site
     must not drive a loopback pacsd.
+    A study token (Sessions.study_token, in `?study_token=`) stands for its user on GET /wado
+    and GET /api/studies/UID/weasis.xml of its own study only: Weasis, launched from a page,
+    fetches without the page's cookie (pacsd.web.viewers).
     """
 
     def __init__(self, app: Callable, users: Callable[[], dict[str, User]],
