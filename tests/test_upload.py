@@ -1,7 +1,7 @@
 """Upload from the browser and "open in another viewer" (issue 22, items 5 and 6), against a
 real pacsd: a patient CD (a DICOMDIR tree written by pydicom's FileSet, plus the kind of file a
 CD carries besides its images) and ZIP archives uploaded in a real headless Chromium through
-the study list's folder and file pickers and a drop; what came in seen by pynetdicom's C-FIND
+the study list's folder and file pickers and real drops; what came in seen by pynetdicom's C-FIND
 and fetched back byte for byte. Weasis's manifest parsed as XML and its WADO URLs fetched with
 requests as Weasis builds them, the study token good for its study only and for a while only;
 the OHIF link shown when `[http] ohif_url` is set and only then.
@@ -92,6 +92,16 @@ def results(browser) -> dict[str, tuple[str, str]]:
     return {name: (status, reason) for name, status, reason in rows}
 
 
+def drop(browser, paths: list[Path]) -> None:
+    """Drag files or folders from the desktop and drop them on the study list."""
+    data = {"items": [], "files": [str(p) for p in paths], "dragOperationsMask": 1}
+    x, y = js(browser, "(r => [r.x + r.width / 2, r.y + r.height / 2])("
+                       "document.querySelector('#studies').getBoundingClientRect())")
+    for kind in ("dragEnter", "dragOver", "drop"):
+        browser.execute_cdp_cmd("Input.dispatchDragEvent",
+                                {"type": kind, "x": x, "y": y, "data": data})
+
+
 def finished(browser, timeout: float = 30) -> None:
     wait(browser, "typeof pacsUpload !== 'undefined' && pacsUpload.state.finished", timeout)
 
@@ -115,8 +125,9 @@ def dataset_bytes_of(part10: bytes) -> bytes:
 def test_a_cd_folder_uploaded_in_chromium_stores_its_images_as_they_are(pacs, browser):
     root, images = cd_tree(pacs.tmp / "cd", seed=71)
     logged_in(browser, pacs)
-    # The folder picker (webkitdirectory): what "Upload folder…" opens, and the drop's path.
-    browser.find_element("id", "upload-folder").send_keys(str(root))
+    # A real drop of the CD's folder on the list (Chromium's DevTools protocol drags it in as
+    # the desktop would): the page walks the folder's entries.
+    drop(browser, [root])
     finished(browser)
     shown = results(browser)
     assert len(shown) == 6, shown
@@ -143,7 +154,8 @@ def test_a_cd_folder_uploaded_in_chromium_stores_its_images_as_they_are(pacs, br
         assert stored_bytes(pacs, sess, ds.StudyInstanceUID, ds.SeriesInstanceUID,
                             ds.SOPInstanceUID) == dataset_bytes(path)[1]
 
-    # The same CD again: every image already there, said so, nothing stored twice.
+    # The same CD again, picked with "Upload folder…" (webkitdirectory): every image already
+    # there, said so, nothing stored twice.
     browser.find_element("id", "upload-folder").send_keys(str(root))
     wait(browser, "pacsUpload.state.finished && pacsUpload.state.counts.duplicate === 4")
     assert js(browser, "pacsUpload.state.counts.stored") == 0
@@ -200,20 +212,13 @@ def test_zip_archives_are_unpacked_in_the_browser_and_a_zip_bomb_is_refused(pacs
     assert js(browser, "pacsUpload.state.results.length") == 0
     browser.execute_script("pacsUpload.limits.max_files = 10000")
 
-    # A drop goes the same way: a DataTransfer of the same files, dropped on the list.
+    # Files and a ZIP dropped together go the same way.
     dropped = write_series(pacs.tmp / "drop", seed=74, patients=1, studies=1, images=2, size=16)
-    browser.execute_script("""
-        const input = document.createElement('input');
-        input.type = 'file'; input.multiple = true; input.id = 'test-source';
-        document.body.append(input);""")
-    browser.find_element("id", "test-source").send_keys("\n".join(map(str, dropped)))
-    browser.execute_script("""
-        const dt = new DataTransfer();
-        for (const f of document.getElementById('test-source').files) dt.items.add(f);
-        document.querySelector('#studies').dispatchEvent(
-            new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));""")
+    small = zip_of(pacs.tmp / "one.zip", {"IM1": dropped[1].read_bytes()})
+    drop(browser, [dropped[0], small])
     wait(browser, "pacsUpload.state.finished && pacsUpload.state.files === 2")
     assert js(browser, "pacsUpload.state.counts.stored") == 2
+    assert set(results(browser)) == {dropped[0].name, "one.zip/IM1"}
     assert not browser_errors(browser)
 
 

@@ -32,7 +32,7 @@ DICOM_JSON = "application/dicom+json"
 Url = Callable[..., str]   # (study, series, sop) -> the RetrieveURL
 
 
-def _split_part10(view: memoryview) -> tuple[Dataset, int]:
+def split_part10(view: memoryview) -> tuple[Dataset, int]:
     """The File Meta group of a Part 10 file and where its data set starts."""
     head = io.BytesIO(bytes(view[:65536]))
     try:
@@ -49,7 +49,7 @@ def store_part(rt: Runtime, view: memoryview, study: str | None, result: dict[st
                url: Url) -> Stored:
     """Store one Part 10 file; fill `result` with what the response says of it. Also the
     browser's upload (upload.py): it reports duplicates, which STOW-RS does not."""
-    meta, offset = _split_part10(view)
+    meta, offset = split_part10(view)
     ts = str(meta.TransferSyntaxUID)
     result["ReferencedSOPClassUID"] = str(meta.get("MediaStorageSOPClassUID", "") or "")
     result["ReferencedSOPInstanceUID"] = str(meta.get("MediaStorageSOPInstanceUID", "") or "")

@@ -52,7 +52,7 @@ def _one(rt: Runtime, view: memoryview, headers: dict[str, str]) -> dict[str, An
     if len(view) < 132 or view[128:132].tobytes() != b"DICM":
         return {"status": "skipped", "reason": "not a DICOM file (no DICM at offset 128)"}
     try:
-        meta, _ = stow._split_part10(view)
+        meta, _ = stow.split_part10(view)
     except InvalidDataset as e:
         return {"status": "skipped", "reason": str(e)[:REASON_MAX]}
     if str(meta.get("MediaStorageSOPClassUID", "")) == MEDIA_DIRECTORY:
