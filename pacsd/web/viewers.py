@@ -102,8 +102,12 @@ def _number(row: dict[str, Any], key: str) -> int:
 
 
 def _token(sessions: Sessions, uid: str) -> str:
-    """A study token for the caller; "" in open mode (no users: nothing to prove)."""
-    user = bottle.request.environ.get("pacsd.user")
+    """A study token for the caller; "" in open mode (no users: nothing to prove). A share
+    link's holder (issue 22's share links) is no user a token could name: refused."""
+    env = bottle.request.environ
+    if env.get("pacsd.share"):
+        raise fail(403, "a shared study opens in this page's viewer only")
+    user = env.get("pacsd.user")
     return sessions.study_token(user, uid) if user is not None else ""
 
 

@@ -25,7 +25,9 @@ const pacsOpenIn = (() => {
     const s = await load();
     const weasis = document.getElementById("open-weasis");
     const ohif = document.getElementById("open-ohif");
-    if (weasis && uid) { weasis.href = weasisHref(uid); weasis.classList.remove("hidden"); }
+    // A share link's holder (/api/me says "shared") has no account Weasis could use.
+    const me = await pacs.me().catch(() => ({}));
+    if (weasis && uid && !me.shared) { weasis.href = weasisHref(uid); weasis.classList.remove("hidden"); }
     if (ohif && uid && s.ohif_url) { ohif.href = ohifHref(s.ohif_url, uid); ohif.classList.remove("hidden"); }
   }
 
