@@ -5,7 +5,10 @@
 
 const pacsOpenIn = (() => {
   let settings = null;                  // GET ../api/viewers, once
-  const load = () => (settings = settings || pacs.api("GET", "viewers").catch(() => ({})));
+  // Not pacs.api: a 401 here (a share link's holder) must not send the page to the login.
+  const load = () => (settings = settings || fetch(pacs.API + "viewers", {
+    credentials: "same-origin", headers: { "Accept": "application/json" } })
+    .then((r) => (r.ok ? r.json() : {})).catch(() => ({})));
 
   const weasisHref = (uid) => "../api/studies/" + encodeURIComponent(uid) + "/weasis";
   const ohifHref = (base, uid) => base + "/viewer?StudyInstanceUIDs=" + encodeURIComponent(uid);
@@ -22,13 +25,14 @@ const pacsOpenIn = (() => {
 
   // The viewer page: its two buttons (links styled as buttons) for the study shown.
   async function decorate(uid) {
+    // A share link's holder (/api/me says "shared") has no account Weasis could use.
+    const me = await pacs.me().catch(() => ({}));
+    if (!uid || me.shared) return;
     const s = await load();
     const weasis = document.getElementById("open-weasis");
     const ohif = document.getElementById("open-ohif");
-    // A share link's holder (/api/me says "shared") has no account Weasis could use.
-    const me = await pacs.me().catch(() => ({}));
-    if (weasis && uid && !me.shared) { weasis.href = weasisHref(uid); weasis.classList.remove("hidden"); }
-    if (ohif && uid && s.ohif_url) { ohif.href = ohifHref(s.ohif_url, uid); ohif.classList.remove("hidden"); }
+    if (weasis) { weasis.href = weasisHref(uid); weasis.classList.remove("hidden"); }
+    if (ohif && s.ohif_url) { ohif.href = ohifHref(s.ohif_url, uid); ohif.classList.remove("hidden"); }
   }
 
   // The viewer page (/app/viewer?study=UID) has the two links in its action bar.
