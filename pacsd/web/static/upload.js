@@ -182,9 +182,11 @@ const pacsUpload = (() => {
       xhr.setRequestHeader("Accept", "application/json");
       xhr.setRequestHeader("Content-Type", `multipart/related; type="application/dicom"; boundary=${boundary}`);
       xhr.upload.onprogress = (ev) => { if (ev.lengthComputable) onProgress(ev.loaded / ev.total); };
-      xhr.onerror = () => reject(new Error("the connection to the server failed"));
+      // fatal: the server is gone or the session ended, so the next batch would fare no better
+      const fatal = (msg) => Object.assign(new Error(msg), { fatal: true });
+      xhr.onerror = () => reject(fatal("the connection to the server failed"));
       xhr.onload = () => {
-        if (xhr.status === 401) { pacs.toLogin(); reject(new Error("login required")); return; }
+        if (xhr.status === 401) { pacs.toLogin(); reject(fatal("login required")); return; }
         let data = null;
         try { data = JSON.parse(xhr.responseText); } catch (e) { data = null; }
         if (xhr.status !== 200 || !data || !Array.isArray(data.results)) {
@@ -278,12 +280,22 @@ const pacsUpload = (() => {
           bytes += item.size;
         }
         if (!batch.length) continue;
-        const data = await post(batch, (f) => show(f * bytes));
+        let data;
+        try {
+          data = await post(batch, (f) => show(f * bytes));
+        } catch (e) {
+          if (e.fatal) throw Object.assign(e, { batch });
+          // This request refused whole (a body too large, a full disk): its files say why,
+          // and the upload goes on with the next ones.
+          batch.forEach(({ item }) => record(item, { status: "failed", reason: e.message }));
+          continue;
+        }
         batch.forEach(({ item }, k) => record(item, data.results[k] ||
           { status: "failed", reason: "the server did not answer for this file" }));
       }
     } catch (e) {
       state.error = e.message || String(e);
+      for (const { item } of e.batch || []) record(item, { status: "failed", reason: "not sent: " + state.error });
       for (; i < items.length; i++) record(items[i], { status: "failed", reason: "not sent: " + state.error });
     } finally {
       state.running = false;
