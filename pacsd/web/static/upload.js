@@ -380,3 +380,4 @@ const pacsUpload = (() => {
   else init();
   return { state, limits, start, fromFiles, fromDrop };
 })();
+window.pacsUpload = pacsUpload;   // for the tests, as window.pacsViewer
