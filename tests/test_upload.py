@@ -1,10 +1,10 @@
 """Upload from the browser and "open in another viewer" (issue 22, items 5 and 6), against a
 real pacsd: a patient CD (a DICOMDIR tree written by pydicom's FileSet, plus the kind of file a
 CD carries besides its images) and ZIP archives uploaded in a real headless Chromium through
-the study list's folder and file pickers and real drops; what came in seen by pynetdicom's C-FIND
-and fetched back byte for byte (a ZIP in Firefox too). Weasis's manifest parsed as XML and its WADO URLs fetched with
-requests as Weasis builds them, the study token good for its study only and for a while only;
-the OHIF link shown when `[http] ohif_url` is set and only then.
+the study list's folder and file pickers and real drops (a ZIP in Firefox too); what came in
+seen by pynetdicom's C-FIND and fetched back byte for byte. Weasis's manifest parsed as XML and
+its WADO URLs fetched with requests as Weasis builds them, the study token good for its study
+only and for a while only; the OHIF link shown when `[http] ohif_url` is set and only then.
 """
 
 from __future__ import annotations
@@ -228,7 +228,8 @@ def test_the_upload_route_is_bounded_and_guarded(pacs):
     src = write_series(pacs.tmp / "api", seed=75, patients=1, studies=1, images=1, size=16)
     whole = src[0].read_bytes()
     meta_end = len(whole) - len(dataset_bytes(src[0])[1])
-    broken = whole[:meta_end] + b"\x08\x00\x16\x00UI\xff\xff" + b"\xff" * 64   # a data set cut short
+    # A data set cut short: an element whose length runs past the end.
+    broken = whole[:meta_end] + b"\x08\x00\x16\x00UI\xff\xff" + b"\xff" * 64
     body = b"".join(b"--b\r\nContent-Type: application/dicom\r\n\r\n" + part + b"\r\n"
                     for part in (whole, b"hello", broken))
     body += b"--b--\r\n"

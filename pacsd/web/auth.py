@@ -348,7 +348,6 @@ class Auth:
         environ["pacsd.admin"] = user.admin
         return self.app(environ, start_response)
 
-
     def _study_token_user(self, environ: dict[str, Any], path: str, users: dict[str, User]
                           ) -> User | None:
         """The user of a study token (Sessions.study_token), taken only where a viewer launched

@@ -51,10 +51,15 @@ SERIES = ("SeriesInstanceUID", "SeriesDescription", "SeriesNumber", "Modality")
 INSTANCE = ("SOPInstanceUID", "InstanceNumber")
 
 
+# The attributes the schema requires (use="required"), written even when empty.
+REQUIRED = {"PatientID", "PatientName", "StudyInstanceUID", "SeriesInstanceUID",
+            "SOPInstanceUID"}
+
+
 def _attrs(row: dict[str, Any], names: tuple[str, ...]) -> str:
     """XML attributes of the values present (the schema's optional ones left out when empty)."""
-    return "".join(f" {n}={quoteattr(_text(row.get(n)))}" for n in names
-                   if row.get(n) not in (None, ""))
+    return "".join(f" {n}={quoteattr(_text(row.get(n) or ''))}" for n in names
+                   if row.get(n) not in (None, "") or n in REQUIRED)
 
 
 def _text(value: Any) -> str:
@@ -95,8 +100,10 @@ def manifest_xml(rt: Runtime, uid: str, wado: str, token: str) -> str:
 
 
 def _number(row: dict[str, Any], key: str) -> int:
+    """A series or instance number for sorting; a missing one after every real one."""
     try:
-        return int(row.get(key) or 1 << 30)
+        value = row.get(key)
+        return int(value) if value not in (None, "") else 1 << 30
     except (TypeError, ValueError):
         return 1 << 30
 
@@ -153,5 +160,6 @@ def make_app(rt: Runtime, sessions: Sessions) -> bottle.Bottle:
     app = new_app()
     app.route("/api/viewers", "GET", lambda: settings(rt))
     app.route("/api/studies/<uid>/weasis", "GET", lambda uid: weasis_launch(rt, sessions, uid))
-    app.route("/api/studies/<uid>/weasis.xml", "GET", lambda uid: weasis_manifest(rt, sessions, uid))
+    app.route("/api/studies/<uid>/weasis.xml", "GET",
+              lambda uid: weasis_manifest(rt, sessions, uid))
     return app
