@@ -202,6 +202,11 @@ class HttpSettings:
         "Bytes per second a request body must keep up after `body_timeout` (each such many "
         "bytes received earn one more second). 0: a fixed `body_timeout` for any body.",
         v.in_range(0, 2**30))
+    ohif_url: str = setting("",
+        "Where an OHIF viewer is served (https://ohif.example.org): the study list and the "
+        "viewer then link each study to {ohif_url}/viewer?StudyInstanceUIDs=UID. OHIF reads "
+        "it from pacsd's /dicom-web (its data source, and its origin in `cors_origins`). "
+        "Empty: no OHIF link.", v.web_url)
 
 
 @dataclass(frozen=True)

@@ -97,3 +97,16 @@ def log_level(value: str) -> str:
     if v not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ValueError(f"{value!r} is not one of DEBUG, INFO, WARNING, ERROR")
     return v
+
+
+def web_url(value: str) -> str:
+    """An http(s) URL of a web application (no query, no fragment), or empty; without its
+    trailing slash."""
+    from urllib.parse import urlsplit
+    if not value:
+        return value
+    parts = urlsplit(value.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise ValueError(f"{value!r} is not an http:// or https:// URL without query "
+                         "(e.g. https://ohif.example.org)")
+    return value.strip().rstrip("/")

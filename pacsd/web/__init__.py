@@ -16,7 +16,8 @@ from typing import Any, Callable, Iterable
 
 from pacsd.errors import PortInUse
 from pacsd.query import scope as scopes
-from pacsd.web import admin, api, dicomweb, health, metrics, share, ui, wado, xmlrpc
+from pacsd.web import (admin, api, dicomweb, health, metrics, share, ui, upload, viewers, wado,
+                       xmlrpc)
 from pacsd.web.app import errors_plugin, new_app
 from pacsd.web.auth import Auth, Sessions, Throttle
 from pacsd.web.guard import Guard
@@ -76,6 +77,9 @@ def make_app(rt: Runtime) -> Callable:
     root.merge(ui.make_app(rt, sessions, throttle))
     shares = share.Shares(rt, sessions, throttle)
     root.merge(share.make_app(rt, shares))
+    # Upload from the browser; Weasis (its manifest, study tokens) and OHIF links.
+    root.merge(upload.make_app(rt))
+    root.merge(viewers.make_app(rt, sessions))
     # Mounted as a plain WSGI app: SCRIPT_NAME then carries the prefix, from which DICOMweb
     # builds its RetrieveURLs.
     sub = dicomweb.make_app(rt)

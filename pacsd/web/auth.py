@@ -22,6 +22,7 @@ import os
 import secrets
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any, Callable, Iterable
 from urllib.parse import quote
@@ -107,6 +108,35 @@ class Sessions:
             name_b64, expires, fingerprint, mac = cookie.split(".")
             payload = f"{name_b64}.{expires}.{fingerprint}"
             if not hmac.compare_digest(mac, self._sign(payload)) or int(expires) < time.time():
+                return None
+            name = base64.urlsafe_b64decode(name_b64 + "=" * (-len(name_b64) % 4)).decode()
+        except (ValueError, UnicodeDecodeError):
+            return None
+        user = lookup(name)
+        if user is None or not hmac.compare_digest(fingerprint, self._fingerprint(user)):
+            return None
+        return user
+
+    # --- study tokens: a viewer launched from the page (Weasis) fetches WADO without the
+    # page's cookie. The token names the user (as a session does: a changed password ends it)
+    # and an expiry; the study is signed with it, not written in it, so that it proves
+    # nothing for any other study. A distinct prefix keeps a token from passing as a session.
+    STUDY_TOKEN_S = 3600
+
+    def study_token(self, user: User, study: str, now: float | None = None) -> str:
+        expires = int((now or time.time()) + self.STUDY_TOKEN_S)
+        name = base64.urlsafe_b64encode(user.name.encode()).decode().rstrip("=")
+        payload = f"{name}.{expires}.{self._fingerprint(user)}"
+        return f"{payload}.{self._sign(f'study-token:{study}:{payload}')}"
+
+    def study_user(self, token: str, study: str, lookup: Callable[[str], User | None]
+                   ) -> User | None:
+        """The user a study token was given to, if it is for `study` and has not expired."""
+        try:
+            name_b64, expires, fingerprint, mac = token.split(".")
+            payload = f"{name_b64}.{expires}.{fingerprint}"
+            if (not hmac.compare_digest(mac, self._sign(f"study-token:{study}:{payload}"))
+                    or int(expires) < time.time()):
                 return None
             name = base64.urlsafe_b64decode(name_b64 + "=" * (-len(name_b64) % 4)).decode()
         except (ValueError, UnicodeDecodeError):
@@ -215,6 +245,9 @@ class Auth:
     something under /api or /app carry `X-Requested-With` (CSRF: a foreign page cannot set it
     without a CORS preflight we would refuse), even when no users exist: a page on another site
     must not drive a loopback pacsd.
+    A study token (Sessions.study_token, in `?study_token=`) stands for its user on GET /wado
+    and GET /api/studies/UID/weasis.xml of its own study only: Weasis, launched from a page,
+    fetches without the page's cookie (pacsd.web.viewers).
     """
 
     def __init__(self, app: Callable, users: Callable[[], dict[str, User]],
@@ -311,6 +344,8 @@ class Auth:
                     environ["pacsd.user"], environ["pacsd.scope"] = held
                     environ["pacsd.share"] = True
                     return self.app(environ, start_response)
+        if user is None and method in ("GET", "HEAD"):
+            user = self._study_token_user(environ, path, users)
         if user is None:
             # A request with no credentials at all is the usual first step of a client (and the
             # watchdog's XML-RPC probe, every round): DEBUG, so the log does not grow with it.
@@ -332,6 +367,32 @@ class Auth:
         environ["pacsd.admin"] = user.admin
         environ["pacsd.scope"] = self.scope_of(user)
         return self.app(environ, start_response)
+
+    def _study_token_user(self, environ: dict[str, Any], path: str, users: dict[str, User]
+                          ) -> User | None:
+        """The user of a study token (Sessions.study_token), taken only where a viewer launched
+        from the page needs it: WADO-URI of that very study and its Weasis manifest."""
+        query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""), max_num_fields=32)
+        token = (query.get(STUDY_TOKEN) or [""])[0]
+        if not token:
+            return None
+        if path == "/wado":
+            study = (query.get("studyUID") or [""])[0].strip()
+        elif path.startswith("/api/studies/") and path.endswith("/weasis.xml"):
+            study = path[len("/api/studies/"):-len("/weasis.xml")]
+        else:
+            return None
+        user = self.sessions.study_user(token, study, users.get) if study else None
+        if user is None:
+            log.info("HTTP GET %s from %s: a study token not valid for study %s (expired, "
+                     "another study's, or forged)", path, environ.get("pacsd.client", ""),
+                     study[:64])
+            return None
+        environ["pacsd.study_token"] = study
+        return user
+
+
+STUDY_TOKEN = "study_token"   # the query parameter
 
 
 def _refuse(start_response: Callable, status: str, message: str) -> list[bytes]:

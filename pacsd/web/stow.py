@@ -22,6 +22,7 @@ from pydicom.tag import Tag
 from pacsd.compat.pydicom import read_file_meta
 from pacsd.errors import InvalidDataset, PacsError
 from pacsd.imaging.header import is_valid_uid
+from pacsd.storage.archive import Stored
 from pacsd.web import multipart
 from pacsd.web.runtime import Runtime
 
@@ -31,7 +32,7 @@ DICOM_JSON = "application/dicom+json"
 Url = Callable[..., str]   # (study, series, sop) -> the RetrieveURL
 
 
-def _split_part10(view: memoryview) -> tuple[Dataset, int]:
+def split_part10(view: memoryview) -> tuple[Dataset, int]:
     """The File Meta group of a Part 10 file and where its data set starts."""
     head = io.BytesIO(bytes(view[:65536]))
     try:
@@ -45,9 +46,10 @@ def _split_part10(view: memoryview) -> tuple[Dataset, int]:
 
 
 def store_part(rt: Runtime, view: memoryview, study: str | None, result: dict[str, Any],
-               url: Url) -> None:
-    """Store one Part 10 file; fill `result` with what the response says of it."""
-    meta, offset = _split_part10(view)
+               url: Url) -> Stored:
+    """Store one Part 10 file; fill `result` with what the response says of it. Also the
+    browser's upload (upload.py): it reports duplicates, which STOW-RS does not."""
+    meta, offset = split_part10(view)
     ts = str(meta.TransferSyntaxUID)
     result["ReferencedSOPClassUID"] = str(meta.get("MediaStorageSOPClassUID", "") or "")
     result["ReferencedSOPInstanceUID"] = str(meta.get("MediaStorageSOPInstanceUID", "") or "")
@@ -66,6 +68,7 @@ def store_part(rt: Runtime, view: memoryview, study: str | None, result: dict[st
         result["WarningReason"] = stored.warning
         log.info("STOW-RS: instance %s stored with warning 0x%04X: %s",
                  stored.sop_instance_uid, stored.warning, stored.comment)
+    return stored
 
 
 def stow(rt: Runtime, study: str | None, url: Url) -> str:

@@ -110,6 +110,13 @@ def test_cross_site_changes_are_refused_and_nothing_is_deleted(tmp_path):
             ("POST", "/api/shares/0123456789abcdef/revoke", b"{}", {"Content-Type": "text/plain"}),
             ("POST", "/share/sometoken", json.dumps({"pin": "1234"}).encode(),
              {"Origin": EVIL, "X-Requested-With": "x", "Content-Type": "application/json"}),
+            # The browser's upload: a foreign page's, or one without the CSRF header
+            ("POST", "/api/upload", b"--x\r\n\r\n" + CT.read_bytes() + b"\r\n--x--\r\n",
+             {"Origin": EVIL, "X-Requested-With": "x",
+              "Content-Type": 'multipart/related; type="application/dicom"; boundary=x'}),
+            ("POST", "/api/upload", b"--x\r\n\r\n" + CT.read_bytes() + b"\r\n--x--\r\n",
+             {"Content-Type": 'multipart/related; type="application/dicom"; boundary=x'}),
+            ("POST", "/api/upload", b"--x--", {"Content-Type": "multipart/form-data; boundary=x"}),
         ]
         for method, path, body, headers in attacks:
             r = requests.request(method, url + path, data=body, headers=headers, timeout=10)

@@ -16,6 +16,7 @@
   let total = 0;
   let seq = 0;                         // answers to older requests are dropped
   let isAdmin = false;
+  let viewers = {};                    // GET ../api/viewers: the OHIF link's base, if any
 
   function defaults() {
     return { patient: "", patient_id: "", from: "", to: "", modality: "", accession: "",
@@ -125,7 +126,7 @@
   function render() {
     const esc = pacs.esc;
     if (!rows.length) {
-      tbody.innerHTML = `<tr><td colspan="11" class="empty">No studies match.</td></tr>`;
+      tbody.innerHTML = `<tr><td colspan="12" class="empty">No studies match.</td></tr>`;
     } else {
       tbody.innerHTML = rows.map((s, i) => {
         const href = "viewer?study=" + encodeURIComponent(s.study_uid);
@@ -143,6 +144,7 @@
           <td class="modalities">${modalities(s.modalities)}</td>
           <td class="num">${nf.format(s.series || 0)} / ${nf.format(s.instances || 0)}</td>
           <td class="opt-md nowrap muted">${esc(s.received)}</td>
+          <td class="open-in nowrap small">${pacsOpenIn.links(s.study_uid, viewers)}</td>
         </tr>`;
       }).join("");
     }
@@ -336,6 +338,8 @@
     $("delete-btn").classList.toggle("hidden", !isAdmin);
   }).catch(() => {});
   loadNodes();
+  pacsOpenIn.load().then((v) => { viewers = v || {}; if (rows.length) render(); });
+  window.addEventListener("pacs:uploaded", () => run());   // upload.js: show what came in
   state = fromUrl();
   toForm(state);
   go(state, false);
