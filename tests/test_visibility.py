@@ -172,6 +172,23 @@ def test_zip_and_send_only_what_the_user_sees(pacs):
     assert pacs.ward.received == {}
 
 
+def test_an_upload_tells_a_restricted_user_nothing_of_other_studies(pacs):
+    """The same file uploaded again: "duplicate" for a user who sees its study, "stored" (which
+    it is) for one who does not, so that an upload cannot probe what is stored."""
+    body = (b"--b\r\nContent-Type: application/dicom\r\n\r\n"
+            + pacs.files["OTHER"][0].read_bytes() + b"\r\n--b--\r\n")
+    ctype = 'multipart/related; type="application/dicom"; boundary=b'
+
+    def upload(who: str) -> str:
+        r = requests.post(f"{pacs.http_url}/api/upload", data=body, auth=auth(who), timeout=30,
+                          headers={"Content-Type": ctype, "X-Requested-With": "x"})
+        assert r.status_code == 200, r.text
+        return r.json()["results"][0]["status"]
+    assert upload("reader") == "duplicate"
+    assert upload("teacher") == "stored"
+    assert pacs.uid["OTHER"] not in listed(pacs, "teacher")
+
+
 # --- DICOMweb and WADO-URI -------------------------------------------------------------------
 
 def test_dicomweb_searches_and_retrieves_only_the_users_studies(pacs):

@@ -24,7 +24,7 @@ from typing import Any
 import bottle
 
 from pacsd.errors import InvalidDataset, PacsError
-from pacsd.web import multipart, stow
+from pacsd.web import multipart, stow, visibility
 from pacsd.web.app import new_app
 from pacsd.web.dicomweb_common import url
 from pacsd.web.guard import client_of
@@ -66,10 +66,14 @@ def _one(rt: Runtime, view: memoryview, headers: dict[str, str]) -> dict[str, An
                 result.get("ReferencedSOPInstanceUID") or "?", e)
         return {"status": "failed", "reason": str(e)[:REASON_MAX],
                 "sop": result.get("ReferencedSOPInstanceUID", "")}
-    answer: dict[str, Any] = {"status": "duplicate" if stored.duplicate else "stored",
+    # A restricted user ([[groups]]) is not told that a study beyond their scope already
+    # held the image: for them it is stored, which it is.
+    seen = visibility.scope()
+    duplicate = stored.duplicate and (seen is None or seen.allows(stored.study_instance_uid))
+    answer: dict[str, Any] = {"status": "duplicate" if duplicate else "stored",
                               "sop": stored.sop_instance_uid,
                               "study": stored.study_instance_uid}
-    if stored.duplicate:
+    if duplicate:
         answer["reason"] = "already stored, the same content"
     elif stored.warning:
         answer["reason"] = stored.comment
