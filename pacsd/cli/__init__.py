@@ -25,6 +25,7 @@ from types import ModuleType
 from pacsd import __version__, logbook
 from pacsd import config as config_mod
 from pacsd.cli import (
+    audit,
     compress,
     config,
     doctor,
@@ -60,7 +61,8 @@ __all__ = ["EXIT_INTERRUPTED", "EXIT_NOT_RUNNING", "COMMANDS", "build_parser", "
 # In the order `pacsd --help` lists them.
 COMMANDS: tuple[ModuleType, ...] = (serve, config, nodes, retrieve, import_, patient, study,
                                     series, undo, history, trash, retention, compress, verify,
-                                    reindex, migrate, index, queue, passwd, status, doctor)
+                                    reindex, migrate, index, queue, passwd, status, doctor,
+                                    audit)
 
 
 def name_of(command: ModuleType) -> str:

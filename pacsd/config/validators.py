@@ -97,3 +97,13 @@ def log_level(value: str) -> str:
     if v not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ValueError(f"{value!r} is not one of DEBUG, INFO, WARNING, ERROR")
     return v
+
+
+def syslog_target(value: str) -> str:
+    """Empty, or HOST:PORT ([v6]:PORT)."""
+    v = value.strip()
+    if v:
+        host, sep, port = v.rpartition(":")
+        if not sep or not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{value!r} is not HOST:PORT (e.g. audit.example.org:6514)")
+    return v
