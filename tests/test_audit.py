@@ -150,8 +150,11 @@ def test_logins_ok_and_failed(pacs):
     url = pacs.http_url
     assert requests.post(f"{url}/app/login", json={"name": "reader", "password": "nope"},
                          timeout=10).status_code == 401
-    assert requests.post(f"{url}/app/login", json={"name": "reader", "password": READER[1]},
-                         timeout=10).status_code == 200
+    session = requests.Session()
+    assert session.post(f"{url}/app/login", json={"name": "reader", "password": READER[1]},
+                        timeout=10).status_code == 200
+    assert session.post(f"{url}/app/logout", headers=H, timeout=10).status_code == 200
+    assert found(pacs, "the logout", action="logout", user="reader")[0]["event"] == "110114"
     recs = found(pacs, "two logins", action="login", user="reader")
     recs = wait_for(lambda: len(api(pacs, action="login", user="reader")) >= 2
                     and api(pacs, action="login", user="reader"), 10, "both logins")
@@ -172,6 +175,16 @@ def test_query_view_download_send_store(pacs, tmp_path):
                  timeout=10).status_code == 200
     recs = found(pacs, "the QIDO record", action="query", user="reader")
     assert recs[0]["patients"][0]["id"] == pacs.patient and "PatientID" in recs[0]["detail"]
+
+    # XML-RPC, by method.
+    import xmlrpc.client
+    host = url.split("//", 1)[1]
+    rpc = xmlrpc.client.ServerProxy(f"http://{BOSS[0]}:{BOSS[1]}@{host}/RPC2")
+    answer = rpc.DBWindowFind({"request": f"patientID == '{pacs.patient}'", "table": "Study",
+                               "execute": "Select"})
+    assert answer["count"] == 1
+    recs = found(pacs, "the XML-RPC query", action="query", user="boss")
+    assert recs[0]["detail"] == "XML-RPC DBWindowFind" and recs[0]["outcome"] == "ok"
 
     # A viewer's many requests: one view record.
     series = str(dcmread(pacs.files[0]).SeriesInstanceUID)

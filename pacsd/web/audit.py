@@ -119,8 +119,13 @@ class AuditTrail:
         rec = AuditRecord(action, via="http", address=client_of(environ))
         user = environ.get("pacsd.user")
         rec.user = user.name if user is not None else ""
-        body = self._body(environ) if method == "POST" else b""
-        self._describe(rec, environ, kind, uid, body)
+        try:   # never in the request's way: a body or query it cannot read is left out
+            body = self._body(environ) if method == "POST" else b""
+            self._describe(rec, environ, kind, uid, body)
+        except Exception as e:  # noqa: BLE001
+            rec.detail = f"({type(e).__name__} while describing it)"
+            if rec.action == "xmlrpc":
+                rec.action = "query"
         if rec.action == "":   # not audited (XML-RPC Ping...)
             return self.app(environ, start_response)
         status = ["500"]
@@ -169,15 +174,17 @@ class AuditTrail:
 
     def _describe(self, rec: AuditRecord, environ: dict[str, Any], kind: str, uid: str,
                   body: bytes) -> None:
-        query = parse_qs(environ.get("QUERY_STRING", ""), max_num_fields=50)
+        query = parse_qs(environ.get("QUERY_STRING", "")[:8192])
         form: dict[str, Any] = {}
-        if body:
+        ctype = environ.get("CONTENT_TYPE", "")
+        if body and ctype.startswith("application/json"):
             try:
                 parsed = json.loads(body)
                 form = parsed if isinstance(parsed, dict) else {}
             except ValueError:
-                form = {k: v[0] for k, v in parse_qs(body.decode("utf-8", "replace"),
-                                                     max_num_fields=20).items()}
+                pass
+        elif body and ctype.startswith("application/x-www-form-urlencoded"):
+            form = {k: v[0] for k, v in parse_qs(body[:4096].decode("utf-8", "replace")).items()}
         if kind == "study":
             rec.studies = [uid]
         elif kind == "series":
