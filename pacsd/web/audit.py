@@ -259,7 +259,9 @@ class AuditTrail:
     def _seen_lately(self, rec: AuditRecord) -> bool:
         """Whether this user viewed this study from this address within VIEW_WINDOW_S (with
         the same outcome): a viewer's hundreds of requests make one record."""
-        key = (rec.user, rec.address, ",".join(rec.studies[:3]) or rec.detail, rec.outcome)
+        # An instance's tags (the viewer's tag panel, slice after slice) have no study in
+        # their URL: one key for them all; the viewer's pixel requests name the study.
+        key = (rec.user, rec.address, ",".join(rec.studies[:3]) or "tags", rec.outcome)
         now = time.monotonic()
         with self._lock:
             last = self._seen.get(key)
