@@ -52,9 +52,11 @@ def pacs(tmp_path_factory):
     users = [{"name": BOSS[0], "password_hash": hash_password(BOSS[1]), "admin": True},
              {"name": READER[0], "password_hash": hash_password(READER[1]), "admin": False}]
     nodes = [{"name": "ws", "aet": "WS", "host": LOCAL, "port": listener.server_address[1]}]
+    # Its syslog collector is down for good: nothing of the below may wait for it.
     cfg_file = write_config(tmp / "c.toml", tmp / "data", nodes=nodes, users=users,
                             dicom={"workers": 1, "allowed_calling_aets": [
-                                "PYNETDICOM", "FINDSCU", "GETSCU", "MOVESCU"]})
+                                "PYNETDICOM", "FINDSCU", "GETSCU", "MOVESCU"]},
+                            audit={"syslog": f"{LOCAL}:{free_port()}", "syslog_protocol": "tcp"})
     server = Server(config.load(cfg_file, env={})).start()
     server.cfg_file = cfg_file
     server.received = received
@@ -256,6 +258,14 @@ def test_correction_delete_restore_over_http_and_the_command_line(pacs, tmp_path
             if r["via"] == "cli"]
     assert len(recs) == 1 and recs[0]["patients"][0]["id"] == pid
     assert recs[0]["source"].endswith("/cli")
+    # `pacsd import`: one record for the command, with its studies and count.
+    more = write_series(tmp_path / "imp", seed=75, images=2, size=16)
+    subprocess.run(pacsd_cmd("import", str(tmp_path / "imp"), "--config", str(pacs.cfg_file)),
+                   check=True, capture_output=True, timeout=60)
+    imported = str(dcmread(more[0]).StudyInstanceUID)
+    recs = cli(pacs, "--action", "import", "--study", imported)
+    assert [(r["via"], r["count"], r["patients"][0]["id"]) for r in recs] == [
+        ("cli", 2, str(dcmread(more[0]).PatientID))]
     # A non-administrator may not read the trail.
     assert requests.get(f"{url}/api/audit", auth=READER, timeout=10).status_code == 403
     # Reading it is itself recorded (Audit Log Used).
@@ -277,8 +287,10 @@ def test_rotation_by_size_and_retention(tmp_path):
     kept = folder / "server-20991231T000000-1.jsonl"
     kept.write_text("")
     a = Auditor(settings(rotate_mb=1, keep_days=5), tmp_path, "server")
-    for i in range(900):
-        a.record(AuditRecord("view", user=f"u{i}", studies=["1.2.3"], detail="x" * 1200))
+    for i in range(900):   # three batches of ~400 KB: the third one begins a new file
+        a.record(AuditRecord("view", user=f"u{i}", studies=["1.2.3"], detail="x" * 1000))
+        if i % 300 == 299:
+            assert a.flush()
     a.close()
     assert not old.exists() and kept.exists()   # past keep_days: removed
     rotated = [p for p in folder.glob("server-*.jsonl") if p != kept]
