@@ -332,6 +332,8 @@ def check_message(msg: bytes, user: str) -> None:
     ids = {p.find("ParticipantObjectIDTypeCode").get("csd-code"): p.get("ParticipantObjectID")
            for p in root.findall("ParticipantObjectIdentification")}
     assert ids == {"2": "PID1", "110180": "1.2.3"}
+    assert root.find("ParticipantObjectIdentification/ParticipantObjectName").text == \
+        "Doe & <Sons>^J"
 
 
 def framed(conn) -> bytes:
@@ -351,7 +353,7 @@ def framed(conn) -> bytes:
 
 def record(user: str) -> AuditRecord:
     return AuditRecord("view", user=user, address="10.0.0.9", studies=["1.2.3"],
-                       patients=[("PID1", "Doe^J")])
+                       patients=[("PID1", "Doe & <Sons>^J")])
 
 
 def test_syslog_over_udp(tmp_path):

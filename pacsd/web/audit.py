@@ -43,6 +43,7 @@ VIEW_WINDOW_S = 300.0
 BODY_MAX = 64 << 10     # bodies read for the record (login, admin JSON, XML-RPC): small ones
 UID = r"([0-9.]{1,64})"
 _METHOD = re.compile(rb"<methodName>\s*([A-Za-z0-9_.]{1,64})\s*</methodName>")
+_DELETE = re.compile(rb"<name>\s*execute\s*</name>\s*<value>\s*(?:<string>)?\s*delete\b", re.I)
 # XML-RPC methods -> actions; those not named (Ping, the GUI no-ops) are not audited.
 XMLRPC = {"dbwindowfind": "query", "findobject": "query", "displaystudy": "query",
           "displayseries": "query", "retrieve": "import", "downloadurl": "import",
@@ -237,6 +238,8 @@ class AuditTrail:
             method = found.group(1).decode() if found else ""
             rec.action = XMLRPC.get(method.lower(), "")
             rec.detail = f"XML-RPC {method}"
+            if rec.action == "query" and _DELETE.search(body[:8192]):
+                rec.action = "delete"   # DBWindowFind with execute = Delete
         if rec.action in CHANGES and rec.studies and not rec.patients:
             self._patients(rec)
 
