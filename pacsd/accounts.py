@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 
-from pacsd.config import NODE_RIGHTS, Config, ConfigError, Node, User, node_from
+from pacsd.config import NODE_RIGHTS, Config, ConfigError, Group, Node, User, node_from
 from pacsd.errors import PacsError
 from pacsd.index import Index
 from pacsd.index.models import NodeRow, UserRow, reading
@@ -124,6 +124,30 @@ class Accounts:
     def user(self, name: str) -> User | None:
         hit = self.snapshot().users.get(name)
         return hit[0] if hit else None
+
+    # --- who sees what ([[groups]]) -------------------------------------------------------------
+
+    def groups_of_user(self, user: User | None) -> tuple[Group, ...]:
+        """The [[groups]] whose scope limits what a web user sees (pacsd.query.scope.of_groups);
+        none (everything) for administrators and when no users exist."""
+        if user is None or user.admin:
+            return ()
+        return tuple(g for g in self.cfg.groups if user.name in g.users)
+
+    def groups_of_caller(self, aet: str) -> tuple[Group, ...]:
+        """The same for a DICOM caller: the groups naming its node by name or AE title."""
+        aet = (aet or "").strip()
+        names = {aet}
+        node = self.node_by_aet(aet)
+        if node is not None:
+            names.add(node.name)
+        return tuple(g for g in self.cfg.groups if names & set(g.nodes))
+
+    def may_share(self, user: User | None) -> bool:
+        """Administrators, and users of a group with share = true."""
+        if user is None or user.admin:
+            return True
+        return any(g.share and user.name in g.users for g in self.cfg.groups)
 
     # --- writing (admin page) -----------------------------------------------------------------
 

@@ -120,7 +120,8 @@ def test_csrf_guard_and_sessions(make_server, tmp_path):
                     timeout=10)
     assert r.status_code == 200 and "HttpOnly" in r.headers["Set-Cookie"]
     assert reader.get(f"{url}/api/me", timeout=10).json() == {
-        "user": "reader", "admin": False, "auth": True}
+        "user": "reader", "admin": False, "auth": True, "shared": False, "restricted": False,
+        "share": False}
     assert reader.get(f"{url}/api/users", timeout=10).status_code == 403
     # Without the header a change is refused even with a good session (CSRF).
     assert reader.post(f"{url}/api/nodes", json={}, timeout=10).status_code == 403

@@ -29,6 +29,7 @@ from pacsd.cli import (
     compress,
     config,
     doctor,
+    export,
     history,
     import_,
     index,
@@ -62,7 +63,7 @@ __all__ = ["EXIT_INTERRUPTED", "EXIT_NOT_RUNNING", "COMMANDS", "build_parser", "
 COMMANDS: tuple[ModuleType, ...] = (serve, config, nodes, retrieve, import_, patient, study,
                                     series, undo, history, trash, retention, compress, verify,
                                     reindex, migrate, index, queue, passwd, status, doctor,
-                                    audit)
+                                    export, audit)
 
 
 def name_of(command: ModuleType) -> str:

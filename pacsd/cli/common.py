@@ -102,11 +102,13 @@ def open_archive(cfg: Config) -> "Archive":
     # Temporary files in a folder of their own: a node starting meanwhile cleans only its own.
     store = Store(cfg.storage_path, cfg.storage_min_free_mb, node="cli")
     store.open(clean=False)   # a running server may have temporary files in flight
-    return Archive(store, open_index(cfg), overwrite=cfg.storage_overwrite,
-                   patient_mismatch=cfg.storage_patient_mismatch,
-                   on_conflict=cfg.storage_on_conflict,
-                   trash_days=cfg.storage_trash_days,
-                   rejection_notes=cfg.storage_rejection_notes, overlap=False)
+    archive = Archive(store, open_index(cfg), overwrite=cfg.storage_overwrite,
+                      patient_mismatch=cfg.storage_patient_mismatch,
+                      on_conflict=cfg.storage_on_conflict,
+                      trash_days=cfg.storage_trash_days,
+                      rejection_notes=cfg.storage_rejection_notes, overlap=False)
+    archive.label_rules = cfg.label_rules   # an imported CD is labelled as if sent
+    return archive
 
 
 def who() -> str:

@@ -38,8 +38,8 @@ from pacsd.config.sections import (
     StorageSettings,
     WatchdogSettings,
 )
-from pacsd.config.tables import (NODE_RIGHTS, Compression, Node, Retention, Route, User,
-                                 node_from)
+from pacsd.config.tables import (NODE_RIGHTS, Compression, Group, LabelRule, Node, Retention,
+                                 Route, User, node_from, valid_label)
 from pacsd.config.validators import valid_aet
 from pacsd.errors import ConfigError
 
@@ -47,7 +47,7 @@ __all__ = [
     "AuditSettings",
     "CONFIG_FILE_NAME", "DEFAULT_DATA", "FLAT", "NODE_RIGHTS", "SECTIONS", "SETTINGS", "Config",
     "ConfigError", "DicomSettings", "HooksSettings", "HttpSettings", "IndexSettings",
-    "LogSettings", "Compression", "Node", "Retention", "Route", "RoutingSettings", "ServerSettings", "Setting",
+    "LogSettings", "Compression", "Group", "LabelRule", "Node", "Retention", "Route", "RoutingSettings", "ServerSettings", "Setting",
     "StorageSettings", "User", "WatchdogSettings", "check", "describe", "folder_problems", "load",
-    "node_from", "read_toml", "valid_aet",
+    "node_from", "read_toml", "valid_aet", "valid_label",
 ]

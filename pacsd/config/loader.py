@@ -34,7 +34,7 @@ from pacsd.config.sections import (
     StorageSettings,
     WatchdogSettings,
 )
-from pacsd.config.tables import Compression, Node, Retention, Route, User
+from pacsd.config.tables import Compression, Group, LabelRule, Node, Retention, Route, User
 from pacsd.errors import ConfigError
 from pacsd.config import index_url
 
@@ -71,6 +71,8 @@ class Config:
     routes: tuple[Route, ...] = ()
     retention: tuple[Retention, ...] = ()
     compression: tuple[Compression, ...] = ()
+    groups: tuple[Group, ...] = ()
+    label_rules: tuple[LabelRule, ...] = ()
     plugin_settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     source: str = "defaults"   # the config file it came from, for messages
     # Where each setting's value came from ("section.key" -> the file, "$PACSD_...", "the
@@ -248,6 +250,8 @@ def _build(path: Path | str | None, env: Mapping[str, str] | None,
     routes: tuple[Route, ...] = ()
     retention: tuple[Retention, ...] = ()
     compression: tuple[Compression, ...] = ()
+    groups: tuple[Group, ...] = ()
+    label_rules: tuple[LabelRule, ...] = ()
     plugins: dict[str, dict[str, Any]] = {}
     for section, table in raw.items():
         try:
@@ -261,6 +265,10 @@ def _build(path: Path | str | None, env: Mapping[str, str] | None,
                 retention = tables.retention(table, source)
             elif section == "compression":
                 compression = tables.compression(table, source)
+            elif section == "groups":
+                groups = tables.groups(table, source)
+            elif section == "labels":
+                label_rules = tables.label_rules(table, source)
             elif section == "plugin":   # [plugin.NAME]: each plugin's own settings, as written
                 if not isinstance(table, dict) or not all(isinstance(v, dict)
                                                           for v in table.values()):
@@ -312,7 +320,7 @@ def _build(path: Path | str | None, env: Mapping[str, str] | None,
             problems.add(ConfigError(str(problem)))
     return Config(**sections, data=data, storage_path=storage_path, index_url=index_url,
                   nodes=nodes, users=users, routes=routes, retention=retention,
-                  compression=compression,
+                  compression=compression, groups=groups, label_rules=label_rules,
                   plugin_settings=plugins,
                   source=source, origins=origins)
 

@@ -1,5 +1,6 @@
 """The arrays of tables of the config file: [[nodes]], [[routes]], [[users]], [[retention]],
-each read into frozen dataclasses, each bad entry refused with a ConfigError naming it."""
+[[compression]], [[groups]], [[labels]], each read into frozen dataclasses, each bad entry
+refused with a ConfigError naming it."""
 
 from __future__ import annotations
 
@@ -187,8 +188,123 @@ def nodes(raw: Any, origin: str) -> tuple[Node, ...]:
     return tuple(nodes)
 
 
-def routes(raw: Any, origin: str) -> tuple[Route, ...]:
+def _match(where: str, raw: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """A rule's `match` table: { Keyword or tag = pattern or [patterns] }."""
     from pydicom.datadict import keyword_for_tag, tag_for_keyword
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: match must be a table: {{ Modality = \"CT\" }}")
+    keys = []
+    for key, patterns in raw.items():
+        # A keyword (StudyDescription) or a tag (00081030, 0008,1030); any attribute.
+        tag = re.sub(r"[^0-9A-Fa-f]", "", key) if re.fullmatch(
+            r"\(?[0-9A-Fa-f]{4},?[0-9A-Fa-f]{4}\)?", key) else None
+        if tag is None and tag_for_keyword(key) is None:
+            raise ConfigError(f"{where}: {key!r} is neither a DICOM keyword nor a tag")
+        keyword = (keyword_for_tag(int(tag, 16)) or tag) if tag else key
+        values = [patterns] if isinstance(patterns, (str, int)) else patterns
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}: match {key!r} must be a value or a list of values")
+        keys.append((keyword, tuple(str(v) for v in values)))
+    return tuple(keys)
+
+
+def _callers(where: str, raw: Any, key: str = "calling_aet") -> tuple[str, ...]:
+    callers = [raw] if isinstance(raw, str) else raw
+    if not isinstance(callers, list) or not all(isinstance(c, str) for c in callers):
+        raise ConfigError(f"{where}: {key} must be an AE title or a list of them")
+    try:
+        return tuple(valid_aet(c) for c in callers)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {key} {e}") from None
+
+
+def _strings(where: str, raw: Any, key: str) -> tuple[str, ...]:
+    value = [raw] if isinstance(raw, str) else raw
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise ConfigError(f"{where}: {key} must be a value or a list of values")
+    return tuple(v.strip() for v in value)
+
+
+LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9 _.:/+-]{0,63}")
+
+
+def valid_label(text: Any) -> str:
+    """A study label: 1-64 letters, digits, spaces and _ . : / + -, starting with a letter or a
+    digit; ValueError otherwise."""
+    label = text.strip() if isinstance(text, str) else ""
+    if not LABEL.fullmatch(label):
+        raise ValueError(f"{str(text)[:80]!r} is not a label (1-64 letters, digits, spaces "
+                         "and _ . : / + -)")
+    return label
+
+
+@dataclass(frozen=True)
+class Group:
+    """Who sees what ([[groups]]): its users and nodes see the studies carrying one of
+    `labels`, or referred by a physician matching `referring`, or received from
+    `calling_aets`; nothing else. A user or node in no group sees every study, as before
+    groups existed (unless [access] ungrouped = "none"); administrators see all."""
+
+    name: str
+    users: tuple[str, ...] = ()
+    nodes: tuple[str, ...] = ()             # names or AE titles
+    labels: tuple[str, ...] = ()
+    referring: tuple[str, ...] = ()         # DICOM wildcard patterns, case ignored
+    calling_aets: tuple[str, ...] = ()
+    share: bool = False                     # its users may make share links
+
+
+def groups(raw: Any, origin: str) -> tuple[Group, ...]:
+    out: list[Group] = []
+    for where, item in _tables(raw, origin, "groups",
+                               {"name", "users", "nodes", "labels", "referring",
+                                "calling_aet", "share"}):
+        name = str(item.get("name", "")).strip()
+        if not name or any(g.name == name for g in out):
+            raise ConfigError(f"{where}: a name, unique among the groups, is required")
+        try:
+            labels = tuple(valid_label(v) for v in _strings(where, item.get("labels", []),
+                                                            "labels"))
+        except ValueError as e:
+            raise ConfigError(f"{where}: labels: {e}") from None
+        share = item.get("share", False)
+        if not isinstance(share, bool):
+            raise ConfigError(f"{where}: share must be true or false")
+        out.append(Group(name=name, users=_strings(where, item.get("users", []), "users"),
+                         nodes=_strings(where, item.get("nodes", []), "nodes"), labels=labels,
+                         referring=_strings(where, item.get("referring", []), "referring"),
+                         calling_aets=_callers(where, item.get("calling_aet", [])),
+                         share=share))
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class LabelRule:
+    """A label given on ingest ([[labels]]) to the study of each instance that matches, as
+    [[routes]] match (calling AE titles, any attribute with DICOM wildcards)."""
+
+    label: str
+    calling_aets: tuple[str, ...] = ()
+    match: tuple[tuple[str, tuple[str, ...]], ...] = ()
+
+
+def label_rules(raw: Any, origin: str) -> tuple[LabelRule, ...]:
+    out: list[LabelRule] = []
+    for where, item in _tables(raw, origin, "labels", {"label", "calling_aet", "match"}):
+        try:
+            label = valid_label(item.get("label"))
+        except ValueError as e:
+            raise ConfigError(f"{where}: label: {e}") from None
+        callers = _callers(where, item.get("calling_aet", []))
+        match = _match(where, item.get("match", {}))
+        if not callers and not match:
+            raise ConfigError(f"{where}: say what takes the label (calling_aet, match): a rule "
+                              "without either would label every study")
+        out.append(LabelRule(label=label, calling_aets=callers, match=match))
+    return tuple(out)
+
+
+def routes(raw: Any, origin: str) -> tuple[Route, ...]:
     routes: list[Route] = []
     for where, item in _tables(raw, origin, "routes",
                                {"name", "to", "when", "calling_aet", "match"}):
@@ -200,29 +316,8 @@ def routes(raw: Any, origin: str) -> tuple[Route, ...]:
         when = str(item.get("when", "stable"))
         if when not in ("stored", "stable"):
             raise ConfigError(f"{where}: when must be \"stored\" or \"stable\", not {when!r}")
-        callers = item.get("calling_aet", [])
-        callers = [callers] if isinstance(callers, str) else callers
-        if not isinstance(callers, list) or not all(isinstance(c, str) for c in callers):
-            raise ConfigError(f"{where}: calling_aet must be an AE title or a list of them")
-        match = item.get("match", {})
-        if not isinstance(match, dict):
-            raise ConfigError(f"{where}: match must be a table: {{ Modality = \"CT\" }}")
-        keys = []
-        for key, patterns in match.items():
-            # A keyword (StudyDescription) or a tag (00081030, 0008,1030); any attribute.
-            tag = re.sub(r"[^0-9A-Fa-f]", "", key) if re.fullmatch(
-                r"\(?[0-9A-Fa-f]{4},?[0-9A-Fa-f]{4}\)?", key) else None
-            if tag is None and tag_for_keyword(key) is None:
-                raise ConfigError(f"{where}: {key!r} is neither a DICOM keyword nor a tag")
-            keyword = (keyword_for_tag(int(tag, 16)) or tag) if tag else key
-            values = [patterns] if isinstance(patterns, (str, int)) else patterns
-            if not isinstance(values, list) or not values:
-                raise ConfigError(f"{where}: match {key!r} must be a value or a list of values")
-            keys.append((keyword, tuple(str(v) for v in values)))
-        try:
-            calling_aets = tuple(valid_aet(c) for c in callers)
-        except ValueError as e:
-            raise ConfigError(f"{where}: calling_aet {e}") from None
+        calling_aets = _callers(where, item.get("calling_aet", []))
+        keys = _match(where, item.get("match", {}))
         routes.append(Route(name=name, to=to, when=when, calling_aets=calling_aets,
                             match=tuple(keys)))
     return tuple(routes)

@@ -201,6 +201,7 @@ class Server:
                               on_conflict=cfg.storage_on_conflict,
                               trash_days=cfg.storage_trash_days,
                               rejection_notes=cfg.storage_rejection_notes)
+            archive.label_rules = cfg.label_rules
             accounts = Accounts(cfg, self.index).open()
             accounts.check_http_bind(cfg.http_bind)   # beyond loopback: an administrator
             self.audit = new_auditor(cfg, "server")

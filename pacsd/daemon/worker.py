@@ -181,6 +181,7 @@ def serve(up: Connection, down: Connection, listen: socket.socket) -> int:
                           on_conflict=cfg.storage_on_conflict,
                           trash_days=cfg.storage_trash_days,
                           rejection_notes=cfg.storage_rejection_notes)
+        archive.label_rules = cfg.label_rules
         accounts = Accounts(cfg, index).open()
         hooks = Hooks(cfg, Context(cfg.dicom_aet, cfg.data))
         if hooks.has("on_instance_stored"):

@@ -48,7 +48,7 @@ from pacsd.dimse.fast import FastPath
 from pacsd.dimse.find import handle_find
 from pacsd.dimse.limits import bound_pdus
 from pacsd.dimse.listener import Listener, tls_context
-from pacsd.dimse.retrieve import handle_get, handle_move
+from pacsd.dimse.retrieve import handle_get, handle_move, scope_of
 from pacsd.dimse.stats import DimseStats
 from pacsd.nodes.remote import CONNECTION_HANDLERS
 from pacsd.dimse.store import handle_store
@@ -191,6 +191,9 @@ class DicomServer:
                 stats = self._stats[id(assoc)] = self.audited.new_stats()
             return stats
 
+    def _scope_of(self, aet: str) -> Any:
+        return scope_of(self.accounts, aet)
+
     def _on_end(self, event: Event) -> None:
         with self._lock:
             stats = self._stats.pop(id(event.assoc), None)
@@ -247,8 +250,9 @@ class DicomServer:
     def start(self) -> None:
         archive = self.archive
         find: Any = partial(handle_find, index=archive.index, aet=self.cfg.dicom_aet,
-                            hooks=self.hooks)
-        get: Any = partial(handle_get, index=archive.index, store=archive.store)
+                            hooks=self.hooks, scope_of=self._scope_of)
+        get: Any = partial(handle_get, index=archive.index, store=archive.store,
+                           accounts=self.accounts)
         move: Any = partial(handle_move, accounts=self.accounts, index=archive.index,
                             store=archive.store)
         if self.audit.enabled:   # one audit record per request (pacsd.dimse.audit)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import struct
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from pydicom.charset import python_encoding
 from pydicom.dataelem import DataElement
@@ -236,12 +236,14 @@ def _value_bytes(vr: str, value: Any, codec: str) -> bytes | None:
     return raw
 
 
-def handle_find(event: Event, index: Index, aet: str, hooks: Hooks | None = None
+def handle_find(event: Event, index: Index, aet: str, hooks: Hooks | None = None,
+                scope_of: Callable[[str], Any] = lambda aet: None
                 ) -> Iterator[tuple[int, Dataset | Match | None]]:
     peer = event.assoc.requestor.ae_title
     try:
         req, requested = parse_identifier(event.identifier,
                                           str(event.request.AffectedSOPClassUID))
+        req.scope = scope_of(peer)   # a node in [[groups]] finds its groups' studies only
         asked = asked_charset(event.identifier)
         if hooks is not None and hooks.has("on_query"):
             refused, req.keys = filters.query_keys(event, hooks, req.level, req.keys)

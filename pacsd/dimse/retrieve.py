@@ -30,6 +30,7 @@ from pynetdicom import evt
 from pynetdicom.events import Event
 
 from pacsd import query
+from pacsd.query import scope as scopes
 from pacsd.compat import pynetdicom as compat
 from pacsd.dicom_status import (CANCEL, IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, PENDING,
                                 UNABLE_TO_PERFORM_SUBOPERATIONS)
@@ -45,10 +46,20 @@ from pacsd.storage.store import Store
 log = logging.getLogger(__name__)
 
 
-def _lookup(event: Event, index: Index, verb: str) -> list[query.StoredInstance] | None:
+def scope_of(accounts: Accounts | None, aet: str) -> Any:
+    """What a DICOM caller may find and retrieve: its node's [[groups]]' scope, None for all."""
+    if accounts is None:
+        return None
+    return scopes.of_groups(accounts.groups_of_caller(aet), f"caller {aet}")
+
+
+def _lookup(event: Event, index: Index, verb: str, accounts: Accounts | None
+            ) -> list[query.StoredInstance] | None:
     peer = event.assoc.requestor.ae_title
     try:
         req, _ = parse_identifier(event.identifier, str(event.request.AffectedSOPClassUID))
+        # A node in [[groups]] retrieves its groups' studies only.
+        req.scope = scope_of(accounts, peer)
         with index.reading():
             return query.instances(req)
     except query.QueryError as e:
@@ -72,8 +83,9 @@ def _send(event: Event, insts: list[query.StoredInstance], store: Store, verb: s
     compat.keep_alive(event.assoc)   # the last sub-operation, before the final response
 
 
-def handle_get(event: Event, index: Index, store: Store) -> Iterator[Any]:
-    insts = _lookup(event, index, "C-GET")
+def handle_get(event: Event, index: Index, store: Store, accounts: Accounts | None = None
+               ) -> Iterator[Any]:
+    insts = _lookup(event, index, "C-GET", accounts)
     if insts is None:
         yield 1
         yield IDENTIFIER_DOES_NOT_MATCH_SOP_CLASS, None
@@ -123,7 +135,7 @@ def handle_move(event: Event, accounts: Accounts, index: Index, store: Store
         yield None, None
         return
     handover = compat.HANDOVER.fits
-    insts = _lookup(event, index, "C-MOVE")
+    insts = _lookup(event, index, "C-MOVE", accounts)
     if insts is None:
         # Nothing to send: pynetdicom is handed no sub-association rather than opening one.
         yield node.host, node.port, ({compat.MADE: compat.NOT_SENT} if handover else {})

@@ -24,18 +24,20 @@ pacsd.compat.pydicom.DirectoryRecords; when the installed pydicom no longer fits
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from zipfile import ZIP_STORED, ZipFile, ZipInfo
 
+from pydicom import dcmwrite
 from pydicom.dataset import Dataset
 from pydicom.fileset import RecordNode, generate_filename
 
 from pacsd.compat import pydicom as compat
-from pacsd.imaging.header import read_header
+from pacsd.imaging.header import read_full, read_header
 
 log = logging.getLogger(__name__)
 
@@ -163,14 +165,37 @@ def _member(name: str, size: int, mtime: float) -> ZipInfo:
     return info
 
 
-def zip_stream(paths: Iterable[Path], *, dicomdir: bool = True) -> Iterator[bytes]:
+Transform = Callable[[Dataset], Dataset]
+Trailer = Callable[[], list[tuple[str, bytes]]]
+
+
+def transformed(path: Path, transform: Transform) -> tuple[Dataset, bytes]:
+    """The stored file read whole (within the pixel budget), passed through `transform` (a
+    de-identification), and encoded again as a Part 10 file in its own transfer syntax."""
+    ds = transform(read_full(path))
+    buf = io.BytesIO()
+    dcmwrite(buf, ds, enforce_file_format=True)
+    return ds, buf.getvalue()
+
+
+def zip_stream(paths: Iterable[Path], *, dicomdir: bool = True,
+               transform: Transform | None = None,
+               trailer: Trailer | None = None) -> Iterator[bytes]:
     """Yield a ZIP archive of the Part 10 files at `paths` (unchanged), named as a PS3.10
     File-set with, if `dicomdir`, a DICOMDIR listing them (else the names are flat:
     DICOM/IM000000, ...). With a DICOMDIR, a file named twice (same SOP Instance UID) goes in
     once, and one whose header yields no directory record goes in unlisted (DICOM/UNLISTED/).
 
+    With `transform`, each file is read whole, one at a time, changed by it (a
+    de-identification) and written again: memory is then one instance, twice, rather than a
+    chunk. `trailer`, called once every file is in, names extra members for the end of the
+    archive (a README.txt), before the DICOMDIR.
+
     Headers have gone out by the time a file turns out unreadable: the error is raised and
     the archive ends without its central directory, so the client sees it is incomplete."""
+    if transform is not None:
+        yield from _transformed_stream(paths, dicomdir, transform, trailer)
+        return
     sink = _Sink()
     directory = Directory() if dicomdir and compat.DICOMDIR_RECORDS.fits else None
     flat_names = generate_filename(prefix="IM")
@@ -198,16 +223,101 @@ def zip_stream(paths: Iterable[Path], *, dicomdir: bool = True) -> Iterator[byte
                         out.write(chunk)
                         yield from sink.take()
             yield from sink.take()   # the data descriptor
-        if directory is not None:
-            t0 = time.perf_counter()
-            data = directory.encode()
-            log.debug("DICOMDIR of %d instances: %d bytes in %.3f s", directory.count,
-                      len(data), time.perf_counter() - t0)
-            if directory.invented:
-                log.info("DICOMDIR: %d of %d instances lack Type 1 values their directory "
-                         "records need; made up (PS3.3 F.5)", directory.invented,
-                         directory.count)
-            with zf.open(_member(DICOMDIR, len(data), time.time()), "w") as out:
-                out.write(data)
-            yield from sink.take()
+        yield from _finish(zf, sink, directory, trailer)
     yield from sink.take()   # the central directory
+
+
+def _transformed_stream(paths: Iterable[Path], dicomdir: bool, transform: Transform,
+                        trailer: Trailer | None) -> Iterator[bytes]:
+    sink = _Sink()
+    directory = Directory() if dicomdir and compat.DICOMDIR_RECORDS.fits else None
+    flat_names = generate_filename(prefix="IM")
+    unlisted_names = generate_filename(prefix="IM")
+    with ZipFile(sink, "w", ZIP_STORED, allowZip64=True) as zf:   # type: ignore[call-overload]
+        for path in paths:
+            ds, data = transformed(path, transform)
+            if directory is None:
+                name: str | None = f"{FOLDER}/{next(flat_names)}"
+            else:
+                try:   # after encoding: a record's made-up values stay out of the file
+                    name = directory.add(ds)
+                except Exception as e:  # noqa: BLE001 (whatever the header's fault is)
+                    log.warning("ZIP: no DICOMDIR record for stored file %s: %s", path, e)
+                    name = f"{FOLDER}/{UNLISTED}/{next(unlisted_names)}"
+            del ds
+            if name is None:
+                log.warning("ZIP: %s repeats an instance already in the archive", path)
+                continue
+            with zf.open(_member(name, len(data), time.time()), "w") as out:
+                yield from sink.take()
+                for start in range(0, len(data), CHUNK):
+                    out.write(data[start:start + CHUNK])
+                    yield from sink.take()
+            yield from sink.take()
+        yield from _finish(zf, sink, directory, trailer)
+    yield from sink.take()
+
+
+def _finish(zf: ZipFile, sink: _Sink, directory: Directory | None,
+            trailer: Trailer | None) -> Iterator[bytes]:
+    """The trailer's members and the DICOMDIR, at the end of the archive."""
+    for name, data in (trailer() if trailer is not None else []):
+        with zf.open(_member(name, len(data), time.time()), "w") as out:
+            out.write(data)
+        yield from sink.take()
+    if directory is not None:
+        t0 = time.perf_counter()
+        data = directory.encode()
+        log.debug("DICOMDIR of %d instances: %d bytes in %.3f s", directory.count,
+                  len(data), time.perf_counter() - t0)
+        if directory.invented:
+            log.info("DICOMDIR: %d of %d instances lack Type 1 values their directory "
+                     "records need; made up (PS3.3 F.5)", directory.invented,
+                     directory.count)
+        with zf.open(_member(DICOMDIR, len(data), time.time()), "w") as out:
+            out.write(data)
+        yield from sink.take()
+
+
+def write_folder(paths: Iterable[Path], dest: Path, *, transform: Transform | None = None,
+                 trailer: Trailer | None = None) -> int:
+    """The same File-set as zip_stream's, written as files under `dest` (an empty or new
+    folder): DICOM/PT.../IM..., the trailer's members, then the DICOMDIR. Returns how many
+    instances were written."""
+    directory = Directory() if compat.DICOMDIR_RECORDS.fits else None
+    flat_names = generate_filename(prefix="IM")
+    unlisted_names = generate_filename(prefix="IM")
+    written = 0
+    for path in paths:
+        if transform is not None:
+            ds, data = transformed(path, transform)
+        else:
+            data = Path(path).read_bytes()
+            ds = read_header(io.BytesIO(data), defer_size=DEFER)
+        if directory is None:
+            name: str | None = f"{FOLDER}/{next(flat_names)}"
+        else:
+            try:
+                name = directory.add(ds)
+            except Exception as e:  # noqa: BLE001 (whatever the header's fault is)
+                log.warning("no DICOMDIR record for stored file %s: %s", path, e)
+                name = f"{FOLDER}/{UNLISTED}/{next(unlisted_names)}"
+        if name is None:
+            continue
+        _write(dest / name, data)
+        written += 1
+    for name, data in (trailer() if trailer is not None else []):
+        _write(dest / name, data)
+    if directory is not None:
+        _write(dest / DICOMDIR, directory.encode())
+    return written
+
+
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)

@@ -18,7 +18,7 @@ import array
 import io
 import threading
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 
 from pydicom import dcmread, dcmwrite
@@ -151,13 +151,18 @@ def _to_little(ds: Dataset) -> None:
     ds.set_original_encoding(False, True)
 
 
-def transcode(path: str, target: UID) -> Dataset:
-    """The stored file at `path` as a data set encoded in `target`, same SOP Instance UID.
+def transcode(path: str, target: UID,
+              transform: Callable[[Dataset], Dataset] | None = None) -> Dataset:
+    """The stored file at `path` as a data set encoded in `target`, same SOP Instance UID;
+    with `transform` (a de-identification), changed by it first (`target` may then be the
+    stored syntax itself: the data set is only encoded again).
 
     Raises TranscodeError when the file cannot be read or its pixel data decoded or encoded."""
     source = "stored file"
     try:
         ds = read_full(path)   # within the pixel budget (and, deflated, the inflation cap)
+        if transform is not None:
+            ds = transform(ds)
         stored = UID(ds.file_meta.TransferSyntaxUID)
         source = short(stored)
         has_pixels = any(k in ds for k in _PIXELS)
@@ -166,12 +171,12 @@ def transcode(path: str, target: UID) -> Dataset:
             d = bounds.declared(ds)
             for frame in generate_frames(ds.PixelData, number_of_frames=d.frames if d else 1):
                 bounds.check_frame(frame, d)
-        if stored.is_compressed and has_pixels:
+        if stored.is_compressed and has_pixels and target != stored:
             # A lossy source stays lossy (LossyImageCompression is kept); YBR becomes RGB.
             ds.decompress(generate_instance_uid=False, decoding_plugin=_plugin(stored, ds))
-        if stored == ExplicitVRBigEndian:
+        if stored == ExplicitVRBigEndian and target != stored:
             _to_little(ds)
-        if target.is_compressed and has_pixels:
+        if target.is_compressed and has_pixels and target != stored:
             # RLE with pydicom's own encoder: GDCM's aborts the whole process (a C++
             # exception, uncaught) on an image of an odd number of bytes, such as 3x3 RGB.
             ds.compress(target, generate_instance_uid=False,

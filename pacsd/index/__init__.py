@@ -8,11 +8,12 @@ versions (migrations), the serialized group-commit writer (writer, counters), wh
 
 from pacsd.index.instances import Added
 from pacsd.index.integrity import Integrity
+from pacsd.index.labels import Labels
 from pacsd.index.leases import Leases
 from pacsd.index.trash import Trash
 
 
-class Index(Trash, Integrity, Leases):
+class Index(Trash, Integrity, Labels, Leases):
     """The index of one data folder (or of several nodes sharing a PostgreSQL database): open
     it, write through its one writer thread, read inside `reading()`.
 
@@ -20,7 +21,8 @@ class Index(Trash, Integrity, Leases):
     pacsd.index.instances: add, add_many, enqueue, set_hash, add_conflict, conflicted, clear,
     indexed_paths, counts, delete; pacsd.index.trash: bin, unbin, forget_binned, binned,
     bin_entries, bin_totals, history; pacsd.index.integrity: checkable_after, checkable_in,
-    cursor, set_cursor, record_damage, clear_damage, damage; pacsd.index.leases: lease, release, leases, lease_holder,
+    cursor, set_cursor, record_damage, clear_damage, damage; pacsd.index.labels: relabel, add_share, revoke_share,
+    count_share_use, forget_shares; pacsd.index.leases: lease, release, leases, lease_holder,
     shared_value, probe."""
 
 

@@ -44,6 +44,7 @@ from pacsd.index.models import (
     starts_with,
 )
 from pacsd.index.writer import Filed, Writer
+from pacsd.index.labels import insert_labels
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +75,12 @@ class Instances(Writer):
     def add(self, record: Record, *, path: str, size: int, transfer_syntax: str,
             calling_aet: str = "", overwrite: bool = False,
             routes: Sequence[tuple[str, str]] = (), content_hash: str | None = None,
-            refuse_mismatch: bool = False) -> Added:
+            refuse_mismatch: bool = False, labels: Sequence[str] = ()) -> Added:
         """Index one stored instance; returns once committed. `routes` ((route, destination)
         pairs) queue it for sending in the same transaction, so that an instance acknowledged
-        is also an instance that will be forwarded. `refuse_mismatch`: raise PatientMismatch
+        is also an instance that will be forwarded; `labels` ([[labels]] rules) go on its
+        study in that transaction too: a group that sees the label sees the image as soon as
+        it is acknowledged. `refuse_mismatch`: raise PatientMismatch
         rather than file it under another patient or study than its own."""
         def work() -> Added:
             added = self._add(record.values, path, size, transfer_syntax, calling_aet,
@@ -85,6 +88,8 @@ class Instances(Writer):
             if routes and not added.duplicate:
                 self.enqueue([(r, d, record.values["study_instance_uid"],
                                record.values["sop_instance_uid"]) for r, d in routes])
+            if labels:
+                insert_labels(record.values["study_instance_uid"], labels)
             return added
         return self.submit(work)
 

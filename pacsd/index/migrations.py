@@ -26,10 +26,12 @@ from pacsd.index.models import (
     Binned,
     Change,
     Damage,
+    Label,
     Meta_,
     NodeRow,
     Patient,
     RouteJob,
+    Share,
     Study,
     StudyActivity,
     Totals,
@@ -125,6 +127,12 @@ def _v9(db: Database) -> None:
     db.create_tables([Change, Binned, Damage], safe=True)
 
 
+def _v10(db: Database) -> None:
+    db.create_tables([Label, Share], safe=True)
+    # [[groups]] calling_aet scopes find the studies of a caller through it.
+    db.execute_sql("CREATE INDEX IF NOT EXISTS instance_calling_aet ON instance (calling_aet)")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "tables for nodes and users added on the admin page, and leases for the jobs "
                  "that one node runs alone", _v2),
@@ -140,6 +148,7 @@ MIGRATIONS: tuple[Migration, ...] = (
               _v8),
     Migration(9, "a recycle bin for deleted studies, series and instances, the history of "
                  "what was done by hand, and the stored files found damaged", _v9),
+    Migration(10, "labels on studies (who may see them) and links that share one study", _v10),
 )
 LATEST = max(m.version for m in MIGRATIONS)
 

@@ -133,7 +133,7 @@ class Instance(BaseModel):
     transfer_syntax_uid = Text()
     path = Text(unique=True)   # relative to the storage root
     size = BigIntegerField()   # whole-slide and long multi-frame files pass 2 GiB
-    calling_aet = Text(default="")
+    calling_aet = Text(default="", index=True)   # schema 10: [[groups]] calling_aet scopes
     received = DateTimeField(default=_now, index=True)
     # SHA-256 of the data set bytes after the File Meta group (which every receiver rewrites),
     # in hex: a re-send with other content is told from a true duplicate. NULL for instances
@@ -326,9 +326,41 @@ class Damage(BaseModel):
         table_name = "pacsd_damage"
 
 
+class Label(BaseModel):
+    """A label on a study (issue 22): set by hand, by the API or by a [[labels]] rule on ingest;
+    what [[groups]] scopes are made of. Keyed by the study's UID, not its row, so that a label
+    outlives a deletion and restore of the study and is set before its first instance lands."""
+
+    id = AutoField()
+    study_uid = Text(index=True)
+    label = CharField(max_length=64, index=True)
+
+    class Meta:
+        table_name = "pacsd_label"
+        indexes = ((("study_uid", "label"), True),)
+
+
+class Share(BaseModel):
+    """A link that shows one study to whoever holds it, until it expires or is revoked. Only the
+    token's SHA-256 is kept: the index never holds what opens the study."""
+
+    token_hash = CharField(primary_key=True, max_length=64)
+    study_uid = Text(index=True)
+    created_by = Text(default="")
+    created = DoubleField()                 # seconds since the epoch
+    expires = DoubleField()
+    pin_hash = Text(null=True)              # pbkdf2, as users' passwords
+    revoked = DoubleField(null=True)
+    uses = IntegerField(default=0)
+    note = Text(default="")
+
+    class Meta:
+        table_name = "pacsd_share"
+
+
 DICOM_MODELS = (Patient, Study, Series, Instance)
 MODELS = (*DICOM_MODELS, Meta_, NodeRow, UserRow, Lease, RouteJob, StudyActivity, Conflict,
-          Totals, Change, Binned, Damage)
+          Totals, Change, Binned, Damage, Label, Share)
 
 PATIENT_FIELDS = ("patient_name", "patient_birth_date", "patient_sex")
 STUDY_FIELDS = ("study_date", "study_time", "accession_number", "study_id",

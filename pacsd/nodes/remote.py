@@ -106,6 +106,8 @@ def send_stored(assoc: Association, label: str,
                     if cx.abstract_syntax == sop_class and cx.as_scu]
         target = transcode.choose(stored, accepted, preference)
         pair = None if target == stored else (str(stored), str(target))
+        # A de-identifying send (see `send`): read, changed and encoded again, never raw.
+        transform = getattr(dataset, "pacsd_transform", None)
         peer = assoc.acceptor if assoc.is_requestor else assoc.requestor   # C-GET: requestor
         try:
             if not accepted:
@@ -118,12 +120,13 @@ def send_stored(assoc: Association, label: str,
                     f"(what {peer.ae_title} accepted for {sop_class.name}): "
                     "no decoder or encoder here makes any of them from it")
             # Sent raw from the file (compat.send_files_as_stored): unchanged bytes.
-            payload = path if pair is None else transcode.transcode(path, target)
+            payload = (path if pair is None and transform is None
+                       else transcode.transcode(path, target, transform))
         except transcode.TranscodeError as e:
             tally.fail()
             log.warning("%s: %s not sent: %s", label, dataset.SOPInstanceUID, e)
             raise
-        lane = compat.lane_of(assoc) if pair is None else None
+        lane = compat.lane_of(assoc) if pair is None and transform is None else None
         if lane is not None:   # the file's bytes straight onto the socket (pynetdicom_lane)
             rsp = lane.send_file(path, str(sop_class), str(dataset.SOPInstanceUID),
                                  str(stored), msg_id, priority, originator_aet, originator_id)
@@ -331,8 +334,11 @@ Progress = Callable[[int, int, int | None], None]   # (completed, failed, total 
 
 
 def send(cfg: Config, node: Node, instances: list[query.StoredInstance], store: Store,
-         progress: Progress | None = None) -> tuple[int, int]:
-    """C-STORE stored instances to `node` over one association; (completed, failed)."""
+         progress: Progress | None = None,
+         transform: Callable[[Dataset], Dataset] | None = None) -> tuple[int, int]:
+    """C-STORE stored instances to `node` over one association; (completed, failed). With
+    `transform` (a de-identification, pacsd.imaging.deidentify), each file is read, changed
+    by it in memory and sent encoded again, one at a time; what is stored never changes."""
     if not instances:
         return 0, 0
     compat.send_files_as_stored()   # as build_ae: stored files are sent by path
@@ -351,7 +357,10 @@ def send(cfg: Config, node: Node, instances: list[query.StoredInstance], store: 
                 break
             status = -1
             try:
-                rsp = assoc.send_c_store(stored_ref(inst, store))
+                ref = stored_ref(inst, store)
+                if transform is not None:
+                    ref.pacsd_transform = transform
+                rsp = assoc.send_c_store(ref)
                 status = int(getattr(rsp, "Status", -1)) if rsp else -1
                 if status not in _STORED:
                     log.warning("C-STORE of %s to %s: status 0x%04X", inst.sop_instance_uid,

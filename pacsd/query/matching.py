@@ -108,6 +108,8 @@ class Request:
     keys: dict[str, str] = field(default_factory=dict)   # keyword -> value ("" = universal)
     limit: int | None = None
     offset: int = 0
+    # What the caller may see (pacsd.query.scope.Scope); None: everything.
+    scope: Any = None
 
     def __post_init__(self) -> None:
         self.level = (self.level or "").strip().upper()
@@ -264,12 +266,15 @@ def select(req: Request, return_keys: list[str]) -> tuple[Any, list[str]]:
     # A key below the query level is not a matching key (C.2.2.1.1); it is returned empty.
     usable = {k for k in set(req.keys) | set(return_keys)
               if k in KEYS and LEVELS.index(KEYS[k].level) <= depth}
-    q = _joined(req.level, usable)
+    scoped = req.scope is not None and req.level != "PATIENT"
+    q = _joined(req.level, usable | ({"StudyInstanceUID"} if scoped else set()))
     wanted = [k for k in dict.fromkeys(return_keys) if k in usable]
     fields = [KEYS[k].field for k in wanted]
     q = q.select(*fields) if fields else q.select(MODELS[req.level].id)
     for cond in _conditions({k: v for k, v in req.keys.items() if k in usable}):
         q = q.where(cond)
+    if req.scope is not None:
+        q = q.where(req.scope.condition() if scoped else req.scope.patient_condition())
     q = q.order_by(MODELS[req.level].id)
     if req.limit is not None:
         q = q.limit(req.limit)
@@ -316,6 +321,8 @@ def instances(req: Request) -> list[StoredInstance]:
         Instance.path, Study.study_instance_uid, Series.series_instance_uid)
     for cond in _conditions(given):
         q = q.where(cond)
+    if req.scope is not None:
+        q = q.where(req.scope.condition())
     q = q.order_by(Instance.series, Instance.instance_number, Instance.id)
     found = [StoredInstance(*row) for row in q.tuples()]  # type: ignore[misc]
     bad = damaged([i.sop_instance_uid for i in found])

@@ -440,6 +440,14 @@ def find(table: str, cond: Any, limit: int, uids: bool = False) -> Found:
     return Found(rows[:limit], count, found)
 
 
+def within(cond: Any, scope: Any) -> Any:
+    """`cond` (from `parse` or `exact`) narrowed to what a caller's scope
+    (pacsd.query.scope.Scope; None: everything) allows."""
+    if scope is None or cond is False:
+        return cond
+    return scope.condition() if cond is True or cond is None else cond & scope.condition()
+
+
 def exact(keys: dict[str, str]) -> Any:
     """The condition that each DICOM keyword's column holds exactly its value (DisplayStudy /
     DisplaySeries: no wildcards, no case folding), or None for no keys."""

@@ -29,8 +29,10 @@ from pynetdicom.dsutils import split_dataset
 from pacsd.dicom_status import SUCCESS, WARNING_COERCION
 from pacsd.errors import (ContentConflict, IndexUnavailable, InvalidDataset, PacsError,
                           StillWriting, StudyMismatch)
+from pacsd.config import LabelRule
 from pacsd.imaging.header import (PIXEL_DATA, Record, check_and_extract, file_meta_bytes, is_valid_uid,
                           read_dataset_header, read_header)
+from pacsd.imaging.rules import dataset_values, matches
 from pacsd.index import Added, Index
 from pacsd.storage.store import NewFile, Store
 from pacsd.storage.trash import Bin, binned_path
@@ -170,6 +172,8 @@ class Archive:
         self.refuse_conflict = on_conflict != "success"
         self.routes_for: RoutesFor | None = None   # set by the daemon when [[routes]] exist
         self.on_stored: OnStored | None = None
+        # [[labels]]: what each stored instance's study is labelled with (set by the daemon).
+        self.label_rules: tuple[LabelRule, ...] = ()
 
     def begin_file(self, sop_class: str, sop_instance: str, transfer_syntax: str,
                    calling_aet: str) -> NewFile:
@@ -218,6 +222,9 @@ class Archive:
                 finishing = written.finishing()
             uids = (record.values["study_instance_uid"], record.values["series_instance_uid"])
             routes = self.routes_for(header, calling_aet) if self.routes_for else []
+            labels = [r.label for r in self.label_rules
+                      if matches(r, dataset_values(header, (k for k, _ in r.match)),
+                                 [calling_aet])]
             # The content, as every receiver of these bytes would hash them (the File Meta
             # group, which each rewrites, left out); SHA-256 runs at over 1 GB/s and releases
             # the GIL.
@@ -229,7 +236,7 @@ class Archive:
         written.keep()
         index_args = dict(transfer_syntax=transfer_syntax, calling_aet=calling_aet,
                           overwrite=self.overwrite, routes=routes, content_hash=content_hash,
-                          refuse_mismatch=self.refuse_mismatch)
+                          refuse_mismatch=self.refuse_mismatch, labels=labels)
         if self.overwrite or routes or not self.overlap:
             # The row only once the file is durable: an overwrite's row replaces an
             # acknowledged copy's, a route's job may send the file at once, and a command

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 TMP_MAX_AGE_S = 24 * 3600
 ALIVE_MAX_AGE_S = 7 * 24 * 3600
 DONE_JOBS_KEPT_S = 7 * 24 * 3600
+# Share links expired or revoked are kept this long (the pages list them as such), then go.
+ENDED_SHARES_KEPT_S = 30 * 24 * 3600
 ROOM_CHECK_S = 30.0
 
 
@@ -52,7 +54,9 @@ class Housekeeping:
         self.index, self.store, self.interval = index, store, interval
         tasks = [Task("tmp-sweep", lambda: store.sweep(TMP_MAX_AGE_S)),
                  Task("alive-marks", self._forget_silent_nodes),
-                 Task("outbox-prune", lambda: RouteQueue(index).prune(DONE_JOBS_KEPT_S))]
+                 Task("outbox-prune", lambda: RouteQueue(index).prune(DONE_JOBS_KEPT_S)),
+                 Task("shares-prune",
+                      lambda: index.forget_shares(time.time() - ENDED_SHARES_KEPT_S))]
         if bin is not None:
             tasks.append(Task("trash-expire", bin.expire))
         if retainer is not None and retainer.rules:

@@ -15,7 +15,8 @@ import threading
 from typing import Any, Callable, Iterable
 
 from pacsd.errors import PortInUse
-from pacsd.web import admin, api, audit, dicomweb, health, metrics, ui, wado, xmlrpc
+from pacsd.query import scope as scopes
+from pacsd.web import admin, api, audit, dicomweb, health, metrics, share, ui, wado, xmlrpc
 from pacsd.web.app import errors_plugin, new_app
 from pacsd.web.auth import Auth, Sessions, Throttle
 from pacsd.web.guard import Guard
@@ -72,8 +73,10 @@ def make_app(rt: Runtime) -> Callable:
     for module in (health, metrics, wado, xmlrpc, api, admin):
         root.merge(module.make_app(rt))
     root.merge(audit.make_app(rt))   # GET /api/audit
-    throttle = Throttle()   # one for the login form and HTTP Basic
+    throttle = Throttle()   # one for the login form, HTTP Basic and share links' PINs
     root.merge(ui.make_app(rt, sessions, throttle))
+    shares = share.Shares(rt, sessions, throttle)
+    root.merge(share.make_app(rt, shares))
     # Mounted as a plain WSGI app: SCRIPT_NAME then carries the prefix, from which DICOMweb
     # builds its RetrieveURLs.
     sub = dicomweb.make_app(rt)
@@ -93,7 +96,9 @@ def make_app(rt: Runtime) -> Callable:
     # The audit trail inside Auth: it sees who the user is (Auth tells it of HTTP Basic logins).
     trail = audit.AuditTrail(root, rt)
     app: Callable = Auth(trail, rt.accounts.logins, sessions, throttle,
-                         on_basic=trail.basic_login)
+                         scope_of=lambda user: scopes.of_groups(
+                             rt.accounts.groups_of_user(user), f"user {getattr(user, 'name', '')}"),
+                         shared=shares.holder, on_basic=trail.basic_login)
     if rt.cfg.http_cors_origins:
         app = Cors(app, rt.cfg.http_cors_origins)
     # Outermost: every request, preflights included, passes the Host and same-origin checks.

@@ -22,7 +22,7 @@ from pacsd.index.outbox import RouteQueue
 from pacsd.query import studies
 from pacsd.web.api import (check_uid, fail, json_body, json_response, json_text, need_admin,
                            parse_date, web_caller)
-from pacsd.web import health
+from pacsd.web import health, visibility
 from pacsd.web.app import new_app, utf8_query
 from pacsd.web.auth import hash_password, is_admin
 from pacsd.web.runtime import Runtime
@@ -32,11 +32,16 @@ log = logging.getLogger(__name__)
 MIN_PASSWORD = 8
 
 
-def me() -> dict[str, Any]:
+def me(rt: Runtime) -> dict[str, Any]:
+    """Who the pages' user is: what they may do decides which buttons show (the routes check
+    again). `shared`: a share link's holder, who sees one study, read only."""
     env = bottle.request.environ
     user = env.get("pacsd.user")
+    shared = bool(env.get("pacsd.share"))
     return {"user": user.name if user else None, "admin": is_admin(env),
-            "auth": user is not None}
+            "auth": user is not None, "shared": shared,
+            "restricted": visibility.restricted(env),
+            "share": not shared and rt.accounts.may_share(user)}
 
 
 def status(rt: Runtime) -> dict[str, Any]:
@@ -101,8 +106,17 @@ REMOTE_RETURN_KEYS = ("StudyInstanceUID", "PatientName", "PatientID", "StudyDate
                       "NumberOfStudyRelatedInstances")
 
 
+def _unrestricted() -> None:
+    """Query/Retrieve from other nodes is for users who see every study: what a restricted
+    user (in [[groups]]) fetched would land beyond what they may see, and what other nodes hold
+    is not ours to scope."""
+    if visibility.restricted():
+        raise fail(403, "Query/Retrieve from other nodes is for users who see every study")
+
+
 def remote_studies(rt: Runtime, name: str) -> dict[str, Any]:
     """C-FIND at study level on a node, from the Q/R page's fields."""
+    _unrestricted()
     node = _node(rt, name)
     q = utf8_query()   # names typed in the page are UTF-8
     keys = {k: "" for k in REMOTE_RETURN_KEYS}
@@ -134,6 +148,7 @@ def remote_studies(rt: Runtime, name: str) -> dict[str, Any]:
 
 def retrieve(rt: Runtime, name: str) -> bottle.HTTPResponse:
     """C-MOVE the chosen studies from a node to our own AE title, as a job."""
+    _unrestricted()
     node = _node(rt, name)
     uids = json_body().get("studies")
     if not isinstance(uids, list) or not uids or not all(isinstance(u, str) for u in uids):
@@ -345,7 +360,7 @@ def recent_log(rt: Runtime) -> str:
 def make_app(rt: Runtime) -> bottle.Bottle:
     app = new_app()
     routes: list[tuple[str, str, Any]] = [
-        ("GET", "/me", me),
+        ("GET", "/me", lambda: me(rt)),
         ("GET", "/status", lambda: status(rt)),
         ("GET", "/nodes", lambda: json_text([_node_dict(n, s) for n, s in rt.accounts.nodes()])),
         ("POST", "/nodes", lambda: save_node(rt, None)),

@@ -22,11 +22,15 @@ from pacsd import query
 from pacsd.nodes import remote
 from pacsd.errors import InvalidDataset
 from pacsd.imaging.header import is_valid_uid, read_file_header
-from pacsd.query import studies
+from pacsd.config import valid_label
+from pacsd.query import scope as scopes, studies
+from pacsd.web import visibility
 from pacsd.web.app import new_app, utf8_query
 from pacsd.web.auth import is_admin
 from pacsd.web.guard import client_of
 from pacsd.web.runtime import Runtime
+from pacsd.web import deidentified
+from pacsd.web.visibility import check_study
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +95,18 @@ def study_conditions(q: Any) -> list[Any]:
         keys["StudyDate"] = f"{first}-{last}" if first != last else first
     # A QueryError (too many words, a bad modality pattern) goes to the errors plugin: 400
     # and one log line.
-    return studies.conditions(keys, description=_typed(q, "description"),
-                              name=_typed(q, "patient"), patient_id=_typed(q, "patient_id"),
-                              accession=_typed(q, "accession"))
+    conds = studies.conditions(keys, description=_typed(q, "description"),
+                               name=_typed(q, "patient"), patient_id=_typed(q, "patient_id"),
+                               accession=_typed(q, "accession"))
+    if q.get("label"):
+        try:
+            conds.append(scopes.with_label(valid_label(q.get("label"))))
+        except ValueError as e:
+            raise fail(400, str(e)) from None
+    seen = visibility.scope()
+    if seen is not None:
+        conds.append(seen.condition())
+    return conds
 
 
 def _int(q: Any, name: str, default: int, low: int, high: int) -> int:
@@ -113,15 +126,45 @@ def list_studies(q: Any) -> dict[str, Any]:
     limit = _int(q, "limit", 50, 1, MAX_LIMIT)
     offset = _int(q, "offset", 0, 0, 1 << 40)
     total, page = studies.study_page(conds, sort, desc, limit, offset)
+    labels = scopes.labels_of(s["study_uid"] for s in page)
+    for s in page:
+        s["labels"] = labels[s["study_uid"]]
     return {"total": total, "offset": offset, "limit": limit, "studies": page}
 
 
 def one_study(uid: str) -> dict[str, Any]:
     check_uid(uid)
+    visibility.check_study(None, uid)
     study = studies.study_summary(uid)
     if study is None:
         raise fail(404, "no such study")
+    study["labels"] = scopes.labels_of([uid])[uid]
     return study
+
+
+def relabel(rt: Runtime, uid: str) -> dict[str, Any]:
+    """POST {"add": [...], "remove": [...]}: administrators label studies by hand."""
+    need_admin()
+    check_uid(uid)
+    body = json_body()
+    lists = {}
+    for key in ("add", "remove"):
+        value = body.get(key) or []
+        if not isinstance(value, list) or len(value) > 100:
+            raise fail(400, f"{key} must be a list of labels")
+        try:
+            lists[key] = [valid_label(v) for v in value]
+        except ValueError as e:
+            raise fail(400, str(e)) from None
+    after = rt.archive.index.relabel(uid, lists["add"], lists["remove"])
+    log.info("study %s labels by %s: %s", uid, web_caller(), ", ".join(after) or "none")
+    return {"study_uid": uid, "labels": after}
+
+
+def labels_in_use() -> str:
+    return json_text([{"label": label, "studies": n} for label, n in scopes.all_labels()
+                      if not visibility.restricted()
+                      or label in (visibility.scope() or scopes.Scope()).labels])
 
 
 # --- tags -------------------------------------------------------------------------------------
@@ -163,6 +206,7 @@ def tag_list(ds: Dataset, depth: int = 0) -> list[dict[str, Any]]:
 
 def instance_tags(rt: Runtime, sop: str) -> list[dict[str, Any]]:
     check_uid(sop)
+    visibility.check_level(None, "IMAGE", sop)
     path = studies.instance_path(sop)
     if path is None:
         raise fail(404, "no such instance")
@@ -178,6 +222,7 @@ def instance_tags(rt: Runtime, sop: str) -> list[dict[str, Any]]:
 
 def stored(level: str, uid: str) -> list[query.StoredInstance]:
     check_uid(uid)
+    visibility.check_level(None, level, uid)
     insts = studies.stored_in(level, uid)
     if not insts:
         raise fail(404, f"no such {level.lower()}")
@@ -185,20 +230,28 @@ def stored(level: str, uid: str) -> list[query.StoredInstance]:
 
 
 def send(rt: Runtime, level: str, uid: str) -> bottle.HTTPResponse:
-    name = str(json_body().get("node") or "")
+    body = json_body()
+    name = str(body.get("node") or "")
     node = rt.accounts.node(name)
     if node is None:
         raise fail(404, f"no node named {name!r}")
     insts = stored(level, uid)
+    check_study(bottle.request.environ, insts[0].study_instance_uid)
     cfg, store = rt.cfg, rt.archive.store
+    deid = deidentified.wanted(body)   # {"deidentify": true, ...}: each instance on its way
 
     def work(job: Any) -> str:
         job.total = len(insts)
-        done, failed = remote.send(cfg, node, insts, store, progress=job.progress)
-        return f"{done} sent, {failed} failed"
+        done, failed = remote.send(cfg, node, insts, store, progress=job.progress,
+                                   transform=deid.apply if deid else None)
+        said = f"{done} sent, {failed} failed"
+        if deid is not None:
+            said += " (de-identified)" + "".join(f"; {n.line()}" for n in deid.notes())
+        return said
     job = rt.jobs.start("send", f"Send {len(insts)} instance(s) of a {level.lower()} to "
-                        f"{node.name}", work)
-    log.info("send of %s %s to %s started (job %s)", level.lower(), uid, node.aet, job.id)
+                        f"{node.name}" + (", de-identified" if deid else ""), work)
+    log.info("send of %s %s to %s started (job %s)%s", level.lower(), uid, node.aet, job.id,
+             ", de-identified" if deid else "")
     return json_response({"job": job.id}, 202)
 
 
@@ -225,14 +278,43 @@ def web_caller() -> str:
 def zip_download(rt: Runtime, level: str, uid: str) -> Iterator[bytes]:
     from pacsd.imaging.media import zip_stream
     insts = stored(level, uid)
+    study_uid = insts[0].study_instance_uid
+    check_study(bottle.request.environ, study_uid)
+    deid = deidentified.wanted(utf8_query())
     row = studies.patient_and_date(insts[0].sop_instance_uid)
     stem = "-".join(p for p in (row or ()) if p) or "study"
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", stem)[:60] + ("" if level == "STUDY" else "-series")
     with_dicomdir = bottle.request.query.get("dicomdir", "1") not in ("0", "no", "false")
     store = rt.archive.store
     bottle.response.content_type = "application/zip"
-    bottle.response.set_header("Content-Disposition", f'attachment; filename="{stem}.zip"')
-    return zip_stream([store.placed(i.path) for i in insts], dicomdir=with_dicomdir)
+    if deid is None:
+        bottle.response.set_header("Content-Disposition", f'attachment; filename="{stem}.zip"')
+        return zip_stream([store.placed(i.path) for i in insts], dicomdir=with_dicomdir)
+    # De-identified: no patient data in the name either; the warning known from the index
+    # goes in a header, the full one in README.txt at the end.
+    bottle.response.set_header("Content-Disposition",
+                               'attachment; filename="deidentified.zip"')
+    risky = deidentified.preview(store, study_uid, uid if level == "SERIES" else None)
+    if risky:
+        bottle.response.set_header(deidentified.HEADER, deidentified.header_value(risky))
+    log.info("de-identified ZIP of %s %s (%d instances) for %s", level.lower(), uid,
+             len(insts), web_caller())
+    return zip_stream([store.placed(i.path) for i in insts], dicomdir=with_dicomdir,
+                      transform=deid.apply, trailer=lambda: deidentified.readme(deid))
+
+
+def deidentify_preview(rt: Runtime, uid: str) -> dict[str, Any]:
+    """What a de-identified export of the study will warn about (the page asks first)."""
+    check_uid(uid)
+    check_study(bottle.request.environ, uid)
+    if studies.study_summary(uid) is None:
+        raise fail(404, "no such study")
+    series = deidentified.preview(rt.archive.store, uid)
+    return {"burned_in": series,
+            "warning": ("" if not series else
+                        "The pixel data is not de-identified: these series may show "
+                        "identifying text burned into the images: "
+                        + deidentified.header_value(series))}
 
 
 def make_app(rt: Runtime) -> bottle.Bottle:
@@ -246,10 +328,13 @@ def make_app(rt: Runtime) -> bottle.Bottle:
     route("GET", "/instances/<sop>/tags", lambda sop: json_text(instance_tags(rt, sop)))
     route("GET", "/studies/<uid>/zip", lambda uid: zip_download(rt, "STUDY", uid))
     route("GET", "/series/<uid>/zip", lambda uid: zip_download(rt, "SERIES", uid))
+    route("GET", "/studies/<uid>/deidentify", lambda uid: deidentify_preview(rt, uid))
     route("POST", "/studies/<uid>/send", lambda uid: send(rt, "STUDY", uid))
     route("POST", "/series/<uid>/send", lambda uid: send(rt, "SERIES", uid))
     route("DELETE", "/studies/<uid>", lambda uid: delete(rt, "STUDY", uid))
     route("DELETE", "/series/<uid>", lambda uid: delete(rt, "SERIES", uid))
+    route("POST", "/studies/<uid>/labels", lambda uid: relabel(rt, uid))
+    route("GET", "/labels", labels_in_use)
     route("GET", "/jobs", lambda: json_text([j.as_dict() for j in rt.jobs.recent()]))
 
     def job(job_id: str) -> dict[str, Any]:

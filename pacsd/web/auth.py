@@ -219,6 +219,8 @@ class Auth:
 
     def __init__(self, app: Callable, users: Callable[[], dict[str, User]],
                  sessions: Sessions, throttle: Throttle | None = None,
+                 scope_of: Callable[[User | None], Any] = lambda user: None,
+                 shared: Callable[[dict[str, Any]], tuple[User, Any] | None] = lambda e: None,
                  on_basic: Callable[[str, str, bool], None] | None = None) -> None:
         self.app = app
         # Told of each HTTP Basic check (name, client, success): the audit trail.
@@ -226,6 +228,10 @@ class Auth:
         self.users = users
         self.sessions = sessions
         self.throttle = throttle or Throttle()
+        # What a user may see (Accounts.scope_of_user: None for all), and who holds a share
+        # link's cookie (pacsd.web.share: a stand-in user and the one study's scope).
+        self.scope_of = scope_of
+        self.shared = shared
         # A verified Authorization header, by its SHA-256: PBKDF2 is slow on purpose, and a
         # viewer sends hundreds of requests.
         self._verified: dict[bytes, User] = {}
@@ -271,6 +277,7 @@ class Auth:
         client = str(environ.get("pacsd.client") or environ.get("REMOTE_ADDR") or "")
         environ["pacsd.user"] = None
         environ["pacsd.admin"] = False
+        environ["pacsd.scope"] = None
         if (method not in ("GET", "HEAD", "OPTIONS") and path.startswith(("/api/", "/app/"))
                 and path != "/app/login" and not environ.get("HTTP_X_REQUESTED_WITH")):
             return _refuse(start_response, "403 Forbidden",
@@ -280,6 +287,7 @@ class Auth:
             environ["pacsd.admin"] = True
             return self.app(environ, start_response)
         if (method == "OPTIONS" or path in ("/app/login",) or path.startswith("/app/static/")
+                or path.startswith("/share/")
                 or (path in OPEN_ON_LOOPBACK and is_loopback(client))):
             return self.app(environ, start_response)
         user, cookie = None, None
@@ -298,6 +306,16 @@ class Auth:
             cookie = cookie_value(environ, Sessions.COOKIE)
             if cookie:
                 user = self.sessions.user(cookie, users.get)
+            if user is None:
+                held = self.shared(environ)
+                if held is not None:
+                    # A share link's holder: that one study, read only.
+                    if method not in ("GET", "HEAD"):
+                        return _refuse(start_response, "403 Forbidden",
+                                       "a shared study can be viewed and downloaded only\n")
+                    environ["pacsd.user"], environ["pacsd.scope"] = held
+                    environ["pacsd.share"] = True
+                    return self.app(environ, start_response)
         if user is None:
             # A request with no credentials at all is the usual first step of a client (and the
             # watchdog's XML-RPC probe, every round): DEBUG, so the log does not grow with it.
@@ -317,6 +335,7 @@ class Auth:
             return [b"authentication required\n"]
         environ["pacsd.user"] = user
         environ["pacsd.admin"] = user.admin
+        environ["pacsd.scope"] = self.scope_of(user)
         return self.app(environ, start_response)
 
 

@@ -23,6 +23,7 @@ from pacsd.imaging.dicom_xml import native_xml
 from pacsd.web.dicomweb_common import (DICOM_JSON, check_uids, dumps, fail, representation, url,
                                        xml_parts)
 from pacsd.web.guard import client_of
+from pacsd.web import visibility
 from pacsd.web.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,8 @@ def search(rt: Runtime, level: str, scope: dict[str, str]) -> Any:
             raise fail(403, f"refused: {verdict.reason}")
         if isinstance(verdict.value, dict) and isinstance(verdict.value.get("keys"), dict):
             matching = {str(k): str(v) for k, v in verdict.value["keys"].items()}
-    req = query.Request(level, matching, limit=cap + (limit is None or limit > cap), offset=offset)
+    req = query.Request(level, matching, limit=cap + (limit is None or limit > cap), offset=offset,
+                        scope=visibility.scope())
     try:
         with rt.archive.index.reading():
             matches = list(query.find(req, list(dict.fromkeys(returned + uids))))

@@ -20,6 +20,7 @@ from pacsd.errors import PacsError
 from pacsd.imaging.header import is_valid_uid
 from pacsd.query import Request, StoredInstance, instances
 from pacsd.web.app import new_app
+from pacsd.web import visibility
 from pacsd.web.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ def _content_type(raw: str | None) -> str | None:
 
 def _lookup(rt: Runtime, study: str, series: str, obj: str) -> StoredInstance:
     req = Request("IMAGE", {"StudyInstanceUID": study, "SeriesInstanceUID": series,
-                            "SOPInstanceUID": obj})
+                            "SOPInstanceUID": obj}, scope=visibility.scope())
     with rt.archive.index.reading():
         found = instances(req)
     if not found:

@@ -32,7 +32,7 @@ from pacsd import query
 from pacsd.errors import PacsError
 from pacsd.imaging import frames as cut
 from pacsd.imaging.header import is_valid_uid, read_file_header
-from pacsd.web import multipart
+from pacsd.web import multipart, visibility
 from pacsd.web.dicomweb_common import check_uids
 from pacsd.web.runtime import Runtime
 from pacsd.web.wado_rs import instance_url
@@ -92,7 +92,8 @@ def pixels(rt: Runtime, study: str, series: str) -> Iterator[bytes]:
     keys = {"StudyInstanceUID": study, "SeriesInstanceUID": series,
             "SOPInstanceUID": "\\".join(uids)}
     with rt.archive.index.reading():
-        found = {i.sop_instance_uid: i for i in query.instances(query.Request("IMAGE", keys))}
+        found = {i.sop_instance_uid: i for i in query.instances(query.Request("IMAGE", keys,
+                                                             scope=visibility.scope()))}
     insts = [found[u] for u in uids if u in found]
     if not insts:
         raise bottle.HTTPError(404, "none of the instances named is in this series")

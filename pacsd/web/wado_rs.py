@@ -17,7 +17,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from pacsd import query
 from pacsd.imaging import frames as cut
-from pacsd.web import multipart
+from pacsd.web import multipart, visibility
 from pacsd.web.dicomweb_common import check_uids, fail, url
 from pacsd.web.runtime import Runtime
 from pacsd.web.guard import client_of
@@ -74,7 +74,7 @@ def _named_instances(rt: Runtime, study: str, series: str | None, sop: str | Non
     if sop:
         keys["SOPInstanceUID"], level = sop, "IMAGE"
     with rt.archive.index.reading():
-        insts = query.instances(query.Request(level, keys))
+        insts = query.instances(query.Request(level, keys, scope=visibility.scope()))
     if not insts:
         raise fail(404, f"no such {level.lower().replace('image', 'instance')}")
     return insts

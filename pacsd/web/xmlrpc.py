@@ -39,7 +39,7 @@ from defusedxml import DefusedXmlException
 from defusedxml.xmlrpc import DefusedExpatParser, defused_gzip_decode
 
 from pacsd.query import predicate
-from pacsd.web import osirix
+from pacsd.web import osirix, visibility
 from pacsd.web.app import new_app
 from pacsd.web.auth import is_admin
 from pacsd.web.guard import client_of
@@ -185,6 +185,7 @@ class Methods:
             if e.http_status == 400:
                 raise BadParams(f"request: {e}") from None
             return err(e.http_status, f"request: {e}")
+        cond = predicate.within(cond, visibility.scope())
         found = predicate.find(table, cond, MAX_ELEMENTS, uids=execute == "Delete")
         count, uids = found.count, found.uids
         elements = [osirix.ELEMENT[table](r) for r in found.rows]
@@ -215,7 +216,8 @@ class Methods:
                 keys[keyword] = value
         if not keys:
             raise BadParams("give at least one of the identifying parameters")
-        rows = predicate.first_rows(table, predicate.exact(keys), MAX_ELEMENTS)
+        rows = predicate.first_rows(table, predicate.within(predicate.exact(keys),
+                                                            visibility.scope()), MAX_ELEMENTS)
         elements = [osirix.ELEMENT[table](r) for r in rows]
         if not elements:
             return err(-1, "nothing matches", elements=[])

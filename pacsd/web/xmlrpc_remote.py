@@ -33,6 +33,7 @@ from pacsd import query
 from pacsd.config import Node
 from pacsd.errors import PacsError
 from pacsd.nodes import download, get, remote, wado_uri
+from pacsd.web import visibility
 from pacsd.web.jobs import Job
 from pacsd.web.runtime import Runtime
 
@@ -229,7 +230,7 @@ class RemoteMethods:
             keys["StudyInstanceUID"] = study_uid
         with self.rt.archive.index.reading():
             studies = [m["StudyInstanceUID"] for m in query.find(
-                query.Request("STUDY", keys), ["StudyInstanceUID"])]
+                query.Request("STUDY", keys, scope=visibility.scope()), ["StudyInstanceUID"])]
             instances = query.instances(query.Request(
                 "STUDY", {"StudyInstanceUID": "\\".join(studies)})) if studies else []
         if not instances:

@@ -82,6 +82,10 @@ def test_cross_site_changes_are_refused_and_nothing_is_deleted(tmp_path):
              {"Origin": other_port, "X-Requested-With": "x", "Content-Type": "application/json"}),
             ("POST", "/api/users", b"name=x&password=yyyyyyyyyy",
              {"Content-Type": "application/x-www-form-urlencoded"}),
+            # A de-identified send (the study leaves for a node)
+            ("POST", f"/api/studies/{STUDY}/send",
+             json.dumps({"node": "evil", "deidentify": True}).encode(),
+             {"Origin": EVIL, "X-Requested-With": "x", "Content-Type": "application/json"}),
             ("POST", "/dicom-web/studies", b"--x--",
              {"Origin": EVIL, "Content-Type": 'multipart/related; type="application/dicom"; '
                                               'boundary=x'}),
@@ -95,6 +99,17 @@ def test_cross_site_changes_are_refused_and_nothing_is_deleted(tmp_path):
              {"Referer": EVIL + "/x", "Content-Type": "application/json"}),
             ("POST", "/api/patients/merge", b"from=a&into=b",
              {"Content-Type": "application/x-www-form-urlencoded"}),
+            # Who sees what: labels, share links made, revoked, a PIN tried
+            ("POST", f"/api/studies/{STUDY}/labels", json.dumps({"add": ["x"]}).encode(),
+             {"Origin": EVIL, "X-Requested-With": "x", "Content-Type": "application/json"}),
+            ("POST", f"/api/studies/{STUDY}/share", b"hours=1",
+             {"Content-Type": "application/x-www-form-urlencoded"}),
+            ("POST", f"/api/studies/{STUDY}/share", json.dumps({"hours": 1}).encode(),
+             {"Referer": EVIL + "/x", "X-Requested-With": "x",
+              "Content-Type": "application/json"}),
+            ("POST", "/api/shares/0123456789abcdef/revoke", b"{}", {"Content-Type": "text/plain"}),
+            ("POST", "/share/sometoken", json.dumps({"pin": "1234"}).encode(),
+             {"Origin": EVIL, "X-Requested-With": "x", "Content-Type": "application/json"}),
         ]
         for method, path, body, headers in attacks:
             r = requests.request(method, url + path, data=body, headers=headers, timeout=10)
@@ -105,6 +120,8 @@ def test_cross_site_changes_are_refused_and_nothing_is_deleted(tmp_path):
             "a cross-site request changed the archive"
         nodes = requests.get(url + "/api/nodes", timeout=10).json()
         assert not any(n["name"] == "evil" for n in nodes)
+        assert requests.get(url + "/api/labels", timeout=10).json() == []
+        assert requests.get(url + "/api/shares", timeout=10).json() == []
 
         # The real clients still work: the page's own fetch (same Origin), a Referer from the
         # page, a DICOMweb client (no Origin, its own type), xmlrpc.client (text/xml).

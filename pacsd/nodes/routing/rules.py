@@ -9,55 +9,19 @@ callers).
 
 from __future__ import annotations
 
-import fnmatch
 import logging
-import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 
 from pacsd.config import Route
 from pacsd.imaging.header import read_header
+from pacsd.imaging.rules import dataset_values, matches  # noqa: F401 - routing reads it here
 from pacsd.query import routing as reads
 from pacsd.storage.store import Store
 
 log = logging.getLogger(__name__)
-
-
-def _values(value: Any) -> list[str]:
-    if value is None:
-        return [""]
-    if isinstance(value, (MultiValue, list, tuple, set)):
-        return [str(v) for v in value] or [""]
-    return [str(value)]
-
-
-def matches(route: Route, values: dict[str, Any], callers: Iterable[str]) -> bool:
-    """Whether `route` takes what has these attribute `values` (keyword -> value or values),
-    sent by these calling AE titles."""
-    if route.calling_aets and not set(route.calling_aets) & {c.strip() for c in callers}:
-        return False
-    for keyword, patterns in route.match:
-        have = _values(values.get(keyword))
-        # DICOM's wildcards are * and ? only (PS3.4 C.2.2.2.4): '[' is fnmatch's, made literal.
-        globs = [pat.replace("[", "[[]") for pat in patterns]
-        if not any(fnmatch.fnmatchcase(v.strip(), pat) for v in have for pat in globs):
-            return False
-    return True
-
-
-def _dataset_values(ds: Dataset, keys: Iterable[str]) -> dict[str, Any]:
-    """The values of these keys (keywords, or 8 hex digits for a tag pydicom has no name for)."""
-    out: dict[str, Any] = {}
-    for key in keys:
-        try:
-            elem = ds[int(key, 16)] if re.fullmatch(r"[0-9A-Fa-f]{8}", key) else ds[key]
-        except (KeyError, ValueError):
-            continue
-        out[key] = elem.value
-    return out
 
 
 def for_instance(routes: Sequence[Route], header: Dataset, calling_aet: str
@@ -65,7 +29,7 @@ def for_instance(routes: Sequence[Route], header: Dataset, calling_aet: str
     """(route, destination) of every one of these (`stored`) rules this instance matches."""
     out = []
     for route in routes:
-        values = _dataset_values(header, (k for k, _ in route.match))
+        values = dataset_values(header, (k for k, _ in route.match))
         if matches(route, values, [calling_aet]):
             out.append((route.name, route.to))
     return out

@@ -2,7 +2,8 @@
 "use strict";
 
 (() => {
-  const FIELDS = ["patient", "patient_id", "from", "to", "modality", "accession", "description"];
+  const FIELDS = ["patient", "patient_id", "from", "to", "modality", "accession", "description",
+                  "label"];
   const SIZES = [25, 50, 100, 200];
   // Sorting a new column starts in its natural direction: newest first for dates and counts.
   const DESC_FIRST = new Set(["date", "received", "instances"]);
@@ -18,7 +19,7 @@
 
   function defaults() {
     return { patient: "", patient_id: "", from: "", to: "", modality: "", accession: "",
-             description: "", sort: "date", order: "desc", offset: 0, limit: 50 };
+             description: "", label: "", sort: "date", order: "desc", offset: 0, limit: 50 };
   }
 
   // --- URL <-> state ------------------------------------------------------------------------
@@ -116,6 +117,11 @@
       .map((x) => `<span class="badge">${pacs.esc(x)}</span>`).join("");
   }
 
+  // Labels (who sees a study: [[groups]]), as chips after the description.
+  function labelChips(labels) {
+    return (labels || []).map((l) => ` <span class="badge label-chip">${pacs.esc(l)}</span>`).join("");
+  }
+
   function render() {
     const esc = pacs.esc;
     if (!rows.length) {
@@ -132,7 +138,7 @@
           <td class="opt-md nowrap">${esc(pacs.fmtDate(s.birth_date))}</td>
           <td class="opt-md">${esc(s.sex)}</td>
           <td class="nowrap study-date">${esc(pacs.fmtDate(s.study_date))} ${esc(pacs.fmtTime(s.study_time))}</td>
-          <td class="description">${esc(s.description)}</td>
+          <td class="description">${esc(s.description)}${labelChips(s.labels)}</td>
           <td class="opt-sm accession">${esc(s.accession)}</td>
           <td class="modalities">${modalities(s.modalities)}</td>
           <td class="num">${nf.format(s.series || 0)} / ${nf.format(s.instances || 0)}</td>
@@ -159,6 +165,7 @@
     const n = selected.size;
     $("selected-count").textContent = `${n} selected`;
     $("zip-btn").disabled = n === 0;
+    $("deid-btn").disabled = n === 0;
     $("send-btn").disabled = n === 0 || !$("send-node").value;
     $("delete-btn").disabled = n === 0;
     const boxes = [...tbody.querySelectorAll(".row-check")];
@@ -332,6 +339,9 @@
     run();
   });
 
+  // The selected studies, for studies-deid.js (the de-identified export).
+  window.pacsSelectedStudies = () => [...selected.keys()];
+
   // --- start --------------------------------------------------------------------------------
   pacs.header("studies");
   pacs.me().then((m) => {
@@ -342,4 +352,14 @@
   state = fromUrl();
   toForm(state);
   go(state, false);
+  // The labels in use (those the user's groups see), then the URL's choice among them.
+  pacs.api("GET", "labels").then((labels) => {
+    const sel = $("f-label");
+    for (const l of labels) {
+      const opt = document.createElement("option");
+      opt.value = opt.textContent = l.label;
+      sel.appendChild(opt);
+    }
+    sel.value = state.label || "";
+  }).catch(() => {});
 })();

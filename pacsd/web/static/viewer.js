@@ -398,6 +398,13 @@ async function setupActions() {
     if (uid) download(`../api/series/${encodeURIComponent(uid)}/zip`);
   };
   const sel = $("send-node");
+  const m = await pacs.me().catch(() => ({}));
+  if (m.shared) {
+    // A share link's holder: this study, read only; no nodes to send to.
+    $("send-group").classList.add("hidden");
+    return;
+  }
+  setupSharing(m);
   sel.onchange = () => { $("btn-send").disabled = !sel.value; };
   $("btn-send").onclick = async () => {
     const node = sel.value, status = $("send-status");
@@ -478,12 +485,63 @@ async function setupActions() {
       sel.appendChild(o);
     }
   } catch (e) { sel.disabled = true; sel.title = "Nodes unavailable: " + e.message; }
-  try {
-    const m = await pacs.me();
-    if (m && m.admin) {
-      for (const id of ["btn-delete-study", "btn-delete-series", "btn-edit-study"]) $(id).classList.remove("hidden");
-    }
-  } catch (e) { /* not logged in: redirected */ }
+  if (m && m.admin) {
+    for (const id of ["btn-delete-study", "btn-delete-series", "btn-edit-study", "btn-labels"]) $(id).classList.remove("hidden");
+  }
+}
+
+// Labels (administrators) and share links (administrators and groups with share = true).
+function setupSharing(m) {
+  const showLabels = () => { $("study-labels").textContent = (study.labels || []).join(", "); };
+  showLabels();
+  $("btn-labels").onclick = () => {
+    $("labels-input").value = (study.labels || []).join(", ");
+    $("labels-error").textContent = "";
+    $("labels").showModal();
+  };
+  $("labels-save").onclick = async () => {
+    const want = $("labels-input").value.split(",").map((s) => s.trim()).filter(Boolean);
+    const have = study.labels || [];
+    try {
+      const r = await pacs.api("POST", `studies/${encodeURIComponent(studyUid)}/labels`,
+        { add: want.filter((l) => !have.includes(l)), remove: have.filter((l) => !want.includes(l)) });
+      study.labels = r.labels;
+      showLabels();
+      $("labels").close();
+    } catch (e) { $("labels-error").textContent = e.message; }
+  };
+  if (!m.share) return;
+  $("btn-share").classList.remove("hidden");
+  const listLinks = async () => {
+    const links = await pacs.api("GET", `shares?study=${encodeURIComponent(studyUid)}`).catch(() => []);
+    const tbody = $("share-list").querySelector("tbody");
+    tbody.innerHTML = links.map((l) => {
+      const state = l.revoked ? "revoked" : (l.expires * 1000 < Date.now() ? "expired"
+        : "until " + new Date(l.expires * 1000).toLocaleString());
+      return `<tr><td>${pacs.esc(l.note || "")}</td><td>${pacs.esc(state)}</td><td>${l.uses} use(s)${l.pin ? ", PIN" : ""}</td>
+        <td>${l.revoked || l.expires * 1000 < Date.now() ? "" : `<button type="button" data-revoke="${pacs.esc(l.id)}">Revoke</button>`}</td></tr>`;
+    }).join("");
+    tbody.querySelectorAll("[data-revoke]").forEach((b) => {
+      b.onclick = async () => {
+        try { await pacs.api("POST", `shares/${b.dataset.revoke}/revoke`, {}); } catch (e) { $("share-error").textContent = e.message; }
+        listLinks();
+      };
+    });
+  };
+  $("btn-share").onclick = () => {
+    $("share-url").value = ""; $("share-error").textContent = "";
+    listLinks();
+    $("share").showModal();
+  };
+  $("share-make").onclick = async () => {
+    try {
+      const r = await pacs.api("POST", `studies/${encodeURIComponent(studyUid)}/share`, {
+        hours: Number($("share-hours").value), pin: $("share-pin").value, note: $("share-note").value });
+      $("share-url").value = r.url;
+      $("share-url").select();
+      listLinks();
+    } catch (e) { $("share-error").textContent = e.message; }
+  };
 }
 
 // ---- wiring --------------------------------------------------------------------------------
