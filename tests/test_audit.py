@@ -453,3 +453,37 @@ def test_the_admin_page_searches_the_trail(pacs, browser):
     browser.find_element(By.CSS_SELECTOR, "#audit-search button").click()
     wait(lambda d: any("PYNETDICOM" in r and "4 instance(s)" in r for r in rows()),
          "the C-STORE record in the audit panel")
+
+
+def test_share_links_and_labels(pacs):
+    """A share link made, opened (a log-in as its holder), used (views and the ZIP in the
+    holder's name), revoked; labels changed. The token itself is never in the trail."""
+    import hashlib
+    url, study = pacs.http_url, pacs.study
+    rsp = requests.post(f"{url}/api/studies/{study}/share", json={"hours": 2}, headers=H,
+                        auth=BOSS, timeout=30)
+    assert rsp.status_code == 201, rsp.text
+    link = rsp.json()
+    holder_name = f"share link {hashlib.sha256(link['token'].encode()).hexdigest()[:16]}"
+    recs = found(pacs, "the share link made", action="share", study=study)
+    assert recs[0]["user"] == "boss" and recs[0]["event"] == "110113"
+
+    holder = requests.Session()
+    assert holder.get(link["url"], timeout=30, allow_redirects=False).status_code == 303
+    assert holder.get(f"{url}/dicom-web/studies/{study}/metadata", timeout=30).status_code == 200
+    assert holder.get(f"{url}/api/studies/{study}/zip", timeout=30).status_code == 200
+    recs = found(pacs, "the holder's log-in", action="login", user=holder_name)
+    assert (recs[0]["outcome"], recs[0]["studies"]) == ("ok", [study])
+    assert found(pacs, "the holder's view", action="view", user=holder_name)
+    assert found(pacs, "the holder's download", action="download", user=holder_name)
+    assert requests.post(f"{url}/api/shares/{link['id']}/revoke", headers=H, auth=BOSS,
+                         timeout=30).status_code == 200
+    assert any("revoked" in r["detail"] for r in found(pacs, "the revocation", action="share",
+                                                        user="boss"))
+    assert requests.post(f"{url}/api/studies/{study}/labels", json={"add": ["teaching"]},
+                         headers=H, auth=BOSS, timeout=30).status_code == 200
+    recs = found(pacs, "the labels", action="labels", study=study)
+    assert recs[0]["detail"] == "add teaching"
+    everything = "".join(
+        p.read_text() for p in (pacs.cfg.data / "audit").glob("*.jsonl"))
+    assert link["token"] not in everything

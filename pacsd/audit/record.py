@@ -36,10 +36,12 @@ EXPORT = ("110106", "Export")
 IMPORT = ("110107", "Import")
 PATIENT_RECORD = ("110110", "Patient Record")
 QUERY = ("110112", "Query")
+SECURITY_ALERT = ("110113", "Security Alert")
 USER_AUTHENTICATION = ("110114", "User Authentication")
 # PS3.16 CID 401 (Audit Event Type Code)
 LOGIN = ("110122", "Login")
 LOGOUT = ("110123", "Logout")
+OBJECT_SECURITY_CHANGED = ("110135", "Object Security Attributes Changed")
 
 # pacsd's actions -> (EventID, EventActionCode, EventTypeCode or None). EventActionCode (A.5.1):
 # C create, R read, U update, D delete, E execute.
@@ -59,6 +61,9 @@ EVENTS: dict[str, tuple[tuple[str, str], str, tuple[str, str] | None]] = {
     "restore": (INSTANCES_ACCESSED, "C", None),
     "empty-bin": (INSTANCES_ACCESSED, "D", None),
     "audit": (AUDIT_LOG_USED, "R", None),
+    # Who may see a study: a share link made or revoked, its labels changed.
+    "share": (SECURITY_ALERT, "E", OBJECT_SECURITY_CHANGED),
+    "labels": (SECURITY_ALERT, "E", OBJECT_SECURITY_CHANGED),
 }
 ACTIONS = tuple(EVENTS)
 # EventOutcomeIndicator (A.5.1): 0 success, 4 minor failure (refused, not found), 8 serious

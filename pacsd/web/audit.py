@@ -22,6 +22,7 @@ fills them in off the request's path.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
@@ -76,6 +77,13 @@ ROUTES: list[tuple[str, re.Pattern[str], str, str]] = [(m, re.compile(f"(?:{p})\
         ("POST", rf"/api/series/{UID}/move", "correction", "series"),
         ("POST", r"/api/undo", "undo", ""),
         ("POST", r"/api/nodes/([^/]{1,64})/retrieve", "import", "node"),
+        # Share links (pacsd.web.share): opening one is a log-in as its holder (who then
+        # appears as "share link HASH" in the records of what they view and download).
+        ("GET", r"/share/([^/]{1,200})", "login", "share"),
+        ("POST", r"/share/([^/]{1,200})", "login", "share"),
+        ("POST", rf"/api/studies/{UID}/share", "share", "study"),
+        ("POST", r"/api/shares/([^/]{1,64})/revoke", "share", "link"),
+        ("POST", rf"/api/studies/{UID}/labels", "labels", "study"),
         ("GET", r"/api/audit", "audit", ""),
         ("POST", r"/RPC2|/", "xmlrpc", ""),
     ]]
@@ -133,6 +141,11 @@ class AuditTrail:
 
         def start(st: str, headers: list, exc_info: Any = None) -> Any:
             status[0] = st
+            if kind == "share":   # a share link's landing: its viewer URL names the study
+                for name, value in headers:
+                    found = re.search(r"[?&]study=([0-9.]{1,64})", str(value))
+                    if name.lower() == "location" and found:
+                        rec.studies = [found.group(1)]
             return start_response(st, headers, exc_info)
         try:
             result = self.app(environ, start)
@@ -197,8 +210,14 @@ class AuditTrail:
             rec.patients = [(uid, "")]
         elif kind == "node":
             rec.detail = f"from node {uid}"
+        elif kind == "share":   # never the token itself: its hash, as the link's holder is named
+            rec.user = f"share link {hashlib.sha256(uid.encode()).hexdigest()[:16]}"
+            rec.detail = "share link" + (" with its PIN" if environ.get("REQUEST_METHOD") ==
+                                         "POST" else "")
+        elif kind == "link":
+            rec.detail = f"share link {uid} revoked"
         action = rec.action
-        if action == "login":
+        if action == "login" and kind != "share":
             rec.user = str(form.get("name") or "")[:64]
         elif action == "view" and not rec.studies:   # WADO-URI
             rec.studies = [v for v in query.get("studyUID", [])[:1] if v]
@@ -212,6 +231,17 @@ class AuditTrail:
                 rec.patients = [(pid, "")]
         elif action == "send":
             rec.detail = " ".join(filter(None, [rec.detail, f"to node {form.get('node', '')}"]))
+            if form.get("deidentify"):
+                rec.detail += ", de-identified"
+        elif action == "download":
+            if query.get("deidentify", ["0"])[0] not in ("0", "", "false", "no"):
+                rec.detail = " ".join(filter(None, [rec.detail, "de-identified"]))
+        elif action == "share" and kind == "study":
+            rec.detail = f"share link made for {str(form.get('hours', ''))[:16]} hour(s)" + (
+                ", with a PIN" if form.get("pin") else "")
+        elif action == "labels":
+            rec.detail = " ".join(f"{k} {', '.join(map(str, v))[:200]}" for k, v in form.items()
+                                  if k in ("add", "remove") and isinstance(v, list))
         elif action in ("restore", "undo"):
             rec.detail = f"{form.get('uid', '')}"
             if re.fullmatch(r"[0-9.]{1,64}", rec.detail) and "." in rec.detail:
