@@ -312,6 +312,28 @@ def test_a_line_cut_by_a_kill_is_skipped_and_disabled_writes_nothing(tmp_path):
     assert not (tmp_path / "off").exists()
 
 
+def test_what_was_flushed_survives_kill_9(tmp_path):
+    """A process killed while recording: everything it had flushed is there, lines whole."""
+    import sys
+    script = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from pacsd.audit import AuditRecord, Auditor\n"
+        "from pacsd.config import AuditSettings\n"
+        "a = Auditor(AuditSettings(), Path(sys.argv[1]), 'dicom1')\n"
+        "for i in range(2000):\n"
+        "    a.record(AuditRecord('store', user=f'u{i}', studies=['1.2.3'], count=i))\n"
+        "    if i == 999:\n"
+        "        assert a.flush()\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path)], timeout=60,
+                          capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    got = search(tmp_path / "audit", Search(limit=5000))
+    users = {r["user"] for r in got}
+    assert {f"u{i}" for i in range(1000)} <= users and len(users) == len(got)
+
+
 # --- syslog -------------------------------------------------------------------------------------
 
 HEADER = re.compile(rb"<(\d+)>1 (\S+) (\S+) pacsd (\d+) IHE\+RFC-3881 - \xef\xbb\xbf(.*)\Z",
