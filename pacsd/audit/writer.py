@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 from pathlib import Path
@@ -185,7 +186,7 @@ class Auditor:
         written = 0
         while written < len(data):   # one write() normally: whole lines, O_APPEND
             written += os.write(self._fd, data[written:])
-        os.fsync(self._fd)
+        _fsync(self._fd)
         self._size += len(data)
         if not self._born:
             self._born = records[0].when
@@ -275,8 +276,17 @@ def _sync_folder(folder: Path) -> None:
     except OSError:
         return
     try:
-        os.fsync(fd)
+        _fsync(fd)
     except OSError:
         pass
     finally:
         os.close(fd)
+
+
+def _fsync(fd: int) -> None:
+    """To the disk itself: on macOS fsync() stops at the drive's cache (as the store does)."""
+    if sys.platform == "darwin":
+        import fcntl
+        fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
+    else:
+        os.fsync(fd)
