@@ -58,7 +58,7 @@ LAYERS = [
     {"dicom_status", "dicom_commands"},
     {"errors"},
     {"compat", "config", "logbook", "systemd"},
-    {"imaging"},
+    {"imaging", "audit"},
     {"index"},
     {"query", "storage", "accounts", "plugins"},
     {"nodes"},

@@ -25,6 +25,7 @@ from types import ModuleType
 from pacsd import __version__, logbook
 from pacsd import config as config_mod
 from pacsd.cli import (
+    audit,
     compress,
     config,
     doctor,
@@ -62,7 +63,7 @@ __all__ = ["EXIT_INTERRUPTED", "EXIT_NOT_RUNNING", "COMMANDS", "build_parser", "
 COMMANDS: tuple[ModuleType, ...] = (serve, config, nodes, retrieve, import_, patient, study,
                                     series, undo, history, trash, retention, compress, verify,
                                     reindex, migrate, index, queue, passwd, status, doctor,
-                                    export)
+                                    export, audit)
 
 
 def name_of(command: ModuleType) -> str:

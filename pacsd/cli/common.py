@@ -17,6 +17,7 @@ from pacsd.config import Config
 
 if TYPE_CHECKING:
     from pacsd.accounts import Accounts
+    from pacsd.audit import AuditRecord
     from pacsd.index import Index
     from pacsd.storage.archive import Archive
 
@@ -125,15 +126,17 @@ def new_values(args: argparse.Namespace, fields: Iterable[tuple[str, str]]) -> d
             if (value := getattr(args, flag[2:].replace("-", "_"))) is not None}
 
 
-def correct(cfg: Config, work: Any) -> int:
+def correct(cfg: Config, work: Any, record: "AuditRecord | None" = None) -> int:
     """Run `work(corrections)` (pacsd.storage.corrections) on the archive, the server running
-    or not; say what it did."""
+    or not; say what it did. `record`: its audit record (action, studies or patients, detail),
+    kept with the outcome."""
     from pacsd.storage.archive import command_started
     from pacsd.storage.corrections import Corrected, Corrections
     archive = open_archive(cfg)
     mark = command_started(cfg.data)   # killed midway: the next start of the server recovers
     try:
-        done = work(Corrections(archive))
+        with audited(cfg, record, series=record.detail if record else ""):
+            done = work(Corrections(archive))
     finally:
         archive.store.close()
         archive.index.close()
@@ -146,6 +149,49 @@ def correct(cfg: Config, work: Any) -> int:
               + (f"; {len(done.already_stored)} stored again since, left in the bin"
                  if done.already_stored else ""))
     return 0
+
+
+def audit_record(action: str, **fields: Any) -> "AuditRecord":
+    """An audit record of something this command does (its user: the person running it)."""
+    import getpass
+
+    from pacsd.audit import AuditRecord
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = ""
+    return AuditRecord(action, user=user, via="cli", **fields)
+
+
+@contextmanager
+def audited(cfg: Config, record: "AuditRecord | None", series: str = "") -> Iterator[None]:
+    """Keep `record` once the work in the block is done, with its outcome (the index open: the
+    patients of its studies are looked up before the work, when they still exist).
+    `series`: "series UID" in the record's detail names a series whose study is looked up."""
+    if record is None or not cfg.audit.enabled:
+        yield
+        return
+    from pacsd.daemon.shared import new_auditor
+    from pacsd.errors import PacsError
+    from pacsd.query import studies
+    try:
+        if series.startswith("series "):
+            record.studies = record.studies or studies.studies_of_series([series[7:]])
+        if record.studies and not record.patients:
+            record.patients = sorted(set(studies.patients_of_studies(record.studies).values()))
+    except Exception:  # noqa: BLE001 - recorded without them
+        pass
+    auditor = new_auditor(cfg, "cli")
+    try:
+        yield
+    except BaseException as e:
+        record.outcome = ("refused" if isinstance(e, PacsError) and e.http_status < 500
+                          else "failed")
+        record.detail = f"{record.detail}; {e}".strip("; ")[:1024]
+        raise
+    finally:
+        auditor.record(record)
+        auditor.close()
 
 
 class Progress:

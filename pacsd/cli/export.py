@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from pacsd.cli.common import open_archive
+from pacsd.cli.common import audit_record, audited, open_archive
 from pacsd.config import Config
 from pacsd.errors import EXIT_FAILURE, EXIT_OK
 
@@ -69,39 +69,46 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     from pacsd.imaging.deidentify import Deidentifier, Options, readme_text
     from pacsd.imaging.media import write_folder, zip_stream
     from pacsd.query import studies
+    # One audit record (an export, 110106): the studies, where to, de-identified or not.
+    record = audit_record("download", studies=list(args.uids)[:100],
+                          detail=f"pacsd export to {args.to}"
+                          + (", de-identified" if args.deidentify else ""))
     archive = open_archive(cfg)
     try:
-        paths = []
-        for uid in args.uids:
-            insts = studies.stored_in("STUDY", uid)
-            if not insts:
-                print(f"pacsd: no study {uid} is stored", file=sys.stderr)
-                return EXIT_FAILURE
-            paths += [archive.store.placed(i.path) for i in insts]
-        deid = Deidentifier(Options(
-            retain_longitudinal=args.longitudinal, clean_descriptors=args.clean_descriptors,
-            patient_name=args.patient_name, patient_id=args.patient_id)
-        ) if args.deidentify else None
-        transform = deid.apply if deid is not None else None
+        with audited(cfg, record):
+            paths = []
+            for uid in args.uids:
+                insts = studies.stored_in("STUDY", uid)
+                if not insts:
+                    record.outcome, record.detail = "refused", f"no study {uid}"
+                    print(f"pacsd: no study {uid} is stored", file=sys.stderr)
+                    return EXIT_FAILURE
+                paths += [archive.store.placed(i.path) for i in insts]
+            deid = Deidentifier(Options(
+                retain_longitudinal=args.longitudinal, clean_descriptors=args.clean_descriptors,
+                patient_name=args.patient_name, patient_id=args.patient_id)
+            ) if args.deidentify else None
+            transform = deid.apply if deid is not None else None
 
-        def trailer() -> list[tuple[str, bytes]]:
-            return [("README.txt", readme_text(deid).encode())] if deid is not None else []
-        to = Path(args.to)
-        if to.suffix.lower() == ".zip":
-            tmp = to.with_name(to.name + ".part")
-            try:
-                with open(tmp, "wb") as f:
-                    for chunk in zip_stream(paths, transform=transform, trailer=trailer):
-                        f.write(chunk)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, to)
-            finally:
-                tmp.unlink(missing_ok=True)
-            count = deid.count if deid is not None else len(paths)
-        else:
-            to.mkdir(parents=True, exist_ok=True)
-            count = write_folder(paths, to, transform=transform, trailer=trailer)
+            def trailer() -> list[tuple[str, bytes]]:
+                return [("README.txt", readme_text(deid).encode())] if deid is not None else []
+            to = Path(args.to)
+            if to.suffix.lower() == ".zip":
+                tmp = to.with_name(to.name + ".part")
+                try:
+                    with open(tmp, "wb") as f:
+                        for chunk in zip_stream(paths, transform=transform, trailer=trailer):
+                            f.write(chunk)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.replace(tmp, to)
+                finally:
+                    tmp.unlink(missing_ok=True)
+                count = deid.count if deid is not None else len(paths)
+            else:
+                to.mkdir(parents=True, exist_ok=True)
+                count = write_folder(paths, to, transform=transform, trailer=trailer)
+            record.count = count
     finally:
         archive.store.close()
         archive.index.close()

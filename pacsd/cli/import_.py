@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from pacsd.cli.common import Progress, open_archive
+from pacsd.cli.common import Progress, audit_record, audited, open_archive
 from pacsd.config import Config
 from pacsd.errors import EXIT_FAILURE, EXIT_OK, PacsError
 
@@ -41,17 +41,26 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     archive = open_archive(cfg)
     stored = dup = bad = 0
     progress = Progress(len(files), "import")
+    studies: dict[str, int] = {}
+    record = audit_record("import", detail=" ".join(args.paths)[:512])
     try:
-        for i, path in enumerate(files, 1):
-            try:
-                if archive.put_file(path).duplicate:
-                    dup += 1
-                else:
-                    stored += 1
-            except PacsError as e:
-                bad += 1
-                log.warning("%s: not imported: %s", path, e)
-            progress(i, f"{dup} duplicate(s), {bad} refused")
+        with audited(cfg, record):
+            for i, path in enumerate(files, 1):
+                try:
+                    put = archive.put_file(path)
+                    studies[put.study_instance_uid] = studies.get(put.study_instance_uid, 0) + 1
+                    if put.duplicate:
+                        dup += 1
+                    else:
+                        stored += 1
+                except PacsError as e:
+                    bad += 1
+                    log.warning("%s: not imported: %s", path, e)
+                progress(i, f"{dup} duplicate(s), {bad} refused")
+            # One record for the command (its studies, the patients looked up when written).
+            record.studies, record.count = sorted(studies)[:100], stored + dup
+            if bad and not (stored or dup):
+                record.outcome = "refused"
     finally:
         archive.index.close()
     print(f"imported {stored} file(s), {dup} duplicate(s), {bad} refused")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pacsd.cli.common import correct, new_values, who
+from pacsd.cli.common import audit_record, correct, new_values, who
 from pacsd.config import Config
 
 HELP = "correct a patient (name, ID, birth date, sex, issuer) or merge two patients"
@@ -41,6 +41,11 @@ def refuse(args: argparse.Namespace) -> str | None:
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
     if args.action == "merge":
-        return correct(cfg, lambda c: c.merge_patients(args.from_id, args.into_id, who()))
-    return correct(cfg, lambda c: c.update_patient(args.patient_id, new_values(args, FIELDS),
-                                                   who(), issuer=args.issuer))
+        return correct(cfg, lambda c: c.merge_patients(args.from_id, args.into_id, who()),
+                       audit_record("correction", patients=[(args.from_id, ""),
+                                                            (args.into_id, "")], detail="merge"))
+    changed = new_values(args, FIELDS)
+    return correct(cfg, lambda c: c.update_patient(args.patient_id, changed,
+                                                   who(), issuer=args.issuer),
+                   audit_record("correction", patients=[(args.patient_id, "")],
+                                detail="changed: " + ", ".join(changed)))

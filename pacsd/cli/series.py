@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pacsd.cli.common import correct, who
+from pacsd.cli.common import audit_record, correct, who
 from pacsd.config import Config
 
 HELP = "move a series to another study, or split it off into a new study of its own"
@@ -24,4 +24,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
-    return correct(cfg, lambda c: c.move_series(args.uid, args.to_study, who()))
+    return correct(cfg, lambda c: c.move_series(args.uid, args.to_study, who()),
+                   audit_record("correction", detail=f"series {args.uid}"))

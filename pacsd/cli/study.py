@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pacsd.cli.common import correct, new_values, open_index, who
+from pacsd.cli.common import audit_record, correct, new_values, open_index, who
 from pacsd.config import Config, valid_label
 
 HELP = ("correct a study (accession, description, date, referring physician), move it, "
@@ -58,5 +58,10 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         print(f"study {args.uid}: {', '.join(after) or 'no labels'}")
         return 0
     if args.action == "move":
-        return correct(cfg, lambda c: c.move_study(args.uid, args.to_patient, who()))
-    return correct(cfg, lambda c: c.update_study(args.uid, new_values(args, FIELDS), who()))
+        return correct(cfg, lambda c: c.move_study(args.uid, args.to_patient, who()),
+                       audit_record("correction", studies=[args.uid],
+                                    detail=f"moved to patient {args.to_patient}"))
+    changed = new_values(args, FIELDS)
+    return correct(cfg, lambda c: c.update_study(args.uid, changed, who()),
+                   audit_record("correction", studies=[args.uid],
+                                detail="changed: " + ", ".join(changed)))

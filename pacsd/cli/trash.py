@@ -6,7 +6,7 @@ import argparse
 import json
 import time
 
-from pacsd.cli.common import open_archive, who
+from pacsd.cli.common import audit_record, audited, open_archive, who
 from pacsd.config import Config
 from pacsd.errors import EXIT_FAILURE, EXIT_OK
 
@@ -42,7 +42,13 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
     mark = command_started(cfg.data)   # killed midway: the next start of the server recovers
     try:
         if args.action == "restore":
-            done = archive.bin.restore(args.uid, who())
+            record = audit_record("restore", detail=args.uid,
+                                  studies=[args.uid] if "." in args.uid else [])
+            with audited(cfg, record):
+                done = archive.bin.restore(args.uid, who())
+                record.count = done.restored
+                if not done.restored:
+                    record.outcome = "refused"
             if done.restored:
                 print(f"restored {done.restored} instance(s) of {args.uid}")
             if done.already_stored:
@@ -58,9 +64,13 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
             return EXIT_OK if done.restored and not done.missing else EXIT_FAILURE
         if args.action == "empty":
             days = args.older_than
-            deletions, instances, size = archive.bin.empty(
-                None if days is None else days * 86400, who(),
-                "`pacsd trash empty`" + (f" --older-than {days:g}" if days is not None else ""))
+            record = audit_record("empty-bin", detail="all" if days is None
+                                  else f"older than {days:g} days")
+            with audited(cfg, record):
+                deletions, instances, size = archive.bin.empty(
+                    None if days is None else days * 86400, who(), "`pacsd trash empty`"
+                    + (f" --older-than {days:g}" if days is not None else ""))
+                record.count = instances
             print(f"emptied {deletions} deletion(s): {instances} instance(s), "
                   f"{size / 1e6:.1f} MB removed for good")
             return EXIT_OK

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pacsd.cli.common import correct, who
+from pacsd.cli.common import audit_record, correct, who
 from pacsd.config import Config
 
 HELP = "undo the last deletion or correction of a patient, study, series or instance"
@@ -18,4 +18,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, cfg: Config) -> int:
-    return correct(cfg, lambda c: c.undo(args.uid, who()))
+    return correct(cfg, lambda c: c.undo(args.uid, who()),
+                   audit_record("undo", detail=args.uid,
+                                studies=[args.uid] if "." in args.uid else []))

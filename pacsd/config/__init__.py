@@ -23,6 +23,7 @@ from pacsd.config.loader import (
     read_toml,
 )
 from pacsd.config.sections import (
+    AuditSettings,
     DEFAULT_DATA,
     SECTIONS,
     SETTINGS,
@@ -43,6 +44,7 @@ from pacsd.config.validators import valid_aet
 from pacsd.errors import ConfigError
 
 __all__ = [
+    "AuditSettings",
     "CONFIG_FILE_NAME", "DEFAULT_DATA", "FLAT", "NODE_RIGHTS", "SECTIONS", "SETTINGS", "Config",
     "ConfigError", "DicomSettings", "HooksSettings", "HttpSettings", "IndexSettings",
     "LogSettings", "Compression", "Group", "LabelRule", "Node", "Retention", "Route", "RoutingSettings", "ServerSettings", "Setting",

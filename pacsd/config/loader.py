@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 from pacsd.config import tables
 from pacsd.config.sections import (
+    AuditSettings,
     BY_NAME,
     DEFAULT_DATA,
     SECTIONS,
@@ -58,6 +59,7 @@ class Config:
     routing: RoutingSettings
     log: LogSettings
     watchdog: WatchdogSettings
+    audit: AuditSettings
     # Resolved once at load (absolute, defaults filled in), so later changes of the working
     # directory change nothing. They take the place of the flat [server] data, [storage] path
     # and [index] url, which stay in their sections as written.

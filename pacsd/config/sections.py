@@ -366,12 +366,41 @@ class WatchdogSettings:
         "SIGKILL then instead of after `term_wait`.", v.positive)
 
 
+@dataclass(frozen=True)
+class AuditSettings:
+    """[audit]: the audit trail of every access and change (pacsd.audit, docs/audit.md)."""
+
+    enabled: bool = setting(True,
+        "Keep an audit record of every access and change (logins, queries, views, downloads, "
+        "sends, retrieves, stores, corrections, deletions, restores), over HTTP, DICOM and "
+        "the command line, as JSON lines under DATA/audit (`pacsd audit`, the admin page).")
+    rotate_mb: int = setting(64,
+        "An audit file is closed and a new one begun past this many MB.", v.in_range(1, 10000))
+    rotate_days: float = setting(7.0,
+        "An audit file is closed and a new one begun once its first record is this many days "
+        "old.", v.positive)
+    keep_days: float = setting(2192.0,
+        "Closed audit files older than this many days are removed (2192: six years). 0: "
+        "keep them all.", v.not_negative)
+    syslog: str = setting("",
+        "Also send every record to this syslog collector (an ATNA Audit Record Repository), "
+        "HOST:PORT, as the DICOM audit message (PS3.15 A.5) in an RFC 5424 message. Empty: "
+        "the files only.", v.syslog_target)
+    syslog_protocol: str = setting("udp",
+        "udp (RFC 5426), tcp or tls (RFC 5425, octet-counted frames).",
+        v.one_of("udp", "tcp", "tls"))
+    syslog_ca: str = setting("",
+        "tls: CA certificate(s) (PEM) the collector's certificate must be signed by; empty: "
+        "the system's CAs.")
+
+
 # The TOML sections, in the order the reference lists them.
 SECTIONS: dict[str, type] = {
     "server": ServerSettings, "dicom": DicomSettings, "http": HttpSettings,
     "storage": StorageSettings, "index": IndexSettings, "hooks": HooksSettings,
     "routing": RoutingSettings, "log": LogSettings, "watchdog": WatchdogSettings,
 }
+SECTIONS["audit"] = AuditSettings
 
 
 def _settings() -> tuple[Setting, ...]:

@@ -110,3 +110,13 @@ def web_url(value: str) -> str:
         raise ValueError(f"{value!r} is not an http:// or https:// URL without query "
                          "(e.g. https://ohif.example.org)")
     return value.strip().rstrip("/")
+
+
+def syslog_target(value: str) -> str:
+    """Empty, or HOST:PORT ([v6]:PORT)."""
+    v = value.strip()
+    if v:
+        host, sep, port = v.rpartition(":")
+        if not sep or not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{value!r} is not HOST:PORT (e.g. audit.example.org:6514)")
+    return v

@@ -37,8 +37,9 @@ from pacsd.storage.compression import Compressor
 from pacsd.storage.integrity import Scrubber
 from pacsd.storage.retention import Retainer
 from pacsd.config import Config
-from pacsd.daemon.shared import dump_stacks, notify_stored
+from pacsd.daemon.shared import dump_stacks, new_auditor, notify_stored
 from pacsd.daemon.workers import DicomWorkers, Zygote, worker_count
+from pacsd.audit import Auditor
 from pacsd.dimse import DicomServer
 from pacsd.accounts import Accounts
 from pacsd.errors import AlreadyRunning, FolderNotWritable, IndexFull, IndexUnavailable
@@ -152,6 +153,7 @@ class Server:
         self.http: HttpServer | None = None
         self.runtime: Runtime | None = None
         self.logbook = Logbook()
+        self.audit: Auditor | None = None
         self._stop = threading.Event()
 
     @property
@@ -202,6 +204,7 @@ class Server:
             archive.label_rules = cfg.label_rules
             accounts = Accounts(cfg, self.index).open()
             accounts.check_http_bind(cfg.http_bind)   # beyond loopback: an administrator
+            self.audit = new_auditor(cfg, "server")
             if unclean_since is not None:
                 log.warning("the previous run did not stop cleanly; checking the files it wrote")
                 archive.recover(since=unclean_since - 60, until=self.started)
@@ -232,14 +235,14 @@ class Server:
                                           on_lost=self._worker_lost)
                 zygote = None   # theirs now
             else:
-                self.dicom = DicomServer(cfg, archive, accounts, self.hooks)
+                self.dicom = DicomServer(cfg, archive, accounts, self.hooks, audit=self.audit)
             self.dicom.start()
             dicom = self.dicom
             self.runtime = Runtime(cfg, archive, accounts, self.started,
                                    lambda: dicom.active_associations, self.logbook,
                                    hooks=self.hooks, outbox=self.router.outbox,
                                    dicom_stats=dicom.figures,
-                                   dicom_workers=dicom_workers(dicom))
+                                   dicom_workers=dicom_workers(dicom), audit=self.audit)
             self.http = HttpServer(self.runtime)
             self.http.start()
             write_atomic(cfg.runfile, json.dumps({
@@ -305,6 +308,9 @@ class Server:
         if self.housekeeping is not None:
             self.housekeeping.stop()
             self.housekeeping = None
+        if self.audit is not None:   # before the index: it looks up patients
+            self.audit.close()
+            self.audit = None
         if self.index is not None:
             flushed = self.index.close()   # flushes the writer queue first
             self.index = None

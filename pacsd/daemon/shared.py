@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import faulthandler
+import socket
 import sys
 from typing import Any
 
 from pydicom.dataset import Dataset
 
+from pacsd.audit import Auditor
+from pacsd.config import Config
 from pacsd.plugins.hooks import Hooks
 from pacsd.storage.archive import Stored
 from pacsd.storage.store import Store
@@ -34,3 +37,11 @@ def dump_stacks(*_: Any) -> None:
     thread, holding the GIL: faulthandler's own signal handler walks the other threads while
     they run, and measured here, it crashed the server about one time in six."""
     faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+
+
+def new_auditor(cfg: Config, role: str) -> Auditor:
+    """This process's audit trail (pacsd.audit): DATA/audit/ROLE.jsonl, the patients of its
+    records looked up in the index."""
+    from pacsd.query.studies import patients_of_studies
+    return Auditor(cfg.audit, cfg.data, role, f"{cfg.dicom_aet}@{socket.gethostname()}",
+                   resolve=patients_of_studies)

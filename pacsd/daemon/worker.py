@@ -25,7 +25,7 @@ from pynetdicom.association import Association
 from pacsd import compat, logbook
 from pacsd.accounts import Accounts
 from pacsd.config import Config
-from pacsd.daemon.shared import dump_stacks, notify_stored
+from pacsd.daemon.shared import dump_stacks, new_auditor, notify_stored
 from pacsd.dimse import DicomServer
 from pacsd.imaging import bounds
 from pacsd.index import Index
@@ -167,7 +167,7 @@ def serve(up: Connection, down: Connection, listen: socket.socket) -> int:
     _logging(cfg, link)
     logbook.spell_gate(link.spell)
     signal.signal(signal.SIGUSR1, dump_stacks)
-    store = index = hooks = dicom = None
+    store = index = hooks = dicom = audit = None
     try:
         compat.enforce()
         bounds.configure(bounds.Limits.from_settings(cfg.dicom))
@@ -187,13 +187,15 @@ def serve(up: Connection, down: Connection, listen: socket.socket) -> int:
         if hooks.has("on_instance_stored"):
             archive.on_stored = partial(notify_stored, hooks, store)
         archive.routes_for = _routes(cfg, link)
-        dicom = DicomServer(cfg, archive, accounts, hooks, listen=listen, slots=link)
+        audit = new_auditor(cfg, f"dicom{hello['number']}")
+        dicom = DicomServer(cfg, archive, accounts, hooks, listen=listen, slots=link,
+                            audit=audit)
         dicom.start()
     except BaseException as e:   # noqa: BLE001 - said to the supervisor, which stops the start
         link.send(("failed", f"{type(e).__name__}: {e}"))
         if dicom is not None:
             dicom.stop(0)
-        for part in (store, index, hooks):
+        for part in (store, audit, index, hooks):
             if part is not None:
                 part.close()
         return 1
@@ -216,6 +218,7 @@ def serve(up: Connection, down: Connection, listen: socket.socket) -> int:
     link.gone.set()
     dicom.stop(timeout)
     store.close()
+    audit.close()   # before the index: it looks up patients
     flushed = index.close()
     hooks.close()
     return 0 if flushed else 3

@@ -37,7 +37,9 @@ from pacsd.accounts import Accounts
 from pacsd.compat import pynetdicom as compat
 from pacsd.compat.pydicom import remember_uid_checks
 from pacsd.dimse import filters
+from pacsd.audit import Auditor
 from pacsd.dimse.access import NOT_AUTHORIZED, AssociationGuard, Slots
+from pacsd.dimse.audit import DimseAudit
 from pacsd.dimse.commitment import PUSH_MODEL, Commitments
 from pacsd.dimse.commitment import status as commitment_status
 from pacsd.dimse.contexts import UnknownClasses
@@ -133,9 +135,10 @@ def build_ae(cfg: Config) -> AE:
 class DicomServer:
     def __init__(self, cfg: Config, archive: Archive, accounts: Accounts,
                  hooks: Hooks | None = None, *, listen: socket.socket | None = None,
-                 slots: Slots | None = None) -> None:
+                 slots: Slots | None = None, audit: Auditor | None = None) -> None:
         """`listen` and `slots`: in a DICOM worker (pacsd.daemon.worker), the supervisor's
-        listening socket, shared with the other workers, and its count of associations."""
+        listening socket, shared with the other workers, and its count of associations.
+        `audit`: this process's audit trail (pacsd.dimse.audit records to it)."""
         self.cfg = cfg
         self.listen = listen
         self.archive = archive
@@ -153,7 +156,9 @@ class DicomServer:
         self.tls = tls_context(cfg)   # ConfigError now, at start-up, if the files are bad
         self.server: ThreadedAssociationServer | None = None
         self._thread: threading.Thread | None = None
-        self._stats: dict[int, dict[str, int]] = {}
+        self._stats: dict[int, dict[str, Any]] = {}
+        self.audit = audit or Auditor.off()
+        self.audited = DimseAudit(self.audit)
         self._lock = threading.Lock()
         self.stats = DimseStats()   # since start, for /metrics
         self.fast = FastPath(archive, self.guard, self.stats, self._assoc_stats, hooks)
@@ -179,9 +184,12 @@ class DicomServer:
         return {**self.stats.snapshot(), "associations_active": self.active_associations,
                 "commitments_pending": self.commitments.pending}
 
-    def _assoc_stats(self, assoc: Association) -> dict[str, int]:
+    def _assoc_stats(self, assoc: Association) -> dict[str, Any]:
         with self._lock:
-            return self._stats.setdefault(id(assoc), {})
+            stats = self._stats.get(id(assoc))
+            if stats is None:
+                stats = self._stats[id(assoc)] = self.audited.new_stats()
+            return stats
 
     def _scope_of(self, aet: str) -> Any:
         return scope_of(self.accounts, aet)
@@ -189,6 +197,7 @@ class DicomServer:
     def _on_end(self, event: Event) -> None:
         with self._lock:
             stats = self._stats.pop(id(event.assoc), None)
+        self.audited.association_ended(event.assoc, stats)   # takes its studies out of stats
         how = "ended" if event.event is evt.EVT_RELEASED else "aborted"
         if stats:
             log.info("association from %s (%s) %s: %d stored, %d duplicate, %d refused",
@@ -219,6 +228,8 @@ class DicomServer:
         self.guard.on_requested(event)
         if event.assoc.is_rejected:   # A-ASSOCIATE-RJ sent by the guard or a plugin
             self.stats.association_rejected("refused")
+            if self.audit.enabled:
+                self.audited.rejected(event.assoc, "refused by the association guard")
             return
         self.contexts.on_requested(event)
 
@@ -229,6 +240,8 @@ class DicomServer:
     def _on_rejected(self, event: Event) -> None:
         # pynetdicom's own rejections (the guard logs its own): all associations in use.
         self.stats.association_rejected("limit")
+        if self.audit.enabled:
+            self.audited.rejected(event.assoc, "all associations in use")
         log.warning("association from %s (%s) refused: all %d associations are in use "
                     "([dicom] max_associations; local limit exceeded)",
                     event.assoc.requestor.address, event.assoc.requestor.ae_title,
@@ -236,6 +249,16 @@ class DicomServer:
 
     def start(self) -> None:
         archive = self.archive
+        find: Any = partial(handle_find, index=archive.index, aet=self.cfg.dicom_aet,
+                            hooks=self.hooks, scope_of=self._scope_of)
+        get: Any = partial(handle_get, index=archive.index, store=archive.store,
+                           accounts=self.accounts)
+        move: Any = partial(handle_move, accounts=self.accounts, index=archive.index,
+                            store=archive.store)
+        if self.audit.enabled:   # one audit record per request (pacsd.dimse.audit)
+            find = self.audited.find(find)
+            get = self.audited.retrieve(get, "retrieve")
+            move = self.audited.retrieve(move, "send")
         handlers: list[Any] = [
             *CONNECTION_HANDLERS,
             (evt.EVT_CONN_OPEN, partial(bound_pdus, max_pdu=self.cfg.dicom_max_pdu)),
@@ -243,12 +266,9 @@ class DicomServer:
               if self.cfg.dicom_fast_lane else []),
             (evt.EVT_C_ECHO, handle_echo),
             (evt.EVT_C_STORE, self._on_store),
-            (evt.EVT_C_FIND, partial(handle_find, index=archive.index, aet=self.cfg.dicom_aet,
-                                     hooks=self.hooks, scope_of=self._scope_of)),
-            (evt.EVT_C_GET, partial(handle_get, index=archive.index, store=archive.store,
-                                    accounts=self.accounts)),
-            (evt.EVT_C_MOVE, partial(handle_move, accounts=self.accounts, index=archive.index,
-                                     store=archive.store)),
+            (evt.EVT_C_FIND, find),
+            (evt.EVT_C_GET, get),
+            (evt.EVT_C_MOVE, move),
             (evt.EVT_N_ACTION, self._on_n_action),
             (evt.EVT_RELEASED, self._on_end),
             (evt.EVT_ABORTED, self._on_end),

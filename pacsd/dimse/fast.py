@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from pynetdicom import AllStoragePresentationContexts
 from pynetdicom.association import Association
@@ -35,7 +36,7 @@ VERIFICATION = str(Verification)
 
 class FastPath:
     def __init__(self, archive: Archive, guard: AssociationGuard, stats: DimseStats,
-                 assoc_stats: Callable[[Association], dict[str, int]],
+                 assoc_stats: Callable[[Association], dict[str, Any]],
                  hooks: Hooks | None) -> None:
         self.archive = archive
         self.guard = guard

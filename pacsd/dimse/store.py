@@ -17,6 +17,7 @@ from pacsd.storage.archive import Archive
 from pacsd.storage.store import NewFile
 from pacsd.dicom_status import PROCESSING_FAILURE
 from pacsd.dimse import filters
+from pacsd.dimse.audit import count_stored
 from pacsd.errors import PacsError, SOPClassMismatch
 from pacsd.plugins.hooks import Hooks
 
@@ -83,6 +84,7 @@ def store_encoded(archive: Archive, stats: dict, aet: str, sop_class: str, conte
         return PROCESSING_FAILURE, ""
     key = "duplicates" if stored.duplicate else "stored"
     stats[key] = stats.get(key, 0) + 1
+    count_stored(stats, stored.study_instance_uid)   # the audit trail's count, by study
     log.debug("stored %s from %s as %s", stored.sop_instance_uid, aet, stored.path or "-")
     return stored.warning, stored.comment
 

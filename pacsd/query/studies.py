@@ -259,3 +259,25 @@ def sop_classes_in_studies(study_uids: list[str]) -> dict[str, list[str]]:
                 out[study].append(sop_class)
     return out
 
+
+
+def patients_of_studies(study_uids: list[str]) -> dict[str, tuple[str, str]]:
+    """{Study Instance UID: (Patient ID, Patient's Name)} of the stored studies named (for the
+    audit trail: one statement per 500 studies, on the study UID's index)."""
+    out: dict[str, tuple[str, str]] = {}
+    with reading():
+        for i in range(0, len(study_uids), 500):
+            rows: Any = (Study.select(Study.study_instance_uid, Patient.patient_id,
+                                      Patient.patient_name).join(Patient)
+                         .where(Study.study_instance_uid.in_(study_uids[i:i + 500])).tuples())
+            for uid, pid, name in rows:
+                out[uid] = (pid or "", str(name or ""))
+    return out
+
+
+def studies_of_series(series_uids: list[str]) -> list[str]:
+    """The Study Instance UIDs of the stored series named (the audit trail of series routes)."""
+    with reading():
+        rows: Any = (Study.select(Study.study_instance_uid).join(Series, on=(Series.study == Study.id))
+                     .where(Series.series_instance_uid.in_(series_uids[:500])).distinct().tuples())
+        return [r[0] for r in rows]

@@ -16,8 +16,8 @@ from typing import Any, Callable, Iterable
 
 from pacsd.errors import PortInUse
 from pacsd.query import scope as scopes
-from pacsd.web import (admin, api, dicomweb, health, metrics, share, ui, upload, viewers, wado,
-                       xmlrpc)
+from pacsd.web import (admin, api, audit, dicomweb, health, metrics, share, ui, upload, viewers,
+                       wado, xmlrpc)
 from pacsd.web.app import errors_plugin, new_app
 from pacsd.web.auth import Auth, Sessions, Throttle
 from pacsd.web.guard import Guard
@@ -73,6 +73,7 @@ def make_app(rt: Runtime) -> Callable:
     root = new_app()
     for module in (health, metrics, wado, xmlrpc, api, admin):
         root.merge(module.make_app(rt))
+    root.merge(audit.make_app(rt))   # GET /api/audit
     throttle = Throttle()   # one for the login form, HTTP Basic and share links' PINs
     root.merge(ui.make_app(rt, sessions, throttle))
     shares = share.Shares(rt, sessions, throttle)
@@ -96,10 +97,12 @@ def make_app(rt: Runtime) -> Callable:
             continue
         # Behind Auth like everything else: a plugin's page is no more open than ours.
         root.mount(f"/plugins/{plugin.name}/", own)
-    app: Callable = Auth(root, rt.accounts.logins, sessions, throttle,
+    # The audit trail inside Auth: it sees who the user is (Auth tells it of HTTP Basic logins).
+    trail = audit.AuditTrail(root, rt)
+    app: Callable = Auth(trail, rt.accounts.logins, sessions, throttle,
                          scope_of=lambda user: scopes.of_groups(
                              rt.accounts.groups_of_user(user), f"user {getattr(user, 'name', '')}"),
-                         shared=shares.holder)
+                         shared=shares.holder, on_basic=trail.basic_login)
     if rt.cfg.http_cors_origins:
         app = Cors(app, rt.cfg.http_cors_origins)
     # Outermost: every request, preflights included, passes the Host and same-origin checks.

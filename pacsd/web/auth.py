@@ -253,9 +253,11 @@ class Auth:
     def __init__(self, app: Callable, users: Callable[[], dict[str, User]],
                  sessions: Sessions, throttle: Throttle | None = None,
                  scope_of: Callable[[User | None], Any] = lambda user: None,
-                 shared: Callable[[dict[str, Any]], tuple[User, Any] | None] = lambda e: None
-                 ) -> None:
+                 shared: Callable[[dict[str, Any]], tuple[User, Any] | None] = lambda e: None,
+                 on_basic: Callable[[str, str, bool], None] | None = None) -> None:
         self.app = app
+        # Told of each HTTP Basic check (name, client, success): the audit trail.
+        self.on_basic = on_basic or (lambda name, client, ok: None)
         self.users = users
         self.sessions = sessions
         self.throttle = throttle or Throttle()
@@ -285,14 +287,17 @@ class Auth:
         except (ValueError, UnicodeDecodeError):
             name, password = "", None
         if self.throttle.blocked(client, name):
+            self.on_basic(name, client, False)
             raise Throttled(client)
         user = users.get(name) if password is not None else None
         if password is None or not verify(user, password) or user is None:
+            self.on_basic(name, client, False)
             if self.throttle.failed(client, name):
                 log.warning("HTTP Basic: too many failed logins from %s (last as %r): refused "
                             "for %.0f minutes", client, name[:64], self.throttle.window_s / 60)
             return None
         self.throttle.succeeded(client, name)
+        self.on_basic(name, client, True)
         with self._lock:
             if len(self._verified) > 1000:
                 self._verified.clear()

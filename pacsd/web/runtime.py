@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from pacsd.accounts import Accounts
+from pacsd.audit import Auditor
 from pacsd.config import Config
 from pacsd.index.outbox import RouteQueue
 from pacsd.logbook import Logbook
@@ -37,3 +38,6 @@ class Runtime:
     dicom_stats: Callable[[], dict[str, Any]] = dict
     # DICOM worker processes alive and replaced since start (0, 0: DICOM in this process).
     dicom_workers: Callable[[], tuple[int, int]] = lambda: (0, 0)
+    # The audit trail (pacsd.audit): `rt.audit.record(AuditRecord(...))` from any route; the
+    # requests themselves are recorded by pacsd.web.audit.AuditTrail.
+    audit: Auditor = field(default_factory=Auditor.off)

@@ -126,6 +126,8 @@ def _stow_response(results: list[dict[str, Any]], url: Url) -> str:
     failed = [r for r in results if "FailureReason" in r]
     ds = Dataset()
     studies = {r["study"] for r in ok}
+    # For the audit trail (pacsd.web.audit): what this request stored.
+    bottle.request.environ["pacsd.audit"] = {"studies": sorted(studies), "count": len(ok)}
     if len(studies) == 1:
         ds.add_new(0x00081190, "UR", url(studies.pop()))
     if ok:

@@ -167,6 +167,7 @@ def test_a_foreign_host_is_refused_on_every_route(tmp_path):
                 ("GET", "/app/static/common.js", None, {}),
                 ("GET", "/api/studies", None, {}), ("GET", "/dicom-web/studies", None, {}),
                 ("GET", "/testdbalive", None, {}),
+                ("GET", "/api/audit", None, {}),   # the audit trail names patients
                 ("POST", "/RPC2", DELETE_ALL, {**XML, "Origin": f"http://evil.example:{port}"}),
                 ("POST", "/RPC2", DELETE_ALL, XML),
                 ("POST", "/api/trash/empty", b"{}", {"Content-Type": "application/json"}),
@@ -176,6 +177,7 @@ def test_a_foreign_host_is_refused_on_every_route(tmp_path):
             assert r.status_code == 421, (method, path, r.status_code)
             assert "PatientName" not in r.text and "<methodResponse>" not in r.text
         assert studies(url) == 1
+        assert requests.get(url + "/api/audit", timeout=10).json()["records"]   # open mode
         # This machine's names and any address are ours, whatever the port.
         import socket
         for host in ("localhost", f"localhost:{port}", LOCAL, f"[::1]:{port}",
@@ -198,7 +200,7 @@ def test_a_foreign_host_is_refused_on_every_route(tmp_path):
     with serve(cfg, data) as pacs:
         r = requests.get(pacs.http_url + "/status", headers={"Host": "evil.example"}, timeout=10)
         assert r.status_code == 200
-    record("test_a_foreign_host_is_refused_on_every_route", bad_inputs=10 + 3)
+    record("test_a_foreign_host_is_refused_on_every_route", bad_inputs=11 + 3)
 
 
 def test_cors_star_never_comes_with_credentials(tmp_path):

@@ -1,5 +1,5 @@
 // Administration: status (refreshed every 5 s), DICOM nodes, users, routing's dead letters,
-// recent warnings and errors.
+// corrections, the recycle bin, the audit trail, recent warnings and errors.
 "use strict";
 
 (() => {
@@ -352,6 +352,32 @@
   });
   $("trash-refresh").addEventListener("click", loadTrash);
 
+  // --- the audit trail ----------------------------------------------------------------------
+  async function loadAudit() {
+    const tb = document.querySelector("#audit tbody");
+    const q = new URLSearchParams({ limit: "200" });
+    for (const [key, id] of [["patient", "au-patient"], ["study", "au-study"], ["user", "au-user"],
+      ["action", "au-action"], ["since", "au-since"], ["until", "au-until"]]) {
+      const v = $(id).value.trim();
+      if (v) q.set(key, v);
+    }
+    try {
+      const res = await pacs.api("GET", "audit?" + q.toString());
+      tb.innerHTML = res.records.length ? res.records.map((r) => `<tr>
+          <td class="nowrap small">${esc(new Date(r.t * 1000).toLocaleString())}</td>
+          <td>${esc(r.action)}</td>
+          <td><span class="badge ${r.outcome === "ok" ? "" : "WARNING"}">${esc(r.outcome)}</span></td>
+          <td class="small">${esc(r.user || "-")} <span class="muted">${esc(r.via)} ${esc(r.address)}</span></td>
+          <td class="small">${(r.patients || []).map((p) => `${esc(p.name)} <span class="muted">${esc(p.id)}</span>`).join("<br>")}</td>
+          <td class="mono small">${(r.studies || []).slice(0, 3).map(esc).join("<br>")}${r.studies.length > 3 ? " …" : ""}</td>
+          <td class="small">${r.count ? esc(nf.format(r.count)) + " instance(s) " : ""}${esc(r.detail)}</td></tr>`).join("")
+        : `<tr><td colspan="7" class="empty">${res.enabled ? "No audit records match." : "The audit trail is off ([audit] enabled = false)."}</td></tr>`;
+    } catch (e) {
+      tb.innerHTML = `<tr><td colspan="7" class="error-text">${esc(e.message)}</td></tr>`;
+    }
+  }
+  $("audit-search").addEventListener("submit", (ev) => { ev.preventDefault(); loadAudit(); });
+
   // --- recent errors ------------------------------------------------------------------------
   async function loadLog() {
     const tb = document.querySelector("#log tbody");
@@ -380,6 +406,7 @@
     loadUsers();
     loadQueue();
     loadTrash();
+    loadAudit();
     loadLog();
     setInterval(() => { if (!document.hidden) loadStatus(); }, REFRESH_MS);
   }).catch((e) => {
