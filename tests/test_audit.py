@@ -227,6 +227,18 @@ def test_query_view_download_send_store(pacs, tmp_path):
     recs = found(pacs, "the STOW record", action="store", study=stowed)
     assert (recs[0]["via"], recs[0]["user"], recs[0]["count"]) == ("http", "boss", 1)
 
+    # The pages' upload (a CD dropped on the study list): the same, one record per request.
+    f = write_series(tmp_path / "upload", seed=74, images=1, size=16)[0]
+    body = (b"--XX\r\nContent-Type: application/dicom\r\n\r\n" + f.read_bytes()
+            + b"\r\n--XX--\r\n")
+    r = s.post(f"{url}/api/upload", data=body, headers={
+        "Content-Type": 'multipart/related; type="application/dicom"; boundary=XX', **H},
+        timeout=30)
+    assert r.status_code == 200 and r.json()["stored"] == 1, r.text
+    uploaded = str(dcmread(f).StudyInstanceUID)
+    recs = found(pacs, "the upload record", action="store", study=uploaded)
+    assert (recs[0]["via"], recs[0]["user"], recs[0]["count"]) == ("http", "reader", 1)
+
 
 def test_correction_delete_restore_over_http_and_the_command_line(pacs, tmp_path):
     url = pacs.http_url

@@ -115,6 +115,10 @@ def upload(rt: Runtime) -> dict[str, Any]:
         raise
     counts = {s: sum(1 for r in results if r["status"] == s)
               for s in ("stored", "duplicate", "skipped", "failed")}
+    # For the audit trail (pacsd.web.audit): what this request stored, as STOW-RS says it.
+    environ["pacsd.audit"] = {
+        "studies": sorted({r["study"] for r in results if r["status"] in ("stored", "duplicate")}),
+        "count": counts["stored"] + counts["duplicate"]}
     user = environ.get("pacsd.user")
     log.info("upload by %s from %s: %d stored, %d duplicate, %d skipped, %d failed",
              user.name if user else "open access", client_of(environ), counts["stored"],
