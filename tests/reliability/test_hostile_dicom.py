@@ -213,11 +213,12 @@ def attacked(pacs, test: str, **figures: float) -> Iterator[dict]:
 
 def outside_storage(pacs) -> set[str]:
     """Every path under the test's root that is not in the storage folder nor the server's own
-    bookkeeping (index, logs, run files): hostile input must add none."""
-    storage = pacs.data / "storage"
+    bookkeeping (index, logs, run files, the audit trail, which records the refused attempts):
+    hostile input must add none."""
+    storage, audit = pacs.data / "storage", pacs.data / "audit"
     out = set()
     for p in pacs.root.rglob("*"):
-        if p == storage or storage in p.parents:
+        if p in (storage, audit) or storage in p.parents or audit in p.parents:
             continue
         if p.parent == pacs.data or p.parent == pacs.root:
             continue    # the index and its journal, pidfile, logs, config
