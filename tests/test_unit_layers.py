@@ -62,7 +62,7 @@ LAYERS = [
     {"index"},
     {"query", "storage", "accounts", "plugins"},
     {"nodes"},
-    {"dimse", "web", "doctor"},
+    {"dimse", "web", "doctor", "hl7"},
     {"daemon"},
     {"cli"},
     {"__main__"},

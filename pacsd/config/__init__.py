@@ -37,6 +37,8 @@ from pacsd.config.sections import (
     Setting,
     StorageSettings,
     WatchdogSettings,
+    WorklistSettings,
+    Hl7Settings,
 )
 from pacsd.config.tables import (NODE_RIGHTS, Compression, Group, LabelRule, Node, Retention,
                                  Route, User, node_from, valid_label)
@@ -44,7 +46,7 @@ from pacsd.config.validators import valid_aet
 from pacsd.errors import ConfigError
 
 __all__ = [
-    "AuditSettings",
+    "AuditSettings", "WorklistSettings", "Hl7Settings",
     "CONFIG_FILE_NAME", "DEFAULT_DATA", "FLAT", "NODE_RIGHTS", "SECTIONS", "SETTINGS", "Config",
     "ConfigError", "DicomSettings", "HooksSettings", "HttpSettings", "IndexSettings",
     "LogSettings", "Compression", "Group", "LabelRule", "Node", "Retention", "Route", "RoutingSettings", "ServerSettings", "Setting",

@@ -33,6 +33,8 @@ from pacsd.config.sections import (
     Setting,
     StorageSettings,
     WatchdogSettings,
+    WorklistSettings,
+    Hl7Settings,
 )
 from pacsd.config.tables import Compression, Group, LabelRule, Node, Retention, Route, User
 from pacsd.errors import ConfigError
@@ -60,6 +62,8 @@ class Config:
     log: LogSettings
     watchdog: WatchdogSettings
     audit: AuditSettings
+    worklist: WorklistSettings
+    hl7: Hl7Settings
     # Resolved once at load (absolute, defaults filled in), so later changes of the working
     # directory change nothing. They take the place of the flat [server] data, [storage] path
     # and [index] url, which stay in their sections as written.

@@ -394,6 +394,56 @@ class AuditSettings:
         "the system's CAs.")
 
 
+@dataclass(frozen=True)
+class WorklistSettings:
+    """[worklist]: the Modality Worklist and MPPS (pacsd.dimse.worklist, docs/worklist.md)."""
+
+    enabled: bool = setting(True,
+        "Answer Modality Worklist queries (C-FIND, PS3.4 K) and Modality Performed Procedure "
+        "Step messages (N-CREATE / N-SET, PS3.4 F) from the scheduled steps pacsd holds (fed "
+        "by HL7 orders, the Worklist page or its API).")
+    open: bool = setting(False,
+        "Any calling AE title may query the worklist and report performed steps. Off: only "
+        "nodes ([[nodes]] or the admin page) and this server's own AE title from this "
+        "machine; others are answered 'abstract syntax not supported'.")
+    expire_after_days: float = setting(2.0,
+        "A scheduled step still not done this many days after its date and time is marked "
+        "expired by housekeeping, and modalities no longer see it. 0: never.", v.not_negative)
+    keep_days: float = setting(90.0,
+        "Done, cancelled and expired steps (and the performed steps reported on them) are "
+        "removed this many days after they ended. 0: keep them.", v.not_negative)
+    max_results: int = setting(1000,
+        "At most this many items in one worklist answer (a query that matches more gets "
+        "the first ones by date and a log line).", v.in_range(1, 100000))
+
+
+@dataclass(frozen=True)
+class Hl7Settings:
+    """[hl7]: orders and patient updates from a RIS or HIS, HL7 v2 over MLLP (pacsd.hl7)."""
+
+    port: int = setting(0,
+        "Listen for HL7 v2 messages (MLLP) on this TCP port, e.g. 2575. 0: off.", v.port)
+    bind: str = setting("0.0.0.0",
+        "Address the HL7 listener binds to.", v.bind)
+    allowed_networks: tuple[str, ...] = setting((),
+        "Addresses or networks (10.0.0.0/8) that may send HL7; empty allows any. Others are "
+        "disconnected at once, with a log line.", v.network_list)
+    max_message_kb: int = setting(1024,
+        "Largest HL7 message accepted, in KiB; a longer one is answered AR and the "
+        "connection closed.", v.in_range(1, 65536))
+    max_connections: int = setting(16,
+        "HL7 connections served at once; more are closed at once, with a log line.",
+        v.in_range(1, 1000))
+    idle_timeout: float = setting(300.0,
+        "Seconds a connection may stay silent (or a message stay unfinished) before it is "
+        "closed.", v.positive)
+    encoding: str = setting("",
+        "Character encoding of messages that do not say theirs in MSH-18 (e.g. cp1252, "
+        "iso-8859-1); empty: UTF-8, then Latin-1 for bytes that are not UTF-8.")
+    application: str = setting("PACSD",
+        "Our application name in the ACKs we send (MSH-3).")
+
+
 # The TOML sections, in the order the reference lists them.
 SECTIONS: dict[str, type] = {
     "server": ServerSettings, "dicom": DicomSettings, "http": HttpSettings,
@@ -401,6 +451,8 @@ SECTIONS: dict[str, type] = {
     "routing": RoutingSettings, "log": LogSettings, "watchdog": WatchdogSettings,
 }
 SECTIONS["audit"] = AuditSettings
+SECTIONS["worklist"] = WorklistSettings
+SECTIONS["hl7"] = Hl7Settings
 
 
 def _settings() -> tuple[Setting, ...]:

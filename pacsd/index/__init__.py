@@ -11,9 +11,10 @@ from pacsd.index.integrity import Integrity
 from pacsd.index.labels import Labels
 from pacsd.index.leases import Leases
 from pacsd.index.trash import Trash
+from pacsd.index.worklist import Worklist
 
 
-class Index(Trash, Integrity, Labels, Leases):
+class Index(Trash, Integrity, Labels, Worklist, Leases):
     """The index of one data folder (or of several nodes sharing a PostgreSQL database): open
     it, write through its one writer thread, read inside `reading()`.
 
@@ -22,7 +23,9 @@ class Index(Trash, Integrity, Labels, Leases):
     indexed_paths, counts, delete; pacsd.index.trash: bin, unbin, forget_binned, binned,
     bin_entries, bin_totals, history; pacsd.index.integrity: checkable_after, checkable_in,
     cursor, set_cursor, record_damage, clear_damage, damage; pacsd.index.labels: relabel, add_share, revoke_share,
-    count_share_use, forget_shares; pacsd.index.leases: lease, release, leases, lease_holder,
+    count_share_use, forget_shares; pacsd.index.worklist: add_step, update_step,
+    update_step_patient, merge_step_patients, expire_steps, forget_steps, link_arrived,
+    put_performed; pacsd.index.leases: lease, release, leases, lease_holder,
     shared_value, probe."""
 
 

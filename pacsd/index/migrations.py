@@ -30,7 +30,9 @@ from pacsd.index.models import (
     Meta_,
     NodeRow,
     Patient,
+    PerformedStep,
     RouteJob,
+    ScheduledStep,
     Share,
     Study,
     StudyActivity,
@@ -133,6 +135,10 @@ def _v10(db: Database) -> None:
     db.execute_sql("CREATE INDEX IF NOT EXISTS instance_calling_aet ON instance (calling_aet)")
 
 
+def _v11(db: Database) -> None:
+    db.create_tables([ScheduledStep, PerformedStep], safe=True)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "tables for nodes and users added on the admin page, and leases for the jobs "
                  "that one node runs alone", _v2),
@@ -149,6 +155,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(9, "a recycle bin for deleted studies, series and instances, the history of "
                  "what was done by hand, and the stored files found damaged", _v9),
     Migration(10, "labels on studies (who may see them) and links that share one study", _v10),
+    Migration(11, "the Modality Worklist (scheduled procedure steps) and the performed steps "
+                  "modalities report (MPPS)", _v11),
 )
 LATEST = max(m.version for m in MIGRATIONS)
 

@@ -358,9 +358,102 @@ class Share(BaseModel):
         table_name = "pacsd_share"
 
 
+class ScheduledStep(BaseModel):
+    """One item of the Modality Worklist (issue 23): a Scheduled Procedure Step of a Requested
+    Procedure (PS3.4 K.6.1), created by an HL7 order, the Worklist page or its API. Its columns
+    are what modalities match on and copy into their images; a performed step (PerformedStep)
+    reported by the modality, or a study arriving with its accession number, marks it done.
+
+    status: SCHEDULED (and ARRIVED, READY) until a modality starts it; STARTED while an MPPS is
+    IN PROGRESS; COMPLETED, DISCONTINUED, CANCELED (by the order's sender or by hand) and
+    EXPIRED (housekeeping, past its date) are ended: modalities no longer see them."""
+
+    id = AutoField()
+    status = CharField(max_length=16, default="SCHEDULED", index=True)
+    source = CharField(max_length=8, default="")          # hl7, web, api
+    # The patient (PS3.4 K.6.1.2.2 Patient Identification, Demographic, Medical).
+    patient_id = Text(default="", index=True)
+    issuer_of_patient_id = Text(default="")
+    patient_name = Text(default="")
+    patient_name_key = Text(default="", index=True)       # models.name_key
+    patient_birth_date = Text(default="")
+    patient_sex = Text(default="")
+    patient_weight = Text(default="")                     # DS, kg
+    patient_size = Text(default="")                       # DS, m
+    medical_alerts = Text(default="")
+    allergies = Text(default="")
+    # The Imaging Service Request and Requested Procedure (K.6.1.2.3 / K.6.1.2.4).
+    accession_number = Text(default="", index=True)
+    placer_order_number = Text(default="", index=True)
+    filler_order_number = Text(default="", index=True)
+    requested_procedure_id = Text(default="")
+    requested_procedure_description = Text(default="")
+    requested_procedure_code = Text(default="")           # value^scheme^meaning
+    requested_procedure_priority = Text(default="")       # STAT HIGH ROUTINE MEDIUM LOW
+    reason = Text(default="")                              # Reason for the Requested Procedure
+    study_instance_uid = Text(unique=True)                # the UID the modality is to use
+    referring_physician_name = Text(default="")
+    referring_physician_name_key = Text(default="", index=True)
+    requesting_physician = Text(default="")
+    admission_id = Text(default="")
+    # The Scheduled Procedure Step (K.6.1.2.2, the Scheduled Procedure Step Sequence's item).
+    sps_id = Text(default="")
+    sps_description = Text(default="")
+    modality = Text(default="", index=True)
+    station_aet = Text(default="", index=True)
+    station_name = Text(default="")
+    location = Text(default="")
+    start_date = Text(default="", index=True)             # YYYYMMDD
+    start_time = Text(default="")                          # HHMMSS
+    performing_physician_name = Text(default="")
+    performing_physician_name_key = Text(default="", index=True)
+    protocol_code = Text(default="")                       # value^scheme^meaning
+    comments = Text(default="")
+    # Bookkeeping.
+    created = DoubleField()                                # seconds since the epoch
+    updated = DoubleField()
+    ended = DoubleField(null=True, index=True)            # when it became COMPLETED ... EXPIRED
+    performed_uid = Text(default="")                       # the MPPS that reported on it
+    linked_study = Text(default="", index=True)           # the study that arrived for it
+
+    class Meta:
+        table_name = "pacsd_worklist"
+        indexes = ((("start_date", "modality"), False),)
+
+
+class PerformedStep(BaseModel):
+    """A Modality Performed Procedure Step (PS3.4 F) a modality reported: created IN PROGRESS
+    by N-CREATE, then set COMPLETED or DISCONTINUED by N-SET (final: no later change). The
+    attributes it carries are kept whole (`attributes`, DICOM JSON, bounded) beside the columns
+    the pages and the linking need."""
+
+    sop_instance_uid = Text(primary_key=True)
+    status = CharField(max_length=16, index=True)         # IN PROGRESS, COMPLETED, DISCONTINUED
+    calling_aet = Text(default="")
+    step = IntegerField(null=True, index=True)            # the ScheduledStep it performed
+    study_instance_uid = Text(default="", index=True)
+    accession_number = Text(default="", index=True)
+    patient_id = Text(default="")
+    patient_name = Text(default="")
+    modality = Text(default="")
+    station_aet = Text(default="")
+    description = Text(default="")
+    started = Text(default="")                             # YYYYMMDDHHMMSS as reported
+    finished = Text(default="")
+    series = Text(default="")                              # the performed series' UIDs, \-joined
+    images = IntegerField(default=0)                       # the instances the series list
+    discontinued_reason = Text(default="")
+    attributes = Text(default="")                          # DICOM JSON of the whole data set
+    created = DoubleField()
+    updated = DoubleField(index=True)
+
+    class Meta:
+        table_name = "pacsd_mpps"
+
+
 DICOM_MODELS = (Patient, Study, Series, Instance)
 MODELS = (*DICOM_MODELS, Meta_, NodeRow, UserRow, Lease, RouteJob, StudyActivity, Conflict,
-          Totals, Change, Binned, Damage, Label, Share)
+          Totals, Change, Binned, Damage, Label, Share, ScheduledStep, PerformedStep)
 
 PATIENT_FIELDS = ("patient_name", "patient_birth_date", "patient_sex")
 STUDY_FIELDS = ("study_date", "study_time", "accession_number", "study_id",
