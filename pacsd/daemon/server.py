@@ -217,7 +217,9 @@ class Server:
                     mark.unlink(missing_ok=True)
             self.housekeeping = Housekeeping(
                 self.index, store, cfg.housekeeping_interval, archive.bin,
-                Retainer(archive, cfg.retention, str(cfg.storage_path))).start()
+                Retainer(archive, cfg.retention, str(cfg.storage_path)),
+                cfg.worklist if cfg.worklist.enabled else None,
+                cfg.hooks_study_stable_after).start()
             if cfg.compression:
                 self.compressor = Compressor(archive, cfg.compression).start()
             if cfg.storage_scrub_days > 0:

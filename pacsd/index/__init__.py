@@ -24,7 +24,7 @@ class Index(Trash, Integrity, Labels, Worklist, Leases):
     bin_entries, bin_totals, history; pacsd.index.integrity: checkable_after, checkable_in,
     cursor, set_cursor, record_damage, clear_damage, damage; pacsd.index.labels: relabel, add_share, revoke_share,
     count_share_use, forget_shares; pacsd.index.worklist: add_step, update_step,
-    update_step_patient, merge_step_patients, expire_steps, forget_steps, link_arrived,
+    update_step_patient, merge_step_patients, expire_steps, forget_steps, link_study, link_arrived,
     put_performed; pacsd.index.leases: lease, release, leases, lease_holder,
     shared_value, probe."""
 

@@ -39,6 +39,17 @@ def _row(values: Mapping[str, Any]) -> dict[str, Any]:
     return row
 
 
+def _link(which: Any, study_uid: str, now: float) -> int:
+    """Link the open, unlinked steps `which` selects to a study; COMPLETED unless an MPPS is in
+    progress on them (STARTED: the modality's N-SET ends those). Writer thread only."""
+    which &= ScheduledStep.status.in_(OPEN) & (ScheduledStep.linked_study == "")
+    n = int(ScheduledStep.update(linked_study=study_uid, updated=now)
+            .where(which & (ScheduledStep.status == "STARTED")).execute())
+    return n + int(ScheduledStep.update(status="COMPLETED", linked_study=study_uid, updated=now,
+                                        ended=fn.COALESCE(ScheduledStep.ended, now))
+                   .where(which).execute())
+
+
 class Worklist(Writer):
     """Part of pacsd.index.Index."""
 
@@ -124,30 +135,51 @@ class Worklist(Writer):
         n: int = self.submit(work)
         return n
 
+    def link_study(self, study_uid: str) -> int:
+        """A study has arrived whole (it turned stable): the open steps it was made for (its
+        Study Instance UID is theirs, or its accession number is) are linked to it, and those
+        no modality reported on (no MPPS in progress) are COMPLETED: how many were linked."""
+        now = time.time()
+
+        def work() -> int:
+            study: Any = (Study.select(Study.accession_number)
+                          .where(Study.study_instance_uid == study_uid).first())
+            if study is None:
+                return 0
+            mine = ScheduledStep.study_instance_uid == study_uid
+            if study.accession_number:
+                mine |= ScheduledStep.accession_number == study.accession_number
+            return _link(mine, study_uid, now)
+        n: int = self.submit(work)
+        return n
+
     def link_arrived(self, stable_before: float, limit: int = 500) -> list[tuple[int, str]]:
-        """Open steps whose accession number is that of a study received and quiet since
-        `stable_before` (seconds since the epoch) are linked to it and COMPLETED: the
-        (step, study UID) pairs linked. A step with no accession number is never guessed."""
+        """What link_study does, for the steps made after their study arrived (or whose study
+        turned stable while no one was linking): open, unlinked steps whose study (by Study
+        Instance UID, else by accession number) has been quiet since `stable_before` (seconds
+        since the epoch). The (step, study UID) pairs linked."""
         now = time.time()
 
         def work() -> list[tuple[int, str]]:
-            # A study is quiet once its activity row is gone (pacsd.nodes.routing took it
-            # stable) or older than `stable_before`.
-            rows: Any = (ScheduledStep.select(ScheduledStep.id, Study.study_instance_uid)
-                    .join(Study, on=(Study.accession_number == ScheduledStep.accession_number))
-                    .join(StudyActivity, JOIN.LEFT_OUTER,
-                          on=(StudyActivity.study_uid == Study.study_instance_uid))
-                    .where(ScheduledStep.status.in_(OPEN) & (ScheduledStep.accession_number != "")
-                           & (ScheduledStep.linked_study == "")
-                           & (StudyActivity.study_uid.is_null()
-                              | (StudyActivity.last_received < stable_before)))
-                    .limit(limit).tuples())
-            linked = [(int(step), str(uid)) for step, uid in rows]
-            for step, uid in linked:
-                ScheduledStep.update(status="COMPLETED", linked_study=uid, updated=now,
-                                     ended=fn.COALESCE(ScheduledStep.ended, now)
-                                     ).where(ScheduledStep.id == step).execute()
-            return linked
+            found: list[tuple[int, str]] = []
+            for on in (Study.study_instance_uid == ScheduledStep.study_instance_uid,
+                       (Study.accession_number == ScheduledStep.accession_number)
+                       & (ScheduledStep.accession_number != "")):
+                # A study is quiet once its activity row is gone (pacsd.nodes.routing took
+                # it stable) or older than `stable_before`.
+                rows: Any = (ScheduledStep.select(ScheduledStep.id, Study.study_instance_uid)
+                             .join(Study, on=on)
+                             .join(StudyActivity, JOIN.LEFT_OUTER,
+                                   on=(StudyActivity.study_uid == Study.study_instance_uid))
+                             .where(ScheduledStep.status.in_(OPEN)
+                                    & (ScheduledStep.linked_study == "")
+                                    & (StudyActivity.study_uid.is_null()
+                                       | (StudyActivity.last_received < stable_before)))
+                             .limit(limit).tuples())
+                for step, uid in list(rows):
+                    if _link(ScheduledStep.id == step, str(uid), now):
+                        found.append((int(step), str(uid)))
+            return found
         out: list[tuple[int, str]] = self.submit(work)
         return out
 

@@ -10,7 +10,13 @@ The tasks:
 - trash-expire: deletions older than [storage] trash_days, out of the recycle bin;
 - retention: the enabled [[retention]] rules, studies into the recycle bin;
 - trash-room: the oldest deletions out of the bin while the storage volume is near its floor
-  (checked every ROOM_CHECK_S, not only once a round: a busy day fills a disk in hours).
+  (checked every ROOM_CHECK_S, not only once a round: a busy day fills a disk in hours);
+- worklist-expire: scheduled steps still not done [worklist] expire_after_days after their
+  date and time become EXPIRED (modalities no longer see them);
+- worklist-link: open steps whose study has arrived whole (by its Study Instance UID or its
+  accession number) are linked to it; the stable watcher does it as each study turns stable,
+  this catches the steps made after their study;
+- worklist-prune: steps ended more than [worklist] keep_days ago, and their performed steps.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from pacsd.config import WorklistSettings
 from pacsd.index import Index
 from pacsd.index.models import Meta_, starts_with
 from pacsd.index.outbox import RouteQueue
@@ -50,7 +57,8 @@ class Housekeeping:
     late; a stop gives the leases back)."""
 
     def __init__(self, index: Index, store: Store, interval: float,
-                 bin: Bin | None = None, retainer: Retainer | None = None) -> None:
+                 bin: Bin | None = None, retainer: Retainer | None = None,
+                 worklist: WorklistSettings | None = None, stable_after: float = 60.0) -> None:
         self.index, self.store, self.interval = index, store, interval
         tasks = [Task("tmp-sweep", lambda: store.sweep(TMP_MAX_AGE_S)),
                  Task("alive-marks", self._forget_silent_nodes),
@@ -61,6 +69,8 @@ class Housekeeping:
             tasks.append(Task("trash-expire", bin.expire))
         if retainer is not None and retainer.rules:
             tasks.append(Task("retention", retainer.run))
+        if worklist is not None:
+            tasks += worklist_tasks(index, worklist, stable_after)
         self.tasks = tuple(tasks)
         self.room = Task("trash-room", bin.make_room) if bin is not None else None
         self.rounds = 0
@@ -116,3 +126,20 @@ class Housekeeping:
         limit = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(time.time() - ALIVE_MAX_AGE_S))
         return self.index.submit(lambda: Meta_.delete().where(
             starts_with(Meta_.key, "alive:") & (Meta_.value < limit)).execute())
+
+
+def worklist_tasks(index: Index, settings: WorklistSettings, stable_after: float) -> list[Task]:
+    """The worklist's chores (module text), as [worklist] asks for them."""
+    def expire() -> int:
+        cutoff = time.localtime(time.time() - settings.expire_after_days * 86400)
+        return index.expire_steps(time.strftime("%Y%m%d", cutoff),
+                                  time.strftime("%H%M%S", cutoff))
+
+    tasks = [Task("worklist-link",
+                  lambda: len(index.link_arrived(time.time() - stable_after)))]
+    if settings.expire_after_days > 0:
+        tasks.append(Task("worklist-expire", expire))
+    if settings.keep_days > 0:
+        tasks.append(Task("worklist-prune",
+                          lambda: index.forget_steps(time.time() - settings.keep_days * 86400)))
+    return tasks

@@ -1,7 +1,7 @@
 """The stable watcher: notices studies that have received nothing for `[hooks]
 study_stable_after` seconds (the index's study activity, pacsd.index.outbox), queues their
 `when = "stable"` routes, calls the on_study_stable hooks and warms the study's DICOMweb
-metadata (`[storage] warm_metadata`).
+metadata (`[storage] warm_metadata`), and links it to the worklist steps it was made for.
 
 One node at a time watches, under the lease "study-stable"; taking a study stable and queuing
 its jobs is one transaction (RouteQueue.take_stable), so a study turns stable once.
@@ -61,11 +61,23 @@ class StableWatcher:
                 log.info("study %s is stable: queued for %s", uid,
                          ", ".join(f"{d} (route {r})" for r, d in jobs))
                 self._wake.set()
+            if self.cfg.worklist.enabled:
+                self._link(uid)
             if self.cfg.storage.warm_metadata:   # before the hooks: "available" means fast
                 self._warm(uid)
             if self.hooks and event:
                 self.hooks.notify("on_study_stable", event)
         return n
+
+    def _link(self, uid: str) -> None:
+        """The worklist steps this study was made for are done (pacsd.index.worklist)."""
+        try:
+            n = self.index.link_study(uid)
+            if n:
+                log.info("study %s arrived: linked to %d scheduled step(s) of the worklist",
+                         uid, n)
+        except Exception as e:  # noqa: BLE001 - housekeeping's worklist-link tries again
+            log.warning("study %s: linking it to its worklist order failed: %s", uid, e)
 
     def _warm(self, uid: str) -> None:
         """The study's DICOMweb metadata into the cache (pacsd.storage.metadata), now that it
