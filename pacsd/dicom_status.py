@@ -1,7 +1,7 @@
 """DICOM status codes by name: the general statuses of PS3.7 Annex C, those of the services
 pacsd provides (Storage, PS3.4 B.2.3; Query/Retrieve, C.4.1.1.4 / C.4.2.1.5 / C.4.3.1.4;
-Storage Commitment, J.3), and the codes of our own in the ranges the standard leaves to the
-implementation.
+Storage Commitment, J.3; Modality Performed Procedure Step, F.7.2), and the codes of our own
+in the ranges the standard leaves to the implementation.
 
 The standard gives one number several names, one per service (0xA900 is "Data Set does not
 match SOP Class" for C-STORE, "Identifier does not match SOP Class" for C-FIND, C-GET and
@@ -17,6 +17,7 @@ from __future__ import annotations
 SUCCESS = 0x0000
 CANCEL = 0xFE00                        # C.3: Cancel (the request was cancelled, C-CANCEL)
 PENDING = 0xFF00                       # C.2: Pending (a match, a sub-operation under way)
+INVALID_ATTRIBUTE_VALUE = 0x0106       # C.4
 PROCESSING_FAILURE = 0x0110            # C.4
 DUPLICATE_SOP_INSTANCE = 0x0111        # C.4
 NO_SUCH_SOP_INSTANCE = 0x0112          # C.4
@@ -25,6 +26,8 @@ NO_SUCH_SOP_CLASS = 0x0118             # C.4
 CLASS_INSTANCE_CONFLICT = 0x0119       # C.4
 NO_SUCH_ACTION = 0x0123                # C.4
 NOT_AUTHORIZED = 0x0124                # C.4: Refused: Not Authorized
+MISSING_ATTRIBUTE = 0x0120             # C.4
+MISSING_ATTRIBUTE_VALUE = 0x0121       # C.4
 RESOURCE_LIMITATION = 0x0213           # C.4
 
 # --- Storage (PS3.4 B.2.3) --------------------------------------------------------------------
@@ -45,6 +48,9 @@ UNABLE_TO_PERFORM_SUBOPERATIONS = 0xA702   # C-MOVE / C-GET: Refused: Out of Res
 #                                        destination is down or refused every context)
 PENDING_OPTIONAL_KEYS = 0xFF01         # C-FIND: Pending, optional keys not supported
 WARNING_SUBOPERATIONS_FAILED = 0xB000  # C-MOVE / C-GET: complete, one or more sub-operations failed
+
+# --- Modality Performed Procedure Step (PS3.4 F.7.2.2.2) ------------------------------------
+MAY_NO_LONGER_BE_UPDATED = 0x0110      # N-SET: the step is COMPLETED or DISCONTINUED (final)
 
 # --- ours, in the Cxxx range PS3.4 B.2.3 and PS3.18 Annex I leave to the implementation -----
 STUDY_MISMATCH = 0xC409                # STOW-RS: the instance is of another study than the URL's

@@ -22,6 +22,7 @@ from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # names made at import
     PatientRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelFind,
+    ModalityPerformedProcedureStep, ModalityWorklistInformationFind,
     StudyRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelMove,
     Verification)
 from pynetdicom.transport import ThreadedAssociationServer
@@ -48,10 +49,12 @@ from pacsd.dimse.fast import FastPath
 from pacsd.dimse.find import handle_find
 from pacsd.dimse.limits import bound_pdus
 from pacsd.dimse.listener import Listener, tls_context
+from pacsd.dimse.mpps import PerformedSteps
 from pacsd.dimse.retrieve import handle_get, handle_move, scope_of
 from pacsd.dimse.stats import DimseStats
 from pacsd.nodes.remote import CONNECTION_HANDLERS
 from pacsd.dimse.store import handle_store
+from pacsd.dimse.worklist import MWL_FIND, handle_worklist
 from pacsd.errors import PortInUse
 from pacsd.plugins.hooks import Hooks
 
@@ -124,6 +127,10 @@ def build_ae(cfg: Config) -> AE:
     # Storage Commitment Push Model (PS3.4 Annex J): N-ACTION in; reports go out on associations
     # of our own (pacsd.dimse.commitment).
     ae.add_supported_context(PUSH_MODEL, PLAIN_SYNTAXES)
+    if cfg.worklist.enabled:
+        # Modality Worklist FIND (PS3.4 K) and MPPS (F.7): pacsd.dimse.worklist, .mpps.
+        ae.add_supported_context(ModalityWorklistInformationFind, PLAIN_SYNTAXES)
+        ae.add_supported_context(ModalityPerformedProcedureStep, PLAIN_SYNTAXES)
     # Every storage class with every transfer syntax, as SCP (a modality stores to us) and, via
     # SCP/SCU role selection, as SCU (we store back to a C-GET requestor, PS3.4 C.4.3.1).
     for cx in AllStoragePresentationContexts:
@@ -146,6 +153,7 @@ class DicomServer:
         self.hooks = hooks
         self.ae = build_ae(cfg)
         self.commitments = Commitments(cfg, archive.index, archive.store, accounts)
+        self.performed = PerformedSteps(archive.index)
         then = (partial(filters.on_requested, hooks=hooks)
                 if hooks is not None and hooks.has("on_association") else None)
         self.guard = AssociationGuard(cfg, accounts, then, slots)
@@ -249,8 +257,17 @@ class DicomServer:
 
     def start(self) -> None:
         archive = self.archive
-        find: Any = partial(handle_find, index=archive.index, aet=self.cfg.dicom_aet,
-                            hooks=self.hooks, scope_of=self._scope_of)
+        qr_find: Any = partial(handle_find, index=archive.index, aet=self.cfg.dicom_aet,
+                               hooks=self.hooks, scope_of=self._scope_of)
+        worklist: Any = partial(handle_worklist, index=archive.index,
+                                max_results=self.cfg.worklist.max_results)
+
+        def any_find(event: Event) -> Any:
+            # One EVT_C_FIND handler for every C-FIND: the SOP class says which service.
+            if str(event.request.AffectedSOPClassUID) == MWL_FIND:
+                return worklist(event)
+            return qr_find(event)
+        find: Any = any_find
         get: Any = partial(handle_get, index=archive.index, store=archive.store,
                            accounts=self.accounts)
         move: Any = partial(handle_move, accounts=self.accounts, index=archive.index,
@@ -270,6 +287,8 @@ class DicomServer:
             (evt.EVT_C_GET, get),
             (evt.EVT_C_MOVE, move),
             (evt.EVT_N_ACTION, self._on_n_action),
+            (evt.EVT_N_CREATE, self.performed.on_n_create),   # MPPS (pacsd.dimse.mpps)
+            (evt.EVT_N_SET, self.performed.on_n_set),
             (evt.EVT_RELEASED, self._on_end),
             (evt.EVT_ABORTED, self._on_end),
             (evt.EVT_REJECTED, self._on_rejected),

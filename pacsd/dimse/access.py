@@ -20,14 +20,18 @@ is here, in this order (AssociationGuard.on_requested, before any negotiation):
    admin page) whose allow_find / allow_get / allow_move say so, matched by calling AE title
    (and by host too with check_peer_address), unless `[dicom] open_query_retrieve`. Our own AE
    title from this machine may do everything. A node with allow_store = false may not store.
+   The Modality Worklist (C-FIND) and MPPS (N-CREATE / N-SET), when `[worklist] enabled`:
+   nodes (whatever their allow_* switches: a modality that may not query the archive still
+   gets its worklist) and our own AE title from this machine, or any caller with
+   `[worklist] open`.
 
-How a missing right is answered. Query/retrieve: the presentation contexts of the services the
-caller may not use are taken out of what this association supports, so the A-ASSOCIATE-AC
-answers them "abstract syntax not supported" (PS3.8 9.3.3.2), as Orthanc does
-(CommandDispatcher accepts the FIND/GET/MOVE syntaxes only if IsAllowedRequest). A C-MOVE
-cannot be answered 0x0124 "Refused: Not Authorized" before pynetdicom has associated with its
-destination, so refusing at negotiation is the one answer that fits all three, it never opens
-an association on a stranger's behalf, and DCMTK's findscu/getscu/movescu say "No Acceptable
+How a missing right is answered. Query/retrieve, worklist and MPPS: the presentation contexts of
+the services the caller may not use are taken out of what this association supports, so the
+A-ASSOCIATE-AC answers them "abstract syntax not supported" (PS3.8 9.3.3.2), as Orthanc does
+(CommandDispatcher accepts the FIND/GET/MOVE syntaxes only if IsAllowedRequest). A C-MOVE cannot
+be answered 0x0124 "Refused: Not Authorized" before pynetdicom has associated with its
+destination, so refusing at negotiation is the one answer that fits all three, it never opens an
+association on a stranger's behalf, and DCMTK's findscu/getscu/movescu say "No Acceptable
 Presentation Contexts" / "No presentation context", which tells the caller to look at the
 server's side, where one log line names the AE title, the address and what was refused.
 Storage (and storage commitment) for a node that may not store: the contexts must stay, since
@@ -54,6 +58,7 @@ from typing import Protocol
 from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # names made at import
+    ModalityPerformedProcedureStep, ModalityWorklistInformationFind,
     PatientRootQueryRetrieveInformationModelFind, PatientRootQueryRetrieveInformationModelGet,
     PatientRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelMove)
@@ -73,9 +78,10 @@ REJECT_CALLING_AET = (0x01, 0x01, 0x03)
 # local-limit-exceeded.
 REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)
 
-FIND, GET, MOVE, STORE = "find", "get", "move", "store"
-ALL = frozenset({FIND, GET, MOVE, STORE})
+FIND, GET, MOVE, STORE, WORKLIST = "find", "get", "move", "store", "worklist"
+ALL = frozenset({FIND, GET, MOVE, STORE, WORKLIST})
 OPEN = frozenset({STORE})   # what any caller may do (C-ECHO is never refused)
+QUERY_RETRIEVE = frozenset({FIND, GET, MOVE})
 # The Query/Retrieve information models of each service we support as SCP (dimse.QR_MODELS),
 # plus the retired and composite-instance ones a peer may propose, which we never support.
 QR_SYNTAXES = {
@@ -86,7 +92,10 @@ QR_SYNTAXES = {
     MOVE: {str(PatientRootQueryRetrieveInformationModelMove),
            str(StudyRootQueryRetrieveInformationModelMove)},
 }
-_SERVICE = {FIND: "C-FIND", GET: "C-GET", MOVE: "C-MOVE"}
+# The Modality Worklist and MPPS (pacsd.dimse.worklist, pacsd.dimse.mpps): one right for both.
+SYNTAXES = {**QR_SYNTAXES, WORKLIST: {str(ModalityWorklistInformationFind),
+                                      str(ModalityPerformedProcedureStep)}}
+_SERVICE = {FIND: "C-FIND", GET: "C-GET", MOVE: "C-MOVE", WORKLIST: "Modality Worklist/MPPS"}
 
 
 def _normal(address: str) -> str:
@@ -241,8 +250,9 @@ class AssociationGuard:
             return ALL
         node = self.accounts.node_by_aet(aet)
         if node is not None:   # its switches hold in the open mode too: the admin set them
-            return node_rights(node)
-        return ALL if self.cfg.dicom_open_query_retrieve else OPEN
+            return node_rights(node) | {WORKLIST}
+        return ((ALL - {WORKLIST} if self.cfg.dicom_open_query_retrieve else OPEN)
+                | ({WORKLIST} if self.cfg.worklist.open else set()))
 
     def _host_count(self, event: Event, address: str) -> int:
         """Associations from `address` now, this one included (pending connections are not
@@ -286,7 +296,7 @@ class AssociationGuard:
                 _reject(event, REJECT_CALLING_AET)
                 return
         rights = self.rights(aet, address, same_host)
-        denied = {s for s in (FIND, GET, MOVE) if s not in rights}
+        denied = {s for s in (FIND, GET, MOVE, WORKLIST) if s not in rights}
         if denied:
             self._narrow(event, aet, address, denied)
         if self.then is not None:
@@ -302,22 +312,26 @@ class AssociationGuard:
         """Take the denied services' presentation contexts out of this association's supported
         ones (answered "abstract syntax not supported"); one log line if it proposed any."""
         assoc = event.assoc
-        syntaxes = set().union(*(QR_SYNTAXES[s] for s in denied))
+        syntaxes = set().union(*(SYNTAXES[s] for s in denied))
         proposed = {str(cx.abstract_syntax) for cx in
                     getattr(assoc.requestor.primitive, "presentation_context_definition_list",
                             None) or []}
         assoc.acceptor.supported_contexts = [
             cx for cx in assoc.acceptor.supported_contexts
             if str(cx.abstract_syntax) not in syntaxes]
-        asked = sorted(_SERVICE[s] for s in denied if QR_SYNTAXES[s] & proposed)
+        node = self.accounts.node_by_aet(aet)
+        asked = sorted(_SERVICE[s] for s in denied & QUERY_RETRIEVE if SYNTAXES[s] & proposed)
         if asked:
-            node = self.accounts.node_by_aet(aet)
             log.warning("%s refused to %r from %s: %s (presentation contexts rejected)",
                         "/".join(asked), aet, address,
-                        f"node {node.name!r} has allow_{'/'.join(sorted(denied))} = false"
-                        if node is not None else
+                        f"node {node.name!r} has allow_{'/'.join(sorted(denied - {WORKLIST}))} "
+                        "= false" if node is not None else
                         "not a node; add it to [[nodes]] or on the admin page (or set "
                         "[dicom] open_query_retrieve = true)")
+        if WORKLIST in denied and SYNTAXES[WORKLIST] & proposed:
+            log.warning("Modality Worklist/MPPS refused to %r from %s: not a node; add it to "
+                        "[[nodes]] or on the admin page (or set [worklist] open = true) "
+                        "(presentation contexts rejected)", aet, address)
 
     def may_store(self, assoc: Association, what: str) -> bool:
         """For C-STORE and storage commitment: False (logged once per request) when the

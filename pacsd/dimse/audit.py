@@ -4,7 +4,9 @@
                 ends, with the count of instances stored (the store path adds one per image to
                 a dict of the association: `count_stored`); refusals as one "store" record
                 "refused" with their count
-  C-FIND        one "query" record per request, with its level, keys and number of matches
+  C-FIND        one "query" record per request, with its level, keys and number of matches;
+                a Modality Worklist query as level WORKLIST, with the keys of its Scheduled
+                Procedure Step item
   C-GET         one "retrieve" record per request, C-MOVE one "send" (to its destination),
                 with the studies named and the number of instances
   rejected      a refused association is a failed authentication ("login", refused)
@@ -22,6 +24,7 @@ from pynetdicom.events import Event
 
 from pacsd.audit import AuditRecord, Auditor
 from pacsd.dicom_status import CANCEL, PENDING, PENDING_OPTIONAL_KEYS
+from pacsd.dimse.worklist import MWL_FIND
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +46,16 @@ def _who(assoc: Association) -> tuple[str, str]:
     return aet.strip(), str(assoc.requestor.address)
 
 
+def _elements(identifier: Dataset) -> Iterator[Any]:
+    """The identifier's elements, and those of the first item of each sequence (the
+    Scheduled Procedure Step of a worklist query)."""
+    for elem in identifier:
+        if elem.VR == "SQ" and not elem.tag.is_private and elem.value:
+            yield from (e for e in elem.value[0] if e.VR != "SQ")
+        else:
+            yield elem
+
+
 def _keys(identifier: Dataset | None) -> tuple[str, list[str], list[tuple[str, str]], str]:
     """(level, studies named, patients named, the keys as text) of a request's identifier."""
     if identifier is None:
@@ -51,7 +64,7 @@ def _keys(identifier: Dataset | None) -> tuple[str, list[str], list[tuple[str, s
     keys: list[str] = []
     studies: list[str] = []
     patients: list[tuple[str, str]] = []
-    for elem in identifier:
+    for elem in _elements(identifier):
         if elem.tag.is_private or elem.VR == "SQ" or not elem.keyword:
             continue
         value = elem.value
@@ -141,6 +154,8 @@ class DimseAudit:
             level, studies, patients, keys = _keys(event.identifier)
         except Exception:  # noqa: BLE001 - an unreadable identifier: recorded without keys
             level, studies, patients, keys = "", [], [], ""
+        if not level and str(getattr(event.request, "AffectedSOPClassUID", "")) == MWL_FIND:
+            level = "WORKLIST"
         aet, address = _who(event.assoc)
         outcome = "ok" if final in (None, 0, CANCEL) else "refused"
         detail = f"{level} {keys}".strip()

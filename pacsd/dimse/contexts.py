@@ -23,8 +23,8 @@ order of preference (lossless before lossy); this keeps it, per association.
 
 Every rejected presentation context (PS3.8 9.3.3.2 results 1, 2, 3, 4) is logged once per
 association, in one line naming the calling AE title, the address, each UID (with its name if
-pydicom knows it) and the reason. Query/retrieve contexts the guard took out are not repeated
-here: pacsd.dimse.access logs its own line for them.
+pydicom knows it) and the reason. Contexts the guard took out (query/retrieve, worklist, MPPS)
+are not repeated here: pacsd.dimse.access logs its own line for them.
 """
 
 from __future__ import annotations

@@ -38,7 +38,8 @@ _NOT_KEYS = {"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle",
              "TimezoneOffsetFromUTC", "QueryRetrieveView"}
 
 
-def _value(elem: DataElement) -> str:
+def key_value(elem: DataElement) -> str:
+    """A key's value as matching reads it: multiple values joined by "\\", a sequence ""."""
     value = elem.value
     if value is None or isinstance(value, Sequence) or elem.VR == "SQ":
         return ""
@@ -87,7 +88,7 @@ def parse_identifier(identifier: Dataset, sop_class: str
             continue
         requested.append(elem)
         if elem.keyword and elem.keyword not in _NOT_KEYS and elem.keyword in query.KEYS:
-            req.keys[elem.keyword] = _value(elem)
+            req.keys[elem.keyword] = key_value(elem)
     return req, requested
 
 
