@@ -40,6 +40,8 @@ def run(args: argparse.Namespace, cfg: Config) -> int:
         report.update(pid=run["pid"], aet=run["aet"], dicom_port=run["dicom_port"],
                       uptime_s=round(time.time() - run["started"]),
                       echo=f"ok {ms:.0f} ms" if ok else f"FAILED ({message})")
+        if run.get("hl7_port"):   # [hl7] on
+            report["hl7_port"] = run["hl7_port"]
         running = ok
     if not cfg.index_is_sqlite or cfg.index_path.exists():
         idx = open_index(cfg)

@@ -439,7 +439,8 @@ class Hl7Settings:
         "closed.", v.positive)
     encoding: str = setting("",
         "Character encoding of messages that do not say theirs in MSH-18 (e.g. cp1252, "
-        "iso-8859-1); empty: UTF-8, then Latin-1 for bytes that are not UTF-8.")
+        "iso-8859-1); empty: UTF-8, then Latin-1 for bytes that are not UTF-8.",
+        v.ascii_encoding)
     application: str = setting("PACSD",
         "Our application name in the ACKs we send (MSH-3).")
 

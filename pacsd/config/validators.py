@@ -120,3 +120,21 @@ def syslog_target(value: str) -> str:
         if not sep or not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"{value!r} is not HOST:PORT (e.g. audit.example.org:6514)")
     return v
+
+
+def ascii_encoding(value: str) -> str:
+    """A character encoding Python knows that keeps ASCII as it is ("" allowed): HL7's
+    delimiters and MLLP's framing bytes must read the same in it (not UTF-16)."""
+    if not value:
+        return value
+    import codecs
+    try:
+        name = codecs.lookup(value).name
+        same = "MSH|^~\\&".encode(name) == b"MSH|^~\\&"
+    except (LookupError, UnicodeError, ValueError):
+        raise ValueError(f"{value!r} is not a character encoding (e.g. cp1252, iso-8859-1, "
+                         "utf-8)") from None
+    if not same:
+        raise ValueError(f"{value!r} does not keep ASCII as it is (UTF-16 and UTF-32 cannot "
+                         "be framed by MLLP)")
+    return value

@@ -43,6 +43,7 @@ from pacsd.audit import Auditor
 from pacsd.dimse import DicomServer
 from pacsd.accounts import Accounts
 from pacsd.errors import AlreadyRunning, FolderNotWritable, IndexFull, IndexUnavailable
+from pacsd.hl7 import MllpListener, Receiver
 from pacsd.plugins.hooks import Context, Hooks
 from pacsd.index import Index
 from pacsd.logbook import Logbook
@@ -151,6 +152,7 @@ class Server:
         self.dicom: DicomServer | DicomWorkers | None = None
         self._unclean = False   # a DICOM worker died: the next start checks its files
         self.http: HttpServer | None = None
+        self.hl7: MllpListener | None = None    # [hl7] port 0: off
         self.runtime: Runtime | None = None
         self.logbook = Logbook()
         self.audit: Auditor | None = None
@@ -247,11 +249,15 @@ class Server:
                                    dicom_workers=dicom_workers(dicom), audit=self.audit)
             self.http = HttpServer(self.runtime)
             self.http.start()
+            if cfg.hl7.port:   # orders and patient updates from a RIS or HIS (pacsd.hl7)
+                self.hl7 = MllpListener(cfg.hl7, Receiver(
+                    archive, self.audit, cfg.hl7.application, cfg.hl7.encoding)).start()
             write_atomic(cfg.runfile, json.dumps({
                 "pid": os.getpid(), "version": __version__, "started": self.started,
                 "aet": cfg.dicom_aet, "dicom_bind": cfg.dicom_bind, "dicom_port": self.dicom_port,
                 "http_bind": cfg.http_bind, "http_port": self.http.port,
                 "http_scheme": self.http.scheme,
+                "hl7_port": self.hl7.port if self.hl7 else 0,
                 "storage": str(cfg.storage_path), "index": cfg.index_label,
                 "node": self.node}, indent=1))
         except BaseException:
@@ -287,6 +293,9 @@ class Server:
         if self.http is not None:
             self.http.stop()
             self.http = None
+        if self.hl7 is not None:   # before the index: a message being applied finishes
+            self.hl7.stop()
+            self.hl7 = None
         if self.runtime is not None:
             self.runtime.jobs.shutdown()
             self.runtime = None
@@ -406,6 +415,8 @@ class Server:
             return "the DICOM listener no longer accepts connections"
         if not http.alive:
             return "the HTTP server no longer runs"
+        if self.hl7 is not None and not self.hl7.alive:
+            return "the HL7 listener no longer accepts connections"
         if not self.cfg.storage_path.is_dir():
             return f"the storage folder {self.cfg.storage_path} is missing"
         try:

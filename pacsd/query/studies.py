@@ -281,3 +281,16 @@ def studies_of_series(series_uids: list[str]) -> list[str]:
         rows: Any = (Study.select(Study.study_instance_uid).join(Series, on=(Series.study == Study.id))
                      .where(Series.series_instance_uid.in_(series_uids[:500])).distinct().tuples())
         return [r[0] for r in rows]
+
+
+def stored_patients(patient_id: str) -> list[dict[str, Any]]:
+    """The stored patients with this Patient ID, whatever their issuer: issuer, name, birth
+    date, sex and number of studies (HL7 ADT updates and merges compare before correcting)."""
+    with reading():
+        rows: Any = (Patient.select(Patient.issuer_of_patient_id, Patient.patient_name,
+                                    Patient.patient_birth_date, Patient.patient_sex,
+                                    Patient.number_of_studies)
+                     .where(Patient.patient_id == patient_id).order_by(Patient.id).tuples())
+        return [{"issuer": issuer or "", "PatientName": str(name or ""),
+                 "PatientBirthDate": born or "", "PatientSex": sex or "",
+                 "studies": int(studies or 0)} for issuer, name, born, sex, studies in rows]
