@@ -247,8 +247,6 @@ def test_orders_schedule_change_and_cancel_worklist_steps(make_server):
     assert server.hl7.served == 8
 
 
-@pytest.mark.xfail(strict=True, reason="ENABLE AT MERGE with branch mwl (the Modality Worklist "
-                   "SCP): remove this marker; until then findscu -W finds no worklist SCP")
 def test_findscu_sees_what_hl7_scheduled(make_server):
     server = hl7_server(make_server)
     port = server.hl7.port
