@@ -158,15 +158,21 @@ function openForm(item) {
   editing = item;
   $("item-title").textContent = item ? "Edit worklist item" : "New worklist item";
   $("item-error").textContent = "";
-  const status = $("f-status");
-  for (const opt of [...status.options]) if (opt.dataset.extra) opt.remove();
-  if (item && ![...status.options].some((o) => o.value === item.status)) {
-    const opt = new Option(item.status, item.status);   // STARTED, EXPIRED: shown, not offered
-    opt.dataset.extra = "1";
-    status.add(opt);
-  }
   const blank = { start_date: day, modality: tab, status: "SCHEDULED" };
-  for (const el of fields()) el.value = shown(el, (item || blank)[el.dataset.col] || "");
+  for (const el of fields()) {
+    const value = shown(el, (item || blank)[el.dataset.col] || "");
+    if (el.tagName === "SELECT") {
+      for (const opt of [...el.options]) if (opt.dataset.extra) opt.remove();
+      if (![...el.options].some((o) => o.value === value)) {
+        // A value the list does not offer (STARTED, EXPIRED; a sex of U from HL7): shown as it
+        // is, so that saving other changes leaves it alone.
+        const opt = new Option(value, value);
+        opt.dataset.extra = "1";
+        el.add(opt);
+      }
+    }
+    el.value = value;
+  }
   $("item").showModal();
   $("f-patient_name").focus();
 }
@@ -177,7 +183,8 @@ function collect() {
   const out = {};
   for (const el of fields()) {
     const col = el.dataset.col, value = stored(el);
-    if (editing ? value !== (editing[col] || "") : value) out[col] = value;
+    // An edit sends what the person changed: what the input shows differs from what it showed.
+    if (editing ? el.value !== shown(el, editing[col] || "") : value) out[col] = value;
   }
   return out;
 }
