@@ -194,7 +194,7 @@ def create(rt: Runtime) -> bottle.HTTPResponse:
                f"{row['start_time']}".rstrip())
     log.info("worklist item %d (%s on %s) added by %s", step_id, row["modality"],
              row["start_date"], web_caller())
-    return json_response(_item(row, [], set(), full=True), 201)
+    return json_response(one_step(rt, str(step_id)), 201)
 
 
 def edit(rt: Runtime, step_id: str) -> dict[str, Any]:
