@@ -34,6 +34,7 @@ INSTANCES_TRANSFERRED = ("110104", "DICOM Instances Transferred")
 STUDY_DELETED = ("110105", "DICOM Study Deleted")
 EXPORT = ("110106", "Export")
 IMPORT = ("110107", "Import")
+ORDER_RECORD = ("110109", "Order Record")
 PATIENT_RECORD = ("110110", "Patient Record")
 QUERY = ("110112", "Query")
 SECURITY_ALERT = ("110113", "Security Alert")
@@ -64,6 +65,9 @@ EVENTS: dict[str, tuple[tuple[str, str], str, tuple[str, str] | None]] = {
     # Who may see a study: a share link made or revoked, its labels changed.
     "share": (SECURITY_ALERT, "E", OBJECT_SECURITY_CHANGED),
     "labels": (SECURITY_ALERT, "E", OBJECT_SECURITY_CHANGED),
+    # The Modality Worklist's scheduled steps (orders) made, changed or cancelled by hand.
+    "schedule": (ORDER_RECORD, "C", None),
+    "schedule-change": (ORDER_RECORD, "U", None),
 }
 ACTIONS = tuple(EVENTS)
 # EventOutcomeIndicator (A.5.1): 0 success, 4 minor failure (refused, not found), 8 serious

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable
 from pacsd.errors import PortInUse
 from pacsd.query import scope as scopes
 from pacsd.web import (admin, api, audit, dicomweb, health, metrics, share, ui, upload, viewers,
-                       wado, xmlrpc)
+                       wado, worklist, xmlrpc)
 from pacsd.web.app import errors_plugin, new_app
 from pacsd.web.auth import Auth, Sessions, Throttle
 from pacsd.web.guard import Guard
@@ -71,7 +71,7 @@ def make_app(rt: Runtime) -> Callable:
     local = Sessions.local_key(rt.cfg.data / "session.key").hex()
     sessions = Sessions(bytes.fromhex(rt.archive.index.shared_value(Sessions.KEY, local)))
     root = new_app()
-    for module in (health, metrics, wado, xmlrpc, api, admin):
+    for module in (health, metrics, wado, xmlrpc, api, admin, worklist):
         root.merge(module.make_app(rt))
     root.merge(audit.make_app(rt))   # GET /api/audit
     throttle = Throttle()   # one for the login form, HTTP Basic and share links' PINs

@@ -5,7 +5,8 @@ admin's search of the trail, GET /api/audit.
 Which request is which action:
   login, logout          POST /app/login (the name from the body; failures too), /app/logout;
                          HTTP Basic: Auth reports each fresh check (`basic_login`)
-  query                  QIDO-RS searches, the study list (/api/studies), XML-RPC finds
+  query                  QIDO-RS searches, the study list (/api/studies), the Worklist
+                         (/api/worklist), XML-RPC finds
   view                   WADO-URI, WADO-RS (studies, metadata, frames, rendered, thumbnails,
                          the viewer's pixel batches), a study's summary, an instance's tags:
                          one record per user, address and study every VIEW_WINDOW_S, not one
@@ -15,6 +16,7 @@ Which request is which action:
   store                  STOW-RS (the studies and count noted by stow.py)
   delete, restore, correction, undo, empty-bin   the admin routes of those names
   import                 a retrieve from a node (admin page, XML-RPC Retrieve / DownloadURL)
+  schedule, schedule-change   a Worklist item added; changed, cancelled or its status set
 Outcome: 2xx/3xx ok, 4xx refused, 5xx (or an exception) failed. Patients are looked up (one
 indexed query) only before a change (deletions, corrections); for the rest the audit writer
 fills them in off the request's path.
@@ -88,6 +90,13 @@ ROUTES: list[tuple[str, re.Pattern[str], str, str]] = [(m, re.compile(f"(?:{p})\
         ("POST", r"/api/shares/([^/]{1,64})/revoke", "share", "link"),
         ("POST", rf"/api/studies/{UID}/labels", "labels", "study"),
         ("GET", r"/api/audit", "audit", ""),
+        # The Worklist page and its API (pacsd.web.worklist): each route notes the patient.
+        ("GET", r"/api/worklist", "query", ""),
+        ("POST", r"/api/worklist", "schedule", ""),
+        ("PUT", r"/api/worklist/([0-9]{1,18})", "schedule-change", "step"),
+        ("PATCH", r"/api/worklist/([0-9]{1,18})", "schedule-change", "step"),
+        ("POST", r"/api/worklist/([0-9]{1,18})/(?:cancel|status)", "schedule-change", "step"),
+        ("GET", rf"/api/studies/{UID}/order", "view", "study"),
         ("POST", r"/RPC2|/", "xmlrpc", ""),
     ]]
 # Changes: their patients are looked up before the request (after it they may be gone).
@@ -158,9 +167,11 @@ class AuditTrail:
             raise
         rec.outcome = _outcome(status[0])
         noted = environ.get("pacsd.audit")
-        if isinstance(noted, dict):   # what the route said it did (STOW-RS)
+        if isinstance(noted, dict):   # what the route said it did (STOW-RS, the Worklist)
             rec.studies = list(noted.get("studies") or rec.studies)
             rec.count = int(noted.get("count") or 0)
+            rec.patients = [tuple(p) for p in noted.get("patients") or ()] or rec.patients
+            rec.detail = str(noted.get("detail") or rec.detail)
         if rec.action == "view" and self._seen_lately(rec):
             return result
         self.audit.record(rec)
@@ -219,6 +230,8 @@ class AuditTrail:
                                          "POST" else "")
         elif kind == "link":
             rec.detail = f"share link {uid} revoked"
+        elif kind == "step":
+            rec.detail = f"worklist item {uid}"
         action = rec.action
         if action == "login" and kind != "share":
             rec.user = str(form.get("name") or "")[:64]

@@ -1,4 +1,4 @@
-"""The pages: study list, viewer, Query/Retrieve, administration, login.
+"""The pages: study list, viewer, Query/Retrieve, Worklist, administration, login.
 
 Plain HTML, CSS and JavaScript files in pacsd/web/static, shipped inside the package: no
 front-end build at install time and nothing fetched from the internet at run time. The pages
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).parent / "static"
 PAGES = {"": "studies.html", "viewer": "viewer.html", "qr": "qr.html", "admin": "admin.html",
-         "login": "login.html"}
+         "login": "login.html", "worklist": "worklist.html"}
 
 
 def page(name: str) -> Any:

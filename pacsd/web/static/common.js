@@ -60,7 +60,8 @@ const pacs = (() => {
   async function header(active) {
     const el = document.getElementById("nav");
     if (!el) return;
-    const links = [["./", "Studies", "studies"], ["qr", "Query/Retrieve", "qr"], ["admin", "Admin", "admin"]];
+    const links = [["./", "Studies", "studies"], ["qr", "Query/Retrieve", "qr"],
+                   ["worklist", "Worklist", "worklist"], ["admin", "Admin", "admin"]];
     el.innerHTML = `<a class="brand" href="./">pacsd</a>` + links.map(([href, label, key]) =>
       `<a href="${href}" class="${key === active ? "active" : ""}" id="nav-${key}">${label}</a>`).join("") +
       `<span class="spacer"></span><span id="nav-user"></span>`;
@@ -75,6 +76,8 @@ const pacs = (() => {
         };
       }
       if (!m.admin) document.getElementById("nav-admin").classList.add("hidden");
+      // The Worklist names every patient scheduled: for users who see every study.
+      if (m.restricted || m.shared) document.getElementById("nav-worklist").classList.add("hidden");
     } catch (e) { /* 401 already redirected */ }
   }
 

@@ -15,6 +15,7 @@
 import { DW, SeriesStore } from "./viewer-pixels.js";
 import { Viewport } from "./viewer-viewport.js";
 import { linkedIndex, referenceLine } from "./viewer-tools.js";
+import { showOrder } from "./viewer-order.js";
 
 const PRESETS = {
   lung: { center: -600, width: 1500 }, bone: { center: 400, width: 1800 },
@@ -591,6 +592,7 @@ async function main() {
   if (first) firstSeries = store.get(first);
   renderSeriesPanel();
   setupActions();
+  showOrder($("study-order"), studyUid, pacs);   // the worklist order, if any: after the images' requests
   if (!first) { viewports[0].ov.msg.textContent = "This study has no images"; return; }
   const opened = showSeries(first.series_uid, viewports[0]);
   if (opened && params.get("instance")) opened.then(() => openAtLink(viewports[0]));
