@@ -22,6 +22,7 @@ from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelFind as
 
 from conftest import LOCAL, c_find, dcmtk, free_port, run_peer, store_files, wait_for
 from data import write_series
+from pacsd.audit import Search, search
 from pacsd.config.sections import Hl7Settings
 from pacsd.hl7 import MllpListener, header, messages
 from pacsd.query import worklist
@@ -245,6 +246,16 @@ def test_orders_schedule_change_and_cancel_worklist_steps(make_server):
     assert steps_of(server, placer="PLC3")[0]["patient_name"] == "Doe-Smith^John"
     client.close()
     assert server.hl7.served == 8
+    # Each order is an Order Record in the audit trail, the refused ones too.
+    def hl7_orders() -> list[tuple[str, str]] | None:
+        found = sorted((r["action"], r["outcome"]) for r in
+                       search(server.cfg.data / "audit", Search(limit=1000))
+                       if r["via"] == "hl7" and r["action"].startswith("schedule"))
+        return found if len(found) >= 7 else None
+    orders = wait_for(hl7_orders, 10, "the orders' audit records")
+    assert orders == [("schedule", "ok"), ("schedule", "ok"), ("schedule", "ok"),
+                      ("schedule", "refused"), ("schedule-change", "ok"),
+                      ("schedule-change", "ok"), ("schedule-change", "refused")], orders
 
 
 def test_findscu_sees_what_hl7_scheduled(make_server):

@@ -97,6 +97,7 @@ def test_add_list_edit_and_cancel(pacs):
     assert [i["id"] for i in listed(pacs, day=DAY, modality="ct")] == [ct["id"]]
     assert [i["patient_id"] for i in listed(pacs, day=NEXT)] == ["WL-3"]
     assert [i["id"] for i in listed(pacs, day="all", q="ACC-WL-2")] == [mr["id"]]
+    assert [i["id"] for i in listed(pacs, day="all", q="acc-wl-2")] == [mr["id"]]   # case ignored
     assert [i["id"] for i in listed(pacs, day=DAY, q="doe")] == [ct["id"]]
     assert "patient_name_key" not in ct
 

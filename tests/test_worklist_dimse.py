@@ -340,6 +340,12 @@ def test_mpps_in_progress_then_completed(pacs):
         status, _ = assoc.send_n_set(_end("COMPLETED"), MPPS, uid + ".9")
         assert status.Status == 0x0112
     assert _performed(pacs, uid)["status"] == "COMPLETED"
+    # Each performed step reported is a Procedure Record in the audit trail (refusals are not).
+    recs = wait_for(lambda: [r for r in search(pacs.cfg.data / "audit",
+                                               Search(action="procedure", user="CT9"))
+                             if uid in r["detail"]] or None, 10, "the MPPS audit records")
+    assert sorted(r["detail"].split(": ")[0] for r in recs) == ["MPPS N-CREATE", "MPPS N-SET"]
+    assert all(r["studies"] == [study] and r["via"] == "dicom" for r in recs)
 
 
 def test_mpps_discontinued_found_by_accession_and_step_id(pacs):

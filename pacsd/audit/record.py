@@ -35,6 +35,7 @@ STUDY_DELETED = ("110105", "DICOM Study Deleted")
 EXPORT = ("110106", "Export")
 IMPORT = ("110107", "Import")
 ORDER_RECORD = ("110109", "Order Record")
+PROCEDURE_RECORD = ("110111", "Procedure Record")
 PATIENT_RECORD = ("110110", "Patient Record")
 QUERY = ("110112", "Query")
 SECURITY_ALERT = ("110113", "Security Alert")
@@ -68,6 +69,8 @@ EVENTS: dict[str, tuple[tuple[str, str], str, tuple[str, str] | None]] = {
     # The Modality Worklist's scheduled steps (orders) made, changed or cancelled by hand.
     "schedule": (ORDER_RECORD, "C", None),
     "schedule-change": (ORDER_RECORD, "U", None),
+    # A performed procedure step a modality reported (MPPS N-CREATE, N-SET).
+    "procedure": (PROCEDURE_RECORD, "U", None),
 }
 ACTIONS = tuple(EVENTS)
 # EventOutcomeIndicator (A.5.1): 0 success, 4 minor failure (refused, not found), 8 serious

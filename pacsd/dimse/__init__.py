@@ -153,7 +153,7 @@ class DicomServer:
         self.hooks = hooks
         self.ae = build_ae(cfg)
         self.commitments = Commitments(cfg, archive.index, archive.store, accounts)
-        self.performed = PerformedSteps(archive.index)
+        self.performed = PerformedSteps(archive.index, audit=audit)
         then = (partial(filters.on_requested, hooks=hooks)
                 if hooks is not None and hooks.has("on_association") else None)
         self.guard = AssociationGuard(cfg, accounts, then, slots)

@@ -26,6 +26,7 @@ from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[
 from pacsd.dicom_status import (DUPLICATE_SOP_INSTANCE, INVALID_ATTRIBUTE_VALUE,
                                 MAY_NO_LONGER_BE_UPDATED, MISSING_ATTRIBUTE, NO_SUCH_SOP_CLASS,
                                 NO_SUCH_SOP_INSTANCE, PROCESSING_FAILURE, SUCCESS)
+from pacsd.audit import AuditRecord, Auditor
 from pacsd.errors import PacsError
 from pacsd.index import Index
 from pacsd.query import worklist as wl
@@ -118,9 +119,23 @@ def scheduled_steps(ds: Dataset) -> list[dict[str, Any]]:
 class PerformedSteps:
     """The EVT_N_CREATE and EVT_N_SET handlers of the MPPS SOP Class."""
 
-    def __init__(self, index: Index, max_attributes: int = MAX_ATTRIBUTES) -> None:
+    def __init__(self, index: Index, max_attributes: int = MAX_ATTRIBUTES,
+                 audit: Auditor | None = None) -> None:
         self.index = index
         self.max_attributes = max_attributes
+        self.audit = audit or Auditor.off()
+
+    def _audit(self, event: Event, values: dict[str, Any], what: str) -> None:
+        """One "procedure" record per performed step reported (PS3.15 A.5: Procedure Record)."""
+        if not self.audit.enabled:
+            return
+        self.audit.record(AuditRecord(
+            "procedure", user=str(event.assoc.requestor.ae_title).strip(),
+            address=str(event.assoc.requestor.address), via="dicom",
+            studies=[values["study_instance_uid"]] if values.get("study_instance_uid") else [],
+            patients=[(str(values["patient_id"]), "")] if values.get("patient_id") else [],
+            detail=f"MPPS {what}: performed step {values['sop_instance_uid']} "
+                   f"{values.get('status', '')}"))
 
     def _json(self, ds: Dataset, what: str, peer: str, uid: str) -> str | Dataset:
         """The data set as DICOM JSON, or the refusal when it cannot be kept."""
@@ -197,6 +212,7 @@ class PerformedSteps:
         refused = self._put(values, steps, IN_PROGRESS, "N-CREATE", peer)
         if refused is not None:
             return refused, None
+        self._audit(event, values, "N-CREATE")
         log.info("MPPS N-CREATE from %s: performed step %s IN PROGRESS, %s", peer, uid,
                  f"scheduled step {', '.join(str(s['id']) for s in steps)}" if steps
                  else "for no scheduled step pacsd holds")
@@ -256,6 +272,7 @@ class PerformedSteps:
         refused = self._put(values, steps, status, "N-SET", peer)
         if refused is not None:
             return refused, None
+        self._audit(event, values, "N-SET")
         log.info("MPPS N-SET from %s: performed step %s %s, %s", peer, uid, status,
                  f"scheduled step {', '.join(str(s['id']) for s in steps)}" if steps
                  else "for no scheduled step pacsd holds")

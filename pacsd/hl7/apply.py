@@ -99,7 +99,7 @@ class Receiver:
         notes = []
         for op in message.operations:
             if isinstance(op, Order):
-                notes.append(self._order(op))
+                notes.append(self._order(op, message, peer))
             elif isinstance(op, PatientUpdate):
                 notes.append(self._update(op.patient, message, peer))
             elif isinstance(op, PatientMerge):
@@ -111,7 +111,25 @@ class Receiver:
             return worklist.order_steps(placer=o.placer, filler=o.filler,
                                         accession=o.accession)
 
-    def _order(self, o: Order) -> str:
+    def _order(self, o: Order, message: Message, peer: str) -> str:
+        """Apply one order; its audit record (schedule / schedule-change) says what it did."""
+        action = "schedule" if o.action not in ("change", "cancel") else "schedule-change"
+        rec = AuditRecord(action, user=message.header.sender or "hl7", address=peer,
+                          via="hl7", studies=[str(v.get("study_instance_uid") or "")
+                                              for v in o.steps if v.get("study_instance_uid")],
+                          patients=sorted({(str(v.get("patient_id") or ""), "")
+                                           for v in o.steps if v.get("patient_id")}))
+        try:
+            note = self._apply_order(o)
+        except MessageFailed as e:
+            rec.outcome, rec.detail = "refused", f"HL7 {message.kind}: {e}"
+            self.audit.record(rec)
+            raise
+        rec.detail = f"HL7 {message.kind}: {note}"
+        self.audit.record(rec)
+        return note
+
+    def _apply_order(self, o: Order) -> str:
         existing = self._order_steps(o)
         extra = (f" ({o.ignored} further step(s) of the same requested procedure left out: "
                  "one step per Study Instance UID)") if o.ignored else ""

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from peewee import Expression
+from peewee import Expression, fn
 
 from pacsd.index.models import PerformedStep, ScheduledStep, name_key, starts_with
 from pacsd.query.matching import QueryError, glob
@@ -309,9 +309,11 @@ def steps(*, day: str | None = None, modality: str | None = None,
     if text:
         t = text.strip()
         pattern = "*" + t.replace("[", "[[]").replace("*", "[*]").replace("?", "[?]") + "*"
+        # Case ignored, as the study list does; the table is small (ended steps go after
+        # [worklist] keep_days), so no index is needed for it.
         query = query.where(glob(ScheduledStep.patient_name_key, pattern.upper())
-                            | glob(ScheduledStep.patient_id, pattern)
-                            | glob(ScheduledStep.accession_number, pattern))
+                            | glob(fn.UPPER(ScheduledStep.patient_id), pattern.upper())
+                            | glob(fn.UPPER(ScheduledStep.accession_number), pattern.upper()))
     query = query.order_by(ScheduledStep.start_date, ScheduledStep.start_time,
                            ScheduledStep.id).limit(limit)
     return list(query.dicts())

@@ -249,9 +249,12 @@ class Corrections:
                 new_file.drop()
             raise
         self.store.move([(rel, binned_path(rel)) for rel in previous])
-        log.warning("%s of %s by %s: %d instance(s) rewritten (%s -> %s); the previous "
-                    "versions are in the recycle bin (change #%d, `pacsd undo %s`)", action,
-                    uid, who, len(written), before, after, change, uid)
+        # The values (names, birth dates) only at DEBUG: the log is read by more people than
+        # the archive; `pacsd history` shows them to those who may see them.
+        log.warning("%s of %s by %s: %d instance(s) rewritten; the previous versions are in "
+                    "the recycle bin (change #%d, `pacsd undo %s`)", action, uid, who,
+                    len(written), change, uid)
+        log.debug("change #%d: %s -> %s", change, before, after)
         return Corrected(change, len(written))
 
 
