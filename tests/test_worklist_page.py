@@ -6,6 +6,7 @@ MPPS state and the study of an item on the page, and the order of a study in the
 from __future__ import annotations
 
 from datetime import date
+from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import requests
@@ -13,7 +14,7 @@ from pydicom import dcmread
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from conftest import browser_errors, store_files
+from conftest import LOCAL, browser_errors, dcmtk, run_peer, store_files
 from data import ct_slice
 
 H = {"X-Requested-With": "pacsd"}
@@ -104,7 +105,21 @@ def decode_code128(drv, css: str) -> str:
     return "".join(chr(v + 32) for v in data)
 
 
-def test_add_edit_label_and_cancel_on_the_page(make_server, browser):
+def worklist_query(server, tmp_path: Path, keys: dict[str, str]) -> list:
+    """DCMTK findscu -W (a modality's worklist query): the items, read from its files."""
+    out = tmp_path / f"mwl{len(list(tmp_path.glob('mwl*')))}"
+    out.mkdir()
+    args = [dcmtk("findscu"), "-W", "-aet", "FINDSCU", "-aec", "PACSD", "-X", "-od", str(out),
+            "-k", "PatientID", "-k", "PatientName", "-k", "AccessionNumber",
+            "-k", "RequestedProcedureDescription",
+            "-k", "ScheduledProcedureStepSequence[0].ScheduledProcedureStepStartTime"]
+    for k, v in keys.items():
+        args += ["-k", f"{k}={v}"]
+    run_peer([*args, LOCAL, str(server.dicom_port)], timeout=30)
+    return [dcmread(p, force=True) for p in sorted(out.glob("rsp*.dcm"))]
+
+
+def test_add_edit_label_and_cancel_on_the_page(make_server, browser, tmp_path):
     server = make_server()   # no [[users]]: open, on loopback
     url = server.http_url
     r = requests.post(f"{url}/api/worklist", headers=H, timeout=10, json={
@@ -173,6 +188,19 @@ def test_add_edit_label_and_cancel_on_the_page(make_server, browser):
     assert rows(browser)[0]["procedure"] == "MR knee left"
     assert requests.get(f"{url}/api/worklist/{mr}", timeout=10).json()[
         "requested_procedure_description"] == "MR knee left"
+
+    # What the page and the API scheduled is what a modality's worklist query finds (DCMTK).
+    sps = "ScheduledProcedureStepSequence[0]"
+    by_station = worklist_query(server, tmp_path, {
+        f"{sps}.ScheduledStationAETitle": "MR_1", f"{sps}.Modality": "MR",
+        f"{sps}.ScheduledProcedureStepStartDate": "20261201-20261231", "PatientName": "roe*"})
+    assert [(str(d.PatientID), str(d.PatientName), str(d.AccessionNumber),
+             str(d.RequestedProcedureDescription),
+             str(d.ScheduledProcedureStepSequence[0].ScheduledProcedureStepStartTime))
+            for d in by_station] == [("WL-MR", "Roe^Rick", "ACC777", "MR knee left", "0815")]
+    by_modality = worklist_query(server, tmp_path, {f"{sps}.Modality": "CT",
+                                                    f"{sps}.ScheduledProcedureStepStartDate": DAY})
+    assert [str(d.PatientID) for d in by_modality] == ["WL-CT"]
 
     # The label: a print-only view, printed with window.print().
     js(browser, "(window.printed = 0, window.print = () => { window.printed += 1; }, 1)")
