@@ -20,7 +20,8 @@ from data import dataset_bytes, uid
 SIEMENS_CSA_NON_IMAGE = "1.3.12.2.1107.5.9.1"
 GE_PRIVATE = "1.2.840.113619.4.26"
 UNKNOWN_PUBLIC = "1.2.840.10008.5.1.4.1.1.999.1"   # under the storage root, in no release
-WORKLIST_FIND = "1.2.840.10008.5.1.4.31"
+# A service pacsd does not offer (the worklist it does since issue 23).
+PRINT_MANAGEMENT = "1.2.840.10008.5.1.1.9"
 
 
 def private_object(path: Path, sop_class: str, n: int) -> Path:
@@ -100,7 +101,7 @@ def test_rejected_contexts_are_logged_once_per_association(server, caplog):
     made_up_syntax = "1.2.826.0.1.3680043.9.9999.1"
     contexts = [build_context(CTImageStorage, [made_up_syntax]),
                 build_context(CTImageStorage, [made_up_syntax]),
-                build_context(WORKLIST_FIND),
+                build_context(PRINT_MANAGEMENT),
                 build_context(CTImageStorage, [ImplicitVRLittleEndian])]
     with associate(server.dicom_port, contexts, aet="SCANNER1") as assoc:
         assert len(assoc.accepted_contexts) == 1
@@ -109,7 +110,7 @@ def test_rejected_contexts_are_logged_once_per_association(server, caplog):
     assert "SCANNER1" in line and "2 presentation context(s) rejected" in line
     assert f"{CTImageStorage} (CT Image Storage): transfer syntax not supported" in line
     assert made_up_syntax in line
-    assert f"{WORKLIST_FIND} (Modality Worklist Information Model - FIND): abstract " \
+    assert f"{PRINT_MANAGEMENT} (Basic Grayscale Print Management Meta SOP Class): abstract " \
            "syntax not supported" in line
     assert line.count(CTImageStorage) == 1
 
