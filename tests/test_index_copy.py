@@ -118,7 +118,7 @@ def copied(rows: dict[str, list[tuple]]) -> dict[str, list[tuple]]:
     return out
 
 
-def test_copy_to_postgresql_then_serve_from_it(archive, tmp_path, make_server, postgres_url):
+def test_copy_to_postgresql_then_serve_from_it(postgres_url, archive, tmp_path, make_server):
     data, config = data_folder(archive, tmp_path)
 
     # Refused while the source pacsd runs (rows it stored meanwhile would be missed).

@@ -153,7 +153,7 @@ def test_route_jobs_by_state(make_server, tmp_path):
     wait_for(lambda: jobs() == (0, 3), 30, "three dead route jobs and none queued")
 
 
-def test_last_stored_and_route_depths_on_either_index(make_server, index_url, tmp_path):
+def test_last_stored_and_route_depths_on_either_index(index_url, make_server, tmp_path):
     """The reception time reads back as Unix time from SQLite's text and PostgreSQL's
     timestamp alike (both local time, as the index writes them)."""
     from conftest import store_files

@@ -70,7 +70,7 @@ def names(server, **params) -> list[str]:
     return [s["patient_name"] for s in r.json()["studies"]]
 
 
-def test_the_list_finds_names_descriptions_and_ids_as_typed(make_server, index_url, tmp_path):
+def test_the_list_finds_names_descriptions_and_ids_as_typed(index_url, make_server, tmp_path):
     server = make_server(index={"url": index_url})
     storescu(server.dicom_port, write_people(tmp_path / "in"))
     muller, angstrom, yamada = (p[0] for p in PEOPLE[:3])

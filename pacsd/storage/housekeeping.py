@@ -89,7 +89,10 @@ class Housekeeping:
             try:
                 self.index.release(task.name)
             except Exception as e:  # noqa: BLE001 - they expire anyway
-                log.debug("lease %s not released: %s", task.name, e)
+                # The index is unreachable: the others would each wait out the writer's
+                # retries too, and stopping must not take that long.
+                log.debug("lease %s and the next not released: %s", task.name, e)
+                break
 
     def _loop(self) -> None:
         next_round = time.monotonic() + self.interval
