@@ -138,3 +138,15 @@ def ascii_encoding(value: str) -> str:
         raise ValueError(f"{value!r} does not keep ASCII as it is (UTF-16 and UTF-32 cannot "
                          "be framed by MLLP)")
     return value
+
+
+def normal_address(address: str) -> str:
+    """One spelling per IP address, as the peers' addresses are compared with the settings'
+    and the nodes': IPv4-mapped IPv6 as IPv4, no zone; anything else as it is."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ip)

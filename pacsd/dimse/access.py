@@ -64,6 +64,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # names made a
     StudyRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelMove)
 
 from pacsd.config import Config, Node
+from pacsd.config.validators import normal_address
 from pacsd.dicom_status import NOT_AUTHORIZED as NOT_AUTHORIZED  # pacsd.dimse imports it here
 from pacsd.accounts import Accounts
 
@@ -98,20 +99,9 @@ SYNTAXES = {**QR_SYNTAXES, WORKLIST: {str(ModalityWorklistInformationFind),
 _SERVICE = {FIND: "C-FIND", GET: "C-GET", MOVE: "C-MOVE", WORKLIST: "Modality Worklist/MPPS"}
 
 
-def _normal(address: str) -> str:
-    """One spelling per address: IPv4-mapped IPv6 as IPv4, no zone."""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ip)
-
-
 def is_loopback(address: str) -> bool:
     try:
-        return ipaddress.ip_address(_normal(address)).is_loopback
+        return ipaddress.ip_address(normal_address(address)).is_loopback
     except ValueError:
         return False
 
@@ -142,12 +132,12 @@ class PeerCheck:
                 return hit[1]
         try:
             ip = ipaddress.ip_address(host)
-            found = frozenset({_normal(str(ip))})
+            found = frozenset({normal_address(str(ip))})
         except ValueError:
             try:
                 infos = self._pool.submit(socket.getaddrinfo, host, None,
                                           type=socket.SOCK_STREAM).result(self.timeout)
-                found = frozenset(_normal(str(i[4][0])) for i in infos)
+                found = frozenset(normal_address(str(i[4][0])) for i in infos)
             except (OSError, FutureTimeout) as e:
                 log.warning("node host %r does not resolve (%s)", host, e or "timed out")
                 found = frozenset()
@@ -161,7 +151,7 @@ class PeerCheck:
         if node is None:
             return None
         allowed = self.addresses(node.host)
-        if _normal(address) in allowed:
+        if normal_address(address) in allowed:
             return None
         return (f"calling AE title {calling_aet.strip()!r} is node {node.name!r}, whose host "
                 f"{node.host!r} is {', '.join(sorted(allowed)) or 'not resolvable'}")
@@ -198,7 +188,7 @@ def _local_address(event: Event) -> str:
 
 def _local_of(assoc: Association) -> str:
     try:
-        return _normal(str(assoc.dul.socket.socket.getsockname()[0]))  # type: ignore[union-attr]
+        return normal_address(str(assoc.dul.socket.socket.getsockname()[0]))  # type: ignore[union-attr]
     except (AttributeError, OSError, IndexError):
         return ""
 
@@ -258,13 +248,13 @@ class AssociationGuard:
         """Associations from `address` now, this one included (pending connections are not
         associations yet: pacsd.dimse.listener caps those)."""
         return sum(1 for a in list(event.assoc.ae.active_associations)
-                   if a.is_acceptor and _normal(str(a.requestor.address)) == address)
+                   if a.is_acceptor and normal_address(str(a.requestor.address)) == address)
 
     def on_requested(self, event: Event) -> None:
         """EVT_REQUESTED: accept or reject the association; narrow what it may negotiate."""
         assoc = event.assoc
         aet = str(getattr(assoc.requestor.primitive, "calling_ae_title", "") or "").strip()
-        address = _normal(str(assoc.requestor.address))
+        address = normal_address(str(assoc.requestor.address))
         if self.slots is not None:
             refused = self.slots.take(assoc, address)
             if refused is not None:
@@ -337,7 +327,7 @@ class AssociationGuard:
         """For C-STORE and storage commitment: False (logged once per request) when the
         caller is a node with allow_store = false; answer NOT_AUTHORIZED then."""
         aet = str(assoc.requestor.ae_title or "").strip()
-        address = _normal(str(assoc.requestor.address))
+        address = normal_address(str(assoc.requestor.address))
         node = self.accounts.node_by_aet(aet)
         if node is None or node.allow_store or (aet == self.own_aet
                                                 and from_this_machine(address, _local_of(assoc))):

@@ -28,6 +28,7 @@ import time
 from typing import Protocol
 
 from pacsd.config.sections import Hl7Settings
+from pacsd.config.validators import normal_address
 from pacsd.errors import PortInUse
 from pacsd.plugins.hl7 import END, START
 
@@ -47,17 +48,6 @@ class Answers(Protocol):
     def answer(self, raw: bytes, peer: str) -> bytes: ...
 
     def too_large(self, head: bytes, limit_kb: int, peer: str) -> bytes: ...
-
-
-def _peer_ip(address: str) -> str:
-    """One spelling per address: IPv4-mapped IPv6 as IPv4, no zone."""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        return str(ip.ipv4_mapped)
-    return str(ip)
 
 
 class MllpListener:
@@ -168,7 +158,7 @@ class MllpListener:
                 self._stopping.wait(0.5)
                 continue
             try:
-                self._admit(conn, _peer_ip(str(addr[0])))
+                self._admit(conn, normal_address(str(addr[0])))
             except Exception:  # noqa: BLE001 - the accepting thread must live on
                 log.exception("hl7: a new connection could not be served")
                 conn.close()

@@ -168,14 +168,14 @@ def _range(field_: Field, value: str, normalize) -> Expression:
     return (field_ <= hi + "\uffff") & (field_ != "")
 
 
-def _norm_date(v: str) -> str:
+def norm_date(v: str) -> str:
     v = v.strip().replace(".", "")   # ACR-NEMA style 1993.08.22 (PS3.5 6.2 DA note)
     if v and not re.fullmatch(r"\d{4,8}", v):
         raise QueryError(f"{v!r} is not a date")
     return v
 
 
-def _norm_time(v: str) -> str:
+def norm_time(v: str) -> str:
     v = v.strip().replace(":", "")
     if v and not re.fullmatch(r"\d{2,6}(\.\d{0,6})?", v):
         raise QueryError(f"{v!r} is not a time")
@@ -194,11 +194,11 @@ def condition(keyword: str, value: str, narrowed: bool = False) -> Expression | 
         uids = [u.strip() for u in value.split("\\") if u.strip()]
         return f == uids[0] if len(uids) == 1 else f.in_(uids)
     if key.kind == DA:
-        return _range(f, value, _norm_date) if "-" in value else f == _norm_date(value)
+        return _range(f, value, norm_date) if "-" in value else f == norm_date(value)
     if key.kind == TM:
         if "-" in value:
-            return _range(f, value, _norm_time)
-        return starts_with(f, _norm_time(value))
+            return _range(f, value, norm_time)
+        return starts_with(f, norm_time(value))
     if key.kind == PN:
         pattern = name_key(value)
         mf = key.match_field or f

@@ -20,7 +20,7 @@ from typing import Any
 from peewee import Expression, fn
 
 from pacsd.index.models import PerformedStep, ScheduledStep, name_key, starts_with
-from pacsd.query.matching import QueryError, glob
+from pacsd.query.matching import QueryError, glob, norm_date, norm_time
 
 OPEN = ("SCHEDULED", "ARRIVED", "READY", "STARTED")
 ENDED = ("COMPLETED", "DISCONTINUED", "CANCELED", "EXPIRED")
@@ -161,29 +161,16 @@ def _match(field: Field, value: str) -> Expression | None:
         uids = [u.strip() for u in value.split("\\") if u.strip()]
         return col.in_(uids)
     if field.vr == "DA":
-        return _range(col, value, _date) if "-" in value else col == _date(value)
+        return _range(col, value, norm_date) if "-" in value else col == norm_date(value)
     if field.vr == "TM":
-        return _range(col, value, _time) if "-" in value else starts_with(col, _time(value))
+        return (_range(col, value, norm_time) if "-" in value
+                else starts_with(col, norm_time(value)))
     values = value.split("\\")
     if len(values) > 1 and field.vr not in ("PN", "LT", "LO"):
         return col.in_([v.strip() for v in values])
     if "*" in value or "?" in value:
         return glob(col, value.replace("[", "[[]"))
     return col == value
-
-
-def _date(v: str) -> str:
-    v = v.strip().replace(".", "")
-    if v and not re.fullmatch(r"\d{8}", v):
-        raise QueryError(f"{v!r} is not a date")
-    return v
-
-
-def _time(v: str) -> str:
-    v = v.strip().replace(":", "")
-    if v and not re.fullmatch(r"\d{2,6}(\.\d{0,6})?", v):
-        raise QueryError(f"{v!r} is not a time")
-    return v
 
 
 def _range(col: Any, value: str, norm: Any) -> Expression:
@@ -205,7 +192,7 @@ def _date_time(date: str, time_: str) -> Expression | None:
     d, t = date.strip(), time_.strip()
     if "-" in d and "-" in t and d.strip("-") and t.strip("-"):
         (dlo, _, dhi), (tlo, _, thi) = d.partition("-"), t.partition("-")
-        dlo, dhi, tlo, thi = _date(dlo), _date(dhi), _time(tlo), _time(thi)
+        dlo, dhi, tlo, thi = norm_date(dlo), norm_date(dhi), norm_time(tlo), norm_time(thi)
         sd, st = ScheduledStep.start_date, ScheduledStep.start_time
         cond = sd != ""
         if dlo:
@@ -297,7 +284,7 @@ def steps(*, day: str | None = None, modality: str | None = None,
     contains `text`; earliest first."""
     query: Any = ScheduledStep.select()
     if day:
-        query = query.where(ScheduledStep.start_date == _date(day))
+        query = query.where(ScheduledStep.start_date == norm_date(day))
     if modality:
         query = query.where(ScheduledStep.modality == modality.upper())
     if status == "open":
@@ -351,7 +338,7 @@ def order_steps(*, placer: str = "", filler: str = "", accession: str = "") -> l
 def modalities_scheduled(day: str) -> list[str]:
     """The modalities with steps on a day (the page's tabs)."""
     rows: Any = (ScheduledStep.select(ScheduledStep.modality).distinct()
-            .where(ScheduledStep.start_date == _date(day)).tuples())
+            .where(ScheduledStep.start_date == norm_date(day)).tuples())
     return sorted(str(r[0]) for r in rows if r[0])
 
 
