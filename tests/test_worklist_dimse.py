@@ -381,10 +381,17 @@ def test_mpps_refusals(pacs, caplog):
         other = _pps({**STEPS["s2"], "accession_number": "NOPE"})
         status, _ = assoc.send_n_create(other, MPPS, uid)
         assert status.Status == 0x0000
+        # Set COMPLETED without its end (F.7.2.2.2, final state): refused, still IN PROGRESS.
+        endless = _end("COMPLETED")
+        del endless.PerformedProcedureStepEndTime
+        status, _ = assoc.send_n_set(endless, MPPS, uid)
+        assert status.Status == 0x0121
+    assert _performed(pacs, uid)["status"] == "IN PROGRESS"
     assert _performed(pacs, uid)["step"] is None
     assert _status_of(pacs, pacs.steps["s2"]) == "SCHEDULED"
     text = caplog.text
     assert "not IN PROGRESS" in text and "more than the 256 KiB" in text
+    assert "set COMPLETED without PerformedProcedureStepEndTime" in text
 
 
 def test_c_cancel_stops_a_long_worklist_answer(make_server, tmp_path, caplog):

@@ -24,7 +24,8 @@ from pynetdicom.events import Event
 from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[attr-defined]
 
 from pacsd.dicom_status import (DUPLICATE_SOP_INSTANCE, INVALID_ATTRIBUTE_VALUE,
-                                MAY_NO_LONGER_BE_UPDATED, MISSING_ATTRIBUTE, NO_SUCH_SOP_CLASS,
+                                MAY_NO_LONGER_BE_UPDATED, MISSING_ATTRIBUTE,
+                                MISSING_ATTRIBUTE_VALUE, NO_SUCH_SOP_CLASS,
                                 NO_SUCH_SOP_INSTANCE, PROCESSING_FAILURE, SUCCESS)
 from pacsd.audit import AuditRecord, Auditor
 from pacsd.errors import PacsError
@@ -264,6 +265,15 @@ class PerformedSteps:
             log.warning("MPPS N-SET from %s refused (0x0106): status %r", peer, status)
             return _status(INVALID_ATTRIBUTE_VALUE,
                            "status: IN PROGRESS, COMPLETED or DISCONTINUED"), None
+        if status != IN_PROGRESS:
+            # F.7.2.2.2: a step set COMPLETED or DISCONTINUED must carry the final state's
+            # Type 1 attributes; its end is what the pages and the audit trail show.
+            missing = [k for k in ("PerformedProcedureStepEndDate",
+                                   "PerformedProcedureStepEndTime") if not _text(ds, k)]
+            if missing:
+                log.warning("MPPS N-SET from %s refused (0x0121): performed step %s set %s "
+                            "without %s", peer, uid, status, " and ".join(missing))
+                return _status(MISSING_ATTRIBUTE_VALUE, ", ".join(missing)), None
         attributes = self._json(ds, "N-SET", peer, uid)
         if isinstance(attributes, Dataset):
             return attributes, None
