@@ -304,11 +304,23 @@ def test_adt_corrects_the_archive_and_a40_merges_patients(make_server, tmp_path)
                                        "19500101", "F")))
     assert code == "AA" and "0 stored instance(s)" in text and len(server.index.history(a)) == 1
 
+    # A namesake of b from another issuer (another hospital's PID81-002): never merged.
+    namesake = write_series(tmp_path / "namesake", seed=82, patients=1, studies=1, series=1,
+                            images=1, size=16)[0]
+    other = dcmread(namesake)
+    other.PatientID, other.IssuerOfPatientID, other.PatientName = b, "OTHER", "Other^Otto"
+    other.save_as(namesake)
+    assert store_files(dicom, [namesake]) == [0]
+
     # A40: b merged into a; C-FIND at PATIENT level shows one patient with both studies.
     code, _, text = msa(send(port, adt("A40", "A5", f"{a}^^^HOSP", "Newname^Anna",
                                        "19500101", "F", merged=f"{b}^^^HOSP")))
     assert code == "AA" and "1 step(s) moved" in text
-    _, gone = c_find(dicom, "PATIENT", model=PatientRootFind, PatientID=b)
+    _, left = c_find(dicom, "PATIENT", model=PatientRootFind, PatientID=b, PatientName="",
+                     IssuerOfPatientID="")
+    assert [(str(x.PatientName), str(x.IssuerOfPatientID)) for x in left] == [
+        ("Other^Otto", "OTHER")]
+    gone = [x for x in left if str(x.IssuerOfPatientID) != "OTHER"]
     _, [one] = c_find(dicom, "PATIENT", model=PatientRootFind, PatientID=a, PatientName="",
                       NumberOfPatientRelatedStudies="")
     assert gone == [] and (str(one.PatientName), int(one.NumberOfPatientRelatedStudies)) == \

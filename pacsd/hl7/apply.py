@@ -200,10 +200,16 @@ class Receiver:
         merged_away = self._stored(op.from_id, op.from_issuer)
         if merged_away:
             detail = f"HL7 {message.kind}: merge {op.from_id} into {into.patient_id}"
-            if self._stored(into.patient_id, into.issuer):
-                rewritten += self._correct(
-                    lambda c: c.merge_patients(op.from_id, into.patient_id, _who(peer)),
-                    message, peer, [op.from_id, into.patient_id], detail)
+            survivors = self._stored(into.patient_id, into.issuer)
+            if survivors:
+                # Each stored patient the message names (its issuer, or none) into the first
+                # stored one of the surviving patient: never a namesake of another issuer.
+                for stored in merged_away:
+                    rewritten += self._correct(
+                        lambda c, s=stored: c.merge_patients(
+                            op.from_id, into.patient_id, _who(peer), from_issuer=s["issuer"],
+                            into_issuer=survivors[0]["issuer"]),
+                        message, peer, [op.from_id, into.patient_id], detail)
             else:   # the surviving patient has no studies: the merged one's take its identity
                 for stored in merged_away:
                     changes = {"PatientID": into.patient_id, **_changes(stored, into.values)}

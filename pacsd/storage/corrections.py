@@ -97,11 +97,15 @@ class Corrections:
         return self._rewrite(items, lambda ds: wanted, who, "patient update", "PATIENT",
                              patient_id, "")
 
-    def merge_patients(self, from_id: str, into_id: str, who: str) -> Corrected:
-        if from_id == into_id:
+    def merge_patients(self, from_id: str, into_id: str, who: str,
+                       from_issuer: str | None = None, into_issuer: str | None = None
+                       ) -> Corrected:
+        """File every study of patient `from_id` under patient `into_id`; an issuer (Issuer
+        of Patient ID) narrows either to the patient of that issuer (None: any)."""
+        if from_id == into_id and from_issuer == into_issuer:
             raise CorrectionRefused("a patient cannot be merged into itself")
-        items = self._items("PATIENT", from_id, None, "patient")
-        target = self._patient_of(self._items("PATIENT", into_id, None, "patient")[0])
+        items = self._items("PATIENT", from_id, from_issuer, "patient")
+        target = self._patient_of(self._items("PATIENT", into_id, into_issuer, "patient")[0])
         return self._rewrite(items, lambda ds: target, who, "patient merge", "PATIENT",
                              from_id, "", {"into": into_id})
 
