@@ -18,6 +18,7 @@ would ask each other for ever).
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -62,7 +63,7 @@ class _Ask:
 
     node: Node
     matches: list[dict[str, str]] = field(default_factory=list)
-    done: bool = False
+    done: threading.Event = field(default_factory=threading.Event)   # answered or failed
     error: str = ""
     assoc: Association | None = None
     late: bool = False   # the search answered without it: abort, keep nothing
@@ -106,17 +107,16 @@ class Search:
         self.identifier: Dataset | None
         try:
             self.identifier = remote.query_identifier(level, wanted)
+            if not all(v.isascii() for v in wanted.values()):
+                self.identifier.SpecificCharacterSet = "ISO_IR 192"   # PS3.5 6.1.2.5.3
         except (ValueError, TypeError) as e:   # a value pydicom will not set: not asked
             log.debug("on-demand: keys not sent upstream: %s", e)
             self.identifier = None
         self.asks = [_Ask(n) for n in nodes]
-        self.threads = []
         if self.identifier is not None:
             for ask in self.asks:
-                t = threading.Thread(target=self._ask, args=(ask,), daemon=True,
-                                     name=f"on-demand find {ask.node.name}")
-                t.start()
-                self.threads.append(t)
+                threading.Thread(target=self._ask, args=(ask,), daemon=True,
+                                 name=f"on-demand find {ask.node.name}").start()
 
     def _ask(self, ask: _Ask) -> None:
         node = ask.node
@@ -130,11 +130,11 @@ class Search:
             assoc = remote.open_association(ae, node, [build_context(model)])
         except remote.RemoteError as e:
             ask.error = str(e)
-            ask.done = True
+            ask.done.set()
             return
         except Exception as e:   # noqa: BLE001 - a failed upstream is reported, never raised
             ask.error = f"association failed: {e}"
-            ask.done = True
+            ask.done.set()
             return
         with ask.lock:
             ask.assoc = assoc
@@ -145,7 +145,8 @@ class Search:
             return
         final = None
         try:
-            for status, identifier in assoc.send_c_find(self.identifier, model):
+            # A copy each: pydicom's encoding is not meant to be shared between threads.
+            for status, identifier in assoc.send_c_find(copy.deepcopy(self.identifier), model):
                 if not status:   # no answer within the timeout, or aborted
                     break
                 final = int(status.Status)
@@ -156,9 +157,12 @@ class Search:
                              if k not in _NOT_VALUES})
                 if ask.late:
                     break
+            if final != SUCCESS:
+                ask.error = f"C-FIND answered status {'none' if final is None else hex(final)}"
         except Exception as e:   # noqa: BLE001
             ask.error = f"C-FIND failed: {e}"
         finally:
+            ask.done.set()   # before the release: the search need not wait for it
             try:
                 if assoc.is_established and not ask.late:
                     assoc.release()
@@ -166,23 +170,21 @@ class Search:
                     assoc.abort()
             finally:
                 ae.shutdown()
-        if not ask.error and final != SUCCESS:
-            ask.error = (f"C-FIND answered status {'none' if final is None else hex(final)}")
-        ask.done = True
 
     def results(self, local: Iterable[str]) -> list[Found]:
         """The upstreams' matches whose unique key is not among `local` (the local matches'),
         nor already given by an upstream earlier in order; waits until the budget is spent
         at most. Each upstream that failed or was late is noted (logged once)."""
-        for t in self.threads:
-            t.join(max(0.0, self.deadline - time.monotonic()))
+        for ask in self.asks:
+            ask.done.wait(max(0.0, self.deadline - time.monotonic()))
         seen = set(local)
         out: list[Found] = []
         for ask in self.asks:
             if self.identifier is None:
                 break
+            assoc = None
             with ask.lock:
-                finished = ask.done
+                finished = ask.done.is_set()
                 if not finished:
                     ask.late = True
                     assoc = ask.assoc
