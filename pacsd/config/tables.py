@@ -191,8 +191,10 @@ def _on_demand(item: dict[str, Any], position: int) -> dict[str, Any]:
             raise ValueError(f"{key} must be a whole number from {low} to {high}, not "
                              f"{value!r}")
         out[key] = value
-    if not on and any(k in item for k in ON_DEMAND_KEYS[1:]):
-        raise ValueError("on_demand_order and on_demand_retrieves need on_demand = true")
+    if not on:
+        if any(k in item for k in ON_DEMAND_KEYS[1:]):
+            raise ValueError("on_demand_order and on_demand_retrieves need on_demand = true")
+        return {}   # not an upstream: the defaults, as a node of the admin page has
     return out
 
 

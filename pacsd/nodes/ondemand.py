@@ -144,9 +144,10 @@ class Search:
             ae.shutdown()
             return
         final = None
+        # A copy each: pydicom's encoding is not meant to be shared between threads.
+        asked = copy.deepcopy(self.identifier) or Dataset()   # (never None: see __init__)
         try:
-            # A copy each: pydicom's encoding is not meant to be shared between threads.
-            for status, identifier in assoc.send_c_find(copy.deepcopy(self.identifier), model):
+            for status, identifier in assoc.send_c_find(asked, model):
                 if not status:   # no answer within the timeout, or aborted
                     break
                 final = int(status.Status)
