@@ -21,8 +21,8 @@ from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelFind as
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from conftest import (LOCAL, c_find, free_port, remote_pacsd, serve, store_files,  # noqa: E402
-                      wait_for, write_config)
+from conftest import (LOCAL, browser_errors, c_find, free_port, remote_pacsd,  # noqa: E402
+                      serve, store_files, wait_for, write_config)
 from data import write_series  # noqa: E402
 from orthanc import orthanc  # noqa: E402
 from pacsd.web.auth import hash_password  # noqa: E402
@@ -167,6 +167,31 @@ def test_study_list_marks_upstream_rows(site):
     assert [r["study_uid"] for r in second["studies"]] == [site.uid["O"]]
 
 
+def test_studies_page_shows_upstream_rows_at_their_node(site, browser):
+    """The Studies page (Chromium): the upstreams' studies after the local ones, marked "at
+    <node>", without a link, a checkbox or a click that opens them."""
+    from selenium.webdriver.support.ui import WebDriverWait
+    browser.get(site.http_url + "/app/login")
+    browser.find_element("id", "name").send_keys("boss")
+    browser.find_element("id", "password").send_keys(PASSWORDS["boss"] + "\n")
+
+    def rows(d):
+        return d.execute_script(
+            "return [...document.querySelectorAll('#studies tbody tr[data-uid]')].map(tr => "
+            "[tr.dataset.uid, tr.classList.contains('upstream'), "
+            "tr.querySelectorAll('a, input').length, tr.innerText.includes('at archive'), "
+            "tr.innerText.includes('at orthanc')])")
+    WebDriverWait(browser, 30).until(lambda d: len(rows(d)) == 4)
+    got = rows(browser)
+    assert [r[1] for r in got] == [False, False, True, True]
+    assert got[2][0] == site.uid["R"] and got[2][2:] == [0, True, False]
+    assert got[3][0] == site.uid["O"] and got[3][2:] == [0, False, True]
+    before = browser.current_url
+    browser.find_element("css selector", "#studies tbody tr.upstream .description").click()
+    assert browser.current_url == before
+    assert browser_errors(browser) == []
+
+
 def test_restricted_user_gets_no_upstream_results(site):
     rsp = requests.get(f"{site.http_url}/dicom-web/studies", auth=("ward", "ward-pw"),
                        timeout=30)
@@ -243,3 +268,14 @@ def test_down_upstreams_cost_the_budget_once(tmp_path):
             assert len(lines("silent")) == 1 and "budget" in lines("silent")[0]
     finally:
         silent.close()
+
+
+def test_nothing_is_asked_without_upstreams(tmp_path):
+    """No upstream: no search starts anything (the local path as before)."""
+    from pacsd import config
+    from pacsd.nodes import ondemand
+    cfg = config.load(write_config(tmp_path / "c.toml", tmp_path / "d"), env={})
+    threads = threading.active_count()
+    assert ondemand.upstreams(cfg) == []
+    assert ondemand.start(cfg, "STUDY", {"PatientID": "X"}) is None
+    assert threading.active_count() == threads
