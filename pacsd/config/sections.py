@@ -148,6 +148,11 @@ class DicomSettings:
         "Associations one peer address may hold at once; beyond it the association is "
         "rejected (transient, local limit exceeded), so that one host cannot take all of "
         "`max_associations`. Loopback is a host like any other. 0: no cap.", v.in_range(0, 1000))
+    on_demand_budget: float = setting(3.0,
+        "Seconds a search (C-FIND, QIDO-RS, the study list) waits at most for the upstream "
+        "nodes ([[nodes]] with on_demand = true, docs/on-demand.md) before it answers with "
+        "what it has: an upstream slower than this, or down, is left out of that answer and "
+        "its association aborted.", v.positive)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterator
 
 from pacsd.config.validators import valid_aet
@@ -34,6 +34,11 @@ class Node:
     # Its WADO-URI endpoint (XML-RPC Retrieve with retrieveMode 2), "" for none. Its host is
     # the node's own host (checked in node_from), so no caller can point a fetch elsewhere.
     wado_url: str = ""
+    # An upstream archive (PACS On-Demand, docs/on-demand.md): searches here fall through to
+    # it. Set in the config file only (the admin page's nodes are never upstream).
+    on_demand: bool = False
+    on_demand_order: int = 0      # preference among upstreams, lower first
+    on_demand_retrieves: int = 2  # retrieves from it at once (for fetching on open)
 
 
 @dataclass(frozen=True)
@@ -170,13 +175,36 @@ def _tables(raw: Any, origin: str, kind: str, keys: set[str]
         yield where, item
 
 
+ON_DEMAND_KEYS = ("on_demand", "on_demand_order", "on_demand_retrieves")
+
+
+def _on_demand(item: dict[str, Any], position: int) -> dict[str, Any]:
+    """A [[nodes]] table's upstream keys (config file only); ValueError if bad."""
+    on = item.get("on_demand", False)
+    if not isinstance(on, bool):
+        raise ValueError(f"on_demand must be true or false, not {on!r}")
+    out: dict[str, Any] = {"on_demand": on}
+    for key, default, low, high in (("on_demand_order", position, -10_000, 10_000),
+                                    ("on_demand_retrieves", 2, 1, 16)):
+        value = item.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise ValueError(f"{key} must be a whole number from {low} to {high}, not "
+                             f"{value!r}")
+        out[key] = value
+    if not on:
+        if any(k in item for k in ON_DEMAND_KEYS[1:]):
+            raise ValueError("on_demand_order and on_demand_retrieves need on_demand = true")
+        return {}   # not an upstream: the defaults, as a node of the admin page has
+    return out
+
+
 def nodes(raw: Any, origin: str) -> tuple[Node, ...]:
     nodes: list[Node] = []
     for where, item in _tables(raw, origin, "nodes",
                                {"name", "aet", "host", "port", "transfer_syntaxes", "wado_url",
-                                *NODE_RIGHTS}):
+                                *NODE_RIGHTS, *ON_DEMAND_KEYS}):
         try:
-            node = node_from(item)
+            node = replace(node_from(item), **_on_demand(item, len(nodes) + 1))
         except KeyError as e:
             raise ConfigError(f"{where}: missing {e.args[0]!r}") from None
         except ValueError as e:

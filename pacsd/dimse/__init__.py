@@ -47,6 +47,7 @@ from pacsd.dimse.contexts import UnknownClasses
 from pacsd.dimse.echo import handle_echo
 from pacsd.dimse.fast import FastPath
 from pacsd.dimse.find import handle_find
+from pacsd.nodes import ondemand
 from pacsd.dimse.limits import bound_pdus
 from pacsd.dimse.listener import Listener, tls_context
 from pacsd.dimse.mpps import PerformedSteps
@@ -257,8 +258,10 @@ class DicomServer:
 
     def start(self) -> None:
         archive = self.archive
+        # With upstream nodes, C-FIND falls through to them (PACS On-Demand); else untouched.
         qr_find: Any = partial(handle_find, index=archive.index, aet=self.cfg.dicom_aet,
-                               hooks=self.hooks, scope_of=self._scope_of)
+                               hooks=self.hooks, scope_of=self._scope_of,
+                               cfg=self.cfg if ondemand.upstreams(self.cfg) else None)
         worklist: Any = partial(handle_worklist, index=archive.index,
                                 max_results=self.cfg.worklist.max_results)
 

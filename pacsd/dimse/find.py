@@ -27,6 +27,8 @@ from pacsd.dicom_status import CANCEL, PENDING, UNABLE_TO_PROCESS
 from pacsd.dimse import filters
 from pacsd.plugins.hooks import Hooks
 from pacsd.index import Index
+from pacsd.config import Config
+from pacsd.nodes import ondemand
 
 log = logging.getLogger(__name__)
 
@@ -238,8 +240,10 @@ def _value_bytes(vr: str, value: Any, codec: str) -> bytes | None:
 
 
 def handle_find(event: Event, index: Index, aet: str, hooks: Hooks | None = None,
-                scope_of: Callable[[str], Any] = lambda aet: None
+                scope_of: Callable[[str], Any] = lambda aet: None, cfg: Config | None = None
                 ) -> Iterator[tuple[int, Dataset | Match | None]]:
+    """C-FIND SCP: the index's matches; with `cfg` (upstream nodes configured), then the
+    upstreams' (pacsd.nodes.ondemand), each with our Retrieve AE Title: retrieved through us."""
     peer = event.assoc.requestor.ae_title
     try:
         req, requested = parse_identifier(event.identifier,
@@ -263,10 +267,18 @@ def handle_find(event: Event, index: Index, aet: str, hooks: Hooks | None = None
     encoded = compat.encoded_identifiers()
     n = 0
     cancelled = Cancelled(event)
+    upstream = (ondemand.start(cfg, req.level, req.keys, req.scope, peer) if cfg is not None
+                else None)
+    unique = query.UNIQUE_KEYS[req.level]
+    local: set[str] = set()
+    if upstream is not None and unique not in keys:
+        keys.append(unique)   # to tell local matches from upstream ones; not sent back
     try:
         with index.reading():
             for match in query.find(req, keys, cancelled):
                 n += 1
+                if upstream is not None:
+                    local.add(str(match.get(unique) or ""))
                 if n % 16 == 0:
                     drain(event.assoc)
                 yield PENDING, (Match(requested, match, req.level, aet, asked) if encoded
@@ -275,6 +287,16 @@ def handle_find(event: Event, index: Index, aet: str, hooks: Hooks | None = None
         log.warning("C-FIND from %s refused: %s", peer, e)
         yield e.dicom_status, None
         return
+    if upstream is not None and not cancelled():
+        found = upstream.results(local)
+        for f in found:
+            if cancelled():
+                break
+            yield PENDING, (Match(requested, f.values, req.level, aet, asked) if encoded
+                            else response(requested, dict(f.values), req.level, aet, asked))
+        if found:
+            log.info("C-FIND %s level from %s: %d match(es) from upstream nodes", req.level,
+                     peer, len(found))
     if cancelled():
         log.info("C-FIND from %s cancelled after %d match(es)", peer, n)
         yield CANCEL, None

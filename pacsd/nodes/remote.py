@@ -380,7 +380,7 @@ def send(cfg: Config, node: Node, instances: list[query.StoredInstance], store: 
     return completed, failed
 
 
-def _values(ds: Dataset) -> dict[str, str]:
+def values_of(ds: Dataset) -> dict[str, str]:
     out: dict[str, str] = {}
     for elem in ds:
         if not elem.keyword or elem.VR == "SQ" or isinstance(elem.value, (Sequence, bytes)):
@@ -420,7 +420,7 @@ def find(cfg: Config, node: Node, level: str, keys: dict[str, str]) -> list[dict
             final = int(status.Status)
             if final in (PENDING, PENDING_OPTIONAL_KEYS) and identifier is not None:
                 if len(matches) < MAX_MATCHES:
-                    matches.append(_values(identifier))
+                    matches.append(values_of(identifier))
     finally:
         close_association(ae, assoc)
     if final != SUCCESS:

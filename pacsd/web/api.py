@@ -19,10 +19,10 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from pacsd import query
-from pacsd.nodes import remote
+from pacsd.nodes import ondemand, remote
 from pacsd.errors import InvalidDataset
 from pacsd.imaging.header import is_valid_uid, read_file_header
-from pacsd.config import valid_label
+from pacsd.config import Config, valid_label
 from pacsd.query import scope as scopes, studies
 from pacsd.web import visibility
 from pacsd.web.app import new_app, utf8_query
@@ -117,7 +117,7 @@ def _int(q: Any, name: str, default: int, low: int, high: int) -> int:
     return max(low, min(high, value))
 
 
-def list_studies(q: Any) -> dict[str, Any]:
+def list_studies(q: Any, cfg: Config | None = None) -> dict[str, Any]:
     conds = study_conditions(q)
     sort = q.get("sort") or "date"
     if sort not in studies.SORTS:
@@ -125,11 +125,67 @@ def list_studies(q: Any) -> dict[str, Any]:
     desc = (q.get("order") or ("desc" if sort in ("date", "received") else "asc")) == "desc"
     limit = _int(q, "limit", 50, 1, MAX_LIMIT)
     offset = _int(q, "offset", 0, 0, 1 << 40)
+    # Labels are this archive's: a search by label does not fall through.
+    upstream = (ondemand.start(cfg, "STUDY", upstream_keys(q), visibility.scope())
+                if cfg is not None and not q.get("label") else None)
     total, page = studies.study_page(conds, sort, desc, limit, offset)
     labels = scopes.labels_of(s["study_uid"] for s in page)
     for s in page:
         s["labels"] = labels[s["study_uid"]]
+    if upstream is not None:
+        # Local first, then the upstreams' studies that are not stored here at all, in the
+        # order they came: the page is cut from that merged list.
+        found = upstream.results(())
+        stored = studies.patients_of_studies([f.values["StudyInstanceUID"] for f in found])
+        rows = [upstream_row(f) for f in found if f.values["StudyInstanceUID"] not in stored]
+        first = max(0, offset - total)
+        page += rows[first:first + max(0, limit - len(page))]
+        total += len(rows)
     return {"total": total, "offset": offset, "limit": limit, "studies": page}
+
+
+# The study list's fields as the upstreams' C-FIND return keys (PS3.4 C.6.2.1.2).
+_UPSTREAM_FIELDS = {"patient_name": "PatientName", "patient_id": "PatientID",
+                    "birth_date": "PatientBirthDate", "sex": "PatientSex",
+                    "study_date": "StudyDate", "study_time": "StudyTime",
+                    "accession": "AccessionNumber", "description": "StudyDescription",
+                    "modalities": "ModalitiesInStudy", "series": "NumberOfStudyRelatedSeries",
+                    "instances": "NumberOfStudyRelatedInstances", "study_id": "StudyID",
+                    "referring": "ReferringPhysicianName", "institution": "InstitutionName"}
+
+
+def upstream_keys(q: Any) -> dict[str, str]:
+    """The list's search fields as C-FIND keys for the upstreams: the words typed as
+    wildcards (`*text*`; the IDs as prefixes), the dates as a range."""
+    keys = {k: "" for k in _UPSTREAM_FIELDS.values()}
+    keys["StudyInstanceUID"] = ""
+    for field, keyword, pattern in (("patient", "PatientName", "*{}*"),
+                                    ("description", "StudyDescription", "*{}*"),
+                                    ("patient_id", "PatientID", "{}*"),
+                                    ("accession", "AccessionNumber", "*{}*")):
+        text = _typed(q, field)
+        if text:
+            keys[keyword] = pattern.format(" ".join(text.split()).replace(" ", "*"))
+    if q.get("modality"):
+        keys["ModalitiesInStudy"] = q.get("modality").strip().upper()
+    first, last = parse_date(q.get("from", ""), "from"), parse_date(q.get("to", ""), "to")
+    if first or last:
+        keys["StudyDate"] = f"{first}-{last}" if first != last else first
+    return keys
+
+
+def upstream_row(found: ondemand.Found) -> dict[str, Any]:
+    """An upstream's study as a row of the list, marked with the node that has it."""
+    v = found.values
+    row: dict[str, Any] = {name: v.get(kw, "") for name, kw in _UPSTREAM_FIELDS.items()}
+    for name in ("series", "instances"):
+        try:
+            row[name] = int(row[name])
+        except (TypeError, ValueError):
+            row[name] = None
+    row.update(study_uid=v["StudyInstanceUID"], received="", labels=[],
+               upstream=found.node.name)
+    return row
 
 
 def one_study(uid: str) -> dict[str, Any]:
@@ -323,7 +379,9 @@ def make_app(rt: Runtime) -> bottle.Bottle:
     def route(method: str, path: str, fn_: Callable) -> None:
         app.route("/api" + path, method, fn_)
 
-    route("GET", "/studies", lambda: list_studies(utf8_query()))
+    # With upstream nodes, the list falls through to them (PACS On-Demand); else untouched.
+    upstreams = rt.cfg if ondemand.upstreams(rt.cfg) else None
+    route("GET", "/studies", lambda: list_studies(utf8_query(), upstreams))
     route("GET", "/studies/<uid>", one_study)
     route("GET", "/instances/<sop>/tags", lambda sop: json_text(instance_tags(rt, sop)))
     route("GET", "/studies/<uid>/zip", lambda uid: zip_download(rt, "STUDY", uid))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections import Counter
 from typing import Any
 from urllib.parse import parse_qsl
 
@@ -17,6 +18,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 
 from pacsd import query
+from pacsd.nodes import ondemand
 from pacsd.query import studies
 from pacsd.imaging.dicom_json import without_empty_values
 from pacsd.imaging.dicom_xml import native_xml
@@ -146,13 +148,35 @@ def search(rt: Runtime, level: str, scope: dict[str, str]) -> Any:
             raise fail(403, f"refused: {verdict.reason}")
         if isinstance(verdict.value, dict) and isinstance(verdict.value.get("keys"), dict):
             matching = {str(k): str(v) for k, v in verdict.value["keys"].items()}
+    seen = visibility.scope()
+    upstream = ondemand.start(rt.cfg, level, {**{k: "" for k in returned + uids}, **matching},
+                              seen)
     req = query.Request(level, matching, limit=cap + (limit is None or limit > cap), offset=offset,
-                        scope=visibility.scope())
+                        scope=seen)
+    if upstream is not None:
+        # Local first, then the upstreams' (pacsd.nodes.ondemand): the local matches are read
+        # from the first, so that the page is cut from the merged list and no upstream match
+        # repeats a local one; `offset` of tens of thousands reads as many rows.
+        req.limit, req.offset = offset + cap + 1, 0
     try:
         with rt.archive.index.reading():
             matches = list(query.find(req, list(dict.fromkeys(returned + uids))))
     except query.QueryError as e:
         raise fail(400, str(e)) from None
+    remote: dict[int, str] = {}   # position in `matches` -> the upstream node's name
+    if upstream is not None:
+        if len(matches) <= offset + cap:   # every local match is read: the upstreams' follow
+            for found in upstream.results(m.get(query.UNIQUE_KEYS[level]) or ""
+                                          for m in matches):
+                remote[len(matches)] = found.node.name
+                matches.append(found.values)
+        first = min(offset, len(matches))
+        remote = {i - first: name for i, name in remote.items() if i >= first}
+        matches = matches[first:first + cap + 1]
+        if remote:
+            bottle.response.set_header("X-pacsd-Upstream", ", ".join(
+                f"{name}={n}" for name, n in Counter(
+                    v for i, v in remote.items() if i < cap).items()))
     if len(matches) > cap:
         matches = matches[:cap]
         warnings.append("There are additional results that can be requested.")
@@ -160,13 +184,17 @@ def search(rt: Runtime, level: str, scope: dict[str, str]) -> Any:
     classes = (studies.sop_classes_in_studies([m["StudyInstanceUID"] for m in matches])
                if sop_classes else {})
     results = []
-    for m in matches:
+    for i, m in enumerate(matches):
         ds = Dataset()
         ds.SpecificCharacterSet = "ISO_IR 192"   # what JSON carries: Unicode
         query.fill_dataset(ds, elems, m)
         if sop_classes:
             ds.add_new(0x00080062, "UI", classes.get(m["StudyInstanceUID"]) or None)
-        ds.add_new(0x00080056, "CS", "ONLINE")   # Instance Availability
+        if i in remote:   # an upstream's: retrieved through us (fetched on open, later)
+            ds.add_new(0x00080054, "AE", rt.cfg.dicom_aet)   # Retrieve AE Title
+            ds.add_new(0x00080056, "CS", "NEARLINE")
+        else:
+            ds.add_new(0x00080056, "CS", "ONLINE")   # Instance Availability
         ds.add_new(0x00081190, "UR", url(*(m.get(u) or "" for u in uids)))
         results.append(without_empty_values(ds.to_json_dict(suppress_invalid_tags=True)))
     for text in warnings:

@@ -123,12 +123,33 @@
     return (labels || []).map((l) => ` <span class="badge label-chip">${pacs.esc(l)}</span>`).join("");
   }
 
+  // A study an upstream node has and this archive does not (PACS On-Demand): shown, marked
+  // "at <node>"; not yet opened, selected or sent from here (docs/on-demand.md).
+  function upstreamRow(s) {
+    const esc = pacs.esc;
+    return `<tr class="upstream" data-uid="${esc(s.study_uid)}" title="Stored at ${esc(s.upstream)}, not here">
+          <td class="check"></td>
+          <td class="patient">${esc(pacs.fmtName(s.patient_name)) || "<span class=muted>(no name)</span>"}</td>
+          <td class="patient-id">${esc(s.patient_id)}</td>
+          <td class="opt-md nowrap">${esc(pacs.fmtDate(s.birth_date))}</td>
+          <td class="opt-md">${esc(s.sex)}</td>
+          <td class="nowrap study-date">${esc(pacs.fmtDate(s.study_date))} ${esc(pacs.fmtTime(s.study_time))}</td>
+          <td class="description">${esc(s.description)}</td>
+          <td class="opt-sm accession">${esc(s.accession)}</td>
+          <td class="modalities">${modalities(s.modalities)}</td>
+          <td class="num">${s.series == null ? "" : nf.format(s.series)} / ${s.instances == null ? "" : nf.format(s.instances)}</td>
+          <td class="opt-md nowrap"><span class="badge upstream-chip">at ${esc(s.upstream)}</span></td>
+          <td class="open-in"></td>
+        </tr>`;
+  }
+
   function render() {
     const esc = pacs.esc;
     if (!rows.length) {
       tbody.innerHTML = `<tr><td colspan="12" class="empty">No studies match.</td></tr>`;
     } else {
       tbody.innerHTML = rows.map((s, i) => {
+        if (s.upstream) return upstreamRow(s);
         const href = "viewer?study=" + encodeURIComponent(s.study_uid);
         const sel = selected.has(s.study_uid);
         return `<tr class="clickable${sel ? " selected" : ""}" data-i="${i}" data-uid="${esc(s.study_uid)}">
@@ -229,7 +250,7 @@
 
   tbody.addEventListener("click", (ev) => {
     const tr = ev.target.closest("tr[data-uid]");
-    if (!tr) return;
+    if (!tr || tr.classList.contains("upstream")) return;
     const study = rows[Number(tr.dataset.i)];
     if (ev.target.classList.contains("row-check")) {
       if (ev.target.checked) selected.set(study.study_uid, study); else selected.delete(study.study_uid);
@@ -243,6 +264,7 @@
   });
   $("check-all").addEventListener("change", (ev) => {
     for (const s of rows) {
+      if (s.upstream) continue;
       if (ev.target.checked) selected.set(s.study_uid, s); else selected.delete(s.study_uid);
     }
     render();
