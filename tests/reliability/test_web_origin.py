@@ -117,6 +117,19 @@ def test_cross_site_changes_are_refused_and_nothing_is_deleted(tmp_path):
             ("POST", "/api/upload", b"--x\r\n\r\n" + CT.read_bytes() + b"\r\n--x--\r\n",
              {"Content-Type": 'multipart/related; type="application/dicom"; boundary=x'}),
             ("POST", "/api/upload", b"--x--", {"Content-Type": "multipart/form-data; boundary=x"}),
+            # The worklist: an order added, changed, cancelled, its status set
+            ("POST", "/api/worklist", b"PatientID=P&Modality=CT&start_date=20261208",
+             {"Content-Type": "application/x-www-form-urlencoded"}),
+            ("POST", "/api/worklist", json.dumps({"PatientID": "P", "Modality": "CT",
+                                                  "ScheduledProcedureStepStartDate": "20261208"}
+                                                 ).encode(),
+             {"Origin": EVIL, "X-Requested-With": "x", "Content-Type": "application/json"}),
+            ("PATCH", "/api/worklist/1", json.dumps({"PatientName": "Pwned"}).encode(),
+             {"Referer": EVIL + "/x", "X-Requested-With": "x",
+              "Content-Type": "application/json"}),
+            ("POST", "/api/worklist/1/cancel", b"{}", {"Content-Type": "text/plain"}),
+            ("POST", "/api/worklist/1/status", json.dumps({"status": "COMPLETED"}).encode(),
+             {"Origin": other_port, "X-Requested-With": "x", "Content-Type": "application/json"}),
         ]
         for method, path, body, headers in attacks:
             r = requests.request(method, url + path, data=body, headers=headers, timeout=10)
@@ -129,6 +142,7 @@ def test_cross_site_changes_are_refused_and_nothing_is_deleted(tmp_path):
         assert not any(n["name"] == "evil" for n in nodes)
         assert requests.get(url + "/api/labels", timeout=10).json() == []
         assert requests.get(url + "/api/shares", timeout=10).json() == []
+        assert requests.get(url + "/api/worklist?day=all", timeout=10).json()["items"] == []
 
         # The real clients still work: the page's own fetch (same Origin), a Referer from the
         # page, a DICOMweb client (no Origin, its own type), xmlrpc.client (text/xml).
@@ -168,6 +182,10 @@ def test_a_foreign_host_is_refused_on_every_route(tmp_path):
                 ("GET", "/api/studies", None, {}), ("GET", "/dicom-web/studies", None, {}),
                 ("GET", "/testdbalive", None, {}),
                 ("GET", "/api/audit", None, {}),   # the audit trail names patients
+                ("GET", "/api/worklist?day=all", None, {}),   # so does the worklist
+                ("POST", "/api/worklist", json.dumps({"PatientID": "P", "Modality": "CT",
+                                                      "start_date": "20261208"}).encode(),
+                 {"X-Requested-With": "x", "Content-Type": "application/json"}),
                 ("POST", "/RPC2", DELETE_ALL, {**XML, "Origin": f"http://evil.example:{port}"}),
                 ("POST", "/RPC2", DELETE_ALL, XML),
                 ("POST", "/api/trash/empty", b"{}", {"Content-Type": "application/json"}),
@@ -200,7 +218,7 @@ def test_a_foreign_host_is_refused_on_every_route(tmp_path):
     with serve(cfg, data) as pacs:
         r = requests.get(pacs.http_url + "/status", headers={"Host": "evil.example"}, timeout=10)
         assert r.status_code == 200
-    record("test_a_foreign_host_is_refused_on_every_route", bad_inputs=11 + 3)
+    record("test_a_foreign_host_is_refused_on_every_route", bad_inputs=13 + 3)
 
 
 def test_cors_star_never_comes_with_credentials(tmp_path):
